@@ -1,0 +1,80 @@
+"""One error hierarchy for the library; the CLI maps each class to an exit code.
+
+Every message says what went wrong, where (file, YAML path, layer name) and how to fix it.
+"""
+from __future__ import annotations
+
+
+class MpqError(Exception):
+    """Base class. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class RecipeError(MpqError):
+    """A recipe is malformed: unknown key, bad value, rule matching nothing."""
+
+    exit_code = 3
+
+
+class ModelError(MpqError):
+    """The source model is missing, unreadable, corrupt or of an unsupported architecture."""
+
+    exit_code = 4
+
+
+class CalibrationError(MpqError):
+    """Calibration data is missing, empty, unreadable or too short."""
+
+    exit_code = 5
+
+
+class OutputError(MpqError):
+    """The output path exists (without --force) or cannot be written."""
+
+    exit_code = 6
+
+
+class ArtifactError(MpqError):
+    """An mpq artifact is unreadable: unknown format version, missing tensor, shape mismatch."""
+
+    exit_code = 7
+
+
+class SchemeError(MpqError):
+    """A quantization scheme cannot be applied to a tensor (e.g. group size does not divide K)."""
+
+    exit_code = 8
+
+
+class EvalGateError(MpqError):
+    """An evaluation gate (--max-ppl-delta, --max-kl) was exceeded."""
+
+    exit_code = 10
+
+
+EXIT_CODES = {
+    0: "success",
+    1: "internal error (a bug: please report it with the traceback from --debug)",
+    2: "command-line usage error",
+    **{cls.exit_code: cls.__doc__.strip().splitlines()[0] for cls in
+       (RecipeError, ModelError, CalibrationError, OutputError, ArtifactError, SchemeError,
+        EvalGateError)},
+    130: "interrupted (SIGINT)",
+}
+
+
+def did_you_mean(word: str, choices) -> str | None:
+    """A 'did you mean X?' hint for a misspelt key or name, or None."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else None

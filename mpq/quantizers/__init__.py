@@ -1,0 +1,1 @@
+"""Quantizers and number formats; importing this package registers the built-in ones."""

@@ -1,0 +1,71 @@
+"""Contracts shared by quantizers, number formats and writers.
+
+- :class:`QuantizedWeight` is the canonical quantized state of one weight, independent of any file
+  format.  Int codes are *unsigned* (offset-binary, u = q + 2^(b-1)), so one state feeds the native,
+  compressed-tensors and GPTQ writers.
+- A :class:`NumberFormat` owns the grid: RTN quantization and dequantization of a whole tensor.
+- A :class:`Quantizer` has one entry point, ``quantize(weight, scheme, stats)``, and declares the
+  calibration statistics it ``needs``; the pipeline reads ``needs`` and never branches on names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol
+
+import torch
+
+from mpq.registry import Registry
+from mpq.scheme import LayerScheme, WeightArgs
+
+
+@dataclass
+class QuantizedWeight:
+    """One quantized weight of logical shape [N=out, K=in].
+
+    Fields by format (G = number of groups along K, 1 for tensor/channel):
+    - int: ``codes`` uint8 [N, K] in 0..2^b-1; ``scale`` fp32 [N, G] (tensor: [1, 1]);
+      ``zero`` None when symmetric (implicit 2^(b-1)), else int32 [N, G] in the unsigned domain.
+      x̂ = (u − zero) · scale.
+    - fp8_*: ``codes`` torch.float8_e4m3fn / float8_e5m2 [N, K]; ``scale`` fp32 [1, 1] or [N, 1].
+    - nf4: ``codes`` uint8 [N, K] indices 0..15 into the NF4 table; ``scale`` fp32 [N, K/64] block
+      absmax; with double quant, ``scale`` holds the dequantized absmax and ``extras`` the 8-bit
+      codes and their fp32 scales/offset so a writer can store them.
+    ``g_idx`` (int32 [K], optional) maps each input column to its group when columns were processed
+    out of order (act-order).  ``info`` carries per-layer numbers for the plan (e.g. error, loss).
+    """
+
+    args: WeightArgs
+    shape: tuple[int, int]
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None = None
+    g_idx: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return NUMBER_FORMATS.get(self.args.format).dequantize(self, dtype)
+
+
+class NumberFormat(Protocol):
+    """A grid: round-to-nearest quantization of a whole [N, K] tensor and its inverse."""
+
+    name: str
+
+    def quantize(self, weight: torch.Tensor, args: WeightArgs) -> QuantizedWeight: ...
+
+    def dequantize(self, qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor: ...
+
+
+class Quantizer(Protocol):
+    """An algorithm producing a QuantizedWeight from a float weight [N, K] and statistics."""
+
+    name: str
+    needs: frozenset[str]
+
+    def quantize(self, weight: torch.Tensor, scheme: LayerScheme,
+                 stats: Mapping[str, torch.Tensor]) -> QuantizedWeight: ...
+
+
+NUMBER_FORMATS: Registry[NumberFormat] = Registry("number format")
+QUANTIZERS: Registry[Quantizer] = Registry("quantizer")

@@ -1,0 +1,120 @@
+"""Typed, frozen quantization configuration: per-tensor args ⊂ per-layer scheme.
+
+``WeightArgs`` says how one weight tensor [N=out, K=in] is represented; ``LayerScheme`` says which
+algorithm produces it.  Both validate themselves on construction and raise :class:`SchemeError`;
+the recipe parser re-raises with the YAML path.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mpq.errors import SchemeError
+
+NUMBER_FORMATS = ("int", "fp8_e4m3", "fp8_e5m2", "nf4")
+GRANULARITIES = ("tensor", "channel", "group")
+INT_BITS = range(2, 9)
+NF4_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class WeightArgs:
+    """How one weight tensor is quantized.
+
+    - ``format``: ``int`` (2–8 bits), ``fp8_e4m3`` / ``fp8_e5m2`` (8 bits), ``nf4`` (4 bits).
+    - ``granularity``: ``tensor`` (one scale), ``channel`` (one per output row) or ``group``
+      (``group_size`` consecutive input columns of a row share a scale).
+    - ``symmetric``: int only; asymmetric adds a per-scale integer zero point.
+    - ``double_quant``: nf4 only; the per-block absmax values are themselves quantized to 8 bits.
+    """
+
+    format: str = "int"
+    bits: int = 4
+    symmetric: bool = True
+    granularity: str = "group"
+    group_size: int | None = 128
+    double_quant: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in NUMBER_FORMATS:
+            raise SchemeError(f"unknown number format '{self.format}'",
+                              hint=f"use one of {', '.join(NUMBER_FORMATS)}")
+        if self.granularity not in GRANULARITIES:
+            raise SchemeError(f"unknown granularity '{self.granularity}'",
+                              hint=f"use one of {', '.join(GRANULARITIES)}")
+        if self.granularity == "group":
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise SchemeError(f"group_size must be a positive integer, got {self.group_size!r}",
+                                  hint="e.g. 64 or 128; or use granularity 'channel'")
+        elif self.group_size is not None:
+            raise SchemeError(f"group_size is only used with granularity 'group', not "
+                              f"'{self.granularity}'", hint="remove group_size")
+        if self.format == "int":
+            if self.bits not in INT_BITS:
+                raise SchemeError(f"int bits must be 2..8, got {self.bits}")
+        elif self.format.startswith("fp8"):
+            if self.bits != 8:
+                raise SchemeError(f"{self.format} has 8 bits, got {self.bits}", hint="set bits: 8")
+            if not self.symmetric:
+                raise SchemeError(f"{self.format} is symmetric only", hint="remove symmetric: false")
+            if self.granularity == "group":
+                raise SchemeError(f"{self.format} supports granularity tensor or channel",
+                                  hint="use granularity: channel")
+        elif self.format == "nf4":
+            if self.bits != 4:
+                raise SchemeError(f"nf4 has 4 bits, got {self.bits}", hint="set bits: 4")
+            if not self.symmetric:
+                raise SchemeError("nf4 is symmetric only", hint="remove symmetric: false")
+            if self.granularity != "group" or self.group_size != NF4_BLOCK:
+                raise SchemeError(f"nf4 uses blocks of {NF4_BLOCK} along the input dimension",
+                                  hint=f"set granularity: group, group_size: {NF4_BLOCK}")
+        if self.double_quant and self.format != "nf4":
+            raise SchemeError("double_quant applies to nf4 only", hint="remove double_quant")
+
+    def check_shape(self, shape: tuple[int, int], where: str = "") -> None:
+        """Raise SchemeError when these args cannot represent a weight of ``shape`` [N, K]."""
+        if len(shape) != 2:
+            raise SchemeError(f"{where}: expected a 2-D weight, got shape {tuple(shape)}")
+        k = shape[1]
+        if self.granularity == "group" and k % self.group_size:
+            divisors = [g for g in (32, 64, 128) if k % g == 0]
+            raise SchemeError(
+                f"{where}: group_size {self.group_size} does not divide the input dimension {k}",
+                hint=f"use group_size {divisors[-1]}" if divisors else "use granularity: channel")
+
+    def num_groups(self, k: int) -> int:
+        return k // self.group_size if self.granularity == "group" else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """Short human label, e.g. 'int4 sym g64', 'fp8_e4m3 channel', 'nf4 dq'."""
+        if self.format == "int":
+            label = f"int{self.bits} {'sym' if self.symmetric else 'asym'}"
+        else:
+            label = self.format
+        label += f" g{self.group_size}" if self.granularity == "group" else f" {self.granularity}"
+        return label + (" dq" if self.double_quant else "")
+
+
+@dataclass(frozen=True)
+class LayerScheme:
+    """What happens to one layer: the algorithm and the weight args.
+
+    ``options`` holds algorithm-specific settings (e.g. GPTQ damping) as sorted key/value pairs,
+    so the scheme stays hashable.
+    """
+
+    algorithm: str = "rtn"
+    weights: WeightArgs = field(default_factory=WeightArgs)
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"algorithm": self.algorithm, "weights": self.weights.to_dict(),
+                "options": dict(self.options)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LayerScheme":
+        return cls(algorithm=data["algorithm"], weights=WeightArgs(**data["weights"]),
+                   options=tuple(sorted(data.get("options", {}).items())))
