@@ -1,0 +1,159 @@
+"""Strict YAML helpers for the recipe parser: loading, YAML paths, typed fields, weight merging.
+
+Every error is a :class:`RecipeError` whose message starts with ``<source>: <yaml path>:`` so the
+user can find the offending line.  See :mod:`mpq.recipe` for the format itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Collection, Mapping
+
+import yaml
+
+from mpq.errors import RecipeError, did_you_mean
+from mpq.scheme import NF4_BLOCK, WeightArgs
+
+WEIGHT_KEYS = tuple(f.name for f in fields(WeightArgs))
+_WEIGHT_TYPES = {"format": str, "bits": int, "symmetric": bool, "granularity": str,
+                 "group_size": (int, type(None)), "double_quant": bool}
+_SCALARS = (str, int, float, bool, type(None))
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean (true/false)",
+               float: "a number", list: "a list", dict: "a mapping", type(None): "null"}
+
+
+@dataclass(frozen=True)
+class YamlPath:
+    """Where a value sits in a recipe, e.g. ``rules[2].weights.bitz`` in ``recipe.yaml``."""
+
+    source: str
+    path: str = ""
+
+    def key(self, name: Any) -> "YamlPath":
+        return YamlPath(self.source, f"{self.path}.{name}" if self.path else str(name))
+
+    def index(self, i: int) -> "YamlPath":
+        return YamlPath(self.source, f"{self.path}[{i}]")
+
+    def error(self, message: str, hint: str | None = None) -> RecipeError:
+        where = f"{self.source}: {self.path}" if self.path else self.source
+        return RecipeError(f"{where}: {message}", hint=hint)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark,
+                f"found duplicate key '{key}'", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML text; syntax errors become RecipeError with ``source:line:column``."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+        raise RecipeError(f"{where}: invalid YAML: {problem}",
+                          hint="check indentation, colons and quoting on that line") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{source}: invalid YAML: {exc}") from None
+
+
+def _type_name(expected: type | tuple[type, ...]) -> str:
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    return " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+
+
+def is_type(value: Any, expected: type | tuple[type, ...]) -> bool:
+    """isinstance, except that a boolean is not an integer or a number."""
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, bool):
+        return bool in kinds
+    return isinstance(value, kinds)
+
+
+def expect(value: Any, expected: type | tuple[type, ...], at: YamlPath,
+           example: str | None = None) -> Any:
+    """Return ``value`` if it has the expected type, else raise a RecipeError naming the path."""
+    if is_type(value, expected):
+        return value
+    got = f"{type(value).__name__} {value!r}" if value is not None else "null"
+    raise at.error(f"expected {_type_name(expected)}, got {got}",
+                   hint=f"e.g. {example}" if example else None)
+
+
+def check_keys(mapping: Mapping[Any, Any], allowed: Collection[str], at: YamlPath,
+               required: Collection[str] = ()) -> None:
+    """Refuse unknown keys (with a did-you-mean) and missing required ones."""
+    for key in mapping:
+        if key not in allowed:
+            hint = did_you_mean(key, allowed) or f"allowed keys: {', '.join(allowed)}"
+            raise at.key(key).error("unknown key", hint=hint)
+    for key in required:
+        if key not in mapping:
+            raise at.error(f"missing required key '{key}'")
+
+
+def parse_options(value: Any, at: YamlPath) -> dict[str, Any]:
+    """An algorithm's options: a mapping of string keys to scalars (kept hashable in the scheme)."""
+    expect(value, dict, at, example="{damp_percent: 0.01}")
+    for key, item in value.items():
+        expect(key, str, at.key(key))
+        if not is_type(item, _SCALARS):
+            raise at.key(key).error(f"expected a scalar (string, number, boolean or null), got "
+                                    f"{type(item).__name__}")
+    return dict(value)
+
+
+def parse_weight_overlay(value: Any, at: YamlPath) -> dict[str, Any]:
+    """Type-check one ``weights:`` mapping (a partial WeightArgs)."""
+    expect(value, dict, at, example="{bits: 4, granularity: group, group_size: 64}")
+    check_keys(value, WEIGHT_KEYS, at)
+    for key, item in value.items():
+        expect(item, _WEIGHT_TYPES[key], at.key(key))
+    return dict(value)
+
+
+def overlay_weights(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge one ``weights:`` level key-wise over ``base``.
+
+    When the level sets ``format``, fields it leaves out follow the format: fp8_* → 8 bits,
+    symmetric, per-channel instead of group; nf4 → 4 bits, symmetric, group of 64; any format other
+    than nf4 → no double_quant.  Fields the level gives are never changed, so conflicts still raise.
+    """
+    merged = {**base, **overlay}
+    fmt = overlay.get("format")
+    implied: dict[str, Any] = {}
+    if isinstance(fmt, str) and fmt.startswith("fp8"):
+        implied = {"bits": 8, "symmetric": True}
+        if merged.get("granularity") == "group":
+            implied["granularity"] = "channel"
+    elif fmt == "nf4":
+        implied = {"bits": 4, "symmetric": True, "granularity": "group", "group_size": NF4_BLOCK}
+    if fmt is not None and fmt != "nf4":
+        implied["double_quant"] = False
+    for key, item in implied.items():
+        if key not in overlay:
+            merged[key] = item
+    return merged
+
+
+def finish_weights(merged: Mapping[str, Any]) -> dict[str, Any]:
+    """Final touch before WeightArgs: group_size only exists for granularity ``group``."""
+    out = dict(merged)
+    if out.get("granularity") != "group":
+        out["group_size"] = None
+    return out
