@@ -1,0 +1,70 @@
+"""The console belongs to the CLI: human output and progress on stderr, ``--json`` on stdout."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def stdout_console() -> Console:
+    return Console(highlight=False)
+
+
+def emit_json(obj: Any) -> None:
+    """One JSON document per line on stdout."""
+    sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+class JsonEvents:
+    """Pipeline events as JSON lines on stdout (``{"event": kind, ...}``)."""
+
+    def __call__(self, kind: str, **data: Any) -> None:
+        emit_json({"event": kind, **data})
+
+
+class ProgressEvents:
+    """Pipeline events as rich progress bars (blocks, layers) with ETA on stderr."""
+
+    def __init__(self, console: Console | None = None):
+        self.progress = Progress(TextColumn("{task.description:<8}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[detail]}"),
+                                 console=console or stderr_console(), transient=False)
+        self.blocks = self.layers = None
+
+    def __enter__(self) -> "ProgressEvents":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def __call__(self, kind: str, **data: Any) -> None:
+        if kind == "start":
+            self.blocks = self.progress.add_task("blocks", total=data["blocks"], detail="")
+            self.layers = self.progress.add_task("layers", total=data["layers"], detail="")
+        elif kind == "layer" and self.layers is not None:
+            self.progress.update(self.layers, advance=1, detail=data["name"])
+        elif kind == "block_done" and self.blocks is not None:
+            self.progress.update(self.blocks, advance=1)
+        elif kind == "calibration":
+            self.progress.console.print(
+                f"calibration: {data.get('num_samples')} × {data.get('seq_len')} tokens "
+                f"from {data.get('source')} (sha256 {str(data.get('sha256'))[:12]}…)")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

@@ -1,0 +1,105 @@
+"""``mpq eval MODEL --data FILE [--reference REF]``: perplexity, KL and CI gates."""
+from __future__ import annotations
+
+import click
+
+from mpq.cli.console import emit_json, stderr_console, stdout_console
+from mpq.cli.options import json_option
+from mpq.errors import EvalGateError
+
+
+def parse_ppl_delta(value: str | None) -> tuple[float, bool] | None:
+    """'2%' → (0.02, relative); '1.5' → (1.5, absolute ppl points)."""
+    if value is None:
+        return None
+    text = value.strip()
+    relative = text.endswith("%")
+    try:
+        number = float(text[:-1] if relative else text)
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a number or a percentage (e.g. 1.5 or 2%)",
+                                 param_hint="--max-ppl-delta") from None
+    if number < 0:
+        raise click.BadParameter("must be ≥ 0", param_hint="--max-ppl-delta")
+    return (number / 100 if relative else number), relative
+
+
+def load_for_eval(path: str, dequantize: bool):
+    """An mpq artifact through mpq.load, any other folder as a plain transformers model."""
+    from transformers import AutoTokenizer
+
+    from mpq.formats.native import is_artifact
+    from mpq.loader import load
+    from mpq.model_io import check_model_dir, load_model
+
+    if is_artifact(path):
+        model = load(path, dequantize=dequantize)
+    else:
+        model = load_model(check_model_dir(path))
+    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def check_gates(result: dict, ppl_delta, max_kl) -> list[str]:
+    failures = []
+    if ppl_delta is not None:
+        limit, relative = ppl_delta
+        delta = result["ppl"] - result["ref_ppl"]
+        allowed = limit * result["ref_ppl"] if relative else limit
+        if delta > allowed:
+            failures.append(f"ppl {result['ppl']:.4f} exceeds reference {result['ref_ppl']:.4f} by "
+                            f"{delta:.4f} > allowed {allowed:.4f}")
+    if max_kl is not None and result["kl_mean"] > max_kl:
+        failures.append(f"mean KL {result['kl_mean']:.5f} > --max-kl {max_kl}")
+    return failures
+
+
+@click.command("eval")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--data", required=True, type=click.Path(path_type=str), help="Text file to score.")
+@click.option("--reference", type=click.Path(path_type=str),
+              help="Reference model folder: adds KL divergence and top-1 agreement.")
+@click.option("--window", default=512, show_default=True, type=click.IntRange(min=2))
+@click.option("--num-windows", default=None, type=click.IntRange(min=1),
+              help="Score only the first N windows (default: all).")
+@click.option("--stride", default=None, type=click.IntRange(min=1),
+              help="Sliding-window stride (default: the window, non-overlapping).")
+@click.option("--max-ppl-delta", default=None,
+              help="Gate: fail (exit 10) if ppl exceeds the reference's by more than this "
+                   "(absolute, or relative with %, e.g. 2%).")
+@click.option("--max-kl", default=None, type=float, help="Gate: fail (exit 10) above this mean KL.")
+@click.option("--dequantize", is_flag=True, help="Dequantize all layers up front (faster).")
+@json_option
+def command(model, data, reference, window, num_windows, stride, max_ppl_delta, max_kl,
+            dequantize, as_json):
+    """Perplexity of MODEL (an mpq artifact or a model folder) on DATA."""
+    from mpq.eval import compare, load_eval_ids, perplexity
+
+    ppl_delta = parse_ppl_delta(max_ppl_delta)
+    if (ppl_delta is not None or max_kl is not None) and reference is None:
+        raise click.UsageError("--max-ppl-delta and --max-kl need --reference")
+    quantized, tokenizer = load_for_eval(model, dequantize)
+    ids = load_eval_ids(data, tokenizer)
+    if reference is None:
+        result = perplexity(quantized, ids, window=window, num_windows=num_windows,
+                            stride=stride).to_dict()
+    else:
+        if stride is not None:
+            raise click.UsageError("--stride is not supported together with --reference")
+        ref_model, _ = load_for_eval(reference, False)
+        result = compare(quantized, ref_model, ids, window=window,
+                         num_windows=num_windows).to_dict()
+    result = {"model": model, "data": data, "reference": reference, **result}
+    failures = check_gates(result, ppl_delta, max_kl) if reference else []
+    result["gates_failed"] = failures
+    if as_json:
+        emit_json(result)
+    else:
+        console = stdout_console()
+        console.print(f"ppl {result['ppl']:.4f}" + (
+            f" (reference {result['ref_ppl']:.4f}, Δ {result['ppl'] - result['ref_ppl']:+.4f}); "
+            f"mean KL {result['kl_mean']:.5f}; top-1 agreement {result['top1_agreement']:.4f}"
+            if reference else ""))
+    if failures:
+        for failure in failures:
+            stderr_console().print(f"gate failed: {failure}")
+        raise EvalGateError("; ".join(failures))

@@ -1,0 +1,86 @@
+"""``mpq inspect ARTIFACT``: per-layer scheme, sizes and provenance of an artifact."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import click
+from rich.table import Table
+
+from mpq.cli.console import emit_json, human_bytes, stdout_console
+from mpq.cli.options import json_option
+
+
+def tensor_bytes_by_layer(artifact) -> dict[str, int]:
+    """Stored bytes per quantized layer (its encoded tensors, bias included), from headers only."""
+    from safetensors import safe_open
+
+    layers = {l.name for l in artifact.plan.quantized()}
+    sizes: dict[str, int] = defaultdict(int)
+    for file in artifact.files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                owner = key.rsplit(".", 1)[0]
+                if owner in layers:
+                    tensor_slice = handle.get_slice(key)
+                    numel = 1
+                    for dim in tensor_slice.get_shape():
+                        numel *= dim
+                    sizes[owner] += numel * _dtype_bytes(tensor_slice.get_dtype())
+    return dict(sizes)
+
+
+def _dtype_bytes(dtype: str) -> int:
+    digits = "".join(ch for ch in dtype if ch.isdigit())
+    return max(int(digits) // 8, 1) if digits else 1
+
+
+@click.command("inspect")
+@click.argument("artifact", type=click.Path(path_type=str))
+@json_option
+def command(artifact, as_json):
+    """Show what ARTIFACT holds: per-layer scheme, sizes, provenance."""
+    from mpq.formats.native import open_artifact
+
+    art = open_artifact(artifact)
+    per_layer = tensor_bytes_by_layer(art)
+    info = {
+        "path": str(art.path), "format_version": art.metadata.get("mpq.format_version"),
+        "tool_version": art.metadata.get("mpq.tool_version"),
+        "packing": art.metadata.get("mpq.packing"), "recipe": art.json_field("recipe"),
+        "source": art.json_field("source"), "calibration": art.json_field("calibration"),
+        "sizes": {**(art.json_field("sizes") or {}), "files_bytes": art.tensor_bytes()},
+        "plan": art.plan.to_dict(),
+        "layer_bytes": per_layer,
+    }
+    if as_json:
+        emit_json(info)
+        return
+    console = stdout_console()
+    table = Table(title=f"{art.path} (mpq format {info['format_version']}, "
+                        f"written by mpq {info['tool_version']})")
+    for column in ("layer", "shape", "scheme", "algorithm", "rel. MSE", "bytes"):
+        table.add_column(column, justify="right" if column in ("rel. MSE", "bytes") else "left")
+    for layer in art.plan.quantized():
+        error = layer.result.get("rel_mse")
+        table.add_row(layer.name, f"{layer.shape[0]}×{layer.shape[1]}",
+                      layer.scheme.weights.describe(), layer.scheme.algorithm,
+                      f"{error:.2e}" if error is not None else "",
+                      human_bytes(per_layer.get(layer.name, 0)))
+    console.print(table)
+    kept = len(art.plan.layers) - len(art.plan.quantized())
+    console.print(f"{len(art.plan.quantized())} layers quantized, {kept} linear layers kept")
+    sizes = info["sizes"]
+    console.print(f"tensor files: {human_bytes(sizes['files_bytes'])}; tensors "
+                  f"{human_bytes(sizes.get('stored_bytes', 0))}, ideal "
+                  f"{human_bytes(sizes.get('ideal_bytes', 0))}")
+    source, calib = info["source"] or {}, info["calibration"]
+    console.print(f"source: {source.get('path')} ({source.get('model_type')}), "
+                  f"sha256 {source.get('sha256')}")
+    recipe = info["recipe"] or {}
+    console.print(f"recipe: {recipe.get('name')} ({recipe.get('source')})")
+    if calib:
+        console.print(f"calibration: {calib.get('source')}, {calib.get('num_samples')} × "
+                      f"{calib.get('seq_len')} tokens, seed {calib.get('seed')}, "
+                      f"sha256 {calib.get('sha256')}")
+    else:
+        console.print("calibration: none")

@@ -1,0 +1,59 @@
+"""The ``mpq`` command: a click group whose commands live in one module each.
+
+Errors: every :class:`MpqError` is printed as one line on stderr and mapped to its exit code
+(see ``mpq.errors.EXIT_CODES``); ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from mpq import __version__
+from mpq.errors import MpqError
+
+
+class MpqGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MpqError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {exc.one_line()}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=MpqGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mpq")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
+    """mpq: post-training quantization for Hugging Face causal LMs.
+
+    Exit codes: 0 ok, 1 internal error, 2 usage, 3 recipe, 4 model, 5 calibration data,
+    6 output path, 7 artifact, 8 scheme, 10 eval gate failed, 130 interrupted.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _register_commands() -> None:
+    from mpq.cli import eval_cmd, inspect_cmd, list_cmd, plan_cmd, quantize_cmd
+
+    for module in (quantize_cmd, plan_cmd, inspect_cmd, eval_cmd, list_cmd):
+        cli.add_command(module.command)
+
+
+_register_commands()
+
+
+def main() -> None:
+    cli(obj={})

@@ -1,0 +1,17 @@
+"""Options shared by several commands."""
+from __future__ import annotations
+
+import click
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Machine-readable JSON on stdout instead of tables.")
+dtype_option = click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+                            help="Dtype to load the model in (auto = the checkpoint's).")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)

@@ -1,0 +1,50 @@
+"""``mpq quantize MODEL --recipe R -o OUT``."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import click
+
+from mpq.cli.console import JsonEvents, ProgressEvents, emit_json, human_bytes, stdout_console
+from mpq.cli.options import dtype_option, json_option, torch_dtype
+
+
+@click.command("quantize")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("-r", "--recipe", required=True, help="Recipe YAML file or preset name (mpq list).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str),
+              help="Artifact folder to create (written atomically).")
+@click.option("--calib", help="Calibration data: .txt, .jsonl, .parquet, a save_to_disk folder, "
+                              "or hf:NAME[:CONFIG] for datasets.load_dataset.")
+@click.option("--num-samples", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--calib-mode", type=click.Choice(["concat", "document"]), default="concat",
+              show_default=True, help="Concatenate-and-chunk, or one sample per document.")
+@click.option("--calib-field", default="text", show_default=True,
+              help="Text field of jsonl/parquet/dataset rows.")
+@click.option("--calib-split", default=None, help="Dataset split (default: train).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@dtype_option
+@json_option
+def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode, calib_field,
+            calib_split, force, dtype, as_json):
+    """Quantize MODEL (a local Hugging Face folder) with RECIPE into OUTPUT."""
+    from mpq.quantize import CalibrationOptions, quantize
+
+    options = CalibrationOptions(source=calib, num_samples=num_samples, seq_len=seq_len, seed=seed,
+                                 mode=calib_mode, field=calib_field, split=calib_split)
+    reporter = JsonEvents() if as_json else ProgressEvents()
+    with reporter if not as_json else nullcontext():
+        result = quantize(model, recipe, output, calibration=options, force=force,
+                          dtype=torch_dtype(dtype), events=reporter)
+    if as_json:
+        emit_json({"event": "result", **result.to_dict()})
+        return
+    sizes = result.sizes
+    console = stdout_console()
+    console.print(f"wrote {result.out_dir} in {result.seconds:.1f} s: "
+                  f"{len(result.plan.quantized())} layers quantized, tensors "
+                  f"{human_bytes(sizes['stored_bytes'])} (ideal {human_bytes(sizes['ideal_bytes'])})")
+    if result.untied_head:
+        console.print("note: the output head was untied from the input embedding to quantize it")

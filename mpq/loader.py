@@ -1,0 +1,99 @@
+"""``mpq.load``: an mpq artifact back as a runnable transformers model.
+
+The model skeleton is built from config.json with parameters on the meta device (no random init,
+no full-size allocation); quantized layers become :class:`QuantLinear` modules holding their packed
+tensors (or plain ``nn.Linear`` with dequantized weights when ``dequantize=True``); everything
+else is assigned from the checkpoint.  Missing or unexpected tensors and shape mismatches are
+:class:`ArtifactError`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mpq.arch import is_linear, weight_of
+from mpq.errors import ArtifactError, SchemeError
+from mpq.formats.native import open_artifact, read_tensors
+from mpq.formats.native_codec import decode
+from mpq.model_io import build_skeleton
+from mpq.qlinear import QuantLinear
+
+
+def _split_layer_tensors(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    prefix = name + "."
+    keys = [k for k in tensors if k.startswith(prefix) and "." not in k[len(prefix):]]
+    return {k[len(prefix):]: tensors.pop(k) for k in keys}
+
+
+def _quantized_module(name: str, layer, local: dict[str, torch.Tensor], existing: nn.Module,
+                      dequantize: bool, dtype: torch.dtype) -> nn.Module:
+    if not is_linear(existing):
+        raise ArtifactError(f"artifact quantizes '{name}' but the model built from config.json "
+                            f"has a {type(existing).__name__} there",
+                            hint="config.json does not match the tensors; re-run mpq quantize")
+    n_out, n_in = layer.shape
+    expected = tuple(weight_of(existing).shape)
+    if expected != (n_out, n_in):
+        raise ArtifactError(f"'{name}': artifact shape {tuple(layer.shape)} does not match the "
+                            f"model's {expected}", hint="config.json and tensors disagree")
+    bias = local.pop("bias", None)
+    try:
+        qw = decode(local, layer.scheme.weights, tuple(layer.shape))
+    except SchemeError as exc:
+        raise ArtifactError(f"'{name}': {exc}") from exc
+    if not dequantize:
+        return QuantLinear(layer.scheme.weights, tuple(layer.shape), local,
+                           bias.to(dtype) if bias is not None else None)
+    linear = nn.Linear(n_in, n_out, bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(qw.dequantize(dtype), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+    return linear
+
+
+def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | None = None
+         ) -> nn.Module:
+    """Load the artifact at ``path`` on CPU in eval mode.
+
+    ``dequantize=False`` keeps quantized layers packed (memory stays low, weights decoded per
+    forward); ``True`` dequantizes every layer once up front (faster forwards).  ``dtype`` is the
+    compute dtype of unquantized tensors (default: the artifact's).
+    """
+    from transformers import AutoConfig
+
+    artifact = open_artifact(path)
+    config = AutoConfig.from_pretrained(artifact.path, local_files_only=True)
+    tensors = read_tensors(artifact)
+    if dtype is None:
+        dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()
+                      and t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2)), torch.float32)
+    model = build_skeleton(config, dtype)
+    for layer in artifact.plan.quantized():
+        local = _split_layer_tensors(tensors, layer.name)
+        try:
+            existing = model.get_submodule(layer.name)
+        except AttributeError:
+            raise ArtifactError(f"artifact quantizes '{layer.name}', which the model built from "
+                                "config.json does not have") from None
+        model.set_submodule(layer.name, _quantized_module(layer.name, layer, local, existing,
+                                                          dequantize, dtype))
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    try:
+        result = model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{artifact.path}: tensor shapes do not match config.json: {exc}",
+                            hint="the artifact is damaged or its config.json was edited") from exc
+    if result.unexpected_keys:
+        raise ArtifactError(f"{artifact.path}: unexpected tensors "
+                            f"{', '.join(result.unexpected_keys[:5])}",
+                            hint="the artifact does not match its config.json")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ArtifactError(f"{artifact.path}: missing tensor(s) {', '.join(missing[:5])}",
+                            hint="the artifact is incomplete; re-run mpq quantize")
+    model.mpq_artifact = artifact
+    return model.eval()

@@ -1,0 +1,146 @@
+"""Reading a source model from disk: validation, loading and fingerprinting.
+
+Every failure becomes a :class:`ModelError` that names the path and what to do.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from mpq.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# Files of a model folder that are not weights and travel into the artifact unchanged.
+PASS_THROUGH = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """A readable folder with config.json and at least one weight file, else ModelError."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model path '{path}' does not exist",
+                         hint="pass a local Hugging Face model folder (config.json + *.safetensors)")
+    if not path.is_dir():
+        raise ModelError(f"model path '{path}' is not a directory",
+                         hint="pass the folder that holds config.json, not a file")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"'{path}' has no config.json",
+                         hint="is this a Hugging Face model folder? save it with save_pretrained")
+    if not weight_files(path):
+        raise ModelError(f"'{path}' has no weight files (*.safetensors or *.bin)",
+                         hint="save the model with save_pretrained(safe_serialization=True)")
+    return path
+
+
+def weight_files(path: Path) -> list[Path]:
+    files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    return safetensors or files
+
+
+def read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path / 'config.json'} is unreadable: {exc}",
+                         hint="restore config.json from the model's source") from exc
+
+
+def load_config(path: Path):
+    """The transformers config of a checked model folder, or ModelError (unknown architecture)."""
+    from transformers import AutoConfig
+
+    read_config(path)
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ModelError(f"{path}: unsupported or unreadable model config: {exc}",
+                         hint="mpq needs an architecture that this transformers version knows") from exc
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str = "auto") -> nn.Module:
+    """Load a causal LM from a local folder on CPU in eval mode, checking weights are finite."""
+    from transformers import AutoModelForCausalLM
+
+    path = check_model_dir(path)
+    config = load_config(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                     local_files_only=True)
+    except (ValueError, KeyError) as exc:
+        raise ModelError(f"{path}: cannot build a causal LM from this config: {exc}",
+                         hint="mpq quantizes *ForCausalLM models") from exc
+    except (OSError, RuntimeError, EnvironmentError) as exc:
+        raise ModelError(f"{path}: weight files are unreadable or corrupt: {exc}",
+                         hint="re-download or re-save the model") from exc
+    check_finite(model)
+    return model.eval()
+
+
+def check_finite(model: nn.Module) -> None:
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ModelError(f"tensor '{name}' holds NaN or Inf values",
+                             hint="the source checkpoint is damaged; quantizing it would too")
+
+
+def fingerprint(path: str | Path) -> dict:
+    """sha256 of config.json and of every weight file (streamed), plus the model type."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path / "config.json", *weight_files(path)]
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+    config = read_config(path)
+    return {"path": str(path.resolve()), "model_type": config.get("model_type"),
+            "architectures": config.get("architectures"),
+            "files": [f.name for f in files], "sha256": digest.hexdigest()}
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device while buffers (e.g. RoPE tables) stay real."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
+    """A causal LM from ``config`` with meta parameters: names, classes and shapes, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with parameters_on_meta():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (ValueError, KeyError) as exc:
+        raise ModelError(f"cannot build a causal LM from config ({exc})",
+                         hint="mpq quantizes *ForCausalLM models") from exc
+
+
+def load_skeleton(path: str | Path) -> nn.Module:
+    """Validate a model folder and build its meta skeleton (for planning without weights)."""
+    return build_skeleton(load_config(check_model_dir(path)))

@@ -1,0 +1,107 @@
+"""``quantize``: model folder + recipe + calibration → native artifact (the library entry point).
+
+The order is fixed so that bad input fails before any heavy work: output path, recipe, model
+path, plan resolution (shapes checked), calibration data; then the pipeline and the writer.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import mpq.quantizers  # noqa: F401  (registers the built-in quantizers and number formats)
+from mpq.arch import ModelLayout, describe_layers, layout_of
+from mpq.artifact_contents import (artifact_config, artifact_tensors, header_metadata,
+                                   pass_through_files, size_report)
+from mpq.calibration import build_calibration_set
+from mpq.formats.native import check_output_free, write_artifact
+from mpq.model_card import render_model_card
+from mpq.model_io import PASS_THROUGH, check_model_dir, fingerprint, load_model
+from mpq.pipeline import Events, _no_events, run_pipeline, untie_head_if_quantized
+from mpq.plan import Plan, resolve
+from mpq.quantizers.base import QUANTIZERS
+from mpq.recipe import Recipe, load_recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    source: str | None = None
+    num_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    mode: str = "concat"
+    field: str = "text"
+    split: str | None = None
+
+
+@dataclass
+class QuantizeResult:
+    out_dir: Path
+    plan: Plan
+    sizes: dict
+    calibration: dict | None
+    seconds: float
+    untied_head: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"output": str(self.out_dir), "recipe": self.plan.recipe_name,
+                "quantized_layers": len(self.plan.quantized()), "sizes": self.sizes,
+                "calibration": self.calibration, "seconds": round(self.seconds, 3),
+                "untied_head": self.untied_head}
+
+
+def as_recipe(recipe: str | Recipe) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    return load_recipe(recipe, known_algorithms=list(QUANTIZERS))
+
+
+def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
+    """Resolve ``recipe`` against the layers of ``model`` (weights may be on meta)."""
+    layout = layout_of(model)
+    layers, others = describe_layers(model, layout)
+    return layout, resolve(recipe, layers, others)
+
+
+def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, *,
+             calibration: CalibrationOptions = CalibrationOptions(), force: bool = False,
+             dtype: str | torch.dtype = "auto", events: Events = _no_events) -> QuantizeResult:
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    check_output_free(out_dir, force)
+    recipe = as_recipe(recipe)
+    source_dir = check_model_dir(model_path)
+    model = load_model(source_dir, dtype=dtype)
+    layout, plan = plan_model(model, recipe)
+    calib = None
+    if calibration.source is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source_dir, local_files_only=True)
+        calib = build_calibration_set(
+            calibration.source, tokenizer, num_samples=calibration.num_samples,
+            seq_len=calibration.seq_len, seed=calibration.seed, mode=calibration.mode,
+            field=calibration.field, split=calibration.split)
+        events("calibration", **calib.provenance)
+    untied = untie_head_if_quantized(model, layout, plan)
+    qweights = run_pipeline(model, layout, plan, calib.samples if calib else None, events=events)
+    tensors = artifact_tensors(model, plan, qweights)
+    sizes = size_report(plan, tensors)
+    source = fingerprint(source_dir)
+    provenance = calib.provenance if calib else None
+    metadata = header_metadata(recipe=recipe.to_dict(), plan=plan, calibration=provenance,
+                               source=source, sizes=sizes)
+    extra = pass_through_files(source_dir, PASS_THROUGH)
+    extra["README.md"] = render_model_card(source=source, recipe_name=recipe.name, plan=plan,
+                                           calibration=provenance, sizes=sizes)
+    write_artifact(out_dir, tensors, metadata, artifact_config(model, plan), extra_files=extra,
+                   force=force)
+    return QuantizeResult(out_dir=out_dir, plan=plan, sizes=sizes, calibration=provenance,
+                          seconds=time.perf_counter() - started, untied_head=untied)

@@ -1,0 +1,55 @@
+"""Calibration statistics that quantizers declare in ``needs``.
+
+A collector sees every input batch of one linear layer (shape [..., K]) through ``add`` and
+returns one tensor from ``result``.  The pipeline attaches collectors by name; it never knows
+which algorithm asked for them.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from mpq.registry import Registry
+
+
+class StatCollector(Protocol):
+    def add(self, x: torch.Tensor) -> None: ...
+
+    def result(self) -> torch.Tensor: ...
+
+
+STATS: Registry[type] = Registry("statistic")
+
+
+@STATS.register("input_absmax")
+class InputAbsMax:
+    """Per-input-channel max |x| over all calibration tokens (fp32 [K])."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        batch_max = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+        self.value = batch_max if self.value is None else torch.maximum(self.value, batch_max)
+
+    def result(self) -> torch.Tensor:
+        return self.value
+
+
+@STATS.register("input_absmean")
+class InputAbsMean:
+    """Per-input-channel mean |x| over all calibration tokens (fp32 [K])."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).abs().float()
+        total = flat.sum(dim=0)
+        self.total = total if self.total is None else self.total + total
+        self.count += flat.shape[0]
+
+    def result(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)

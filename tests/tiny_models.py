@@ -1,0 +1,51 @@
+"""Tiny random causal LMs of several architectures, built in-process (no downloads)."""
+from __future__ import annotations
+
+import torch
+import transformers
+
+COMMON = dict(vocab_size=256, num_hidden_layers=2, max_position_embeddings=128)
+
+
+def _configs() -> dict[str, transformers.PretrainedConfig]:
+    return {
+        "llama": transformers.LlamaConfig(hidden_size=64, intermediate_size=128,
+                                          num_attention_heads=4, num_key_value_heads=2, **COMMON),
+        "llama_tied": transformers.LlamaConfig(hidden_size=64, intermediate_size=128,
+                                               num_attention_heads=4, num_key_value_heads=2,
+                                               tie_word_embeddings=True, **COMMON),
+        "qwen2": transformers.Qwen2Config(hidden_size=64, intermediate_size=128,
+                                          num_attention_heads=4, num_key_value_heads=2, **COMMON),
+        "mistral": transformers.MistralConfig(hidden_size=64, intermediate_size=128,
+                                              num_attention_heads=4, num_key_value_heads=2,
+                                              **COMMON),
+        "gemma": transformers.GemmaConfig(hidden_size=64, intermediate_size=128,
+                                          num_attention_heads=4, num_key_value_heads=1,
+                                          head_dim=16, **COMMON),
+        "opt": transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_attention_heads=4,
+                                      word_embed_proj_dim=64, vocab_size=256,
+                                      num_hidden_layers=2, max_position_embeddings=128,
+                                      bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        "gpt2": transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256,
+                                        n_positions=128, bos_token_id=0, eos_token_id=1),
+    }
+
+
+ARCHITECTURES = tuple(_configs())
+
+
+def tiny_model(arch: str, seed: int = 0) -> transformers.PreTrainedModel:
+    torch.manual_seed(seed)
+    config = _configs()[arch]
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger-than-init weights so quantization error is visible
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.05)
+    return model.eval()
+
+
+def save_tiny_model(arch: str, path, seed: int = 0) -> transformers.PreTrainedModel:
+    model = tiny_model(arch, seed)
+    model.save_pretrained(path)
+    return model
