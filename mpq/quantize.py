@@ -96,7 +96,8 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
     sizes = size_report(plan, tensors)
     source = fingerprint(source_dir)
     provenance = calib.provenance if calib else None
-    metadata = header_metadata(recipe=recipe.to_dict(), plan=plan, calibration=provenance,
+    metadata = header_metadata(recipe={**recipe.to_dict(), "source": recipe.source,
+                                       "text": recipe.text}, plan=plan, calibration=provenance,
                                source=source, sizes=sizes)
     extra = pass_through_files(source_dir, PASS_THROUGH)
     extra["README.md"] = render_model_card(source=source, recipe_name=recipe.name, plan=plan,

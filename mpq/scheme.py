@@ -36,6 +36,10 @@ class WeightArgs:
     double_quant: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("bits", "group_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise SchemeError(f"{name} must be an integer, got {value!r}")
         if self.format not in NUMBER_FORMATS:
             raise SchemeError(f"unknown number format '{self.format}'",
                               hint=f"use one of {', '.join(NUMBER_FORMATS)}")
@@ -73,13 +77,14 @@ class WeightArgs:
 
     def check_shape(self, shape: tuple[int, int], where: str = "") -> None:
         """Raise SchemeError when these args cannot represent a weight of ``shape`` [N, K]."""
+        where = f"{where}: " if where else ""
         if len(shape) != 2:
-            raise SchemeError(f"{where}: expected a 2-D weight, got shape {tuple(shape)}")
+            raise SchemeError(f"{where}expected a 2-D weight, got shape {tuple(shape)}")
         k = shape[1]
         if self.granularity == "group" and k % self.group_size:
             divisors = [g for g in (32, 64, 128) if k % g == 0]
             raise SchemeError(
-                f"{where}: group_size {self.group_size} does not divide the input dimension {k}",
+                f"{where}group_size {self.group_size} does not divide the input dimension {k}",
                 hint=f"use group_size {divisors[-1]}" if divisors else "use granularity: channel")
 
     def num_groups(self, k: int) -> int:

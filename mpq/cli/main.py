@@ -43,6 +43,16 @@ def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
     ctx.obj["debug"] = debug
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_transformers(verbose)
+
+
+def _quiet_transformers(verbose: int) -> None:
+    """transformers' own progress bars and notices would interleave with ours on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if verbose < 2:
+        hf_logging.set_verbosity_error()
 
 
 def _register_commands() -> None:

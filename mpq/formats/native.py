@@ -185,7 +185,7 @@ def open_artifact(path: str | Path) -> Artifact:
     try:
         plan = Plan.from_dict(json.loads(metadata["mpq.plan"]))
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (KeyError, ValueError, TypeError) as exc:
+    except (KeyError, ValueError, TypeError, ArtifactError) as exc:
         raise ArtifactError(f"{path}: metadata is damaged ({exc})",
                             hint="re-run mpq quantize") from exc
     return Artifact(path=path, metadata=metadata, plan=plan, config=config, files=files)
