@@ -1,0 +1,23 @@
+"""Round-to-nearest (RTN): quantize each weight on its number format's grid, no calibration data."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from mpq.quantizers.base import NUMBER_FORMATS, QUANTIZERS, QuantizedWeight
+from mpq.scheme import LayerScheme
+
+
+class RTNQuantizer:
+    """Delegates to ``NUMBER_FORMATS[scheme.weights.format].quantize``; needs no statistics."""
+
+    name = "rtn"
+    needs: frozenset[str] = frozenset()
+
+    def quantize(self, weight: torch.Tensor, scheme: LayerScheme,
+                 stats: Mapping[str, torch.Tensor]) -> QuantizedWeight:
+        return NUMBER_FORMATS.get(scheme.weights.format).quantize(weight, scheme.weights)
+
+
+RTN = QUANTIZERS.register("rtn")(RTNQuantizer())
