@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mpq.arch import is_linear, weight_of
-from mpq.errors import ArtifactError, SchemeError
+from mpq.errors import ArtifactError
 from mpq.formats.native import open_artifact, read_tensors
 from mpq.formats.native_codec import decode
 from mpq.model_io import build_skeleton
@@ -39,10 +39,7 @@ def _quantized_module(name: str, layer, local: dict[str, torch.Tensor], existing
         raise ArtifactError(f"'{name}': artifact shape {tuple(layer.shape)} does not match the "
                             f"model's {expected}", hint="config.json and tensors disagree")
     bias = local.pop("bias", None)
-    try:
-        qw = decode(local, layer.scheme.weights, tuple(layer.shape))
-    except SchemeError as exc:
-        raise ArtifactError(f"'{name}': {exc}") from exc
+    qw = decode(local, layer.scheme.weights, tuple(layer.shape), prefix=f"{name}.")
     if not dequantize:
         return QuantLinear(layer.scheme.weights, tuple(layer.shape), local,
                            bias.to(dtype) if bias is not None else None)
