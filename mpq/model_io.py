@@ -15,6 +15,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from safetensors import SafetensorError
+
 from mpq.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,22 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 PASS_THROUGH = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                 "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's text (library errors can run to paragraphs)."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in a model or artifact folder, or ModelError."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{path}: cannot load its tokenizer: {first_line(exc)}",
+                         hint="the folder needs tokenizer.json / tokenizer_config.json") from exc
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -66,7 +84,7 @@ def load_config(path: Path):
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)
     except (ValueError, KeyError, OSError) as exc:
-        raise ModelError(f"{path}: unsupported or unreadable model config: {exc}",
+        raise ModelError(f"{path}: unsupported or unreadable model config: {first_line(exc)}",
                          hint="mpq needs an architecture that this transformers version knows") from exc
 
 
@@ -80,10 +98,10 @@ def load_model(path: str | Path, dtype: torch.dtype | str = "auto") -> nn.Module
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
                                                      local_files_only=True)
     except (ValueError, KeyError) as exc:
-        raise ModelError(f"{path}: cannot build a causal LM from this config: {exc}",
+        raise ModelError(f"{path}: cannot build a causal LM from this config: {first_line(exc)}",
                          hint="mpq quantizes *ForCausalLM models") from exc
-    except (OSError, RuntimeError, EnvironmentError) as exc:
-        raise ModelError(f"{path}: weight files are unreadable or corrupt: {exc}",
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        raise ModelError(f"{path}: weight files are unreadable or corrupt: {first_line(exc)}",
                          hint="re-download or re-save the model") from exc
     check_finite(model)
     return model.eval()
@@ -137,7 +155,7 @@ def build_skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
         with parameters_on_meta():
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (ValueError, KeyError) as exc:
-        raise ModelError(f"cannot build a causal LM from config ({exc})",
+        raise ModelError(f"cannot build a causal LM from config ({first_line(exc)})",
                          hint="mpq quantizes *ForCausalLM models") from exc
 
 

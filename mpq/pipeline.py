@@ -28,7 +28,7 @@ class _StopForward(Exception):
     """Raised by the capture hook once block 0's inputs are recorded."""
 
 
-def _no_events(kind: str, **data: Any) -> None:
+def no_events(kind: str, **data: Any) -> None:
     return None
 
 
@@ -125,7 +125,7 @@ def _quantize_layer(model: nn.Module, layer: LayerPlan, stats: dict[str, torch.T
 
 
 def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
-                 samples: list[torch.Tensor] | None, *, events: Events = _no_events
+                 samples: list[torch.Tensor] | None, *, events: Events = no_events
                  ) -> dict[str, qbase.QuantizedWeight]:
     """Quantize every planned layer of ``model`` in place (weights become their dequantized
     values) and return the QuantizedWeight of each; per-layer results go into ``plan``.

@@ -20,8 +20,8 @@ from mpq.artifact_contents import (artifact_config, artifact_tensors, header_met
 from mpq.calibration import build_calibration_set
 from mpq.formats.native import check_output_free, write_artifact
 from mpq.model_card import render_model_card
-from mpq.model_io import PASS_THROUGH, check_model_dir, fingerprint, load_model
-from mpq.pipeline import Events, _no_events, run_pipeline, untie_head_if_quantized
+from mpq.model_io import PASS_THROUGH, check_model_dir, fingerprint, load_model, load_tokenizer
+from mpq.pipeline import Events, no_events, run_pipeline, untie_head_if_quantized
 from mpq.plan import Plan, resolve
 from mpq.quantizers.base import QUANTIZERS
 from mpq.recipe import Recipe, load_recipe
@@ -72,7 +72,7 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
 
 def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, *,
              calibration: CalibrationOptions = CalibrationOptions(), force: bool = False,
-             dtype: str | torch.dtype = "auto", events: Events = _no_events) -> QuantizeResult:
+             dtype: str | torch.dtype = "auto", events: Events = no_events) -> QuantizeResult:
     started = time.perf_counter()
     out_dir = Path(out_dir)
     check_output_free(out_dir, force)
@@ -82,9 +82,7 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
     layout, plan = plan_model(model, recipe)
     calib = None
     if calibration.source is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source_dir, local_files_only=True)
+        tokenizer = load_tokenizer(source_dir)
         calib = build_calibration_set(
             calibration.source, tokenizer, num_samples=calibration.num_samples,
             seq_len=calibration.seq_len, seed=calibration.seed, mode=calibration.mode,

@@ -26,17 +26,15 @@ def parse_ppl_delta(value: str | None) -> tuple[float, bool] | None:
 
 def load_for_eval(path: str, dequantize: bool):
     """An mpq artifact through mpq.load, any other folder as a plain transformers model."""
-    from transformers import AutoTokenizer
-
     from mpq.formats.native import is_artifact
     from mpq.loader import load
-    from mpq.model_io import check_model_dir, load_model
+    from mpq.model_io import check_model_dir, load_model, load_tokenizer
 
     if is_artifact(path):
         model = load(path, dequantize=dequantize)
     else:
         model = load_model(check_model_dir(path))
-    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, load_tokenizer(path)
 
 
 def check_gates(result: dict, ppl_delta, max_kl) -> list[str]:

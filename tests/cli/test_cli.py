@@ -93,7 +93,8 @@ def test_eval_with_reference_and_gates(runner, artifact, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["bad_recipe_key", "missing_model", "empty_calib", "existing_out",
-                                  "no_config"])
+                                  "no_config", "truncated_weights", "unknown_arch", "nan_weights",
+                                  "unknown_preset"])
 def test_bad_input_exits_with_one_line_and_no_output(runner, artifact, tmp_path, case):
     out = tmp_path / "out"
     model, recipe, calib = artifact / "src", "w4a16", None
@@ -107,6 +108,10 @@ def test_bad_input_exits_with_one_line_and_no_output(runner, artifact, tmp_path,
     elif case == "no_config":
         model, expected = tmp_path / "empty_dir", ModelError
         model.mkdir()
+    elif case in ("truncated_weights", "unknown_arch", "nan_weights"):
+        model, expected = _damaged_copy(artifact / "src", tmp_path / "bad", case), ModelError
+    elif case == "unknown_preset":
+        recipe, expected = "w4a17", RecipeError
     elif case == "empty_calib":
         calib, expected = tmp_path / "empty.txt", CalibrationError
         calib.write_text("")
@@ -126,6 +131,26 @@ def test_bad_input_exits_with_one_line_and_no_output(runner, artifact, tmp_path,
     else:
         assert not out.exists()
     assert not list(tmp_path.glob(".out.mpq-tmp-*"))
+
+
+def _damaged_copy(src, dst, case):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    if case == "truncated_weights":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+    elif case == "unknown_arch":
+        (dst / "config.json").write_text('{"model_type": "no-such-arch"}')
+    else:
+        tensors = load_file(str(weights))
+        tensors["model.norm.weight"][0] = torch.nan
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    return dst
 
 
 def test_force_replaces_existing_output(runner, artifact, tmp_path):
