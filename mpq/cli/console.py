@@ -15,7 +15,11 @@ def stderr_console() -> Console:
 
 
 def stdout_console() -> Console:
-    return Console(highlight=False)
+    """Tables on stdout; when piped, wide enough that layer names are never cut."""
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=200)
+    return console
 
 
 def emit_json(obj: Any) -> None:

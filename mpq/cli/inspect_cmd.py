@@ -58,7 +58,8 @@ def command(artifact, as_json):
     console = stdout_console()
     table = Table(title=f"{art.path} (mpq format {info['format_version']}, "
                         f"written by mpq {info['tool_version']})")
-    for column in ("layer", "shape", "scheme", "algorithm", "rel. MSE", "bytes"):
+    table.add_column("layer", no_wrap=True)
+    for column in ("shape", "scheme", "algorithm", "rel. MSE", "bytes"):
         table.add_column(column, justify="right" if column in ("rel. MSE", "bytes") else "left")
     for layer in art.plan.quantized():
         error = layer.result.get("rel_mse")

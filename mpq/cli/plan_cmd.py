@@ -10,7 +10,8 @@ from mpq.cli.options import json_option
 
 def plan_table(plan, *, results: bool = False) -> Table:
     table = Table(title=f"plan: {plan.recipe_name}", show_lines=False)
-    for column in ("layer", "shape", "scheme", "algorithm", "decided by"):
+    table.add_column("layer", no_wrap=True)
+    for column in ("shape", "scheme", "algorithm", "decided by"):
         table.add_column(column)
     if results:
         table.add_column("rel. MSE", justify="right")
