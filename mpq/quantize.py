@@ -18,6 +18,7 @@ from mpq.arch import ModelLayout, describe_layers, layout_of
 from mpq.artifact_contents import (artifact_config, artifact_tensors, header_metadata,
                                    pass_through_files, size_report)
 from mpq.calibration import build_calibration_set
+from mpq.errors import RecipeError, SchemeError
 from mpq.formats.native import check_output_free, write_artifact
 from mpq.model_card import render_model_card
 from mpq.model_io import PASS_THROUGH, check_model_dir, fingerprint, load_model, load_tokenizer
@@ -67,7 +68,15 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
     """Resolve ``recipe`` against the layers of ``model`` (weights may be on meta)."""
     layout = layout_of(model)
     layers, others = describe_layers(model, layout)
-    return layout, resolve(recipe, layers, others)
+    plan = resolve(recipe, layers, others)
+    for layer in plan.quantized():
+        try:
+            QUANTIZERS.get(layer.scheme.algorithm).check(layer.scheme)
+        except SchemeError as exc:
+            rule = f"rules[{layer.rule}]" if layer.rule is not None else "recipe"
+            raise RecipeError(f"{recipe.source}: {rule} ({layer.name}): {exc.message}",
+                              hint=exc.hint) from None
+    return layout, plan
 
 
 def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, *,

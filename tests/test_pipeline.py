@@ -84,6 +84,9 @@ def test_stats_pipeline_feeds_quantizer_with_block_inputs(tmp_path, monkeypatch,
     class Recording:
         name, needs = "recording", frozenset({"input_absmax"})
 
+        def check(self, scheme):
+            pass
+
         def quantize(self, weight, scheme, stats):
             seen[len(seen)] = stats["input_absmax"].clone()
             return base.NUMBER_FORMATS.get("int").quantize(weight, scheme.weights)
@@ -118,6 +121,9 @@ def test_quantizer_needing_stats_without_calibration_fails(tmp_path, monkeypatch
 
     class Needy:
         name, needs = "needy", frozenset({"input_absmax"})
+
+        def check(self, scheme):
+            pass
 
         def quantize(self, weight, scheme, stats):
             raise AssertionError("must not be called")

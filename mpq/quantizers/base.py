@@ -58,10 +58,16 @@ class NumberFormat(Protocol):
 
 
 class Quantizer(Protocol):
-    """An algorithm producing a QuantizedWeight from a float weight [N, K] and statistics."""
+    """An algorithm producing a QuantizedWeight from a float weight [N, K] and statistics.
+
+    ``check(scheme)`` runs at plan time, before any weight is touched: it raises SchemeError for
+    options the algorithm does not know or weight args it cannot produce.
+    """
 
     name: str
     needs: frozenset[str]
+
+    def check(self, scheme: LayerScheme) -> None: ...
 
     def quantize(self, weight: torch.Tensor, scheme: LayerScheme,
                  stats: Mapping[str, torch.Tensor]) -> QuantizedWeight: ...

@@ -6,6 +6,7 @@ from typing import Mapping
 import torch
 
 from mpq.quantizers.base import NUMBER_FORMATS, QUANTIZERS, QuantizedWeight
+from mpq.errors import SchemeError
 from mpq.scheme import LayerScheme
 
 
@@ -14,6 +15,11 @@ class RTNQuantizer:
 
     name = "rtn"
     needs: frozenset[str] = frozenset()
+
+    def check(self, scheme: LayerScheme) -> None:
+        if scheme.options:
+            names = ", ".join(name for name, _ in scheme.options)
+            raise SchemeError(f"rtn takes no options, got: {names}", hint="remove options")
 
     def quantize(self, weight: torch.Tensor, scheme: LayerScheme,
                  stats: Mapping[str, torch.Tensor]) -> QuantizedWeight:
