@@ -66,7 +66,7 @@ def artifact_config(model: nn.Module, plan: Plan) -> dict:
 
 
 def header_metadata(*, recipe: dict, plan: Plan, calibration: dict | None, source: dict,
-                    sizes: dict) -> dict[str, str]:
+                    sizes: dict, pipeline: dict) -> dict[str, str]:
     """Strings only (safetensors rule); deterministic (sorted keys, no timestamps)."""
     def dump(value) -> str:
         return json.dumps(value, sort_keys=True, separators=(",", ":"))
@@ -74,7 +74,7 @@ def header_metadata(*, recipe: dict, plan: Plan, calibration: dict | None, sourc
     return {"mpq.format_version": FORMAT_VERSION, "mpq.tool_version": __version__,
             "mpq.packing": PACKING_LAYOUT, "mpq.recipe": dump(recipe), "mpq.plan": dump(plan.to_dict()),
             "mpq.calibration": dump(calibration), "mpq.source": dump(source),
-            "mpq.sizes": dump(sizes)}
+            "mpq.sizes": dump(sizes), "mpq.pipeline": dump(pipeline)}
 
 
 def pass_through_files(source_dir: Path, names: tuple[str, ...]) -> dict[str, Path]:

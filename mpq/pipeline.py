@@ -9,23 +9,18 @@ planned quantizer needs statistics, no calibration forward pass runs at all.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from mpq.arch import ModelLayout, blocks_of, set_weight, weight_of
-from mpq.errors import CalibrationError
+from mpq.collect import StopForward, collecting, input_groups, results, run_block
+from mpq.errors import CalibrationError, SchemeError
 from mpq.plan import LayerPlan, Plan
 from mpq.quantizers import base as qbase
-from mpq.stats import STATS
 
 Events = Callable[..., None]
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook once block 0's inputs are recorded."""
 
 
 def no_events(kind: str, **data: Any) -> None:
@@ -57,24 +52,6 @@ def untie_head_if_quantized(model: nn.Module, layout: ModelLayout, plan: Plan) -
     return True
 
 
-@contextmanager
-def _collecting(model: nn.Module, wanted: dict[str, frozenset[str]]) -> Iterator[dict]:
-    """Attach stat collectors to the named linears; yields name → {stat → collector}."""
-    collectors = {name: {stat: STATS.get(stat)() for stat in sorted(stats)}
-                  for name, stats in wanted.items()}
-    handles = []
-    for name, per_stat in collectors.items():
-        def hook(module, args, per_stat=per_stat):
-            for collector in per_stat.values():
-                collector.add(args[0])
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        yield collectors
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def capture_block_inputs(model: nn.Module, layout: ModelLayout,
                          samples: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
     """Run the model up to block 0 for each sample; return (args, kwargs) block 0 received."""
@@ -83,7 +60,7 @@ def capture_block_inputs(model: nn.Module, layout: ModelLayout,
 
     def hook(module, args, kwargs):
         captured.append((args, dict(kwargs)))
-        raise _StopForward
+        raise StopForward
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     device = next(model.parameters()).device
@@ -91,23 +68,11 @@ def capture_block_inputs(model: nn.Module, layout: ModelLayout,
         for ids in samples:
             try:
                 model(input_ids=ids.to(device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         handle.remove()
     return captured
-
-
-def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
-    outputs = []
-    for args, kwargs in inputs:
-        out = block(*args, **kwargs)
-        hidden = out[0] if isinstance(out, (tuple, list)) else out
-        if args:
-            outputs.append(((hidden, *args[1:]), kwargs))
-        else:
-            outputs.append(((), {**kwargs, "hidden_states": hidden}))
-    return outputs
 
 
 def _quantize_layer(model: nn.Module, layer: LayerPlan, stats: dict[str, torch.Tensor]
@@ -115,20 +80,29 @@ def _quantize_layer(model: nn.Module, layer: LayerPlan, stats: dict[str, torch.T
     module = model.get_submodule(layer.name)
     weight = weight_of(module).detach().float()
     quantizer = qbase.QUANTIZERS.get(layer.scheme.algorithm)
-    qw = quantizer.quantize(weight, layer.scheme, stats)
+    try:
+        qw = quantizer.quantize(weight, layer.scheme, stats)
+    except SchemeError as exc:
+        raise SchemeError(f"{layer.name}: {exc.message}", hint=exc.hint) from exc
     dequantized = qw.dequantize(torch.float32)
     rel_error = float(((weight - dequantized).pow(2).sum() / weight.pow(2).sum().clamp_min(1e-30)))
     layer.result.update(qw.info)
     layer.result["rel_mse"] = rel_error
     set_weight(module, dequantized)
-    return qw
+    return qw.to("cpu")
 
 
 def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
-                 samples: list[torch.Tensor] | None, *, events: Events = no_events
+                 samples: list[torch.Tensor] | None, *, true_sequential: bool = True,
+                 device: str | torch.device = "cpu", events: Events = no_events
                  ) -> dict[str, qbase.QuantizedWeight]:
     """Quantize every planned layer of ``model`` in place (weights become their dequantized
-    values) and return the QuantizedWeight of each; per-layer results go into ``plan``.
+    values) and return the QuantizedWeight of each (on CPU); per-layer results go into ``plan``.
+
+    ``true_sequential``: inside a block, layers are quantized in steps of execution order
+    (layers sharing an input form one step), each step's statistics collected with its
+    predecessors already quantized.  ``device``: where each block runs while it is processed;
+    the model stays on CPU and one block at a time is moved.
     """
     wanted = needed_stats(plan)
     if wanted and not samples:
@@ -136,6 +110,7 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
         raise CalibrationError(f"layer {first} needs calibration statistics "
                                f"({', '.join(sorted(wanted[first]))}) but no calibration data "
                                "was given", hint="pass --calib FILE")
+    device = torch.device(device)
     blocks = blocks_of(model, layout)
     by_block: dict[int | None, list[LayerPlan]] = {}
     for layer in plan.quantized():
@@ -145,34 +120,74 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
     qweights: dict[str, qbase.QuantizedWeight] = {}
     started = time.perf_counter()
     with torch.inference_mode():
-        inputs = capture_block_inputs(model, layout, samples) if wanted else None
+        inputs = None
+        if wanted:
+            inputs = to_device(capture_block_inputs(model, layout, samples), device)
         for index, block in enumerate(blocks):
             layers = by_block.get(index, [])
             events("block_start", index=index, layers=len(layers))
-            block_wanted = {l.name: wanted[l.name] for l in layers if l.name in wanted}
-            stats = {}
-            if block_wanted:
-                with _collecting(model, block_wanted) as collectors:
-                    _run_block(block, inputs)
-                stats = {n: {s: c.result() for s, c in per.items()}
-                         for n, per in collectors.items()}
-            for layer in layers:
-                qweights[layer.name] = _quantize_layer(model, layer, stats.get(layer.name, {}))
-                events("layer", name=layer.name, block=index, **layer.result)
+            block.to(device)
+            prefix = f"{layout.blocks_path}.{index}."
+            for step, stats in _block_steps(block, prefix, layers, wanted, inputs,
+                                            true_sequential):
+                for layer in step:
+                    qweights[layer.name] = _quantize_layer(model, layer, stats.get(layer.name, {}))
+                    events("layer", name=layer.name, block=index, **layer.result)
             if inputs is not None and index + 1 < len(blocks):
-                inputs = _run_block(block, inputs)
+                inputs = run_block(block, inputs)
+            block.to("cpu")
             events("block_done", index=index)
         inputs = None
-        outside = by_block.get(None, [])
-        outside_wanted = {l.name: wanted[l.name] for l in outside if l.name in wanted}
-        stats = {}
-        if outside_wanted:
-            with _collecting(model, outside_wanted) as collectors:
-                for ids in samples:
-                    model(input_ids=ids, use_cache=False)
-            stats = {n: {s: c.result() for s, c in per.items()} for n, per in collectors.items()}
-        for layer in outside:
-            qweights[layer.name] = _quantize_layer(model, layer, stats.get(layer.name, {}))
-            events("layer", name=layer.name, block=None, **layer.result)
+        qweights.update(_quantize_outside_blocks(model, by_block.get(None, []), wanted, samples,
+                                                 events))
     events("done", seconds=time.perf_counter() - started)
     return qweights
+
+
+def _block_steps(block: nn.Module, prefix: str, layers: list[LayerPlan],
+                 wanted: dict[str, frozenset[str]], inputs, true_sequential: bool):
+    """Yield (layers to quantize now, their statistics) for one block, in order."""
+    block_wanted = {l.name: wanted[l.name] for l in layers if l.name in wanted}
+    if not block_wanted:
+        yield layers, {}
+        return
+    by_name = {l.name: l for l in layers}
+    groups = input_groups(block, {n[len(prefix):]: n for n in by_name}, inputs[0])
+    steps = groups if true_sequential else [[n for g in groups for n in g]]
+    for step in steps:
+        step_wanted = {n: block_wanted[n] for n in step if n in block_wanted}
+        stats = {}
+        if step_wanted:
+            last = [n for n in step if n in step_wanted][-1]
+            with collecting(block, prefix, step_wanted, groups, stop_after=last) as collectors:
+                run_block(block, inputs, keep_outputs=False)
+            stats = results(collectors)
+        yield [by_name[n] for n in step], stats
+
+
+def _quantize_outside_blocks(model, layers, wanted, samples, events):
+    """Layers outside the decoder blocks (e.g. lm_head), with the whole model run for stats."""
+    outside_wanted = {l.name: wanted[l.name] for l in layers if l.name in wanted}
+    stats = {}
+    if outside_wanted:
+        groups = [[name] for name in outside_wanted]
+        with collecting(model, "", outside_wanted, groups) as collectors:
+            for ids in samples:
+                model(input_ids=ids, use_cache=False)
+        stats = results(collectors)
+    qweights = {}
+    for layer in layers:
+        qweights[layer.name] = _quantize_layer(model, layer, stats.get(layer.name, {}))
+        events("layer", name=layer.name, block=None, **layer.result)
+    return qweights
+
+
+def to_device(obj, device: torch.device):
+    """Move the tensors inside nested tuples/lists/dicts to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(item, device) for item in obj)
+    if isinstance(obj, dict):
+        return {key: to_device(value, device) for key, value in obj.items()}
+    return obj

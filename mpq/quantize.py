@@ -18,7 +18,7 @@ from mpq.arch import ModelLayout, describe_layers, layout_of
 from mpq.artifact_contents import (artifact_config, artifact_tensors, header_metadata,
                                    pass_through_files, size_report)
 from mpq.calibration import build_calibration_set
-from mpq.errors import RecipeError, SchemeError
+from mpq.errors import ModelError, RecipeError, SchemeError
 from mpq.formats.native import check_output_free, write_artifact
 from mpq.model_card import render_model_card
 from mpq.model_io import PASS_THROUGH, check_model_dir, fingerprint, load_model, load_tokenizer
@@ -58,6 +58,18 @@ class QuantizeResult:
                 "untied_head": self.untied_head}
 
 
+def check_device(device: str) -> torch.device:
+    """A usable torch device, or ModelError saying what is available."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelError(f"unknown device '{device}'", hint="use cpu, cuda or cuda:N") from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device '{device}' requested but CUDA is not available here",
+                         hint="use --device cpu")
+    return parsed
+
+
 def as_recipe(recipe: str | Recipe) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
@@ -81,10 +93,13 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
 
 def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, *,
              calibration: CalibrationOptions = CalibrationOptions(), force: bool = False,
-             dtype: str | torch.dtype = "auto", events: Events = no_events) -> QuantizeResult:
+             dtype: str | torch.dtype = "auto", true_sequential: bool = True,
+             device: str = "cpu", events: Events = no_events) -> QuantizeResult:
+    """Quantize the model folder ``model_path`` with ``recipe`` into the artifact ``out_dir``."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     check_output_free(out_dir, force)
+    device = check_device(device)
     recipe = as_recipe(recipe)
     source_dir = check_model_dir(model_path)
     model = load_model(source_dir, dtype=dtype)
@@ -98,14 +113,16 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
             field=calibration.field, split=calibration.split)
         events("calibration", **calib.provenance)
     untied = untie_head_if_quantized(model, layout, plan)
-    qweights = run_pipeline(model, layout, plan, calib.samples if calib else None, events=events)
+    qweights = run_pipeline(model, layout, plan, calib.samples if calib else None,
+                            true_sequential=true_sequential, device=device, events=events)
     tensors = artifact_tensors(model, plan, qweights)
     sizes = size_report(plan, tensors)
     source = fingerprint(source_dir)
     provenance = calib.provenance if calib else None
     metadata = header_metadata(recipe={**recipe.to_dict(), "source": recipe.source,
                                        "text": recipe.text}, plan=plan, calibration=provenance,
-                               source=source, sizes=sizes)
+                               source=source, sizes=sizes,
+                               pipeline={"true_sequential": true_sequential})
     extra = pass_through_files(source_dir, PASS_THROUGH)
     extra["README.md"] = render_model_card(source=source, recipe_name=recipe.name, plan=plan,
                                            calibration=provenance, sizes=sizes)

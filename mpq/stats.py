@@ -53,3 +53,25 @@ class InputAbsMean:
 
     def result(self) -> torch.Tensor:
         return self.total / max(self.count, 1)
+
+
+@STATS.register("hessian")
+class Hessian:
+    """GPTQ's layer Hessian H = (2/T)·Σ_t x_t x_tᵀ over all T calibration tokens (fp32 [K, K]).
+
+    Accumulated as an fp32 running sum of xᵀx; the scale does not change GPTQ's solution (damping
+    is relative to mean diag H) but keeps the reference's error measure comparable.
+    """
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        product = flat.t() @ flat
+        self.total = product if self.total is None else self.total.add_(product)
+        self.count += flat.shape[0]
+
+    def result(self) -> torch.Tensor:
+        return self.total * (2.0 / max(self.count, 1))

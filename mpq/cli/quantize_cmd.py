@@ -25,10 +25,15 @@ from mpq.cli.options import dtype_option, json_option, torch_dtype
               help="Text field of jsonl/parquet/dataset rows.")
 @click.option("--calib-split", default=None, help="Dataset split (default: train).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where each block is quantized (cpu, cuda, cuda:N); the model stays on CPU.")
+@click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
+              help="Inside a block, quantize layers in execution order, each seeing inputs from "
+                   "already-quantized predecessors.")
 @dtype_option
 @json_option
 def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode, calib_field,
-            calib_split, force, dtype, as_json):
+            calib_split, force, device, true_sequential, dtype, as_json):
     """Quantize MODEL (a local Hugging Face folder) with RECIPE into OUTPUT."""
     from mpq.quantize import CalibrationOptions, quantize
 
@@ -37,7 +42,8 @@ def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode
     reporter = JsonEvents() if as_json else ProgressEvents()
     with reporter if not as_json else nullcontext():
         result = quantize(model, recipe, output, calibration=options, force=force,
-                          dtype=torch_dtype(dtype), events=reporter)
+                          dtype=torch_dtype(dtype), true_sequential=true_sequential,
+                          device=device, events=reporter)
     if as_json:
         emit_json({"event": "result", **result.to_dict()})
         return

@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Protocol
 
 import torch
@@ -45,6 +45,15 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return NUMBER_FORMATS.get(self.args.format).dequantize(self, dtype)
+
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        """The same weight with every tensor on ``device``."""
+        def move(t):
+            return t.to(device) if t is not None else None
+
+        return replace(self, codes=move(self.codes), scale=move(self.scale), zero=move(self.zero),
+                       g_idx=move(self.g_idx),
+                       extras={k: v.to(device) for k, v in self.extras.items()})
 
 
 class NumberFormat(Protocol):

@@ -1,0 +1,138 @@
+"""Running one decoder block on the calibration inputs and collecting per-layer statistics.
+
+Two facts are discovered from one sample, with no per-architecture data:
+- which linears read the *same* input tensor (q/k/v; gate/up): they share one collector per
+  statistic, so e.g. one Hessian is computed for q, k and v together;
+- the order in which the linears execute: the groups in that order are the steps of
+  true-sequential quantization (attention inputs, o_proj, gate/up, down_proj for a Llama block).
+A collection pass stops the block's forward as soon as the last layer it needs has been fed.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from mpq.stats import STATS
+
+BlockInputs = list[tuple[tuple, dict]]
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass early."""
+
+
+def run_block(block: nn.Module, inputs: BlockInputs, *, keep_outputs: bool = True
+              ) -> BlockInputs | None:
+    """Run ``block`` on every input; return the inputs of the next block (or None).
+
+    A StopForward raised by a hook ends that sample's pass; its output is then unavailable.
+    """
+    outputs = [] if keep_outputs else None
+    for args, kwargs in inputs:
+        try:
+            out = block(*args, **kwargs)
+        except StopForward:
+            continue
+        if outputs is None:
+            continue
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+        if args:
+            outputs.append(((hidden, *args[1:]), kwargs))
+        else:
+            outputs.append(((), {**kwargs, "hidden_states": hidden}))
+    return outputs
+
+
+def input_groups(block: nn.Module, names: dict[str, str], sample: tuple[tuple, dict]
+                 ) -> list[list[str]]:
+    """Layers of ``block`` (local name → full name) grouped by shared input, in execution order.
+
+    Layers that did not run on the sample (e.g. unrouted experts) come last, one group each.
+    """
+    groups: list[list[str]] = []
+    last: list = [None]
+
+    def hook(full_name):
+        def record(module, args):
+            if groups and args[0] is last[0]:
+                groups[-1].append(full_name)
+            else:
+                groups.append([full_name])
+            last[0] = args[0]
+        return record
+
+    handles = [block.get_submodule(local).register_forward_pre_hook(hook(full))
+               for local, full in names.items()]
+    try:
+        run_block(block, [sample], keep_outputs=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    seen = {name for group in groups for name in group}
+    groups.extend([full] for full in names.values() if full not in seen)
+    return groups
+
+
+@contextmanager
+def collecting(block: nn.Module, prefix: str, wanted: dict[str, frozenset[str]],
+               groups: Sequence[Sequence[str]], stop_after: str | None = None
+               ) -> Iterator[dict[str, dict]]:
+    """Attach collectors for ``wanted`` (full layer name → stat names) to layers of ``block``.
+
+    Layers in one group share collectors: the group's first wanted layer feeds them.  Yields
+    full name → {stat → collector}; raises StopForward after ``stop_after`` has been fed.
+    """
+    collectors: dict[str, dict] = {}
+    handles = []
+    for group in groups:
+        members = [name for name in group if name in wanted]
+        if not members:
+            continue
+        stats = sorted(set().union(*(wanted[name] for name in members)))
+        shared = {stat: STATS.get(stat)() for stat in stats}
+        for name in members:
+            collectors[name] = {stat: shared[stat] for stat in wanted[name]}
+        leader = members[0]
+        handles.append(_module(block, prefix, leader).register_forward_pre_hook(
+            _feeder(list(shared.values()), stop=leader == stop_after)))
+        for name in members[1:]:
+            if name == stop_after:
+                handles.append(_module(block, prefix, name).register_forward_pre_hook(_stopper))
+    try:
+        yield collectors
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _module(block: nn.Module, prefix: str, full_name: str) -> nn.Module:
+    return block.get_submodule(full_name[len(prefix):])
+
+
+def _feeder(collectors: list, stop: bool):
+    def hook(module, args):
+        for collector in collectors:
+            collector.add(args[0])
+        if stop:
+            raise StopForward
+    return hook
+
+
+def _stopper(module, args):
+    raise StopForward
+
+
+def results(collectors: dict[str, dict]) -> dict[str, dict[str, torch.Tensor]]:
+    """Compute every collector once, even when several layers share it."""
+    cache: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, per_stat in collectors.items():
+        out[name] = {}
+        for stat, collector in per_stat.items():
+            if id(collector) not in cache:
+                cache[id(collector)] = collector.result()
+            out[name][stat] = cache[id(collector)]
+    return out
