@@ -1,0 +1,116 @@
+"""The ``gptq`` quantizer (Frantar et al., arXiv:2210.17323): wraps :func:`gptq_solve`.
+
+Needs ``stats["hessian"]``, an fp32 [K, K] matrix (2/T)·Σ_t x_t x_tᵀ over the calibration tokens
+that fed the layer; it may be shared between layers and is never modified.
+
+Supported weight formats (see :mod:`mpq.quantizers.gptq_solve`): ``int`` 2–8 bits sym/asym with
+tensor/channel/group scales (with or without act_order / static_groups); ``fp8_e4m3`` and
+``fp8_e5m2`` tensor/channel; ``nf4`` without double_quant.  act_order with fp8 or nf4 and nf4 with
+double_quant are rejected by :meth:`GPTQQuantizer.check`.
+
+Options (recipe ``options:``, all optional): ``damp`` (float ≥ 0, default 0.01, fraction of the
+mean diagonal of H added to it), ``block_size`` (int ≥ 1, default 128, lazy-update block),
+``act_order`` (bool, default false: process columns by descending diag H), ``static_groups`` (bool,
+default false: group params from the original weights up front; needs granularity group),
+``max_damp`` (float ≥ damp, default 1.0: ceiling of the damping retries).
+
+``QuantizedWeight.info`` gets ``gptq_loss`` (Σ over the matrix of (w − q)²/d²/2, d the diagonal of
+the upper Cholesky factor of the damped H⁻¹, in permuted order under act_order: the reference's
+summed ``Losses``), ``damp`` (damping fraction used), ``damp_retries`` and ``act_order``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import torch
+
+from mpq.errors import SchemeError, did_you_mean
+from mpq.quantizers.base import QUANTIZERS, QuantizedWeight
+from mpq.quantizers.gptq_solve import check_supported, gptq_solve
+from mpq.quantizers.int_grid import prepare_weight
+from mpq.scheme import LayerScheme
+
+
+def _number(name: str, value: Any, kind: type) -> Any:
+    """``value`` as ``kind`` (int or float; bools rejected), else SchemeError."""
+    ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok:
+        what = "an integer" if kind is int else "a number"
+        raise SchemeError(f"gptq option {name} must be {what}, got {value!r}",
+                          hint=f"e.g. {name}: {GPTQOptions.defaults()[name]}")
+    if kind is float and not math.isfinite(value):
+        raise SchemeError(f"gptq option {name} must be finite, got {value!r}")
+    return kind(value)
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    """Parsed and validated ``scheme.options`` of a gptq layer."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+    max_damp: float = 1.0
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {f.name: f.default for f in fields(cls)}
+
+    @classmethod
+    def from_scheme(cls, scheme: LayerScheme) -> "GPTQOptions":
+        known = cls.defaults()
+        values: dict[str, Any] = {}
+        for name, value in scheme.options:
+            if name not in known:
+                raise SchemeError(f"unknown gptq option '{name}'",
+                                  hint=did_you_mean(name, known) or f"known: {', '.join(known)}")
+            if isinstance(known[name], bool):
+                if not isinstance(value, bool):
+                    raise SchemeError(f"gptq option {name} must be true or false, got {value!r}")
+                values[name] = value
+            else:
+                values[name] = _number(name, value, type(known[name]))
+        opts = cls(**values)
+        if opts.damp < 0:
+            raise SchemeError(f"gptq damp must be ≥ 0, got {opts.damp}", hint="e.g. damp: 0.01")
+        if opts.max_damp < opts.damp or opts.max_damp <= 0:
+            raise SchemeError(f"gptq max_damp ({opts.max_damp}) must be > 0 and ≥ damp "
+                              f"({opts.damp})", hint="raise max_damp or lower damp")
+        if opts.block_size < 1:
+            raise SchemeError(f"gptq block_size must be ≥ 1, got {opts.block_size}",
+                              hint="e.g. block_size: 128")
+        return opts
+
+
+class GPTQQuantizer:
+    """GPTQ over a per-layer Hessian; see the module docstring for options and ``info``."""
+
+    name = "gptq"
+    needs: frozenset[str] = frozenset({"hessian"})
+
+    def check(self, scheme: LayerScheme) -> None:
+        opts = GPTQOptions.from_scheme(scheme)
+        check_supported(scheme.weights, opts.act_order, opts.static_groups)
+
+    def quantize(self, weight: torch.Tensor, scheme: LayerScheme,
+                 stats: Mapping[str, torch.Tensor]) -> QuantizedWeight:
+        opts = GPTQOptions.from_scheme(scheme)
+        args = scheme.weights
+        hessian = stats.get("hessian")
+        if hessian is None:
+            raise SchemeError("gptq needs the 'hessian' calibration statistic",
+                              hint="run gptq with calibration data")
+        w = prepare_weight(weight, args, args.format)
+        res = gptq_solve(w, hessian, args, damp=opts.damp, block_size=opts.block_size,
+                         act_order=opts.act_order, static_groups=opts.static_groups,
+                         max_damp=opts.max_damp)
+        info = {"gptq_loss": res.loss, "damp": res.damp, "damp_retries": res.damp_retries,
+                "act_order": opts.act_order}
+        return QuantizedWeight(args=args, shape=tuple(w.shape), codes=res.codes, scale=res.scale,
+                               zero=res.zero, g_idx=res.g_idx, info=info)
+
+
+GPTQ = QUANTIZERS.register("gptq")(GPTQQuantizer())

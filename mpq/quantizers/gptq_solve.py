@@ -1,0 +1,308 @@
+"""GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", arXiv:2210.17323) as a pure tensor solve: weight [N, K] + Hessian [K, K] → Q.
+
+Algorithm (the IST-DASLab reference ``fasterquant``, re-derived):
+
+1. Dead columns (diag H == 0): their row/column of H is zeroed, H[i, i] = 1 and W[:, i] = 0, so
+   they quantize to exactly 0 and receive no error feedback.
+2. act_order: columns are processed by descending diag H (``torch.sort(..., stable=True)``: ties
+   keep the original column order, lower index first); H is permuted alike; Q is un-permuted.
+3. U = upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H).  When a Cholesky fails
+   (``cholesky_ex`` info ≠ 0, or a non-finite factor) damp is retried at max(10·damp, 1e-3) capped
+   at ``max_damp``; once ``max_damp`` itself fails a :class:`SchemeError` is raised.
+4. Columns left to right in blocks of ``block_size``: q = grid(w), e = (w − q)/U[i, i], the rest
+   of the block gets w_j −= e·U[i, j]; after the block W[:, end:] −= E · U[block, end:] (lazy
+   batch update).  The reported loss is Σ e²/2 = Σ (w − q)²/U[i, i]²/2 over the whole matrix,
+   the reference's ``Losses`` sum.
+
+Grids (all arithmetic fp32 on the weight's device; codes are exactly those chosen in the solve and
+``QuantizedWeight.dequantize()`` reproduces Q bit for bit):
+
+- ``int`` 2–8 bits, sym/asym, tensor/channel/group.  Tensor/channel params come from the whole
+  (dead-zeroed) W up front.  Groups: params of a group are computed by ``int_params`` from the
+  *current* (error-updated) weights of its columns when the solve reaches its first column.  Unlike
+  the reference, pending updates from earlier columns of the same block are included, so the result
+  does not depend on ``block_size`` (the reference reads the block-start W for groups that start
+  mid-block).  ``static_groups``: every group's params from the original W in original order.
+  act_order without static groups forms groups in processing order, so g_idx[perm[p]] = p // gs
+  (non-monotonic); with static groups g_idx = k // gs.
+- ``fp8_e4m3`` / ``fp8_e5m2`` tensor/channel: scale fixed up front from the absmax of W.
+- ``nf4`` (blocks of 64): each block's absmax from the current weights at its first column, like
+  int groups; codes = nearest table entry.  Not with double_quant; nf4 and fp8 not with act_order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mpq.errors import SchemeError
+from mpq.quantizers.fp8 import fp8_params
+from mpq.quantizers.int_grid import int_params, int_range
+from mpq.quantizers.nf4 import nf4_table
+from mpq.scheme import WeightArgs
+
+DAMP_FLOOR = 1e-3  # first retry when the requested damp is 0
+FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+@dataclass
+class GPTQResult:
+    """Output of :func:`gptq_solve`, in the original column order.
+
+    ``q`` fp32 [N, K] is the quantized matrix; ``codes``/``scale``/``zero``/``g_idx`` are laid out
+    as :class:`mpq.quantizers.base.QuantizedWeight` expects.  ``loss`` = Σ (w − q)²/U[i,i]²/2 (see the
+    module docstring); ``damp`` is the damping fraction used after ``damp_retries`` retries.
+    """
+
+    q: torch.Tensor
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    g_idx: torch.Tensor | None
+    loss: float
+    damp: float
+    damp_retries: int
+
+
+def check_supported(args: WeightArgs, act_order: bool, static_groups: bool) -> None:
+    """Raise SchemeError for weight args / option combinations the solve cannot produce."""
+    if args.format == "nf4" and args.double_quant:
+        raise SchemeError("gptq does not support nf4 with double_quant",
+                          hint="set double_quant: false, or use algorithm rtn")
+    if act_order and args.format != "int":
+        raise SchemeError(f"gptq act_order supports the int format only, not {args.format}",
+                          hint="set act_order: false")
+    if static_groups and args.granularity != "group":
+        raise SchemeError("gptq static_groups needs granularity 'group'",
+                          hint="remove static_groups")
+
+
+def inverse_cholesky(h: torch.Tensor, damp: float, max_damp: float
+                     ) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, raising damp until it exists.
+
+    Returns (U, damp used, number of retries).  ``h`` is not modified.
+    """
+    mean_diag = h.diagonal().mean()
+    retries = 0
+    while True:
+        hd = h.clone()
+        hd.diagonal().add_(damp * mean_diag)
+        low, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper, damp, retries
+        nxt = min(max(10.0 * damp, DAMP_FLOOR), max_damp)
+        if nxt <= damp:
+            raise SchemeError(
+                f"gptq: the Hessian is not positive definite even with damp={damp:g} "
+                f"after {retries} retries (max_damp={max_damp:g})",
+                hint="raise damp or max_damp, use more calibration samples, "
+                     "or check the calibration inputs for NaN/inf")
+        damp, retries = nxt, retries + 1
+
+
+def prepare_hessian(hessian: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 copy of ``hessian`` on w's device with dead columns fixed; also zeroes them in ``w``.
+
+    Returns (H, dead mask [K]).
+    """
+    k = w.shape[1]
+    if tuple(hessian.shape) != (k, k):
+        raise SchemeError(f"gptq: Hessian shape {tuple(hessian.shape)} does not match the weight's "
+                          f"input dimension {k}",
+                          hint="the Hessian must be [K, K] for a weight [N, K]")
+    h = hessian.detach().to(device=w.device, dtype=torch.float32, copy=True)
+    if not bool(torch.isfinite(h).all()):
+        raise SchemeError("gptq: the Hessian has NaN/inf values",
+                          hint="check the calibration inputs for NaN/inf (e.g. overflow in fp16)")
+    dead = h.diagonal() == 0
+    if bool(dead.any()):
+        h[dead, :] = 0
+        h[:, dead] = 0
+        h.diagonal()[dead] = 1
+        w[:, dead] = 0
+    return h, dead
+
+
+class _IntColumns:
+    """int grid, one column at a time.  Params are stored as rows [G, N] (transposed)."""
+
+    def __init__(self, args: WeightArgs, w0: torch.Tensor, num_groups: int, dynamic: bool):
+        n, k = w0.shape
+        self.args, self.off = args, 1 << (args.bits - 1)
+        self.qmin, self.qmax = int_range(args.bits)
+        self.codes = torch.empty((k, n), dtype=torch.uint8, device=w0.device)
+        if dynamic:
+            self.scale = torch.empty((num_groups, n), dtype=torch.float32, device=w0.device)
+            self.zero = None if args.symmetric else torch.empty_like(self.scale, dtype=torch.int32)
+            self.zs = None if args.symmetric else torch.empty_like(self.scale)  # signed zero, fp32
+        else:
+            scale, zero = int_params(w0, args)  # [1|N, 1|G]
+            self.scale = scale.t().contiguous()
+            self.zero = None if zero is None else zero.t().contiguous()
+            self.zs = None if zero is None else (self.zero - self.off).to(torch.float32)
+
+    def set_group(self, g: int, cols: torch.Tensor) -> None:
+        scale, zero = int_params(cols, self.args)  # [N, 1]
+        self.scale[g] = scale[:, 0]
+        if zero is not None:
+            self.zero[g] = zero[:, 0]
+            self.zs[g] = (zero[:, 0] - self.off).to(torch.float32)
+
+    def column(self, p: int, g: int, w: torch.Tensor) -> torch.Tensor:
+        s = self.scale[g]
+        x = w / s
+        if self.zs is None:  # same ops as int_quantize_codes / int_dequantize_codes
+            q = torch.round(x).clamp_(self.qmin, self.qmax)
+            self.codes[p] = q + self.off
+            return q * s
+        zs = self.zs[g]
+        q = torch.round(x.add_(zs)).clamp_(self.qmin, self.qmax)
+        self.codes[p] = q + self.off
+        return (q - zs) * s
+
+    def params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        zero = None if self.zero is None else self.zero.t().contiguous()
+        return self.scale.t().contiguous(), zero
+
+
+class _Fp8Columns:
+    """fp8 grid with the scale fixed up front ([1, 1] tensor or [N, 1] channel)."""
+
+    def __init__(self, args: WeightArgs, w0: torch.Tensor):
+        self.dtype = FP8_DTYPES[args.format]
+        self.fmax = torch.finfo(self.dtype).max
+        self.scale = fp8_params(w0, args, self.dtype)
+        self.s = self.scale.reshape(-1)
+        n, k = w0.shape
+        self.codes = torch.empty((k, n), dtype=self.dtype, device=w0.device)
+
+    def column(self, p: int, g: int, w: torch.Tensor) -> torch.Tensor:
+        c = (w / self.s).clamp_(-self.fmax, self.fmax).to(self.dtype)
+        self.codes[p] = c
+        return c.to(torch.float32) * self.s
+
+    def params(self) -> tuple[torch.Tensor, None]:
+        return self.scale, None
+
+
+class _Nf4Columns:
+    """nf4 grid: per-block absmax set at each block's first column."""
+
+    def __init__(self, w0: torch.Tensor, num_groups: int):
+        n, k = w0.shape
+        self.table = nf4_table(w0.device)
+        self.mid = (self.table[1:] + self.table[:-1]) / 2
+        self.absmax = torch.empty((num_groups, n), dtype=torch.float32, device=w0.device)
+        self.div = torch.empty_like(self.absmax)
+        self.codes = torch.empty((k, n), dtype=torch.uint8, device=w0.device)
+
+    def set_group(self, g: int, cols: torch.Tensor) -> None:
+        a = cols.abs().amax(dim=1)
+        self.absmax[g] = a
+        self.div[g] = torch.where(a > 0, a, torch.ones_like(a))
+
+    def column(self, p: int, g: int, w: torch.Tensor) -> torch.Tensor:
+        idx = torch.bucketize(w / self.div[g], self.mid, right=False)
+        self.codes[p] = idx
+        return self.table[idx] * self.absmax[g]
+
+    def params(self) -> tuple[torch.Tensor, None]:
+        return self.absmax.t().contiguous(), None
+
+
+def _current_cols(wt: torch.Tensor, hinv: torch.Tensor, err: torch.Tensor,
+                  i1: int, p0: int, p1: int, i2: int) -> torch.Tensor:
+    """Columns p0:p1 as [N, p1−p0], with every update from columns < p0 applied.
+
+    Rows of ``wt`` inside the block [i1, i2) are updated in place; rows past i2 still miss the
+    block's pending lazy update from its first p0 − i1 columns.
+    """
+    if p1 <= i2:
+        return wt[p0:p1].t()
+    tail = wt[i2:p1]
+    if p0 > i1:
+        tail = tail - hinv[i1:p0, i2:p1].t() @ err[:p0 - i1]
+    return torch.cat([wt[p0:i2], tail]).t()
+
+
+def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args: WeightArgs, *,
+               damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+               static_groups: bool = False, max_damp: float = 1.0) -> GPTQResult:
+    """Quantize ``weight`` [N, K] on the grid of ``args`` minimising tr((W−Q) H (W−Q)ᵀ) by GPTQ.
+
+    ``hessian`` [K, K] (e.g. (2/T)·Σ x xᵀ) is not modified.  Raises SchemeError for shape
+    mismatches, unsupported combinations and a Hessian that cannot be made positive definite.
+    """
+    check_supported(args, act_order, static_groups)
+    args.check_shape(tuple(weight.shape), where="gptq weight")
+    if block_size < 1:
+        raise SchemeError(f"gptq block_size must be ≥ 1, got {block_size}")
+    w = weight.detach().to(torch.float32).clone()
+    n, k = w.shape
+    h, _ = prepare_hessian(hessian, w)
+
+    perm = None
+    if act_order:
+        perm = torch.sort(h.diagonal(), descending=True, stable=True).indices
+        h = h[perm][:, perm]
+    hinv, damp_used, retries = inverse_cholesky(h, damp, max_damp)
+
+    gs = args.group_size if args.granularity == "group" else None
+    num_groups = k // gs if gs else 1
+    dynamic = gs is not None and not static_groups
+    if args.format == "int":
+        grid = _IntColumns(args, w, num_groups, dynamic)
+    elif args.format == "nf4":
+        grid = _Nf4Columns(w, num_groups)
+        if not dynamic:
+            for g in range(num_groups):
+                grid.set_group(g, w[:, g * gs:(g + 1) * gs])
+    else:
+        grid = _Fp8Columns(args, w)
+    # group row used by the p-th processed column
+    if gs is None:
+        groups = [0] * k
+    elif static_groups and perm is not None:
+        groups = [c // gs for c in perm.tolist()]
+    else:
+        groups = [p // gs for p in range(k)]
+
+    wt = torch.empty((k, n), dtype=torch.float32, device=w.device)
+    wt.copy_((w[:, perm] if perm is not None else w).t())
+    loss = torch.zeros((), dtype=torch.float32, device=w.device)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        hb = hinv[i1:i2, i1:i2]
+        err = torch.empty((i2 - i1, n), dtype=torch.float32, device=w.device)
+        for j in range(i2 - i1):
+            p = i1 + j
+            if dynamic and p % gs == 0:
+                grid.set_group(p // gs, _current_cols(wt, hinv, err, i1, p, p + gs, i2))
+            w_p = wt[p]
+            q = grid.column(p, groups[p], w_p)
+            e = err[j]
+            torch.sub(w_p, q, out=e)
+            e.div_(hb[j, j])
+            w_p.copy_(q)  # row p of wt now holds Q
+            if p + 1 < i2:
+                wt[p + 1:i2].addr_(hb[j, j + 1:], e, alpha=-1)
+        loss += err.square().sum() / 2
+        if i2 < k:
+            wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err, alpha=-1)
+
+    q_mat, codes = wt.t(), grid.codes.t()
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        q_mat, codes = q_mat[:, inv], codes[:, inv]
+        if gs is not None:
+            g_idx = torch.arange(k, device=w.device, dtype=torch.int32) // gs
+            if not static_groups:
+                g_idx = g_idx[inv]  # column c was processed at position inv[c]
+    scale, zero = grid.params()
+    return GPTQResult(q=q_mat.contiguous(), codes=codes.contiguous(), scale=scale, zero=zero,
+                      g_idx=g_idx, loss=float(loss), damp=float(damp_used), damp_retries=retries)
