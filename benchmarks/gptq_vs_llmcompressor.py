@@ -1,0 +1,150 @@
+"""GPTQ on SmolLM2-135M: mpq vs llm-compressor with identical settings, plus RTN for reference.
+
+    python benchmarks/gptq_vs_llmcompressor.py --model ./SmolLM2-135M --corpora ../shared/corpora
+
+Settings shared by both tools: int symmetric weights (int4 g64, int4 per-channel, int3 g64),
+damping 0.01, block size 128, no act-order, lm_head kept; calibration 128 × 512 tokens from
+enwiki_excerpt.train.txt (mpq draws them; the exact same token ids are handed to llm-compressor);
+evaluation: the first 40 × 512-token windows of enwiki_excerpt.test.txt with mpq's evaluator.
+Each quantization runs in its own process (mpq: benchmarks/mpq_run.py; llm-compressor: its own
+venv, built by benchmarks/peers/setup_llmcompressor.sh when missing) so wall time and peak RSS
+(ru_maxrss of that process) are the tool's own.  ``quant_s`` is the span from model loaded to
+quantization done (writing excluded) for both; ``total_s`` is the whole process.
+Prints a table; writes JSON and markdown under benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SCHEMES = {  # name → (bits, group size or None for per-channel)
+    "int4-g64": (4, 64),
+    "int4-channel": (4, None),
+    "int3-g64": (3, 64),
+}
+
+
+def recipe_text(algorithm: str, bits: int, group: int | None) -> str:
+    weights = (f"{{format: int, bits: {bits}, symmetric: true, granularity: group, "
+               f"group_size: {group}}}" if group else
+               f"{{format: int, bits: {bits}, symmetric: true, granularity: channel}}")
+    options = "\n  options: {damp: 0.01, block_size: 128}" if algorithm == "gptq" else ""
+    return (f"mpq_recipe: 1\nname: {algorithm}-{bits}b-{group or 'ch'}\ndefaults:\n"
+            f"  algorithm: {algorithm}{options}\nrules:\n  - targets: [Linear]\n"
+            f"    weights: {weights}\n")
+
+
+def run_json(cmd: list[str], env=None) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def perplexity_of(path: Path, ids, num_windows: int) -> float:
+    import mpq
+    from mpq.eval import perplexity
+    from mpq.formats.native import is_artifact
+    from mpq.model_io import load_model
+
+    model = mpq.load(path) if is_artifact(path) else load_model(path)
+    return perplexity(model, ids, window=512, num_windows=num_windows).ppl
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="SmolLM2-135M")
+    parser.add_argument("--corpora", default="../shared/corpora")
+    parser.add_argument("--schemes", nargs="*", default=list(SCHEMES))
+    parser.add_argument("--num-windows", type=int, default=40)
+    parser.add_argument("--skip-peer", action="store_true", help="mpq only (no llm-compressor)")
+    parser.add_argument("--out", default=str(HERE / "results" / "gptq_vs_llmcompressor.json"))
+    args = parser.parse_args()
+    import torch
+    from transformers import AutoTokenizer
+
+    from mpq.calibration import build_calibration_set
+    from mpq.eval import load_eval_ids, perplexity
+    from mpq.model_io import load_model
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    model = str(Path(args.model).resolve())
+    calib_file = str(Path(args.corpora, "enwiki_excerpt.train.txt").resolve())
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    work = Path(tempfile.mkdtemp(prefix="mpq-gptq-bench-"))
+    calib = build_calibration_set(calib_file, tokenizer, num_samples=128, seq_len=512, seed=0)
+    calib_ids = work / "calib_ids.pt"
+    torch.save(torch.cat(calib.samples), calib_ids)
+    ids = load_eval_ids(Path(args.corpora) / "enwiki_excerpt.test.txt", tokenizer)
+    rows = [{"scheme": "fp32", "method": "original",
+             "ppl": perplexity(load_model(model), ids, window=512, num_windows=args.num_windows).ppl}]
+    peer_python = None
+    if not args.skip_peer:
+        setup = subprocess.run(["bash", str(HERE / "peers" / "setup_llmcompressor.sh")],
+                               capture_output=True, text=True, env=env)
+        if setup.returncode != 0:
+            sys.stderr.write(setup.stderr[-4000:])
+            raise SystemExit("could not set up llm-compressor's venv (see above); --skip-peer")
+        peer_python = setup.stdout.strip().splitlines()[-1]
+    for scheme in args.schemes:
+        bits, group = SCHEMES[scheme]
+        for algorithm in ("rtn", "gptq"):
+            recipe = work / f"{algorithm}-{scheme}.yaml"
+            recipe.write_text(recipe_text(algorithm, bits, group))
+            out = work / f"mpq-{algorithm}-{scheme}"
+            stats = run_json([sys.executable, str(HERE / "mpq_run.py"), model, str(recipe),
+                              str(out), "--calib", calib_file], env=env)
+            if stats["calib_sha256"] != calib.provenance["sha256"]:
+                raise SystemExit("mpq drew different calibration tokens than the peer was given")
+            rows.append({"scheme": scheme, "method": f"mpq {algorithm}",
+                         "ppl": perplexity_of(out, ids, args.num_windows),
+                         "quant_s": stats["pipeline_s"], "total_s": stats["total_s"],
+                         "peak_rss_mib": stats["peak_rss_kib"] / 1024})
+        if peer_python:
+            out = work / f"llmc-{scheme}"
+            stats = run_json([peer_python, str(HERE / "peers" / "llmcompressor_gptq.py"),
+                              "--model", model, "--calib-ids", str(calib_ids), "--out", str(out),
+                              "--scheme", scheme, "--damp", "0.01", "--block-size", "128"], env=env)
+            rows.append({"scheme": scheme, "method": f"llm-compressor gptq",
+                         "ppl": perplexity_of(out, ids, args.num_windows),
+                         "quant_s": stats["quant_s"], "total_s": stats.get("total_s"),
+                         "peak_rss_mib": stats["peak_rss_kib"] / 1024,
+                         "peer_version": stats.get("llmcompressor_version")})
+    report(rows, args.out, calib.provenance["sha256"])
+
+
+def report(rows: list[dict], out: str, calib_sha: str) -> None:
+    peers = {r["scheme"]: r for r in rows if r["method"] == "llm-compressor gptq"}
+    for row in rows:
+        peer = peers.get(row["scheme"])
+        if peer and row["method"] == "mpq gptq":
+            row["time_ratio_to_peer"] = row["quant_s"] / peer["quant_s"]
+            row["rss_ratio_to_peer"] = row["peak_rss_mib"] / peer["peak_rss_mib"]
+            row["ppl_ratio_to_peer"] = row["ppl"] / peer["ppl"]
+    header = (f"{'scheme':<14}{'method':<22}{'ppl':>9}{'quant s':>9}{'total s':>9}"
+              f"{'peak RSS MiB':>14}{'time/peer':>11}{'RSS/peer':>10}")
+    lines = [header]
+    for r in rows:
+        def fmt(key, spec):
+            return format(r[key], spec) if r.get(key) is not None else ""
+        lines.append(f"{r['scheme']:<14}{r['method']:<22}{r['ppl']:>9.3f}{fmt('quant_s', '>9.1f')}"
+                     f"{fmt('total_s', '>9.1f'):>9}{fmt('peak_rss_mib', '>14.0f'):>14}"
+                     f"{fmt('time_ratio_to_peer', '>11.2f'):>11}{fmt('rss_ratio_to_peer', '>10.2f'):>10}")
+    print("\n".join(lines))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"calibration_sha256": calib_sha, "rows": rows}, indent=2) + "\n")
+    Path(out).with_suffix(".md").write_text(
+        "# GPTQ: mpq vs llm-compressor on SmolLM2-135M\n\n"
+        "Generated by `python benchmarks/gptq_vs_llmcompressor.py` (see its docstring for the "
+        "settings).\n\n```\n" + "\n".join(lines) + "\n```\n")
+
+
+if __name__ == "__main__":
+    main()

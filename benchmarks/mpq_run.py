@@ -1,0 +1,45 @@
+"""One mpq quantization in its own process, for benchmarks: prints a JSON line with timings and
+peak RSS (``ru_maxrss`` of this process, KiB).
+
+    python benchmarks/mpq_run.py MODEL RECIPE OUT --calib FILE [--num-samples 128 --seq-len 512]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("recipe")
+    parser.add_argument("out")
+    parser.add_argument("--calib", required=True)
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    from mpq.quantize import CalibrationOptions, quantize
+
+    marks: dict[str, float] = {}
+
+    def events(kind: str, **data) -> None:
+        if kind in ("start", "done"):
+            marks[kind] = time.perf_counter()
+
+    result = quantize(args.model, args.recipe, args.out, force=True, device=args.device,
+                      calibration=CalibrationOptions(source=args.calib,
+                                                     num_samples=args.num_samples,
+                                                     seq_len=args.seq_len),
+                      events=events)
+    print(json.dumps({"pipeline_s": marks["done"] - marks["start"],
+                      "total_s": time.perf_counter() - started,
+                      "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "calib_sha256": result.calibration["sha256"]}))
+
+
+if __name__ == "__main__":
+    main()
