@@ -1,0 +1,173 @@
+"""llm-compressor's GPTQ on a HF causal LM, on CPU, with settings matching mpq's GPTQ benchmark.
+
+Runs inside llm-compressor's own venv (benchmarks/peers/setup_llmcompressor.sh); never imports mpq.
+
+    python llmcompressor_gptq.py --model DIR --calib-ids calib_ids.pt --out OUT_DIR \
+        --scheme int4-g64 [--damp 0.01] [--block-size 128]
+
+- Calibration: the LongTensor [num_samples, seq_len] in --calib-ids (written by the mpq side from
+  its own calibration builder) is fed as is, one sequence per batch, in file order: no tokenizer,
+  no shuffling, no truncation, so both tools see identical tokens.
+- Recipe: GPTQModifier on every Linear except lm_head; symmetric int weights, group 64 or
+  per-channel; dampening_frac=--damp, block_size=--block-size; actorder=None (plain GPTQ column
+  order; llm-compressor's default "static"/"weight" would reorder columns by diag(H));
+  pipeline="sequential" (one decoder layer at a time, quantized outputs feed the next layer).
+  Note: in llm-compressor (0.14) the scales are fixed up front from the original weights by the
+  memoryless min-max observer (scale = absmax / ((qmax - qmin) / 2), int4 codes in [-8, 7]), i.e.
+  "static groups"; the reference GPTQ recomputes a group's scale when the solve reaches it.
+- Output: a plain fp32 HF folder (no quantization_config) holding the dequantized GPTQ weights,
+  loadable by transformers.AutoModelForCausalLM.from_pretrained anywhere.
+- Prints one JSON line on stdout (all logs go to stderr): quant_s (model loaded -> GPTQ done, save
+  excluded), total_s (whole process), peak_rss_kib (ru_maxrss of this process at exit, KiB),
+  peak_rss_quant_kib (the same when GPTQ was done, before saving), versions and settings.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from importlib.metadata import version  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+STARTED = time.perf_counter()
+
+SCHEMES = {  # name -> (bits, group size; None = per output channel)
+    "int4-g64": (4, 64),
+    "int4-channel": (4, None),
+    "int3-g64": (3, 64),
+}
+
+
+def build_recipe(bits: int, group: int | None, damp: float, block_size: int):
+    """GPTQModifier for symmetric int weights on all Linear layers but lm_head, no act-order."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    weights = QuantizationArgs(
+        num_bits=bits, type="int", symmetric=True,
+        strategy="group" if group else "channel", group_size=group,
+        actorder=None)
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights)
+    return GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"],
+                        dampening_frac=damp, block_size=block_size, actorder=None)
+
+
+def calibration_loader(ids_file: str):
+    """DataLoader of {"input_ids", "attention_mask"} batches [1, seq_len], in file order."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    ids = torch.load(ids_file)
+    if ids.dtype != torch.long or ids.dim() != 2:
+        raise SystemExit(f"{ids_file}: expected a LongTensor [num_samples, seq_len], "
+                         f"got {ids.dtype} {tuple(ids.shape)}")
+    rows = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
+    return DataLoader(rows, batch_size=1, shuffle=False), tuple(ids.shape)
+
+
+def check_on_grid(model, bits: int) -> int:
+    """Assert every quantized Linear's weight is scale × integer code in range; return the count."""
+    import torch
+
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    checked = 0
+    for name, module in model.named_modules():
+        scale = getattr(module, "weight_scale", None)
+        if not isinstance(module, torch.nn.Linear) or scale is None:
+            continue
+        w = module.weight.detach().float()
+        n, k = w.shape
+        s = scale.detach().float()  # [n, 1] per-channel or [n, k // group]
+        codes = w.reshape(n, s.shape[1], -1) / s.unsqueeze(-1)
+        off_grid = (codes - codes.round()).abs().max().item()
+        if off_grid > 1e-3 or codes.round().min() < qmin or codes.round().max() > qmax:
+            raise SystemExit(f"{name}: weights are not on the int{bits} grid "
+                             f"(max distance {off_grid:.2e})")
+        checked += 1
+    return checked
+
+
+def save_dense(quantized, model_dir: str, out: Path) -> None:
+    """Write a plain fp32 HF folder with the quantized model's (dequantized) weights.
+
+    The quantized model carries compressed-tensors parameters (weight_scale, ...) and a wrapped
+    save_pretrained; a fresh copy of the original model receiving only its regular parameters
+    saves as an ordinary checkpoint without quantization_config.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    wanted = fresh.state_dict().keys()
+    state = {k: v for k, v in quantized.state_dict().items() if k in wanted}
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        raise SystemExit(f"quantized model lacks {len(missing)} parameters, e.g. {missing[:3]}")
+    fresh.load_state_dict(state, strict=True)
+    fresh.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja", "generation_config.json"):
+        if (Path(model_dir) / name).exists() and not (out / name).exists():
+            shutil.copy(Path(model_dir) / name, out / name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="HF model folder (fp32)")
+    parser.add_argument("--calib-ids", required=True, help=".pt LongTensor [num_samples, seq_len]")
+    parser.add_argument("--out", required=True, help="folder for the dequantized fp32 model")
+    parser.add_argument("--scheme", required=True, choices=sorted(SCHEMES))
+    parser.add_argument("--damp", type=float, default=0.01, help="dampening fraction of mean diag H")
+    parser.add_argument("--block-size", type=int, default=128)
+    args = parser.parse_args()
+    bits, group = SCHEMES[args.scheme]
+    # llm-compressor logs to stdout; keep stdout for the one JSON line by pointing fd 1 (and with
+    # it sys.stdout and any library's prints) at stderr and writing the JSON to a saved copy.
+    sys.stdout.flush()
+    json_out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+
+    import torch
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model.eval()
+    t0 = time.perf_counter()  # model loaded
+    loader, calib_shape = calibration_loader(args.calib_ids)
+    quantized = oneshot(model=model, dataset=loader, recipe=build_recipe(bits, group, args.damp,
+                                                                       args.block_size),
+                        pipeline="sequential", num_calibration_samples=calib_shape[0],
+                        max_seq_length=calib_shape[1], shuffle_calibration_samples=False)
+    quant_s = time.perf_counter() - t0  # GPTQ done
+    peak_quant = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    num_quantized = check_on_grid(quantized, bits)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_dense(quantized, args.model, out)
+
+    print(json.dumps({
+        "tool": "llmcompressor", "llmcompressor_version": version("llmcompressor"),
+        "compressed_tensors_version": version("compressed-tensors"),
+        "transformers_version": version("transformers"), "torch_version": torch.__version__,
+        "scheme": args.scheme, "bits": bits, "group_size": group, "symmetric": True,
+        "damp": args.damp, "block_size": args.block_size, "actorder": None,
+        "pipeline": "sequential", "calib_shape": list(calib_shape),
+        "quantized_linears": num_quantized, "threads": torch.get_num_threads(),
+        "quant_s": quant_s, "total_s": time.perf_counter() - STARTED,
+        "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "peak_rss_quant_kib": peak_quant, "out": str(out.resolve()),
+    }), file=json_out, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
