@@ -7,7 +7,7 @@ import torch
 from mpq.collect import collecting, input_groups, results, run_block
 from mpq.quantize import CalibrationOptions, quantize
 from mpq.recipe import parse_recipe
-from tests.test_pipeline import _byte_tokenizer
+from tests.test_pipeline import _byte_tokenizer, register_recording_quantizer
 from tests.tiny_models import save_tiny_model, tiny_model
 
 LLAMA_STEPS = [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
@@ -90,21 +90,7 @@ def test_stop_after_ends_the_forward_early():
 def test_true_sequential_feeds_o_proj_with_quantized_predecessors(tmp_path, monkeypatch,
                                                                   true_sequential):
     """o_proj's statistics differ between modes exactly because v_proj was quantized first."""
-    from mpq.quantizers import base
-
-    absmax = {}
-
-    class Recording:
-        name, needs = "recording", frozenset({"input_absmax"})
-
-        def check(self, scheme):
-            pass
-
-        def quantize(self, weight, scheme, stats):
-            absmax[len(absmax)] = stats["input_absmax"]
-            return base.NUMBER_FORMATS.get("int").quantize(weight, scheme.weights)
-
-    monkeypatch.setitem(base.QUANTIZERS._entries, "recording", Recording())
+    absmax = register_recording_quantizer(monkeypatch)
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained",
                         lambda *a, **k: _byte_tokenizer())
     source = save_tiny_model("llama", tmp_path / "src")

@@ -75,23 +75,9 @@ def test_quantized_tied_head_is_untied(tmp_path):
     assert 0 < error < 0.01
 
 
-def test_stats_pipeline_feeds_quantizer_with_block_inputs(tmp_path, monkeypatch, corpora):
+def test_stats_pipeline_feeds_quantizer_with_block_inputs(tmp_path, monkeypatch):
     """A quantizer that needs input_absmax sees the abs-max of its layer's real inputs."""
-    from mpq.quantizers import base
-
-    seen = {}
-
-    class Recording:
-        name, needs = "recording", frozenset({"input_absmax"})
-
-        def check(self, scheme):
-            pass
-
-        def quantize(self, weight, scheme, stats):
-            seen[len(seen)] = stats["input_absmax"].clone()
-            return base.NUMBER_FORMATS.get("int").quantize(weight, scheme.weights)
-
-    monkeypatch.setitem(base.QUANTIZERS._entries, "recording", Recording())
+    seen = register_recording_quantizer(monkeypatch)
     source = save_tiny_model("llama", tmp_path / "src")
     recipe = parse_recipe("mpq_recipe: 1\nrules:\n  - targets: model.layers.0.self_attn.q_proj\n"
                           "    algorithm: recording\n    weights: {bits: 8, granularity: channel}\n",
@@ -136,6 +122,26 @@ def test_quantizer_needing_stats_without_calibration_fails(tmp_path, monkeypatch
     with pytest.raises(CalibrationError, match="--calib"):
         quantize(tmp_path / "src", recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def register_recording_quantizer(monkeypatch) -> dict:
+    """Register 'recording': int RTN that keeps each call's input_absmax (call index → tensor)."""
+    from mpq.quantizers import base
+
+    seen: dict = {}
+
+    class Recording:
+        name, needs = "recording", frozenset({"input_absmax"})
+
+        def check(self, scheme):
+            pass
+
+        def quantize(self, weight, scheme, stats):
+            seen[len(seen)] = stats["input_absmax"].clone()
+            return base.NUMBER_FORMATS.get("int").quantize(weight, scheme.weights)
+
+    monkeypatch.setitem(base.QUANTIZERS._entries, "recording", Recording())
+    return seen
 
 
 def _byte_tokenizer():
