@@ -11,7 +11,7 @@ from mpq.recipe import PrecisionPolicy, Recipe, list_presets, load_recipe, parse
 from mpq.scheme import WeightArgs
 
 PRESETS = ("w8a16", "w4a16", "w4a16-asym", "w4a16-channel", "w3a16", "fp8-weights", "nf4",
-           "nf4-dq")
+           "nf4-dq", "w4a16-gptq", "w4a16-channel-gptq", "w3a16-gptq")
 
 
 def parse(text: str, **kwargs) -> Recipe:
@@ -95,7 +95,8 @@ def test_every_preset_loads(name):
     recipe = load_recipe(name)
     assert recipe.name == name and recipe.source == f"preset:{name}"
     assert len(recipe.rules) == 1 and recipe.rules[0].targets == ("Linear", "Conv1D")
-    assert recipe.rules[0].scheme.algorithm == "rtn" and recipe.description
+    expected = "gptq" if name.endswith("-gptq") else "rtn"
+    assert recipe.rules[0].scheme.algorithm == expected and recipe.description
 
 
 def test_preset_schemes_and_descriptions():
@@ -103,7 +104,8 @@ def test_preset_schemes_and_descriptions():
     assert labels == {"w8a16": "int8 sym channel", "w4a16": "int4 sym g64",
                       "w4a16-asym": "int4 asym g64", "w4a16-channel": "int4 sym channel",
                       "w3a16": "int3 sym g64", "fp8-weights": "fp8_e4m3 channel",
-                      "nf4": "nf4 g64", "nf4-dq": "nf4 g64 dq"}
+                      "nf4": "nf4 g64", "nf4-dq": "nf4 g64 dq", "w4a16-gptq": "int4 sym g64",
+                      "w4a16-channel-gptq": "int4 sym channel", "w3a16-gptq": "int3 sym g64"}
     presets = list_presets()
     assert set(presets) == set(PRESETS)
     assert "128" in presets["w4a16"] and "576" in presets["w4a16"]
