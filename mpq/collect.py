@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from mpq.stash import Stash
 from mpq.stats import STATS
 
 BlockInputs = list[tuple[tuple, dict]]
@@ -29,8 +30,10 @@ def run_block(block: nn.Module, inputs: BlockInputs, *, keep_outputs: bool = Tru
     """Run ``block`` on every input; return the inputs of the next block (or None).
 
     A StopForward raised by a hook ends that sample's pass; its output is then unavailable.
+    The outputs are kept in one Stash.
     """
     outputs = [] if keep_outputs else None
+    stash = Stash(len(inputs))
     for args, kwargs in inputs:
         try:
             out = block(*args, **kwargs)
@@ -38,7 +41,7 @@ def run_block(block: nn.Module, inputs: BlockInputs, *, keep_outputs: bool = Tru
             continue
         if outputs is None:
             continue
-        hidden = out[0] if isinstance(out, (tuple, list)) else out
+        hidden = stash.keep(out[0] if isinstance(out, (tuple, list)) else out)
         if args:
             outputs.append(((hidden, *args[1:]), kwargs))
         else:
@@ -83,7 +86,9 @@ def collecting(block: nn.Module, prefix: str, wanted: dict[str, frozenset[str]],
     """Attach collectors for ``wanted`` (full layer name → stat names) to layers of ``block``.
 
     Layers in one group share collectors: the group's first wanted layer feeds them.  Yields
-    full name → {stat → collector}; raises StopForward after ``stop_after`` has been fed.
+    full name → {stat → collector}; raises StopForward once ``stop_after`` has been fed, that
+    is at its group's first wanted layer (the others read the same input, so running them
+    would be wasted work).
     """
     collectors: dict[str, dict] = {}
     handles = []
@@ -97,10 +102,7 @@ def collecting(block: nn.Module, prefix: str, wanted: dict[str, frozenset[str]],
             collectors[name] = {stat: shared[stat] for stat in wanted[name]}
         leader = members[0]
         handles.append(_module(block, prefix, leader).register_forward_pre_hook(
-            _feeder(list(shared.values()), stop=leader == stop_after)))
-        for name in members[1:]:
-            if name == stop_after:
-                handles.append(_module(block, prefix, name).register_forward_pre_hook(_stopper))
+            _feeder(list(shared.values()), stop=stop_after in members)))
     try:
         yield collectors
     finally:
@@ -119,10 +121,6 @@ def _feeder(collectors: list, stop: bool):
         if stop:
             raise StopForward
     return hook
-
-
-def _stopper(module, args):
-    raise StopForward
 
 
 def results(collectors: dict[str, dict]) -> dict[str, dict[str, torch.Tensor]]:

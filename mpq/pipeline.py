@@ -9,6 +9,7 @@ planned quantizer needs statistics, no calibration forward pass runs at all.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
@@ -17,8 +18,10 @@ from torch import nn
 from mpq.arch import ModelLayout, blocks_of, set_weight, weight_of
 from mpq.collect import StopForward, collecting, input_groups, results, run_block
 from mpq.errors import CalibrationError, SchemeError
+from mpq.memory import release_free_memory
 from mpq.plan import LayerPlan, Plan
 from mpq.quantizers import base as qbase
+from mpq.replay import BlockReplay
 
 Events = Callable[..., None]
 
@@ -52,9 +55,24 @@ def untie_head_if_quantized(model: nn.Module, layout: ModelLayout, plan: Plan) -
     return True
 
 
+def batch_samples(samples: list[torch.Tensor], max_tokens: int) -> list[torch.Tensor]:
+    """Stack consecutive samples ([1, L] each) of equal length into batches of at most
+    ``max_tokens`` tokens (at least one sample per batch), keeping their order."""
+    batches: list[list[torch.Tensor]] = []
+    for ids in samples:
+        last = batches[-1] if batches else None
+        if (last and last[0].shape[-1] == ids.shape[-1]
+                and (len(last) + 1) * ids.shape[-1] <= max_tokens):
+            last.append(ids)
+        else:
+            batches.append([ids])
+    return [torch.cat(batch) for batch in batches]
+
+
 def capture_block_inputs(model: nn.Module, layout: ModelLayout,
                          samples: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
-    """Run the model up to block 0 for each sample; return (args, kwargs) block 0 received."""
+    """Run the model up to block 0 for each sample (or batch of samples); return the
+    (args, kwargs) block 0 received for each."""
     first = blocks_of(model, layout)[0]
     captured: list[tuple[tuple, dict]] = []
 
@@ -94,7 +112,8 @@ def _quantize_layer(model: nn.Module, layer: LayerPlan, stats: dict[str, torch.T
 
 def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
                  samples: list[torch.Tensor] | None, *, true_sequential: bool = True,
-                 device: str | torch.device = "cpu", events: Events = no_events
+                 device: str | torch.device = "cpu", events: Events = no_events,
+                 reuse: bool = True, batch_tokens: int = 4096
                  ) -> dict[str, qbase.QuantizedWeight]:
     """Quantize every planned layer of ``model`` in place (weights become their dequantized
     values) and return the QuantizedWeight of each (on CPU); per-layer results go into ``plan``.
@@ -102,7 +121,11 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
     ``true_sequential``: inside a block, layers are quantized in steps of execution order
     (layers sharing an input form one step), each step's statistics collected with its
     predecessors already quantized.  ``device``: where each block runs while it is processed;
-    the model stays on CPU and one block at a time is moved.
+    the model stays on CPU and one block at a time is moved.  ``reuse``: in true-sequential
+    passes, replay the parts of a block that are already final instead of recomputing them
+    (mpq.replay; bit-identical results, about 2.4× less forward work on a Llama block).
+    ``batch_tokens``: calibration samples of equal length run through a block in batches of up
+    to this many tokens (statistics are sums over tokens, so only float rounding differs).
     """
     wanted = needed_stats(plan)
     if wanted and not samples:
@@ -122,20 +145,24 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
     with torch.inference_mode():
         inputs = None
         if wanted:
-            inputs = to_device(capture_block_inputs(model, layout, samples), device)
+            batches = batch_samples(samples, batch_tokens)
+            inputs = to_device(capture_block_inputs(model, layout, batches), device)
         for index, block in enumerate(blocks):
             layers = by_block.get(index, [])
             events("block_start", index=index, layers=len(layers))
             block.to(device)
             prefix = f"{layout.blocks_path}.{index}."
-            for step, stats in _block_steps(block, prefix, layers, wanted, inputs,
+            replay = (BlockReplay.probe(block, inputs)
+                      if inputs is not None and true_sequential and reuse else None)
+            for step, stats in _block_steps(block, prefix, layers, wanted, inputs, replay,
                                             true_sequential):
                 for layer in step:
                     qweights[layer.name] = _quantize_layer(model, layer, stats.get(layer.name, {}))
                     events("layer", name=layer.name, block=index, **layer.result)
             if inputs is not None and index + 1 < len(blocks):
-                inputs = run_block(block, inputs)
+                inputs = replay.final_pass(inputs) if replay else run_block(block, inputs)
             block.to("cpu")
+            release_free_memory()
             events("block_done", index=index)
         inputs = None
         qweights.update(_quantize_outside_blocks(model, by_block.get(None, []), wanted, samples,
@@ -145,7 +172,8 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
 
 
 def _block_steps(block: nn.Module, prefix: str, layers: list[LayerPlan],
-                 wanted: dict[str, frozenset[str]], inputs, true_sequential: bool):
+                 wanted: dict[str, frozenset[str]], inputs, replay: BlockReplay | None,
+                 true_sequential: bool):
     """Yield (layers to quantize now, their statistics) for one block, in order."""
     block_wanted = {l.name: wanted[l.name] for l in layers if l.name in wanted}
     if not block_wanted:
@@ -159,8 +187,11 @@ def _block_steps(block: nn.Module, prefix: str, layers: list[LayerPlan],
         stats = {}
         if step_wanted:
             last = [n for n in step if n in step_wanted][-1]
-            with collecting(block, prefix, step_wanted, groups, stop_after=last) as collectors:
-                run_block(block, inputs, keep_outputs=False)
+            with (replay.calibration_pass(block.get_submodule(last[len(prefix):]))
+                  if replay else nullcontext()):
+                with collecting(block, prefix, step_wanted, groups,
+                                stop_after=last) as collectors:
+                    run_block(block, inputs, keep_outputs=False)
             stats = results(collectors)
         yield [by_name[n] for n in step], stats
 

@@ -39,6 +39,7 @@ class CalibrationOptions:
     mode: str = "concat"
     field: str = "text"
     split: str | None = None
+    batch_tokens: int = 4096  # samples per forward = max(1, batch_tokens // seq_len)
 
 
 @dataclass
@@ -114,7 +115,8 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
         events("calibration", **calib.provenance)
     untied = untie_head_if_quantized(model, layout, plan)
     qweights = run_pipeline(model, layout, plan, calib.samples if calib else None,
-                            true_sequential=true_sequential, device=device, events=events)
+                            true_sequential=true_sequential, device=device, events=events,
+                            batch_tokens=calibration.batch_tokens)
     tensors = artifact_tensors(model, plan, qweights)
     sizes = size_report(plan, tensors)
     source = fingerprint(source_dir)
@@ -122,7 +124,8 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
     metadata = header_metadata(recipe={**recipe.to_dict(), "source": recipe.source,
                                        "text": recipe.text}, plan=plan, calibration=provenance,
                                source=source, sizes=sizes,
-                               pipeline={"true_sequential": true_sequential})
+                               pipeline={"true_sequential": true_sequential,
+                                         "batch_tokens": calibration.batch_tokens})
     extra = pass_through_files(source_dir, PASS_THROUGH)
     extra["README.md"] = render_model_card(source=source, recipe_name=recipe.name, plan=plan,
                                            calibration=provenance, sizes=sizes)

@@ -60,8 +60,12 @@ class Hessian:
     """GPTQ's layer Hessian H = (2/T)·Σ_t x_t x_tᵀ over all T calibration tokens (fp32 [K, K]).
 
     Accumulated as an fp32 running sum of xᵀx; the scale does not change GPTQ's solution (damping
-    is relative to mean diag H) but keeps the reference's error measure comparable.
+    is relative to mean diag H) but keeps the reference's error measure comparable.  Only the
+    upper triangle is computed (row bands of BAND columns), about 0.6× the work of a full xᵀx;
+    ``result`` mirrors it, so H is exactly symmetric.
     """
+
+    BAND = 192
 
     def __init__(self) -> None:
         self.total: torch.Tensor | None = None
@@ -69,9 +73,14 @@ class Hessian:
 
     def add(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1]).float()
-        product = flat.t() @ flat
-        self.total = product if self.total is None else self.total.add_(product)
+        k = flat.shape[1]
+        if self.total is None:
+            self.total = torch.zeros(k, k, dtype=torch.float32, device=flat.device)
+        for start in range(0, k, self.BAND):
+            band = flat[:, start:start + self.BAND]
+            self.total[start:start + self.BAND, start:].addmm_(band.t(), flat[:, start:])
         self.count += flat.shape[0]
 
     def result(self) -> torch.Tensor:
-        return self.total * (2.0 / max(self.count, 1))
+        upper = torch.triu(self.total)
+        return (upper + torch.triu(upper, diagonal=1).t()) * (2.0 / max(self.count, 1))

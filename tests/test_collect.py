@@ -86,6 +86,29 @@ def test_stop_after_ends_the_forward_early():
     assert calls == []
 
 
+def test_a_pass_stops_at_the_first_layer_of_the_stop_group():
+    """q/k/v share one input: stopping after v_proj need not run q_proj or k_proj."""
+    model = tiny_model("llama")
+    block = model.model.layers[0]
+    prefix = "model.layers.0."
+    names = {local: prefix + local for local in ("self_attn.q_proj", "self_attn.k_proj",
+                                                 "self_attn.v_proj")}
+    ran = []
+    handles = [block.get_submodule(local).register_forward_hook(lambda m, a, o, n=local: ran.append(n))
+               for local in names]
+    inputs = _block_inputs(model)
+    wanted = {name: frozenset({"hessian"}) for name in names.values()}
+    with torch.inference_mode():
+        groups = input_groups(block, names, inputs[0])
+        ran.clear()
+        with collecting(block, prefix, wanted, groups,
+                        stop_after=prefix + "self_attn.v_proj") as collectors:
+            run_block(block, inputs, keep_outputs=False)
+    for handle in handles:
+        handle.remove()
+    assert ran == [] and results(collectors)[prefix + "self_attn.v_proj"]["hessian"].shape == (64, 64)
+
+
 @pytest.mark.parametrize("true_sequential", [True, False])
 def test_true_sequential_feeds_o_proj_with_quantized_predecessors(tmp_path, monkeypatch,
                                                                   true_sequential):

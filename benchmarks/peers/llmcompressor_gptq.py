@@ -3,14 +3,15 @@
 Runs inside llm-compressor's own venv (benchmarks/peers/setup_llmcompressor.sh); never imports mpq.
 
     python llmcompressor_gptq.py --model DIR --calib-ids calib_ids.pt --out OUT_DIR \
-        --scheme int4-g64 [--damp 0.01] [--block-size 128]
+        --scheme int4-g64 [--damp 0.01] [--block-size 128] [--actorder static]
 
 - Calibration: the LongTensor [num_samples, seq_len] in --calib-ids (written by the mpq side from
   its own calibration builder) is fed as is, one sequence per batch, in file order: no tokenizer,
   no shuffling, no truncation, so both tools see identical tokens.
 - Recipe: GPTQModifier on every Linear except lm_head; symmetric int weights, group 64 or
-  per-channel; dampening_frac=--damp, block_size=--block-size; actorder=None (plain GPTQ column
-  order; llm-compressor's default "static"/"weight" would reorder columns by diag(H));
+  per-channel; dampening_frac=--damp, block_size=--block-size; actorder=--actorder: "none" (plain
+  GPTQ column order) or "static" (llm-compressor's default, alias "weight": columns solved by
+  descending diag(H), groups fixed in the original column order = mpq's act_order + static_groups);
   pipeline="sequential" (one decoder layer at a time, quantized outputs feed the next layer).
   Note: in llm-compressor (0.14) the scales are fixed up front from the original weights by the
   memoryless min-max observer (scale = absmax / ((qmax - qmin) / 2), int4 codes in [-8, 7]), i.e.
@@ -46,18 +47,19 @@ SCHEMES = {  # name -> (bits, group size; None = per output channel)
 }
 
 
-def build_recipe(bits: int, group: int | None, damp: float, block_size: int):
-    """GPTQModifier for symmetric int weights on all Linear layers but lm_head, no act-order."""
+def build_recipe(bits: int, group: int | None, damp: float, block_size: int,
+                 actorder: str | None):
+    """GPTQModifier for symmetric int weights on all Linear layers but lm_head."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.quantization import GPTQModifier
 
     weights = QuantizationArgs(
         num_bits=bits, type="int", symmetric=True,
         strategy="group" if group else "channel", group_size=group,
-        actorder=None)
+        actorder=actorder)
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
     return GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"],
-                        dampening_frac=damp, block_size=block_size, actorder=None)
+                        dampening_frac=damp, block_size=block_size, actorder=actorder)
 
 
 def calibration_loader(ids_file: str):
@@ -127,7 +129,10 @@ def main() -> None:
     parser.add_argument("--scheme", required=True, choices=sorted(SCHEMES))
     parser.add_argument("--damp", type=float, default=0.01, help="dampening fraction of mean diag H")
     parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--actorder", choices=["none", "static"], default="static",
+                        help="column order of the solve (default: llm-compressor's own, static)")
     args = parser.parse_args()
+    actorder = None if args.actorder == "none" else args.actorder
     bits, group = SCHEMES[args.scheme]
     # llm-compressor logs to stdout; keep stdout for the one JSON line by pointing fd 1 (and with
     # it sys.stdout and any library's prints) at stderr and writing the JSON to a saved copy.
@@ -144,7 +149,7 @@ def main() -> None:
     t0 = time.perf_counter()  # model loaded
     loader, calib_shape = calibration_loader(args.calib_ids)
     quantized = oneshot(model=model, dataset=loader, recipe=build_recipe(bits, group, args.damp,
-                                                                       args.block_size),
+                                                                       args.block_size, actorder),
                         pipeline="sequential", num_calibration_samples=calib_shape[0],
                         max_seq_length=calib_shape[1], shuffle_calibration_samples=False)
     quant_s = time.perf_counter() - t0  # GPTQ done
@@ -160,7 +165,7 @@ def main() -> None:
         "compressed_tensors_version": version("compressed-tensors"),
         "transformers_version": version("transformers"), "torch_version": torch.__version__,
         "scheme": args.scheme, "bits": bits, "group_size": group, "symmetric": True,
-        "damp": args.damp, "block_size": args.block_size, "actorder": None,
+        "damp": args.damp, "block_size": args.block_size, "actorder": actorder,
         "pipeline": "sequential", "calib_shape": list(calib_shape),
         "quantized_linears": num_quantized, "threads": torch.get_num_threads(),
         "quant_s": quant_s, "total_s": time.perf_counter() - STARTED,

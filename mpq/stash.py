@@ -1,0 +1,45 @@
+"""Keeping a pass's per-input activations in one contiguous allocation.
+
+A calibration pass produces, for every input batch, a tensor that must outlive the pass (the next
+block's inputs, a recorded output or tail input for replay) among many short-lived ones.  Kept
+where they were born, the long-lived tensors pin the allocator's heap between freed temporaries
+and the process's resident memory grows well past the data it holds.  Copying each into a slice
+of one buffer sized for the whole pass (large enough to be its own mapping, given back to the OS
+as a whole) keeps the heap to the working set of one batch.  The copy is exact.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Stash:
+    """Copies of up to ``num_inputs`` same-sized tensors, in one buffer allocated on first use
+    (sized from the first tensor: later ones of other sizes, dtypes or devices that do not fit
+    are kept as they are)."""
+
+    def __init__(self, num_inputs: int) -> None:
+        self.num_inputs = num_inputs
+        self.buffer: torch.Tensor | None = None
+        self.used = 0
+
+    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of ``tensor`` inside the buffer (or ``tensor`` itself when it does not fit)."""
+        size = tensor.numel()
+        if self.buffer is None:
+            self.buffer = torch.empty(size * self.num_inputs, dtype=tensor.dtype,
+                                      device=tensor.device)
+        if (tensor.dtype != self.buffer.dtype or tensor.device != self.buffer.device
+                or self.used + size > self.buffer.numel()):
+            return tensor
+        view = self.buffer[self.used:self.used + size].view(tensor.shape)
+        view.copy_(tensor)
+        self.used += size
+        return view
+
+    def keep_output(self, output):
+        """``keep`` applied to a module output's tensor (itself, or a tuple's first element)."""
+        if isinstance(output, torch.Tensor):
+            return self.keep(output)
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            return (self.keep(output[0]), *output[1:])
+        return output
