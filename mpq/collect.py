@@ -33,7 +33,7 @@ def run_block(block: nn.Module, inputs: BlockInputs, *, keep_outputs: bool = Tru
     The outputs are kept in one Stash.
     """
     outputs = [] if keep_outputs else None
-    stash = Stash(len(inputs))
+    stash = Stash(input_tokens(inputs))
     for args, kwargs in inputs:
         try:
             out = block(*args, **kwargs)
@@ -47,6 +47,15 @@ def run_block(block: nn.Module, inputs: BlockInputs, *, keep_outputs: bool = Tru
         else:
             outputs.append(((), {**kwargs, "hidden_states": hidden}))
     return outputs
+
+
+def input_tokens(inputs: BlockInputs) -> list[int]:
+    """The number of tokens in each block input (its hidden states' rows)."""
+    counts = []
+    for args, kwargs in inputs:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        counts.append(hidden.numel() // hidden.shape[-1])
+    return counts
 
 
 def input_groups(block: nn.Module, names: dict[str, str], sample: tuple[tuple, dict]

@@ -57,10 +57,11 @@ def untie_head_if_quantized(model: nn.Module, layout: ModelLayout, plan: Plan) -
 
 def batch_samples(samples: list[torch.Tensor], max_tokens: int) -> list[torch.Tensor]:
     """Stack consecutive samples ([1, L] each) of equal length into batches of at most
-    ``max_tokens`` tokens (at least one sample per batch), keeping their order."""
+    ``max_tokens`` tokens, keeping their order.  The first batch holds one sample: the probes
+    that learn a block's structure (collect.input_groups, replay.BlockReplay.probe) run on it."""
     batches: list[list[torch.Tensor]] = []
     for ids in samples:
-        last = batches[-1] if batches else None
+        last = batches[-1] if len(batches) > 1 else None
         if (last and last[0].shape[-1] == ids.shape[-1]
                 and (len(last) + 1) * ids.shape[-1] <= max_tokens):
             last.append(ids)

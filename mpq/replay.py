@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from mpq.arch import is_linear
-from mpq.collect import BlockInputs, run_block
+from mpq.collect import BlockInputs, input_tokens, run_block
 from mpq.stash import Stash
 
 RUN, OUTPUT, TAIL = "run", "output", "tail"
@@ -53,10 +53,11 @@ class _Child:
 class BlockReplay:
     """Replay state of one block across its calibration passes and its final pass."""
 
-    def __init__(self, block: nn.Module, children: list[_Child], num_inputs: int) -> None:
+    def __init__(self, block: nn.Module, children: list[_Child], tokens: list[int]) -> None:
         self.block = block
         self.children = children
-        self.num_inputs = num_inputs
+        self.tokens = tokens  # per input, to size the stashes
+        self.num_inputs = len(tokens)
 
     @classmethod
     def probe(cls, block: nn.Module, inputs: BlockInputs) -> "BlockReplay":
@@ -107,7 +108,7 @@ class BlockReplay:
                 if _primary(output) is out and torch.equal(out, value):
                     found.tail = module
             children.append(found)
-        return cls(block, children, len(inputs))
+        return cls(block, children, input_tokens(inputs))
 
     @contextmanager
     def calibration_pass(self, stop_layer: nn.Module) -> Iterator[None]:
@@ -122,7 +123,7 @@ class BlockReplay:
                 if child.mode != RUN:
                     continue
                 store = recorded[id(child)] = []
-                stash = Stash(self.num_inputs)
+                stash = Stash(self.tokens)
                 if child.tail is stop_layer:
                     handles.append(stop_layer.register_forward_pre_hook(
                         _append_input(store, stash), prepend=True))
@@ -163,7 +164,7 @@ class BlockReplay:
             if child.mode != RUN:
                 replayed = [0]
                 child.module.forward = self._replay_forward(child, keep, replayed,
-                                                            Stash(self.num_inputs))
+                                                            Stash(self.tokens))
                 patched.append((child, replayed))
         try:
             yield

@@ -13,12 +13,13 @@ import torch
 
 
 class Stash:
-    """Copies of up to ``num_inputs`` same-sized tensors, in one buffer allocated on first use
-    (sized from the first tensor: later ones of other sizes, dtypes or devices that do not fit
-    are kept as they are)."""
+    """Copies of a sequence of tensors whose sizes are proportional to ``weights`` (e.g. the
+    tokens of each input batch), in one buffer allocated on first use and sized from the first
+    tensor.  A tensor that does not fit (other dtype or device, or sizes not proportional) is
+    kept as it is."""
 
-    def __init__(self, num_inputs: int) -> None:
-        self.num_inputs = num_inputs
+    def __init__(self, weights: list[int]) -> None:
+        self.weights = weights
         self.buffer: torch.Tensor | None = None
         self.used = 0
 
@@ -26,8 +27,10 @@ class Stash:
         """A copy of ``tensor`` inside the buffer (or ``tensor`` itself when it does not fit)."""
         size = tensor.numel()
         if self.buffer is None:
-            self.buffer = torch.empty(size * self.num_inputs, dtype=tensor.dtype,
-                                      device=tensor.device)
+            if not self.weights or size % self.weights[0]:
+                return tensor
+            self.buffer = torch.empty(size // self.weights[0] * sum(self.weights),
+                                      dtype=tensor.dtype, device=tensor.device)
         if (tensor.dtype != self.buffer.dtype or tensor.device != self.buffer.device
                 or self.used + size > self.buffer.numel()):
             return tensor

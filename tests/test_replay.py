@@ -90,7 +90,7 @@ def test_batch_samples_groups_equal_lengths_in_order():
 
     samples = [torch.full((1, 4), i) for i in range(5)] + [torch.full((1, 3), 9)]
     batches = batch_samples(samples, max_tokens=8)
-    assert [tuple(b.shape) for b in batches] == [(2, 4), (2, 4), (1, 4), (1, 3)]
+    assert [tuple(b.shape) for b in batches] == [(1, 4), (2, 4), (2, 4), (1, 3)]
     assert torch.equal(torch.cat([b.reshape(-1) for b in batches]),
                        torch.cat([s.reshape(-1) for s in samples]))
     assert [tuple(b.shape) for b in batch_samples(samples[:2], max_tokens=1)] == [(1, 4)] * 2
@@ -126,3 +126,16 @@ def test_batched_calibration_gives_the_same_statistics(arch, monkeypatch):
     assert len(seen[1]) == len(seen[4096]) > 4
     for one, batched in zip(seen[1], seen[4096]):
         torch.testing.assert_close(batched, one, rtol=1e-4, atol=1e-5)
+
+
+def test_stash_copies_proportional_tensors_into_one_buffer():
+    from mpq.stash import Stash
+
+    stash = Stash([1, 3, 2])
+    parts = [torch.randn(n, 4) for n in (1, 3, 2)]
+    kept = [stash.keep(p) for p in parts]
+    assert all(torch.equal(k, p) and k is not p for k, p in zip(kept, parts))
+    assert stash.buffer.numel() == 24 and stash.used == 24
+    extra = torch.randn(1, 4)
+    assert stash.keep(extra) is extra  # full: kept as it is
+    assert Stash([2]).keep(torch.randn(3, 1)).numel() == 3  # not divisible: kept as it is
