@@ -3,13 +3,17 @@
     python benchmarks/gptq_vs_llmcompressor.py --model ./SmolLM2-135M --corpora ../shared/corpora
 
 Settings shared by both tools: int symmetric weights (int4 g64, int4 per-channel, int3 g64),
-damping 0.01, block size 128, no act-order, lm_head kept; calibration 128 × 512 tokens from
+damping 0.01, block size 128, lm_head kept, act-order with static groups (llm-compressor's
+default ``actorder: static``; mpq's GPTQ presets) unless ``--no-act-order`` (plain column order
+for both); fp32 compute; calibration 128 × 512 tokens from
 enwiki_excerpt.train.txt (mpq draws them; the exact same token ids are handed to llm-compressor);
 evaluation: the first 40 × 512-token windows of enwiki_excerpt.test.txt with mpq's evaluator.
 Each quantization runs in its own process (mpq: benchmarks/mpq_run.py; llm-compressor: its own
 venv, built by benchmarks/peers/setup_llmcompressor.sh when missing) so wall time and peak RSS
 (ru_maxrss of that process) are the tool's own.  ``quant_s`` is the span from model loaded to
-quantization done (writing excluded) for both; ``total_s`` is the whole process.
+quantization done (writing excluded) for both; ``total_s`` is the whole process.  Peak RSS is
+reported twice: ``rss_quant`` when quantization was done (the fair comparison), and for the whole
+process, where the peer's runner also reloads a second fp32 model to save a dense copy.
 Prints a table; writes JSON and markdown under benchmarks/results/.
 """
 from __future__ import annotations
@@ -30,11 +34,14 @@ SCHEMES = {  # name → (bits, group size or None for per-channel)
 }
 
 
-def recipe_text(algorithm: str, bits: int, group: int | None) -> str:
+def recipe_text(algorithm: str, bits: int, group: int | None, act_order: bool) -> str:
     weights = (f"{{format: int, bits: {bits}, symmetric: true, granularity: group, "
                f"group_size: {group}}}" if group else
                f"{{format: int, bits: {bits}, symmetric: true, granularity: channel}}")
-    options = "\n  options: {damp: 0.01, block_size: 128}" if algorithm == "gptq" else ""
+    order = (f", act_order: true, static_groups: {'true' if group else 'false'}"
+             if act_order else "")
+    options = (f"\n  options: {{damp: 0.01, block_size: 128{order}}}"
+               if algorithm == "gptq" else "")
     return (f"mpq_recipe: 1\nname: {algorithm}-{bits}b-{group or 'ch'}\ndefaults:\n"
             f"  algorithm: {algorithm}{options}\nrules:\n  - targets: [Linear]\n"
             f"    weights: {weights}\n")
@@ -65,6 +72,8 @@ def main() -> None:
     parser.add_argument("--schemes", nargs="*", default=list(SCHEMES))
     parser.add_argument("--num-windows", type=int, default=40)
     parser.add_argument("--skip-peer", action="store_true", help="mpq only (no llm-compressor)")
+    parser.add_argument("--no-act-order", dest="act_order", action="store_false",
+                        help="plain GPTQ column order for both tools")
     parser.add_argument("--out", default=str(HERE / "results" / "gptq_vs_llmcompressor.json"))
     args = parser.parse_args()
     import torch
@@ -97,7 +106,7 @@ def main() -> None:
         bits, group = SCHEMES[scheme]
         for algorithm in ("rtn", "gptq"):
             recipe = work / f"{algorithm}-{scheme}.yaml"
-            recipe.write_text(recipe_text(algorithm, bits, group))
+            recipe.write_text(recipe_text(algorithm, bits, group, args.act_order))
             out = work / f"mpq-{algorithm}-{scheme}"
             stats = run_json([sys.executable, str(HERE / "mpq_run.py"), model, str(recipe),
                               str(out), "--calib", calib_file], env=env)
@@ -106,44 +115,54 @@ def main() -> None:
             rows.append({"scheme": scheme, "method": f"mpq {algorithm}",
                          "ppl": perplexity_of(out, ids, args.num_windows),
                          "quant_s": stats["pipeline_s"], "total_s": stats["total_s"],
-                         "peak_rss_mib": stats["peak_rss_kib"] / 1024})
+                         "peak_rss_mib": stats["peak_rss_kib"] / 1024,
+                         "rss_quant_mib": stats["peak_rss_quant_kib"] / 1024})
         if peer_python:
             out = work / f"llmc-{scheme}"
             stats = run_json([peer_python, str(HERE / "peers" / "llmcompressor_gptq.py"),
                               "--model", model, "--calib-ids", str(calib_ids), "--out", str(out),
-                              "--scheme", scheme, "--damp", "0.01", "--block-size", "128"], env=env)
+                              "--scheme", scheme, "--damp", "0.01", "--block-size", "128",
+                              "--actorder", "static" if args.act_order else "none"], env=env)
             rows.append({"scheme": scheme, "method": f"llm-compressor gptq",
                          "ppl": perplexity_of(out, ids, args.num_windows),
                          "quant_s": stats["quant_s"], "total_s": stats.get("total_s"),
                          "peak_rss_mib": stats["peak_rss_kib"] / 1024,
+                         "rss_quant_mib": stats["peak_rss_quant_kib"] / 1024,
                          "peer_version": stats.get("llmcompressor_version")})
-    report(rows, args.out, calib.provenance["sha256"])
+    report(rows, args.out, calib.provenance["sha256"], args.act_order)
 
 
-def report(rows: list[dict], out: str, calib_sha: str) -> None:
+def report(rows: list[dict], out: str, calib_sha: str, act_order: bool) -> None:
     peers = {r["scheme"]: r for r in rows if r["method"] == "llm-compressor gptq"}
     for row in rows:
         peer = peers.get(row["scheme"])
         if peer and row["method"] == "mpq gptq":
             row["time_ratio_to_peer"] = row["quant_s"] / peer["quant_s"]
+            row["rss_quant_ratio_to_peer"] = row["rss_quant_mib"] / peer["rss_quant_mib"]
             row["rss_ratio_to_peer"] = row["peak_rss_mib"] / peer["peak_rss_mib"]
             row["ppl_ratio_to_peer"] = row["ppl"] / peer["ppl"]
-    header = (f"{'scheme':<14}{'method':<22}{'ppl':>9}{'quant s':>9}{'total s':>9}"
-              f"{'peak RSS MiB':>14}{'time/peer':>11}{'RSS/peer':>10}")
-    lines = [header]
+    columns = [("scheme", "scheme", "<14"), ("method", "method", "<21"), ("ppl", "ppl", ">9.3f"),
+               ("quant s", "quant_s", ">8.1f"), ("total s", "total_s", ">8.1f"),
+               ("RSS@quant MiB", "rss_quant_mib", ">14.0f"), ("RSS MiB", "peak_rss_mib", ">8.0f"),
+               ("time/peer", "time_ratio_to_peer", ">10.2f"),
+               ("RSS@quant/peer", "rss_quant_ratio_to_peer", ">15.2f"),
+               ("RSS/peer", "rss_ratio_to_peer", ">9.2f")]
+    lines = ["".join(format(title, spec.split(".")[0]) for title, _, spec in columns)]
     for r in rows:
-        def fmt(key, spec):
-            return format(r[key], spec) if r.get(key) is not None else ""
-        lines.append(f"{r['scheme']:<14}{r['method']:<22}{r['ppl']:>9.3f}{fmt('quant_s', '>9.1f')}"
-                     f"{fmt('total_s', '>9.1f'):>9}{fmt('peak_rss_mib', '>14.0f'):>14}"
-                     f"{fmt('time_ratio_to_peer', '>11.2f'):>11}{fmt('rss_ratio_to_peer', '>10.2f'):>10}")
+        cells = []
+        for title, key, spec in columns:
+            width = spec.split(".")[0]
+            value = r.get(key)
+            cells.append(format(value, spec) if value is not None else format("", width))
+        lines.append("".join(cells))
     print("\n".join(lines))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps({"calibration_sha256": calib_sha, "rows": rows}, indent=2) + "\n")
+    Path(out).write_text(json.dumps({"calibration_sha256": calib_sha, "act_order": act_order,
+                                     "rows": rows}, indent=2) + "\n")
     Path(out).with_suffix(".md").write_text(
         "# GPTQ: mpq vs llm-compressor on SmolLM2-135M\n\n"
         "Generated by `python benchmarks/gptq_vs_llmcompressor.py` (see its docstring for the "
-        "settings).\n\n```\n" + "\n".join(lines) + "\n```\n")
+        f"settings; act-order: {act_order}).\n\n```\n" + "\n".join(lines) + "\n```\n")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """One mpq quantization in its own process, for benchmarks: prints a JSON line with timings and
-peak RSS (``ru_maxrss`` of this process, KiB).
+peak RSS (``ru_maxrss`` of this process, KiB: at exit, and when quantization was done, before the
+artifact is written).
 
     python benchmarks/mpq_run.py MODEL RECIPE OUT --calib FILE [--num-samples 128 --seq-len 512]
 """
@@ -29,6 +30,8 @@ def main() -> None:
     def events(kind: str, **data) -> None:
         if kind in ("start", "done"):
             marks[kind] = time.perf_counter()
+        if kind == "done":
+            marks["peak_rss_quant_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     result = quantize(args.model, args.recipe, args.out, force=True, device=args.device,
                       calibration=CalibrationOptions(source=args.calib,
@@ -38,6 +41,7 @@ def main() -> None:
     print(json.dumps({"pipeline_s": marks["done"] - marks["start"],
                       "total_s": time.perf_counter() - started,
                       "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "peak_rss_quant_kib": marks["peak_rss_quant_kib"],
                       "calib_sha256": result.calibration["sha256"]}))
 
 

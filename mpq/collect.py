@@ -25,12 +25,13 @@ class StopForward(Exception):
     """Raised from a hook to end a forward pass early."""
 
 
-def run_block(block: nn.Module, inputs: BlockInputs, *, keep_outputs: bool = True
-              ) -> BlockInputs | None:
+def run_block(block: nn.Module, inputs: BlockInputs, *, keep_outputs: bool = True,
+              in_place: bool = False) -> BlockInputs | None:
     """Run ``block`` on every input; return the inputs of the next block (or None).
 
     A StopForward raised by a hook ends that sample's pass; its output is then unavailable.
-    The outputs are kept in one Stash.
+    The outputs are kept in one Stash, or with ``in_place`` (for the last pass over ``inputs``)
+    written over each input's hidden states once the block is done with them.
     """
     outputs = [] if keep_outputs else None
     stash = Stash(input_tokens(inputs))
@@ -41,7 +42,12 @@ def run_block(block: nn.Module, inputs: BlockInputs, *, keep_outputs: bool = Tru
             continue
         if outputs is None:
             continue
-        hidden = stash.keep(out[0] if isinstance(out, (tuple, list)) else out)
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+        old = args[0] if args else kwargs["hidden_states"]
+        if in_place and old.shape == hidden.shape and old.dtype == hidden.dtype:
+            hidden = old.copy_(hidden)
+        else:
+            hidden = stash.keep(hidden)
         if args:
             outputs.append(((hidden, *args[1:]), kwargs))
         else:

@@ -114,7 +114,7 @@ def _quantize_layer(model: nn.Module, layer: LayerPlan, stats: dict[str, torch.T
 def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
                  samples: list[torch.Tensor] | None, *, true_sequential: bool = True,
                  device: str | torch.device = "cpu", events: Events = no_events,
-                 reuse: bool = True, batch_tokens: int = 4096
+                 reuse: bool = True, batch_tokens: int = 2048
                  ) -> dict[str, qbase.QuantizedWeight]:
     """Quantize every planned layer of ``model`` in place (weights become their dequantized
     values) and return the QuantizedWeight of each (on CPU); per-layer results go into ``plan``.
@@ -161,7 +161,9 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
                     qweights[layer.name] = _quantize_layer(model, layer, stats.get(layer.name, {}))
                     events("layer", name=layer.name, block=index, **layer.result)
             if inputs is not None and index + 1 < len(blocks):
-                inputs = replay.final_pass(inputs) if replay else run_block(block, inputs)
+                inputs = (replay.final_pass(inputs) if replay
+                          else run_block(block, inputs, in_place=True))
+            replay = None
             block.to("cpu")
             release_free_memory()
             events("block_done", index=index)
@@ -194,6 +196,7 @@ def _block_steps(block: nn.Module, prefix: str, layers: list[LayerPlan],
                                 stop_after=last) as collectors:
                     run_block(block, inputs, keep_outputs=False)
             stats = results(collectors)
+            release_free_memory()  # the pass's temporaries
         yield [by_name[n] for n in step], stats
 
 

@@ -20,6 +20,7 @@ from mpq.artifact_contents import (artifact_config, artifact_tensors, header_met
 from mpq.calibration import build_calibration_set
 from mpq.errors import ModelError, RecipeError, SchemeError
 from mpq.formats.native import check_output_free, write_artifact
+from mpq.memory import release_free_memory
 from mpq.model_card import render_model_card
 from mpq.model_io import PASS_THROUGH, check_model_dir, fingerprint, load_model, load_tokenizer
 from mpq.pipeline import Events, no_events, run_pipeline, untie_head_if_quantized
@@ -39,7 +40,7 @@ class CalibrationOptions:
     mode: str = "concat"
     field: str = "text"
     split: str | None = None
-    batch_tokens: int = 4096  # samples per forward = max(1, batch_tokens // seq_len)
+    batch_tokens: int = 2048  # samples per forward = max(1, batch_tokens // seq_len)
 
 
 @dataclass
@@ -107,11 +108,11 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
     layout, plan = plan_model(model, recipe)
     calib = None
     if calibration.source is not None:
-        tokenizer = load_tokenizer(source_dir)
         calib = build_calibration_set(
-            calibration.source, tokenizer, num_samples=calibration.num_samples,
+            calibration.source, load_tokenizer(source_dir), num_samples=calibration.num_samples,
             seq_len=calibration.seq_len, seed=calibration.seed, mode=calibration.mode,
             field=calibration.field, split=calibration.split)
+        release_free_memory()  # the tokenizer and the text are gone
         events("calibration", **calib.provenance)
     untied = untie_head_if_quantized(model, layout, plan)
     qweights = run_pipeline(model, layout, plan, calib.samples if calib else None,

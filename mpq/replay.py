@@ -146,7 +146,7 @@ class BlockReplay:
         """Run the block for the next block's inputs, replaying what it can; frees the state."""
         try:
             with self._replaying(keep=False):
-                return run_block(self.block, inputs)
+                return run_block(self.block, inputs, in_place=True)
         finally:
             for child in self.children:
                 child.mode, child.store = RUN, None

@@ -57,7 +57,7 @@ def test_gptq_records_loss_and_damping_in_the_artifact(tmp_path, calib_text):
     artifact = open_artifact(tmp_path / "out")
     for layer in artifact.plan.quantized():
         assert {"gptq_loss", "damp", "damp_retries", "act_order", "rel_mse"} <= set(layer.result)
-    assert artifact.json_field("pipeline") == {"true_sequential": True, "batch_tokens": 4096}
+    assert artifact.json_field("pipeline") == {"true_sequential": True, "batch_tokens": 2048}
 
 
 def test_act_order_artifact_round_trips_g_idx(tmp_path, calib_text):
