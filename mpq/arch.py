@@ -54,10 +54,13 @@ def weight_of(module: nn.Module) -> torch.Tensor:
 
 
 def set_weight(module: nn.Module, weight_out_in: torch.Tensor) -> None:
-    """Overwrite a linear's weight in place from an [out, in] tensor."""
+    """Give a linear's weight Parameter new values from an [out, in] tensor (in new memory, so
+    the old values, e.g. pages of a memory-mapped checkpoint, are not written to)."""
     target = weight_out_in.t() if isinstance(module, Conv1D) else weight_out_in
+    if target.shape != module.weight.shape:
+        raise ValueError(f"weight shape {tuple(target.shape)} != {tuple(module.weight.shape)}")
     with torch.no_grad():
-        module.weight.copy_(target.to(module.weight.dtype))
+        module.weight.data = target.to(module.weight.dtype).contiguous()
 
 
 def discover_blocks_path(model: nn.Module) -> str:

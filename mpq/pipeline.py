@@ -18,7 +18,7 @@ from torch import nn
 from mpq.arch import ModelLayout, blocks_of, set_weight, weight_of
 from mpq.collect import StopForward, collecting, input_groups, results, run_block
 from mpq.errors import CalibrationError, SchemeError
-from mpq.memory import release_free_memory
+from mpq.memory import page_out, release_free_memory
 from mpq.plan import LayerPlan, Plan
 from mpq.quantizers import base as qbase
 from mpq.replay import BlockReplay
@@ -107,6 +107,7 @@ def _quantize_layer(model: nn.Module, layer: LayerPlan, stats: dict[str, torch.T
     rel_error = float(((weight - dequantized).pow(2).sum() / weight.pow(2).sum().clamp_min(1e-30)))
     layer.result.update(qw.info)
     layer.result["rel_mse"] = rel_error
+    page_out([weight_of(module)])  # the original values are not read again
     set_weight(module, dequantized)
     return qw.to("cpu")
 
@@ -114,7 +115,8 @@ def _quantize_layer(model: nn.Module, layer: LayerPlan, stats: dict[str, torch.T
 def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
                  samples: list[torch.Tensor] | None, *, true_sequential: bool = True,
                  device: str | torch.device = "cpu", events: Events = no_events,
-                 reuse: bool = True, batch_tokens: int = 2048
+                 reuse: bool = True, batch_tokens: int = 2048,
+                 keep_dequantized: bool = True
                  ) -> dict[str, qbase.QuantizedWeight]:
     """Quantize every planned layer of ``model`` in place (weights become their dequantized
     values) and return the QuantizedWeight of each (on CPU); per-layer results go into ``plan``.
@@ -127,6 +129,10 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
     (mpq.replay; bit-identical results, about 2.4× less forward work on a Llama block).
     ``batch_tokens``: calibration samples of equal length run through a block in batches of up
     to this many tokens (statistics are sums over tokens, so only float rounding differs).
+    ``keep_dequantized=False``: once a block is done, its quantized layers' weights are emptied
+    (the returned QuantizedWeights hold them) to save memory; kept anyway when a layer outside
+    the blocks needs statistics (the whole model runs then).  Weight pages of the source
+    checkpoint are paged out while not in use (mpq.memory.page_out).
     """
     wanted = needed_stats(plan)
     if wanted and not samples:
@@ -148,30 +154,48 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
         if wanted:
             batches = batch_samples(samples, batch_tokens)
             inputs = to_device(capture_block_inputs(model, layout, batches), device)
+            page_out(model.parameters())  # each block's weights come back when it is processed
+        keep = keep_dequantized or any(l.name in wanted for l in by_block.get(None, []))
         for index, block in enumerate(blocks):
-            layers = by_block.get(index, [])
-            events("block_start", index=index, layers=len(layers))
-            block.to(device)
-            prefix = f"{layout.blocks_path}.{index}."
-            replay = (BlockReplay.probe(block, inputs)
-                      if inputs is not None and true_sequential and reuse else None)
-            for step, stats in _block_steps(block, prefix, layers, wanted, inputs, replay,
-                                            true_sequential):
-                for layer in step:
-                    qweights[layer.name] = _quantize_layer(model, layer, stats.get(layer.name, {}))
-                    events("layer", name=layer.name, block=index, **layer.result)
-            if inputs is not None and index + 1 < len(blocks):
-                inputs = (replay.final_pass(inputs) if replay
-                          else run_block(block, inputs, in_place=True))
-            replay = None
-            block.to("cpu")
-            release_free_memory()
-            events("block_done", index=index)
+            inputs = _quantize_block(model, block, index, layout, by_block.get(index, []),
+                                     wanted, inputs, qweights, last=index + 1 == len(blocks),
+                                     true_sequential=true_sequential, reuse=reuse,
+                                     device=device, events=events, keep_dequantized=keep)
         inputs = None
         qweights.update(_quantize_outside_blocks(model, by_block.get(None, []), wanted, samples,
                                                  events))
     events("done", seconds=time.perf_counter() - started)
     return qweights
+
+
+def _quantize_block(model, block, index, layout, layers, wanted, inputs, qweights, *, last,
+                    true_sequential, reuse, device, events, keep_dequantized):
+    """Quantize one block's planned layers; return the next block's inputs (None for the last)."""
+    events("block_start", index=index, layers=len(layers))
+    block.to(device)
+    prefix = f"{layout.blocks_path}.{index}."
+    replay = (BlockReplay.probe(block, inputs)
+              if inputs is not None and true_sequential and reuse else None)
+    for step, stats in _block_steps(block, prefix, layers, wanted, inputs, replay,
+                                    true_sequential):
+        for layer in step:
+            qweights[layer.name] = _quantize_layer(model, layer, stats.get(layer.name, {}))
+            events("layer", name=layer.name, block=index, **layer.result)
+    if inputs is not None and not last:
+        inputs = (replay.final_pass(inputs) if replay
+                  else run_block(block, inputs, in_place=True))
+    else:
+        inputs = None
+    replay = None
+    block.to("cpu")
+    if not keep_dequantized:
+        for layer in layers:
+            weight = model.get_submodule(layer.name).weight
+            weight.data = torch.empty(0, dtype=weight.dtype)
+    page_out(block.parameters())
+    release_free_memory()
+    events("block_done", index=index)
+    return inputs
 
 
 def _block_steps(block: nn.Module, prefix: str, layers: list[LayerPlan],

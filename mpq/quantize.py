@@ -117,7 +117,7 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
     untied = untie_head_if_quantized(model, layout, plan)
     qweights = run_pipeline(model, layout, plan, calib.samples if calib else None,
                             true_sequential=true_sequential, device=device, events=events,
-                            batch_tokens=calibration.batch_tokens)
+                            batch_tokens=calibration.batch_tokens, keep_dequantized=False)
     tensors = artifact_tensors(model, plan, qweights)
     sizes = size_report(plan, tensors)
     source = fingerprint(source_dir)

@@ -139,3 +139,34 @@ def test_stash_copies_proportional_tensors_into_one_buffer():
     extra = torch.randn(1, 4)
     assert stash.keep(extra) is extra  # full: kept as it is
     assert Stash([2]).keep(torch.randn(3, 1)).numel() == 3  # not divisible: kept as it is
+
+
+@pytest.mark.parametrize("arch", ["llama_tied", "gpt2"])
+def test_dropping_dequantized_weights_changes_no_result(arch):
+    results, models = {}, {}
+    for keep in (True, False):
+        model = tiny_model(arch)
+        layout, plan = plan_model(model, parse_recipe(GPTQ_RECIPE, "gptq.yaml"))
+        results[keep] = run_pipeline(model, layout, plan, _samples(), keep_dequantized=keep)
+        models[keep] = model
+    for name, qw in results[True].items():
+        assert torch.equal(qw.codes, results[False][name].codes), name
+        kept = models[True].get_submodule(name).weight
+        assert kept.numel() > 0 and models[False].get_submodule(name).weight.numel() == 0
+    embed = models[False].get_input_embeddings().weight
+    assert torch.equal(embed, tiny_model(arch).get_input_embeddings().weight)
+
+
+def test_page_out_never_changes_values(tmp_path):
+    from safetensors.torch import save_file
+    from safetensors import safe_open
+
+    from mpq.memory import page_out
+
+    anon = torch.randn(300_000)
+    save_file({"w": anon}, str(tmp_path / "w.safetensors"))
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as handle:
+        mapped = handle.get_tensor("w")
+    copy = anon.clone()
+    page_out([anon, mapped, anon[5:], torch.empty(0)])
+    assert torch.equal(anon, copy) and torch.equal(mapped, copy)

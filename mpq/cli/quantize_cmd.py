@@ -24,6 +24,9 @@ from mpq.cli.options import dtype_option, json_option, torch_dtype
 @click.option("--calib-field", default="text", show_default=True,
               help="Text field of jsonl/parquet/dataset rows.")
 @click.option("--calib-split", default=None, help="Dataset split (default: train).")
+@click.option("--calib-batch-tokens", default=2048, show_default=True, type=click.IntRange(min=1),
+              help="Calibration samples run through a block together, up to this many tokens "
+                   "per batch (memory of one batch's activations vs. speed).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--device", default="cpu", show_default=True,
               help="Where each block is quantized (cpu, cuda, cuda:N); the model stays on CPU.")
@@ -33,12 +36,13 @@ from mpq.cli.options import dtype_option, json_option, torch_dtype
 @dtype_option
 @json_option
 def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode, calib_field,
-            calib_split, force, device, true_sequential, dtype, as_json):
+            calib_split, calib_batch_tokens, force, device, true_sequential, dtype, as_json):
     """Quantize MODEL (a local Hugging Face folder) with RECIPE into OUTPUT."""
     from mpq.quantize import CalibrationOptions, quantize
 
     options = CalibrationOptions(source=calib, num_samples=num_samples, seq_len=seq_len, seed=seed,
-                                 mode=calib_mode, field=calib_field, split=calib_split)
+                                 mode=calib_mode, field=calib_field, split=calib_split,
+                                 batch_tokens=calib_batch_tokens)
     reporter = JsonEvents() if as_json else ProgressEvents()
     with reporter if not as_json else nullcontext():
         result = quantize(model, recipe, output, calibration=options, force=force,
