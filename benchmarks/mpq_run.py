@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-true-sequential", dest="true_sequential", action="store_false")
     args = parser.parse_args()
     started = time.perf_counter()
     from mpq.quantize import CalibrationOptions, quantize
@@ -34,6 +35,7 @@ def main() -> None:
             marks["peak_rss_quant_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     result = quantize(args.model, args.recipe, args.out, force=True, device=args.device,
+                      true_sequential=args.true_sequential,
                       calibration=CalibrationOptions(source=args.calib,
                                                      num_samples=args.num_samples,
                                                      seq_len=args.seq_len),

@@ -160,3 +160,20 @@ def test_force_replaces_existing_output(runner, artifact, tmp_path):
     result = invoke(runner, "quantize", artifact / "src", "-r", "w8a16", "-o", out, "--force")
     assert result.exit_code == 0, result.output
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_quantize_gptq_with_calibration_options(runner, artifact, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"word{i % 50}" for i in range(3000)))
+    result = invoke(runner, "quantize", artifact / "src", "--recipe", "w4a16-gptq", "-o",
+                    tmp_path / "g", "--calib", calib, "--num-samples", 4, "--seq-len", 32,
+                    "--calib-batch-tokens", 64, "--json")
+    assert result.exit_code == 0, result.output
+    from mpq.formats.native import open_artifact
+
+    artifact_out = open_artifact(tmp_path / "g")
+    assert artifact_out.json_field("pipeline") == {"true_sequential": True, "batch_tokens": 64}
+    assert all("gptq_loss" in layer.result for layer in artifact_out.plan.quantized())
+    bad = invoke(runner, "quantize", artifact / "src", "--recipe", "w4a16-gptq", "-o",
+                 tmp_path / "h", "--calib", calib, "--calib-batch-tokens", 0)
+    assert bad.exit_code == 2 and not (tmp_path / "h").exists()
