@@ -34,7 +34,7 @@ def run_block(block: nn.Module, inputs: BlockInputs, *, keep_outputs: bool = Tru
     written over each input's hidden states once the block is done with them.
     """
     outputs = [] if keep_outputs else None
-    stash = Stash(input_tokens(inputs))
+    stash = Stash(input_tokens(inputs)) if keep_outputs else None
     for args, kwargs in inputs:
         try:
             out = block(*args, **kwargs)
@@ -43,7 +43,7 @@ def run_block(block: nn.Module, inputs: BlockInputs, *, keep_outputs: bool = Tru
         if outputs is None:
             continue
         hidden = out[0] if isinstance(out, (tuple, list)) else out
-        old = args[0] if args else kwargs["hidden_states"]
+        old = _hidden_states(args, kwargs)
         if in_place and old.shape == hidden.shape and old.dtype == hidden.dtype:
             hidden = old.copy_(hidden)
         else:
@@ -59,9 +59,14 @@ def input_tokens(inputs: BlockInputs) -> list[int]:
     """The number of tokens in each block input (its hidden states' rows)."""
     counts = []
     for args, kwargs in inputs:
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = _hidden_states(args, kwargs)
         counts.append(hidden.numel() // hidden.shape[-1])
     return counts
+
+
+def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a block receives: its first positional argument, or by keyword."""
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def input_groups(block: nn.Module, names: dict[str, str], sample: tuple[tuple, dict]

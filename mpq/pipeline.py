@@ -186,7 +186,6 @@ def _quantize_block(model, block, index, layout, layers, wanted, inputs, qweight
                   else run_block(block, inputs, in_place=True))
     else:
         inputs = None
-    replay = None
     block.to("cpu")
     if not keep_dequantized:
         for layer in layers:

@@ -155,9 +155,9 @@ class BlockReplay:
     def _replaying(self, keep: bool) -> Iterator[None]:
         """Swap the forward of every replayable child for its replay during one pass.
 
-        ``keep``: entries stay for later passes (a tail replay's entry is replaced by the
-        child's output, so a child replayed for every input moves to output replay); otherwise
-        each entry is dropped once used, freeing memory as the final pass proceeds.
+        ``keep`` (calibration passes): a tail replay's entry is replaced by the child's output,
+        so a child replayed for every input moves to output replay.  The final pass leaves the
+        entries alone; final_pass drops the whole state afterwards.
         """
         patched = []
         for child in self.children:
@@ -192,7 +192,8 @@ class BlockReplay:
                 if keep:  # becomes this child's recorded output
                     hidden = stash.keep(hidden)
                 out = (hidden, *child.rest) if child.returns_tuple else hidden
-            child.store[index] = out if keep else None
+            if keep:
+                child.store[index] = out
             return out
 
         return forward
