@@ -5,7 +5,10 @@
 Settings shared by both tools: int symmetric weights (int4 g64, int4 per-channel, int3 g64),
 damping 0.01, block size 128, lm_head kept, act-order with static groups (llm-compressor's
 default ``actorder: static``; mpq's GPTQ presets) unless ``--no-act-order`` (plain column order
-for both); fp32 compute; calibration 128 × 512 tokens from
+for both); scales: mpq's GPTQ presets search each scale's clipping range against diag(H)
+(``clip_search``; ``--no-clip-search`` for min-max), llm-compressor runs twice, with its default
+min-max weight observer and with its MSE observer (``--peer-observers``), and the time and RSS
+ratios are taken to its default run; fp32 compute; calibration 128 × 512 tokens from
 enwiki_excerpt.train.txt (mpq draws them; the exact same token ids are handed to llm-compressor);
 evaluation: the first 40 × 512-token windows of enwiki_excerpt.test.txt with mpq's evaluator.
 Each quantization runs in its own process (mpq: benchmarks/mpq_run.py; llm-compressor: its own
@@ -27,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+PEER_METHODS = {"minmax": "llm-compressor gptq", "mse": "llm-compressor gptq mse"}
 SCHEMES = {  # name → (bits, group size or None for per-channel)
     "int4-g64": (4, 64),
     "int4-channel": (4, None),
@@ -34,13 +38,15 @@ SCHEMES = {  # name → (bits, group size or None for per-channel)
 }
 
 
-def recipe_text(algorithm: str, bits: int, group: int | None, act_order: bool) -> str:
+def recipe_text(algorithm: str, bits: int, group: int | None, act_order: bool,
+                clip_search: bool) -> str:
     weights = (f"{{format: int, bits: {bits}, symmetric: true, granularity: group, "
                f"group_size: {group}}}" if group else
                f"{{format: int, bits: {bits}, symmetric: true, granularity: channel}}")
     order = (f", act_order: true, static_groups: {'true' if group else 'false'}"
              if act_order else "")
-    options = (f"\n  options: {{damp: 0.01, block_size: 128{order}}}"
+    clip = f", clip_search: {'true' if clip_search else 'false'}"
+    options = (f"\n  options: {{damp: 0.01, block_size: 128{order}{clip}}}"
                if algorithm == "gptq" else "")
     return (f"mpq_recipe: 1\nname: {algorithm}-{bits}b-{group or 'ch'}\ndefaults:\n"
             f"  algorithm: {algorithm}{options}\nrules:\n  - targets: [Linear]\n"
@@ -74,6 +80,11 @@ def main() -> None:
     parser.add_argument("--skip-peer", action="store_true", help="mpq only (no llm-compressor)")
     parser.add_argument("--no-act-order", dest="act_order", action="store_false",
                         help="plain GPTQ column order for both tools")
+    parser.add_argument("--no-clip-search", dest="clip_search", action="store_false",
+                        help="mpq GPTQ with min-max scales (default: clip_search, as its presets)")
+    parser.add_argument("--peer-observers", nargs="*", default=["minmax", "mse"],
+                        choices=["minmax", "mse"],
+                        help="llm-compressor weight observers to run (default: both)")
     parser.add_argument("--out", default=str(HERE / "results" / "gptq_vs_llmcompressor.json"))
     args = parser.parse_args()
     import torch
@@ -106,7 +117,8 @@ def main() -> None:
         bits, group = SCHEMES[scheme]
         for algorithm in ("rtn", "gptq"):
             recipe = work / f"{algorithm}-{scheme}.yaml"
-            recipe.write_text(recipe_text(algorithm, bits, group, args.act_order))
+            recipe.write_text(recipe_text(algorithm, bits, group, args.act_order,
+                                          args.clip_search))
             out = work / f"mpq-{algorithm}-{scheme}"
             stats = run_json([sys.executable, str(HERE / "mpq_run.py"), model, str(recipe),
                               str(out), "--calib", calib_file], env=env)
@@ -117,36 +129,47 @@ def main() -> None:
                          "quant_s": stats["pipeline_s"], "total_s": stats["total_s"],
                          "peak_rss_mib": stats["peak_rss_kib"] / 1024,
                          "rss_quant_mib": stats["peak_rss_quant_kib"] / 1024})
-        if peer_python:
-            out = work / f"llmc-{scheme}"
+        for observer in args.peer_observers if peer_python else []:
+            out = work / f"llmc-{scheme}-{observer}"
             stats = run_json([peer_python, str(HERE / "peers" / "llmcompressor_gptq.py"),
                               "--model", model, "--calib-ids", str(calib_ids), "--out", str(out),
                               "--scheme", scheme, "--damp", "0.01", "--block-size", "128",
-                              "--actorder", "static" if args.act_order else "none"], env=env)
-            rows.append({"scheme": scheme, "method": f"llm-compressor gptq",
+                              "--actorder", "static" if args.act_order else "none",
+                              "--observer", observer], env=env)
+            rows.append({"scheme": scheme, "method": PEER_METHODS[observer],
                          "ppl": perplexity_of(out, ids, args.num_windows),
                          "quant_s": stats["quant_s"], "total_s": stats.get("total_s"),
                          "peak_rss_mib": stats["peak_rss_kib"] / 1024,
                          "rss_quant_mib": stats["peak_rss_quant_kib"] / 1024,
                          "peer_version": stats.get("llmcompressor_version")})
-    report(rows, args.out, calib.provenance["sha256"], args.act_order)
+    report(rows, args.out, calib.provenance["sha256"], args.act_order, args.clip_search)
 
 
-def report(rows: list[dict], out: str, calib_sha: str, act_order: bool) -> None:
-    peers = {r["scheme"]: r for r in rows if r["method"] == "llm-compressor gptq"}
+def report(rows: list[dict], out: str, calib_sha: str, act_order: bool,
+           clip_search: bool) -> None:
+    """Print the table; ratios of mpq GPTQ to the peer's default (min-max) run, ppl also to its
+    MSE-observer run."""
+    peers = {r["scheme"]: r for r in rows if r["method"] == PEER_METHODS["minmax"]}
+    peers_mse = {r["scheme"]: r for r in rows if r["method"] == PEER_METHODS["mse"]}
     for row in rows:
+        if row["method"] != "mpq gptq":
+            continue
         peer = peers.get(row["scheme"])
-        if peer and row["method"] == "mpq gptq":
+        if peer:
             row["time_ratio_to_peer"] = row["quant_s"] / peer["quant_s"]
             row["rss_quant_ratio_to_peer"] = row["rss_quant_mib"] / peer["rss_quant_mib"]
             row["rss_ratio_to_peer"] = row["peak_rss_mib"] / peer["peak_rss_mib"]
             row["ppl_ratio_to_peer"] = row["ppl"] / peer["ppl"]
-    columns = [("scheme", "scheme", "<14"), ("method", "method", "<21"), ("ppl", "ppl", ">9.3f"),
+        if row["scheme"] in peers_mse:
+            row["ppl_ratio_to_peer_mse"] = row["ppl"] / peers_mse[row["scheme"]]["ppl"]
+    columns = [("scheme", "scheme", "<14"), ("method", "method", "<25"), ("ppl", "ppl", ">9.3f"),
                ("quant s", "quant_s", ">8.1f"), ("total s", "total_s", ">8.1f"),
                ("RSS@quant MiB", "rss_quant_mib", ">14.0f"), ("RSS MiB", "peak_rss_mib", ">8.0f"),
                ("time/peer", "time_ratio_to_peer", ">10.2f"),
                ("RSS@quant/peer", "rss_quant_ratio_to_peer", ">15.2f"),
-               ("RSS/peer", "rss_ratio_to_peer", ">9.2f")]
+               ("RSS/peer", "rss_ratio_to_peer", ">9.2f"),
+               ("ppl/peer", "ppl_ratio_to_peer", ">9.3f"),
+               ("ppl/peer-mse", "ppl_ratio_to_peer_mse", ">13.3f")]
     lines = ["".join(format(title, spec.split(".")[0]) for title, _, spec in columns)]
     for r in rows:
         cells = []
@@ -158,11 +181,14 @@ def report(rows: list[dict], out: str, calib_sha: str, act_order: bool) -> None:
     print("\n".join(lines))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps({"calibration_sha256": calib_sha, "act_order": act_order,
-                                     "rows": rows}, indent=2) + "\n")
+                                     "mpq_clip_search": clip_search, "rows": rows},
+                                    indent=2) + "\n")
     Path(out).with_suffix(".md").write_text(
         "# GPTQ: mpq vs llm-compressor on SmolLM2-135M\n\n"
         "Generated by `python benchmarks/gptq_vs_llmcompressor.py` (see its docstring for the "
-        f"settings; act-order: {act_order}).\n\n```\n" + "\n".join(lines) + "\n```\n")
+        f"settings; act-order: {act_order}; mpq clip_search: {clip_search}; ratios are mpq "
+        "GPTQ over llm-compressor's default min-max run, `ppl/peer-mse` over its MSE-observer "
+        "run).\n\n```\n" + "\n".join(lines) + "\n```\n")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Runs inside llm-compressor's own venv (benchmarks/peers/setup_llmcompressor.sh); never imports mpq.
 
     python llmcompressor_gptq.py --model DIR --calib-ids calib_ids.pt --out OUT_DIR \
-        --scheme int4-g64 [--damp 0.01] [--block-size 128] [--actorder static]
+        --scheme int4-g64 [--damp 0.01] [--block-size 128] [--actorder static] [--observer minmax]
 
 - Calibration: the LongTensor [num_samples, seq_len] in --calib-ids (written by the mpq side from
   its own calibration builder) is fed as is, one sequence per batch, in file order: no tokenizer,
@@ -13,9 +13,12 @@ Runs inside llm-compressor's own venv (benchmarks/peers/setup_llmcompressor.sh);
   GPTQ column order) or "static" (llm-compressor's default, alias "weight": columns solved by
   descending diag(H), groups fixed in the original column order = mpq's act_order + static_groups);
   pipeline="sequential" (one decoder layer at a time, quantized outputs feed the next layer).
-  Note: in llm-compressor (0.14) the scales are fixed up front from the original weights by the
-  memoryless min-max observer (scale = absmax / ((qmax - qmin) / 2), int4 codes in [-8, 7]), i.e.
+  Note: in llm-compressor (0.14) the scales are fixed up front from the original weights, i.e.
   "static groups"; the reference GPTQ recomputes a group's scale when the solve reaches it.
+  --observer picks how: "minmax" (llm-compressor's default for weights, memoryless min-max:
+  scale = absmax / ((qmax - qmin) / 2), int4 codes in [-8, 7]) or "mse" (its memoryless MSE
+  observer: each range shrunk by the factor, down to 0.8 on a 100-point grid, that minimises the
+  unweighted |w - q|^2.4 of the weights; llm-compressor's counterpart of mpq's clip_search).
 - Output: a plain fp32 HF folder (no quantization_config) holding the dequantized GPTQ weights,
   loadable by transformers.AutoModelForCausalLM.from_pretrained anywhere.
 - Prints one JSON line on stdout (all logs go to stderr): quant_s (model loaded -> GPTQ done, save
@@ -48,7 +51,7 @@ SCHEMES = {  # name -> (bits, group size; None = per output channel)
 
 
 def build_recipe(bits: int, group: int | None, damp: float, block_size: int,
-                 actorder: str | None):
+                 actorder: str | None, observer: str):
     """GPTQModifier for symmetric int weights on all Linear layers but lm_head."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.quantization import GPTQModifier
@@ -56,7 +59,7 @@ def build_recipe(bits: int, group: int | None, damp: float, block_size: int,
     weights = QuantizationArgs(
         num_bits=bits, type="int", symmetric=True,
         strategy="group" if group else "channel", group_size=group,
-        actorder=actorder)
+        actorder=actorder, observer=observer)
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
     return GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"],
                         dampening_frac=damp, block_size=block_size, actorder=actorder)
@@ -131,6 +134,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--actorder", choices=["none", "static"], default="static",
                         help="column order of the solve (default: llm-compressor's own, static)")
+    parser.add_argument("--observer", choices=["minmax", "mse"], default="minmax",
+                        help="how weight scales are chosen (default: llm-compressor's own, minmax)")
     args = parser.parse_args()
     actorder = None if args.actorder == "none" else args.actorder
     bits, group = SCHEMES[args.scheme]
@@ -149,7 +154,8 @@ def main() -> None:
     t0 = time.perf_counter()  # model loaded
     loader, calib_shape = calibration_loader(args.calib_ids)
     quantized = oneshot(model=model, dataset=loader, recipe=build_recipe(bits, group, args.damp,
-                                                                       args.block_size, actorder),
+                                                                       args.block_size, actorder,
+                                                                       args.observer),
                         pipeline="sequential", num_calibration_samples=calib_shape[0],
                         max_seq_length=calib_shape[1], shuffle_calibration_samples=False)
     quant_s = time.perf_counter() - t0  # GPTQ done
@@ -166,6 +172,7 @@ def main() -> None:
         "transformers_version": version("transformers"), "torch_version": torch.__version__,
         "scheme": args.scheme, "bits": bits, "group_size": group, "symmetric": True,
         "damp": args.damp, "block_size": args.block_size, "actorder": actorder,
+        "observer": args.observer,
         "pipeline": "sequential", "calib_shape": list(calib_shape),
         "quantized_linears": num_quantized, "threads": torch.get_num_threads(),
         "quant_s": quant_s, "total_s": time.perf_counter() - STARTED,

@@ -12,7 +12,9 @@ Options (recipe ``options:``, all optional): ``damp`` (float ≥ 0, default 0.01
 mean diagonal of H added to it), ``block_size`` (int ≥ 1, default 128, lazy-update block),
 ``act_order`` (bool, default false: process columns by descending diag H), ``static_groups`` (bool,
 default false: group params from the original weights up front; needs granularity group),
-``max_damp`` (float ≥ damp, default 1.0: ceiling of the damping retries).
+``max_damp`` (float ≥ damp, default 1.0: ceiling of the damping retries), ``clip_search`` (bool,
+default false, int only: scales from :func:`mpq.quantizers.clip_search.searched_int_params`
+weighted by diag H instead of min-max).
 
 ``QuantizedWeight.info`` gets ``gptq_loss`` (Σ over the matrix of (w − q)²/d²/2, d the diagonal of
 the upper Cholesky factor of the damped H⁻¹, in permuted order under act_order: the reference's
@@ -54,6 +56,7 @@ class GPTQOptions:
     act_order: bool = False
     static_groups: bool = False
     max_damp: float = 1.0
+    clip_search: bool = False
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -93,7 +96,7 @@ class GPTQQuantizer:
 
     def check(self, scheme: LayerScheme) -> None:
         opts = GPTQOptions.from_scheme(scheme)
-        check_supported(scheme.weights, opts.act_order, opts.static_groups)
+        check_supported(scheme.weights, opts.act_order, opts.static_groups, opts.clip_search)
 
     def quantize(self, weight: torch.Tensor, scheme: LayerScheme,
                  stats: Mapping[str, torch.Tensor]) -> QuantizedWeight:
@@ -106,7 +109,7 @@ class GPTQQuantizer:
         w = prepare_weight(weight, args, args.format)
         res = gptq_solve(w, hessian, args, damp=opts.damp, block_size=opts.block_size,
                          act_order=opts.act_order, static_groups=opts.static_groups,
-                         max_damp=opts.max_damp)
+                         max_damp=opts.max_damp, clip_search=opts.clip_search)
         info = {"gptq_loss": res.loss, "damp": res.damp, "damp_retries": res.damp_retries,
                 "act_order": opts.act_order}
         return QuantizedWeight(args=args, shape=tuple(w.shape), codes=res.codes, scale=res.scale,

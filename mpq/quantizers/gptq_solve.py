@@ -26,6 +26,9 @@ Grids (all arithmetic fp32 on the weight's device; codes are exactly those chose
   mid-block).  ``static_groups``: every group's params from the original W in original order.
   act_order without static groups forms groups in processing order, so g_idx[perm[p]] = p // gs
   (non-monotonic); with static groups g_idx = k // gs.
+  ``clip_search``: wherever int params are computed (up front or per group), they come from
+  :func:`mpq.quantizers.clip_search.searched_int_params` with the columns' diag H (after the
+  dead-column fix) as error weights, instead of ``int_params``' min-max.
 - ``fp8_e4m3`` / ``fp8_e5m2`` tensor/channel: scale fixed up front from the absmax of W.
 - ``nf4`` (blocks of 64): each block's absmax from the current weights at its first column, like
   int groups; codes = nearest table entry.  Not with double_quant; nf4 and fp8 not with act_order.
@@ -38,6 +41,7 @@ import torch
 
 from mpq.errors import SchemeError
 from mpq.quantizers.fp8 import fp8_params
+from mpq.quantizers.clip_search import searched_int_params
 from mpq.quantizers.int_grid import int_params, int_range
 from mpq.quantizers.nf4 import nf4_table
 from mpq.scheme import WeightArgs
@@ -65,8 +69,12 @@ class GPTQResult:
     damp_retries: int
 
 
-def check_supported(args: WeightArgs, act_order: bool, static_groups: bool) -> None:
+def check_supported(args: WeightArgs, act_order: bool, static_groups: bool,
+                    clip_search: bool = False) -> None:
     """Raise SchemeError for weight args / option combinations the solve cannot produce."""
+    if clip_search and args.format != "int":
+        raise SchemeError(f"gptq clip_search supports the int format only, not {args.format}",
+                          hint="set clip_search: false")
     if args.format == "nf4" and args.double_quant:
         raise SchemeError("gptq does not support nf4 with double_quant",
                           hint="set double_quant: false, or use algorithm rtn")
@@ -130,8 +138,12 @@ def prepare_hessian(hessian: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tenso
 class _IntColumns:
     """int grid, one column at a time.  Params are stored as rows [G, N] (transposed)."""
 
-    def __init__(self, args: WeightArgs, w0: torch.Tensor, num_groups: int, dynamic: bool):
+    def __init__(self, args: WeightArgs, w0: torch.Tensor, num_groups: int, dynamic: bool,
+                 col_weight: torch.Tensor | None = None, processed_weight: torch.Tensor | None = None):
+        """``col_weight`` [K] (original column order) / ``processed_weight`` [K] (processing
+        order) turn on the clipping search for up-front / dynamic params; None: min-max."""
         n, k = w0.shape
+        self.col_weight, self.processed_weight = col_weight, processed_weight
         self.args, self.off = args, 1 << (args.bits - 1)
         self.qmin, self.qmax = int_range(args.bits)
         self.codes = torch.empty((k, n), dtype=torch.uint8, device=w0.device)
@@ -139,6 +151,11 @@ class _IntColumns:
             self.scale = torch.empty((num_groups, n), dtype=torch.float32, device=w0.device)
             self.zero = None if args.symmetric else torch.empty_like(self.scale, dtype=torch.int32)
             self.zs = None if args.symmetric else torch.empty_like(self.scale)  # signed zero, fp32
+        elif col_weight is not None:
+            scale, zero = searched_int_params(w0, args, col_weight)
+            self.scale = scale.t().contiguous()
+            self.zero = None if zero is None else zero.t().contiguous()
+            self.zs = None if zero is None else (self.zero - self.off).to(torch.float32)
         else:
             scale, zero = int_params(w0, args)  # [1|N, 1|G]
             self.scale = scale.t().contiguous()
@@ -146,7 +163,12 @@ class _IntColumns:
             self.zs = None if zero is None else (self.zero - self.off).to(torch.float32)
 
     def set_group(self, g: int, cols: torch.Tensor) -> None:
-        scale, zero = int_params(cols, self.args)  # [N, 1]
+        if self.processed_weight is None:
+            scale, zero = int_params(cols, self.args)  # [N, 1]
+        else:
+            gs = cols.shape[1]
+            scale, zero = searched_int_params(cols, self.args,
+                                              self.processed_weight[g * gs:(g + 1) * gs])
         self.scale[g] = scale[:, 0]
         if zero is not None:
             self.zero[g] = zero[:, 0]
@@ -231,19 +253,21 @@ def _current_cols(wt: torch.Tensor, hinv: torch.Tensor, err: torch.Tensor,
 
 def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args: WeightArgs, *,
                damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-               static_groups: bool = False, max_damp: float = 1.0) -> GPTQResult:
+               static_groups: bool = False, max_damp: float = 1.0,
+               clip_search: bool = False) -> GPTQResult:
     """Quantize ``weight`` [N, K] on the grid of ``args`` minimising tr((W−Q) H (W−Q)ᵀ) by GPTQ.
 
     ``hessian`` [K, K] (e.g. (2/T)·Σ x xᵀ) is not modified.  Raises SchemeError for shape
     mismatches, unsupported combinations and a Hessian that cannot be made positive definite.
     """
-    check_supported(args, act_order, static_groups)
+    check_supported(args, act_order, static_groups, clip_search)
     args.check_shape(tuple(weight.shape), where="gptq weight")
     if block_size < 1:
         raise SchemeError(f"gptq block_size must be ≥ 1, got {block_size}")
     w = weight.detach().to(torch.float32).clone()
     n, k = w.shape
     h, _ = prepare_hessian(hessian, w)
+    diag = h.diagonal().clone() if clip_search else None
 
     perm = None
     if act_order:
@@ -255,7 +279,10 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args: WeightArgs, *,
     num_groups = k // gs if gs else 1
     dynamic = gs is not None and not static_groups
     if args.format == "int":
-        grid = _IntColumns(args, w, num_groups, dynamic)
+        grid = _IntColumns(args, w, num_groups, dynamic,
+                           col_weight=diag if clip_search and not dynamic else None,
+                           processed_weight=(diag[perm] if perm is not None else diag)
+                           if clip_search and dynamic else None)
     elif args.format == "nf4":
         grid = _Nf4Columns(w, num_groups)
         if not dynamic:
