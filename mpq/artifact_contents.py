@@ -19,7 +19,8 @@ CODE_KEYS = ("qweight", "weight")  # local keys that hold codes; everything else
 
 def artifact_tensors(model: nn.Module, plan: Plan, qweights: dict[str, QuantizedWeight]
                      ) -> dict[str, torch.Tensor]:
-    """The model's state dict with each quantized weight replaced by its encoded tensors.
+    """The model's state dict with each quantized weight replaced by its encoded tensors, plus
+    ``<layer>.input_scale`` for layers whose input activations have a static scale.
 
     Tensors that share storage with an earlier one (tied embeddings) are written once.
     """
@@ -37,6 +38,10 @@ def artifact_tensors(model: nn.Module, plan: Plan, qweights: dict[str, Quantized
     for name, qw in qweights.items():
         for local, tensor in encode(qw).items():
             tensors[f"{name}.{local}"] = tensor
+    for layer in plan.quantized():  # static activation scales, fp32 [1]
+        if "input_scale" in layer.result:
+            tensors[f"{layer.name}.input_scale"] = torch.tensor([layer.result["input_scale"]],
+                                                                dtype=torch.float32)
     return tensors
 
 

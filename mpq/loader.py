@@ -18,7 +18,7 @@ from mpq.errors import ArtifactError
 from mpq.formats.native import open_artifact, read_tensors
 from mpq.formats.native_codec import decode
 from mpq.model_io import build_skeleton
-from mpq.qlinear import QuantLinear
+from mpq.qlinear import QuantLinear, quantize_inputs_hook
 
 
 def _split_layer_tensors(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
@@ -39,15 +39,38 @@ def _quantized_module(name: str, layer, local: dict[str, torch.Tensor], existing
         raise ArtifactError(f"'{name}': artifact shape {tuple(layer.shape)} does not match the "
                             f"model's {expected}", hint="config.json and tensors disagree")
     bias = local.pop("bias", None)
+    acts = layer.scheme.input_activations
+    input_scale = _input_scale(name, local.pop("input_scale", None), acts)
     qw = decode(local, layer.scheme.weights, tuple(layer.shape), prefix=f"{name}.")
     if not dequantize:
         return QuantLinear(layer.scheme.weights, tuple(layer.shape), local,
-                           bias.to(dtype) if bias is not None else None)
+                           bias.to(dtype) if bias is not None else None,
+                           input_args=acts, input_scale=input_scale)
     linear = nn.Linear(n_in, n_out, bias=bias is not None, device="meta")
     linear.weight = nn.Parameter(qw.dequantize(dtype), requires_grad=False)
     if bias is not None:
         linear.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+    if acts is not None:
+        linear.register_forward_pre_hook(quantize_inputs_hook(acts, input_scale))
     return linear
+
+
+def _input_scale(name: str, scale: torch.Tensor | None, acts) -> torch.Tensor | None:
+    """The stored static activation scale, checked against the layer's scheme."""
+    static = acts is not None and not acts.dynamic
+    if static and scale is None:
+        raise ArtifactError(f"missing tensor '{name}.input_scale' (static input activations)",
+                            hint="the artifact is incomplete; re-run mpq quantize")
+    if scale is None:
+        return None
+    if not static:
+        raise ArtifactError(f"unexpected tensor '{name}.input_scale': the layer's scheme has no "
+                            "static input activations", hint="the artifact does not match its plan")
+    if tuple(scale.shape) != (1,) or scale.dtype != torch.float32 or not bool(
+            torch.isfinite(scale).all() and (scale > 0).all()):
+        raise ArtifactError(f"tensor '{name}.input_scale' must be one positive finite fp32 "
+                            f"value, got shape {tuple(scale.shape)} {scale.dtype}")
+    return scale
 
 
 def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | None = None

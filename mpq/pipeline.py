@@ -21,7 +21,10 @@ from mpq.errors import CalibrationError, SchemeError
 from mpq.memory import page_out, release_free_memory
 from mpq.plan import LayerPlan, Plan
 from mpq.quantizers import base as qbase
+from mpq.act_quant import static_scale
 from mpq.replay import BlockReplay
+import mpq.transforms  # noqa: F401  (registers the built-in transforms)
+from mpq.transforms.base import TRANSFORMS, BlockContext
 
 Events = Callable[..., None]
 
@@ -31,12 +34,16 @@ def no_events(kind: str, **data: Any) -> None:
 
 
 def needed_stats(plan: Plan) -> dict[str, frozenset[str]]:
-    """Layer name → the statistics its quantizer needs (only layers that need some)."""
+    """Layer name → the statistics it needs (only layers that need some): its quantizer's, plus
+    ``input_absmax`` when its input activations get a static (calibrated) scale."""
     needs = {}
     for layer in plan.quantized():
-        quantizer_needs = qbase.QUANTIZERS.get(layer.scheme.algorithm).needs
-        if quantizer_needs:
-            needs[layer.name] = frozenset(quantizer_needs)
+        layer_needs = set(qbase.QUANTIZERS.get(layer.scheme.algorithm).needs)
+        acts = layer.scheme.input_activations
+        if acts is not None and not acts.dynamic:
+            layer_needs.add("input_absmax")
+        if layer_needs:
+            needs[layer.name] = frozenset(layer_needs)
     return needs
 
 
@@ -103,6 +110,9 @@ def _quantize_layer(model: nn.Module, layer: LayerPlan, stats: dict[str, torch.T
         qw = quantizer.quantize(weight, layer.scheme, stats)
     except SchemeError as exc:
         raise SchemeError(f"{layer.name}: {exc.message}", hint=exc.hint) from exc
+    acts = layer.scheme.input_activations
+    if acts is not None and not acts.dynamic:
+        layer.result["input_scale"] = float(static_scale(stats["input_absmax"], acts))
     dequantized = qw.dequantize(torch.float32)
     rel_error = float(((weight - dequantized).pow(2).sum() / weight.pow(2).sum().clamp_min(1e-30)))
     layer.result.update(qw.info)
@@ -140,6 +150,9 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
         raise CalibrationError(f"layer {first} needs calibration statistics "
                                f"({', '.join(sorted(wanted[first]))}) but no calibration data "
                                "was given", hint="pass --calib FILE")
+    if plan.transforms and not samples:
+        raise CalibrationError(f"transform '{plan.transforms[0]['type']}' needs calibration data",
+                               hint="pass --calib FILE")
     device = torch.device(device)
     blocks = blocks_of(model, layout)
     by_block: dict[int | None, list[LayerPlan]] = {}
@@ -151,14 +164,15 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
     started = time.perf_counter()
     with torch.inference_mode():
         inputs = None
-        if wanted:
+        if wanted or plan.transforms:
             batches = batch_samples(samples, batch_tokens)
             inputs = to_device(capture_block_inputs(model, layout, batches), device)
             page_out(model.parameters())  # each block's weights come back when it is processed
         keep = keep_dequantized or any(l.name in wanted for l in by_block.get(None, []))
         for index, block in enumerate(blocks):
             inputs = _quantize_block(model, block, index, layout, by_block.get(index, []),
-                                     wanted, inputs, qweights, last=index + 1 == len(blocks),
+                                     wanted, inputs, qweights, plan.transforms,
+                                     last=index + 1 == len(blocks),
                                      true_sequential=true_sequential, reuse=reuse,
                                      device=device, events=events, keep_dequantized=keep)
         inputs = None
@@ -168,12 +182,22 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
     return qweights
 
 
-def _quantize_block(model, block, index, layout, layers, wanted, inputs, qweights, *, last,
-                    true_sequential, reuse, device, events, keep_dequantized):
-    """Quantize one block's planned layers; return the next block's inputs (None for the last)."""
+def _quantize_block(model, block, index, layout, layers, wanted, inputs, qweights, transforms,
+                    *, last, true_sequential, reuse, device, events, keep_dequantized):
+    """Quantize one block's planned layers; return the next block's inputs (None for the last).
+
+    The plan's transforms run first, each appending its record to ``transforms[i]["applied"]``.
+    """
     events("block_start", index=index, layers=len(layers))
     block.to(device)
     prefix = f"{layout.blocks_path}.{index}."
+    if inputs is not None:
+        ctx = BlockContext(model=model, block=block, index=index, prefix=prefix, inputs=inputs,
+                           layers={layer.name: layer for layer in layers})
+        for spec in transforms:
+            record = TRANSFORMS.get(spec["type"]).apply(ctx, spec["options"])
+            spec["applied"].append(record)
+            events("transform", type=spec["type"], **record)
     replay = (BlockReplay.probe(block, inputs)
               if inputs is not None and true_sequential and reuse else None)
     for step, stats in _block_steps(block, prefix, layers, wanted, inputs, replay,

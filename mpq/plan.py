@@ -82,6 +82,8 @@ class Plan:
     recipe_name: str
     layers: list[LayerPlan]
     precision_policy: dict[str, str]
+    # the recipe's transforms in order: {"type", "options", "applied": per-block records}
+    transforms: list[dict[str, Any]] = field(default_factory=list)
 
     def quantized(self) -> list[LayerPlan]:
         return [layer for layer in self.layers if layer.scheme is not None]
@@ -90,11 +92,22 @@ class Plan:
         """The plan of layer ``name``, or None when the layer is not in the plan."""
         return next((layer for layer in self.layers if layer.name == name), None)
 
+    def describe_transforms(self) -> str | None:
+        """One line naming the transforms and their options, or None when there are none."""
+        if not self.transforms:
+            return None
+        parts = []
+        for spec in self.transforms:
+            options = ", ".join(f"{k}={v}" for k, v in spec["options"].items())
+            done = f", {len(spec['applied'])} blocks" if spec.get("applied") else ""
+            parts.append(f"{spec['type']}({options}){done}")
+        return "transforms: " + "; ".join(parts)
+
     def summary(self) -> PlanSummary:
         """Quantized layers grouped by scheme label (first-seen order), plus the kept count."""
         rows: dict[str, list[int]] = {}
         for layer in self.quantized():
-            label = f"{layer.scheme.algorithm} {layer.scheme.weights.describe()}"
+            label = f"{layer.scheme.algorithm} {layer.scheme.describe()}"
             count = rows.setdefault(label, [0, 0])
             count[0] += 1
             count[1] += layer.shape[0] * layer.shape[1]
@@ -102,8 +115,11 @@ class Plan:
                            kept=len(self.layers) - len(self.quantized()))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"recipe_name": self.recipe_name, "precision_policy": dict(self.precision_policy),
-                "layers": [layer.to_dict() for layer in self.layers]}
+        out = {"recipe_name": self.recipe_name, "precision_policy": dict(self.precision_policy),
+               "layers": [layer.to_dict() for layer in self.layers]}
+        if self.transforms:
+            out["transforms"] = [dict(t) for t in self.transforms]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
@@ -111,7 +127,8 @@ class Plan:
         try:
             return cls(recipe_name=data["recipe_name"],
                        layers=[LayerPlan.from_dict(item) for item in data["layers"]],
-                       precision_policy=dict(data["precision_policy"]))
+                       precision_policy=dict(data["precision_policy"]),
+                       transforms=[dict(t) for t in data.get("transforms", [])])
         except (KeyError, TypeError, ValueError, AttributeError, SchemeError) as exc:
             hint = "the artifact metadata is damaged or was written by another tool"
             raise ArtifactError(f"malformed plan: {type(exc).__name__}: {exc}", hint=hint) from None
@@ -168,7 +185,9 @@ def resolve(recipe: Recipe, layers: Sequence[LayerInfo],
                         rule.source, list(rule.targets))
 
     _check_shapes(recipe, plans)
-    return Plan(recipe.name, plans, recipe.precision_policy.to_dict())
+    transforms = [{"type": name, "options": dict(options), "applied": []}
+                  for name, options in recipe.transforms]
+    return Plan(recipe.name, plans, recipe.precision_policy.to_dict(), transforms)
 
 
 def _no_match_error(recipe: Recipe, rule: Rule, layers: Sequence[LayerInfo],

@@ -11,15 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpq.act_quant import fake_quantize
 from mpq.formats.native_codec import decode
-from mpq.scheme import WeightArgs
+from mpq.scheme import ActivationArgs, WeightArgs
 
 
 class QuantLinear(nn.Module):
+    """``input_args`` (optional): the input activations are fake-quantized before the matmul
+    (:func:`mpq.act_quant.fake_quantize`), with ``input_scale`` (fp32 [1]) when static."""
+
     def __init__(self, args: WeightArgs, shape: tuple[int, int],
-                 encoded: dict[str, torch.Tensor], bias: torch.Tensor | None = None):
+                 encoded: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
+                 input_args: ActivationArgs | None = None,
+                 input_scale: torch.Tensor | None = None):
         super().__init__()
         self.args = args
+        self.input_args = input_args
+        self.input_scale = input_scale
         self.out_features, self.in_features = shape
         self._keys = tuple(sorted(encoded))
         for key in self._keys:
@@ -34,10 +42,20 @@ class QuantLinear(nn.Module):
         return self.quantized_weight().dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_args is not None:
+            x = fake_quantize(x, self.input_args, self.input_scale)
         weight = self.dequantized_weight(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
+        acts = f", inputs={self.input_args.describe()}" if self.input_args is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"weights={self.args.describe()}, bias={self.bias is not None}")
+                f"weights={self.args.describe()}{acts}, bias={self.bias is not None}")
+
+
+def quantize_inputs_hook(args: ActivationArgs, scale: torch.Tensor | None):
+    """A forward pre-hook that fake-quantizes a module's first input (for dense linears)."""
+    def hook(module, inputs):
+        return (fake_quantize(inputs[0], args, scale), *inputs[1:])
+    return hook

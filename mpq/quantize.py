@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 import mpq.quantizers  # noqa: F401  (registers the built-in quantizers and number formats)
-from mpq.arch import ModelLayout, describe_layers, layout_of
+from mpq.arch import ModelLayout, blocks_of, describe_layers, layout_of
 from mpq.artifact_contents import (artifact_config, artifact_tensors, header_metadata,
                                    pass_through_files, size_report)
 from mpq.calibration import build_calibration_set
-from mpq.errors import ModelError, RecipeError, SchemeError
+from mpq.errors import ModelError, RecipeError, SchemeError, did_you_mean
 from mpq.formats.native import check_output_free, write_artifact
 from mpq.memory import release_free_memory
 from mpq.model_card import render_model_card
@@ -27,6 +27,8 @@ from mpq.pipeline import Events, no_events, run_pipeline, untie_head_if_quantize
 from mpq.plan import Plan, resolve
 from mpq.quantizers.base import QUANTIZERS
 from mpq.recipe import Recipe, load_recipe
+from mpq.scale_fold import scale_groups
+from mpq.transforms.base import TRANSFORMS
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,18 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
             rule = f"rules[{layer.rule}]" if layer.rule is not None else "recipe"
             raise RecipeError(f"{recipe.source}: {rule} ({layer.name}): {exc.message}",
                               hint=exc.hint) from None
+    for index, spec in enumerate(plan.transforms):
+        where = f"{recipe.source}: transforms[{index}]"
+        if spec["type"] not in TRANSFORMS:
+            known = list(TRANSFORMS)
+            raise RecipeError(f"{where}: unknown transform '{spec['type']}'",
+                              hint=did_you_mean(spec["type"], known) or f"known: {', '.join(known)}")
+        try:
+            TRANSFORMS.get(spec["type"]).check(spec["options"])
+        except SchemeError as exc:
+            raise RecipeError(f"{where}: {exc.message}", hint=exc.hint) from None
+    if plan.transforms:  # the architecture must be known to the scale folds (ModelError if not)
+        scale_groups(model, blocks_of(model, layout)[0])
     return layout, plan
 
 

@@ -9,12 +9,15 @@ Format, version 1::
       algorithm: rtn         # quantizer name
       weights: {format: int, bits: 4, symmetric: true, granularity: group, group_size: 128}
       options: {}            # algorithm-specific scalars, passed through
+      input_activations: {format: int, bits: 8, dynamic: true, granularity: token}  # or null
     rules:                   # required, non-empty, ordered; the first matching rule wins
       - targets: ["re:.*mlp\\.down_proj"]    # string or list of: exact module name,
         weights: {bits: 8, granularity: channel}  # "re:<regex>" (re.match on the full name)
       - targets: lm_head                     # or a module class name such as Linear / Conv1D
         skip: true           # keep in the original dtype; excludes algorithm/weights/options
       - targets: Linear
+    transforms:              # optional, applied per decoder block before its layers are quantized
+      - {type: smoothquant, alpha: 0.5}
     precision_policy:        # optional; these are the defaults
       norms: fp32            # norms, softmax, residual, rope, activations: fp32|bf16|fp16
       softmax: fp32
@@ -44,15 +47,17 @@ from typing import Any, Collection
 
 from mpq.errors import RecipeError, SchemeError, did_you_mean
 from mpq.recipe_schema import (YamlPath, check_keys, expect, finish_weights, load_yaml,
-                               overlay_weights, parse_options, parse_weight_overlay)
-from mpq.scheme import LayerScheme, WeightArgs
+                               overlay_activations, overlay_weights, parse_activation_overlay,
+                               parse_options, parse_transforms, parse_weight_overlay)
+from mpq.scheme import ActivationArgs, LayerScheme, WeightArgs
 
 RECIPE_VERSION = 1
 REGEX_PREFIX = "re:"
 FLOAT_DTYPES = ("fp32", "bf16", "fp16")
 KV_CACHE_DTYPES = FLOAT_DTYPES + ("fp8_e4m3", "fp8_e5m2")
-_TOP_KEYS = ("mpq_recipe", "name", "description", "defaults", "rules", "precision_policy")
-_DEFAULT_KEYS = ("algorithm", "weights", "options")
+_TOP_KEYS = ("mpq_recipe", "name", "description", "defaults", "rules", "transforms",
+             "precision_policy")
+_DEFAULT_KEYS = ("algorithm", "weights", "options", "input_activations")
 _RULE_KEYS = ("targets", "skip") + _DEFAULT_KEYS
 
 
@@ -113,12 +118,17 @@ class Recipe:
     precision_policy: PrecisionPolicy = field(default_factory=PrecisionPolicy)
     source: str = "<string>"
     text: str = ""
+    transforms: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Normalized, JSON-able recipe (every rule fully spelt out); parse_recipe reads it back."""
-        return {"mpq_recipe": self.version, "name": self.name, "description": self.description,
-                "rules": [rule.to_dict() for rule in self.rules],
-                "precision_policy": self.precision_policy.to_dict()}
+        out = {"mpq_recipe": self.version, "name": self.name, "description": self.description,
+               "rules": [rule.to_dict() for rule in self.rules],
+               "precision_policy": self.precision_policy.to_dict()}
+        if self.transforms:
+            out["transforms"] = [{"type": name, **dict(options)}
+                                 for name, options in self.transforms]
+        return out
 
 
 def parse_recipe(text: str, source: str,
@@ -152,10 +162,11 @@ def parse_recipe(text: str, source: str,
     rules = tuple(_parse_rule(raw, i, at_rules.index(i), base, known_algorithms)
                   for i, raw in enumerate(raw_rules))
 
+    transforms = parse_transforms(data.get("transforms", []), root.key("transforms"))
     return Recipe(version=version, name=name, description=description, rules=rules,
                   precision_policy=_parse_policy(data.get("precision_policy", {}),
                                                  root.key("precision_policy")),
-                  source=source, text=text)
+                  source=source, text=text, transforms=transforms)
 
 
 def _parse_level(raw: dict, at: YamlPath, known: Collection[str] | None) -> dict[str, Any]:
@@ -171,6 +182,9 @@ def _parse_level(raw: dict, at: YamlPath, known: Collection[str] | None) -> dict
         level["weights"] = parse_weight_overlay(raw["weights"], at.key("weights"))
     if "options" in raw:
         level["options"] = parse_options(raw["options"], at.key("options"))
+    if "input_activations" in raw:
+        level["input_activations"] = parse_activation_overlay(raw["input_activations"],
+                                                              at.key("input_activations"))
     return level
 
 
@@ -199,8 +213,25 @@ def _parse_rule(raw: Any, index: int, at: YamlPath, base: dict[str, Any],
         raise where.error(exc.message, hint=exc.hint) from None
     options = {**base.get("options", {}), **level.get("options", {})}
     scheme = LayerScheme(algorithm=level.get("algorithm", base.get("algorithm", "rtn")),
-                         weights=weights, options=tuple(sorted(options.items())))
+                         weights=weights, options=tuple(sorted(options.items())),
+                         input_activations=_activations(base, level, at, source))
     return Rule(targets=targets, scheme=scheme, index=index, source=source)
+
+
+def _activations(base: dict[str, Any], level: dict[str, Any], at: YamlPath,
+                 source: str) -> ActivationArgs | None:
+    """The rule's input activation args: defaults' overlaid by the rule's (null turns them off)."""
+    merged = overlay_activations(None, base.get("input_activations"))
+    if "input_activations" in level:
+        merged = overlay_activations(merged, level["input_activations"])
+    if merged is None:
+        return None
+    where = (at.key("input_activations") if "input_activations" in level
+             else YamlPath(at.source, f"defaults.input_activations (used by {source})"))
+    try:
+        return ActivationArgs(**merged)
+    except SchemeError as exc:
+        raise where.error(exc.message, hint=exc.hint) from None
 
 
 def _parse_targets(raw: Any, at: YamlPath) -> tuple[str, ...]:

@@ -5,15 +5,18 @@ user can find the offending line.  See :mod:`mpq.recipe` for the format itself.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Collection, Mapping
 
 import yaml
 
 from mpq.errors import RecipeError, did_you_mean
-from mpq.scheme import NF4_BLOCK, WeightArgs
+from mpq.scheme import NF4_BLOCK, ActivationArgs, WeightArgs
 
 WEIGHT_KEYS = tuple(f.name for f in fields(WeightArgs))
+ACTIVATION_KEYS = tuple(f.name for f in fields(ActivationArgs))
+_ACTIVATION_TYPES = {"format": str, "bits": int, "dynamic": bool, "granularity": str,
+                     "symmetric": bool}
 _WEIGHT_TYPES = {"format": str, "bits": int, "symmetric": bool, "granularity": str,
                  "group_size": (int, type(None)), "double_quant": bool}
 _SCALARS = (str, int, float, bool, type(None))
@@ -157,3 +160,46 @@ def finish_weights(merged: Mapping[str, Any]) -> dict[str, Any]:
     if out.get("granularity") != "group":
         out["group_size"] = None
     return out
+
+
+def parse_activation_overlay(value: Any, at: YamlPath) -> dict[str, Any] | None:
+    """Type-check one ``input_activations:`` mapping (a partial ActivationArgs); null → None
+    (no activation quantization at this level)."""
+    if value is None:
+        return None
+    expect(value, dict, at, example="{format: int, bits: 8, dynamic: true, granularity: token}")
+    check_keys(value, ACTIVATION_KEYS, at)
+    for key, item in value.items():
+        expect(item, _ACTIVATION_TYPES[key], at.key(key))
+    return dict(value)
+
+
+def overlay_activations(base: Mapping[str, Any] | None, overlay: Mapping[str, Any] | None
+                        ) -> dict[str, Any] | None:
+    """Merge one ``input_activations:`` level over ``base`` (None = off).  Fields a level leaves
+    out follow what it gives: fp8_e4m3 → 8 bits; dynamic false → granularity tensor."""
+    if overlay is None:
+        return None
+    merged = {**(base or asdict(ActivationArgs())), **overlay}
+    if overlay.get("format") == "fp8_e4m3" and "bits" not in overlay:
+        merged["bits"] = 8
+    if overlay.get("dynamic") is False and "granularity" not in overlay:
+        merged["granularity"] = "tensor"
+    return merged
+
+
+def parse_transforms(value: Any, at: YamlPath) -> tuple[tuple[str, tuple], ...]:
+    """``transforms:``: a list of mappings ``{type: NAME, option: scalar, ...}`` → a tuple of
+    (type, sorted option pairs).  Type names and options are checked by the transform itself."""
+    example = "[{type: smoothquant, alpha: 0.5}]"
+    expect(value, list, at, example=example)
+    out = []
+    for i, item in enumerate(value):
+        where = at.index(i)
+        expect(item, dict, where, example="{type: smoothquant, alpha: 0.5}")
+        if "type" not in item:
+            raise where.error("missing required key 'type'", hint="e.g. type: smoothquant")
+        name = expect(item["type"], str, where.key("type"), example="smoothquant")
+        options = parse_options({k: v for k, v in item.items() if k != "type"}, where)
+        out.append((name, tuple(sorted(options.items()))))
+    return tuple(out)

@@ -103,9 +103,60 @@ class WeightArgs:
         return label + (" dq" if self.double_quant else "")
 
 
+ACT_FORMATS = ("int", "fp8_e4m3")
+ACT_GRANULARITIES = ("token", "tensor")
+
+
+@dataclass(frozen=True)
+class ActivationArgs:
+    """How a linear's input activations are quantized at inference (fake-quantized: quantize,
+    then dequantize before the matmul; see :mod:`mpq.act_quant`).
+
+    - ``format``: ``int`` (2–8 bits, symmetric) or ``fp8_e4m3`` (8 bits).
+    - ``dynamic``: scales computed from each input at run time; else one static scale per tensor,
+      calibrated (abs-max over the calibration inputs) and stored in the artifact.
+    - ``granularity``: ``token`` (one scale per token; dynamic only) or ``tensor``.
+    """
+
+    format: str = "int"
+    bits: int = 8
+    dynamic: bool = True
+    granularity: str = "token"
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise SchemeError(f"activation bits must be an integer, got {self.bits!r}")
+        if self.format not in ACT_FORMATS:
+            raise SchemeError(f"unknown activation format '{self.format}'",
+                              hint=f"use one of {', '.join(ACT_FORMATS)}")
+        if self.granularity not in ACT_GRANULARITIES:
+            raise SchemeError(f"unknown activation granularity '{self.granularity}'",
+                              hint=f"use one of {', '.join(ACT_GRANULARITIES)}")
+        if not self.symmetric:
+            raise SchemeError("asymmetric activation quantization is not supported",
+                              hint="remove symmetric: false")
+        if self.format == "int" and self.bits not in INT_BITS:
+            raise SchemeError(f"int activation bits must be 2..8, got {self.bits}")
+        if self.format == "fp8_e4m3" and self.bits != 8:
+            raise SchemeError(f"fp8_e4m3 has 8 bits, got {self.bits}", hint="set bits: 8")
+        if not self.dynamic and self.granularity != "tensor":
+            raise SchemeError("static activation scales are per tensor",
+                              hint="set granularity: tensor, or dynamic: true")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """Short label, e.g. 'int8 dynamic token', 'fp8_e4m3 static tensor'."""
+        name = f"int{self.bits}" if self.format == "int" else self.format
+        return f"{name} {'dynamic' if self.dynamic else 'static'} {self.granularity}"
+
+
 @dataclass(frozen=True)
 class LayerScheme:
-    """What happens to one layer: the algorithm and the weight args.
+    """What happens to one layer: the algorithm, the weight args and, optionally, how its input
+    activations are quantized at inference.
 
     ``options`` holds algorithm-specific settings (e.g. GPTQ damping) as sorted key/value pairs,
     so the scheme stays hashable.
@@ -114,12 +165,26 @@ class LayerScheme:
     algorithm: str = "rtn"
     weights: WeightArgs = field(default_factory=WeightArgs)
     options: tuple[tuple[str, Any], ...] = ()
+    input_activations: ActivationArgs | None = None
+
+    def describe(self) -> str:
+        """Weights label, plus the input activations when quantized, e.g.
+        'int8 sym channel, inputs int8 dynamic token'."""
+        label = self.weights.describe()
+        if self.input_activations is not None:
+            label += f", inputs {self.input_activations.describe()}"
+        return label
 
     def to_dict(self) -> dict[str, Any]:
-        return {"algorithm": self.algorithm, "weights": self.weights.to_dict(),
-                "options": dict(self.options)}
+        out = {"algorithm": self.algorithm, "weights": self.weights.to_dict(),
+               "options": dict(self.options)}
+        if self.input_activations is not None:
+            out["input_activations"] = self.input_activations.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LayerScheme":
+        acts = data.get("input_activations")
         return cls(algorithm=data["algorithm"], weights=WeightArgs(**data["weights"]),
-                   options=tuple(sorted(data.get("options", {}).items())))
+                   options=tuple(sorted(data.get("options", {}).items())),
+                   input_activations=ActivationArgs(**acts) if acts is not None else None)

@@ -11,7 +11,7 @@ from mpq.recipe import PrecisionPolicy, Recipe, list_presets, load_recipe, parse
 from mpq.scheme import WeightArgs
 
 PRESETS = ("w8a16", "w4a16", "w4a16-asym", "w4a16-channel", "w3a16", "fp8-weights", "nf4",
-           "nf4-dq", "w4a16-gptq", "w4a16-channel-gptq", "w3a16-gptq")
+           "nf4-dq", "w4a16-gptq", "w4a16-channel-gptq", "w3a16-gptq", "w8a8-int8", "w8a8-fp8")
 
 
 def parse(text: str, **kwargs) -> Recipe:
@@ -100,12 +100,14 @@ def test_every_preset_loads(name):
 
 
 def test_preset_schemes_and_descriptions():
-    labels = {name: load_recipe(name).rules[0].scheme.weights.describe() for name in PRESETS}
+    labels = {name: load_recipe(name).rules[0].scheme.describe() for name in PRESETS}
     assert labels == {"w8a16": "int8 sym channel", "w4a16": "int4 sym g64",
                       "w4a16-asym": "int4 asym g64", "w4a16-channel": "int4 sym channel",
                       "w3a16": "int3 sym g64", "fp8-weights": "fp8_e4m3 channel",
                       "nf4": "nf4 g64", "nf4-dq": "nf4 g64 dq", "w4a16-gptq": "int4 sym g64",
-                      "w4a16-channel-gptq": "int4 sym channel", "w3a16-gptq": "int3 sym g64"}
+                      "w4a16-channel-gptq": "int4 sym channel", "w3a16-gptq": "int3 sym g64",
+                      "w8a8-int8": "int8 sym channel, inputs int8 dynamic token",
+                      "w8a8-fp8": "fp8_e4m3 channel, inputs fp8_e4m3 dynamic token"}
     presets = list_presets()
     assert set(presets) == set(PRESETS)
     assert "128" in presets["w4a16"] and "576" in presets["w4a16"]

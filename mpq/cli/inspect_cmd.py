@@ -64,12 +64,14 @@ def command(artifact, as_json):
     for layer in art.plan.quantized():
         error = layer.result.get("rel_mse")
         table.add_row(layer.name, f"{layer.shape[0]}×{layer.shape[1]}",
-                      layer.scheme.weights.describe(), layer.scheme.algorithm,
+                      layer.scheme.describe(), layer.scheme.algorithm,
                       f"{error:.2e}" if error is not None else "",
                       human_bytes(per_layer.get(layer.name, 0)))
     console.print(table)
     kept = len(art.plan.layers) - len(art.plan.quantized())
     console.print(f"{len(art.plan.quantized())} layers quantized, {kept} linear layers kept")
+    if art.plan.describe_transforms():
+        console.print(art.plan.describe_transforms())
     sizes = info["sizes"]
     console.print(f"tensor files: {human_bytes(sizes['files_bytes'])}; tensors "
                   f"{human_bytes(sizes.get('stored_bytes', 0))}, ideal "

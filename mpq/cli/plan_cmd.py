@@ -18,7 +18,7 @@ def plan_table(plan, *, results: bool = False) -> Table:
     for layer in plan.layers:
         scheme = layer.scheme
         row = [layer.name, f"{layer.shape[0]}×{layer.shape[1]}",
-               scheme.weights.describe() if scheme else "[dim]kept[/dim]",
+               scheme.describe() if scheme else "[dim]kept[/dim]",
                scheme.algorithm if scheme else "", layer.reason]
         if results:
             error = layer.result.get("rel_mse")
@@ -45,3 +45,5 @@ def command(model, recipe, as_json):
     console.print(plan_table(plan))
     kept = len(plan.layers) - len(plan.quantized())
     console.print(f"{len(plan.quantized())} layers quantized, {kept} kept")
+    if plan.describe_transforms():
+        console.print(plan.describe_transforms())

@@ -1,0 +1,83 @@
+"""SmoothQuant (Xiao et al., arXiv:2211.10438): move activation outliers into the weights.
+
+For each scale group of a block (mpq.scale_fold: a norm or linear feeding a set of linears),
+per input channel j: s_j = max|X_j|^α / max|W_j|^(1−α), with max|X_j| over the block's
+calibration inputs of the group and max|W_j| over the group's weight columns.  The preceding op's
+output is divided by s and the weight columns multiplied by it, so the float block computes the
+same function while its activations have flatter channels.  A channel whose activation or weight
+max is 0 keeps s_j = 1; s is clamped to ≥ 1e-5.
+
+Options: ``alpha`` (number in [0, 1], default 0.5: migration strength), ``pairs`` (boolean,
+default false: also smooth linear → linear groups such as v_proj → o_proj and up_proj →
+down_proj; the paper smooths only the norm → linear groups).  Only groups with at least one layer
+whose scheme quantizes input activations are smoothed.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from mpq.collect import collecting, results, run_block
+from mpq.errors import SchemeError, did_you_mean
+from mpq.scale_fold import fold_scales, group_weight_absmax, scale_groups
+from mpq.transforms.base import TRANSFORMS, BlockContext
+
+DEFAULTS = {"alpha": 0.5, "pairs": False}
+MIN_SCALE = 1e-5
+
+
+def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor,
+                     alpha: float) -> torch.Tensor:
+    """s = act^α / weight^(1−α) per channel (fp32), 1 where either max is 0, clamped ≥ 1e-5."""
+    act, weight = act_absmax.float(), weight_absmax.float()
+    ok = (act > 0) & (weight > 0)
+    s = act.clamp_min(1e-30).pow(alpha) / weight.clamp_min(1e-30).pow(1 - alpha)
+    return torch.where(ok, s, torch.ones_like(s)).clamp_min(MIN_SCALE)
+
+
+class SmoothQuant:
+    name = "smoothquant"
+    needs_calibration = True
+
+    def check(self, options: Mapping[str, Any]) -> None:
+        for key, value in options.items():
+            if key not in DEFAULTS:
+                raise SchemeError(f"unknown smoothquant option '{key}'",
+                                  hint=did_you_mean(key, DEFAULTS) or "known: alpha, pairs")
+        alpha = options.get("alpha", DEFAULTS["alpha"])
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise SchemeError(f"smoothquant alpha must be a number in [0, 1], got {alpha!r}",
+                              hint="e.g. alpha: 0.5")
+        if not isinstance(options.get("pairs", False), bool):
+            raise SchemeError("smoothquant pairs must be true or false")
+
+    def apply(self, ctx: BlockContext, options: Mapping[str, Any]) -> dict[str, Any]:
+        alpha = float(options.get("alpha", DEFAULTS["alpha"]))
+        groups = [g for g in scale_groups(ctx.model, ctx.block)
+                  if (g.prev_kind != "linear" or options.get("pairs", False))
+                  and any(_quantizes_inputs(ctx, ctx.prefix + name) for name in g.linears)]
+        record: dict[str, Any] = {"block": ctx.index, "groups": []}
+        if not groups:
+            return record
+        wanted = {ctx.prefix + g.linears[0]: frozenset({"input_absmax"}) for g in groups}
+        members = [[ctx.prefix + name for name in g.linears] for g in groups]
+        with collecting(ctx.block, ctx.prefix, wanted, members) as collectors:
+            run_block(ctx.block, ctx.inputs, keep_outputs=False)
+        act_max = results(collectors)
+        for group in groups:
+            x_max = act_max[ctx.prefix + group.linears[0]]["input_absmax"]
+            s = smoothing_scales(x_max, group_weight_absmax(ctx.block, group), alpha)
+            fold_scales(ctx.block, group, s)
+            record["groups"].append({"prev": group.prev, "linears": list(group.linears),
+                                     "alpha": alpha, "scale_min": float(s.min()),
+                                     "scale_max": float(s.max())})
+        return record
+
+
+def _quantizes_inputs(ctx: BlockContext, name: str) -> bool:
+    layer = ctx.layers.get(name)
+    return layer is not None and layer.scheme.input_activations is not None
+
+
+SMOOTHQUANT = TRANSFORMS.register("smoothquant")(SmoothQuant())
