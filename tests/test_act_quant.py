@@ -15,15 +15,17 @@ INT4_TENSOR = ActivationArgs(bits=4, granularity="tensor")
 
 
 def test_int8_per_token_error_is_within_half_a_step():
+    torch.manual_seed(0)
     x = torch.randn(3, 5, 64) * torch.linspace(0.1, 10, 5)[None, :, None]
     y = fake_quantize(x, INT8_TOKEN)
     step = x.abs().amax(dim=-1, keepdim=True) / 127.5
-    assert bool(((y - x).abs() <= step / 2 + 1e-6).all())
+    assert bool(((y - x).abs() <= step / 2 * (1 + 1e-5)).all())  # +absmax sits on the edge
     levels = torch.round(y / step)
     assert torch.allclose(levels * step, y, atol=1e-6) and levels.abs().max() <= 128
 
 
 def test_each_token_has_its_own_scale():
+    torch.manual_seed(1)
     x = torch.randn(2, 64)
     x[1] *= 1000
     y = fake_quantize(x, INT8_TOKEN)
@@ -46,6 +48,7 @@ def test_static_scale_clips_and_zero_stays_zero():
 
 
 def test_fp8_matches_torch_float8_rounding():
+    torch.manual_seed(2)
     x = torch.randn(4, 32) * 3
     y = fake_quantize(x, FP8_TOKEN)
     scale = x.abs().amax(dim=-1, keepdim=True) / FP8_MAX
@@ -55,6 +58,7 @@ def test_fp8_matches_torch_float8_rounding():
 
 
 def test_int4_tensor_grid_and_dtype_kept():
+    torch.manual_seed(3)
     x = torch.randn(8, 16, dtype=torch.bfloat16)
     y = fake_quantize(x, INT4_TENSOR)
     assert y.dtype == torch.bfloat16
