@@ -19,7 +19,7 @@ def test_int8_per_token_error_is_within_half_a_step():
     x = torch.randn(3, 5, 64) * torch.linspace(0.1, 10, 5)[None, :, None]
     y = fake_quantize(x, INT8_TOKEN)
     step = x.abs().amax(dim=-1, keepdim=True) / 127.5
-    assert bool(((y - x).abs() <= step / 2 * (1 + 1e-5)).all())  # +absmax sits on the edge
+    assert bool(((y - x).abs() <= step / 2 * (1 + 1e-3)).all())  # +absmax sits on the edge
     levels = torch.round(y / step)
     assert torch.allclose(levels * step, y, atol=1e-6) and levels.abs().max() <= 128
 
