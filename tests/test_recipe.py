@@ -11,7 +11,8 @@ from mpq.recipe import PrecisionPolicy, Recipe, list_presets, load_recipe, parse
 from mpq.scheme import WeightArgs
 
 PRESETS = ("w8a16", "w4a16", "w4a16-asym", "w4a16-channel", "w3a16", "fp8-weights", "nf4",
-           "nf4-dq", "w4a16-gptq", "w4a16-channel-gptq", "w3a16-gptq", "w8a8-int8", "w8a8-fp8")
+           "nf4-dq", "w4a16-gptq", "w4a16-channel-gptq", "w3a16-gptq", "w8a8-int8", "w8a8-fp8",
+           "w4a16-awq")
 
 
 def parse(text: str, **kwargs) -> Recipe:
@@ -107,7 +108,8 @@ def test_preset_schemes_and_descriptions():
                       "nf4": "nf4 g64", "nf4-dq": "nf4 g64 dq", "w4a16-gptq": "int4 sym g64",
                       "w4a16-channel-gptq": "int4 sym channel", "w3a16-gptq": "int3 sym g64",
                       "w8a8-int8": "int8 sym channel, inputs int8 dynamic token",
-                      "w8a8-fp8": "fp8_e4m3 channel, inputs fp8_e4m3 dynamic token"}
+                      "w8a8-fp8": "fp8_e4m3 channel, inputs fp8_e4m3 dynamic token",
+                      "w4a16-awq": "int4 asym g64"}
     presets = list_presets()
     assert set(presets) == set(PRESETS)
     assert "128" in presets["w4a16"] and "576" in presets["w4a16"]

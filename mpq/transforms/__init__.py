@@ -3,4 +3,4 @@ its layers are quantized, keeping the float block's output unchanged (e.g. Smoot
 
 Importing this package registers the built-in transforms.
 """
-from mpq.transforms import smoothquant  # noqa: F401
+from mpq.transforms import awq, smoothquant  # noqa: F401
