@@ -91,3 +91,20 @@ def test_bad_awq_options(transform, match, tmp_path):
     outlier_model("llama", tmp_path / "src")
     with pytest.raises(RecipeError, match=match):
         quantize(tmp_path / "src", recipe(transform), tmp_path / "out")
+
+
+def test_awq_composes_with_gptq(tmp_path, calib_text):
+    source = outlier_model("llama", tmp_path / "src")
+    calibration = CalibrationOptions(source=str(calib_text), num_samples=8, seq_len=64)
+    text = ("mpq_recipe: 1\ntransforms: [{type: awq, grid: 10}]\ndefaults:\n  algorithm: gptq\n"
+            "  options: {act_order: true, static_groups: true}\nrules:\n  - targets: [Linear]\n"
+            "    weights: {bits: 4, symmetric: false, group_size: 32}\n")
+    result = quantize(tmp_path / "src", parse_recipe(text, "awq-gptq.yaml"), tmp_path / "out",
+                      calibration=calibration)
+    assert all("gptq_loss" in layer.result for layer in result.plan.quantized())
+    assert len(result.plan.transforms[0]["applied"]) == 2
+    rtn = quantize(tmp_path / "src", recipe(""), tmp_path / "rtn", calibration=calibration)
+    assert rtn.plan.transforms == []
+    samples = samples_of(calib_text)
+    assert (logits_error(mpq.load(tmp_path / "out"), source, samples)
+            < logits_error(mpq.load(tmp_path / "rtn"), source, samples))
