@@ -55,6 +55,28 @@ class InputAbsMean:
         return self.total / max(self.count, 1)
 
 
+@STATS.register("input_sample")
+class InputSample:
+    """The first ``ROWS`` calibration tokens' inputs, in order (fp32 [≤ ROWS, K]): for searches
+    that must run the real (non-linear) quantized computation, e.g. SmoothQuant's alpha."""
+
+    ROWS = 4096
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        if self.rows >= self.ROWS:
+            return
+        flat = x.detach().reshape(-1, x.shape[-1])[:self.ROWS - self.rows].float().clone()
+        self.parts.append(flat)
+        self.rows += flat.shape[0]
+
+    def result(self) -> torch.Tensor:
+        return torch.cat(self.parts)
+
+
 @STATS.register("hessian")
 class Hessian:
     """GPTQ's layer Hessian H = (2/T)·Σ_t x_t x_tᵀ over all T calibration tokens (fp32 [K, K]).

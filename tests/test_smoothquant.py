@@ -143,3 +143,17 @@ def test_smoothquant_needs_calibration_and_a_known_architecture(tmp_path):
     tiny_model("gpt2").save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ModelError, match="gpt2"):
         quantize(tmp_path / "gpt2", recipe(smooth="{type: smoothquant}"), tmp_path / "out2")
+
+
+def test_alpha_search_picks_per_group_and_beats_a_bad_fixed_alpha(tmp_path, calib_text):
+    source = outlier_model("llama", tmp_path / "src")
+    calibration = CalibrationOptions(source=str(calib_text), num_samples=8, seq_len=64)
+    errors = {}
+    for name, smooth in (("fixed", "{type: smoothquant, alpha: 0.0}"),
+                         ("search", "{type: smoothquant, search: true}")):
+        result = quantize(tmp_path / "src", recipe(acts="{format: int, bits: 6}", smooth=smooth),
+                          tmp_path / name, calibration=calibration)
+        errors[name] = logits_error(mpq.load(tmp_path / name), source, samples_of(calib_text))
+    alphas = [g["alpha"] for r in result.plan.transforms[0]["applied"] for g in r["groups"]]
+    assert len(alphas) == 4 and all(a in [i / 10 for i in range(11)] for a in alphas)
+    assert errors["search"] < errors["fixed"]
