@@ -67,7 +67,8 @@ def perplexity_of(path: Path, ids, num_windows: int) -> float:
     from mpq.formats.native import is_artifact
     from mpq.model_io import load_model
 
-    model = mpq.load(path) if is_artifact(path) else load_model(path)
+    # dequantized once at load: the same outputs as packed layers, faster to evaluate
+    model = mpq.load(path, dequantize=True) if is_artifact(path) else load_model(path)
     return perplexity(model, ids, window=512, num_windows=num_windows).ppl
 
 

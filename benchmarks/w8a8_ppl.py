@@ -4,8 +4,9 @@ really applied at evaluation.  Prints a table; writes JSON and markdown under be
     python benchmarks/w8a8_ppl.py --model ./SmolLM2-135M --corpora ../shared/corpora
 
 Every row is an artifact written by ``mpq quantize`` and loaded back with ``mpq.load``, whose
-linears fake-quantize their inputs (so the perplexity is that of W8A8 inference).  Weights: RTN,
-symmetric per channel.  Calibration: enwiki_excerpt.train.txt, 128 × 512 tokens (SmoothQuant's
+linears fake-quantize their inputs (so the perplexity is that of W8A8 inference; weights are
+dequantized once at load: the same outputs as packed layers, faster).  Weights: RTN, symmetric
+per channel.  Calibration: enwiki_excerpt.train.txt, 128 × 512 tokens (SmoothQuant's
 activation maxima, static scales).  Evaluation: the first 40 × 512-token windows of
 enwiki_excerpt.test.txt.
 """
@@ -81,7 +82,8 @@ def main() -> None:
                                   source=str(corpora / "enwiki_excerpt.train.txt"),
                                   num_samples=128, seq_len=512))
             quantize_s = time.perf_counter() - t0
-            ppl = perplexity(mpq.load(out), ids, window=512, num_windows=args.num_windows).ppl
+            ppl = perplexity(mpq.load(out, dequantize=True), ids, window=512,
+                             num_windows=args.num_windows).ppl
             rows.append({"method": name, "ppl": ppl, "quantize_s": quantize_s,
                          "calib_sha256": result.calibration["sha256"]})
             shutil.rmtree(out)
