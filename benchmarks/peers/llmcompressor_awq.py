@@ -27,7 +27,7 @@ import time  # noqa: E402
 from importlib.metadata import version  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from llmcompressor_gptq import calibration_loader, save_dense  # noqa: E402
+from llmcompressor_gptq import calibration_loader, check_on_grid, save_dense  # noqa: E402
 
 STARTED = time.perf_counter()
 
@@ -42,31 +42,6 @@ def build_recipe(bits: int, group: int, n_grid: int):
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
     return [AWQModifier(duo_scaling=True, n_grid=n_grid),
             QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])]
-
-
-def check_on_grid(model, bits: int) -> int:
-    """Every quantized Linear's weight must be (code − zero) × scale with codes in range."""
-    import torch
-
-    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    checked = 0
-    for name, module in model.named_modules():
-        scale = getattr(module, "weight_scale", None)
-        if not isinstance(module, torch.nn.Linear) or scale is None:
-            continue
-        zero = getattr(module, "weight_zero_point", None)
-        w = module.weight.detach().float()
-        n, k = w.shape
-        s = scale.detach().float()
-        codes = w.reshape(n, s.shape[1], -1) / s.unsqueeze(-1)
-        if zero is not None:
-            codes = codes + zero.detach().float().unsqueeze(-1)
-        off_grid = (codes - codes.round()).abs().max().item()
-        if off_grid > 1e-3 or codes.round().min() < qmin or codes.round().max() > qmax:
-            raise SystemExit(f"{name}: weights are not on the int{bits} grid "
-                             f"(max distance {off_grid:.2e})")
-        checked += 1
-    return checked
 
 
 def main() -> None:

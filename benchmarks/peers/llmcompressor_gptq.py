@@ -79,7 +79,8 @@ def calibration_loader(ids_file: str):
 
 
 def check_on_grid(model, bits: int) -> int:
-    """Assert every quantized Linear's weight is scale × integer code in range; return the count."""
+    """Assert every quantized Linear's weight is (code − zero) × scale with codes in range
+    (zero: its weight_zero_point when asymmetric); return the count."""
     import torch
 
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -88,10 +89,13 @@ def check_on_grid(model, bits: int) -> int:
         scale = getattr(module, "weight_scale", None)
         if not isinstance(module, torch.nn.Linear) or scale is None:
             continue
+        zero = getattr(module, "weight_zero_point", None)
         w = module.weight.detach().float()
         n, k = w.shape
         s = scale.detach().float()  # [n, 1] per-channel or [n, k // group]
         codes = w.reshape(n, s.shape[1], -1) / s.unsqueeze(-1)
+        if zero is not None:
+            codes = codes + zero.detach().float().unsqueeze(-1)
         off_grid = (codes - codes.round()).abs().max().item()
         if off_grid > 1e-3 or codes.round().min() < qmin or codes.round().max() > qmax:
             raise SystemExit(f"{name}: weights are not on the int{bits} grid "

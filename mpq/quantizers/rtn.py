@@ -7,7 +7,7 @@ import torch
 
 from mpq.quantizers.base import NUMBER_FORMATS, QUANTIZERS, QuantizedWeight
 from mpq.errors import SchemeError
-from mpq.scheme import LayerScheme
+from mpq.scheme import LayerScheme, WeightArgs
 
 
 class RTNQuantizer:
@@ -27,3 +27,9 @@ class RTNQuantizer:
 
 
 RTN = QUANTIZERS.register("rtn")(RTNQuantizer())
+
+
+def rtn_dequant(weight: torch.Tensor, args: WeightArgs) -> torch.Tensor:
+    """``weight`` [N, K] rounded to nearest on ``args``' grid and dequantized (fp32): what a
+    search scores a candidate by."""
+    return NUMBER_FORMATS.get(args.format).quantize(weight, args).dequantize(torch.float32)

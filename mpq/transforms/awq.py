@@ -31,7 +31,7 @@ import torch
 from mpq.arch import set_weight, weight_of
 from mpq.collect import collecting, input_groups, results, run_block
 from mpq.errors import SchemeError, did_you_mean
-from mpq.quantizers.base import NUMBER_FORMATS
+from mpq.quantizers.rtn import rtn_dequant
 from mpq.scale_fold import ScaleGroup, fold_scales, scale_groups
 from mpq.scheme import WeightArgs
 from mpq.transforms.base import TRANSFORMS, BlockContext
@@ -40,12 +40,6 @@ DEFAULTS = {"grid": 20, "duo_scaling": True, "clip": True}
 CLIP_FACTORS = tuple(1 - i / 20 for i in range(10))  # 1.0 … 0.55
 NO_CLIP_SUFFIXES = ("q_proj", "k_proj")
 TINY = 1e-8
-
-
-def rtn_dequant(w: torch.Tensor, args: WeightArgs) -> torch.Tensor:
-    """w [N, K] rounded to nearest on ``args``' grid, dequantized (fp32)."""
-    fmt = NUMBER_FORMATS.get(args.format)
-    return fmt.quantize(w, args).dequantize(torch.float32)
 
 
 def output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:

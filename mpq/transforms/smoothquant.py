@@ -25,7 +25,7 @@ from mpq.act_quant import fake_quantize, static_scale
 from mpq.arch import weight_of
 from mpq.collect import collecting, results, run_block
 from mpq.errors import SchemeError, did_you_mean
-from mpq.quantizers.base import NUMBER_FORMATS
+from mpq.quantizers.rtn import rtn_dequant
 from mpq.scale_fold import fold_scales, group_weight_absmax, scale_groups
 from mpq.transforms.base import TRANSFORMS, BlockContext
 
@@ -106,8 +106,7 @@ def best_alpha(ctx: BlockContext, group, x: torch.Tensor, x_max: torch.Tensor,
         for weight, scheme, reference in layers:
             ws = weight * s
             if scheme is not None:
-                ws = NUMBER_FORMATS.get(scheme.weights.format).quantize(
-                    ws, scheme.weights).dequantize(torch.float32)
+                ws = rtn_dequant(ws, scheme.weights)
             acts = scheme.input_activations if scheme is not None else None
             if acts is None:
                 xq = xs
