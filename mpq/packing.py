@@ -95,3 +95,28 @@ def pack_cols(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_cols(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_cols`: int32 [ceil(n·bits/32), G] → uint8 [n, G]."""
     return unpack_rows(packed.t().contiguous(), bits, n).t().contiguous()
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Pack uint8 4-bit codes [N, K] (K even) two per byte → uint8 [N, K/2].
+
+    Element 2j sits in the low nibble of byte j and element 2j + 1 in the high nibble: the bytes
+    of :func:`pack_rows` with 4 bits on a little-endian machine, and compressed-tensors'
+    ``weight_packed`` layout for FP4 (``pack_fp4_to_uint8``).
+    """
+    if codes.dim() != 2 or codes.dtype != torch.uint8:
+        raise ValueError(f"pack_nibbles expects uint8 [N, K], got {codes.dtype} "
+                         f"{tuple(codes.shape)}")
+    if codes.shape[1] % 2:
+        raise ValueError(f"pack_nibbles needs an even number of columns, got {codes.shape[1]}")
+    if codes.numel() and int(codes.max()) > 15:
+        raise ValueError(f"code {int(codes.max())} does not fit in 4 bits")
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: uint8 [N, K/2] → uint8 codes [N, K]."""
+    if packed.dim() != 2 or packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_nibbles expects uint8 [N, W], got {packed.dtype} "
+                         f"{tuple(packed.shape)}")
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpq.packing import (PACKING_LAYOUT, pack_cols, pack_rows, packed_width, unpack_cols,
-                         unpack_rows)
+from mpq.packing import (PACKING_LAYOUT, pack_cols, pack_nibbles, pack_rows, packed_width,
+                         unpack_cols, unpack_nibbles, unpack_rows)
 
 
 def _codes(n, k, bits, seed=0):
@@ -85,3 +85,31 @@ def test_matches_compressed_tensors():
         assert torch.equal(back, signed)
         assert torch.equal(pack_cols(codes.t().contiguous(), bits),
                            helpers.pack_to_int32(signed.t().contiguous(), bits, packed_dim=0))
+
+
+def test_nibbles_round_trip_and_layout():
+    codes = _codes(5, 34, 4, seed=7)
+    packed = pack_nibbles(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 17) and packed.is_contiguous()
+    assert torch.equal(unpack_nibbles(packed), codes)
+    # element 2j in the low nibble of byte j: the bytes of the little-endian int32 words
+    assert pack_nibbles(torch.arange(1, 9, dtype=torch.uint8)[None]).tolist() == [
+        [0x21, 0x43, 0x65, 0x87]]
+    wide = _codes(3, 64, 4, seed=8)
+    assert torch.equal(pack_nibbles(wide), pack_rows(wide, 4).view(torch.uint8))
+
+
+def test_nibbles_errors():
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_nibbles(torch.tensor([[16, 0]], dtype=torch.uint8))
+    with pytest.raises(ValueError, match="even"):
+        pack_nibbles(torch.zeros(1, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError):
+        unpack_nibbles(torch.zeros(1, 2, dtype=torch.int32))
+
+
+def test_nibbles_match_compressed_tensors_fp4():
+    helpers = pytest.importorskip("compressed_tensors.compressors.nvfp4.helpers")
+    codes = torch.arange(16, dtype=torch.uint8).repeat(3, 2)  # every E2M1 code, both nibbles
+    values = helpers.unpack_fp4_from_uint8(pack_nibbles(codes), 3, 32, dtype=torch.float32)
+    assert torch.equal(helpers.pack_fp4_to_uint8(values), pack_nibbles(codes))
