@@ -6,13 +6,21 @@ The writer prefixes the keys with ``<layer>.``; nothing here does I/O.  Keys by 
 - int:  ``qweight`` int32 [N, ceil(K·b/32)] = :func:`mpq.packing.pack_rows` of the unsigned codes;
   ``scale`` fp32 [S, G]; ``zero`` int32 [ceil(S·b/32), G] = :func:`mpq.packing.pack_cols` of the
   unsigned zero points (asymmetric only); ``g_idx`` int32 [K] (act-order only).
-- fp8:  ``weight`` float8_e4m3fn / float8_e5m2 [N, K]; ``scale`` fp32 [S, 1].
+- fp8:  ``weight`` float8_e4m3fn / float8_e5m2 [N, K]; ``scale`` fp32 [S, 1], or with granularity
+  ``block`` [ceil(N/128), ceil(K/128)].
 - nf4:  ``qweight`` int32 [N, K/8] (4-bit table indices); ``scale`` fp32 [N, K/64] block absmax, or
   with double quant ``absmax_codes`` uint8 [N·K/64], ``absmax_scale`` fp32 [ceil(N·K/64/256)],
   ``absmax_offset`` fp32 [1], from which :func:`mpq.quantizers.nf4.double_dequantize` rebuilds the
   same absmax the quantizer used.
+- mxfp4: ``packed`` uint8 [N, K/2], the E2M1 codes two per byte (:func:`mpq.packing.pack_nibbles`:
+  element 2j in the low nibble of byte j, compressed-tensors' ``weight_packed``); ``scale`` uint8
+  [N, K/32] E8M0 biased exponents (255, E8M0's NaN, is refused).
+- mxfp8: ``weight`` float8_e4m3fn [N, K]; ``scale`` uint8 [N, K/32] E8M0 exponents.
+- nvfp4: ``packed`` uint8 [N, K/2] as mxfp4; ``scale`` float8_e4m3fn [N, K/16];
+  ``global_scale`` fp32 [1] (a divisor: x̂ = value · scale / global_scale; finite and > 0).
 
-Scales are kept fp32 so decode(encode(qw)).dequantize() is bit-identical to qw.dequantize().
+Scales are kept fp32 (or in the format's own exact scale dtype) so decode(encode(qw)).dequantize()
+is bit-identical to qw.dequantize().
 :func:`decode` validates every key, shape and dtype and raises :class:`ArtifactError`.
 """
 from __future__ import annotations
@@ -23,12 +31,17 @@ from typing import Mapping
 import torch
 
 from mpq.errors import ArtifactError, SchemeError
-from mpq.packing import pack_cols, pack_rows, packed_width, unpack_cols, unpack_rows
+from mpq.packing import (pack_cols, pack_nibbles, pack_rows, packed_width, unpack_cols,
+                         unpack_nibbles, unpack_rows)
 from mpq.quantizers.base import QuantizedWeight
+from mpq.quantizers.microscaling import E8M0_NAN
 from mpq.quantizers.nf4 import DQ_BLOCK, double_dequantize
-from mpq.scheme import NF4_BLOCK, WeightArgs
+from mpq.scheme import FP8_BLOCK, NF4_BLOCK, WeightArgs
 
 FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FP4_FORMATS = ("mxfp4", "nvfp4")
+# the 8-bit scale dtype of each microscaled format
+_MICRO_SCALES = {"mxfp4": torch.uint8, "mxfp8": torch.uint8, "nvfp4": torch.float8_e4m3fn}
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -36,6 +49,8 @@ def _scale_shape(args: WeightArgs, shape: tuple[int, int]) -> tuple[int, int]:
     n, k = shape
     if args.granularity == "tensor":
         return 1, 1
+    if args.granularity == "block":
+        return -(-n // FP8_BLOCK), args.num_groups(k)
     return n, args.num_groups(k)
 
 
@@ -44,6 +59,8 @@ def encode(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     fmt = qw.args.format
     if fmt in FP8_DTYPES:
         return {"weight": qw.codes.contiguous(), "scale": qw.scale.to(torch.float32).contiguous()}
+    if fmt in _MICRO_SCALES:
+        return _encode_micro(qw)
     bits = 4 if fmt == "nf4" else qw.args.bits
     out = {"qweight": pack_rows(qw.codes.to(torch.uint8), bits)}
     if fmt == "nf4" and qw.args.double_quant:
@@ -56,6 +73,18 @@ def encode(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         out["zero"] = pack_cols(qw.zero.to(torch.uint8), bits)
     if qw.g_idx is not None:
         out["g_idx"] = qw.g_idx.to(torch.int32).contiguous()
+    return out
+
+
+def _encode_micro(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    fmt = qw.args.format
+    out = {"scale": qw.scale.to(_MICRO_SCALES[fmt]).contiguous()}
+    if fmt in FP4_FORMATS:
+        out["packed"] = pack_nibbles(qw.codes.to(torch.uint8))
+    else:
+        out["weight"] = qw.codes.to(torch.float8_e4m3fn).contiguous()
+    if fmt == "nvfp4":
+        out["global_scale"] = qw.extras["global_scale"].to(torch.float32).reshape(1).contiguous()
     return out
 
 
@@ -93,8 +122,10 @@ def decode(tensors: Mapping[str, torch.Tensor], args: WeightArgs, shape: tuple[i
     fmt = args.format
     if fmt in FP8_DTYPES:
         codes = _take(tensors, "weight", shape, (FP8_DTYPES[fmt],), prefix)
-        scale = _take(tensors, "scale", (_scale_shape(args, shape)[0], 1), _FLOATS, prefix)
+        scale = _take(tensors, "scale", _scale_shape(args, shape), _FLOATS, prefix)
         return QuantizedWeight(args=args, shape=shape, codes=codes, scale=scale.to(torch.float32))
+    if fmt in _MICRO_SCALES:
+        return _decode_micro(tensors, args, shape, prefix)
 
     bits = 4 if fmt == "nf4" else args.bits
     qweight = _take(tensors, "qweight", (n, packed_width(k, bits)), (torch.int32,), prefix)
@@ -136,6 +167,31 @@ def _decode_nf4(tensors: Mapping[str, torch.Tensor], args: WeightArgs, shape: tu
     return QuantizedWeight(args=args, shape=shape, codes=codes, scale=scale, extras=extras)
 
 
+def _decode_micro(tensors: Mapping[str, torch.Tensor], args: WeightArgs, shape: tuple[int, int],
+                  prefix: str) -> QuantizedWeight:
+    n, k = shape
+    fmt = args.format
+    scale = _take(tensors, "scale", (n, args.num_groups(k)), (_MICRO_SCALES[fmt],), prefix)
+    if fmt in FP4_FORMATS:
+        codes = unpack_nibbles(_take(tensors, "packed", (n, k // 2), (torch.uint8,), prefix))
+    else:
+        codes = _take(tensors, "weight", shape, (torch.float8_e4m3fn,), prefix)
+    extras = {}
+    if fmt == "nvfp4":
+        gs = _take(tensors, "global_scale", (1,), (torch.float32,), prefix)
+        if not bool(torch.isfinite(gs).all() and (gs > 0).all()):
+            raise ArtifactError(f"tensor '{prefix}global_scale' must be finite and > 0, got "
+                                f"{gs.item()}")
+        if bool(torch.isnan(scale.to(torch.float32)).any()):
+            raise ArtifactError(f"tensor '{prefix}scale' holds fp8 NaN values",
+                                hint="the artifact is damaged; re-run mpq quantize")
+        extras["global_scale"] = gs
+    elif scale.numel() and int(scale.max()) == E8M0_NAN:
+        raise ArtifactError(f"tensor '{prefix}scale' holds the E8M0 NaN code {E8M0_NAN}",
+                            hint="the artifact is damaged; re-run mpq quantize")
+    return QuantizedWeight(args=args, shape=shape, codes=codes, scale=scale, extras=extras)
+
+
 def stored_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     """Total bytes of the tensors' data."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
@@ -150,6 +206,9 @@ def ideal_bits(args: WeightArgs, shape: tuple[int, int], *, act_order: bool = Fa
         return (4 * n * k + side) / (n * k)
     rows, groups = _scale_shape(args, shape)
     scales = rows * groups
+    if args.format in _MICRO_SCALES:
+        extra = 32 if args.format == "nvfp4" else 0  # the global scale
+        return (args.bits * n * k + 8 * scales + extra) / (n * k)
     total = args.bits * n * k + 32 * scales
     if args.format == "int" and not args.symmetric:
         total += args.bits * scales

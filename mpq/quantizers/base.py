@@ -26,10 +26,17 @@ class QuantizedWeight:
     - int: ``codes`` uint8 [N, K] in 0..2^b-1; ``scale`` fp32 [N, G] (tensor: [1, 1]);
       ``zero`` None when symmetric (implicit 2^(b-1)), else int32 [N, G] in the unsigned domain.
       x̂ = (u − zero) · scale.
-    - fp8_*: ``codes`` torch.float8_e4m3fn / float8_e5m2 [N, K]; ``scale`` fp32 [1, 1] or [N, 1].
+    - fp8_*: ``codes`` torch.float8_e4m3fn / float8_e5m2 [N, K]; ``scale`` fp32 [1, 1], [N, 1]
+      or, granularity block (fp8_e4m3), [ceil(N/128), ceil(K/128)] (one per 128×128 tile).
     - nf4: ``codes`` uint8 [N, K] indices 0..15 into the NF4 table; ``scale`` fp32 [N, K/64] block
       absmax; with double quant, ``scale`` holds the dequantized absmax and ``extras`` the 8-bit
       codes and their fp32 scales/offset so a writer can store them.
+    - mxfp4: ``codes`` uint8 [N, K] FP4 E2M1 codes 0..15 (bits sign|exp2|man1, the magnitude index
+      0..7 of {0, .5, 1, 1.5, 2, 3, 4, 6} plus 8 when negative); ``scale`` uint8 [N, K/32] E8M0
+      biased exponents E, x̂ = value · 2^(E−127).  (compressed-tensors' ``weight_scale`` as is.)
+    - mxfp8: ``codes`` torch.float8_e4m3fn [N, K]; ``scale`` uint8 [N, K/32] as mxfp4.
+    - nvfp4: ``codes`` uint8 [N, K] E2M1 codes as mxfp4; ``scale`` torch.float8_e4m3fn [N, K/16];
+      ``extras["global_scale"]`` fp32 [1], a divisor: x̂ = value · (scale / global_scale).
     ``g_idx`` (int32 [K], optional) maps each input column to its group when columns were processed
     out of order (act-order).  ``info`` carries per-layer numbers for the plan (e.g. error, loss).
     """

@@ -6,7 +6,8 @@ that fed the layer; it may be shared between layers and is never modified.
 Supported weight formats (see :mod:`mpq.quantizers.gptq_solve`): ``int`` 2–8 bits sym/asym with
 tensor/channel/group scales (with or without act_order / static_groups); ``fp8_e4m3`` and
 ``fp8_e5m2`` tensor/channel; ``nf4`` without double_quant.  act_order with fp8 or nf4 and nf4 with
-double_quant are rejected by :meth:`GPTQQuantizer.check`.
+double_quant are rejected by :meth:`GPTQQuantizer.check`, and so are mxfp4, mxfp8, nvfp4 and
+fp8 with granularity ``block`` (use rtn for those).
 
 Options (recipe ``options:``, all optional): ``damp`` (float ≥ 0, default 0.01, fraction of the
 mean diagonal of H added to it), ``block_size`` (int ≥ 1, default 128, lazy-update block),

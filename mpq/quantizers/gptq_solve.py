@@ -30,6 +30,7 @@ Grids (all arithmetic fp32 on the weight's device; codes are exactly those chose
   :func:`mpq.quantizers.clip_search.searched_int_params` with the columns' diag H (after the
   dead-column fix) as error weights, instead of ``int_params``' min-max.
 - ``fp8_e4m3`` / ``fp8_e5m2`` tensor/channel: scale fixed up front from the absmax of W.
+  (``block`` granularity, mxfp4, mxfp8 and nvfp4 are refused by :func:`check_supported`.)
 - ``nf4`` (blocks of 64): each block's absmax from the current weights at its first column, like
   int groups; codes = nearest table entry.  Not with double_quant; nf4 and fp8 not with act_order.
 """
@@ -48,6 +49,7 @@ from mpq.scheme import WeightArgs
 
 DAMP_FLOOR = 1e-3  # first retry when the requested damp is 0
 FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+GPTQ_FORMATS = ("int", "fp8_e4m3", "fp8_e5m2", "nf4")
 
 
 @dataclass
@@ -72,6 +74,12 @@ class GPTQResult:
 def check_supported(args: WeightArgs, act_order: bool, static_groups: bool,
                     clip_search: bool = False) -> None:
     """Raise SchemeError for weight args / option combinations the solve cannot produce."""
+    if args.format not in GPTQ_FORMATS:
+        raise SchemeError(f"gptq does not support the {args.format} format (it supports "
+                          f"{', '.join(GPTQ_FORMATS)})", hint="use algorithm: rtn")
+    if args.granularity == "block":
+        raise SchemeError(f"gptq does not support {args.format} with granularity 'block'",
+                          hint="use granularity: channel, or algorithm: rtn")
     if clip_search and args.format != "int":
         raise SchemeError(f"gptq clip_search supports the int format only, not {args.format}",
                           hint="set clip_search: false")

@@ -21,7 +21,13 @@ CASES = [
     WeightArgs(format="fp8_e5m2", bits=8, granularity="channel", group_size=None),
     WeightArgs(format="nf4", bits=4, group_size=64),
     WeightArgs(format="nf4", bits=4, group_size=64, double_quant=True),
+    WeightArgs(format="fp8_e4m3", bits=8, granularity="block", group_size=None),
+    WeightArgs(format="mxfp4", bits=4, group_size=32),
+    WeightArgs(format="mxfp8", bits=8, group_size=32),
+    WeightArgs(format="nvfp4", bits=4, group_size=16),
 ]
+MXFP4, MXFP8, NVFP4 = CASES[-3:]
+FP8_BLOCK = CASES[-4]
 
 
 def _w(seed=0):
@@ -124,3 +130,57 @@ def test_extra_keys_ignored():
     args = WeightArgs(bits=4, group_size=64)
     t = dict(encode(_qw(args)), bias=torch.zeros(N))
     assert torch.equal(decode(t, args, (N, K)).dequantize(), _qw(args).dequantize())
+
+
+def test_microscaled_keys_dtypes_and_sizes():
+    t = encode(_qw(MXFP4))
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in t.items()} == {
+        "packed": (torch.uint8, (N, K // 2)), "scale": (torch.uint8, (N, K // 32))}
+    t = encode(_qw(MXFP8))
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in t.items()} == {
+        "weight": (torch.float8_e4m3fn, (N, K)), "scale": (torch.uint8, (N, K // 32))}
+    t = encode(_qw(NVFP4))
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in t.items()} == {
+        "packed": (torch.uint8, (N, K // 2)), "scale": (torch.float8_e4m3fn, (N, K // 16)),
+        "global_scale": (torch.float32, (1,))}
+    t = encode(_qw(FP8_BLOCK))
+    assert t["scale"].shape == (1, 2) and t["scale"].dtype == torch.float32  # ceil(40/128), ...
+    assert ideal_bits(MXFP4, (N, K)) == 4.25 and ideal_bits(MXFP8, (N, K)) == 8.25
+    assert ideal_bits(NVFP4, (N, K)) == 4.5 + 32 / (N * K)
+    assert ideal_bits(FP8_BLOCK, (N, K)) == 8 + 2 * 32 / (N * K)
+
+
+@pytest.mark.parametrize("args,key", [(MXFP4, "packed"), (MXFP4, "scale"), (MXFP8, "weight"),
+                                      (NVFP4, "global_scale"), (FP8_BLOCK, "scale")])
+def test_microscaled_missing_key(args, key):
+    t = encode(_qw(args))
+    del t[key]
+    with pytest.raises(ArtifactError, match=f"missing tensor 'p.{key}'"):
+        decode(t, args, (N, K), prefix="p.")
+
+
+def test_microscaled_bad_tensors():
+    t = encode(_qw(NVFP4))
+    with pytest.raises(ArtifactError, match="dtype"):  # fp8 scales stored as floats
+        decode(dict(t, scale=t["scale"].float()), NVFP4, (N, K))
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ArtifactError, match="finite and > 0"):
+            decode(dict(t, global_scale=torch.tensor([bad])), NVFP4, (N, K))
+    with pytest.raises(ArtifactError, match="expected"):
+        decode(dict(t, packed=t["packed"][:, :-1]), NVFP4, (N, K))
+    nan_scale = t["scale"].clone()
+    nan_scale.view(torch.uint8)[0, 0] = 0x7F  # E4M3 NaN
+    with pytest.raises(ArtifactError, match="NaN"):
+        decode(dict(t, scale=nan_scale), NVFP4, (N, K))
+    t = encode(_qw(MXFP4))
+    scale = t["scale"].clone()
+    scale[3, 1] = 255
+    with pytest.raises(ArtifactError, match="NaN"):
+        decode(dict(t, scale=scale), MXFP4, (N, K))
+    with pytest.raises(ArtifactError, match="dtype"):
+        decode(dict(t, packed=t["packed"].to(torch.int32)), MXFP4, (N, K))
+    with pytest.raises(ArtifactError, match="does not divide"):
+        decode(t, MXFP4, (N, 48))
+    t = encode(_qw(FP8_BLOCK))
+    with pytest.raises(ArtifactError, match="expected"):  # a per-channel scale for a block layout
+        decode(dict(t, scale=torch.ones(N, 1)), FP8_BLOCK, (N, K))

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import mpq.quantizers  # noqa: F401
+from mpq.errors import SchemeError
 from mpq.quantizers.base import NUMBER_FORMATS
+from mpq.quantizers.int_grid import safe_scale
 from mpq.scheme import WeightArgs
 
 # name -> (dtype, mantissa bits, minimum normal exponent)
@@ -76,3 +78,47 @@ def test_requant_is_stable(name):
 
     again = fp8_codes(qw.dequantize(), qw.scale, FORMATS[name][0])
     assert torch.equal(again.float(), qw.codes.float())
+
+
+BLOCK = WeightArgs(format="fp8_e4m3", bits=8, granularity="block", group_size=None)
+
+
+@pytest.mark.parametrize("shape", [(200, 300), (256, 128), (64, 64), (130, 129)])
+def test_block_matches_compressed_tensors(shape):
+    from tests.ct_reference import ct_compress, ct_decompress, ct_fp8_block
+
+    g = torch.Generator().manual_seed(shape[0])
+    w = torch.randn(*shape, generator=g) * torch.logspace(-3, 1, shape[0])[:, None]
+    w[:, :3] = 0
+    ref, scale, _ = ct_fp8_block(w)  # compressed-tensors zero-pads partial 128×128 tiles
+    qw = NUMBER_FORMATS.get("fp8_e4m3").quantize(w, BLOCK)
+    assert qw.scale.shape == (-(-shape[0] // 128), -(-shape[1] // 128))
+    assert torch.equal(qw.scale, scale) and torch.equal(qw.dequantize(), ref)
+    stored = ct_compress("fp8_block", w, scale, None)
+    assert stored["weight"].shape == shape
+    assert torch.equal(stored["weight"].view(torch.uint8), qw.codes.view(torch.uint8))
+    back = ct_decompress("fp8_block", {"weight": qw.codes, "weight_scale": qw.scale})
+    assert torch.equal(back, qw.dequantize())
+
+
+def test_block_scale_is_per_tile_absmax():
+    w = torch.zeros(130, 260)
+    w[0, 0], w[129, 0], w[5, 259], w[128, 255] = 448.0, -2.0, 4.48, 0.5
+    qw = NUMBER_FORMATS.get("fp8_e4m3").quantize(w, BLOCK)
+    tile_absmax = torch.tensor([[448.0, 0.0, 4.48], [2.0, 0.5, 0.0]])  # empty tiles get eps
+    assert torch.equal(qw.scale, safe_scale(tile_absmax / torch.tensor(448.0)))
+    assert torch.allclose(qw.dequantize()[w != 0], w[w != 0], rtol=1e-6, atol=0)
+    assert BLOCK.describe() == "fp8_e4m3 block128" and BLOCK.num_groups(260) == 3
+
+
+def test_block_args_errors():
+    for kwargs, match in [
+        (dict(format="fp8_e5m2", bits=8, granularity="block", group_size=None), "fp8_e4m3 only"),
+        (dict(format="int", bits=8, granularity="block", group_size=None), "fp8_e4m3 only"),
+        (dict(format="fp8_e4m3", bits=8, granularity="block", group_size=128), "group_size"),
+        (dict(format="fp8_e4m3", bits=8, granularity="group", group_size=128),
+         "tensor, channel or block"),
+    ]:
+        with pytest.raises(SchemeError, match=match) as exc:
+            WeightArgs(**kwargs)
+        assert exc.value.hint

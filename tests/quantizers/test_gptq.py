@@ -67,6 +67,11 @@ def test_check_rejects_bad_options(options, match):
     (FP8_CH, {"act_order": True}, "act_order"),
     (WeightArgs(format="nf4", bits=4, group_size=64, double_quant=True), {}, "double_quant"),
     (INT3_ASYM_CH, {"static_groups": True}, "static_groups"),
+    (WeightArgs(format="mxfp4", bits=4, group_size=32), {}, "does not support the mxfp4 format"),
+    (WeightArgs(format="mxfp8", bits=8, group_size=32), {}, "does not support the mxfp8 format"),
+    (WeightArgs(format="nvfp4", bits=4, group_size=16), {}, "does not support the nvfp4 format"),
+    (WeightArgs(format="fp8_e4m3", bits=8, granularity="block", group_size=None), {},
+     "granularity 'block'"),
 ])
 def test_check_rejects_unsupported_combinations(args, options, match):
     with pytest.raises(SchemeError, match=match) as exc:
