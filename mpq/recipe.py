@@ -28,8 +28,9 @@ Format, version 1::
 
 Weights of a rule = WeightArgs defaults, overlaid key-wise by ``defaults.weights``, then by the
 rule's ``weights``.  A level that sets ``format`` but not ``bits`` gets the format's bits
-(fp8_* → 8, nf4 → 4); nf4 implies granularity group and group_size 64, fp8 implies per-channel
-instead of group (see :func:`mpq.recipe_schema.overlay_weights`).  group_size is dropped unless
+(fp8_*, mxfp8 → 8; nf4, mxfp4, nvfp4 → 4); nf4, mxfp4, mxfp8 and nvfp4 imply granularity group
+with their fixed group_size (64, 32, 32, 16), fp8 implies per-channel instead of group (see
+:func:`mpq.recipe_schema.overlay_weights`; ``granularity: block`` gives fp8_e4m3 128×128 tiles).  group_size is dropped unless
 the granularity is ``group``.  Options (scalar values) merge key-wise the same way.  Unknown keys,
 duplicate keys, wrong types, bad regexes and invalid schemes raise
 :class:`~mpq.errors.RecipeError` naming ``<file>: <yaml path>`` (``<file>:<line>:<col>`` for YAML

@@ -11,7 +11,7 @@ from typing import Any, Collection, Mapping
 import yaml
 
 from mpq.errors import RecipeError, did_you_mean
-from mpq.scheme import NF4_BLOCK, ActivationArgs, WeightArgs
+from mpq.scheme import FIXED_BLOCK_FORMATS, ActivationArgs, WeightArgs
 
 WEIGHT_KEYS = tuple(f.name for f in fields(WeightArgs))
 ACTIVATION_KEYS = tuple(f.name for f in fields(ActivationArgs))
@@ -134,8 +134,9 @@ def overlay_weights(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict
     """Merge one ``weights:`` level key-wise over ``base``.
 
     When the level sets ``format``, fields it leaves out follow the format: fp8_* → 8 bits,
-    symmetric, per-channel instead of group; nf4 → 4 bits, symmetric, group of 64; any format other
-    than nf4 → no double_quant.  Fields the level gives are never changed, so conflicts still raise.
+    symmetric, per-channel instead of group; nf4, mxfp4, mxfp8, nvfp4 → their bits, symmetric,
+    group of their fixed size (64, 32, 32, 16); any format other than nf4 → no double_quant.
+    Fields the level gives are never changed, so conflicts still raise.
     """
     merged = {**base, **overlay}
     fmt = overlay.get("format")
@@ -144,8 +145,9 @@ def overlay_weights(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict
         implied = {"bits": 8, "symmetric": True}
         if merged.get("granularity") == "group":
             implied["granularity"] = "channel"
-    elif fmt == "nf4":
-        implied = {"bits": 4, "symmetric": True, "granularity": "group", "group_size": NF4_BLOCK}
+    elif fmt in FIXED_BLOCK_FORMATS:
+        bits, block = FIXED_BLOCK_FORMATS[fmt]
+        implied = {"bits": bits, "symmetric": True, "granularity": "group", "group_size": block}
     if fmt is not None and fmt != "nf4":
         implied["double_quant"] = False
     for key, item in implied.items():

@@ -68,6 +68,11 @@ def test_minimal_recipe_uses_weight_args_defaults_and_file_stem():
      WeightArgs("fp8_e5m2", 8, granularity="tensor", group_size=None)),
     ("{format: nf4}", WeightArgs("nf4", 4, group_size=64)),
     ("{format: nf4, double_quant: true}", WeightArgs("nf4", 4, group_size=64, double_quant=True)),
+    ("{format: mxfp4}", WeightArgs("mxfp4", 4, group_size=32)),
+    ("{format: mxfp8}", WeightArgs("mxfp8", 8, group_size=32)),
+    ("{format: nvfp4}", WeightArgs("nvfp4", 4, group_size=16)),
+    ("{format: fp8_e4m3, granularity: block}",
+     WeightArgs("fp8_e4m3", 8, granularity="block", group_size=None)),
     ("{bits: 3, granularity: tensor, group_size: 32}",
      WeightArgs(bits=3, granularity="tensor", group_size=None)),
 ])
@@ -89,6 +94,32 @@ def test_format_does_not_override_explicit_fields():
         rules: [{targets: Linear, weights: {format: nf4, group_size: 128}}]
     """)
     assert "rules[0].weights: nf4 uses blocks of 64" in str(err) and "group_size: 64" in err.hint
+
+
+@pytest.mark.parametrize("weights, message, hint", [
+    ("{format: nvfp4, group_size: 32}", "nvfp4 uses blocks of 16", "group_size: 16"),
+    ("{format: mxfp4, bits: 8}", "mxfp4 has 4 bits", "bits: 4"),
+    ("{format: fp8_e5m2, granularity: block}", "granularity 'block'", "channel"),
+])
+def test_microscaled_format_errors(weights, message, hint):
+    err = error_of(f"""
+        mpq_recipe: 1
+        rules: [{{targets: Linear, weights: {weights}}}]
+    """)
+    assert f"rules[0].weights: {message}" in str(err) and hint in err.hint
+
+
+def test_microscaled_format_over_other_defaults():
+    recipe = parse("""
+        mpq_recipe: 1
+        defaults: {weights: {format: fp8_e4m3, granularity: block}}
+        rules:
+          - {targets: "re:.*down_proj", weights: {format: nvfp4}}
+          - {targets: Linear}
+    """)
+    assert recipe.rules[0].scheme.weights == WeightArgs("nvfp4", 4, group_size=16)
+    assert recipe.rules[0].scheme.describe() == "nvfp4"
+    assert recipe.rules[1].scheme.describe() == "fp8_e4m3 block128"
 
 
 @pytest.mark.parametrize("name", PRESETS)
