@@ -55,6 +55,13 @@ class SchemeError(MpqError):
     exit_code = 8
 
 
+class FormatError(MpqError):
+    """The chosen output format cannot express the plan (which layers, why), or --strict
+    pre-flight checks for the target runtime failed."""
+
+    exit_code = 9
+
+
 class EvalGateError(MpqError):
     """An evaluation gate (--max-ppl-delta, --max-kl) was exceeded."""
 

@@ -6,15 +6,15 @@ from mpq.plan import Plan
 
 
 def render_model_card(*, source: dict, recipe_name: str, plan: Plan, calibration: dict | None,
-                      sizes: dict) -> str:
+                      sizes: dict, format_name: str = "mpq",
+                      load_hint: str = 'import mpq; model = mpq.load("path/to/this/folder")') -> str:
     lines = [
         f"# {source.get('path', 'model').rstrip('/').split('/')[-1]} quantized with mpq ({recipe_name})",
         "",
-        f"Written by mpq {__version__} in the native `mpq` format. Load it with:",
+        f"Written by mpq {__version__} in the `{format_name}` format. Load it with:",
         "",
         "```python",
-        "import mpq",
-        "model = mpq.load(\"path/to/this/folder\")",
+        *load_hint.split("; "),
         "```",
         "",
         "## Plan summary",

@@ -15,13 +15,13 @@ from torch import nn
 
 import mpq.quantizers  # noqa: F401  (registers the built-in quantizers and number formats)
 from mpq.arch import ModelLayout, blocks_of, describe_layers, layout_of
-from mpq.artifact_contents import (artifact_config, artifact_tensors, header_metadata,
-                                   pass_through_files, size_report)
 from mpq.calibration import build_calibration_set
-from mpq.errors import ModelError, RecipeError, SchemeError, did_you_mean
-from mpq.formats.native import check_output_free, write_artifact
+from mpq.errors import FormatError, ModelError, RecipeError, SchemeError, did_you_mean
+from mpq.formats import WRITERS
+from mpq.formats.native import check_output_free
+from mpq.formats.state import state_from_model
+from mpq.formats.writers import check_expressible, write_state
 from mpq.memory import release_free_memory
-from mpq.model_card import render_model_card
 from mpq.model_io import PASS_THROUGH, check_model_dir, fingerprint, load_model, load_tokenizer
 from mpq.pipeline import Events, no_events, run_pipeline, untie_head_if_quantized
 from mpq.plan import Plan, resolve
@@ -53,13 +53,15 @@ class QuantizeResult:
     calibration: dict | None
     seconds: float
     untied_head: bool = False
-    extra: dict = field(default_factory=dict)
+    output_format: str = "mpq"
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"output": str(self.out_dir), "recipe": self.plan.recipe_name,
                 "quantized_layers": len(self.plan.quantized()), "sizes": self.sizes,
                 "calibration": self.calibration, "seconds": round(self.seconds, 3),
-                "untied_head": self.untied_head}
+                "untied_head": self.untied_head, "format": self.output_format,
+                "warnings": self.warnings}
 
 
 def check_device(device: str) -> torch.device:
@@ -107,19 +109,41 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
     return layout, plan
 
 
+def preflight(plan: Plan, output_format: str, strict: bool) -> list[str]:
+    """Check that ``output_format`` can store ``plan`` (FormatError if not) and return the
+    runtime pre-flight warnings; with ``strict``, any warning is a FormatError."""
+    writer = WRITERS.get(output_format)
+    check_expressible(writer, plan)
+    warnings = writer.preflight(plan)
+    if warnings and strict:
+        shown = "; ".join(warnings[:6]) + (f"; … {len(warnings) - 6} more"
+                                           if len(warnings) > 6 else "")
+        raise FormatError(f"--strict: {len(warnings)} layer(s) fail the pre-flight checks of "
+                          f"format '{output_format}': {shown}",
+                          hint="change those layers' schemes, or drop --strict to write anyway")
+    return warnings
+
+
 def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, *,
              calibration: CalibrationOptions = CalibrationOptions(), force: bool = False,
              dtype: str | torch.dtype = "auto", true_sequential: bool = True,
-             device: str = "cpu", events: Events = no_events) -> QuantizeResult:
-    """Quantize the model folder ``model_path`` with ``recipe`` into the artifact ``out_dir``."""
+             device: str = "cpu", output_format: str = "mpq", strict: bool = False,
+             events: Events = no_events) -> QuantizeResult:
+    """Quantize the model folder ``model_path`` with ``recipe`` into the artifact ``out_dir``,
+    written as ``output_format`` (mpq.formats.WRITERS); its pre-flight warnings are returned
+    (``strict``: refused before quantizing)."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     check_output_free(out_dir, force)
     device = check_device(device)
     recipe = as_recipe(recipe)
+    WRITERS.get(output_format)  # an unknown format fails before the model is read
     source_dir = check_model_dir(model_path)
     model = load_model(source_dir, dtype=dtype)
     layout, plan = plan_model(model, recipe)
+    warnings = preflight(plan, output_format, strict)
+    for warning in warnings:
+        events("warning", message=f"{output_format} pre-flight: {warning}")
     calib = None
     if calibration.source is not None:
         calib = build_calibration_set(
@@ -132,19 +156,15 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
     qweights = run_pipeline(model, layout, plan, calib.samples if calib else None,
                             true_sequential=true_sequential, device=device, events=events,
                             batch_tokens=calibration.batch_tokens, keep_dequantized=False)
-    tensors = artifact_tensors(model, plan, qweights)
-    sizes = size_report(plan, tensors)
-    source = fingerprint(source_dir)
     provenance = calib.provenance if calib else None
-    metadata = header_metadata(recipe={**recipe.to_dict(), "source": recipe.source,
-                                       "text": recipe.text}, plan=plan, calibration=provenance,
-                               source=source, sizes=sizes,
-                               pipeline={"true_sequential": true_sequential,
-                                         "batch_tokens": calibration.batch_tokens})
-    extra = pass_through_files(source_dir, PASS_THROUGH)
-    extra["README.md"] = render_model_card(source=source, recipe_name=recipe.name, plan=plan,
-                                           calibration=provenance, sizes=sizes)
-    write_artifact(out_dir, tensors, metadata, artifact_config(model, plan), extra_files=extra,
-                   force=force)
+    state = state_from_model(model, plan, qweights, provenance={
+        "recipe": {**recipe.to_dict(), "source": recipe.source, "text": recipe.text},
+        "calibration": provenance, "source": fingerprint(source_dir),
+        "pipeline": {"true_sequential": true_sequential,
+                     "batch_tokens": calibration.batch_tokens}},
+        files={name: source_dir / name for name in PASS_THROUGH
+               if (source_dir / name).is_file()})
+    sizes = write_state(state, out_dir, output_format, force=force)
     return QuantizeResult(out_dir=out_dir, plan=plan, sizes=sizes, calibration=provenance,
-                          seconds=time.perf_counter() - started, untied_head=untied)
+                          seconds=time.perf_counter() - started, untied_head=untied,
+                          output_format=output_format, warnings=warnings)

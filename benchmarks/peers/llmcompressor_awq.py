@@ -10,7 +10,13 @@ Runs inside llm-compressor's own venv (benchmarks/peers/setup_llmcompressor.sh);
   n_grid=--n-grid) followed by QuantizationModifier with asymmetric int weights, group
   --group-size, on every Linear except lm_head (its min-max observer); pipeline="sequential".
   llm-compressor (0.14) has no AWQ weight-clipping search, so none runs here.
-- Output and the JSON line on stdout: as llmcompressor_gptq.py.
+- CPU workaround: llm-compressor 0.14's AWQ pins its cached activations (``pin_memory``) before
+  each grid search, which raises "Cannot access accelerator device" on a machine without one.
+  Pinning only speeds up host-to-GPU copies, so without CUDA it is turned into a no-op here.
+- Output and the JSON line on stdout: as llmcompressor_gptq.py.  llm-compressor's
+  QuantizationModifier leaves the float weights in place (it quantizes them on the fly in
+  forward, and when it compresses a checkpoint); here each is replaced by compressed-tensors'
+  own ``fake_quantize`` of it with the module's scale and zero point before the check and save.
 """
 from __future__ import annotations
 
@@ -44,6 +50,21 @@ def build_recipe(bits: int, group: int, n_grid: int):
             QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])]
 
 
+def fake_quantize_weights(model) -> None:
+    """Replace each quantized Linear's weight by its quantize-dequantize (what inference uses)."""
+    import torch
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    for module in model.modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if not isinstance(module, torch.nn.Linear) or scheme is None or scheme.weights is None:
+            continue
+        with torch.no_grad():
+            module.weight.copy_(fake_quantize(module.weight, module.weight_scale,
+                                              getattr(module, "weight_zero_point", None),
+                                              scheme.weights))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="HF model folder (fp32)")
@@ -59,6 +80,10 @@ def main() -> None:
 
     import torch
     from llmcompressor import oneshot
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.cuda.is_available():  # see the docstring's CPU workaround
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -71,6 +96,7 @@ def main() -> None:
                         max_seq_length=calib_shape[1], shuffle_calibration_samples=False)
     quant_s = time.perf_counter() - t0
     peak_quant = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fake_quantize_weights(quantized)
     num_quantized = check_on_grid(quantized, args.bits)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

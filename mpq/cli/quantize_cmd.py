@@ -33,10 +33,17 @@ from mpq.cli.options import dtype_option, json_option, torch_dtype
 @click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
               help="Inside a block, quantize layers in execution order, each seeing inputs from "
                    "already-quantized predecessors.")
+@click.option("--format", "output_format", default="mpq", show_default=True,
+              help="Output format: mpq (native), compressed-tensors (vLLM, transformers) or "
+                   "gptq (GPTQ v1); `mpq list` shows them. Checked before quantizing.")
+@click.option("--strict", is_flag=True,
+              help="Refuse (exit 9) instead of warning when layers fail the format's runtime "
+                   "pre-flight checks (e.g. vLLM's fast int kernels).")
 @dtype_option
 @json_option
 def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode, calib_field,
-            calib_split, calib_batch_tokens, force, device, true_sequential, dtype, as_json):
+            calib_split, calib_batch_tokens, force, device, true_sequential, output_format,
+            strict, dtype, as_json):
     """Quantize MODEL (a local Hugging Face folder) with RECIPE into OUTPUT."""
     from mpq.quantize import CalibrationOptions, quantize
 
@@ -47,13 +54,14 @@ def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode
     with reporter if not as_json else nullcontext():
         result = quantize(model, recipe, output, calibration=options, force=force,
                           dtype=torch_dtype(dtype), true_sequential=true_sequential,
-                          device=device, events=reporter)
+                          device=device, output_format=output_format, strict=strict,
+                          events=reporter)
     if as_json:
         emit_json({"event": "result", **result.to_dict()})
         return
     sizes = result.sizes
     console = stdout_console()
-    console.print(f"wrote {result.out_dir} in {result.seconds:.1f} s: "
+    console.print(f"wrote {result.out_dir} ({result.output_format}) in {result.seconds:.1f} s: "
                   f"{len(result.plan.quantized())} layers quantized, tensors "
                   f"{human_bytes(sizes['stored_bytes'])} (ideal {human_bytes(sizes['ideal_bytes'])})")
     if result.untied_head:

@@ -1,6 +1,5 @@
 """Checkpoint formats. ``WRITERS`` maps an output format name to its writer."""
-from mpq.formats.native import write_artifact
-from mpq.registry import Registry
+from mpq.formats.writers import WRITERS
+from mpq.formats import compressed_tensors, gptq_v1, native_writer  # noqa: F401  (registration)
 
-WRITERS: Registry = Registry("output format")
-WRITERS.register("mpq")(write_artifact)
+__all__ = ["WRITERS"]

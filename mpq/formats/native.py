@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mpq.errors import ArtifactError, OutputError
+from mpq.formats.safetensors_header import canonicalize_header
 from mpq.plan import Plan
 
 FORMAT_NAME = "mpq"
@@ -92,6 +93,7 @@ def _write_contents(tmp: Path, tensors, metadata, config, extra_files, max_shard
     weight_map = {}
     for name, shard in zip(names, shards):
         save_file({k: v.contiguous() for k, v in shard.items()}, str(tmp / name), metadata=header)
+        canonicalize_header(tmp / name)
         weight_map.update({k: name for k in shard})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -134,14 +136,23 @@ class Artifact:
         return sum(f.stat().st_size for f in self.files)
 
 
-def is_artifact(path: str | Path) -> bool:
+def written_format(path: str | Path) -> str | None:
+    """The format name in config.json's ``mpq`` key (None: not written by mpq, or unreadable)."""
     config = Path(path) / "config.json"
     if not config.is_file():
-        return False
+        return None
     try:
-        return "mpq" in json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
+        entry = json.loads(config.read_text(encoding="utf-8")).get("mpq")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(entry, dict):
+        return None
+    return str(entry.get("format", FORMAT_NAME))
+
+
+def is_artifact(path: str | Path) -> bool:
+    """Whether ``path`` is a native mpq artifact (other formats mpq writes load elsewhere)."""
+    return written_format(path) == FORMAT_NAME
 
 
 def _shard_files(path: Path) -> list[Path]:
@@ -166,9 +177,15 @@ def open_artifact(path: str | Path) -> Artifact:
     path = Path(path)
     if not path.is_dir():
         raise ArtifactError(f"artifact '{path}' does not exist or is not a directory")
-    if not is_artifact(path):
+    written = written_format(path)
+    if written is None:
         raise ArtifactError(f"'{path}' is not an mpq artifact (config.json has no 'mpq' key)",
                             hint="pass a folder written by `mpq quantize`")
+    if written != FORMAT_NAME:
+        raise ArtifactError(f"'{path}' is a {written} checkpoint written by mpq, not a native "
+                            "mpq artifact", hint="load it with transformers "
+                            "(AutoModelForCausalLM.from_pretrained) or its own runtime; `mpq "
+                            "convert` reads native artifacts only")
     files = _shard_files(path)
     try:
         with safe_open(str(files[0]), framework="pt") as handle:

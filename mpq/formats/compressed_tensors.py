@@ -1,0 +1,205 @@
+"""The ``compressed-tensors`` format: what vLLM and transformers (with the compressed-tensors
+package) load.  Facts: FORMATS.md, checked against compressed-tensors 0.20 (``CT_VERSION``).
+
+Per quantized Linear ``<p>``, the per-layer format is the one compressed-tensors itself infers
+(``infer_module_format``; the test suite checks the two agree):
+
+- ``pack-quantized`` (int weights, no activation quantization): ``weight_packed`` int32
+  [N, ceil(K·b/32)] (the same dense little-endian layout as mpq's ``qweight``), ``weight_scale``
+  [N, G] (tensor: [1]), ``weight_shape`` int64 [2]; asymmetric: ``weight_zero_point`` int32
+  [ceil(N·b/32), G] (mpq's packed zero points: both store zero + 2^(b−1)).
+- ``int-quantized`` (int weights with quantized activations): ``weight`` int8 [N, K] signed codes,
+  ``weight_scale``, asymmetric ``weight_zero_point`` int8 [N, G].
+- ``float-quantized`` (fp8_e4m3 weights with quantized activations) and ``naive-quantized``
+  (fp8_e4m3 weights only): ``weight`` float8_e4m3fn [N, K], ``weight_scale`` [1] or [N, 1].
+- static input activations: ``input_scale`` [1].
+
+Scales are stored in the model's dtype (compressed-tensors' default ``scale_dtype``); for an
+fp32 model the stored state is exactly mpq's.  One config group per distinct scheme; its targets
+are ``["Linear"]`` when it covers every quantized layer, else the layers' exact names; unquantized
+Linears go to ``ignore``.  A mix of per-layer formats makes the top-level format
+``mixed-precision``.  mpq's metadata stays out of the scheme args (which reject unknown keys): it
+is in the safetensors header and config.json's top-level ``mpq`` key.
+
+Not expressible (refused, layer by layer): nf4, fp8_e5m2, asymmetric per-tensor int, and
+act-order without static groups (compressed-tensors ≥ 0.20 stores no g_idx).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from mpq.errors import FormatError
+from mpq.formats.native_codec import encode
+from mpq.formats.state import ArtifactState
+from mpq.formats.writers import WRITERS, FolderContents, mpq_config_key
+from mpq.packing import pack_cols
+from mpq.plan import LayerPlan, Plan
+from mpq.quantizers.base import QuantizedWeight
+from mpq.scheme import ActivationArgs, LayerScheme, WeightArgs
+
+CT_VERSION = "0.20.0"
+FORMAT_NAME = "compressed-tensors"
+VLLM_INT_BITS = (4, 8)
+VLLM_GROUPS = (None, 32, 64, 128)  # None: per channel
+
+
+def weight_args(args: WeightArgs, options: dict) -> dict:
+    """compressed-tensors QuantizationArgs (as JSON) for mpq's weight args."""
+    strategy = {"tensor": "tensor", "channel": "channel", "group": "group"}[args.granularity]
+    out = {"num_bits": args.bits, "type": "int" if args.format == "int" else "float",
+           "symmetric": args.symmetric, "strategy": strategy,
+           "group_size": args.group_size if args.granularity == "group" else None,
+           "block_structure": None, "dynamic": False,
+           "actorder": "weight" if options.get("act_order") else None}
+    return out
+
+
+def activation_args(acts: ActivationArgs) -> dict:
+    return {"num_bits": acts.bits, "type": "int" if acts.format == "int" else "float",
+            "symmetric": True, "strategy": acts.granularity, "group_size": None,
+            "block_structure": None, "dynamic": acts.dynamic, "actorder": None}
+
+
+def layer_format(scheme: LayerScheme) -> str:
+    """compressed-tensors' per-layer format for ``scheme`` (its own inference order)."""
+    int_weights = scheme.weights.format == "int"
+    if scheme.input_activations is not None:
+        return "int-quantized" if int_weights else "float-quantized"
+    return "pack-quantized" if int_weights else "naive-quantized"
+
+
+def why_unsupported(layer: LayerPlan) -> str | None:
+    scheme = layer.scheme
+    args = scheme.weights
+    options = dict(scheme.options)
+    if args.format not in ("int", "fp8_e4m3"):
+        return f"{args.format} weights have no compressed-tensors format mpq writes"
+    if args.format == "int" and not args.symmetric and args.granularity == "tensor":
+        return "asymmetric per-tensor int weights (compressed-tensors packs zero points only " \
+               "per channel or group)"
+    if options.get("act_order") and not options.get("static_groups") \
+            and args.granularity == "group":
+        return "act_order without static_groups needs a g_idx, which compressed-tensors " \
+               "(≥ 0.20) does not store; set static_groups: true"
+    return None
+
+
+def _scheme_key(layer: LayerPlan) -> tuple:
+    scheme = layer.scheme
+    acts = scheme.input_activations
+    return (tuple(sorted(weight_args(scheme.weights, dict(scheme.options)).items())),
+            tuple(sorted(activation_args(acts).items())) if acts else None)
+
+
+def quantization_config(plan: Plan) -> dict:
+    """config.json's ``quantization_config`` for ``plan``."""
+    quantized = plan.quantized()
+    groups: dict[tuple, list[LayerPlan]] = defaultdict(list)
+    for layer in quantized:
+        groups[_scheme_key(layer)].append(layer)
+    config_groups, formats = {}, set()
+    for index, layers in enumerate(groups.values()):
+        scheme = layers[0].scheme
+        fmt = layer_format(scheme)
+        formats.add(fmt)
+        targets = (["Linear"] if len(layers) == len(quantized)
+                   else [layer.name for layer in layers])
+        acts = scheme.input_activations
+        config_groups[f"group_{index}"] = {
+            "targets": targets,
+            "weights": weight_args(scheme.weights, dict(scheme.options)),
+            "input_activations": activation_args(acts) if acts is not None else None,
+            "output_activations": None, "format": fmt}
+    return {"quant_method": "compressed-tensors", "version": CT_VERSION,
+            "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "quantization_status": "compressed", "config_groups": config_groups,
+            "ignore": [layer.name for layer in plan.layers if layer.scheme is None],
+            "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {},
+            "global_compression_ratio": None}
+
+
+def layer_tensors(qw: QuantizedWeight, scheme: LayerScheme, dtype: torch.dtype
+                  ) -> dict[str, torch.Tensor]:
+    """One quantized layer's tensors under compressed-tensors' local names."""
+    args = qw.args
+    n, k = qw.shape
+    scale = qw.scale.to(dtype)
+    scale = scale.reshape(1) if args.granularity == "tensor" else scale.contiguous()
+    fmt = layer_format(scheme)
+    if fmt in ("float-quantized", "naive-quantized"):
+        return {"weight": qw.codes.contiguous(), "weight_scale": scale}
+    offset = 1 << (args.bits - 1)
+    out = {"weight_scale": scale}
+    if fmt == "pack-quantized":
+        out["weight_packed"] = encode(qw)["qweight"]  # same layout (see the module docstring)
+        out["weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+        if qw.zero is not None:
+            out["weight_zero_point"] = pack_cols(qw.zero.to(torch.uint8), args.bits)
+    else:  # int-quantized: signed codes, unpacked
+        out["weight"] = (qw.codes.to(torch.int16) - offset).to(torch.int8)
+        if qw.zero is not None:
+            out["weight_zero_point"] = (qw.zero.to(torch.int16) - offset).to(torch.int8)
+    return out
+
+
+def vllm_int_kernel_problems(plan: Plan) -> list[str]:
+    """Layers vLLM's fast int kernels would not take (FORMATS.md), grouped by reason."""
+    reasons: dict[str, list[str]] = defaultdict(list)
+    for layer in plan.quantized():
+        args = layer.scheme.weights
+        if args.format != "int":
+            continue
+        n, k = layer.shape
+        if not args.symmetric:
+            reasons["asymmetric weights"].append(layer.name)
+        if args.bits not in VLLM_INT_BITS:
+            reasons[f"{args.bits}-bit weights (kernels take 4 or 8)"].append(layer.name)
+        group = args.group_size if args.granularity == "group" else None
+        if group not in VLLM_GROUPS or args.granularity == "tensor":
+            reasons["scale granularity (kernels take channel or group 32/64/128)"].append(
+                layer.name)
+        if k % 128:
+            reasons["input size K not a multiple of 128"].append(layer.name)
+        if n % 64:
+            reasons["output size N not a multiple of 64"].append(layer.name)
+    return [f"{why}: {len(names)} layer(s), e.g. {', '.join(names[:3])}"
+            for why, names in reasons.items()]
+
+
+class CompressedTensorsWriter:
+    """compressed-tensors (pack-/int-/float-quantized, mixed-precision): vLLM, transformers."""
+
+    name = FORMAT_NAME
+    load_hint = ("# pip install compressed-tensors; from transformers import "
+                 "AutoModelForCausalLM; model = AutoModelForCausalLM.from_pretrained("
+                 '"path/to/this/folder")')
+
+    def unsupported(self, plan: Plan) -> list[str]:
+        return [f"{layer.name}: {why}" for layer in plan.quantized()
+                if (why := why_unsupported(layer)) is not None]
+
+    def preflight(self, plan: Plan) -> list[str]:
+        return [f"vLLM int kernels: {problem}" for problem in vllm_int_kernel_problems(plan)]
+
+    def contents(self, state: ArtifactState) -> FolderContents:
+        dtype = state.dtype()
+        tensors = dict(state.dense)
+        for layer in state.plan.quantized():
+            if layer.name not in state.qweights:
+                raise FormatError(f"layer {layer.name} is planned but has no quantized weight",
+                                  hint="the artifact is incomplete; re-run mpq quantize")
+            for local, tensor in layer_tensors(state.qweights[layer.name], layer.scheme,
+                                               dtype).items():
+                tensors[f"{layer.name}.{local}"] = tensor
+            if "input_scale" in layer.result:
+                tensors[f"{layer.name}.input_scale"] = torch.tensor(
+                    [layer.result["input_scale"]], dtype=dtype)
+        config = {**state.config, "quantization_config": quantization_config(state.plan),
+                  "mpq": mpq_config_key(state, self.name)}
+        return FolderContents(tensors=tensors, config=config,
+                              code_keys=("weight_packed", "weight"))
+
+
+COMPRESSED_TENSORS = WRITERS.register(FORMAT_NAME)(CompressedTensorsWriter())

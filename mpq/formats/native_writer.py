@@ -1,0 +1,45 @@
+"""The native ``mpq`` format (mpq.formats.native): lossless, every scheme mpq can produce."""
+from __future__ import annotations
+
+import torch
+
+from mpq.formats.native import FORMAT_NAME
+from mpq.formats.native_codec import encode
+from mpq.formats.state import ArtifactState
+from mpq.formats.writers import WRITERS, FolderContents, mpq_config_key
+from mpq.plan import Plan
+
+
+def native_tensors(state: ArtifactState) -> dict[str, torch.Tensor]:
+    """The dense tensors, each quantized weight's codec tensors under ``<layer>.``, and
+    ``<layer>.input_scale`` (fp32 [1]) for layers with static input activation scales."""
+    tensors = dict(state.dense)
+    for name, qw in state.qweights.items():
+        for local, tensor in encode(qw).items():
+            tensors[f"{name}.{local}"] = tensor
+    for layer in state.plan.quantized():
+        if "input_scale" in layer.result:
+            tensors[f"{layer.name}.input_scale"] = torch.tensor([layer.result["input_scale"]],
+                                                                dtype=torch.float32)
+    return tensors
+
+
+class NativeWriter:
+    """mpq's own format: lossless for every scheme; loaded by mpq.load and mpq eval."""
+
+    name = FORMAT_NAME
+    load_hint = 'import mpq; model = mpq.load("path/to/this/folder")'
+
+    def unsupported(self, plan: Plan) -> list[str]:
+        return []
+
+    def preflight(self, plan: Plan) -> list[str]:
+        return []
+
+    def contents(self, state: ArtifactState) -> FolderContents:
+        config = {**state.config, "mpq": mpq_config_key(state, self.name)}
+        return FolderContents(tensors=native_tensors(state), config=config,
+                              code_keys=("qweight", "weight"))
+
+
+NATIVE = WRITERS.register(FORMAT_NAME)(NativeWriter())
