@@ -12,9 +12,16 @@ Per quantized Linear ``<p>``, the per-layer format is the one compressed-tensors
   ``weight_scale``, asymmetric ``weight_zero_point`` int8 [N, G].
 - ``float-quantized`` (fp8_e4m3 weights with quantized activations) and ``naive-quantized``
   (fp8_e4m3 weights only): ``weight`` float8_e4m3fn [N, K], ``weight_scale`` [1] or [N, 1].
+- ``float-quantized`` / ``naive-quantized`` with 128×128 block scales (fp8_e4m3 granularity
+  block): ``weight`` float8_e4m3fn, ``weight_scale`` [ceil(N/128), ceil(K/128)].
+- ``mxfp4-pack-quantized`` / ``nvfp4-pack-quantized``: ``weight_packed`` uint8 [N, K/2] (two E2M1
+  codes per byte, low nibble first) and ``weight_scale`` (mxfp4: uint8 E8M0 [N, K/32]; nvfp4:
+  float8_e4m3fn [N, K/16]); nvfp4 adds ``weight_global_scale`` fp32 [1] (a divisor).
+  ``mxfp8-quantized``: ``weight`` float8_e4m3fn, ``weight_scale`` uint8 E8M0 [N, K/32].  These
+  are mpq's native tensors unchanged.
 - static input activations: ``input_scale`` [1].
 
-Scales are stored in the model's dtype (compressed-tensors' default ``scale_dtype``); for an
+Int and fp8 scales are stored in the model's dtype (compressed-tensors' default ``scale_dtype``); for an
 fp32 model the stored state is exactly mpq's.  One config group per distinct scheme; its targets
 are ``["Linear"]`` when it covers every quantized layer, else the layers' exact names; unquantized
 Linears go to ``ignore``.  A mix of per-layer formats makes the top-level format
@@ -26,6 +33,7 @@ act-order without static groups (compressed-tensors ≥ 0.20 stores no g_idx).
 """
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 
 import torch
@@ -37,7 +45,7 @@ from mpq.formats.writers import WRITERS, FolderContents, mpq_config_key
 from mpq.packing import pack_cols
 from mpq.plan import LayerPlan, Plan
 from mpq.quantizers.base import QuantizedWeight
-from mpq.scheme import ActivationArgs, LayerScheme, WeightArgs
+from mpq.scheme import FP8_BLOCK, ActivationArgs, LayerScheme, WeightArgs
 
 CT_VERSION = "0.20.0"
 FORMAT_NAME = "compressed-tensors"
@@ -45,15 +53,27 @@ VLLM_INT_BITS = (4, 8)
 VLLM_GROUPS = (None, 32, 64, 128)  # None: per channel
 
 
+MICRO = {  # mpq format → (compressed-tensors format, strategy, scale_dtype)
+    "mxfp4": ("mxfp4-pack-quantized", "group", "torch.uint8"),
+    "mxfp8": ("mxfp8-quantized", "group", "torch.uint8"),
+    "nvfp4": ("nvfp4-pack-quantized", "tensor_group", "torch.float8_e4m3fn"),
+}
+FLOAT_FORMATS = ("fp8_e4m3", *MICRO)
+
+
 def weight_args(args: WeightArgs, options: dict) -> dict:
     """compressed-tensors QuantizationArgs (as JSON) for mpq's weight args."""
-    strategy = {"tensor": "tensor", "channel": "channel", "group": "group"}[args.granularity]
     out = {"num_bits": args.bits, "type": "int" if args.format == "int" else "float",
-           "symmetric": args.symmetric, "strategy": strategy,
-           "group_size": args.group_size if args.granularity == "group" else None,
-           "block_structure": None, "dynamic": False,
-           "actorder": "weight" if options.get("act_order") else None}
-    return out
+           "symmetric": args.symmetric, "group_size": None, "block_structure": None,
+           "dynamic": False, "actorder": "weight" if options.get("act_order") else None}
+    if args.format in MICRO:
+        _, strategy, scale_dtype = MICRO[args.format]
+        return {**out, "strategy": strategy, "group_size": args.group_size,
+                "scale_dtype": scale_dtype}
+    if args.granularity == "block":
+        return {**out, "strategy": "block", "block_structure": [FP8_BLOCK, FP8_BLOCK]}
+    return {**out, "strategy": args.granularity,
+            "group_size": args.group_size if args.granularity == "group" else None}
 
 
 def activation_args(acts: ActivationArgs) -> dict:
@@ -64,18 +84,23 @@ def activation_args(acts: ActivationArgs) -> dict:
 
 def layer_format(scheme: LayerScheme) -> str:
     """compressed-tensors' per-layer format for ``scheme`` (its own inference order)."""
-    int_weights = scheme.weights.format == "int"
+    fmt = scheme.weights.format
+    if fmt in MICRO:
+        return MICRO[fmt][0]
     if scheme.input_activations is not None:
-        return "int-quantized" if int_weights else "float-quantized"
-    return "pack-quantized" if int_weights else "naive-quantized"
+        return "int-quantized" if fmt == "int" else "float-quantized"
+    return "pack-quantized" if fmt == "int" else "naive-quantized"
 
 
 def why_unsupported(layer: LayerPlan) -> str | None:
     scheme = layer.scheme
     args = scheme.weights
     options = dict(scheme.options)
-    if args.format not in ("int", "fp8_e4m3"):
+    if args.format not in ("int", *FLOAT_FORMATS):
         return f"{args.format} weights have no compressed-tensors format mpq writes"
+    if args.format in MICRO and scheme.input_activations is not None:
+        return f"input activation quantization with {args.format} weights (mpq quantizes " \
+               "activations to int or fp8 only)"
     if args.format == "int" and not args.symmetric and args.granularity == "tensor":
         return "asymmetric per-tensor int weights (compressed-tensors packs zero points only " \
                "per channel or group)"
@@ -86,17 +111,17 @@ def why_unsupported(layer: LayerPlan) -> str | None:
     return None
 
 
-def _scheme_key(layer: LayerPlan) -> tuple:
+def _scheme_key(layer: LayerPlan) -> str:
     scheme = layer.scheme
     acts = scheme.input_activations
-    return (tuple(sorted(weight_args(scheme.weights, dict(scheme.options)).items())),
-            tuple(sorted(activation_args(acts).items())) if acts else None)
+    return json.dumps([weight_args(scheme.weights, dict(scheme.options)),
+                       activation_args(acts) if acts else None], sort_keys=True)
 
 
 def quantization_config(plan: Plan) -> dict:
     """config.json's ``quantization_config`` for ``plan``."""
     quantized = plan.quantized()
-    groups: dict[tuple, list[LayerPlan]] = defaultdict(list)
+    groups: dict[str, list[LayerPlan]] = defaultdict(list)
     for layer in quantized:
         groups[_scheme_key(layer)].append(layer)
     config_groups, formats = {}, set()
@@ -125,9 +150,19 @@ def layer_tensors(qw: QuantizedWeight, scheme: LayerScheme, dtype: torch.dtype
     """One quantized layer's tensors under compressed-tensors' local names."""
     args = qw.args
     n, k = qw.shape
+    fmt = layer_format(scheme)
+    if args.format in MICRO:  # the native encoding already has compressed-tensors' layout
+        native = encode(qw)
+        out = {"weight_scale": native["scale"]}
+        if "packed" in native:
+            out["weight_packed"] = native["packed"]
+        else:
+            out["weight"] = native["weight"]
+        if "global_scale" in native:
+            out["weight_global_scale"] = native["global_scale"]
+        return out
     scale = qw.scale.to(dtype)
     scale = scale.reshape(1) if args.granularity == "tensor" else scale.contiguous()
-    fmt = layer_format(scheme)
     if fmt in ("float-quantized", "naive-quantized"):
         return {"weight": qw.codes.contiguous(), "weight_scale": scale}
     offset = 1 << (args.bits - 1)
@@ -169,7 +204,7 @@ def vllm_int_kernel_problems(plan: Plan) -> list[str]:
 
 
 class CompressedTensorsWriter:
-    """compressed-tensors (pack-/int-/float-quantized, mixed-precision): vLLM, transformers."""
+    """compressed-tensors (pack/int/float, mxfp4/mxfp8/nvfp4, mixed-precision): vLLM, transformers."""
 
     name = FORMAT_NAME
     load_hint = ("# pip install compressed-tensors; from transformers import "

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 from click.testing import CliRunner
+from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.compressors.format import infer_module_format
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
@@ -16,6 +18,7 @@ from mpq.cli.main import cli
 from mpq.convert import convert
 from mpq.errors import ArtifactError, FormatError
 from mpq.formats.compressed_tensors import layer_format, quantization_config
+from mpq.formats.state import state_from_artifact
 from mpq.quantize import CalibrationOptions, quantize
 from mpq.recipe import parse_recipe
 from tests.test_gptq_pipeline import calib_text  # noqa: F401  (fixture)
@@ -34,6 +37,12 @@ RECIPES = {  # name → (weights, input activations)
     "w8a8-fp8": ("{format: fp8_e4m3, granularity: channel}",
                  "{format: fp8_e4m3, dynamic: true, granularity: token}"),
     "fp8-tensor-weights": ("{format: fp8_e4m3, granularity: tensor}", None),
+    "fp8-block-weights": ("{format: fp8_e4m3, granularity: block}", None),
+    "fp8-block-w8a8": ("{format: fp8_e4m3, granularity: block}",
+                       "{format: fp8_e4m3, dynamic: true, granularity: token}"),
+    "mxfp4": ("{format: mxfp4}", None),
+    "mxfp8": ("{format: mxfp8}", None),
+    "nvfp4": ("{format: nvfp4}", None),
 }
 
 
@@ -67,10 +76,21 @@ def ids():
     return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
 
 
+BF16_ONLY = ("mxfp4", "mxfp8", "nvfp4")  # compressed-tensors decompresses these to bfloat16
+
+
+def save_source(path, bf16: bool = False):
+    model = save_tiny_model("llama", path)
+    if bf16:
+        model.to(torch.bfloat16).save_pretrained(path)
+
+
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_transformers_loads_exactly_what_mpq_loads(name, tmp_path, ids, calib_text):
+    """Same logits, bit for bit.  The MX/NV formats use a bfloat16 model: compressed-tensors
+    0.20 decompresses FP4/MX weights to bfloat16 whatever the model's dtype."""
     weights, acts = RECIPES[name]
-    save_tiny_model("llama", tmp_path / "src")
+    save_source(tmp_path / "src", bf16=name in BF16_ONLY)
     calibration = CalibrationOptions(source=str(calib_text), num_samples=4, seq_len=32)
     quantize(tmp_path / "src", recipe(weights, acts), tmp_path / "native",
              calibration=calibration)
@@ -115,6 +135,23 @@ def test_mixed_precision_groups_and_ignore(tmp_path, ids):
     assert "model.layers.0.self_attn.o_proj" in qc["ignore"] and "lm_head" in qc["ignore"]
     assert same_logits(mpq.load(tmp_path / "native", dequantize=True),
                        load_with_transformers(tmp_path / "ct"), ids)
+
+
+@pytest.mark.parametrize("name", BF16_ONLY + ("fp8-block-weights",))
+def test_compressed_tensors_decompresses_mpqs_weights_exactly(name, tmp_path):
+    """Layer by layer through the package's own decompressor, on an fp32 model."""
+    save_tiny_model("llama", tmp_path / "src")
+    quantize(tmp_path / "src", recipe(*RECIPES[name]), tmp_path / "native")
+    convert(tmp_path / "native", tmp_path / "ct", "compressed-tensors")
+    tensors = load_file(tmp_path / "ct" / "model.safetensors")
+    group = json.loads((tmp_path / "ct" / "config.json").read_text())[
+        "quantization_config"]["config_groups"]["group_0"]
+    scheme = QuantizationScheme(targets=group["targets"], weights=group["weights"])
+    compressor = BaseCompressor.get_value_from_registry(group["format"])
+    for layer, qw in state_from_artifact(tmp_path / "native").qweights.items():
+        local = {k[len(layer) + 1:]: v for k, v in tensors.items() if k.startswith(layer + ".")}
+        weight = compressor.decompress(local, scheme)["weight"]
+        assert torch.equal(weight, qw.dequantize(torch.float32).to(weight.dtype)), layer
 
 
 def test_layer_formats_are_the_ones_compressed_tensors_infers(tmp_path):
