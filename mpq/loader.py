@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mpq.arch import is_linear, weight_of
+from mpq.arch import blocks_of, is_linear, layout_of, weight_of
 from mpq.errors import ArtifactError
 from mpq.formats.native import open_artifact, read_tensors
 from mpq.formats.native_codec import decode
+from mpq.kv_cache import SCALE_NAMES, KVCacheArgs, attach_kv_quantization, attention_modules
 from mpq.model_io import build_skeleton
 from mpq.qlinear import QuantLinear, quantize_inputs_hook
 
@@ -73,6 +74,31 @@ def _input_scale(name: str, scale: torch.Tensor | None, acts) -> torch.Tensor | 
     return scale
 
 
+def _attach_kv_cache(model: nn.Module, args: KVCacheArgs, tensors: dict[str, torch.Tensor]
+                     ) -> None:
+    """Take each attention module's stored k_scale/v_scale out of ``tensors`` (checked) and make
+    the module fake-quantize its cached keys and values with them."""
+    layout = layout_of(model)
+    for index, block in enumerate(blocks_of(model, layout)):
+        for local, module in attention_modules(block):
+            name = f"{layout.blocks_path}.{index}.{local}"
+            scales = {}
+            for scale_name in SCALE_NAMES:
+                key = f"{name}.{scale_name}"
+                scale = tensors.pop(key, None)
+                if scale is None:
+                    raise ArtifactError(f"missing tensor '{key}' (the plan quantizes the KV cache)",
+                                        hint="the artifact is incomplete; re-run mpq quantize")
+                heads = scale.shape[0] if scale.dim() == 3 else 1
+                expected = (1,) if args.granularity == "tensor" else (heads, 1, 1)
+                if tuple(scale.shape) != expected or scale.dtype != torch.float32 or not bool(
+                        torch.isfinite(scale).all() and (scale > 0).all()):
+                    raise ArtifactError(f"tensor '{key}' must be positive finite fp32 of shape "
+                                        f"{expected}, got {tuple(scale.shape)} {scale.dtype}")
+                scales[scale_name] = scale
+            attach_kv_quantization(module, scales, granularity=args.granularity)
+
+
 def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | None = None
          ) -> nn.Module:
     """Load the artifact at ``path`` on CPU in eval mode.
@@ -99,6 +125,8 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
                                 "config.json does not have") from None
         model.set_submodule(layer.name, _quantized_module(layer.name, layer, local, existing,
                                                           dequantize, dtype))
+    if artifact.plan.kv_cache is not None:
+        _attach_kv_cache(model, KVCacheArgs(**artifact.plan.kv_cache), tensors)
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     try:
         result = model.load_state_dict(tensors, strict=False, assign=True)

@@ -21,10 +21,12 @@ from mpq.errors import CalibrationError, SchemeError
 from mpq.memory import page_out, release_free_memory
 from mpq.plan import LayerPlan, Plan
 from mpq.quantizers import base as qbase
-from mpq.act_quant import static_scale
+from mpq.act_quant import FP8_MAX, static_scale
 from mpq.replay import BlockReplay
 import mpq.transforms  # noqa: F401  (registers the built-in transforms)
 from mpq.transforms.base import TRANSFORMS, BlockContext
+from mpq.kv_cache import (KVCacheArgs, KVObserver, attach_kv_quantization, attention_modules,
+                          tap_kv)
 
 Events = Callable[..., None]
 
@@ -153,6 +155,9 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
     if plan.transforms and not samples:
         raise CalibrationError(f"transform '{plan.transforms[0]['type']}' needs calibration data",
                                hint="pass --calib FILE")
+    if plan.kv_cache and not samples:
+        raise CalibrationError("kv_cache quantization needs calibration data for its scales",
+                               hint="pass --calib FILE")
     device = torch.device(device)
     blocks = blocks_of(model, layout)
     by_block: dict[int | None, list[LayerPlan]] = {}
@@ -164,14 +169,14 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
     started = time.perf_counter()
     with torch.inference_mode():
         inputs = None
-        if wanted or plan.transforms:
+        if wanted or plan.transforms or plan.kv_cache:
             batches = batch_samples(samples, batch_tokens)
             inputs = to_device(capture_block_inputs(model, layout, batches), device)
             page_out(model.parameters())  # each block's weights come back when it is processed
         keep = keep_dequantized or any(l.name in wanted for l in by_block.get(None, []))
         for index, block in enumerate(blocks):
             inputs = _quantize_block(model, block, index, layout, by_block.get(index, []),
-                                     wanted, inputs, qweights, plan.transforms,
+                                     wanted, inputs, qweights, plan.transforms, plan.kv_cache,
                                      last=index + 1 == len(blocks),
                                      true_sequential=true_sequential, reuse=reuse,
                                      device=device, events=events, keep_dequantized=keep)
@@ -183,10 +188,14 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
 
 
 def _quantize_block(model, block, index, layout, layers, wanted, inputs, qweights, transforms,
-                    *, last, true_sequential, reuse, device, events, keep_dequantized):
+                    kv_cache, *, last, true_sequential, reuse, device, events, keep_dequantized):
     """Quantize one block's planned layers; return the next block's inputs (None for the last).
 
     The plan's transforms run first, each appending its record to ``transforms[i]["applied"]``.
+    With ``kv_cache``, the pass computing the next block's inputs (with this block quantized,
+    without replay, so attention runs) also observes the cached keys/values; their scales then
+    become ``k_scale``/``v_scale`` buffers of the attention modules, which fake-quantize K/V from
+    then on (mpq.kv_cache).
     """
     events("block_start", index=index, layers=len(layers))
     block.to(device)
@@ -205,7 +214,9 @@ def _quantize_block(model, block, index, layout, layers, wanted, inputs, qweight
         for layer in step:
             qweights[layer.name] = _quantize_layer(model, layer, stats.get(layer.name, {}))
             events("layer", name=layer.name, block=index, **layer.result)
-    if inputs is not None and not last:
+    if inputs is not None and kv_cache:
+        inputs = _calibrate_kv(block, inputs, KVCacheArgs(**kv_cache), last, events, index)
+    elif inputs is not None and not last:
         inputs = (replay.final_pass(inputs) if replay
                   else run_block(block, inputs, in_place=True))
     else:
@@ -219,6 +230,25 @@ def _quantize_block(model, block, index, layout, layers, wanted, inputs, qweight
     release_free_memory()
     events("block_done", index=index)
     return inputs
+
+
+def _calibrate_kv(block, inputs, args: KVCacheArgs, last: bool, events, index: int):
+    """Run ``block`` once observing its attention K/V; attach the scales; next inputs."""
+    modules = attention_modules(block)
+    observers = [KVObserver(args) for _ in modules]
+    handles = [tap_kv(module, observer) for (_, module), observer in zip(modules, observers)]
+    try:
+        out = run_block(block, inputs, in_place=True, keep_outputs=not last)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for (name, module), observer in zip(modules, observers):
+        scales = observer.scales()
+        attach_kv_quantization(module, scales, granularity=args.granularity)
+        events("kv_cache", block=index, module=name,
+               k_absmax=float(scales["k_scale"].max()) * FP8_MAX,
+               v_absmax=float(scales["v_scale"].max()) * FP8_MAX)
+    return out
 
 
 def _block_steps(block: nn.Module, prefix: str, layers: list[LayerPlan],

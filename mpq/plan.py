@@ -75,6 +75,15 @@ class PlanSummary(NamedTuple):
     kept: int  # layers kept in the original dtype
 
 
+def _kv_cache_of(data: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A stored kv_cache entry, validated (SchemeError when malformed)."""
+    if data is None:
+        return None
+    from mpq.kv_cache import KVCacheArgs
+
+    return KVCacheArgs(**data).to_dict()
+
+
 @dataclass
 class Plan:
     """The explicit per-layer plan that ``mpq plan`` prints and the artifact metadata stores."""
@@ -84,6 +93,8 @@ class Plan:
     precision_policy: dict[str, str]
     # the recipe's transforms in order: {"type", "options", "applied": per-block records}
     transforms: list[dict[str, Any]] = field(default_factory=list)
+    # KV-cache quantization (mpq.kv_cache.KVCacheArgs as a dict), or None
+    kv_cache: dict[str, Any] | None = None
 
     def quantized(self) -> list[LayerPlan]:
         return [layer for layer in self.layers if layer.scheme is not None]
@@ -103,6 +114,11 @@ class Plan:
             parts.append(f"{spec['type']}({options}){done}")
         return "transforms: " + "; ".join(parts)
 
+    def describe_kv_cache(self) -> str | None:
+        if self.kv_cache is None:
+            return None
+        return f"kv cache: {self.kv_cache['format']} static per {self.kv_cache['granularity']}"
+
     def summary(self) -> PlanSummary:
         """Quantized layers grouped by scheme label (first-seen order), plus the kept count."""
         rows: dict[str, list[int]] = {}
@@ -119,6 +135,8 @@ class Plan:
                "layers": [layer.to_dict() for layer in self.layers]}
         if self.transforms:
             out["transforms"] = [dict(t) for t in self.transforms]
+        if self.kv_cache is not None:
+            out["kv_cache"] = dict(self.kv_cache)
         return out
 
     @classmethod
@@ -128,7 +146,8 @@ class Plan:
             return cls(recipe_name=data["recipe_name"],
                        layers=[LayerPlan.from_dict(item) for item in data["layers"]],
                        precision_policy=dict(data["precision_policy"]),
-                       transforms=[dict(t) for t in data.get("transforms", [])])
+                       transforms=[dict(t) for t in data.get("transforms", [])],
+                       kv_cache=_kv_cache_of(data.get("kv_cache")))
         except (KeyError, TypeError, ValueError, AttributeError, SchemeError) as exc:
             hint = "the artifact metadata is damaged or was written by another tool"
             raise ArtifactError(f"malformed plan: {type(exc).__name__}: {exc}", hint=hint) from None
@@ -187,7 +206,8 @@ def resolve(recipe: Recipe, layers: Sequence[LayerInfo],
     _check_shapes(recipe, plans)
     transforms = [{"type": name, "options": dict(options), "applied": []}
                   for name, options in recipe.transforms]
-    return Plan(recipe.name, plans, recipe.precision_policy.to_dict(), transforms)
+    kv_cache = recipe.kv_cache.to_dict() if recipe.kv_cache is not None else None
+    return Plan(recipe.name, plans, recipe.precision_policy.to_dict(), transforms, kv_cache)
 
 
 def _no_match_error(recipe: Recipe, rule: Rule, layers: Sequence[LayerInfo],

@@ -21,6 +21,7 @@ from mpq.formats import WRITERS
 from mpq.formats.native import check_output_free
 from mpq.formats.state import state_from_model
 from mpq.formats.writers import check_expressible, write_state
+from mpq.kv_cache import attention_modules
 from mpq.memory import release_free_memory
 from mpq.model_io import PASS_THROUGH, check_model_dir, fingerprint, load_model, load_tokenizer
 from mpq.pipeline import Events, no_events, run_pipeline, untie_head_if_quantized
@@ -106,6 +107,10 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
             raise RecipeError(f"{where}: {exc.message}", hint=exc.hint) from None
     if plan.transforms:  # the architecture must be known to the scale folds (ModelError if not)
         scale_groups(model, blocks_of(model, layout)[0])
+    if plan.kv_cache and not attention_modules(blocks_of(model, layout)[0]):
+        raise ModelError(f"{recipe.source}: kv_cache: no attention module with k_proj/v_proj "
+                         f"and a KV cache argument found in {type(model).__name__}'s blocks",
+                         hint="remove kv_cache: this architecture's cache is not supported yet")
     return layout, plan
 
 

@@ -18,6 +18,8 @@ Format, version 1::
       - targets: Linear
     transforms:              # optional, applied per decoder block before its layers are quantized
       - {type: smoothquant, alpha: 0.5}
+    kv_cache:                # optional: calibrated static FP8 scales for the cached keys/values
+      {format: fp8_e4m3, granularity: tensor}   # granularity tensor | head
     precision_policy:        # optional; these are the defaults
       norms: fp32            # norms, softmax, residual, rope, activations: fp32|bf16|fp16
       softmax: fp32
@@ -41,7 +43,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Collection
@@ -49,7 +51,9 @@ from typing import Any, Collection
 from mpq.errors import RecipeError, SchemeError, did_you_mean
 from mpq.recipe_schema import (YamlPath, check_keys, expect, finish_weights, load_yaml,
                                overlay_activations, overlay_weights, parse_activation_overlay,
-                               parse_options, parse_transforms, parse_weight_overlay)
+                               parse_kv_cache, parse_options, parse_transforms,
+                               parse_weight_overlay)
+from mpq.kv_cache import KVCacheArgs
 from mpq.scheme import ActivationArgs, LayerScheme, WeightArgs
 
 RECIPE_VERSION = 1
@@ -57,7 +61,7 @@ REGEX_PREFIX = "re:"
 FLOAT_DTYPES = ("fp32", "bf16", "fp16")
 KV_CACHE_DTYPES = FLOAT_DTYPES + ("fp8_e4m3", "fp8_e5m2")
 _TOP_KEYS = ("mpq_recipe", "name", "description", "defaults", "rules", "transforms",
-             "precision_policy")
+             "kv_cache", "precision_policy")
 _DEFAULT_KEYS = ("algorithm", "weights", "options", "input_activations")
 _RULE_KEYS = ("targets", "skip") + _DEFAULT_KEYS
 
@@ -120,6 +124,7 @@ class Recipe:
     source: str = "<string>"
     text: str = ""
     transforms: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    kv_cache: KVCacheArgs | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Normalized, JSON-able recipe (every rule fully spelt out); parse_recipe reads it back."""
@@ -129,6 +134,8 @@ class Recipe:
         if self.transforms:
             out["transforms"] = [{"type": name, **dict(options)}
                                  for name, options in self.transforms]
+        if self.kv_cache is not None:
+            out["kv_cache"] = self.kv_cache.to_dict()
         return out
 
 
@@ -164,10 +171,13 @@ def parse_recipe(text: str, source: str,
                   for i, raw in enumerate(raw_rules))
 
     transforms = parse_transforms(data.get("transforms", []), root.key("transforms"))
+    kv_cache = parse_kv_cache(data.get("kv_cache"), root.key("kv_cache"))
+    policy = _parse_policy(data.get("precision_policy", {}), root.key("precision_policy"))
+    if kv_cache is not None:  # the cache's dtype follows the kv_cache section
+        policy = replace(policy, kv_cache=kv_cache.format)
     return Recipe(version=version, name=name, description=description, rules=rules,
-                  precision_policy=_parse_policy(data.get("precision_policy", {}),
-                                                 root.key("precision_policy")),
-                  source=source, text=text, transforms=transforms)
+                  precision_policy=policy, source=source, text=text, transforms=transforms,
+                  kv_cache=kv_cache)
 
 
 def _parse_level(raw: dict, at: YamlPath, known: Collection[str] | None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any, Collection, Mapping
 
 import yaml
 
-from mpq.errors import RecipeError, did_you_mean
+from mpq.errors import RecipeError, SchemeError, did_you_mean
 from mpq.scheme import FIXED_BLOCK_FORMATS, ActivationArgs, WeightArgs
 
 WEIGHT_KEYS = tuple(f.name for f in fields(WeightArgs))
@@ -205,3 +205,22 @@ def parse_transforms(value: Any, at: YamlPath) -> tuple[tuple[str, tuple], ...]:
         options = parse_options({k: v for k, v in item.items() if k != "type"}, where)
         out.append((name, tuple(sorted(options.items()))))
     return tuple(out)
+
+
+KV_CACHE_KEYS = ("format", "granularity")
+
+
+def parse_kv_cache(value: Any, at: YamlPath):
+    """``kv_cache:``: null/absent (off) or ``{format: fp8_e4m3, granularity: tensor|head}``."""
+    from mpq.kv_cache import KVCacheArgs
+
+    if value is None:
+        return None
+    expect(value, dict, at, example="{format: fp8_e4m3, granularity: tensor}")
+    check_keys(value, KV_CACHE_KEYS, at)
+    for key, item in value.items():
+        expect(item, str, at.key(key))
+    try:
+        return KVCacheArgs(**value)
+    except SchemeError as exc:
+        raise at.error(exc.message, hint=exc.hint) from None

@@ -72,6 +72,8 @@ def command(artifact, as_json):
     console.print(f"{len(art.plan.quantized())} layers quantized, {kept} linear layers kept")
     if art.plan.describe_transforms():
         console.print(art.plan.describe_transforms())
+    if art.plan.describe_kv_cache():
+        console.print(art.plan.describe_kv_cache())
     sizes = info["sizes"]
     console.print(f"tensor files: {human_bytes(sizes['files_bytes'])}; tensors "
                   f"{human_bytes(sizes.get('stored_bytes', 0))}, ideal "

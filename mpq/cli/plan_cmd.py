@@ -47,3 +47,5 @@ def command(model, recipe, as_json):
     console.print(f"{len(plan.quantized())} layers quantized, {kept} kept")
     if plan.describe_transforms():
         console.print(plan.describe_transforms())
+    if plan.describe_kv_cache():
+        console.print(plan.describe_kv_cache())

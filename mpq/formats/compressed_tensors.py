@@ -20,6 +20,8 @@ Per quantized Linear ``<p>``, the per-layer format is the one compressed-tensors
   ``mxfp8-quantized``: ``weight`` float8_e4m3fn, ``weight_scale`` uint8 E8M0 [N, K/32].  These
   are mpq's native tensors unchanged.
 - static input activations: ``input_scale`` [1].
+- KV cache (``kv_cache_scheme``, static fp8 per tensor or ``attn_head``): ``k_scale`` and
+  ``v_scale`` fp32 ([1] or [kv_heads, 1, 1]) on each attention module, as mpq stores them.
 
 Int and fp8 scales are stored in the model's dtype (compressed-tensors' default ``scale_dtype``); for an
 fp32 model the stored state is exactly mpq's.  One config group per distinct scheme; its targets
@@ -118,6 +120,15 @@ def _scheme_key(layer: LayerPlan) -> str:
                        activation_args(acts) if acts else None], sort_keys=True)
 
 
+def kv_cache_scheme(kv_cache: dict | None) -> dict | None:
+    """The KV-cache QuantizationArgs: static fp8 per tensor or per attention head."""
+    if kv_cache is None:
+        return None
+    strategy = "tensor" if kv_cache["granularity"] == "tensor" else "attn_head"
+    return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy,
+            "group_size": None, "block_structure": None, "dynamic": False, "actorder": None}
+
+
 def quantization_config(plan: Plan) -> dict:
     """config.json's ``quantization_config`` for ``plan``."""
     quantized = plan.quantized()
@@ -141,7 +152,8 @@ def quantization_config(plan: Plan) -> dict:
             "format": formats.pop() if len(formats) == 1 else "mixed-precision",
             "quantization_status": "compressed", "config_groups": config_groups,
             "ignore": [layer.name for layer in plan.layers if layer.scheme is None],
-            "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {},
+            "kv_cache_scheme": kv_cache_scheme(plan.kv_cache),
+            "sparsity_config": {}, "transform_config": {},
             "global_compression_ratio": None}
 
 

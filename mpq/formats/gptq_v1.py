@@ -14,7 +14,7 @@ static_groups, true_sequential, quant_method and checkpoint_format; config.json'
 ``quantization_config`` mirrors it.
 
 What v1 cannot express (refused): formats other than int, 3/5/6/7 bits (their v1 packing
-differs), input activation quantization, layers with differing bits/group/symmetry (one
+differs), input activation or KV-cache quantization, layers with differing bits/group/symmetry (one
 quantize_config), a decoder-block Linear left unquantized (loaders replace every one), a quantized
 layer outside the blocks (lm_head), and a zero point of 0 (stored −1, which v1 loaders misread).
 Scales are rounded to float16, the format's dtype: the converter reports the largest relative
@@ -122,6 +122,8 @@ class GptqV1Writer:
             if layer.scheme.input_activations is not None:
                 problems.append(f"{layer.name}: input activation quantization (GPTQ is "
                                 "weight-only)")
+        if plan.kv_cache is not None:
+            problems.append("kv_cache scales (GPTQ v1 stores no KV-cache quantization)")
         if plan.quantized() and uniform_settings(plan) is None:
             problems.append("layers differ in bits, group size or symmetry (GPTQ v1 has one "
                             "quantize_config for the model)")
