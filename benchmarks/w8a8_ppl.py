@@ -41,6 +41,8 @@ VARIANTS = {
     "w8a8 int8 token, smoothquant 0.5 +pairs": (INT8_W, INT8_TOKEN, "{alpha: 0.5, pairs: true}"),
     "w8a8 int8 token, smoothquant 0.8": (INT8_W, INT8_TOKEN, "{alpha: 0.8}"),
     "w8a8 int8 token, smoothquant searched": (INT8_W, INT8_TOKEN, "{search: true}"),
+    "w8a8 int8 token, smoothquant searched +pairs": (INT8_W, INT8_TOKEN,
+                                                     "{search: true, pairs: true}"),
     "w8a8 int8 static, no smoothing": (INT8_W, INT8_STATIC, None),
     "w8a8 int8 static, smoothquant 0.5": (INT8_W, INT8_STATIC, "{alpha: 0.5}"),
     "w8a8 fp8 token (preset w8a8-fp8)": (FP8_W, FP8_TOKEN, None),

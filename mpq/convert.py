@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mpq.formats import WRITERS
+import mpq.formats  # noqa: F401  (registers the writers)
 from mpq.formats.native import check_output_free
 from mpq.formats.state import state_from_artifact
-from mpq.formats.writers import write_state
+from mpq.formats.writers import write_state, writer_for
 
 
 @dataclass
@@ -33,7 +33,7 @@ def convert(src: str | Path, out_dir: str | Path, output_format: str, *, force: 
 
     out_dir = Path(out_dir)
     check_output_free(out_dir, force)
-    WRITERS.get(output_format)
+    writer_for(output_format)
     state = state_from_artifact(src)
     warnings = preflight(state.plan, output_format, strict)
     sizes = write_state(state, out_dir, output_format, force=force)

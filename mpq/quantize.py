@@ -17,10 +17,10 @@ import mpq.quantizers  # noqa: F401  (registers the built-in quantizers and numb
 from mpq.arch import ModelLayout, blocks_of, describe_layers, layout_of
 from mpq.calibration import build_calibration_set
 from mpq.errors import FormatError, ModelError, RecipeError, SchemeError, did_you_mean
-from mpq.formats import WRITERS
+import mpq.formats  # noqa: F401  (registers the writers)
 from mpq.formats.native import check_output_free
 from mpq.formats.state import state_from_model
-from mpq.formats.writers import check_expressible, write_state
+from mpq.formats.writers import check_expressible, write_state, writer_for
 from mpq.kv_cache import attention_modules
 from mpq.memory import release_free_memory
 from mpq.model_io import PASS_THROUGH, check_model_dir, fingerprint, load_model, load_tokenizer
@@ -117,7 +117,7 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
 def preflight(plan: Plan, output_format: str, strict: bool) -> list[str]:
     """Check that ``output_format`` can store ``plan`` (FormatError if not) and return the
     runtime pre-flight warnings; with ``strict``, any warning is a FormatError."""
-    writer = WRITERS.get(output_format)
+    writer = writer_for(output_format)
     check_expressible(writer, plan)
     warnings = writer.preflight(plan)
     if warnings and strict:
@@ -142,7 +142,7 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
     check_output_free(out_dir, force)
     device = check_device(device)
     recipe = as_recipe(recipe)
-    WRITERS.get(output_format)  # an unknown format fails before the model is read
+    writer_for(output_format)  # an unknown format fails before the model is read
     source_dir = check_model_dir(model_path)
     model = load_model(source_dir, dtype=dtype)
     layout, plan = plan_model(model, recipe)

@@ -52,6 +52,17 @@ class Writer(Protocol):
 WRITERS: Registry[Writer] = Registry("output format")
 
 
+def writer_for(name: str) -> Writer:
+    """The registered writer ``name``; FormatError (exit 9) listing the known ones otherwise."""
+    if name not in WRITERS:
+        from mpq.errors import did_you_mean
+
+        known = sorted(WRITERS)
+        raise FormatError(f"unknown output format '{name}'",
+                          hint=did_you_mean(name, known) or f"known: {', '.join(known)}")
+    return WRITERS.get(name)
+
+
 def check_expressible(writer: Writer, plan: Plan) -> None:
     """Raise FormatError listing the layers ``writer`` cannot store."""
     problems = writer.unsupported(plan)
@@ -103,7 +114,7 @@ def mpq_config_key(state: ArtifactState, format_name: str) -> dict:
 def write_state(state: ArtifactState, out_dir: str | Path, format_name: str = "mpq", *,
                 force: bool = False) -> dict[str, int]:
     """Write ``state`` as ``format_name`` into ``out_dir`` (atomically); return the size report."""
-    writer = WRITERS.get(format_name)
+    writer = writer_for(format_name)
     check_expressible(writer, state.plan)
     contents = writer.contents(state)
     sizes = size_report(state.plan, contents.tensors, contents.code_keys)

@@ -179,6 +179,9 @@ def test_inexpressible_layers_are_refused_before_quantizing(tmp_path, monkeypatc
                                       "-o", str(tmp_path / "out"),
                                       "--format", "compressed-tensors"])
     assert result.exit_code == 9 and "model.layers.0.self_attn.q_proj" in result.output
+    typo = CliRunner().invoke(cli, ["quantize", str(tmp_path / "src"), "-r", "w4a16",
+                                    "-o", str(tmp_path / "out"), "--format", "compresed-tensors"])
+    assert typo.exit_code == 9 and "did you mean 'compressed-tensors'" in typo.output
 
 
 def test_preflight_warns_and_strict_refuses(tmp_path):
