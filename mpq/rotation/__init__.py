@@ -1,0 +1,1 @@
+"""Orthogonal rotations for rotation-based quantization (QuaRot): Hadamard matrices and their fast application."""
