@@ -17,6 +17,8 @@ from mpq.arch import blocks_of, is_linear, layout_of, weight_of
 from mpq.errors import ArtifactError
 from mpq.formats.native import open_artifact, read_tensors
 from mpq.formats.native_codec import decode
+from mpq.rotation.hadamard import RotationSpec
+from mpq.rotation.quarot import install_online
 from mpq.kv_cache import SCALE_NAMES, KVCacheArgs, attach_kv_quantization, attention_modules
 from mpq.model_io import build_skeleton
 from mpq.qlinear import QuantLinear, quantize_inputs_hook
@@ -143,5 +145,24 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
     if missing:
         raise ArtifactError(f"{artifact.path}: missing tensor(s) {', '.join(missing[:5])}",
                             hint="the artifact is incomplete; re-run mpq quantize")
+    _install_online_rotations(model, artifact.plan)
     model.mpq_artifact = artifact
     return model.eval()
+
+
+def _install_online_rotations(model: nn.Module, plan) -> None:
+    """The run-time halves of the plan's rotations (QuaRot's R4 on down_proj inputs)."""
+    online = plan.online_rotations()
+    if not online:
+        return
+    for suffix, record in online.items():
+        try:
+            spec = RotationSpec.from_dict(record)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"rotation record for {suffix} is unusable: {exc}",
+                                hint="the artifact was written by another mpq version; "
+                                     "re-run mpq quantize") from None
+        if suffix != "mlp.down_proj":
+            raise ArtifactError(f"unknown online rotation site '{suffix}'",
+                                hint="the artifact was written by a newer mpq")
+        install_online(model, layout_of(model), spec)

@@ -95,6 +95,8 @@ class Plan:
     transforms: list[dict[str, Any]] = field(default_factory=list)
     # KV-cache quantization (mpq.kv_cache.KVCacheArgs as a dict), or None
     kv_cache: dict[str, Any] | None = None
+    # QuaRot: the recipe's args; once applied also "rotations" (specs) and "online" hooks
+    rotation: dict[str, Any] | None = None
 
     def quantized(self) -> list[LayerPlan]:
         return [layer for layer in self.layers if layer.scheme is not None]
@@ -113,6 +115,23 @@ class Plan:
             done = f", {len(spec['applied'])} blocks" if spec.get("applied") else ""
             parts.append(f"{spec['type']}({options}){done}")
         return "transforms: " + "; ".join(parts)
+
+    def describe_rotation(self) -> str | None:
+        if self.rotation is None:
+            return None
+        r = self.rotation
+        parts = [f"r1 {r['r1']}"] + [name for name in ("r2", "r4") if r.get(name)]
+        text = f"rotation: quarot ({', '.join(parts)}, seed {r['seed']})"
+        if r.get("online"):
+            text += "; online: " + ", ".join(f"{k} inputs × {v}" for k, v in r["online"].items())
+        return text
+
+    def online_rotations(self) -> dict[str, Any]:
+        """Module suffix → rotation spec dict of the rotations applied at run time."""
+        if not self.rotation:
+            return {}
+        specs = self.rotation.get("rotations", {})
+        return {suffix: specs[name] for suffix, name in self.rotation.get("online", {}).items()}
 
     def describe_kv_cache(self) -> str | None:
         if self.kv_cache is None:
@@ -137,6 +156,8 @@ class Plan:
             out["transforms"] = [dict(t) for t in self.transforms]
         if self.kv_cache is not None:
             out["kv_cache"] = dict(self.kv_cache)
+        if self.rotation is not None:
+            out["rotation"] = dict(self.rotation)
         return out
 
     @classmethod
@@ -147,7 +168,8 @@ class Plan:
                        layers=[LayerPlan.from_dict(item) for item in data["layers"]],
                        precision_policy=dict(data["precision_policy"]),
                        transforms=[dict(t) for t in data.get("transforms", [])],
-                       kv_cache=_kv_cache_of(data.get("kv_cache")))
+                       kv_cache=_kv_cache_of(data.get("kv_cache")),
+                       rotation=dict(data["rotation"]) if data.get("rotation") else None)
         except (KeyError, TypeError, ValueError, AttributeError, SchemeError) as exc:
             hint = "the artifact metadata is damaged or was written by another tool"
             raise ArtifactError(f"malformed plan: {type(exc).__name__}: {exc}", hint=hint) from None
@@ -207,7 +229,9 @@ def resolve(recipe: Recipe, layers: Sequence[LayerInfo],
     transforms = [{"type": name, "options": dict(options), "applied": []}
                   for name, options in recipe.transforms]
     kv_cache = recipe.kv_cache.to_dict() if recipe.kv_cache is not None else None
-    return Plan(recipe.name, plans, recipe.precision_policy.to_dict(), transforms, kv_cache)
+    rotation = recipe.rotation.to_dict() if recipe.rotation is not None else None
+    return Plan(recipe.name, plans, recipe.precision_policy.to_dict(), transforms, kv_cache,
+                rotation)
 
 
 def _no_match_error(recipe: Recipe, rule: Rule, layers: Sequence[LayerInfo],

@@ -22,6 +22,8 @@ from mpq.formats.native import check_output_free
 from mpq.formats.state import state_from_model
 from mpq.formats.writers import check_expressible, write_state, writer_for
 from mpq.kv_cache import attention_modules
+from mpq.rotation.quarot import apply_quarot, rotation_specs
+from mpq.rotation.quarot import check_supported as check_rotation_supported
 from mpq.memory import release_free_memory
 from mpq.model_io import PASS_THROUGH, check_model_dir, fingerprint, load_model, load_tokenizer
 from mpq.pipeline import Events, no_events, run_pipeline, untie_head_if_quantized
@@ -107,6 +109,12 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
             raise RecipeError(f"{where}: {exc.message}", hint=exc.hint) from None
     if plan.transforms:  # the architecture must be known to the scale folds (ModelError if not)
         scale_groups(model, blocks_of(model, layout)[0])
+    if recipe.rotation is not None:
+        check_rotation_supported(model)
+        try:
+            rotation_specs(model, recipe.rotation)
+        except SchemeError as exc:
+            raise RecipeError(f"{recipe.source}: rotation: {exc.message}", hint=exc.hint) from None
     if plan.kv_cache and not attention_modules(blocks_of(model, layout)[0]):
         raise ModelError(f"{recipe.source}: kv_cache: no attention module with k_proj/v_proj "
                          f"and a KV cache argument found in {type(model).__name__}'s blocks",
@@ -157,6 +165,9 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
             field=calibration.field, split=calibration.split)
         release_free_memory()  # the tokenizer and the text are gone
         events("calibration", **calib.provenance)
+    if recipe.rotation is not None:  # before any statistic is taken
+        plan.rotation = apply_quarot(model, layout, recipe.rotation)
+        release_free_memory()
     untied = untie_head_if_quantized(model, layout, plan)
     qweights = run_pipeline(model, layout, plan, calib.samples if calib else None,
                             true_sequential=true_sequential, device=device, events=events,

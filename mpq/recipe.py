@@ -18,6 +18,8 @@ Format, version 1::
       - targets: Linear
     transforms:              # optional, applied per decoder block before its layers are quantized
       - {type: smoothquant, alpha: 0.5}
+    rotation:                # optional: QuaRot, applied to the whole model before calibration
+      {type: quarot, r1: hadamard, r2: true, r4: true, seed: 0}   # r1: hadamard | random
     kv_cache:                # optional: calibrated static FP8 scales for the cached keys/values
       {format: fp8_e4m3, granularity: tensor}   # granularity tensor | head
     precision_policy:        # optional; these are the defaults
@@ -51,9 +53,10 @@ from typing import Any, Collection
 from mpq.errors import RecipeError, SchemeError, did_you_mean
 from mpq.recipe_schema import (YamlPath, check_keys, expect, finish_weights, load_yaml,
                                overlay_activations, overlay_weights, parse_activation_overlay,
-                               parse_kv_cache, parse_options, parse_transforms,
+                               parse_kv_cache, parse_options, parse_rotation, parse_transforms,
                                parse_weight_overlay)
 from mpq.kv_cache import KVCacheArgs
+from mpq.rotation.args import QuaRotArgs
 from mpq.scheme import ActivationArgs, LayerScheme, WeightArgs
 
 RECIPE_VERSION = 1
@@ -61,7 +64,7 @@ REGEX_PREFIX = "re:"
 FLOAT_DTYPES = ("fp32", "bf16", "fp16")
 KV_CACHE_DTYPES = FLOAT_DTYPES + ("fp8_e4m3", "fp8_e5m2")
 _TOP_KEYS = ("mpq_recipe", "name", "description", "defaults", "rules", "transforms",
-             "kv_cache", "precision_policy")
+             "kv_cache", "rotation", "precision_policy")
 _DEFAULT_KEYS = ("algorithm", "weights", "options", "input_activations")
 _RULE_KEYS = ("targets", "skip") + _DEFAULT_KEYS
 
@@ -125,6 +128,7 @@ class Recipe:
     text: str = ""
     transforms: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     kv_cache: KVCacheArgs | None = None
+    rotation: QuaRotArgs | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Normalized, JSON-able recipe (every rule fully spelt out); parse_recipe reads it back."""
@@ -136,6 +140,8 @@ class Recipe:
                                  for name, options in self.transforms]
         if self.kv_cache is not None:
             out["kv_cache"] = self.kv_cache.to_dict()
+        if self.rotation is not None:
+            out["rotation"] = self.rotation.to_dict()
         return out
 
 
@@ -172,12 +178,17 @@ def parse_recipe(text: str, source: str,
 
     transforms = parse_transforms(data.get("transforms", []), root.key("transforms"))
     kv_cache = parse_kv_cache(data.get("kv_cache"), root.key("kv_cache"))
+    rotation = parse_rotation(data.get("rotation"), root.key("rotation"))
+    if rotation is not None and transforms:
+        raise root.key("rotation").error(
+            "rotation cannot be combined with transforms yet (their scale folds would cross "
+            "the online rotation)", hint="remove transforms: or rotation:")
     policy = _parse_policy(data.get("precision_policy", {}), root.key("precision_policy"))
     if kv_cache is not None:  # the cache's dtype follows the kv_cache section
         policy = replace(policy, kv_cache=kv_cache.format)
     return Recipe(version=version, name=name, description=description, rules=rules,
                   precision_policy=policy, source=source, text=text, transforms=transforms,
-                  kv_cache=kv_cache)
+                  kv_cache=kv_cache, rotation=rotation)
 
 
 def _parse_level(raw: dict, at: YamlPath, known: Collection[str] | None) -> dict[str, Any]:

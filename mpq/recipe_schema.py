@@ -224,3 +224,20 @@ def parse_kv_cache(value: Any, at: YamlPath):
         return KVCacheArgs(**value)
     except SchemeError as exc:
         raise at.error(exc.message, hint=exc.hint) from None
+
+
+ROTATION_KEYS = ("type", "r1", "r2", "r4", "seed")
+
+
+def parse_rotation(value: Any, at: YamlPath):
+    """``rotation:``: null/absent (off) or ``{type: quarot, r1, r2, r4, seed}``."""
+    from mpq.rotation.args import QuaRotArgs
+
+    if value is None:
+        return None
+    expect(value, dict, at, example="{type: quarot, r1: hadamard, r2: true, r4: true}")
+    check_keys(value, ROTATION_KEYS, at)
+    try:
+        return QuaRotArgs(**value)
+    except SchemeError as exc:
+        raise at.error(exc.message, hint=exc.hint) from None

@@ -74,6 +74,8 @@ def command(artifact, as_json):
         console.print(art.plan.describe_transforms())
     if art.plan.describe_kv_cache():
         console.print(art.plan.describe_kv_cache())
+    if art.plan.describe_rotation():
+        console.print(art.plan.describe_rotation())
     sizes = info["sizes"]
     console.print(f"tensor files: {human_bytes(sizes['files_bytes'])}; tensors "
                   f"{human_bytes(sizes.get('stored_bytes', 0))}, ideal "

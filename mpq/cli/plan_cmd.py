@@ -49,3 +49,5 @@ def command(model, recipe, as_json):
         console.print(plan.describe_transforms())
     if plan.describe_kv_cache():
         console.print(plan.describe_kv_cache())
+    if plan.describe_rotation():
+        console.print(plan.describe_rotation())

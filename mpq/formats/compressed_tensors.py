@@ -224,8 +224,12 @@ class CompressedTensorsWriter:
                  '"path/to/this/folder")')
 
     def unsupported(self, plan: Plan) -> list[str]:
-        return [f"{layer.name}: {why}" for layer in plan.quantized()
-                if (why := why_unsupported(layer)) is not None]
+        problems = [f"{layer.name}: {why}" for layer in plan.quantized()
+                    if (why := why_unsupported(layer)) is not None]
+        if plan.rotation and plan.rotation.get("r4"):
+            problems.append("rotation r4 is applied online to down_proj inputs, which mpq does "
+                            "not express in compressed-tensors' transform_config; use r4: false")
+        return problems
 
     def preflight(self, plan: Plan) -> list[str]:
         return [f"vLLM int kernels: {problem}" for problem in vllm_int_kernel_problems(plan)]
