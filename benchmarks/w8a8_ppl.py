@@ -6,7 +6,7 @@ really applied at evaluation.  Prints a table; writes JSON and markdown under be
 Every row is an artifact written by ``mpq quantize`` and loaded back with ``mpq.load``, whose
 linears fake-quantize their inputs (so the perplexity is that of W8A8 inference; weights are
 dequantized once at load: the same outputs as packed layers, faster).  Weights: RTN, symmetric
-per channel.  Calibration: enwiki_excerpt.train.txt, 128 × 512 tokens (SmoothQuant's
+per channel (GPTQ with act-order and static groups where the row says so).  Calibration: enwiki_excerpt.train.txt, 128 × 512 tokens (SmoothQuant's
 activation maxima, static scales).  Evaluation: the first 40 × 512-token windows of
 enwiki_excerpt.test.txt.
 """
@@ -33,7 +33,7 @@ FP8_W = "{format: fp8_e4m3, granularity: channel}"
 INT8_TOKEN = "{format: int, bits: 8, dynamic: true, granularity: token}"
 INT8_STATIC = "{format: int, bits: 8, dynamic: false}"
 FP8_TOKEN = "{format: fp8_e4m3, dynamic: true, granularity: token}"
-# name → (weights, input activations or None, smoothquant options or None)
+# name → (weights, input activations or None, smoothquant options or None[, algorithm: rtn])
 VARIANTS = {
     "w8a16 int8 (weights only)": (INT8_W, None, None),
     "w8a8 int8 token, no smoothing": (INT8_W, INT8_TOKEN, None),
@@ -46,11 +46,18 @@ VARIANTS = {
     "w8a8 int8 static, no smoothing": (INT8_W, INT8_STATIC, None),
     "w8a8 int8 static, smoothquant 0.5": (INT8_W, INT8_STATIC, "{alpha: 0.5}"),
     "w8a8 fp8 token (preset w8a8-fp8)": (FP8_W, FP8_TOKEN, None),
+    "w8a8 int8 token, smoothquant 0.5, gptq weights": (INT8_W, INT8_TOKEN, "{alpha: 0.5}",
+                                                        "gptq"),
+    "w8a8 int8 token, smoothquant searched +pairs, gptq weights": (
+        INT8_W, INT8_TOKEN, "{search: true, pairs: true}", "gptq"),
 }
 
 
-def recipe_for(name: str, weights: str, acts: str | None, smooth: str | None):
-    text = "mpq_recipe: 1\nname: bench\ndefaults:\n  algorithm: rtn\n"
+def recipe_for(name: str, weights: str, acts: str | None, smooth: str | None,
+               algorithm: str = "rtn"):
+    text = f"mpq_recipe: 1\nname: bench\ndefaults:\n  algorithm: {algorithm}\n"
+    if algorithm == "gptq":
+        text += "  options: {act_order: true, static_groups: true}\n"
     if acts:
         text += f"  input_activations: {acts}\n"
     if smooth:
