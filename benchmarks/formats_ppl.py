@@ -6,7 +6,7 @@ FP8 KV-cache fake quantization are what is evaluated).  Prints a table; writes J
 
 Weights: round to nearest on each format's grid, every Linear except the (tied) lm_head.
 KV cache: static FP8 E4M3 scales (abs-max / 448) calibrated on the post-RoPE keys and values of
-128 × 512 tokens of enwiki_excerpt.train.txt, per tensor or per KV head, on top of fp32 weights
+``--kv-samples`` (128) × 512 tokens of enwiki_excerpt.train.txt, per tensor or per KV head, on top of fp32 weights
 and of int8 weights (the KV rows' delta is against the same weights without KV quantization).
 Evaluation: the first 40 × 512-token windows of enwiki_excerpt.test.txt.
 """
@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--corpora", default="../shared/corpora")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--num-windows", type=int, default=40)
+    parser.add_argument("--kv-samples", type=int, default=128,
+                        help="calibration samples (× 512 tokens) for the KV scales")
     parser.add_argument("--out", default="benchmarks/results/formats_ppl.json")
     args = parser.parse_args()
     from transformers import AutoTokenizer
@@ -78,7 +80,7 @@ def main() -> None:
             weights, kv, _ = VARIANTS[name]
             out = work / "artifact"
             calibration = (CalibrationOptions(source=str(corpora / "enwiki_excerpt.train.txt"),
-                                              num_samples=128, seq_len=512)
+                                              num_samples=args.kv_samples, seq_len=512)
                            if kv else CalibrationOptions())
             t0 = time.perf_counter()
             result = quantize(args.model, recipe_for(weights, kv), out, force=True,
@@ -89,6 +91,7 @@ def main() -> None:
             rows[name] = {"method": name, "ppl": ppl, "quantize_s": quantize_s,
                           "stored_bytes": result.sizes["stored_bytes"],
                           "ideal_bytes": result.sizes["ideal_bytes"]}
+            print(f"{name}: {ppl:.3f} ({quantize_s:.0f} s)", flush=True)
             shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -107,7 +110,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "model": str(args.model), "eval": f"first {args.num_windows} x 512 windows of "
-        "enwiki_excerpt.test.txt", "kv_calibration": "enwiki_excerpt.train.txt 128 x 512",
+        "enwiki_excerpt.test.txt",
+        "kv_calibration": f"enwiki_excerpt.train.txt {args.kv_samples} x 512",
         "torch": torch.__version__, "mpq": mpq.__version__, "machine": platform.machine(),
         "threads": torch.get_num_threads(), "rows": list(rows.values())}, indent=2) + "\n")
     out.with_suffix(".md").write_text(
