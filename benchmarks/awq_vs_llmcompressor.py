@@ -78,6 +78,7 @@ def main() -> None:
         rows.append({"method": method, "ppl": perplexity_of(out, ids, args.num_windows),
                      "quant_s": stats["pipeline_s"], "rss_quant_mib":
                      stats["peak_rss_quant_kib"] / 1024})
+        print(f"{method}: ppl {rows[-1]['ppl']:.3f}, {stats['pipeline_s']:.0f} s", flush=True)
     if not args.skip_peer:
         setup = subprocess.run(["bash", str(HERE / "peers" / "setup_llmcompressor.sh")],
                                capture_output=True, text=True, env=env)
@@ -88,6 +89,7 @@ def main() -> None:
         stats = run_json([setup.stdout.strip().splitlines()[-1],
                           str(HERE / "peers" / "llmcompressor_awq.py"), "--model", model,
                           "--calib-ids", str(calib_ids), "--out", str(out)], env=env)
+        print(f"{PEER}: quantized in {stats['quant_s']:.0f} s", flush=True)  # ppl follows
         rows.append({"method": PEER, "ppl": perplexity_of(out, ids, args.num_windows),
                      "quant_s": stats["quant_s"],
                      "rss_quant_mib": stats["peak_rss_quant_kib"] / 1024,

@@ -95,6 +95,7 @@ def main() -> None:
                              num_windows=args.num_windows).ppl
             rows.append({"method": name, "ppl": ppl, "quantize_s": quantize_s,
                          "calib_sha256": result.calibration["sha256"]})
+            print(f"{name}: {ppl:.3f} ({quantize_s:.0f} s)", flush=True)
             shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
