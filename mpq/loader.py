@@ -16,18 +16,12 @@ from torch import nn
 from mpq.arch import blocks_of, is_linear, layout_of, weight_of
 from mpq.errors import ArtifactError
 from mpq.formats.native import open_artifact, read_tensors
-from mpq.formats.native_codec import decode
+from mpq.formats.native_codec import decode, split_layer_tensors
 from mpq.rotation.hadamard import RotationSpec
 from mpq.rotation.quarot import install_online
 from mpq.kv_cache import SCALE_NAMES, KVCacheArgs, attach_kv_quantization, attention_modules
 from mpq.model_io import build_skeleton
 from mpq.qlinear import QuantLinear, quantize_inputs_hook
-
-
-def _split_layer_tensors(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
-    prefix = name + "."
-    keys = [k for k in tensors if k.startswith(prefix) and "." not in k[len(prefix):]]
-    return {k[len(prefix):]: tensors.pop(k) for k in keys}
 
 
 def _quantized_module(name: str, layer, local: dict[str, torch.Tensor], existing: nn.Module,
@@ -119,7 +113,7 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
                       and t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2)), torch.float32)
     model = build_skeleton(config, dtype)
     for layer in artifact.plan.quantized():
-        local = _split_layer_tensors(tensors, layer.name)
+        local = split_layer_tensors(tensors, layer.name)
         try:
             existing = model.get_submodule(layer.name)
         except AttributeError:

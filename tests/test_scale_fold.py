@@ -9,7 +9,7 @@ from mpq.arch import BLOCK_PATHS
 from mpq.errors import ModelError, SchemeError
 from mpq.scale_fold import (SCALE_GROUPS, ScaleGroup, fold_scales, group_weight_absmax,
                             scale_groups)
-from tests.tiny_models import ARCHITECTURES, COMMON, tiny_model
+from tests.tiny_models import ARCHITECTURES, COMMON, model_from_config, tiny_model
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4)
 
@@ -27,13 +27,7 @@ def _extra_model(arch: str) -> transformers.PreTrainedModel:
                                         **COMMON)
     else:
         return tiny_model(arch)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0, 0.05)
-    return model.eval()
+    return model_from_config(config)
 
 
 def _randomize_1d(model, arch: str) -> None:

@@ -35,8 +35,13 @@ ARCHITECTURES = tuple(_configs())
 
 
 def tiny_model(arch: str, seed: int = 0) -> transformers.PreTrainedModel:
+    return model_from_config(_configs()[arch], seed)
+
+
+def model_from_config(config: transformers.PretrainedConfig, seed: int = 0
+                      ) -> transformers.PreTrainedModel:
+    """A random fp32 model of ``config`` with N(0, 0.05) matrices, in eval mode."""
     torch.manual_seed(seed)
-    config = _configs()[arch]
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # larger-than-init weights so quantization error is visible
         for param in model.parameters():

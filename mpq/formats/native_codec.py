@@ -192,6 +192,13 @@ def _decode_micro(tensors: Mapping[str, torch.Tensor], args: WeightArgs, shape: 
     return QuantizedWeight(args=args, shape=shape, codes=codes, scale=scale, extras=extras)
 
 
+def split_layer_tensors(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """Remove and return layer ``name``'s tensors from ``tensors``, under their local keys."""
+    prefix = name + "."
+    keys = [k for k in tensors if k.startswith(prefix) and "." not in k[len(prefix):]]
+    return {k[len(prefix):]: tensors.pop(k) for k in keys}
+
+
 def stored_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     """Total bytes of the tensors' data."""
     return sum(t.numel() * t.element_size() for t in tensors.values())

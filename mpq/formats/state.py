@@ -16,12 +16,11 @@ from torch import nn
 
 from mpq.errors import ArtifactError
 from mpq.formats.native import open_artifact, read_tensors
-from mpq.formats.native_codec import decode
+from mpq.formats.native_codec import decode, split_layer_tensors
 from mpq.model_io import PASS_THROUGH
 from mpq.plan import Plan
 from mpq.quantizers.base import QuantizedWeight
 
-NOT_CODEC_KEYS = ("bias", "input_scale")  # local keys of a quantized layer outside its codec
 
 
 @dataclass
@@ -87,13 +86,12 @@ def state_from_artifact(path: str | Path) -> ArtifactState:
     tensors = read_tensors(artifact)
     qweights = {}
     for layer in artifact.plan.quantized():
-        prefix = layer.name + "."
-        local = {k[len(prefix):]: tensors.pop(k) for k in list(tensors)
-                 if k.startswith(prefix) and "." not in k[len(prefix):]
-                 and k[len(prefix):] != "bias"}
+        local = split_layer_tensors(tensors, layer.name)
+        if "bias" in local:  # stays a dense tensor
+            tensors[f"{layer.name}.bias"] = local.pop("bias")
         local.pop("input_scale", None)  # also in the plan's results
         qweights[layer.name] = decode(local, layer.scheme.weights, tuple(layer.shape),
-                                      prefix=prefix)
+                                      prefix=layer.name + ".")
     config = dict(artifact.config)
     config.pop("mpq", None)
     config.pop("quantization_config", None)

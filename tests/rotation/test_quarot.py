@@ -13,7 +13,7 @@ from mpq.quantize import quantize
 from mpq.recipe import parse_recipe
 from mpq.rotation.args import QuaRotArgs
 from mpq.rotation.quarot import apply_quarot
-from tests.tiny_models import save_tiny_model, tiny_model
+from tests.tiny_models import model_from_config, save_tiny_model, tiny_model
 
 ODD = dict(hidden_size=96, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
            vocab_size=256, num_hidden_layers=2, max_position_embeddings=128)  # 96 = 8·12,
@@ -24,13 +24,7 @@ def odd_model(kind: str) -> transformers.PreTrainedModel:
     config = {"llama_odd": transformers.LlamaConfig(**ODD),
               "qwen3": transformers.Qwen3Config(**{**ODD, "head_dim": 24}),
               "gemma_odd": transformers.GemmaConfig(**{**ODD, "head_dim": 24})}[kind]
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0, 0.05)
-    return model.eval()
+    return model_from_config(config)
 
 
 def with_random_norms_and_biases(model):
