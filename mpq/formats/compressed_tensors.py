@@ -219,17 +219,14 @@ class CompressedTensorsWriter:
     """compressed-tensors (pack/int/float, mxfp4/mxfp8/nvfp4, mixed-precision): vLLM, transformers."""
 
     name = FORMAT_NAME
+    online_rotations = False  # mpq does not write compressed-tensors' transform_config
     load_hint = ("# pip install compressed-tensors; from transformers import "
                  "AutoModelForCausalLM; model = AutoModelForCausalLM.from_pretrained("
                  '"path/to/this/folder")')
 
     def unsupported(self, plan: Plan) -> list[str]:
-        problems = [f"{layer.name}: {why}" for layer in plan.quantized()
-                    if (why := why_unsupported(layer)) is not None]
-        if plan.rotation and plan.rotation.get("r4"):
-            problems.append("rotation r4 is applied online to down_proj inputs, which mpq does "
-                            "not express in compressed-tensors' transform_config; use r4: false")
-        return problems
+        return [f"{layer.name}: {why}" for layer in plan.quantized()
+                if (why := why_unsupported(layer)) is not None]
 
     def preflight(self, plan: Plan) -> list[str]:
         return [f"vLLM int kernels: {problem}" for problem in vllm_int_kernel_problems(plan)]

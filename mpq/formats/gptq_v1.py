@@ -98,6 +98,7 @@ class GptqV1Writer:
     """GPTQ v1 (qweight/qzeros/scales/g_idx): AutoGPTQ, GPTQModel, transformers+optimum, vLLM."""
 
     name = FORMAT_NAME
+    online_rotations = False
     load_hint = ("# with optimum and gptqmodel installed: from transformers import "
                  "AutoModelForCausalLM; model = AutoModelForCausalLM.from_pretrained("
                  '"path/to/this/folder")')
@@ -122,9 +123,6 @@ class GptqV1Writer:
             if layer.scheme.input_activations is not None:
                 problems.append(f"{layer.name}: input activation quantization (GPTQ is "
                                 "weight-only)")
-        if plan.rotation and plan.rotation.get("r4"):
-            problems.append("rotation r4 is applied online to down_proj inputs (GPTQ v1 "
-                            "loaders cannot); use r4: false")
         if plan.kv_cache is not None:
             problems.append("kv_cache scales (GPTQ v1 stores no KV-cache quantization)")
         if plan.quantized() and uniform_settings(plan) is None:

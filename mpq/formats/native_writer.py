@@ -28,6 +28,7 @@ class NativeWriter:
     """mpq's own format: lossless for every scheme; loaded by mpq.load and mpq eval."""
 
     name = FORMAT_NAME
+    online_rotations = True  # mpq.load installs them
     load_hint = 'import mpq; model = mpq.load("path/to/this/folder")'
 
     def unsupported(self, plan: Plan) -> list[str]:

@@ -40,6 +40,7 @@ class FolderContents:
 
 class Writer(Protocol):
     name: str
+    online_rotations: bool  # whether its loaders apply the plan's run-time rotations (R4)
     load_hint: str  # how another program loads the folder (model card, messages)
 
     def unsupported(self, plan: Plan) -> list[str]: ...
@@ -66,6 +67,9 @@ def writer_for(name: str) -> Writer:
 def check_expressible(writer: Writer, plan: Plan) -> None:
     """Raise FormatError listing the layers ``writer`` cannot store."""
     problems = writer.unsupported(plan)
+    if plan.rotation and plan.rotation.get("r4") and not writer.online_rotations:
+        problems.append(f"rotation r4 is applied online to down_proj inputs, which format "
+                        f"'{writer.name}' cannot express; use r4: false")
     if problems:
         shown = "; ".join(problems[:6]) + (f"; … {len(problems) - 6} more"
                                            if len(problems) > 6 else "")
