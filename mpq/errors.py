@@ -68,14 +68,38 @@ class EvalGateError(MpqError):
     exit_code = 10
 
 
+class ResourceError(MpqError):
+    """The run would not fit: estimated peak memory exceeds what is available."""
+
+    exit_code = 11
+
+
+class ResumeError(MpqError):
+    """A work directory beside the output belongs to a different run (model, recipe,
+    calibration, options or mpq version changed), or --resume found nothing to resume."""
+
+    exit_code = 12
+
+
+class Interrupted(MpqError):
+    """Stopped by SIGINT/SIGTERM at a safe point; the finished blocks are kept for --resume."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, *, signal_number: int = 2, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.exit_code = 128 + signal_number
+
+
 EXIT_CODES = {
     0: "success",
     1: "internal error (a bug: please report it with the traceback from --debug)",
     2: "command-line usage error",
     **{cls.exit_code: cls.__doc__.strip().splitlines()[0] for cls in
        (RecipeError, ModelError, CalibrationError, OutputError, ArtifactError, SchemeError,
-        EvalGateError)},
-    130: "interrupted (SIGINT)",
+        FormatError, EvalGateError, ResourceError, ResumeError)},
+    130: "interrupted by SIGINT (Ctrl-C); finished blocks are kept, rerun to resume",
+    143: "interrupted by SIGTERM; finished blocks are kept, rerun to resume",
 }
 
 

@@ -17,12 +17,14 @@ from torch import nn
 
 from mpq.arch import ModelLayout, blocks_of, set_weight, weight_of
 from mpq.collect import StopForward, collecting, input_groups, results, run_block
-from mpq.errors import CalibrationError, SchemeError
+from mpq.errors import CalibrationError, Interrupted, SchemeError
+from mpq.interrupt import StopRequest
 from mpq.memory import page_out, release_free_memory
 from mpq.plan import LayerPlan, Plan
 from mpq.quantizers import base as qbase
 from mpq.act_quant import FP8_MAX, static_scale
 from mpq.replay import BlockReplay
+from mpq.resume import Checkpoint
 import mpq.transforms  # noqa: F401  (registers the built-in transforms)
 from mpq.transforms.base import TRANSFORMS, BlockContext
 from mpq.kv_cache import (KVCacheArgs, KVObserver, attach_kv_quantization, attention_modules,
@@ -128,7 +130,8 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
                  samples: list[torch.Tensor] | None, *, true_sequential: bool = True,
                  device: str | torch.device = "cpu", events: Events = no_events,
                  reuse: bool = True, batch_tokens: int = 2048,
-                 keep_dequantized: bool = True
+                 keep_dequantized: bool = True, checkpoint: Checkpoint | None = None,
+                 stop: StopRequest | None = None
                  ) -> dict[str, qbase.QuantizedWeight]:
     """Quantize every planned layer of ``model`` in place (weights become their dequantized
     values) and return the QuantizedWeight of each (on CPU); per-layer results go into ``plan``.
@@ -145,6 +148,11 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
     (the returned QuantizedWeights hold them) to save memory; kept anyway when a layer outside
     the blocks needs statistics (the whole model runs then).  Weight pages of the source
     checkpoint are paged out while not in use (mpq.memory.page_out).
+
+    ``checkpoint``: each finished block is saved there, and the blocks it already holds are
+    restored instead of quantized (their outputs recomputed for the next block's inputs), so a
+    resumed run gives the same results as an uninterrupted one.  ``stop``: when a stop was
+    requested (SIGINT/SIGTERM), raise Interrupted after the current block is saved.
     """
     wanted = needed_stats(plan)
     if wanted and not samples:
@@ -174,12 +182,27 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
             inputs = to_device(capture_block_inputs(model, layout, batches), device)
             page_out(model.parameters())  # each block's weights come back when it is processed
         keep = keep_dequantized or any(l.name in wanted for l in by_block.get(None, []))
+        finished = checkpoint.finished_blocks() if checkpoint else 0
         for index, block in enumerate(blocks):
-            inputs = _quantize_block(model, block, index, layout, by_block.get(index, []),
+            layers, last = by_block.get(index, []), index + 1 == len(blocks)
+            if index < finished:
+                inputs = _restore_block(model, block, index, layers, checkpoint, inputs,
+                                        qweights, plan.transforms, plan.kv_cache, last=last,
+                                        device=device, events=events, keep_dequantized=keep)
+                continue
+            inputs = _quantize_block(model, block, index, layout, layers,
                                      wanted, inputs, qweights, plan.transforms, plan.kv_cache,
-                                     last=index + 1 == len(blocks),
-                                     true_sequential=true_sequential, reuse=reuse,
+                                     last=last, true_sequential=true_sequential, reuse=reuse,
                                      device=device, events=events, keep_dequantized=keep)
+            if checkpoint:
+                checkpoint.save_block(index, block, qweights, layers,
+                                      [spec["applied"][-1] for spec in plan.transforms])
+            if stop is not None and stop.requested and not last:
+                raise Interrupted(
+                    f"stopped by {stop.signal_name} after block {index + 1} of {len(blocks)}",
+                    signal_number=stop.signal_number,
+                    hint="rerun the same command to resume from block "
+                         f"{index + 2}" if checkpoint else "nothing was saved")
         inputs = None
         qweights.update(_quantize_outside_blocks(model, by_block.get(None, []), wanted, samples,
                                                  events))
@@ -214,13 +237,23 @@ def _quantize_block(model, block, index, layout, layers, wanted, inputs, qweight
         for layer in step:
             qweights[layer.name] = _quantize_layer(model, layer, stats.get(layer.name, {}))
             events("layer", name=layer.name, block=index, **layer.result)
+    inputs = _next_inputs(block, index, inputs, kv_cache, replay, last=last, events=events)
+    _finish_block(model, block, index, layers, keep_dequantized, events)
+    return inputs
+
+
+def _next_inputs(block, index, inputs, kv_cache, replay: BlockReplay | None, *, last, events):
+    """The next block's inputs from this (quantized) block; with ``kv_cache`` the same pass
+    calibrates and attaches the block's KV scales.  None after the last block."""
     if inputs is not None and kv_cache:
-        inputs = _calibrate_kv(block, inputs, KVCacheArgs(**kv_cache), last, events, index)
-    elif inputs is not None and not last:
-        inputs = (replay.final_pass(inputs) if replay
-                  else run_block(block, inputs, in_place=True))
-    else:
-        inputs = None
+        return _calibrate_kv(block, inputs, KVCacheArgs(**kv_cache), last, events, index)
+    if inputs is not None and not last:
+        return replay.final_pass(inputs) if replay else run_block(block, inputs, in_place=True)
+    return None
+
+
+def _finish_block(model, block, index, layers, keep_dequantized, events) -> None:
+    """Move the block back to CPU, drop its dequantized weights unless kept, free memory."""
     block.to("cpu")
     if not keep_dequantized:
         for layer in layers:
@@ -229,6 +262,32 @@ def _quantize_block(model, block, index, layout, layers, wanted, inputs, qweight
     page_out(block.parameters())
     release_free_memory()
     events("block_done", index=index)
+
+
+def _restore_block(model, block, index, layers, checkpoint, inputs, qweights, transforms,
+                   kv_cache, *, last, device, events, keep_dequantized):
+    """Put a block saved by an earlier run back (weights, tensors changed by transforms,
+    results, transform records) and compute the next block's inputs exactly as the earlier run
+    did after quantizing it (KV scales are recalibrated: the same pass gives the same scales)."""
+    record = checkpoint.load_block(index, layers)
+    events("block_resumed", index=index, layers=len(layers))
+    block.to(device)
+    current = block.state_dict()
+    with torch.no_grad():
+        for name, value in record.state.items():
+            if name in current and current[name].numel():
+                owner, _, attr = name.rpartition(".")
+                tensor = getattr(block.get_submodule(owner) if owner else block, attr)
+                tensor.data = value.to(device=tensor.device, dtype=tensor.dtype)
+    for layer in layers:
+        qw = record.qweights[layer.name]
+        set_weight(model.get_submodule(layer.name), qw.dequantize(torch.float32))
+        layer.result.update(record.layer_results[layer.name])
+        qweights[layer.name] = qw
+    for spec, applied in zip(transforms, record.transform_records):
+        spec["applied"].append(applied)
+    inputs = _next_inputs(block, index, inputs, kv_cache, None, last=last, events=events)
+    _finish_block(model, block, index, layers, keep_dequantized, events)
     return inputs
 
 

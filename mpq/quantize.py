@@ -24,12 +24,14 @@ from mpq.formats.writers import check_expressible, write_state, writer_for
 from mpq.kv_cache import attention_modules
 from mpq.rotation.quarot import apply_quarot, rotation_specs
 from mpq.rotation.quarot import check_supported as check_rotation_supported
+from mpq.interrupt import stop_at_safe_points
 from mpq.memory import release_free_memory
 from mpq.model_io import PASS_THROUGH, check_model_dir, fingerprint, load_model, load_tokenizer
 from mpq.pipeline import Events, no_events, run_pipeline, untie_head_if_quantized
 from mpq.plan import Plan, resolve
 from mpq.quantizers.base import QUANTIZERS
 from mpq.recipe import Recipe, load_recipe
+from mpq.resume import Checkpoint, run_fingerprint
 from mpq.scale_fold import scale_groups
 from mpq.transforms.base import TRANSFORMS
 
@@ -141,10 +143,17 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
              calibration: CalibrationOptions = CalibrationOptions(), force: bool = False,
              dtype: str | torch.dtype = "auto", true_sequential: bool = True,
              device: str = "cpu", output_format: str = "mpq", strict: bool = False,
-             events: Events = no_events) -> QuantizeResult:
+             resume: str = "auto", events: Events = no_events) -> QuantizeResult:
     """Quantize the model folder ``model_path`` with ``recipe`` into the artifact ``out_dir``,
     written as ``output_format`` (mpq.formats.WRITERS); its pre-flight warnings are returned
-    (``strict``: refused before quantizing)."""
+    (``strict``: refused before quantizing).
+
+    Each finished block is saved in the work directory ``<out_dir>.mpq-work`` (mpq.resume),
+    removed once the artifact is written.  ``resume``: ``auto`` continues a matching work
+    directory and refuses a mismatching one (ResumeError), ``require`` also refuses when there
+    is none, ``fresh`` discards it.  SIGINT/SIGTERM stop the run after the current block
+    (mpq.errors.Interrupted); rerunning resumes it.
+    """
     started = time.perf_counter()
     out_dir = Path(out_dir)
     check_output_free(out_dir, force)
@@ -165,22 +174,31 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
             field=calibration.field, split=calibration.split)
         release_free_memory()  # the tokenizer and the text are gone
         events("calibration", **calib.provenance)
+    provenance = calib.provenance if calib else None
+    source = fingerprint(source_dir)
+    pipeline_options = {"true_sequential": true_sequential,
+                        "batch_tokens": calibration.batch_tokens}
+    checkpoint = Checkpoint.open(out_dir, run_fingerprint(
+        model_sha256=source["sha256"], recipe=recipe.to_dict(),
+        calibration_sha256=provenance["sha256"] if provenance else None,
+        options={**pipeline_options, "dtype": str(model.dtype), "device": device.type}),
+        mode=resume)
     if recipe.rotation is not None:  # before any statistic is taken
         plan.rotation = apply_quarot(model, layout, recipe.rotation)
         release_free_memory()
     untied = untie_head_if_quantized(model, layout, plan)
-    qweights = run_pipeline(model, layout, plan, calib.samples if calib else None,
-                            true_sequential=true_sequential, device=device, events=events,
-                            batch_tokens=calibration.batch_tokens, keep_dequantized=False)
-    provenance = calib.provenance if calib else None
+    with stop_at_safe_points() as stop:
+        qweights = run_pipeline(model, layout, plan, calib.samples if calib else None,
+                                true_sequential=true_sequential, device=device, events=events,
+                                batch_tokens=calibration.batch_tokens, keep_dequantized=False,
+                                checkpoint=checkpoint, stop=stop)
     state = state_from_model(model, plan, qweights, provenance={
         "recipe": {**recipe.to_dict(), "source": recipe.source, "text": recipe.text},
-        "calibration": provenance, "source": fingerprint(source_dir),
-        "pipeline": {"true_sequential": true_sequential,
-                     "batch_tokens": calibration.batch_tokens}},
+        "calibration": provenance, "source": source, "pipeline": pipeline_options},
         files={name: source_dir / name for name in PASS_THROUGH
                if (source_dir / name).is_file()})
     sizes = write_state(state, out_dir, output_format, force=force)
+    checkpoint.remove()
     return QuantizeResult(out_dir=out_dir, plan=plan, sizes=sizes, calibration=provenance,
                           seconds=time.perf_counter() - started, untied_head=untied,
                           output_format=output_format, warnings=warnings)

@@ -60,6 +60,8 @@ class ProgressEvents:
             self.progress.update(self.layers, advance=1, detail=data["name"])
         elif kind == "block_done" and self.blocks is not None:
             self.progress.update(self.blocks, advance=1)
+        elif kind == "block_resumed" and self.layers is not None:
+            self.progress.update(self.layers, advance=data["layers"], detail="resumed")
         elif kind == "warning":
             self.progress.console.print(f"[yellow]warning:[/yellow] {data['message']}")
         elif kind == "calibration":

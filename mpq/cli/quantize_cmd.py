@@ -39,11 +39,16 @@ from mpq.cli.options import dtype_option, json_option, torch_dtype
 @click.option("--strict", is_flag=True,
               help="Refuse (exit 9) instead of warning when layers fail the format's runtime "
                    "pre-flight checks (e.g. vLLM's fast int kernels).")
+@click.option("--resume/--no-resume", default=None,
+              help="Each finished block is kept in OUTPUT.mpq-work until the artifact is "
+                   "written; a rerun continues from it when its inputs match (the default). "
+                   "--resume: fail if there is nothing to resume; --no-resume: discard it and "
+                   "start over.")
 @dtype_option
 @json_option
 def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode, calib_field,
             calib_split, calib_batch_tokens, force, device, true_sequential, output_format,
-            strict, dtype, as_json):
+            strict, resume, dtype, as_json):
     """Quantize MODEL (a local Hugging Face folder) with RECIPE into OUTPUT."""
     from mpq.quantize import CalibrationOptions, quantize
 
@@ -55,6 +60,7 @@ def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode
         result = quantize(model, recipe, output, calibration=options, force=force,
                           dtype=torch_dtype(dtype), true_sequential=true_sequential,
                           device=device, output_format=output_format, strict=strict,
+                          resume={None: "auto", True: "require", False: "fresh"}[resume],
                           events=reporter)
     if as_json:
         emit_json({"event": "result", **result.to_dict()})
