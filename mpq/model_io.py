@@ -21,7 +21,7 @@ from mpq.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # refused: loading them would unpickle
 # Files of a model folder that are not weights and travel into the artifact unchanged.
 PASS_THROUGH = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
@@ -57,15 +57,20 @@ def check_model_dir(path: str | Path) -> Path:
         raise ModelError(f"'{path}' has no config.json",
                          hint="is this a Hugging Face model folder? save it with save_pretrained")
     if not weight_files(path):
-        raise ModelError(f"'{path}' has no weight files (*.safetensors or *.bin)",
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise ModelError(f"'{path}' holds only pickled weights ({', '.join(pickled[:3])}); "
+                             "mpq reads safetensors only and never unpickles",
+                             hint="convert it once where you trust the file: "
+                                  "AutoModelForCausalLM.from_pretrained(path).save_pretrained(new)")
+        raise ModelError(f"'{path}' has no weight files (*.safetensors)",
                          hint="save the model with save_pretrained(safe_serialization=True)")
     return path
 
 
 def weight_files(path: Path) -> list[Path]:
-    files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-    safetensors = [p for p in files if p.suffix == ".safetensors"]
-    return safetensors or files
+    """The folder's safetensors files (pickled formats are never read)."""
+    return sorted(p for p in path.iterdir() if p.suffix == ".safetensors" and p.is_file())
 
 
 def read_config(path: Path) -> dict:
@@ -96,7 +101,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = "auto") -> nn.Module
     config = load_config(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
-                                                     local_files_only=True)
+                                                     local_files_only=True, use_safetensors=True)
     except (ValueError, KeyError) as exc:
         raise ModelError(f"{path}: cannot build a causal LM from this config: {first_line(exc)}",
                          hint="mpq quantizes *ForCausalLM models") from exc

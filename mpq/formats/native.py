@@ -8,13 +8,15 @@ Header metadata (strings only, identical in every shard): ``format`` = ``pt`` (f
 safetensors readers), ``mpq.format_version`` (``MAJOR.MINOR``; a reader refuses another major),
 ``mpq.tool_version``, ``mpq.packing``, and JSON strings ``mpq.recipe``, ``mpq.plan``,
 ``mpq.calibration``, ``mpq.source``.  ``config.json`` gains a top-level ``mpq`` key (format and
-version) so a folder can be recognised without opening a shard.
+version) so a folder can be recognised without opening a shard; it also records the sha256 and
+size of every tensor file (``tensor_files``), which ``mpq verify`` checks.
 
 The output folder appears atomically: everything is written to a hidden temporary sibling that is
 renamed into place at the end; on failure or interruption the temporary folder is removed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -35,6 +37,16 @@ FORMAT_VERSION = "1.0"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+TENSOR_FILES_KEY = "tensor_files"  # config.json's mpq entry: {file: {sha256, bytes}}
+
+
+def file_digest(path: Path) -> dict:
+    """``{"sha256": hex, "bytes": size}`` of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
 
 
 def shard_tensors(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -95,6 +107,9 @@ def _write_contents(tmp: Path, tensors, metadata, config, extra_files, max_shard
         save_file({k: v.contiguous() for k, v in shard.items()}, str(tmp / name), metadata=header)
         canonicalize_header(tmp / name)
         weight_map.update({k: name for k in shard})
+    if isinstance(config.get("mpq"), dict):  # content hashes, checked by `mpq verify`
+        config = {**config, "mpq": {**config["mpq"], TENSOR_FILES_KEY: {
+            name: file_digest(tmp / name) for name in names}}}
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
