@@ -24,6 +24,7 @@ from mpq.formats.writers import check_expressible, write_state, writer_for
 from mpq.kv_cache import attention_modules
 from mpq.rotation.quarot import apply_quarot, rotation_specs
 from mpq.rotation.quarot import check_supported as check_rotation_supported
+from mpq.estimate import check_memory_budget
 from mpq.interrupt import stop_at_safe_points
 from mpq.memory import release_free_memory
 from mpq.model_io import PASS_THROUGH, check_model_dir, fingerprint, load_model, load_tokenizer
@@ -143,7 +144,8 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
              calibration: CalibrationOptions = CalibrationOptions(), force: bool = False,
              dtype: str | torch.dtype = "auto", true_sequential: bool = True,
              device: str = "cpu", output_format: str = "mpq", strict: bool = False,
-             resume: str = "auto", events: Events = no_events) -> QuantizeResult:
+             resume: str = "auto", check_memory: bool = True,
+             events: Events = no_events) -> QuantizeResult:
     """Quantize the model folder ``model_path`` with ``recipe`` into the artifact ``out_dir``,
     written as ``output_format`` (mpq.formats.WRITERS); its pre-flight warnings are returned
     (``strict``: refused before quantizing).
@@ -152,7 +154,9 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
     removed once the artifact is written.  ``resume``: ``auto`` continues a matching work
     directory and refuses a mismatching one (ResumeError), ``require`` also refuses when there
     is none, ``fresh`` discards it.  SIGINT/SIGTERM stop the run after the current block
-    (mpq.errors.Interrupted); rerunning resumes it.
+    (mpq.errors.Interrupted); rerunning resumes it.  ``check_memory``: refuse (ResourceError)
+    before loading the model when the estimated peak memory (mpq.estimate) exceeds what is
+    available.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -161,6 +165,10 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
     recipe = as_recipe(recipe)
     writer_for(output_format)  # an unknown format fails before the model is read
     source_dir = check_model_dir(model_path)
+    if check_memory:
+        check_memory_budget(source_dir, recipe, calibration=calibration, device=device,
+                            output_format=output_format, true_sequential=true_sequential,
+                            dtype=dtype, strict=strict)
     model = load_model(source_dir, dtype=dtype)
     layout, plan = plan_model(model, recipe)
     warnings = preflight(plan, output_format, strict)

@@ -44,23 +44,37 @@ from mpq.cli.options import dtype_option, json_option, torch_dtype
                    "written; a rerun continues from it when its inputs match (the default). "
                    "--resume: fail if there is nothing to resume; --no-resume: discard it and "
                    "start over.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan, the expected artifact size, the estimated peak memory and "
+                   "time, without reading weights or writing anything; exit 11 if it would not "
+                   "fit in the available memory.")
+@click.option("--memory-check/--no-memory-check", default=True, show_default=True,
+              help="Refuse (exit 11) before loading the model when the estimated peak memory "
+                   "(see --dry-run) exceeds the available memory.")
 @dtype_option
 @json_option
 def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode, calib_field,
             calib_split, calib_batch_tokens, force, device, true_sequential, output_format,
-            strict, resume, dtype, as_json):
+            strict, resume, dry_run, memory_check, dtype, as_json):
     """Quantize MODEL (a local Hugging Face folder) with RECIPE into OUTPUT."""
     from mpq.quantize import CalibrationOptions, quantize
 
     options = CalibrationOptions(source=calib, num_samples=num_samples, seq_len=seq_len, seed=seed,
                                  mode=calib_mode, field=calib_field, split=calib_split,
                                  batch_tokens=calib_batch_tokens)
+    if dry_run:
+        from mpq.cli.estimate_view import dry_run as run_dry
+
+        return run_dry(model, recipe, options, output=output, force=force, device=device,
+                       output_format=output_format, true_sequential=true_sequential,
+                       dtype=dtype, strict=strict, as_json=as_json)
     reporter = JsonEvents() if as_json else ProgressEvents()
     with reporter if not as_json else nullcontext():
         result = quantize(model, recipe, output, calibration=options, force=force,
                           dtype=torch_dtype(dtype), true_sequential=true_sequential,
                           device=device, output_format=output_format, strict=strict,
                           resume={None: "auto", True: "require", False: "fresh"}[resume],
+                          check_memory=memory_check,
                           events=reporter)
     if as_json:
         emit_json({"event": "result", **result.to_dict()})

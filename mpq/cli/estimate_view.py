@@ -1,0 +1,82 @@
+"""``mpq quantize --dry-run``: the estimate (mpq.estimate) as rich tables or one JSON object."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from mpq.cli.console import emit_json, human_bytes, stdout_console
+from mpq.cli.options import torch_dtype
+
+
+def dry_run(model, recipe, options, *, output, force, device, output_format, true_sequential,
+            dtype, strict, as_json) -> None:
+    """Estimate the run, print it, and raise ResourceError (exit 11) when it would not fit."""
+    from mpq.errors import OutputError
+    from mpq.estimate import check_fits, estimate_and_check
+    from mpq.formats.native import check_output_free
+
+    estimate = estimate_and_check(model, recipe, calibration=options, device=device,
+                                  output_format=output_format, true_sequential=true_sequential,
+                                  dtype=torch_dtype(dtype), strict=strict)
+    try:
+        check_output_free(Path(output), force)
+    except OutputError as exc:
+        estimate.warnings.append(f"the real run would stop: {exc.one_line()}")
+    if as_json:
+        emit_json({"event": "estimate", "output": str(output), **estimate.to_dict()})
+    else:
+        show(estimate)
+    check_fits(estimate, estimate.available_bytes,
+               host_available=estimate.host_available_bytes)
+
+
+def show(estimate) -> None:
+    console = stdout_console()
+    summary = estimate.plan.summary()
+    plan = Table(title=f"dry run: {estimate.recipe} on {estimate.model} → {estimate.output_format}"
+                       f" ({estimate.dtype}, {estimate.device})")
+    for column, justify in (("scheme", "left"), ("layers", "right"), ("weights", "right")):
+        plan.add_column(column, justify=justify)
+    for row in summary.rows:
+        plan.add_row(row.label, str(row.layers), f"{row.weights:,}")
+    plan.add_row("[dim]kept[/dim]", str(summary.kept), "")
+    console.print(plan)
+    for line in (estimate.plan.describe_transforms(), estimate.plan.describe_kv_cache()):
+        if line:
+            console.print(line)
+
+    size = estimate.size
+    table = Table(title="estimate (≈, no weight was read)", show_header=True)
+    table.add_column("what")
+    table.add_column("≈", justify="right")
+    table.add_column("notes")
+    table.add_row("artifact", human_bytes(size["file_bytes"]),
+                  f"quantized {human_bytes(size['quantized_bytes'])}, other tensors "
+                  f"{human_bytes(size['dense_bytes'])}, header {human_bytes(size['header_bytes'])}")
+    where = "host" if estimate.device == "cpu" else estimate.device
+    table.add_row(f"peak memory ({where})", human_bytes(estimate.peak_bytes),
+                  f"at the {estimate.peak_phase}")
+    for part, value in estimate.memory.items():
+        note = "writing phase only" if part == "write_buffers" else ""
+        table.add_row(f"  {part.replace('_', ' ')}", human_bytes(value), note)
+    if estimate.device != "cpu":
+        table.add_row("peak memory (host)", human_bytes(estimate.host_peak_bytes), "")
+    calib = estimate.calibration
+    table.add_row("time", f"{estimate.seconds:.0f} s",
+                  f"{calib['tokens']:,} calibration tokens, "
+                  f"{calib['forward_passes_per_block']:g} passes/block, "
+                  f"{estimate.throughput_flops / 1e9:.0f} GFLOP/s measured")
+    for part, value in estimate.time_parts.items():
+        table.add_row(f"  {part}", f"{value:.1f} s", "")
+    console.print(table)
+    for warning in estimate.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    available = estimate.available_bytes
+    if available is not None:
+        verdict = "fits" if estimate.fits else "[red]does not fit[/red]"
+        extra = ""
+        if estimate.host_available_bytes is not None:
+            extra = f"; host {human_bytes(estimate.host_available_bytes)} available"
+        console.print(f"{verdict}: ≈{human_bytes(estimate.peak_bytes)} needed, "
+                      f"{human_bytes(available)} available on {estimate.device}{extra}")
