@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from mpq.errors import CalibrationError
 from mpq.stash import Stash
 from mpq.stats import STATS
 
@@ -150,6 +151,11 @@ def results(collectors: dict[str, dict]) -> dict[str, dict[str, torch.Tensor]]:
     for name, per_stat in collectors.items():
         out[name] = {}
         for stat, collector in per_stat.items():
+            if collector.count == 0:  # e.g. a mixture-of-experts expert no token was routed to
+                raise CalibrationError(
+                    f"layer {name} saw no calibration tokens (its {stat} is empty)",
+                    hint="use more or more varied calibration samples (--num-samples), or give "
+                         "this layer a rule with algorithm: rtn")
             if id(collector) not in cache:
                 cache[id(collector)] = collector.result()
             out[name][stat] = cache[id(collector)]

@@ -20,7 +20,7 @@ from mpq.formats.native_codec import decode, split_layer_tensors
 from mpq.rotation.hadamard import RotationSpec
 from mpq.rotation.quarot import install_online
 from mpq.kv_cache import SCALE_NAMES, KVCacheArgs, attach_kv_quantization, attention_modules
-from mpq.model_io import build_skeleton
+from mpq.model_io import build_skeleton, first_line
 from mpq.qlinear import QuantLinear, quantize_inputs_hook
 
 
@@ -119,15 +119,20 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
         except AttributeError:
             raise ArtifactError(f"artifact quantizes '{layer.name}', which the model built from "
                                 "config.json does not have") from None
-        model.set_submodule(layer.name, _quantized_module(layer.name, layer, local, existing,
-                                                          dequantize, dtype))
+        try:
+            module = _quantized_module(layer.name, layer, local, existing, dequantize, dtype)
+        except ArtifactError as exc:  # name the artifact too
+            raise ArtifactError(f"{artifact.path}: {exc.message}", hint=exc.hint) from None
+        model.set_submodule(layer.name, module)
     if artifact.plan.kv_cache is not None:
         _attach_kv_cache(model, KVCacheArgs(**artifact.plan.kv_cache), tensors)
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    _check_dense_shapes(model, tensors, artifact.path)
     try:
         result = model.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as exc:
-        raise ArtifactError(f"{artifact.path}: tensor shapes do not match config.json: {exc}",
+        raise ArtifactError(f"{artifact.path}: tensor shapes do not match config.json: "
+                            f"{first_line(exc)}",
                             hint="the artifact is damaged or its config.json was edited") from exc
     if result.unexpected_keys:
         raise ArtifactError(f"{artifact.path}: unexpected tensors "
@@ -142,6 +147,20 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
     _install_online_rotations(model, artifact.plan)
     model.mpq_artifact = artifact
     return model.eval()
+
+
+def _check_dense_shapes(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """ArtifactError naming the first stored tensor whose shape differs from the model's."""
+    expected = model.state_dict(keep_vars=True)
+    wrong = [key for key, tensor in tensors.items()
+             if key in expected and tuple(tensor.shape) != tuple(expected[key].shape)]
+    if wrong:
+        key = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise ArtifactError(f"{path}: tensor '{key}' has shape {tuple(tensors[key].shape)}, "
+                            f"config.json gives {tuple(expected[key].shape)}{more}",
+                            hint="the artifact is damaged or its config.json was edited; "
+                                 "re-run mpq quantize")
 
 
 def _install_online_rotations(model: nn.Module, plan) -> None:

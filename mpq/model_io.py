@@ -75,17 +75,28 @@ def weight_files(path: Path) -> list[Path]:
 
 def read_config(path: Path) -> dict:
     try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"{path / 'config.json'} is unreadable: {exc}",
                          hint="restore config.json from the model's source") from exc
+    if not isinstance(config, dict):
+        raise ModelError(f"{path / 'config.json'} holds a JSON {type(config).__name__}, not an "
+                         "object", hint="restore config.json from the model's source")
+    return config
 
 
 def load_config(path: Path):
     """The transformers config of a checked model folder, or ModelError (unknown architecture)."""
+    import transformers
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    read_config(path)
+    model_type = read_config(path).get("model_type")
+    if isinstance(model_type, str) and model_type not in CONFIG_MAPPING:
+        raise ModelError(f"{path / 'config.json'}: model_type '{model_type}' is not an "
+                         f"architecture transformers {transformers.__version__} knows",
+                         hint="check config.json's model_type, or upgrade transformers if the "
+                              "architecture is newer")
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)
     except (ValueError, KeyError, OSError) as exc:
@@ -108,14 +119,16 @@ def load_model(path: str | Path, dtype: torch.dtype | str = "auto") -> nn.Module
     except (OSError, RuntimeError, SafetensorError) as exc:
         raise ModelError(f"{path}: weight files are unreadable or corrupt: {first_line(exc)}",
                          hint="re-download or re-save the model") from exc
-    check_finite(model)
+    check_finite(model, where=path)
     return model.eval()
 
 
-def check_finite(model: nn.Module) -> None:
+def check_finite(model: nn.Module, where: str | Path | None = None) -> None:
+    """ModelError naming the first floating-point tensor with a NaN or Inf (and ``where``)."""
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ModelError(f"tensor '{name}' holds NaN or Inf values",
+            prefix = f"{where}: " if where else ""
+            raise ModelError(f"{prefix}tensor '{name}' holds NaN or Inf values",
                              hint="the source checkpoint is damaged; quantizing it would too")
 
 
@@ -155,12 +168,18 @@ def parameters_on_meta() -> Iterator[None]:
 def build_skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
     """A causal LM from ``config`` with meta parameters: names, classes and shapes, no memory."""
     from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    where = getattr(config, "name_or_path", "") or "config.json"
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ModelError(f"{where}: model_type '{getattr(config, 'model_type', None)}' has no "
+                         "causal LM class in transformers", hint="mpq quantizes *ForCausalLM "
+                         "models (decoder-only text generators)")
     try:
         with parameters_on_meta():
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (ValueError, KeyError) as exc:
-        raise ModelError(f"cannot build a causal LM from config ({first_line(exc)})",
+        raise ModelError(f"{where}: cannot build a causal LM from config ({first_line(exc)})",
                          hint="mpq quantizes *ForCausalLM models") from exc
 
 

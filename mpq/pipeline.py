@@ -51,6 +51,25 @@ def needed_stats(plan: Plan) -> dict[str, frozenset[str]]:
     return needs
 
 
+def require_calibration(plan: Plan, have_samples: bool) -> None:
+    """CalibrationError when the plan needs calibration data (statistics, transforms, KV
+    scales) and there is none."""
+    if have_samples:
+        return
+    wanted = needed_stats(plan)
+    if wanted:
+        first = next(iter(wanted))
+        raise CalibrationError(f"layer {first} needs calibration statistics "
+                               f"({', '.join(sorted(wanted[first]))}) but no calibration data "
+                               "was given", hint="pass --calib FILE")
+    if plan.transforms:
+        raise CalibrationError(f"transform '{plan.transforms[0]['type']}' needs calibration data",
+                               hint="pass --calib FILE")
+    if plan.kv_cache:
+        raise CalibrationError("kv_cache quantization needs calibration data for its scales",
+                               hint="pass --calib FILE")
+
+
 def untie_head_if_quantized(model: nn.Module, layout: ModelLayout, plan: Plan) -> bool:
     """Give a quantized output head its own weight when it is tied to the input embedding."""
     if layout.head_name is None or plan.get(layout.head_name) is None:
@@ -155,17 +174,7 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
     requested (SIGINT/SIGTERM), raise Interrupted after the current block is saved.
     """
     wanted = needed_stats(plan)
-    if wanted and not samples:
-        first = next(iter(wanted))
-        raise CalibrationError(f"layer {first} needs calibration statistics "
-                               f"({', '.join(sorted(wanted[first]))}) but no calibration data "
-                               "was given", hint="pass --calib FILE")
-    if plan.transforms and not samples:
-        raise CalibrationError(f"transform '{plan.transforms[0]['type']}' needs calibration data",
-                               hint="pass --calib FILE")
-    if plan.kv_cache and not samples:
-        raise CalibrationError("kv_cache quantization needs calibration data for its scales",
-                               hint="pass --calib FILE")
+    require_calibration(plan, bool(samples))
     device = torch.device(device)
     blocks = blocks_of(model, layout)
     by_block: dict[int | None, list[LayerPlan]] = {}

@@ -28,7 +28,8 @@ from mpq.estimate import check_memory_budget
 from mpq.interrupt import stop_at_safe_points
 from mpq.memory import release_free_memory
 from mpq.model_io import PASS_THROUGH, check_model_dir, fingerprint, load_model, load_tokenizer
-from mpq.pipeline import Events, no_events, run_pipeline, untie_head_if_quantized
+from mpq.pipeline import (Events, no_events, require_calibration, run_pipeline,
+                          untie_head_if_quantized)
 from mpq.plan import Plan, resolve
 from mpq.quantizers.base import QUANTIZERS
 from mpq.recipe import Recipe, load_recipe
@@ -172,6 +173,7 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
     model = load_model(source_dir, dtype=dtype)
     layout, plan = plan_model(model, recipe)
     warnings = preflight(plan, output_format, strict)
+    require_calibration(plan, calibration.source is not None)
     for warning in warnings:
         events("warning", message=f"{output_format} pre-flight: {warning}")
     calib = None

@@ -303,13 +303,20 @@ def list_presets() -> dict[str, str]:
             for name in sorted(files)}
 
 
+def _looks_like_path(name: str) -> bool:
+    """Whether ``-r`` was meant as a file (a folder part or a YAML suffix), not a preset name."""
+    name = str(name)
+    return os.sep in name or "/" in name or name.lower().endswith((".yaml", ".yml"))
+
+
 def load_recipe(name_or_path: str, known_algorithms: Collection[str] | None = None) -> Recipe:
     """Load a recipe from an existing file path, else from the built-in preset of that name."""
     if os.path.isfile(name_or_path):
         try:
             text = Path(name_or_path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise RecipeError(f"{name_or_path}: cannot read recipe: {exc}") from None
+            raise RecipeError(f"{name_or_path}: cannot read recipe: {exc}",
+                              hint="a recipe is a readable UTF-8 YAML file") from None
         return parse_recipe(text, str(name_or_path), known_algorithms)
     presets = _preset_files()
     if name_or_path in presets:
@@ -317,5 +324,11 @@ def load_recipe(name_or_path: str, known_algorithms: Collection[str] | None = No
         return parse_recipe(text, f"preset:{name_or_path}", known_algorithms)
     close = did_you_mean(name_or_path, presets)
     listing = f"presets: {', '.join(sorted(presets))}"
+    if os.path.isdir(name_or_path):
+        raise RecipeError(f"recipe '{name_or_path}' is a folder, not a recipe file",
+                          hint="pass the recipe's .yaml file, or a preset name")
+    if not close and _looks_like_path(name_or_path):
+        raise RecipeError(f"recipe file '{name_or_path}' does not exist",
+                          hint=f"check the path, or name a built-in preset ({listing})")
     raise RecipeError(f"no recipe file or preset named '{name_or_path}'",
                       hint=f"{close} {listing}" if close else listing)

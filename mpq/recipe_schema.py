@@ -19,6 +19,9 @@ _ACTIVATION_TYPES = {"format": str, "bits": int, "dynamic": bool, "granularity":
                      "symmetric": bool}
 _WEIGHT_TYPES = {"format": str, "bits": int, "symmetric": bool, "granularity": str,
                  "group_size": (int, type(None)), "double_quant": bool}
+_WEIGHT_EXAMPLES = {"format": "format: int", "bits": "bits: 4", "symmetric": "symmetric: true",
+                    "granularity": "granularity: group", "group_size": "group_size: 128",
+                    "double_quant": "double_quant: true"}
 _SCALARS = (str, int, float, bool, type(None))
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean (true/false)",
                float: "a number", list: "a list", dict: "a mapping", type(None): "null"}
@@ -95,7 +98,8 @@ def expect(value: Any, expected: type | tuple[type, ...], at: YamlPath,
         return value
     got = f"{type(value).__name__} {value!r}" if value is not None else "null"
     raise at.error(f"expected {_type_name(expected)}, got {got}",
-                   hint=f"e.g. {example}" if example else None)
+                   hint=f"e.g. {example}" if example else
+                   f"write {_type_name(expected)} there (strings in quotes, numbers without)")
 
 
 def check_keys(mapping: Mapping[Any, Any], allowed: Collection[str], at: YamlPath,
@@ -126,7 +130,7 @@ def parse_weight_overlay(value: Any, at: YamlPath) -> dict[str, Any]:
     expect(value, dict, at, example="{bits: 4, granularity: group, group_size: 64}")
     check_keys(value, WEIGHT_KEYS, at)
     for key, item in value.items():
-        expect(item, _WEIGHT_TYPES[key], at.key(key))
+        expect(item, _WEIGHT_TYPES[key], at.key(key), example=_WEIGHT_EXAMPLES[key])
     return dict(value)
 
 

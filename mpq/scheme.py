@@ -49,7 +49,8 @@ class WeightArgs:
         for name in ("bits", "group_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise SchemeError(f"{name} must be an integer, got {value!r}")
+                raise SchemeError(f"{name} must be an integer, got {value!r}",
+                                  hint=f"e.g. {name}: {4 if name == 'bits' else 128}")
         if self.format not in NUMBER_FORMATS:
             raise SchemeError(f"unknown number format '{self.format}'",
                               hint=f"use one of {', '.join(NUMBER_FORMATS)}")
@@ -69,7 +70,9 @@ class WeightArgs:
                               hint="use granularity: channel or group")
         if self.format == "int":
             if self.bits not in INT_BITS:
-                raise SchemeError(f"int bits must be 2..8, got {self.bits}")
+                raise SchemeError(f"int bits must be 2..8, got {self.bits}",
+                                  hint="e.g. bits: 4 or bits: 8; for other widths choose another "
+                                       "format (fp8_e4m3, nf4, mxfp4, ...)")
         elif self.format.startswith("fp8"):
             if self.bits != 8:
                 raise SchemeError(f"{self.format} has 8 bits, got {self.bits}", hint="set bits: 8")

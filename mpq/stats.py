@@ -14,6 +14,8 @@ from mpq.registry import Registry
 
 
 class StatCollector(Protocol):
+    count: int  # calibration tokens seen so far
+
     def add(self, x: torch.Tensor) -> None: ...
 
     def result(self) -> torch.Tensor: ...
@@ -28,10 +30,12 @@ class InputAbsMax:
 
     def __init__(self) -> None:
         self.value: torch.Tensor | None = None
+        self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
         batch_max = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
         self.value = batch_max if self.value is None else torch.maximum(self.value, batch_max)
+        self.count += x.numel() // x.shape[-1]
 
     def result(self) -> torch.Tensor:
         return self.value
@@ -72,6 +76,10 @@ class InputSample:
         flat = x.detach().reshape(-1, x.shape[-1])[:self.ROWS - self.rows].float().clone()
         self.parts.append(flat)
         self.rows += flat.shape[0]
+
+    @property
+    def count(self) -> int:
+        return self.rows
 
     def result(self) -> torch.Tensor:
         return torch.cat(self.parts)

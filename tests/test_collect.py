@@ -141,3 +141,15 @@ def test_true_sequential_feeds_o_proj_with_quantized_predecessors(tmp_path, monk
         assert not torch.allclose(o_proj_stats, float_absmax)
     else:
         torch.testing.assert_close(o_proj_stats, float_absmax)
+
+
+@pytest.mark.parametrize("stat", ["hessian", "input_absmax", "input_absmean", "input_sample"])
+def test_a_layer_that_saw_no_tokens_is_named(stat):
+    """E.g. a mixture-of-experts expert no calibration token was routed to: its statistics
+    are empty, and the error names the layer instead of failing inside the statistic."""
+    from mpq.errors import CalibrationError
+    from mpq.stats import STATS
+
+    collectors = {"model.layers.3.mlp.experts.7.down_proj": {stat: STATS.get(stat)()}}
+    with pytest.raises(CalibrationError, match=r"experts\.7\.down_proj saw no calibration tokens"):
+        results(collectors)

@@ -49,7 +49,9 @@ class ProgressEvents:
         self.progress.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:  # the error's one line replaces the bars (erased, not printed)
+            self.progress.live.transient = True
         self.progress.stop()
 
     def __call__(self, kind: str, **data: Any) -> None:

@@ -70,6 +70,13 @@ def check_output_free(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"output '{out_dir}' exists and is not a directory",
                           hint="remove it or choose another -o")
+    parent = out_dir.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create output '{out_dir}': '{parent}' is "
+                          f"{'not a directory' if not parent.is_dir() else 'not writable'}",
+                          hint="choose an -o inside a writable folder")
 
 
 def write_artifact(out_dir: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
@@ -191,7 +198,8 @@ def open_artifact(path: str | Path) -> Artifact:
     """Open and validate an artifact's metadata (tensors are read later, on demand)."""
     path = Path(path)
     if not path.is_dir():
-        raise ArtifactError(f"artifact '{path}' does not exist or is not a directory")
+        raise ArtifactError(f"artifact '{path}' does not exist or is not a directory",
+                            hint="check the path; pass a folder written by `mpq quantize`")
     written = written_format(path)
     if written is None:
         raise ArtifactError(f"'{path}' is not an mpq artifact (config.json has no 'mpq' key)",

@@ -90,8 +90,11 @@ def state_from_artifact(path: str | Path) -> ArtifactState:
         if "bias" in local:  # stays a dense tensor
             tensors[f"{layer.name}.bias"] = local.pop("bias")
         local.pop("input_scale", None)  # also in the plan's results
-        qweights[layer.name] = decode(local, layer.scheme.weights, tuple(layer.shape),
-                                      prefix=layer.name + ".")
+        try:
+            qweights[layer.name] = decode(local, layer.scheme.weights, tuple(layer.shape),
+                                          prefix=layer.name + ".")
+        except ArtifactError as exc:  # name the artifact too
+            raise ArtifactError(f"{artifact.path}: {exc.message}", hint=exc.hint) from None
     config = dict(artifact.config)
     config.pop("mpq", None)
     config.pop("quantization_config", None)

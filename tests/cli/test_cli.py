@@ -1,4 +1,5 @@
-"""The mpq command through click's runner: every command, --json, gates, bad inputs."""
+"""The mpq command through click's runner: every command, --json, gates (bad inputs: see
+tests/test_bad_input_catalogue.py)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from mpq.cli.main import cli
-from mpq.errors import (CalibrationError, EvalGateError, ModelError, OutputError, RecipeError)
+from mpq.errors import EvalGateError
 from tests.tiny_models import save_tiny_model
 
 
@@ -90,67 +91,6 @@ def test_eval_with_reference_and_gates(runner, artifact, tmp_path):
     assert "mean KL" in strict.stderr
     no_ref = invoke(runner, "eval", artifact / "w4", "--data", data, "--max-kl", 1)
     assert no_ref.exit_code == 2
-
-
-@pytest.mark.parametrize("case", ["bad_recipe_key", "missing_model", "empty_calib", "existing_out",
-                                  "no_config", "truncated_weights", "unknown_arch", "nan_weights",
-                                  "unknown_preset"])
-def test_bad_input_exits_with_one_line_and_no_output(runner, artifact, tmp_path, case):
-    out = tmp_path / "out"
-    model, recipe, calib = artifact / "src", "w4a16", None
-    expected = None
-    if case == "bad_recipe_key":
-        recipe = tmp_path / "r.yaml"
-        recipe.write_text("mpq_recipe: 1\nrules:\n  - targets: Linear\n    weights: {bitz: 4}\n")
-        expected = RecipeError
-    elif case == "missing_model":
-        model, expected = tmp_path / "nope", ModelError
-    elif case == "no_config":
-        model, expected = tmp_path / "empty_dir", ModelError
-        model.mkdir()
-    elif case in ("truncated_weights", "unknown_arch", "nan_weights"):
-        model, expected = _damaged_copy(artifact / "src", tmp_path / "bad", case), ModelError
-    elif case == "unknown_preset":
-        recipe, expected = "w4a17", RecipeError
-    elif case == "empty_calib":
-        calib, expected = tmp_path / "empty.txt", CalibrationError
-        calib.write_text("")
-    elif case == "existing_out":
-        out.mkdir()
-        (out / "keep.txt").write_text("user data")
-        expected = OutputError
-    args = ["quantize", model, "-r", recipe, "-o", out]
-    if calib is not None:
-        args += ["--calib", calib]
-    result = invoke(runner, *args)
-    assert result.exit_code == expected.exit_code, result.output
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    if case == "existing_out":
-        assert (out / "keep.txt").read_text() == "user data"
-    else:
-        assert not out.exists()
-    assert not list(tmp_path.glob(".out.mpq-tmp-*"))
-
-
-def _damaged_copy(src, dst, case):
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    weights = dst / "model.safetensors"
-    if case == "truncated_weights":
-        data = weights.read_bytes()
-        weights.write_bytes(data[: len(data) // 2])
-    elif case == "unknown_arch":
-        (dst / "config.json").write_text('{"model_type": "no-such-arch"}')
-    else:
-        tensors = load_file(str(weights))
-        tensors["model.norm.weight"][0] = torch.nan
-        save_file(tensors, str(weights), metadata={"format": "pt"})
-    return dst
 
 
 def test_force_replaces_existing_output(runner, artifact, tmp_path):
