@@ -81,6 +81,13 @@ class ResumeError(MpqError):
     exit_code = 12
 
 
+class PrecisionPolicyError(MpqError):
+    """The recorded or proposed precision policy is unsafe for the observed activation ranges
+    (mpq validate: a part's dtype overflows)."""
+
+    exit_code = 13
+
+
 class Interrupted(MpqError):
     """Stopped by SIGINT/SIGTERM at a safe point; the finished blocks are kept for --resume."""
 
@@ -97,7 +104,7 @@ EXIT_CODES = {
     2: "command-line usage error",
     **{cls.exit_code: cls.__doc__.strip().splitlines()[0] for cls in
        (RecipeError, ModelError, CalibrationError, OutputError, ArtifactError, SchemeError,
-        FormatError, EvalGateError, ResourceError, ResumeError)},
+        FormatError, EvalGateError, ResourceError, ResumeError, PrecisionPolicyError)},
     130: "interrupted by SIGINT (Ctrl-C); finished blocks are kept, rerun to resume",
     143: "interrupted by SIGTERM; finished blocks are kept, rerun to resume",
 }

@@ -39,7 +39,8 @@ def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
     Exit codes: 0 ok, 1 internal error, 2 usage, 3 recipe, 4 model, 5 calibration data,
     6 output path, 7 artifact, 8 scheme, 9 output format cannot express
     the plan (or --strict pre-flight failed), 10 eval gate failed, 11 would not fit in memory,
-    12 work directory of another run, 130/143 interrupted by SIGINT/SIGTERM (rerun resumes).
+    12 work directory of another run, 13 precision policy unsafe (validate),
+    130/143 interrupted by SIGINT/SIGTERM (rerun resumes).
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
@@ -64,6 +65,9 @@ def _register_commands() -> None:
     for module in (quantize_cmd, convert_cmd, plan_cmd, inspect_cmd, verify_cmd, eval_cmd,
                    list_cmd):
         cli.add_command(module.command)
+    from mpq.cli import validate_cmd
+
+    cli.add_command(validate_cmd.command)
 
 
 _register_commands()
