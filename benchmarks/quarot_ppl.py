@@ -8,7 +8,7 @@ online R4 Hadamard and the activation fake quantization run as at inference).  W
 symmetric, group 64 (``--weights channel`` for per-channel), every Linear of the blocks (the tied
 lm_head stays fp32); GPTQ with act-order, static groups and clip_search (mpq's w4a16-gptq
 settings).  Activations: int4 (W4A4) or int8 (W4A8) symmetric, dynamic per token, on the inputs
-of every quantized Linear.  Rotation: QuaRot R1 (randomized Hadamard 576 = 16·36), R2 (64), R4
+of every quantized Linear, or none (W4A16, which separates the rotation's effect on the weights).  Rotation: QuaRot R1 (randomized Hadamard 576 = 16·36), R2 (64), R4
 online (1536 = 128·12), seed 0.  Calibration (GPTQ only): enwiki_excerpt.train.txt, 128 × 512
 tokens.  Evaluation: the first 40 × 512-token windows of enwiki_excerpt.test.txt.
 """
@@ -41,10 +41,10 @@ ROTATION = "{type: quarot, r1: hadamard, r2: true, r4: true, seed: 0}"
 def variants() -> dict[str, tuple]:
     """name → (algorithm or None for float, activations key or None, rotated)."""
     out = {"rotated float (no quantization)": (None, None, True)}
-    for acts in ("a4", "a8"):
+    for acts in ("a4", "a8", None):
         for algorithm in ("rtn", "gptq"):
             for rotated in (False, True):
-                name = (f"W4{acts.upper()} {algorithm}"
+                name = (f"W4{(acts or 'a16').upper()} {algorithm}"
                         f"{' + quarot' if rotated else ', no rotation'}")
                 out[name] = (algorithm, acts, rotated)
     return out
