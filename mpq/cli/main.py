@@ -68,6 +68,9 @@ def _register_commands() -> None:
     from mpq.cli import validate_cmd
 
     cli.add_command(validate_cmd.command)
+    from mpq.cli import sensitivity_cmd
+
+    cli.add_command(sensitivity_cmd.command)
 
 
 _register_commands()

@@ -27,24 +27,74 @@ def plan_table(plan, *, results: bool = False) -> Table:
     return table
 
 
+def scheme_summary(plan) -> list[dict]:
+    """Per scheme label: layers, weights and average bits per weight (unpadded encoding)."""
+    from mpq.formats.native_codec import ideal_bits
+
+    rows: dict[str, dict] = {}
+    for layer in plan.quantized():
+        label = f"{layer.scheme.algorithm} {layer.scheme.describe()}"
+        row = rows.setdefault(label, {"scheme": label, "layers": 0, "weights": 0, "bits": 0.0})
+        weights = layer.shape[0] * layer.shape[1]
+        row["layers"] += 1
+        row["weights"] += weights
+        row["bits"] += ideal_bits(layer.scheme.weights, layer.shape) * weights
+    out = []
+    for row in rows.values():
+        out.append({"scheme": row["scheme"], "layers": row["layers"], "weights": row["weights"],
+                    "bits_per_weight": row["bits"] / row["weights"]})
+    return out
+
+
+def summary_lines(plan) -> list[str]:
+    rows = scheme_summary(plan)
+    lines = [f"{r['scheme']}: {r['layers']} layers, {r['bits_per_weight']:.3f} bits/weight"
+             for r in rows]
+    weights = sum(r["weights"] for r in rows)
+    if len(rows) > 1 and weights:
+        average = sum(r["bits_per_weight"] * r["weights"] for r in rows) / weights
+        lines.append(f"all quantized layers: {average:.3f} bits/weight")
+    return lines
+
+
 @click.command("plan")
 @click.argument("model", type=click.Path(path_type=str))
-@click.option("-r", "--recipe", required=True, help="Recipe YAML file or preset name.")
+@click.option("-r", "--recipe", default=None,
+              help="Recipe YAML file or preset name (not needed when MODEL is an mpq artifact: "
+                   "its stored plan is shown).")
 @json_option
 def command(model, recipe, as_json):
-    """Print the per-layer plan RECIPE resolves to on MODEL."""
+    """Print the per-layer plan RECIPE resolves to on MODEL, or the plan stored in an artifact."""
+    from mpq.formats.native import is_artifact, open_artifact
     from mpq.model_io import load_skeleton
     from mpq.quantize import as_recipe, plan_model
 
-    recipe = as_recipe(recipe)
-    _, plan = plan_model(load_skeleton(model), recipe)
+    description = None
+    stored = recipe is None and is_artifact(model)
+    if stored:
+        artifact = open_artifact(model)
+        plan = artifact.plan
+        description = (artifact.json_field("recipe") or {}).get("description")
+    elif recipe is None:
+        raise click.UsageError(f"'{model}' is not an mpq artifact: pass --recipe to plan it")
+    else:
+        recipe = as_recipe(recipe)
+        _, plan = plan_model(load_skeleton(model), recipe)
     if as_json:
-        emit_json(plan.to_dict())
+        data = plan.to_dict()
+        if stored:
+            data["summary"] = scheme_summary(plan)
+            data["description"] = description
+        emit_json(data)
         return
     console = stdout_console()
-    console.print(plan_table(plan))
+    console.print(plan_table(plan, results=stored))
+    if description:
+        console.print(f"recipe {plan.recipe_name}: {description}")
     kept = len(plan.layers) - len(plan.quantized())
     console.print(f"{len(plan.quantized())} layers quantized, {kept} kept")
+    for line in summary_lines(plan):
+        console.print(line)
     if plan.describe_transforms():
         console.print(plan.describe_transforms())
     if plan.describe_kv_cache():

@@ -51,17 +51,45 @@ from mpq.cli.options import dtype_option, json_option, torch_dtype
 @click.option("--memory-check/--no-memory-check", default=True, show_default=True,
               help="Refuse (exit 11) before loading the model when the estimated peak memory "
                    "(see --dry-run) exceeds the available memory.")
+@click.option("--target-bits", type=float, default=None,
+              help="Automatic mixed precision: choose one --candidates scheme per layer that "
+                   "minimises the measured sensitivity within this average bits per weight "
+                   "(over the layers RECIPE quantizes); RECIPE decides the other layers.")
+@click.option("--target-size", default=None,
+              help="Automatic mixed precision within this artifact size (e.g. 70MB, 66MiB).")
+@click.option("--candidates", default=None,
+              help="Candidates for --target-*: comma-separated presets or recipe files "
+                   "[default: w8a16,w4a16,w3a16, or the table's].")
+@click.option("--sensitivity", "sensitivity_path", type=click.Path(path_type=str), default=None,
+              help="For --target-*: a table from `mpq sensitivity -o` instead of measuring.")
+@click.option("--sensitivity-samples", default=16, show_default=True,
+              type=click.IntRange(min=1),
+              help="For --target-*: calibration samples (of --seq-len) for the Fisher.")
+@click.option("--save-recipe", type=click.Path(path_type=str), default=None,
+              help="For --target-*: also write the chosen per-layer recipe (YAML) here.")
 @dtype_option
 @json_option
 def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode, calib_field,
             calib_split, calib_batch_tokens, force, device, true_sequential, output_format,
-            strict, resume, dry_run, memory_check, dtype, as_json):
+            strict, resume, dry_run, memory_check, target_bits, target_size, candidates,
+            sensitivity_path, sensitivity_samples, save_recipe, dtype, as_json):
     """Quantize MODEL (a local Hugging Face folder) with RECIPE into OUTPUT."""
     from mpq.quantize import CalibrationOptions, quantize
 
     options = CalibrationOptions(source=calib, num_samples=num_samples, seq_len=seq_len, seed=seed,
                                  mode=calib_mode, field=calib_field, split=calib_split,
                                  batch_tokens=calib_batch_tokens)
+    if target_bits is not None or target_size is not None:
+        from mpq.cli.mixed_view import choose_recipe
+
+        recipe = choose_recipe(model, recipe, options, target_bits=target_bits,
+                               target_size=target_size, candidates=candidates,
+                               sensitivity=sensitivity_path, samples=sensitivity_samples,
+                               output_format=output_format, save_recipe=save_recipe,
+                               dry_run=dry_run, as_json=as_json)
+    elif any(v is not None for v in (candidates, sensitivity_path, save_recipe)):
+        raise click.UsageError("--candidates, --sensitivity and --save-recipe go with "
+                               "--target-bits or --target-size")
     if dry_run:
         from mpq.cli.estimate_view import dry_run as run_dry
 
