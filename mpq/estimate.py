@@ -16,8 +16,8 @@ entry per tensor plus mpq's metadata, the plan being the largest) is estimated f
 
 - *block loop*: ``overhead`` + ``weights`` + ``activations`` + ``statistics`` + ``solver`` +
   ``block_temporaries`` + ``outputs``;
-- *writing*: ``overhead`` + ``weights`` + ``outputs`` + the tensors to write (dense clone and
-  packed codes) + one serialized shard (safetensors builds each file's bytes in memory).
+- *writing*: ``overhead`` + ``weights`` + ``outputs`` (streamed: only those outside the blocks)
+  + ``write_buffers``.
 
 The parts, and the assumptions behind them:
 
@@ -25,10 +25,11 @@ The parts, and the assumptions behind them:
   ``import torch, transformers``, 350 MB once mpq is imported and a (tiny) Llama is built
   (torch 2.13 CPU, transformers 5.23); :data:`OVERHEAD_BYTES` = 360 MiB.  With ``--device cuda``
   the CUDA runtime adds about :data:`CUDA_HOST_OVERHEAD_BYTES` on the host.
-- ``weights``: the whole model in the load dtype (``--dtype``, else config.json's
-  ``torch_dtype``/``dtype``, else float32): mpq.quantize loads it whole (mpq.model_io.load_model)
-  and reads every tensor (finiteness check).  Paging out the blocks not being processed
-  (mpq.memory.page_out) lowers the resident set later on, but not the peak, so it is counted whole.
+- ``weights``: in the load dtype (``--dtype``, else config.json's ``torch_dtype``/``dtype``, else
+  float32).  Streamed runs (mpq.streaming, the default where the recipe allows it): the tensors
+  outside the decoder blocks plus the largest block.  Otherwise (``rotation:``, statistics for a
+  layer outside the blocks, ``--no-stream``) the whole model: mpq.quantize loads it whole
+  (mpq.model_io.load_model) and reads every tensor (finiteness check).
 - ``activations``: the calibration set's hidden states, ``num_samples × seq_len`` tokens in the
   load dtype: the current block's inputs (hidden + RoPE cos/sin + position ids per token).  With
   ``--true-sequential`` the replay of finished parts (mpq.replay) also keeps, for every token,
@@ -52,7 +53,10 @@ The parts, and the assumptions behind them:
   tokens): the MLP's ``3 × intermediate`` and about ``6 × hidden`` values per token, plus the
   attention scores ``samples_per_batch × heads × seq_len²``, all counted in fp32.
 - ``outputs``: the quantized weights kept until the artifact is written (uint8 codes, one byte
-  per weight, plus scales/zero points), which grows to its full size by the last block.
+  per weight, plus scales/zero points), which grows to its full size by the last block.  Streamed:
+  those of the layers outside the blocks plus one block's (the rest are in the work directory).
+- ``write_buffers`` (writing phase): the artifact's tensors plus one serialized shard; streamed,
+  one shard's tensors produced from the work directory plus its serialized bytes (2 × a shard).
 
 **Time** (seconds, ≈, order of magnitude): forward work 2 × block parameters × tokens per block
 pass (plus attention's 4 × seq_len × attention width per token), times the passes per block: none
@@ -78,6 +82,7 @@ from typing import Any
 import torch
 
 from mpq.errors import ResourceError
+from mpq.formats.native import DEFAULT_MAX_SHARD_BYTES
 from mpq.packing import packed_width
 from mpq.plan import Plan
 
@@ -127,6 +132,7 @@ class RunEstimate:
     time_parts: dict[str, float]
     throughput_flops: float  # measured matmul FLOP/s on the device
     warnings: list[str] = field(default_factory=list)
+    streaming: str | None = None  # None: streamed; else why the whole model is loaded
     available_bytes: int | None = None
     host_available_bytes: int | None = None
 
@@ -153,6 +159,7 @@ class RunEstimate:
                        "available_bytes": self.available_bytes,
                        "host_available_bytes": self.host_available_bytes},
             "fits": self.fits,
+            "streaming": {"streamed": self.streaming is None, "why_not": self.streaming},
             "time": {"seconds": round(self.seconds, 2),
                      "parts": {k: round(v, 3) for k, v in self.time_parts.items()},
                      "throughput_gflops": round(self.throughput_flops / 1e9, 2),
@@ -300,7 +307,7 @@ def _header_bytes(plan: Plan, tensor_names: list[str], recipe_text: str) -> int:
 def estimate_run(model_path: str | Path, recipe, *, calibration=None, device: str = "cpu",
                  output_format: str = "mpq", true_sequential: bool = True,
                  dtype: str | torch.dtype = "auto", strict: bool = False,
-                 probe: bool = True) -> RunEstimate:
+                 probe: bool = True, stream: bool = True) -> RunEstimate:
     """Estimate ``mpq quantize`` of ``model_path`` with ``recipe`` without reading its weights
     (see the module docstring for the model and its assumptions).  Raises the same errors for
     bad input as mpq.quantize.quantize does before it loads the model."""
@@ -325,6 +332,12 @@ def estimate_run(model_path: str | Path, recipe, *, calibration=None, device: st
     _, plan = plan_model(skeleton, recipe)
     warnings = preflight(plan, output_format, strict)
     layout = layout_of(skeleton)
+    not_streamed = "--no-stream"
+    if stream:
+        from mpq.streaming import source_weight_map, streaming_blocker
+
+        not_streamed = streaming_blocker(skeleton, source_weight_map(source_dir), layout, plan,
+                                         recipe, needed_stats(plan))
     wdtype = load_dtype(config_dict, dtype)
     elem = torch.empty(0, dtype=wdtype).element_size()
 
@@ -336,6 +349,8 @@ def estimate_run(model_path: str | Path, recipe, *, calibration=None, device: st
                 skeleton.get_input_embeddings(), "weight", None))
     seen: set[int] = set()
     weight_bytes = dense_bytes = 0
+    block_weight_bytes: dict[int, int] = {}  # per decoder block
+    blocks_prefix = layout.blocks_path + "."
     tensor_names: list[str] = []
     for name, tensor in skeleton.state_dict(keep_vars=True).items():
         if id(tensor) in seen:
@@ -343,6 +358,9 @@ def estimate_run(model_path: str | Path, recipe, *, calibration=None, device: st
         seen.add(id(tensor))
         size = tensor.numel() * (elem if tensor.is_floating_point() else tensor.element_size())
         weight_bytes += size
+        if name.startswith(blocks_prefix):
+            index = int(name[len(blocks_prefix):].split(".", 1)[0])
+            block_weight_bytes[index] = block_weight_bytes.get(index, 0) + size
         module = name.rsplit(".", 1)[0]
         if name.endswith(".weight") and module in quantized:
             if module == head and tied:  # untied: the embedding stays, the head is quantized
@@ -354,11 +372,15 @@ def estimate_run(model_path: str | Path, recipe, *, calibration=None, device: st
 
     quantized_bytes = 0
     codes_bytes = 0  # QuantizedWeights held in memory until writing: uint8 codes + fp32 params
+    block_codes: dict[int, int] = {}  # per decoder block (streaming holds one block's)
     for layer in plan.quantized():
         n, k = layer.shape
         quantized_bytes += quantized_layer_bytes(layer.scheme, layer.shape, output_format, elem)
         native = quantized_layer_bytes(layer.scheme, layer.shape, "mpq", elem)
-        codes_bytes += n * k + max(0, native - n * k * layer.scheme.weights.bits // 8)
+        codes = n * k + max(0, native - n * k * layer.scheme.weights.bits // 8)
+        codes_bytes += codes
+        if layer.block is not None:
+            block_codes[layer.block] = block_codes.get(layer.block, 0) + codes
         tensor_names.extend(f"{layer.name}.{key}" for key in ("qweight", "scale"))
         acts = layer.scheme.input_activations
         if acts is not None and not acts.dynamic:
@@ -420,13 +442,22 @@ def estimate_run(model_path: str | Path, recipe, *, calibration=None, device: st
     on_cuda = torch_device.type == "cuda"
     overhead = OVERHEAD_BYTES + (CUDA_HOST_OVERHEAD_BYTES if on_cuda else 0)
     serialized = min(tensors_total, 5 * (1 << 30))
+    write_buffers = tensors_total + serialized
+    held_while_writing = weight_bytes + codes_bytes
+    if not_streamed is None:  # one block resident; the artifact written one shard at a time
+        outside = weight_bytes - sum(block_weight_bytes.values())
+        weight_bytes = outside + max(block_weight_bytes.values(), default=0)
+        outside_codes = codes_bytes - sum(block_codes.values())
+        codes_bytes = outside_codes + max(block_codes.values(), default=0)
+        held_while_writing = outside + outside_codes
+        write_buffers = 2 * min(tensors_total, DEFAULT_MAX_SHARD_BYTES)
     memory = {"overhead": overhead, "weights": weight_bytes, "activations": activations,
               "statistics": statistics, "solver": solver,
               "block_temporaries": block_temporaries, "outputs": codes_bytes,
-              "write_buffers": tensors_total + serialized}
+              "write_buffers": write_buffers}
     block_loop = (overhead + weight_bytes + activations + statistics + solver + block_temporaries
                   + codes_bytes)
-    writing = overhead + weight_bytes + codes_bytes + tensors_total + serialized
+    writing = overhead + held_while_writing + write_buffers
     if on_cuda:
         block_weights = weight_bytes // max(num_blocks, 1)
         device_peak = (activations + statistics + solver + block_temporaries + block_weights)
@@ -483,7 +514,7 @@ def estimate_run(model_path: str | Path, recipe, *, calibration=None, device: st
                      "true_sequential": true_sequential},
         size=size, memory=memory, peak_bytes=int(peak), peak_phase=phase,
         host_peak_bytes=int(host_peak), seconds=sum(time_parts.values()), time_parts=time_parts,
-        throughput_flops=throughput, warnings=list(warnings))
+        throughput_flops=throughput, warnings=list(warnings), streaming=not_streamed)
 
 
 def estimate_and_check(model_path, recipe, **kwargs) -> RunEstimate:

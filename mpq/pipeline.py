@@ -150,7 +150,7 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
                  device: str | torch.device = "cpu", events: Events = no_events,
                  reuse: bool = True, batch_tokens: int = 2048,
                  keep_dequantized: bool = True, checkpoint: Checkpoint | None = None,
-                 stop: StopRequest | None = None
+                 stop: StopRequest | None = None, streamer=None
                  ) -> dict[str, qbase.QuantizedWeight]:
     """Quantize every planned layer of ``model`` in place (weights become their dequantized
     values) and return the QuantizedWeight of each (on CPU); per-layer results go into ``plan``.
@@ -172,7 +172,15 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
     restored instead of quantized (their outputs recomputed for the next block's inputs), so a
     resumed run gives the same results as an uninterrupted one.  ``stop``: when a stop was
     requested (SIGINT/SIGTERM), raise Interrupted after the current block is saved.
+
+    ``streamer`` (mpq.streaming.BlockStreamer; needs ``checkpoint`` and
+    ``keep_dequantized=False``): the model's blocks are on the meta device; each is read from
+    the source files when its turn comes and sent back to meta once saved in ``checkpoint``.
+    Its QuantizedWeights are then not returned (they are in the checkpoint): the result holds
+    only the layers outside the blocks.
     """
+    if streamer is not None and (checkpoint is None or keep_dequantized):
+        raise ValueError("streaming needs a checkpoint and keep_dequantized=False")
     wanted = needed_stats(plan)
     require_calibration(plan, bool(samples))
     device = torch.device(device)
@@ -181,7 +189,7 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
     for layer in plan.quantized():
         by_block.setdefault(layer.block, []).append(layer)
     events("start", blocks=len(blocks), layers=len(plan.quantized()),
-           calibration_passes=bool(wanted))
+           calibration_passes=bool(wanted), streaming=streamer is not None)
     qweights: dict[str, qbase.QuantizedWeight] = {}
     started = time.perf_counter()
     with torch.inference_mode():
@@ -194,10 +202,13 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
         finished = checkpoint.finished_blocks() if checkpoint else 0
         for index, block in enumerate(blocks):
             layers, last = by_block.get(index, []), index + 1 == len(blocks)
+            if streamer is not None:
+                streamer.load(index, block)
             if index < finished:
                 inputs = _restore_block(model, block, index, layers, checkpoint, inputs,
                                         qweights, plan.transforms, plan.kv_cache, last=last,
                                         device=device, events=events, keep_dequantized=keep)
+                _release(streamer, index, block, layers, qweights)
                 continue
             inputs = _quantize_block(model, block, index, layout, layers,
                                      wanted, inputs, qweights, plan.transforms, plan.kv_cache,
@@ -206,6 +217,7 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
             if checkpoint:
                 checkpoint.save_block(index, block, qweights, layers,
                                       [spec["applied"][-1] for spec in plan.transforms])
+            _release(streamer, index, block, layers, qweights)
             if stop is not None and stop.requested and not last:
                 raise Interrupted(
                     f"stopped by {stop.signal_name} after block {index + 1} of {len(blocks)}",
@@ -217,6 +229,16 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
                                                  events))
     events("done", seconds=time.perf_counter() - started)
     return qweights
+
+
+def _release(streamer, index, block, layers, qweights) -> None:
+    """Streaming: drop a saved block's weights (back to meta) and its QuantizedWeights."""
+    if streamer is None:
+        return
+    for layer in layers:
+        qweights.pop(layer.name, None)
+    streamer.release(index, block)
+    release_free_memory()
 
 
 def _quantize_block(model, block, index, layout, layers, wanted, inputs, qweights, transforms,

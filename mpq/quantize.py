@@ -28,13 +28,14 @@ from mpq.estimate import check_memory_budget
 from mpq.interrupt import stop_at_safe_points
 from mpq.memory import release_free_memory
 from mpq.model_io import PASS_THROUGH, check_model_dir, fingerprint, load_model, load_tokenizer
-from mpq.pipeline import (Events, no_events, require_calibration, run_pipeline,
+from mpq.pipeline import (Events, needed_stats, no_events, require_calibration, run_pipeline,
                           untie_head_if_quantized)
 from mpq.plan import Plan, resolve
 from mpq.quantizers.base import QUANTIZERS
 from mpq.recipe import Recipe, load_recipe
 from mpq.resume import Checkpoint, run_fingerprint
 from mpq.scale_fold import scale_groups
+from mpq.streaming import BlockStreamer, build_streamed, streamed_state, streaming_blocker
 from mpq.transforms.base import TRANSFORMS
 
 log = logging.getLogger(__name__)
@@ -141,11 +142,29 @@ def preflight(plan: Plan, output_format: str, strict: bool) -> list[str]:
     return warnings
 
 
+def open_model(source_dir: Path, recipe: Recipe, *, dtype: str | torch.dtype = "auto",
+               stream: bool = True) -> tuple[nn.Module, BlockStreamer | None]:
+    """The model to quantize: a meta skeleton with its tensors outside the blocks loaded and a
+    BlockStreamer for the blocks, when the run can stream (mpq.streaming.streaming_blocker);
+    else the whole model (mpq.model_io.load_model) and None."""
+    if stream:
+        skeleton, weight_map = build_streamed(source_dir, dtype)
+        layout, plan = plan_model(skeleton, recipe)
+        why = streaming_blocker(skeleton, weight_map, layout, plan, recipe, needed_stats(plan))
+        if why is None:
+            streamer = BlockStreamer(source_dir, skeleton, layout, weight_map)
+            streamer.load_resident()
+            return skeleton, streamer
+        log.info("not streaming: %s", why)
+        del skeleton
+    return load_model(source_dir, dtype=dtype), None
+
+
 def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, *,
              calibration: CalibrationOptions = CalibrationOptions(), force: bool = False,
              dtype: str | torch.dtype = "auto", true_sequential: bool = True,
              device: str = "cpu", output_format: str = "mpq", strict: bool = False,
-             resume: str = "auto", check_memory: bool = True,
+             resume: str = "auto", check_memory: bool = True, stream: bool = True,
              events: Events = no_events) -> QuantizeResult:
     """Quantize the model folder ``model_path`` with ``recipe`` into the artifact ``out_dir``,
     written as ``output_format`` (mpq.formats.WRITERS); its pre-flight warnings are returned
@@ -157,7 +176,10 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
     is none, ``fresh`` discards it.  SIGINT/SIGTERM stop the run after the current block
     (mpq.errors.Interrupted); rerunning resumes it.  ``check_memory``: refuse (ResourceError)
     before loading the model when the estimated peak memory (mpq.estimate) exceeds what is
-    available.
+    available.  ``stream``: read each decoder block from the source files when its turn comes
+    and write the artifact from the work directory (mpq.streaming; peak memory flat in depth)
+    where the recipe allows it, else (``rotation:``, statistics for a layer outside the blocks)
+    load the whole model; the artifact's bytes are the same either way.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -169,8 +191,8 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
     if check_memory:
         check_memory_budget(source_dir, recipe, calibration=calibration, device=device,
                             output_format=output_format, true_sequential=true_sequential,
-                            dtype=dtype, strict=strict)
-    model = load_model(source_dir, dtype=dtype)
+                            dtype=dtype, strict=strict, stream=stream)
+    model, streamer = open_model(source_dir, recipe, dtype=dtype, stream=stream)
     layout, plan = plan_model(model, recipe)
     warnings = preflight(plan, output_format, strict)
     require_calibration(plan, calibration.source is not None)
@@ -198,15 +220,25 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
         release_free_memory()
     untied = untie_head_if_quantized(model, layout, plan)
     with stop_at_safe_points() as stop:
-        qweights = run_pipeline(model, layout, plan, calib.samples if calib else None,
-                                true_sequential=true_sequential, device=device, events=events,
-                                batch_tokens=calibration.batch_tokens, keep_dequantized=False,
-                                checkpoint=checkpoint, stop=stop)
-    state = state_from_model(model, plan, qweights, provenance={
+        try:
+            qweights = run_pipeline(model, layout, plan, calib.samples if calib else None,
+                                    true_sequential=true_sequential, device=device,
+                                    events=events, batch_tokens=calibration.batch_tokens,
+                                    keep_dequantized=False, checkpoint=checkpoint, stop=stop,
+                                    streamer=streamer)
+        except ModelError:  # a damaged block of the source: its work directory is of no use
+            if streamer is not None:
+                checkpoint.remove()
+            raise
+    state_args = dict(provenance={
         "recipe": {**recipe.to_dict(), "source": recipe.source, "text": recipe.text},
         "calibration": provenance, "source": source, "pipeline": pipeline_options},
         files={name: source_dir / name for name in PASS_THROUGH
                if (source_dir / name).is_file()})
+    if streamer is not None:  # the blocks' tensors are read back from the work directory
+        state = streamed_state(model, layout, plan, checkpoint, qweights, **state_args)
+    else:
+        state = state_from_model(model, plan, qweights, **state_args)
     sizes = write_state(state, out_dir, output_format, force=force)
     checkpoint.remove()
     return QuantizeResult(out_dir=out_dir, plan=plan, sizes=sizes, calibration=provenance,

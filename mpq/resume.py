@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from mpq import __version__
@@ -155,6 +155,36 @@ class Checkpoint:
                                           prefix=f"{layer.name}.")
         return BlockRecord(state=state, qweights=qweights, layer_results=record["layers"],
                            transform_records=record["transforms"])
+
+    def block_file(self, index: int) -> Path:
+        return self._stem(index).with_suffix(".safetensors")
+
+    def state_names(self, index: int) -> list[str]:
+        """The block-local names of the state tensors saved for block ``index``."""
+        with self._open(index) as handle:
+            return [name[len("state."):] for name in handle.keys() if name.startswith("state.")]
+
+    def load_state_tensor(self, index: int, name: str) -> torch.Tensor:
+        """One saved state tensor of block ``index`` (block-local name)."""
+        with self._open(index) as handle:
+            return handle.get_tensor(f"state.{name}")
+
+    def load_qweight(self, index: int, layer: LayerPlan) -> QuantizedWeight:
+        """One quantized layer of block ``index``, decoded from its file alone (the other
+        layers' tensors are not read)."""
+        prefix = f"q.{layer.name}."
+        with self._open(index) as handle:
+            local = {name[2:]: handle.get_tensor(name) for name in handle.keys()
+                     if name.startswith(prefix)}
+        local = split_layer_tensors(local, layer.name)
+        return decode(local, layer.scheme.weights, tuple(layer.shape), prefix=f"{layer.name}.")
+
+    def _open(self, index: int):
+        try:
+            return safe_open(str(self.block_file(index)), framework="pt")
+        except (OSError, SafetensorError) as exc:
+            raise ResumeError(f"block {index} in '{self.path}' is unreadable: {exc}",
+                              hint="pass --no-resume to start over") from exc
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

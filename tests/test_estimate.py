@@ -12,6 +12,7 @@ from mpq.cli.main import cli
 from mpq.errors import ResourceError
 from mpq.estimate import RunEstimate, available_memory, check_fits, estimate_run
 from mpq.quantize import CalibrationOptions, quantize
+from mpq.recipe import parse_recipe
 from tests.cli.test_cli import _write_tokenizer
 from tests.tiny_models import save_tiny_model
 
@@ -142,3 +143,22 @@ def test_quantize_refuses_a_run_that_would_not_fit(models, tmp_path, monkeypatch
     forced = CliRunner().invoke(cli, ["quantize", str(models / "llama"), "-r", "w4a16",
                                       "-o", str(tmp_path / "out"), "--no-memory-check"], obj={})
     assert forced.exit_code == 0, forced.output
+
+
+def test_streamed_estimate_holds_one_block(models, no_weights):
+    """Streamed (the default): the weights part is the tensors outside the blocks plus one
+    block's; --no-stream and recipes that cannot stream count the whole model."""
+    calib = _calib(models)
+    streamed = estimate_run(models / "llama", "w4a16-gptq", calibration=calib, probe=False)
+    whole = estimate_run(models / "llama", "w4a16-gptq", calibration=calib, probe=False,
+                         stream=False)
+    assert streamed.streaming is None and whole.streaming == "--no-stream"
+    assert streamed.memory["weights"] < whole.memory["weights"]
+    assert streamed.memory["outputs"] < whole.memory["outputs"]
+    assert streamed.to_dict()["streaming"] == {"streamed": True, "why_not": None}
+    rotation = parse_recipe("mpq_recipe: 1\nname: r\nrotation: {type: quarot, seed: 0}\n"
+                            "rules:\n  - targets: [Linear]\n    weights: {format: int, bits: 4,"
+                            " granularity: channel}\n", "r.yaml")
+    rotated = estimate_run(models / "llama", rotation, calibration=calib, probe=False)
+    assert "rotation" in rotated.streaming
+    assert rotated.memory["weights"] == whole.memory["weights"]

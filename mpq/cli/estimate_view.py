@@ -10,7 +10,7 @@ from mpq.cli.options import torch_dtype
 
 
 def dry_run(model, recipe, options, *, output, force, device, output_format, true_sequential,
-            dtype, strict, as_json) -> None:
+            dtype, strict, as_json, stream=True) -> None:
     """Estimate the run, print it, and raise ResourceError (exit 11) when it would not fit."""
     from mpq.errors import OutputError
     from mpq.estimate import check_fits, estimate_and_check
@@ -18,7 +18,7 @@ def dry_run(model, recipe, options, *, output, force, device, output_format, tru
 
     estimate = estimate_and_check(model, recipe, calibration=options, device=device,
                                   output_format=output_format, true_sequential=true_sequential,
-                                  dtype=torch_dtype(dtype), strict=strict)
+                                  dtype=torch_dtype(dtype), strict=strict, stream=stream)
     try:
         check_output_free(Path(output), force)
     except OutputError as exc:
@@ -55,8 +55,10 @@ def show(estimate) -> None:
                   f"quantized {human_bytes(size['quantized_bytes'])}, other tensors "
                   f"{human_bytes(size['dense_bytes'])}, header {human_bytes(size['header_bytes'])}")
     where = "host" if estimate.device == "cpu" else estimate.device
+    streamed = ("streamed: one block resident" if estimate.streaming is None
+                else f"whole model loaded ({estimate.streaming})")
     table.add_row(f"peak memory ({where})", human_bytes(estimate.peak_bytes),
-                  f"at the {estimate.peak_phase}")
+                  f"at the {estimate.peak_phase}; {streamed}")
     for part, value in estimate.memory.items():
         note = "writing phase only" if part == "write_buffers" else ""
         table.add_row(f"  {part.replace('_', ' ')}", human_bytes(value), note)

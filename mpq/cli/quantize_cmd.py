@@ -51,6 +51,11 @@ from mpq.cli.options import dtype_option, json_option, torch_dtype
 @click.option("--memory-check/--no-memory-check", default=True, show_default=True,
               help="Refuse (exit 11) before loading the model when the estimated peak memory "
                    "(see --dry-run) exceeds the available memory.")
+@click.option("--stream/--no-stream", default=True, show_default=True,
+              help="Read each decoder block from the model's files when its turn comes and "
+                   "write the artifact from the work directory (memory flat in depth); recipes "
+                   "that need the whole model (rotation) load it whole anyway.  Same bytes "
+                   "either way.")
 @click.option("--target-bits", type=float, default=None,
               help="Automatic mixed precision: choose one --candidates scheme per layer that "
                    "minimises the measured sensitivity within this average bits per weight "
@@ -71,7 +76,7 @@ from mpq.cli.options import dtype_option, json_option, torch_dtype
 @json_option
 def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode, calib_field,
             calib_split, calib_batch_tokens, force, device, true_sequential, output_format,
-            strict, resume, dry_run, memory_check, target_bits, target_size, candidates,
+            strict, resume, dry_run, memory_check, stream, target_bits, target_size, candidates,
             sensitivity_path, sensitivity_samples, save_recipe, dtype, as_json):
     """Quantize MODEL (a local Hugging Face folder) with RECIPE into OUTPUT."""
     from mpq.quantize import CalibrationOptions, quantize
@@ -95,14 +100,14 @@ def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode
 
         return run_dry(model, recipe, options, output=output, force=force, device=device,
                        output_format=output_format, true_sequential=true_sequential,
-                       dtype=dtype, strict=strict, as_json=as_json)
+                       dtype=dtype, strict=strict, stream=stream, as_json=as_json)
     reporter = JsonEvents() if as_json else ProgressEvents()
     with reporter if not as_json else nullcontext():
         result = quantize(model, recipe, output, calibration=options, force=force,
                           dtype=torch_dtype(dtype), true_sequential=true_sequential,
                           device=device, output_format=output_format, strict=strict,
                           resume={None: "auto", True: "require", False: "fresh"}[resume],
-                          check_memory=memory_check,
+                          check_memory=memory_check, stream=stream,
                           events=reporter)
     if as_json:
         emit_json({"event": "result", **result.to_dict()})

@@ -43,7 +43,7 @@ import torch
 from mpq.errors import FormatError
 from mpq.formats.native_codec import encode
 from mpq.formats.state import ArtifactState
-from mpq.formats.writers import WRITERS, FolderContents, mpq_config_key
+from mpq.formats.writers import WRITERS, FolderContents, dense_group, mpq_config_key
 from mpq.packing import pack_cols
 from mpq.plan import LayerPlan, Plan
 from mpq.quantizers.base import QuantizedWeight
@@ -233,17 +233,17 @@ class CompressedTensorsWriter:
 
     def contents(self, state: ArtifactState) -> FolderContents:
         dtype = state.dtype()
-        tensors = dict(state.dense)
+        tensors = dense_group(state)
         for layer in state.plan.quantized():
             if layer.name not in state.qweights:
                 raise FormatError(f"layer {layer.name} is planned but has no quantized weight",
                                   hint="the artifact is incomplete; re-run mpq quantize")
-            for local, tensor in layer_tensors(state.qweights[layer.name], layer.scheme,
-                                               dtype).items():
-                tensors[f"{layer.name}.{local}"] = tensor
+            tensors.add(lambda layer=layer: {
+                f"{layer.name}.{local}": tensor for local, tensor in layer_tensors(
+                    state.qweights[layer.name], layer.scheme, dtype).items()})
             if "input_scale" in layer.result:
-                tensors[f"{layer.name}.input_scale"] = torch.tensor(
-                    [layer.result["input_scale"]], dtype=dtype)
+                tensors.add_tensor(f"{layer.name}.input_scale", torch.tensor(
+                    [layer.result["input_scale"]], dtype=dtype))
         config = {**state.config, "quantization_config": quantization_config(state.plan),
                   "mpq": mpq_config_key(state, self.name)}
         return FolderContents(tensors=tensors, config=config,

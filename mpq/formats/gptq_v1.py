@@ -28,7 +28,7 @@ import torch
 
 from mpq.errors import FormatError
 from mpq.formats.state import ArtifactState
-from mpq.formats.writers import WRITERS, FolderContents, mpq_config_key
+from mpq.formats.writers import WRITERS, FolderContents, dense_group, mpq_config_key
 from mpq.packing import pack_rows
 from mpq.plan import Plan
 from mpq.quantizers.base import QuantizedWeight
@@ -134,12 +134,18 @@ class GptqV1Writer:
         return []
 
     def contents(self, state: ArtifactState) -> FolderContents:
-        tensors = dict(state.dense)
+        tensors = dense_group(state)
         worst = 0.0
         for layer in state.plan.quantized():
-            layer_out, rounding = layer_tensors(layer.name, state.qweights[layer.name])
-            worst = max(worst, rounding)
-            tensors.update({f"{layer.name}.{k}": v for k, v in layer_out.items()})
+            roundings: list[float] = []
+
+            def produce(layer=layer, roundings=roundings):
+                layer_out, rounding = layer_tensors(layer.name, state.qweights[layer.name])
+                roundings.append(rounding)
+                return {f"{layer.name}.{k}": v for k, v in layer_out.items()}
+
+            tensors.add(produce)  # produced once now: its rounding is known from here on
+            worst = max(worst, roundings[0])
         qconfig = quantize_config(state)
         config = {**state.config, "quantization_config": qconfig,
                   "mpq": mpq_config_key(state, self.name)}

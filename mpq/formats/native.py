@@ -22,6 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -29,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mpq.errors import ArtifactError, OutputError
+from mpq.formats.lazy import LazyTensors, specs_of
 from mpq.formats.safetensors_header import canonicalize_header
 from mpq.plan import Plan
 
@@ -49,8 +51,11 @@ def file_digest(path: Path) -> dict:
     return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
 
 
-def shard_tensors(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Split tensors, in name order, into shards of at most ``max_bytes`` (one tensor may exceed)."""
+def shard_tensors(tensors: Mapping[str, torch.Tensor], max_bytes: int
+                  ) -> list[dict[str, torch.Tensor]]:
+    """Split tensors, in name order, into shards of at most ``max_bytes`` (one tensor may exceed).
+    Only sizes are read: pass meta tensors (LazyTensors.specs) to plan the shards of tensors not
+    yet produced."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(tensors):
@@ -79,11 +84,14 @@ def check_output_free(out_dir: Path, force: bool) -> None:
                           hint="choose an -o inside a writable folder")
 
 
-def write_artifact(out_dir: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+def write_artifact(out_dir: str | Path, tensors: Mapping[str, torch.Tensor],
+                   metadata: dict[str, str],
                    config: dict, *, extra_files: dict[str, Path | str] | None = None,
                    force: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write the checkpoint folder atomically. ``extra_files`` maps a file name in the artifact to
-    a source path (copied) or to text (written)."""
+    a source path (copied) or to text (written).  ``tensors`` may be a LazyTensors: the shards
+    are planned from its sizes and each shard's tensors are produced only while that file is
+    written, so at most one shard is in memory."""
     out_dir = Path(out_dir)
     check_output_free(out_dir, force)
     try:
@@ -106,19 +114,24 @@ def write_artifact(out_dir: str | Path, tensors: dict[str, torch.Tensor], metada
 
 def _write_contents(tmp: Path, tensors, metadata, config, extra_files, max_shard_bytes) -> None:
     header = {"format": "pt", **metadata}
-    shards = shard_tensors(tensors, max_shard_bytes)
+    specs = specs_of(tensors)
+    shards = shard_tensors(specs, max_shard_bytes)
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
     for name, shard in zip(names, shards):
-        save_file({k: v.contiguous() for k, v in shard.items()}, str(tmp / name), metadata=header)
+        data = {k: tensors[k].contiguous() for k in shard}
+        save_file(data, str(tmp / name), metadata=header)
+        del data
+        if isinstance(tensors, LazyTensors):
+            tensors.release()
         canonicalize_header(tmp / name)
         weight_map.update({k: name for k in shard})
     if isinstance(config.get("mpq"), dict):  # content hashes, checked by `mpq verify`
         config = {**config, "mpq": {**config["mpq"], TENSOR_FILES_KEY: {
             name: file_digest(tmp / name) for name in names}}}
     if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        total = sum(t.numel() * t.element_size() for t in specs.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

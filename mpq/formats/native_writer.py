@@ -3,24 +3,26 @@ from __future__ import annotations
 
 import torch
 
+from mpq.formats.lazy import LazyTensors
 from mpq.formats.native import FORMAT_NAME
 from mpq.formats.native_codec import encode
 from mpq.formats.state import ArtifactState
-from mpq.formats.writers import WRITERS, FolderContents, mpq_config_key
+from mpq.formats.writers import WRITERS, FolderContents, dense_group, mpq_config_key
 from mpq.plan import Plan
 
 
-def native_tensors(state: ArtifactState) -> dict[str, torch.Tensor]:
+def native_tensors(state: ArtifactState) -> LazyTensors:
     """The dense tensors, each quantized weight's codec tensors under ``<layer>.``, and
-    ``<layer>.input_scale`` (fp32 [1]) for layers with static input activation scales."""
-    tensors = dict(state.dense)
-    for name, qw in state.qweights.items():
-        for local, tensor in encode(qw).items():
-            tensors[f"{name}.{local}"] = tensor
+    ``<layer>.input_scale`` (fp32 [1]) for layers with static input activation scales
+    (produced layer by layer for a streamed state, mpq.formats.writers.dense_group)."""
+    tensors = dense_group(state)
+    for name in state.qweights:
+        tensors.add(lambda name=name: {f"{name}.{local}": tensor
+                                       for local, tensor in encode(state.qweights[name]).items()})
     for layer in state.plan.quantized():
         if "input_scale" in layer.result:
-            tensors[f"{layer.name}.input_scale"] = torch.tensor([layer.result["input_scale"]],
-                                                                dtype=torch.float32)
+            tensors.add_tensor(f"{layer.name}.input_scale",
+                               torch.tensor([layer.result["input_scale"]], dtype=torch.float32))
     return tensors
 
 

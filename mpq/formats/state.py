@@ -7,6 +7,7 @@ disk (:func:`state_from_artifact`), so converting never re-quantizes.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,14 +37,21 @@ class ArtifactState:
       ``calibration``, ``source``, ``pipeline``.
     - ``files``: extra files of the folder (tokenizer, model card): name → source path or text.
     Static activation scales live in the plan (``layer.result["input_scale"]``).
+    ``qweights`` and ``dense`` are plain dicts, or (a streamed run, mpq.streaming) mappings
+    that read each entry from the resume work directory on access: ``streamed`` is then true
+    and writers produce the artifact's tensors one group at a time.
     """
 
     plan: Plan
-    qweights: dict[str, QuantizedWeight]
-    dense: dict[str, torch.Tensor]
+    qweights: Mapping[str, QuantizedWeight]
+    dense: Mapping[str, torch.Tensor]
     config: dict
     provenance: dict[str, Any]
     files: dict[str, Path | str] = field(default_factory=dict)
+
+    @property
+    def streamed(self) -> bool:
+        return not (isinstance(self.qweights, dict) and isinstance(self.dense, dict))
 
     def dtype(self) -> torch.dtype:
         """The model's floating dtype (that of its unquantized tensors)."""

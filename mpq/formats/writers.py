@@ -11,6 +11,7 @@ header (``mpq.*`` keys, strings) and a top-level ``mpq`` key of config.json nami
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +20,7 @@ import torch
 
 from mpq import __version__
 from mpq.errors import FormatError
+from mpq.formats.lazy import LazyTensors, specs_of
 from mpq.formats.native import FORMAT_VERSION, write_artifact
 from mpq.formats.state import ArtifactState
 from mpq.model_card import render_model_card
@@ -31,7 +33,7 @@ from mpq.registry import Registry
 class FolderContents:
     """What a writer produces before the folder is written."""
 
-    tensors: dict[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor]  # a dict, or a LazyTensors (see dense_group)
     config: dict  # full config.json (the writer's quantization_config included)
     code_keys: tuple[str, ...]  # per-layer local keys holding the weight codes (size accounting)
     header: dict[str, str] | None = None  # extra safetensors header strings
@@ -51,6 +53,25 @@ class Writer(Protocol):
 
 
 WRITERS: Registry[Writer] = Registry("output format")
+
+
+def dense_group(state: ArtifactState) -> LazyTensors:
+    """A LazyTensors holding ``state.dense``, to which a writer adds its layers' tensors with
+    ``LazyTensors.add`` (one group per layer).  For a state held in memory (plain dicts)
+    everything stays resident, as before; for a streamed state (mpq.streaming: tensors decoded
+    from the resume work directory on access) each group is produced when needed, so the
+    writer holds one shard at a time."""
+    tensors = LazyTensors(resident=not state.streamed)
+    if isinstance(state.dense, LazyTensors):
+        for name in state.dense:
+            if name in state.dense.resident_names():
+                tensors.add_tensor(name, state.dense[name])
+            else:
+                tensors.add(lambda name=name: {name: state.dense[name]})
+    else:
+        for name, tensor in state.dense.items():
+            tensors.add_tensor(name, tensor)
+    return tensors
 
 
 def writer_for(name: str) -> Writer:
@@ -78,9 +99,11 @@ def check_expressible(writer: Writer, plan: Plan) -> None:
                                             "native format (--format mpq)")
 
 
-def size_report(plan: Plan, tensors: dict[str, torch.Tensor],
+def size_report(plan: Plan, tensors: Mapping[str, torch.Tensor],
                 code_keys: tuple[str, ...]) -> dict[str, int]:
-    """Stored tensor bytes vs the ideal: b bits per quantized weight + every other stored byte."""
+    """Stored tensor bytes vs the ideal: b bits per quantized weight + every other stored byte.
+    Only sizes are read (a LazyTensors produces nothing)."""
+    tensors = specs_of(tensors)
     stored = sum(t.numel() * t.element_size() for t in tensors.values())
     ideal = stored
     for layer in plan.quantized():
