@@ -4,7 +4,8 @@ Saves random Llama models of SmolLM2-135M's width (hidden 576, intermediate 1536
 3 KV heads, vocab 49152, tied embeddings; fp32 safetensors, torch's default init, seed 0) with
 30 and 60 layers, plus the real SmolLM2-135M when ``--model`` is given, and quantizes each with
 ``w4a16`` (RTN, no calibration pass) and ``w4a16-gptq`` (``--num-samples`` × ``--seq-len``
-calibration tokens) in a child process, measuring the child's peak RSS (``os.wait4`` →
+calibration tokens) in a child process, streamed (the default) and with ``--no-stream``
+(``--modes``), measuring the child's peak RSS (``os.wait4`` →
 ``ru_maxrss``) and wall time.  Prints a table and writes
 ``benchmarks/results/rss_vs_depth.{json,md}`` (``--tag`` adds a suffix, e.g. ``before``).
 
@@ -52,10 +53,11 @@ def random_model(folder: Path, layers: int, tokenizer_from: Path | None) -> Path
 
 
 def run_child(model: Path, recipe: str, out: Path, calib: str | None, num_samples: int,
-              seq_len: int) -> dict:
+              seq_len: int, stream: bool = True) -> dict:
     """``mpq quantize`` in a child process: peak RSS (MiB) and wall time (s)."""
     cmd = [sys.executable, "-c", "from mpq.cli.main import main; main()", "quantize",
-           str(model), "--recipe", recipe, "-o", str(out), "--force", "--no-memory-check"]
+           str(model), "--recipe", recipe, "-o", str(out), "--force", "--no-memory-check",
+           "--stream" if stream else "--no-stream"]
     if calib:
         cmd += ["--calib", calib, "--num-samples", str(num_samples), "--seq-len", str(seq_len)]
     started = time.perf_counter()
@@ -83,6 +85,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--depths", default="30,60")
     parser.add_argument("--recipes", default="w4a16,w4a16-gptq")
+    parser.add_argument("--modes", default="stream,no-stream",
+                        help="stream (the default of mpq quantize) and/or no-stream")
     parser.add_argument("--work", type=Path, default=Path("/tmp/mpq-rss-vs-depth"))
     parser.add_argument("--tag", default="", help="suffix of the result files")
     args = parser.parse_args()
@@ -96,22 +100,26 @@ def main() -> None:
         config = json.loads((args.model / "config.json").read_text())
         models.append(("SmolLM2-135M", config["num_hidden_layers"], args.model))
     rows = []
-    for recipe in args.recipes.split(","):
-        calib = args.calib if recipe != "w4a16" else None
-        for name, depth, folder in models:
-            measured = run_child(folder, recipe, args.work / "out", calib, args.num_samples,
-                                 args.seq_len)
-            rows.append({"model": name, "layers": depth, "recipe": recipe, **measured})
-            print(json.dumps(rows[-1]), flush=True)
+    for mode in args.modes.split(","):
+        for recipe in args.recipes.split(","):
+            calib = args.calib if recipe != "w4a16" else None
+            for name, depth, folder in models:
+                measured = run_child(folder, recipe, args.work / "out", calib, args.num_samples,
+                                     args.seq_len, stream=mode == "stream")
+                rows.append({"model": name, "layers": depth, "recipe": recipe, "mode": mode,
+                             **measured})
+                print(json.dumps(rows[-1]), flush=True)
     for row in rows:
-        base = [r for r in rows if r["model"] == "random" and r["recipe"] == row["recipe"]]
+        base = [r for r in rows if r["model"] == "random" and r["recipe"] == row["recipe"]
+                and r["mode"] == row["mode"]]
         shallow = min(base, key=lambda r: r["layers"]) if base else None
         row["ratio_vs_shallowest_random"] = (round(row["peak_rss_mib"] / shallow["peak_rss_mib"],
                                                    3) if shallow else None)
-    header = ("| model | layers | recipe | peak RSS MiB | ratio to the 30-layer random | "
-              "time s |\n|---|---|---|---|---|---|\n")
+    header = ("| mode | model | layers | recipe | peak RSS MiB | ratio to the shallowest random "
+              "| time s |\n|---|---|---|---|---|---|---|\n")
     table = header + "".join(
-        f"| {r['model']} | {r['layers']} | {r['recipe']} | {r['peak_rss_mib']:.0f} | "
+        f"| {r['mode']} | {r['model']} | {r['layers']} | {r['recipe']} | "
+        f"{r['peak_rss_mib']:.0f} | "
         f"{r['ratio_vs_shallowest_random']:.3f} | {r['seconds']:.1f} |\n" for r in rows)
     print(table)
     setup = {"calibration": {"source": args.calib, "num_samples": args.num_samples,
