@@ -56,7 +56,7 @@ def run_child(model: Path, recipe: str, out: Path, calib: str | None, num_sample
               seq_len: int, stream: bool = True) -> dict:
     """``mpq quantize`` in a child process: peak RSS (MiB) and wall time (s)."""
     cmd = [sys.executable, "-c", "from mpq.cli.main import main; main()", "quantize",
-           str(model), "--recipe", recipe, "-o", str(out), "--force", "--no-memory-check",
+           str(model), "--recipe", recipe, "-o", str(out), "--force", "--no-memory-check", "--no-resume",
            "--stream" if stream else "--no-stream"]
     if calib:
         cmd += ["--calib", calib, "--num-samples", str(num_samples), "--seq-len", str(seq_len)]

@@ -145,7 +145,20 @@ def _feeder(collectors: list, stop: bool):
 
 
 def results(collectors: dict[str, dict]) -> dict[str, dict[str, torch.Tensor]]:
-    """Compute every collector once, even when several layers share it."""
+    """Compute every collector once, even when several layers share it.  In a multi-process
+    run (mpq.distributed) every collector is first combined over the processes, in the same
+    order on each."""
+    from mpq.distributed import current
+
+    ranks = current()
+    if ranks is not None:
+        reduced: set[int] = set()
+        for per_stat in collectors.values():
+            for stat in sorted(per_stat):  # not set order: it differs between processes
+                collector = per_stat[stat]
+                if id(collector) not in reduced:
+                    reduced.add(id(collector))
+                    collector.reduce(ranks)
     cache: dict[int, torch.Tensor] = {}
     out = {}
     for name, per_stat in collectors.items():

@@ -55,8 +55,9 @@ The parts, and the assumptions behind them:
 - ``outputs``: the quantized weights kept until the artifact is written (uint8 codes, one byte
   per weight, plus scales/zero points), which grows to its full size by the last block.  Streamed:
   those of the layers outside the blocks plus one block's (the rest are in the work directory).
-- ``write_buffers`` (writing phase): the artifact's tensors plus one serialized shard; streamed,
-  one shard's tensors produced from the work directory plus its serialized bytes (2 × a shard).
+- ``write_buffers`` (writing phase): the artifact's encoded tensors, held until written (files
+  are written one tensor at a time, mpq.formats.safetensors_writer); streamed, one layer's
+  tensors at a time, decoded from the work directory.
 
 **Time** (seconds, ≈, order of magnitude): forward work 2 × block parameters × tokens per block
 pass (plus attention's 4 × seq_len × attention width per token), times the passes per block: none
@@ -82,7 +83,6 @@ from typing import Any
 import torch
 
 from mpq.errors import ResourceError
-from mpq.formats.native import DEFAULT_MAX_SHARD_BYTES
 from mpq.packing import packed_width
 from mpq.plan import Plan
 
@@ -373,12 +373,14 @@ def estimate_run(model_path: str | Path, recipe, *, calibration=None, device: st
     quantized_bytes = 0
     codes_bytes = 0  # QuantizedWeights held in memory until writing: uint8 codes + fp32 params
     block_codes: dict[int, int] = {}  # per decoder block (streaming holds one block's)
+    largest_group = 0
     for layer in plan.quantized():
         n, k = layer.shape
         quantized_bytes += quantized_layer_bytes(layer.scheme, layer.shape, output_format, elem)
         native = quantized_layer_bytes(layer.scheme, layer.shape, "mpq", elem)
         codes = n * k + max(0, native - n * k * layer.scheme.weights.bits // 8)
         codes_bytes += codes
+        largest_group = max(largest_group, native + codes)  # decoded codes + encoded tensors
         if layer.block is not None:
             block_codes[layer.block] = block_codes.get(layer.block, 0) + codes
         tensor_names.extend(f"{layer.name}.{key}" for key in ("qweight", "scale"))
@@ -441,8 +443,7 @@ def estimate_run(model_path: str | Path, recipe, *, calibration=None, device: st
                                  + min(per_batch, calibration.num_samples) * heads * seq_len ** 2)
     on_cuda = torch_device.type == "cuda"
     overhead = OVERHEAD_BYTES + (CUDA_HOST_OVERHEAD_BYTES if on_cuda else 0)
-    serialized = min(tensors_total, 5 * (1 << 30))
-    write_buffers = tensors_total + serialized
+    write_buffers = tensors_total  # every encoded tensor, held until written
     held_while_writing = weight_bytes + codes_bytes
     if not_streamed is None:  # one block resident; the artifact written one shard at a time
         outside = weight_bytes - sum(block_weight_bytes.values())
@@ -450,7 +451,7 @@ def estimate_run(model_path: str | Path, recipe, *, calibration=None, device: st
         outside_codes = codes_bytes - sum(block_codes.values())
         codes_bytes = outside_codes + max(block_codes.values(), default=0)
         held_while_writing = outside + outside_codes
-        write_buffers = 2 * min(tensors_total, DEFAULT_MAX_SHARD_BYTES)
+        write_buffers = largest_group  # produced one layer at a time
     memory = {"overhead": overhead, "weights": weight_bytes, "activations": activations,
               "statistics": statistics, "solver": solver,
               "block_temporaries": block_temporaries, "outputs": codes_bytes,

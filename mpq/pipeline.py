@@ -17,6 +17,8 @@ from torch import nn
 
 from mpq.arch import ModelLayout, blocks_of, set_weight, weight_of
 from mpq.collect import StopForward, collecting, input_groups, results, run_block
+from mpq.distributed import check_supported as check_distributed_support
+from mpq.distributed import current as current_ranks
 from mpq.errors import CalibrationError, Interrupted, SchemeError
 from mpq.interrupt import StopRequest
 from mpq.memory import page_out, release_free_memory
@@ -145,6 +147,29 @@ def _quantize_layer(model: nn.Module, layer: LayerPlan, stats: dict[str, torch.T
     return qw.to("cpu")
 
 
+def _solve_step(model: nn.Module, step: list[LayerPlan], stats: dict, first: int) -> list:
+    """Quantize one step's layers (each installs its dequantized weight); in a multi-process run
+    each process solves its share and installs the others' results (mpq.distributed).
+    ``first``: the work-item number of the step's first layer (it spreads layers over ranks)."""
+    ranks = current_ranks()
+    if ranks is None:
+        return [_quantize_layer(model, layer, stats.get(layer.name, {})) for layer in step]
+
+    def solve(layer):
+        qw = _quantize_layer(model, layer, stats.get(layer.name, {}))
+        return qw, dict(layer.result)
+
+    solved = ranks.solve_step(step, solve, first)
+    for i, (layer, (qw, result)) in enumerate(zip(step, solved)):
+        if not ranks.owns(first + i):  # solved by another process
+            module = model.get_submodule(layer.name)
+            page_out([weight_of(module)])
+            set_weight(module, qw.dequantize(torch.float32).to(weight_of(module).device))
+            layer.result.clear()
+            layer.result.update(result)
+    return [qw for qw, _ in solved]
+
+
 def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
                  samples: list[torch.Tensor] | None, *, true_sequential: bool = True,
                  device: str | torch.device = "cpu", events: Events = no_events,
@@ -183,6 +208,9 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
         raise ValueError("streaming needs a checkpoint and keep_dequantized=False")
     wanted = needed_stats(plan)
     require_calibration(plan, bool(samples))
+    ranks = current_ranks()
+    if ranks is not None:
+        check_distributed_support(plan)
     device = torch.device(device)
     blocks = blocks_of(model, layout)
     by_block: dict[int | None, list[LayerPlan]] = {}
@@ -196,10 +224,14 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
         inputs = None
         if wanted or plan.transforms or plan.kv_cache:
             batches = batch_samples(samples, batch_tokens)
+            if ranks is not None:  # this process's share of the calibration batches
+                batches = ranks.share(batches)
             inputs = to_device(capture_block_inputs(model, layout, batches), device)
             page_out(model.parameters())  # each block's weights come back when it is processed
         keep = keep_dequantized or any(l.name in wanted for l in by_block.get(None, []))
         finished = checkpoint.finished_blocks() if checkpoint else 0
+        if ranks is not None:  # rank 0's view of the work directory, before it writes to it
+            finished = ranks.gather(finished)[0]
         for index, block in enumerate(blocks):
             layers, last = by_block.get(index, []), index + 1 == len(blocks)
             if streamer is not None:
@@ -214,21 +246,28 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
                                      wanted, inputs, qweights, plan.transforms, plan.kv_cache,
                                      last=last, true_sequential=true_sequential, reuse=reuse,
                                      device=device, events=events, keep_dequantized=keep)
-            if checkpoint:
+            if checkpoint and (ranks is None or ranks.writer):
                 checkpoint.save_block(index, block, qweights, layers,
                                       [spec["applied"][-1] for spec in plan.transforms])
             _release(streamer, index, block, layers, qweights)
-            if stop is not None and stop.requested and not last:
+            if _stop_requested(stop, ranks) and not last:
                 raise Interrupted(
                     f"stopped by {stop.signal_name} after block {index + 1} of {len(blocks)}",
                     signal_number=stop.signal_number,
                     hint="rerun the same command to resume from block "
                          f"{index + 2}" if checkpoint else "nothing was saved")
         inputs = None
-        qweights.update(_quantize_outside_blocks(model, by_block.get(None, []), wanted, samples,
-                                                 events))
+        outside_samples = samples if ranks is None or not samples else ranks.share(samples)
+        qweights.update(_quantize_outside_blocks(model, by_block.get(None, []), wanted,
+                                                 outside_samples, events))
     events("done", seconds=time.perf_counter() - started)
     return qweights
+
+
+def _stop_requested(stop: StopRequest | None, ranks) -> bool:
+    """Whether to stop after this block: on a signal to any process (all stop together)."""
+    requested = stop is not None and stop.requested
+    return any(ranks.gather(requested)) if ranks is not None else requested
 
 
 def _release(streamer, index, block, layers, qweights) -> None:
@@ -263,11 +302,13 @@ def _quantize_block(model, block, index, layout, layers, wanted, inputs, qweight
             events("transform", type=spec["type"], **record)
     replay = (BlockReplay.probe(block, inputs)
               if inputs is not None and true_sequential and reuse else None)
+    position = index  # successive blocks start on successive ranks
     for step, stats in _block_steps(block, prefix, layers, wanted, inputs, replay,
                                     true_sequential):
-        for layer in step:
-            qweights[layer.name] = _quantize_layer(model, layer, stats.get(layer.name, {}))
+        for layer, qw in zip(step, _solve_step(model, step, stats, position)):
+            qweights[layer.name] = qw
             events("layer", name=layer.name, block=index, **layer.result)
+        position += len(step)
     inputs = _next_inputs(block, index, inputs, kv_cache, replay, last=last, events=events)
     _finish_block(model, block, index, layers, keep_dequantized, events)
     return inputs

@@ -33,7 +33,8 @@ from mpq.pipeline import (Events, needed_stats, no_events, require_calibration, 
 from mpq.plan import Plan, resolve
 from mpq.quantizers.base import QUANTIZERS
 from mpq.recipe import Recipe, load_recipe
-from mpq.resume import Checkpoint, run_fingerprint
+from mpq.distributed import init_from_env
+from mpq.resume import Checkpoint, run_fingerprint, work_dir_for
 from mpq.scale_fold import scale_groups
 from mpq.streaming import BlockStreamer, build_streamed, streamed_state, streaming_blocker
 from mpq.transforms.base import TRANSFORMS
@@ -63,6 +64,7 @@ class QuantizeResult:
     untied_head: bool = False
     output_format: str = "mpq"
     warnings: list[str] = field(default_factory=list)
+    written: bool = True  # False on the processes other than rank 0 of a torchrun run
 
     def to_dict(self) -> dict:
         return {"output": str(self.out_dir), "recipe": self.plan.recipe_name,
@@ -183,6 +185,9 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
+    ranks = init_from_env()  # under torchrun: one of several processes (mpq.distributed)
+    if ranks is not None and not ranks.writer:
+        events = no_events
     check_output_free(out_dir, force)
     device = check_device(device)
     recipe = as_recipe(recipe)
@@ -210,11 +215,16 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
     source = fingerprint(source_dir)
     pipeline_options = {"true_sequential": true_sequential,
                         "batch_tokens": calibration.batch_tokens}
-    checkpoint = Checkpoint.open(out_dir, run_fingerprint(
+    run_print = run_fingerprint(
         model_sha256=source["sha256"], recipe=recipe.to_dict(),
         calibration_sha256=provenance["sha256"] if provenance else None,
-        options={**pipeline_options, "dtype": str(model.dtype), "device": device.type}),
-        mode=resume)
+        options={**pipeline_options, "dtype": str(model.dtype), "device": device.type})
+    if ranks is None or ranks.writer:
+        checkpoint = Checkpoint.open(out_dir, run_print, mode=resume)
+    if ranks is not None:  # the others read rank 0's work directory once it is ready
+        ranks.barrier()
+        if not ranks.writer:
+            checkpoint = Checkpoint(work_dir_for(out_dir), run_print)
     if recipe.rotation is not None:  # before any statistic is taken
         plan.rotation = apply_quarot(model, layout, recipe.rotation)
         release_free_memory()
@@ -227,7 +237,7 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
                                     keep_dequantized=False, checkpoint=checkpoint, stop=stop,
                                     streamer=streamer)
         except ModelError:  # a damaged block of the source: its work directory is of no use
-            if streamer is not None:
+            if streamer is not None and (ranks is None or ranks.writer):
                 checkpoint.remove()
             raise
     state_args = dict(provenance={
@@ -235,6 +245,10 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
         "calibration": provenance, "source": source, "pipeline": pipeline_options},
         files={name: source_dir / name for name in PASS_THROUGH
                if (source_dir / name).is_file()})
+    if ranks is not None and not ranks.writer:  # rank 0 writes the artifact
+        return QuantizeResult(out_dir=out_dir, plan=plan, sizes={}, calibration=provenance,
+                              seconds=time.perf_counter() - started, untied_head=untied,
+                              output_format=output_format, warnings=warnings, written=False)
     if streamer is not None:  # the blocks' tensors are read back from the work directory
         state = streamed_state(model, layout, plan, checkpoint, qweights, **state_args)
     else:

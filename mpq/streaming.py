@@ -9,11 +9,12 @@ work directory its parameters go back to the meta device (:meth:`BlockStreamer.r
 
 The artifact is then written from the work directory: :func:`streamed_state` gives an
 ArtifactState whose quantized weights and finished blocks' dense tensors are read from the
-block files on access, and the writers produce one shard at a time (mpq.formats.lazy).  The
-bytes written are those of the whole-model path (tests/test_streaming.py).
+block files on access, and the writers produce one layer's tensors at a time
+(mpq.formats.lazy, mpq.formats.safetensors_writer).  The bytes written are those of the
+whole-model path (tests/test_streaming.py).
 
-Peak memory is then about one block, the calibration activations, the tensors outside the
-blocks and one output shard, flat in depth.  Not streamed (:func:`streaming_blocker` says why):
+Peak memory is then about one block, the calibration activations and the tensors outside the
+blocks, flat in depth (benchmarks/rss_vs_depth.py).  Not streamed (:func:`streaming_blocker` says why):
 recipes with ``rotation:`` (QuaRot rotates the embedding and every block together), layers
 outside the blocks that need calibration statistics (the whole model runs for them), and
 checkpoints whose tensor names or dtypes transformers would remap on loading.

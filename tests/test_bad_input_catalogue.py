@@ -177,10 +177,10 @@ def _calib(env: Env, name: str, text: str) -> Path:
 
 
 def _full_disk(env: Env) -> list:
-    def save_file(*args, **kwargs):
+    def write_safetensors(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    env.monkeypatch.setattr("mpq.formats.native.save_file", save_file)
+    env.monkeypatch.setattr("mpq.formats.native.write_safetensors", write_safetensors)
     return env.quantize(env.src)
 
 

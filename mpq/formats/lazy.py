@@ -6,7 +6,9 @@ resume work directory).  Each group is run once when added, to learn its names, 
 shapes (:meth:`LazyTensors.specs`, meta tensors), and again whenever one of its tensors is
 asked for; the last group produced is cached, so reading the names of one group in a row runs it
 once.  With ``resident=True`` the produced tensors are kept instead (for states already in
-memory: nothing is computed twice).
+memory: nothing is computed twice).  Otherwise the allocator's free pages are returned to the
+OS after each group (mpq.memory.release_free_memory): decoding group after group leaves glibc's
+heap fragmented, and the resident set would grow with the number of groups.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from collections.abc import Mapping
 from typing import Callable, Iterator
 
 import torch
+
+from mpq.memory import release_free_memory
 
 Group = Callable[[], dict[str, torch.Tensor]]
 
@@ -41,6 +45,8 @@ class LazyTensors(Mapping):
             self._specs[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
             if self.resident:
                 self._kept[name] = tensor
+        if not self.resident:
+            release_free_memory()
         return tensors
 
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
@@ -63,6 +69,8 @@ class LazyTensors(Mapping):
             return self._kept[name]
         index = self._where[name]
         if self._cached is None or self._cached[0] != index:
+            self._cached = None
+            release_free_memory()
             self._cached = (index, self._groups[index]())
         return self._cached[1][name]
 

@@ -27,11 +27,10 @@ from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from mpq.errors import ArtifactError, OutputError
 from mpq.formats.lazy import LazyTensors, specs_of
-from mpq.formats.safetensors_header import canonicalize_header
+from mpq.formats.safetensors_writer import write_safetensors
 from mpq.plan import Plan
 
 FORMAT_NAME = "mpq"
@@ -90,8 +89,8 @@ def write_artifact(out_dir: str | Path, tensors: Mapping[str, torch.Tensor],
                    force: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write the checkpoint folder atomically. ``extra_files`` maps a file name in the artifact to
     a source path (copied) or to text (written).  ``tensors`` may be a LazyTensors: the shards
-    are planned from its sizes and each shard's tensors are produced only while that file is
-    written, so at most one shard is in memory."""
+    are planned from its sizes and each tensor is produced only when its turn comes in the file
+    (mpq.formats.safetensors_writer), so at most one group of tensors is in memory."""
     out_dir = Path(out_dir)
     check_output_free(out_dir, force)
     try:
@@ -120,12 +119,10 @@ def _write_contents(tmp: Path, tensors, metadata, config, extra_files, max_shard
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
     for name, shard in zip(names, shards):
-        data = {k: tensors[k].contiguous() for k in shard}
-        save_file(data, str(tmp / name), metadata=header)
-        del data
+        write_safetensors(tmp / name, {k: specs[k] for k in shard}, tensors.__getitem__,
+                          metadata=header)
         if isinstance(tensors, LazyTensors):
             tensors.release()
-        canonicalize_header(tmp / name)
         weight_map.update({k: name for k in shard})
     if isinstance(config.get("mpq"), dict):  # content hashes, checked by `mpq verify`
         config = {**config, "mpq": {**config["mpq"], TENSOR_FILES_KEY: {

@@ -119,7 +119,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("mpq.formats.native.save_file", boom)
+    monkeypatch.setattr("mpq.formats.native.write_safetensors", boom)
     with pytest.raises(OutputError, match="disk full"):
         write_artifact(tmp_path / "out", {"a": torch.zeros(2)}, {}, {"mpq": {}})
     assert list(tmp_path.iterdir()) == []

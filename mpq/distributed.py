@@ -1,0 +1,135 @@
+"""Multi-process quantization under ``torchrun`` (torch.distributed, gloo backend).
+
+``torchrun --nproc-per-node N --no-python mpq quantize ...`` starts N processes; each one sees
+``WORLD_SIZE``/``RANK`` in its environment and :func:`init_from_env` joins them into one group.
+The work is split two ways:
+
+- **calibration**: the calibration batches (mpq.pipeline.batch_samples) are split into N
+  contiguous shares (:meth:`Ranks.share`); each rank runs the blocks on its share only, and the
+  statistics are combined after each collection pass (each collector's ``reduce``, called from
+  mpq.collect.results): sums all-reduced, maxima all-reduced, row samples gathered in rank order;
+- **solves**: within each step, layer i is quantized by rank ``i mod N``
+  (:meth:`Ranks.solve_step`) and its QuantizedWeight is sent to the others, which install the
+  same dequantized weights.
+
+Rank 0 writes the work directory and the artifact; the others only compute.  The artifact is
+the one a single process writes, byte for byte, when every process runs with the same number of
+threads (tests/test_distributed.py): sums of statistics are accumulated in float64 from float32
+per-batch terms, which makes them exact, hence independent of how the batches are split, except
+for terms spanning more than about 2^25 in magnitude, where the last bit of a float32 statistic
+could differ (not seen in practice).  Collectives run on CPU tensors over gloo (also with
+``--device cuda``; nccl is not used).
+
+Not supported across processes yet (refused with a RecipeError): recipes with transforms (AWQ,
+SmoothQuant) and KV-cache quantization.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from mpq.errors import CalibrationError, RecipeError
+
+T = TypeVar("T")
+_CURRENT: "Ranks | None" = None
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a multi-process run."""
+
+    rank: int
+    world: int
+
+    @property
+    def writer(self) -> bool:
+        """Rank 0 writes the work directory, the artifact and the progress."""
+        return self.rank == 0
+
+    def share(self, items: Sequence[T]) -> list[T]:
+        """This rank's contiguous share of ``items`` (ranks in order cover them in order)."""
+        n = len(items)
+        if n < self.world:
+            raise CalibrationError(
+                f"{n} calibration batches cannot be split across {self.world} processes",
+                hint="pass more --num-samples (or a smaller --calib-batch-tokens), or run fewer "
+                     "processes")
+        return list(items[self.rank * n // self.world:(self.rank + 1) * n // self.world])
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum over ranks (a new tensor on ``tensor``'s device)."""
+        return self._all_reduce(tensor, dist.ReduceOp.SUM)
+
+    def all_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(tensor, dist.ReduceOp.MAX)
+
+    def _all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
+        host = tensor.detach().to("cpu", copy=True).contiguous()
+        dist.all_reduce(host, op=op)
+        return host.to(tensor.device)
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def owns(self, i: int) -> bool:
+        """Whether work item number ``i`` is this rank's (i mod N)."""
+        return i % self.world == self.rank
+
+    def solve_step(self, items: Sequence[T], solve: Callable[[T], object], first: int = 0
+                   ) -> list:
+        """Run ``solve`` on this rank's items of ``items`` (item i is work item ``first + i``,
+        :meth:`owns`) and return every item's result, in order, on every rank."""
+        mine = {i: solve(item) for i, item in enumerate(items) if self.owns(first + i)}
+        merged: dict[int, object] = {}
+        for part in self.gather(mine):
+            merged.update(part)
+        return [merged[i] for i in range(len(items))]
+
+
+def current() -> Ranks | None:
+    """The run's Ranks when this process is one of several, else None."""
+    return _CURRENT
+
+
+def init_from_env(timeout_minutes: float = 60.0) -> Ranks | None:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1), once; None otherwise."""
+    global _CURRENT
+    if _CURRENT is not None:
+        return _CURRENT
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return None
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(minutes=timeout_minutes))
+    _CURRENT = Ranks(rank=dist.get_rank(), world=dist.get_world_size())
+    return _CURRENT
+
+
+def shutdown() -> None:
+    """Leave the process group (end of the run)."""
+    global _CURRENT
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _CURRENT = None
+
+
+def check_supported(plan) -> None:
+    """RecipeError for what multi-process runs cannot do yet."""
+    if plan.transforms:
+        raise RecipeError(f"transform '{plan.transforms[0]['type']}' is not supported across "
+                          "several processes yet",
+                          hint="run it in one process (without torchrun)")
+    if plan.kv_cache:
+        raise RecipeError("kv_cache quantization is not supported across several processes yet",
+                          hint="run it in one process (without torchrun)")
