@@ -116,14 +116,6 @@ def init_from_env(timeout_minutes: float = 60.0) -> Ranks | None:
     return _CURRENT
 
 
-def shutdown() -> None:
-    """Leave the process group (end of the run)."""
-    global _CURRENT
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    _CURRENT = None
-
-
 def check_supported(plan) -> None:
     """RecipeError for what multi-process runs cannot do yet."""
     if plan.transforms:
