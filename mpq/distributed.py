@@ -26,9 +26,10 @@ SmoothQuant) and KV-cache quantization.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -114,6 +115,34 @@ def init_from_env(timeout_minutes: float = 60.0) -> Ranks | None:
         dist.init_process_group("gloo", timeout=timedelta(minutes=timeout_minutes))
     _CURRENT = Ranks(rank=dist.get_rank(), world=dist.get_world_size())
     return _CURRENT
+
+
+@contextmanager
+def process_group(timeout_minutes: float = 60.0) -> Iterator[Ranks | None]:
+    """Join torchrun's process group for the body (None in a single process) and leave it.
+
+    On success every rank waits for the others (rank 0 writes last) before the group is
+    destroyed; a process that exits with the group still alive can abort in gloo's threads
+    ("terminate called without an active exception").  On an error the group is destroyed
+    without waiting: torchrun stops the other ranks."""
+    ranks = init_from_env(timeout_minutes)
+    try:
+        yield ranks
+    except BaseException:
+        _leave(ranks, wait=False)
+        raise
+    _leave(ranks, wait=True)
+
+
+def _leave(ranks: Ranks | None, wait: bool) -> None:
+    global _CURRENT
+    if ranks is None:
+        return
+    if wait:
+        ranks.barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _CURRENT = None
 
 
 def check_supported(plan) -> None:

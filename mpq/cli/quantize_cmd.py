@@ -102,18 +102,18 @@ def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode
         return run_dry(model, recipe, options, output=output, force=force, device=device,
                        output_format=output_format, true_sequential=true_sequential,
                        dtype=dtype, strict=strict, stream=stream, as_json=as_json)
-    from mpq.distributed import init_from_env
+    from mpq.distributed import process_group
 
-    ranks = init_from_env()  # under torchrun, only rank 0 reports
-    reporter = (no_events if ranks is not None and not ranks.writer else
-                JsonEvents() if as_json else ProgressEvents())
-    with reporter if isinstance(reporter, ProgressEvents) else nullcontext():
-        result = quantize(model, recipe, output, calibration=options, force=force,
-                          dtype=torch_dtype(dtype), true_sequential=true_sequential,
-                          device=device, output_format=output_format, strict=strict,
-                          resume={None: "auto", True: "require", False: "fresh"}[resume],
-                          check_memory=memory_check, stream=stream,
-                          events=reporter)
+    with process_group() as ranks:  # under torchrun, only rank 0 reports
+        reporter = (no_events if ranks is not None and not ranks.writer else
+                    JsonEvents() if as_json else ProgressEvents())
+        with reporter if isinstance(reporter, ProgressEvents) else nullcontext():
+            result = quantize(model, recipe, output, calibration=options, force=force,
+                              dtype=torch_dtype(dtype), true_sequential=true_sequential,
+                              device=device, output_format=output_format, strict=strict,
+                              resume={None: "auto", True: "require", False: "fresh"}[resume],
+                              check_memory=memory_check, stream=stream,
+                              events=reporter)
     if not result.written:  # another process of a torchrun run writes and reports
         return
     if as_json:
