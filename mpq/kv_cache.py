@@ -2,9 +2,10 @@
 and their fake quantization at inference.
 
 Keys are observed *after* the rotary embedding, where a cache stores them: each attention
-module's ``past_key_values`` argument is replaced, for one forward, by a :class:`CacheTap` whose
-``update(key, value, ...)`` (the call attention makes right before using K and V) hands the
-tensors to a callback and then to the real cache, if any.  Tensors are [batch, kv_heads, seq,
+module's cache argument (``cache``; ``past_key_values`` before transformers 5.24) is replaced,
+for one forward, by a :class:`CacheTap` whose ``update(key, value, ...)`` (the call attention
+makes right before using K and V) hands the tensors to a callback and then to the real cache, if
+any.  Tensors are [batch, kv_heads, seq,
 head_dim].
 
 Scales (compressed-tensors' ``kv_cache_scheme`` convention, what vLLM reads): ``k_scale`` and
@@ -62,8 +63,11 @@ def attention_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _cache_kwarg(module: nn.Module) -> str | None:
+    """The name of the attention forward's cache argument: ``cache`` (transformers ≥ 5.24),
+    ``past_key_values`` or ``past_key_value`` (older)."""
     params = inspect.signature(module.forward).parameters
-    return next((n for n in ("past_key_values", "past_key_value") if n in params), None)
+    return next((n for n in ("cache", "past_key_values", "past_key_value") if n in params),
+                None)
 
 
 class CacheTap:
