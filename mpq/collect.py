@@ -32,13 +32,19 @@ def run_block(block: nn.Module, inputs: BlockInputs, *, keep_outputs: bool = Tru
 
     A StopForward raised by a hook ends that sample's pass; its output is then unavailable.
     The outputs are kept in one Stash, or with ``in_place`` (for the last pass over ``inputs``)
-    written over each input's hidden states once the block is done with them.
+    written over each input's hidden states once the block is done with them.  Inputs may live
+    on another device than the block (offloaded activations): each one is moved to the block's
+    device for its forward, and the outputs are kept where the inputs are.
     """
+    home = inputs_device(inputs)
+    compute = module_device(block)
     outputs = [] if keep_outputs else None
-    stash = Stash(input_tokens(inputs)) if keep_outputs else None
+    stash = Stash(input_tokens(inputs), device=home) if keep_outputs else None
     for args, kwargs in inputs:
+        run_args, run_kwargs = (args, kwargs) if compute in (None, home) else to_device(
+            (args, kwargs), compute)
         try:
-            out = block(*args, **kwargs)
+            out = block(*run_args, **run_kwargs)
         except StopForward:
             continue
         if outputs is None:
@@ -54,6 +60,28 @@ def run_block(block: nn.Module, inputs: BlockInputs, *, keep_outputs: bool = Tru
         else:
             outputs.append(((), {**kwargs, "hidden_states": hidden}))
     return outputs
+
+
+def inputs_device(inputs: BlockInputs) -> torch.device | None:
+    """Where block inputs live (their first hidden states'), None for no inputs."""
+    return _hidden_states(*inputs[0]).device if inputs else None
+
+
+def module_device(module: nn.Module) -> torch.device | None:
+    """The device of ``module``'s first parameter (None for a module without any)."""
+    first = next(iter(module.parameters()), None)
+    return None if first is None else first.device
+
+
+def to_device(obj, device: torch.device):
+    """Move the tensors inside nested tuples/lists/dicts to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(item, device) for item in obj)
+    if isinstance(obj, dict):
+        return {key: to_device(value, device) for key, value in obj.items()}
+    return obj
 
 
 def input_tokens(inputs: BlockInputs) -> list[int]:

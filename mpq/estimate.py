@@ -37,7 +37,8 @@ The parts, and the assumptions behind them:
   size in a block): at most ``2 × hidden + intermediate`` values per token together with the
   inputs.  None when no layer needs statistics and the recipe has no transform or KV cache
   (round to nearest runs no forward at all).  On CUDA they live on the device (and briefly on the
-  host while captured).
+  host while captured); with ``--offload-activations`` they stay on the host and the device holds
+  one batch's (its inputs, outputs and replay records).
 - ``statistics``: the largest step's statistics.  GPTQ: one fp32 K×K Hessian per group of layers
   sharing an input (mpq.collect), one group per true-sequential step, so the largest K (the
   MLP's down projection); :data:`HESSIAN_COPIES` = 5 K×K fp32 live at the worst moment (the
@@ -307,7 +308,8 @@ def _header_bytes(plan: Plan, tensor_names: list[str], recipe_text: str) -> int:
 def estimate_run(model_path: str | Path, recipe, *, calibration=None, device: str = "cpu",
                  output_format: str = "mpq", true_sequential: bool = True,
                  dtype: str | torch.dtype = "auto", strict: bool = False,
-                 probe: bool = True, stream: bool = True) -> RunEstimate:
+                 probe: bool = True, stream: bool = True,
+                 offload_activations: bool = False) -> RunEstimate:
     """Estimate ``mpq quantize`` of ``model_path`` with ``recipe`` without reading its weights
     (see the module docstring for the model and its assumptions).  Raises the same errors for
     bad input as mpq.quantize.quantize does before it loads the model."""
@@ -461,7 +463,11 @@ def estimate_run(model_path: str | Path, recipe, *, calibration=None, device: st
     writing = overhead + held_while_writing + write_buffers
     if on_cuda:
         block_weights = weight_bytes // max(num_blocks, 1)
-        device_peak = (activations + statistics + solver + block_temporaries + block_weights)
+        on_device = activations
+        if offload_activations:  # one batch in, its output out, its replay records
+            on_device = min(activations, batch_tokens * (2 * per_token_inputs
+                                                         + per_token_replay) * elem)
+        device_peak = (on_device + statistics + solver + block_temporaries + block_weights)
         host_peak = max(overhead + weight_bytes + activations + codes_bytes, writing)
         peak, phase = device_peak, "block loop"
     else:
@@ -512,7 +518,8 @@ def estimate_run(model_path: str | Path, recipe, *, calibration=None, device: st
         calibration={"source": calibration.source, "num_samples": calibration.num_samples,
                      "seq_len": seq_len, "batch_tokens": calibration.batch_tokens,
                      "tokens": tokens, "forward_passes_per_block": passes,
-                     "true_sequential": true_sequential},
+                     "true_sequential": true_sequential,
+                     "offload_activations": offload_activations},
         size=size, memory=memory, peak_bytes=int(peak), peak_phase=phase,
         host_peak_bytes=int(host_peak), seconds=sum(time_parts.values()), time_parts=time_parts,
         throughput_flops=throughput, warnings=list(warnings), streaming=not_streamed)

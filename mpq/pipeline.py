@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from mpq.arch import ModelLayout, blocks_of, set_weight, weight_of
-from mpq.collect import StopForward, collecting, input_groups, results, run_block
+from mpq.collect import (StopForward, collecting, input_groups, results, run_block,
+                         to_device)
 from mpq.distributed import check_supported as check_distributed_support
 from mpq.distributed import current as current_ranks
 from mpq.errors import CalibrationError, Interrupted, SchemeError
@@ -175,15 +176,18 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
                  device: str | torch.device = "cpu", events: Events = no_events,
                  reuse: bool = True, batch_tokens: int = 2048,
                  keep_dequantized: bool = True, checkpoint: Checkpoint | None = None,
-                 stop: StopRequest | None = None, streamer=None
-                 ) -> dict[str, qbase.QuantizedWeight]:
+                 stop: StopRequest | None = None, streamer=None,
+                 offload_activations: bool = False) -> dict[str, qbase.QuantizedWeight]:
     """Quantize every planned layer of ``model`` in place (weights become their dequantized
     values) and return the QuantizedWeight of each (on CPU); per-layer results go into ``plan``.
 
     ``true_sequential``: inside a block, layers are quantized in steps of execution order
     (layers sharing an input form one step), each step's statistics collected with its
     predecessors already quantized.  ``device``: where each block runs while it is processed;
-    the model stays on CPU and one block at a time is moved.  ``reuse``: in true-sequential
+    the model stays on CPU and one block at a time is moved.  ``offload_activations``: the
+    calibration activations (each block's inputs, replay records) stay in host memory and each
+    batch visits ``device`` only while a block runs on it (same results; less device memory,
+    more transfers).  ``reuse``: in true-sequential
     passes, replay the parts of a block that are already final instead of recomputing them
     (mpq.replay; bit-identical results, about 2.4× less forward work on a Llama block).
     ``batch_tokens``: calibration samples of equal length run through a block in batches of up
@@ -226,7 +230,8 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
             batches = batch_samples(samples, batch_tokens)
             if ranks is not None:  # this process's share of the calibration batches
                 batches = ranks.share(batches)
-            inputs = to_device(capture_block_inputs(model, layout, batches), device)
+            inputs = to_device(capture_block_inputs(model, layout, batches),
+                               "cpu" if offload_activations else device)
             page_out(model.parameters())  # each block's weights come back when it is processed
         keep = keep_dequantized or any(l.name in wanted for l in by_block.get(None, []))
         finished = checkpoint.finished_blocks() if checkpoint else 0
@@ -423,14 +428,3 @@ def _quantize_outside_blocks(model, layers, wanted, samples, events):
         qweights[layer.name] = _quantize_layer(model, layer, stats.get(layer.name, {}))
         events("layer", name=layer.name, block=None, **layer.result)
     return qweights
-
-
-def to_device(obj, device: torch.device):
-    """Move the tensors inside nested tuples/lists/dicts to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(item, device) for item in obj)
-    if isinstance(obj, dict):
-        return {key: to_device(value, device) for key, value in obj.items()}
-    return obj

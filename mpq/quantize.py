@@ -167,7 +167,7 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
              dtype: str | torch.dtype = "auto", true_sequential: bool = True,
              device: str = "cpu", output_format: str = "mpq", strict: bool = False,
              resume: str = "auto", check_memory: bool = True, stream: bool = True,
-             events: Events = no_events) -> QuantizeResult:
+             offload_activations: bool = False, events: Events = no_events) -> QuantizeResult:
     """Quantize the model folder ``model_path`` with ``recipe`` into the artifact ``out_dir``,
     written as ``output_format`` (mpq.formats.WRITERS); its pre-flight warnings are returned
     (``strict``: refused before quantizing).
@@ -182,6 +182,8 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
     and write the artifact from the work directory (mpq.streaming; peak memory flat in depth)
     where the recipe allows it, else (``rotation:``, statistics for a layer outside the blocks)
     load the whole model; the artifact's bytes are the same either way.
+    ``offload_activations`` (for ``device`` cuda): keep the calibration activations in host
+    memory, each batch visiting the device only while a block runs on it (same bytes).
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -196,7 +198,8 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
     if check_memory:
         check_memory_budget(source_dir, recipe, calibration=calibration, device=device,
                             output_format=output_format, true_sequential=true_sequential,
-                            dtype=dtype, strict=strict, stream=stream)
+                            dtype=dtype, strict=strict, stream=stream,
+                            offload_activations=offload_activations)
     model, streamer = open_model(source_dir, recipe, dtype=dtype, stream=stream)
     layout, plan = plan_model(model, recipe)
     warnings = preflight(plan, output_format, strict)
@@ -235,7 +238,7 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
                                     true_sequential=true_sequential, device=device,
                                     events=events, batch_tokens=calibration.batch_tokens,
                                     keep_dequantized=False, checkpoint=checkpoint, stop=stop,
-                                    streamer=streamer)
+                                    streamer=streamer, offload_activations=offload_activations)
         except ModelError:  # a damaged block of the source: its work directory is of no use
             if streamer is not None and (ranks is None or ranks.writer):
                 checkpoint.remove()

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from mpq.arch import is_linear
-from mpq.collect import BlockInputs, input_tokens, run_block
+from mpq.collect import (BlockInputs, input_tokens, inputs_device, module_device,
+                         run_block, to_device)
 from mpq.stash import Stash
 
 RUN, OUTPUT, TAIL = "run", "output", "tail"
@@ -53,11 +54,17 @@ class _Child:
 class BlockReplay:
     """Replay state of one block across its calibration passes and its final pass."""
 
-    def __init__(self, block: nn.Module, children: list[_Child], tokens: list[int]) -> None:
+    def __init__(self, block: nn.Module, children: list[_Child], tokens: list[int],
+                 home: torch.device | None = None) -> None:
         self.block = block
         self.children = children
         self.tokens = tokens  # per input, to size the stashes
         self.num_inputs = len(tokens)
+        # records are kept where the block's inputs live (host memory when offloaded) and
+        # handed to the block on its device
+        self.home = home
+        compute = module_device(block)
+        self.compute = None if compute in (None, home) else compute
 
     @classmethod
     def probe(cls, block: nn.Module, inputs: BlockInputs) -> "BlockReplay":
@@ -108,7 +115,7 @@ class BlockReplay:
                 if _primary(output) is out and torch.equal(out, value):
                     found.tail = module
             children.append(found)
-        return cls(block, children, input_tokens(inputs))
+        return cls(block, children, input_tokens(inputs), inputs_device(inputs))
 
     @contextmanager
     def calibration_pass(self, stop_layer: nn.Module) -> Iterator[None]:
@@ -123,7 +130,7 @@ class BlockReplay:
                 if child.mode != RUN:
                     continue
                 store = recorded[id(child)] = []
-                stash = Stash(self.tokens)
+                stash = Stash(self.tokens, device=self.home)
                 if child.tail is stop_layer:
                     handles.append(stop_layer.register_forward_pre_hook(
                         _append_input(store, stash), prepend=True))
@@ -164,7 +171,7 @@ class BlockReplay:
             if child.mode != RUN:
                 replayed = [0]
                 child.module.forward = self._replay_forward(child, keep, replayed,
-                                                            Stash(self.tokens))
+                                                            Stash(self.tokens, device=self.home))
                 patched.append((child, replayed))
         try:
             yield
@@ -177,6 +184,10 @@ class BlockReplay:
                     else:  # entries are mixed: give up replaying this child
                         child.mode, child.store = RUN, None
 
+    def _fetch(self, record):
+        """A record (tensor or tuple) on the block's device."""
+        return record if self.compute is None else to_device(record, self.compute)
+
     def _replay_forward(self, child: _Child, keep: bool, replayed: list[int], stash: Stash):
         def forward(*args, **kwargs):
             index = replayed[0]
@@ -188,13 +199,13 @@ class BlockReplay:
             if child.mode == OUTPUT:
                 out = stored
             else:
-                hidden = child.tail(stored)
+                hidden = child.tail(self._fetch(stored))
                 if keep:  # becomes this child's recorded output
                     hidden = stash.keep(hidden)
                 out = (hidden, *child.rest) if child.returns_tuple else hidden
             if keep:
                 child.store[index] = out
-            return out
+            return self._fetch(out)
 
         return forward
 

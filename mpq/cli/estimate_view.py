@@ -10,7 +10,7 @@ from mpq.cli.options import torch_dtype
 
 
 def dry_run(model, recipe, options, *, output, force, device, output_format, true_sequential,
-            dtype, strict, as_json, stream=True) -> None:
+            dtype, strict, as_json, stream=True, offload_activations=False) -> None:
     """Estimate the run, print it, and raise ResourceError (exit 11) when it would not fit."""
     from mpq.errors import OutputError
     from mpq.estimate import check_fits, estimate_and_check
@@ -18,7 +18,8 @@ def dry_run(model, recipe, options, *, output, force, device, output_format, tru
 
     estimate = estimate_and_check(model, recipe, calibration=options, device=device,
                                   output_format=output_format, true_sequential=true_sequential,
-                                  dtype=torch_dtype(dtype), strict=strict, stream=stream)
+                                  dtype=torch_dtype(dtype), strict=strict, stream=stream,
+                                  offload_activations=offload_activations)
     try:
         check_output_free(Path(output), force)
     except OutputError as exc:

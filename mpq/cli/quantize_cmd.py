@@ -30,6 +30,10 @@ from mpq.cli.options import dtype_option, json_option, torch_dtype
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--device", default="cpu", show_default=True,
               help="Where each block is quantized (cpu, cuda, cuda:N); the model stays on CPU.")
+@click.option("--offload-activations", is_flag=True,
+              help="With --device cuda: keep the calibration activations in host memory and "
+                   "move each batch to the GPU only while a block runs on it (less GPU "
+                   "memory, more transfers; same bytes). No effect on cpu.")
 @click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
               help="Inside a block, quantize layers in execution order, each seeing inputs from "
                    "already-quantized predecessors.")
@@ -75,9 +79,10 @@ from mpq.cli.options import dtype_option, json_option, torch_dtype
 @dtype_option
 @json_option
 def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode, calib_field,
-            calib_split, calib_batch_tokens, force, device, true_sequential, output_format,
-            strict, resume, dry_run, memory_check, stream, target_bits, target_size, candidates,
-            sensitivity_path, sensitivity_samples, save_recipe, dtype, as_json):
+            calib_split, calib_batch_tokens, force, device, offload_activations, true_sequential,
+            output_format, strict, resume, dry_run, memory_check, stream, target_bits,
+            target_size, candidates, sensitivity_path, sensitivity_samples, save_recipe, dtype,
+            as_json):
     """Quantize MODEL (a local Hugging Face folder) with RECIPE into OUTPUT."""
     from mpq.pipeline import no_events
     from mpq.quantize import CalibrationOptions, quantize
@@ -101,7 +106,8 @@ def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode
 
         return run_dry(model, recipe, options, output=output, force=force, device=device,
                        output_format=output_format, true_sequential=true_sequential,
-                       dtype=dtype, strict=strict, stream=stream, as_json=as_json)
+                       dtype=dtype, strict=strict, stream=stream, as_json=as_json,
+                       offload_activations=offload_activations)
     from mpq.distributed import process_group
 
     with process_group() as ranks:  # under torchrun, only rank 0 reports
@@ -113,7 +119,7 @@ def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode
                               device=device, output_format=output_format, strict=strict,
                               resume={None: "auto", True: "require", False: "fresh"}[resume],
                               check_memory=memory_check, stream=stream,
-                              events=reporter)
+                              offload_activations=offload_activations, events=reporter)
     if not result.written:  # another process of a torchrun run writes and reports
         return
     if as_json:
