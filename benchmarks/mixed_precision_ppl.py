@@ -7,14 +7,18 @@ Prints a table; writes JSON and markdown under benchmarks/results/.
 
 Rows (all RTN, symmetric int, group 64 unless said; every row is an artifact written by
 ``mpq.quantize.quantize`` and scored with ``mpq.load(out, dequantize=True)``):
-(a) uniform w4a16 (int4 g64) vs ``--target-bits`` = its bits per weight, candidates
-    w8a16 (int8 per channel), w4a16, w3a16 (and, a second row, also int2 g64);
-(b) uniform w3a16 (int3 g64) vs the choice at 3.5 bits, candidates w8a16, w4a16, w3a16 and
-    int2 g64 (defined inline: there is no 2-bit preset);
+(a) uniform w4a16 (int4 g64) vs ``--target-bits`` = its bits per weight, with the coarse
+    candidates w8a16 (int8 per channel), w4a16, w3a16, and with the fine ones: int8, int6 g64,
+    int5 g64, int4 g32, int4 g64, int4 g96, int4 g192, int3 g32, int3 g64 (steps of 0.17-1
+    bit; the non-preset schemes are recipes defined inline);
+(b) uniform w3a16 (int3 g64) vs the choice at 3.5 bits, coarse candidates w8a16, w4a16, w3a16,
+    int2 g64, and fine ones: int8, int4 g64, int4 g192, int3 g32, int3 g64, int3 g96, int3 g192,
+    int2 g32, int2 g64;
 (c) the 10 layers ranked most sensitive under w3a16 quantized alone to int3 g64 (the rest fp32)
     vs the 10 least sensitive.
-Sensitivity: the diagonal-Fisher proxy on enwiki_excerpt.train.txt, 16 × 512 tokens (seed 0).
-Evaluation: the first 40 × 512-token windows of enwiki_excerpt.test.txt.
+Sensitivity: the diagonal-Fisher proxy on enwiki_excerpt.train.txt, 16 × 512 tokens (seed 0),
+one table for every candidate.  Evaluation: the first 40 × 512-token windows of
+enwiki_excerpt.test.txt.
 """
 from __future__ import annotations
 
@@ -37,13 +41,27 @@ from mpq.quantize import CalibrationOptions, quantize
 from mpq.recipe import parse_recipe
 from mpq.sensitivity import sensitivity
 
-W2 = """mpq_recipe: 1
-name: w2a16-g64
-description: int2 symmetric weights, group size 64 (RTN)
-rules:
-  - targets: [Linear]
-    weights: {format: int, bits: 2, symmetric: true, granularity: group, group_size: 64}
-"""
+# int schemes without a preset: stem -> (bits, group size or None for per channel)
+# (SmolLM2's input sizes 576 and 1536 take groups of 32, 64, 96 and 192, not 128)
+INLINE = {"int8": (8, None), "int6-g64": (6, 64), "int5-g64": (5, 64), "int4-g32": (4, 32),
+          "int4-g96": (4, 96), "int4-g192": (4, 192), "int3-g32": (3, 32),
+          "int3-g96": (3, 96), "int3-g192": (3, 192), "int2-g32": (2, 32), "int2-g64": (2, 64)}
+COARSE_A = ["w8a16", "w4a16", "w3a16"]
+FINE_A = ["int8", "int6-g64", "int5-g64", "int4-g32", "w4a16", "int4-g96", "int4-g192",
+          "int3-g32", "w3a16"]
+COARSE_B = ["w8a16", "w4a16", "w3a16", "int2-g64"]
+FINE_B = ["int8", "w4a16", "int4-g192", "int3-g32", "w3a16", "int3-g96", "int3-g192",
+          "int2-g32", "int2-g64"]
+
+
+def inline_recipe(stem: str) -> str:
+    bits, group = INLINE[stem]
+    granularity = (f"granularity: group, group_size: {group}" if group else
+                   "granularity: channel")
+    return (f"mpq_recipe: 1\nname: {stem}\ndescription: int{bits} symmetric weights "
+            f"({'group ' + str(group) if group else 'per channel'}, RTN)\nrules:\n"
+            f"  - targets: [Linear]\n    weights: {{format: int, bits: {bits}, symmetric: true, "
+            f"{granularity}}}\n")
 
 
 def bits_of(plan) -> float:
@@ -70,7 +88,7 @@ def main() -> None:
                         help="reuse a sensitivity table (JSON from a previous run / mpq "
                              "sensitivity -o with the same candidates) instead of measuring")
     parser.add_argument("--extras", action="store_true",
-                        help="also score the original model and (a) with the 2-bit candidate")
+                        help="also score the original (fp32) model")
     parser.add_argument("--out", default="benchmarks/results/mixed_precision_ppl.json")
     args = parser.parse_args()
     from transformers import AutoTokenizer
@@ -80,8 +98,13 @@ def main() -> None:
     ids = load_eval_ids(corpora / "enwiki_excerpt.test.txt",
                         AutoTokenizer.from_pretrained(args.model))
     work = Path(tempfile.mkdtemp(prefix="mpq-mixed-"))
-    w2 = work / "w2a16-g64.yaml"
-    w2.write_text(W2)
+    names = {}  # short name -> candidate as mpq takes it (preset name or recipe file)
+    for stem in dict.fromkeys(COARSE_A + FINE_A + COARSE_B + FINE_B):
+        if stem in INLINE:
+            (work / f"{stem}.yaml").write_text(inline_recipe(stem))
+            names[stem] = str(work / f"{stem}.yaml")
+        else:
+            names[stem] = stem
     calib = CalibrationOptions(source=str(corpora / "enwiki_excerpt.train.txt"),
                                num_samples=args.fisher_samples, seq_len=512, seed=0)
     t0 = time.perf_counter()
@@ -91,14 +114,19 @@ def main() -> None:
         from mpq.sensitivity import SensitivityTable
 
         table = SensitivityTable.load(args.table)
-        w2_name = next(c for c in table.candidates if "w2a16" in c)
-        table.candidates = [str(w2) if c == w2_name else c for c in table.candidates]
+        by_stem = {Path(c).stem: c for c in table.candidates}
+        lacking = sorted(set(names) - set(by_stem))
+        if lacking:
+            raise SystemExit(f"{args.table} lacks the candidates {', '.join(lacking)}")
+        rename = {by_stem[stem]: full for stem, full in names.items()}
+        table.candidates = [rename.get(c, c) for c in table.candidates]
         for row in table.layers:
             for field in (row.damage, row.bits, row.bytes, row.schemes):
-                field[str(w2)] = field.pop(w2_name)
+                for old_name in [c for c in field if c in rename]:
+                    field[rename[old_name]] = field.pop(old_name)
         fisher_s = table.seconds
     else:
-        table = sensitivity(args.model, ["w8a16", "w4a16", "w3a16", str(w2)], calib,
+        table = sensitivity(args.model, list(names.values()), calib,
                             progress=lambda stage, done, total: done == total or print(
                                 f"  {stage} {done}/{total} {time.perf_counter() - t0:.0f} s",
                                 flush=True))
@@ -121,6 +149,13 @@ def main() -> None:
         shutil.rmtree(out)
         return row
 
+    def mixed(label, base_recipe, bits, stems, group):
+        recipe, choice, _ = auto_recipe(args.model, base_recipe, sensitivity_table=table,
+                                        target_bits=bits, candidates=[names[c] for c in stems])
+        return score(label, recipe, group, {"candidates": stems,
+                                            "counts": _short(choice.counts()),
+                                            "predicted_damage": choice.predicted_damage})
+
     rows = []
     base = None
     try:
@@ -132,23 +167,13 @@ def main() -> None:
             print(f"original: {base:.3f}", flush=True)
         w4 = score("uniform w4a16 (int4 g64)", "w4a16", "(a)")
         rows.append(w4)
-        variants = [(["w8a16", "w4a16", "w3a16"], "w8/w4/w3")]
-        if args.extras:
-            variants.append((["w8a16", "w4a16", "w3a16", str(w2)], "w8/w4/w3/w2"))
-        for cands, label in variants:
-            recipe, choice, _ = auto_recipe(args.model, "w4a16", sensitivity_table=table,
-                                            target_bits=w4["bits_per_weight"], candidates=cands)
-            rows.append(score(f"mixed @{w4['bits_per_weight']:.2f} ({label})", recipe, "(a)",
-                              {"counts": _short(choice.counts()),
-                               "predicted_damage": choice.predicted_damage}))
+        for stems, label in ((COARSE_A, "coarse"), (FINE_A, "fine")):
+            rows.append(mixed(f"mixed @{w4['bits_per_weight']:.2f} ({label})", "w4a16",
+                              w4["bits_per_weight"], stems, "(a)"))
         w3 = score("uniform w3a16 (int3 g64)", "w3a16", "(b)")
         rows.append(w3)
-        recipe, choice, _ = auto_recipe(args.model, "w3a16", sensitivity_table=table,
-                                        target_bits=3.5,
-                                        candidates=["w8a16", "w4a16", "w3a16", str(w2)])
-        rows.append(score("mixed @3.50 (w8/w4/w3/w2)", recipe, "(b)",
-                          {"counts": _short(choice.counts()),
-                           "predicted_damage": choice.predicted_damage}))
+        for stems, label in ((COARSE_B, "coarse"), (FINE_B, "fine")):
+            rows.append(mixed(f"mixed @3.50 ({label})", "w3a16", 3.5, stems, "(b)"))
         ranked = [r.name for r in table.ranked("w3a16")]
         for label, names in (("top-10", ranked[:10]), ("bottom-10", ranked[-10:])):
             rows.append(score(f"{label} sensitive layers alone at int3 g64", alone_recipe(
@@ -179,6 +204,11 @@ def main() -> None:
     for row in rows:
         md.append(f"| {row['group']} | {row['method']} | {row['ppl']:.3f} | "
                   f"{row['bits_per_weight']:.3f} | {row.get('counts', '')} |")
+    md += ["", "Candidates: (a) coarse " + ", ".join(COARSE_A) + "; fine " + ", ".join(FINE_A)
+           + ". (b) coarse " + ", ".join(COARSE_B) + "; fine " + ", ".join(FINE_B)
+           + ". Presets: w8a16 = int8 per channel, w4a16 = int4 g64, w3a16 = int3 g64; the "
+           "others are symmetric int RTN recipes defined in the script (intB-gG: B bits, group "
+           "G; int8: per channel)."]
     md += ["", "(c) layers: top-10 " + ", ".join(rows[-2]["layers"]),
            "", "bottom-10 " + ", ".join(rows[-1]["layers"]), ""]
     out_path.with_suffix(".md").write_text("\n".join(md))
