@@ -99,13 +99,19 @@ def main() -> None:
     setup = {"model": str(args.model), "recipe": args.recipe, "calibration": {
         "source": args.calib, "num_samples": args.num_samples, "seq_len": args.seq_len},
         "cpus": os.cpu_count(), "machine": platform.machine(),
-        "python": sys.version.split()[0]}
+        "python": sys.version.split()[0], "torch": _torch_version()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(
         "# `mpq quantize` across processes (torchrun, gloo, CPU)\n\n"
         f"{args.model.name}, {args.recipe}, calibration {args.num_samples} × {args.seq_len} "
         f"tokens, {os.cpu_count()} CPU cores.\n\n{table}")
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 if __name__ == "__main__":
