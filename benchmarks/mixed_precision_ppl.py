@@ -14,6 +14,8 @@ Rows (all RTN, symmetric int, group 64 unless said; every row is an artifact wri
 (b) uniform w3a16 (int3 g64) vs the choice at 3.5 bits, coarse candidates w8a16, w4a16, w3a16,
     int2 g64, and fine ones: int8, int4 g64, int4 g192, int3 g32, int3 g64, int3 g96, int3 g192,
     int2 g32, int2 g64;
+(a) and (b) also with mpq's default candidates, the ladder: int8, int6 g64, int5 g64, int4 g32,
+    int4 g64, int4 g192, int3 g32, int3 g64, int3 g192, int2 g64;
 (c) the 10 layers ranked most sensitive under w3a16 quantized alone to int3 g64 (the rest fp32)
     vs the 10 least sensitive.
 Sensitivity: the diagonal-Fisher proxy on enwiki_excerpt.train.txt, 16 × 512 tokens (seed 0),
@@ -52,6 +54,9 @@ FINE_A = ["int8", "int6-g64", "int5-g64", "int4-g32", "w4a16", "int4-g96", "int4
 COARSE_B = ["w8a16", "w4a16", "w3a16", "int2-g64"]
 FINE_B = ["int8", "w4a16", "int4-g192", "int3-g32", "w3a16", "int3-g96", "int3-g192",
           "int2-g32", "int2-g64"]
+# mpq's default candidates on SmolLM2 (mpq.candidates.ladder), int4-g64/int3-g64 as presets
+LADDER = ["int8", "int6-g64", "int5-g64", "int4-g32", "w4a16", "int4-g192", "int3-g32", "w3a16",
+          "int3-g192", "int2-g64"]
 
 
 def inline_recipe(stem: str) -> str:
@@ -99,7 +104,7 @@ def main() -> None:
                         AutoTokenizer.from_pretrained(args.model))
     work = Path(tempfile.mkdtemp(prefix="mpq-mixed-"))
     names = {}  # short name -> candidate as mpq takes it (preset name or recipe file)
-    for stem in dict.fromkeys(COARSE_A + FINE_A + COARSE_B + FINE_B):
+    for stem in dict.fromkeys(COARSE_A + FINE_A + COARSE_B + FINE_B + LADDER):
         if stem in INLINE:
             (work / f"{stem}.yaml").write_text(inline_recipe(stem))
             names[stem] = str(work / f"{stem}.yaml")
@@ -167,12 +172,12 @@ def main() -> None:
             print(f"original: {base:.3f}", flush=True)
         w4 = score("uniform w4a16 (int4 g64)", "w4a16", "(a)")
         rows.append(w4)
-        for stems, label in ((COARSE_A, "coarse"), (FINE_A, "fine")):
+        for stems, label in ((COARSE_A, "coarse"), (FINE_A, "fine"), (LADDER, "ladder")):
             rows.append(mixed(f"mixed @{w4['bits_per_weight']:.2f} ({label})", "w4a16",
                               w4["bits_per_weight"], stems, "(a)"))
         w3 = score("uniform w3a16 (int3 g64)", "w3a16", "(b)")
         rows.append(w3)
-        for stems, label in ((COARSE_B, "coarse"), (FINE_B, "fine")):
+        for stems, label in ((COARSE_B, "coarse"), (FINE_B, "fine"), (LADDER, "ladder")):
             rows.append(mixed(f"mixed @3.50 ({label})", "w3a16", 3.5, stems, "(b)"))
         ranked = [r.name for r in table.ranked("w3a16")]
         for label, names in (("top-10", ranked[:10]), ("bottom-10", ranked[-10:])):
@@ -206,6 +211,7 @@ def main() -> None:
                   f"{row['bits_per_weight']:.3f} | {row.get('counts', '')} |")
     md += ["", "Candidates: (a) coarse " + ", ".join(COARSE_A) + "; fine " + ", ".join(FINE_A)
            + ". (b) coarse " + ", ".join(COARSE_B) + "; fine " + ", ".join(FINE_B)
+           + ". Both: ladder (mpq's default, mpq.candidates.ladder) " + ", ".join(LADDER)
            + ". Presets: w8a16 = int8 per channel, w4a16 = int4 g64, w3a16 = int3 g64; the "
            "others are symmetric int RTN recipes defined in the script (intB-gG: B bits, group "
            "G; int8: per channel)."]

@@ -265,8 +265,8 @@ def auto_recipe(model_path: str | Path, base: str | Recipe, *, calibration=None,
     from mpq.errors import CalibrationError, OutputError
     from mpq.model_io import check_model_dir, load_skeleton
     from mpq.quantize import as_recipe
-    from mpq.sensitivity import (DEFAULT_CANDIDATES, load_candidates, sensitivity,
-                                 split_names, target_layers)
+    from mpq.candidates import DEFAULT_CANDIDATES, expand, load_candidates
+    from mpq.sensitivity import sensitivity, target_layers
 
     if (target_bits is None) == (target_size is None):
         raise RecipeError("give exactly one of --target-bits and --target-size")
@@ -283,7 +283,7 @@ def auto_recipe(model_path: str | Path, base: str | Recipe, *, calibration=None,
             raise CalibrationError("--target-bits/--target-size measure layer sensitivity on "
                                    "calibration data", hint="pass --calib FILE, or a table "
                                    "from `mpq sensitivity -o` with --sensitivity")
-        names = split_names(candidates or DEFAULT_CANDIDATES)
+        names = expand(candidates or DEFAULT_CANDIDATES, skeleton)
         cands = load_candidates(names)
         layers = target_layers(skeleton, cands, base_recipe)
         kwargs = {"progress": progress} if progress is not None else {}
@@ -295,7 +295,7 @@ def auto_recipe(model_path: str | Path, base: str | Recipe, *, calibration=None,
                  else SensitivityTable.load(sensitivity_table))
         source = str(sensitivity_table) if not isinstance(sensitivity_table,
                                                           SensitivityTable) else "table"
-        names = split_names(candidates) if candidates else list(table.candidates)
+        names = expand(candidates, skeleton) if candidates else list(table.candidates)
         cands = load_candidates(names)
         layers = target_layers(skeleton, cands, base_recipe)
     check_table(table, layers, names, source)

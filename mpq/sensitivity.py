@@ -42,13 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpq.candidates import Candidate, check_names, expand, load_candidates
 from mpq.errors import CalibrationError, RecipeError
 from mpq.recipe import Recipe
 from mpq.scheme import LayerScheme
 
 TABLE_VERSION = 1
 MEASURES = ("fisher", "kl")
-DEFAULT_CANDIDATES = "w8a16,w4a16,w3a16"
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
@@ -57,41 +57,6 @@ def _no_progress(stage: str, done: int, total: int) -> None:
 
 
 # --- candidates and layers ------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Candidate:
-    """A candidate as named on the command line (preset or recipe file) and its parsed recipe."""
-
-    name: str
-    recipe: Recipe
-
-
-def split_names(spec: str | Sequence[str]) -> list[str]:
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    names = list(dict.fromkeys(item.strip() for item in items if item and item.strip()))
-    if not names:
-        raise RecipeError("no candidate given", hint="e.g. --candidates w8a16,w4a16,w3a16")
-    return names
-
-
-def load_candidates(spec: str | Sequence[str]) -> list[Candidate]:
-    """Comma-separated preset names / recipe files → candidates (RecipeError for unknown ones,
-    naming the candidate)."""
-    from mpq.quantize import as_recipe
-
-    out = []
-    for name in split_names(spec):
-        try:
-            recipe = as_recipe(name)
-        except RecipeError as exc:
-            raise RecipeError(f"candidate '{name}': {exc.message}", hint=exc.hint) from None
-        if recipe.rotation is not None or recipe.transforms:
-            raise RecipeError(f"candidate '{name}' has rotation/transforms; a candidate only "
-                              "contributes its weight scheme",
-                              hint="use a recipe with rules only (e.g. w4a16)")
-        out.append(Candidate(name, recipe))
-    return out
-
 
 @dataclass(frozen=True)
 class TargetLayer:
@@ -445,7 +410,7 @@ def sensitivity(model_path: str | Path, candidates: str | Sequence[str], calibra
     started = time.perf_counter()
     if measure not in MEASURES:
         measure_damage(None, [], [], measure)  # raises the RecipeError
-    cands = load_candidates(candidates)
+    check_names(candidates)
     base_recipe = as_recipe(base) if base is not None else None
     source_dir = check_model_dir(model_path)
     if calibration is None or calibration.source is None:
@@ -453,6 +418,7 @@ def sensitivity(model_path: str | Path, candidates: str | Sequence[str], calibra
                                hint="pass --calib FILE (e.g. a .txt corpus)")
     if model is None:
         model = load_model(source_dir, dtype=torch.float32)
+    cands = load_candidates(expand(candidates, model))
     layers = target_layers(model, cands, base_recipe)
     if layer_filter is not None:
         layers = [layer for layer in layers if layer_filter(layer.name)]

@@ -14,8 +14,9 @@ from mpq.cli.main import cli
 from mpq.errors import RecipeError
 from mpq.mixed_precision import MixedChoice, build_recipe, choose, parse_size, solve_mckp
 from mpq.recipe import load_recipe, parse_recipe
-from mpq.sensitivity import (BlockReplay, SensitivityTable, build_table, load_candidates,
-                             measure_damage, rtn_error, spearman, target_layers)
+from mpq.candidates import load_candidates
+from mpq.sensitivity import (BlockReplay, SensitivityTable, build_table, measure_damage,
+                             rtn_error, spearman, target_layers)
 from tests.tiny_models import save_tiny_model, tiny_model
 
 WORDS = "the cat sat on a mat while dogs ran over green hills near old towns".split()
@@ -41,7 +42,8 @@ def tiny(tmp_path_factory, _one_thread):
     rng = random.Random(0)
     (root / "calib.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(4000)))
     result = invoke("sensitivity", root / "src", "--calib", root / "calib.txt", "--num-samples", 4,
-                    "--seq-len", 32, "-o", root / "table.json")
+                    "--seq-len", 32, "--candidates", "w8a16,w4a16,w3a16", "-o",
+                    root / "table.json")
     assert result.exit_code == 0, result.output
     return root
 
@@ -245,7 +247,7 @@ def test_quantize_target_bits_writes_a_mixed_artifact_shown_by_plan(tiny):
     assert stored["text"] == (tiny / "chosen.yaml").read_text()
     shown = invoke("plan", out)
     assert shown.exit_code == 0, shown.output
-    assert "int8 sym channel" in shown.output and "bits/weight" in shown.output
+    assert all(f"{s.weights.describe()}: " in shown.output for s in schemes.values())
     assert "all quantized layers" in shown.output
     as_json = json.loads(invoke("plan", out, "--json").stdout)
     assert sum(r["layers"] for r in as_json["summary"]) == 14
@@ -318,5 +320,8 @@ def test_smollm2_sensitivity_and_mixed_choice(smollm2_dir, corpora, tmp_path):
     assert result.exit_code == 0, result.output
     table = SensitivityTable.load(tmp_path / "t.json")
     assert len(table.layers) == 210
+    # the default ladder: inputs 576 and 1536 take groups of 192 (not 128 or 256)
+    assert table.candidates == ["int8", "int6-g64", "int5-g64", "int4-g32", "int4-g64",
+                                "int4-g192", "int3-g32", "int3-g64", "int3-g192", "int2-g64"]
     choice = choose(table, target_bits=4.5)
     assert choice.bits_per_weight <= 4.5 and len(choice.counts()) > 1

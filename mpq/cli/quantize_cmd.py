@@ -67,8 +67,9 @@ from mpq.cli.options import dtype_option, json_option, torch_dtype
 @click.option("--target-size", default=None,
               help="Automatic mixed precision within this artifact size (e.g. 70MB, 66MiB).")
 @click.option("--candidates", default=None,
-              help="Candidates for --target-*: comma-separated presets or recipe files "
-                   "[default: w8a16,w4a16,w3a16, or the table's].")
+              help="Candidates for --target-*: comma-separated presets, recipe files, intB / "
+                   "intB-gG shorthands or ladder, as for mpq sensitivity [default: ladder, or "
+                   "the table's].")
 @click.option("--sensitivity", "sensitivity_path", type=click.Path(path_type=str), default=None,
               help="For --target-*: a table from `mpq sensitivity -o` instead of measuring.")
 @click.option("--sensitivity-samples", default=16, show_default=True,

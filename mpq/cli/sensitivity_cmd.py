@@ -1,4 +1,4 @@
-"""``mpq sensitivity MODEL --calib DATA --candidates w8a16,w4a16,w3a16``: per-layer damage and cost."""
+"""``mpq sensitivity MODEL --calib DATA [--candidates ladder]``: per-layer damage and cost."""
 from __future__ import annotations
 
 import click
@@ -100,9 +100,11 @@ class _Bars:
 @click.command("sensitivity")
 @click.argument("model", type=click.Path(path_type=str))
 @click.option("--calib", help="Calibration data (as for mpq quantize); required.")
-@click.option("--candidates", default="w8a16,w4a16,w3a16", show_default=True,
-              help="Comma-separated presets or recipe files; each gives a weight scheme per layer "
-                   "(rounded to nearest for the measurement).")
+@click.option("--candidates", default="ladder", show_default=True,
+              help="Comma-separated presets, recipe files, shorthands intB / intB-gG (symmetric "
+                   "B-bit int, per channel / groups of G) or ladder (int8 down to int2 in steps "
+                   "of a fraction of a bit, with group sizes the model takes); each gives a "
+                   "weight scheme per layer (rounded to nearest for the measurement).")
 @click.option("-r", "--recipe", default=None,
               help="Only the layers this recipe quantizes (default: every decoder-block layer "
                    "all candidates quantize).")
@@ -130,9 +132,10 @@ def command(model, calib, candidates, recipe, measure, num_samples, seq_len, see
     """Damage of quantizing each layer of MODEL alone, per candidate scheme, and its bytes."""
     from mpq.errors import CalibrationError
     from mpq.quantize import CalibrationOptions
-    from mpq.sensitivity import load_candidates, sensitivity
+    from mpq.candidates import check_names
+    from mpq.sensitivity import sensitivity
 
-    load_candidates(candidates)  # unknown candidates fail before anything is read
+    check_names(candidates)  # unknown candidates fail before anything is read
     if calib is None:
         raise CalibrationError("mpq sensitivity needs calibration data",
                                hint="pass --calib FILE (e.g. a .txt corpus)")
