@@ -15,10 +15,14 @@ The work is split two ways:
 Rank 0 writes the work directory and the artifact; the others only compute.  The artifact is
 the one a single process writes, byte for byte, when every process runs with the same number of
 threads (tests/test_distributed.py): sums of statistics are accumulated in float64 from float32
-per-batch terms, which makes them exact, hence independent of how the batches are split, except
-for terms spanning more than about 2^25 in magnitude, where the last bit of a float32 statistic
-could differ (not seen in practice).  Collectives run on CPU tensors over gloo (also with
-``--device cuda``; nccl is not used).
+per-batch terms, which makes them exact, hence independent of how the batches are split (and of
+the order a collective adds them in), except for terms spanning more than about 2^25 in
+magnitude, where the last bit of a float32 statistic could differ (not seen in practice).
+
+Backends: ``gloo`` for CPU tensors and objects; where CUDA and NCCL are available the group is
+``cpu:gloo,cuda:nccl``, so statistics held on a GPU (``--device cuda``) are reduced by NCCL on
+the GPU, and each process takes the GPU of its ``LOCAL_RANK`` (``--device cuda`` means
+``cuda:LOCAL_RANK``; :func:`rank_device`).  The GPU path has not been run on GPUs yet.
 
 Not supported across processes yet (refused with a RecipeError): recipes with transforms (AWQ,
 SmoothQuant) and KV-cache quantization.
@@ -34,7 +38,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from mpq.errors import CalibrationError, RecipeError
+from mpq.errors import CalibrationError, ModelError, RecipeError
 
 T = TypeVar("T")
 _CURRENT: "Ranks | None" = None
@@ -70,6 +74,10 @@ class Ranks:
         return self._all_reduce(tensor, dist.ReduceOp.MAX)
 
     def _all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
+        if tensor.is_cuda and _has_cuda_backend():
+            out = tensor.detach().clone().contiguous()
+            dist.all_reduce(out, op=op)
+            return out
         host = tensor.detach().to("cpu", copy=True).contiguous()
         dist.all_reduce(host, op=op)
         return host.to(tensor.device)
@@ -112,9 +120,40 @@ def init_from_env(timeout_minutes: float = 60.0) -> Ranks | None:
     if world <= 1:
         return None
     if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend_for_host(), timeout=timedelta(minutes=timeout_minutes))
     _CURRENT = Ranks(rank=dist.get_rank(), world=dist.get_world_size())
     return _CURRENT
+
+
+def backend_for_host() -> str:
+    """``cpu:gloo,cuda:nccl`` where CUDA and NCCL are available, else ``gloo``."""
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
+
+
+def _has_cuda_backend() -> bool:
+    return any(d.type == "cuda" for d in dist.group.WORLD._device_types)
+
+
+def rank_device(device: torch.device, local_rank: int | None = None,
+                gpus: int | None = None) -> torch.device:
+    """The device this process runs on: under torchrun, ``cuda`` without an index becomes
+    ``cuda:LOCAL_RANK`` (ModelError when there are fewer GPUs than processes on this machine);
+    anything else is kept."""
+    if device.type != "cuda" or device.index is not None:
+        return device
+    if local_rank is None:
+        if os.environ.get("LOCAL_RANK") is None:
+            return device
+        local_rank = int(os.environ["LOCAL_RANK"])
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if local_rank >= gpus:
+        raise ModelError(f"process {local_rank} on this machine has no GPU of its own: "
+                         f"{gpus} visible",
+                         hint="run at most one process per GPU (torchrun --nproc-per-node "
+                              f"{gpus}), or give --device cuda:N explicitly")
+    return torch.device("cuda", local_rank)
 
 
 @contextmanager

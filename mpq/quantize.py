@@ -33,7 +33,7 @@ from mpq.pipeline import (Events, needed_stats, no_events, require_calibration, 
 from mpq.plan import Plan, resolve
 from mpq.quantizers.base import QUANTIZERS
 from mpq.recipe import Recipe, load_recipe
-from mpq.distributed import init_from_env
+from mpq.distributed import init_from_env, rank_device
 from mpq.resume import Checkpoint, run_fingerprint, work_dir_for
 from mpq.scale_fold import scale_groups
 from mpq.streaming import BlockStreamer, build_streamed, streamed_state, streaming_blocker
@@ -192,6 +192,9 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
         events = no_events
     check_output_free(out_dir, force)
     device = check_device(device)
+    if ranks is not None and device.type == "cuda":  # one GPU per process (NCCL needs it)
+        device = rank_device(device)
+        torch.cuda.set_device(device)
     recipe = as_recipe(recipe)
     writer_for(output_format)  # an unknown format fails before the model is read
     source_dir = check_model_dir(model_path)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpq.distributed import Ranks, check_supported
-from mpq.errors import CalibrationError, RecipeError
+from mpq.distributed import Ranks, check_supported, rank_device
+from mpq.errors import CalibrationError, ModelError, RecipeError
 from mpq.plan import Plan
 from mpq.resume import work_dir_for
 from tests.test_determinism import folder_bytes
@@ -112,3 +112,26 @@ def test_hessian_sum_does_not_depend_on_the_split():
         second.add(b)
     combined = first.total + second.total
     assert torch.equal(combined, whole.total)
+
+
+def test_each_process_takes_the_gpu_of_its_local_rank():
+    cuda = torch.device("cuda")
+    assert rank_device(cuda, local_rank=1, gpus=2) == torch.device("cuda", 1)
+    assert rank_device(torch.device("cuda", 0), local_rank=1, gpus=2) == torch.device("cuda", 0)
+    assert rank_device(torch.device("cpu"), local_rank=1, gpus=0) == torch.device("cpu")
+    with pytest.raises(ModelError, match="process 2 on this machine has no GPU of its own"):
+        rank_device(cuda, local_rank=2, gpus=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpu_processes_write_the_single_gpu_artifact(setup, tmp_path):
+    """NCCL reduces the GPU-held statistics; float64 sums of fp32 terms are exact, so the
+    artifact is the one-GPU run's."""
+    args = lambda out: [*_quantize_args(setup, out), "--device", "cuda"]  # noqa: E731
+    single = subprocess.run([str(MPQ), *args(tmp_path / "one")], env=_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    run = _torchrun(2, args(tmp_path / "two"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert folder_bytes(tmp_path / "two") == folder_bytes(tmp_path / "one")
