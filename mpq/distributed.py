@@ -56,15 +56,18 @@ class Ranks:
         """Rank 0 writes the work directory, the artifact and the progress."""
         return self.rank == 0
 
-    def share(self, items: Sequence[T]) -> list[T]:
-        """This rank's contiguous share of ``items`` (ranks in order cover them in order)."""
+    def share(self, items: Sequence[T], weights: Sequence[float] | None = None) -> list[T]:
+        """This rank's contiguous share of ``items`` (ranks in order cover them in order), split
+        so that the shares' summed ``weights`` (e.g. tokens per calibration batch; default 1
+        each) are as even as whole items allow, each share holding at least one item."""
         n = len(items)
         if n < self.world:
             raise CalibrationError(
                 f"{n} calibration batches cannot be split across {self.world} processes",
                 hint="pass more --num-samples (or a smaller --calib-batch-tokens), or run fewer "
                      "processes")
-        return list(items[self.rank * n // self.world:(self.rank + 1) * n // self.world])
+        bounds = split_points([1.0] * n if weights is None else list(weights), self.world)
+        return list(items[bounds[self.rank]:bounds[self.rank + 1]])
 
     def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The element-wise sum over ranks (a new tensor on ``tensor``'s device)."""
@@ -104,6 +107,23 @@ class Ranks:
         for part in self.gather(mine):
             merged.update(part)
         return [merged[i] for i in range(len(items))]
+
+
+def split_points(weights: Sequence[float], parts: int) -> list[int]:
+    """``parts + 1`` indices cutting ``weights`` (at least ``parts`` of them) into contiguous
+    runs of near-equal sums: run r takes the items whose midpoint falls in its r-th of the
+    total; every run keeps at least one item."""
+    n, total = len(weights), float(sum(weights))
+    mids, cum = [], 0.0
+    for w in weights:
+        mids.append(cum + w / 2)
+        cum += w
+    bounds = [0]
+    for r in range(1, parts):
+        start = sum(1 for m in mids if m < r * total / parts)
+        bounds.append(min(max(start, bounds[-1] + 1), n - (parts - r)))
+    bounds.append(n)
+    return bounds
 
 
 def current() -> Ranks | None:

@@ -228,8 +228,8 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
         inputs = None
         if wanted or plan.transforms or plan.kv_cache:
             batches = batch_samples(samples, batch_tokens)
-            if ranks is not None:  # this process's share of the calibration batches
-                batches = ranks.share(batches)
+            if ranks is not None:  # this process's share of the calibration tokens
+                batches = ranks.share(batches, weights=[b.numel() for b in batches])
             inputs = to_device(capture_block_inputs(model, layout, batches),
                                "cpu" if offload_activations else device)
             page_out(model.parameters())  # each block's weights come back when it is processed

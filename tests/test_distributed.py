@@ -87,6 +87,13 @@ def test_share_splits_in_order_and_refuses_too_few_batches():
     items = list(range(7))
     shares = [Ranks(rank, 3).share(items) for rank in range(3)]
     assert sum(shares, []) == items and all(shares)
+    # SmolLM2's 32 samples in batches of up to 4 (the first holds one): 17 + 15 samples, not
+    # 13 + 19 as an even split of the 9 batches gave
+    tokens = [1, 4, 4, 4, 4, 4, 4, 4, 3]
+    halves = [Ranks(rank, 2).share(tokens, weights=tokens) for rank in range(2)]
+    assert [sum(h) for h in halves] == [17, 15] and sum(halves, []) == tokens
+    assert [Ranks(r, 3).share([100, 1, 1], weights=[100, 1, 1]) for r in range(3)] == [
+        [100], [1], [1]]  # every process keeps a batch
     with pytest.raises(CalibrationError, match="cannot be split across 3 processes"):
         Ranks(0, 3).share([1, 2])
 
