@@ -10,7 +10,7 @@ Rows (all RTN, symmetric int, group 64 unless said; every row is an artifact wri
 (a) uniform w4a16 (int4 g64) vs ``--target-bits`` = its bits per weight, with the coarse
     candidates w8a16 (int8 per channel), w4a16, w3a16, and with the fine ones: int8, int6 g64,
     int5 g64, int4 g32, int4 g64, int4 g96, int4 g192, int3 g32, int3 g64 (steps of 0.17-1
-    bit; the non-preset schemes are recipes defined inline);
+    bit; the non-preset schemes are mpq's shorthands, mpq.candidates);
 (b) uniform w3a16 (int3 g64) vs the choice at 3.5 bits, coarse candidates w8a16, w4a16, w3a16,
     int2 g64, and fine ones: int8, int4 g64, int4 g192, int3 g32, int3 g64, int3 g96, int3 g192,
     int2 g32, int2 g64;
@@ -43,11 +43,9 @@ from mpq.quantize import CalibrationOptions, quantize
 from mpq.recipe import parse_recipe
 from mpq.sensitivity import sensitivity
 
-# int schemes without a preset: stem -> (bits, group size or None for per channel)
-# (SmolLM2's input sizes 576 and 1536 take groups of 32, 64, 96 and 192, not 128)
-INLINE = {"int8": (8, None), "int6-g64": (6, 64), "int5-g64": (5, 64), "int4-g32": (4, 32),
-          "int4-g96": (4, 96), "int4-g192": (4, 192), "int3-g32": (3, 32),
-          "int3-g96": (3, 96), "int3-g192": (3, 192), "int2-g32": (2, 32), "int2-g64": (2, 64)}
+# candidates: presets (w8a16 = int8 per channel, w4a16 = int4 g64, w3a16 = int3 g64) and mpq's
+# shorthands intB-gG (mpq.candidates); SmolLM2's input sizes 576 and 1536 take groups of 32, 64,
+# 96 and 192, not 128
 COARSE_A = ["w8a16", "w4a16", "w3a16"]
 FINE_A = ["int8", "int6-g64", "int5-g64", "int4-g32", "w4a16", "int4-g96", "int4-g192",
           "int3-g32", "w3a16"]
@@ -57,16 +55,6 @@ FINE_B = ["int8", "w4a16", "int4-g192", "int3-g32", "w3a16", "int3-g96", "int3-g
 # mpq's default candidates on SmolLM2 (mpq.candidates.ladder), int4-g64/int3-g64 as presets
 LADDER = ["int8", "int6-g64", "int5-g64", "int4-g32", "w4a16", "int4-g192", "int3-g32", "w3a16",
           "int3-g192", "int2-g64"]
-
-
-def inline_recipe(stem: str) -> str:
-    bits, group = INLINE[stem]
-    granularity = (f"granularity: group, group_size: {group}" if group else
-                   "granularity: channel")
-    return (f"mpq_recipe: 1\nname: {stem}\ndescription: int{bits} symmetric weights "
-            f"({'group ' + str(group) if group else 'per channel'}, RTN)\nrules:\n"
-            f"  - targets: [Linear]\n    weights: {{format: int, bits: {bits}, symmetric: true, "
-            f"{granularity}}}\n")
 
 
 def bits_of(plan) -> float:
@@ -103,13 +91,7 @@ def main() -> None:
     ids = load_eval_ids(corpora / "enwiki_excerpt.test.txt",
                         AutoTokenizer.from_pretrained(args.model))
     work = Path(tempfile.mkdtemp(prefix="mpq-mixed-"))
-    names = {}  # short name -> candidate as mpq takes it (preset name or recipe file)
-    for stem in dict.fromkeys(COARSE_A + FINE_A + COARSE_B + FINE_B + LADDER):
-        if stem in INLINE:
-            (work / f"{stem}.yaml").write_text(inline_recipe(stem))
-            names[stem] = str(work / f"{stem}.yaml")
-        else:
-            names[stem] = stem
+    names = list(dict.fromkeys(COARSE_A + FINE_A + COARSE_B + FINE_B + LADDER))
     calib = CalibrationOptions(source=str(corpora / "enwiki_excerpt.train.txt"),
                                num_samples=args.fisher_samples, seq_len=512, seed=0)
     t0 = time.perf_counter()
@@ -123,7 +105,8 @@ def main() -> None:
         lacking = sorted(set(names) - set(by_stem))
         if lacking:
             raise SystemExit(f"{args.table} lacks the candidates {', '.join(lacking)}")
-        rename = {by_stem[stem]: full for stem, full in names.items()}
+        # tables from earlier runs name the shorthands by recipe files: <dir>/int5-g64.yaml
+        rename = {by_stem[stem]: stem for stem in names}
         table.candidates = [rename.get(c, c) for c in table.candidates]
         for row in table.layers:
             for field in (row.damage, row.bits, row.bytes, row.schemes):
@@ -131,7 +114,7 @@ def main() -> None:
                     field[rename[old_name]] = field.pop(old_name)
         fisher_s = table.seconds
     else:
-        table = sensitivity(args.model, list(names.values()), calib,
+        table = sensitivity(args.model, names, calib,
                             progress=lambda stage, done, total: done == total or print(
                                 f"  {stage} {done}/{total} {time.perf_counter() - t0:.0f} s",
                                 flush=True))
@@ -156,7 +139,7 @@ def main() -> None:
 
     def mixed(label, base_recipe, bits, stems, group):
         recipe, choice, _ = auto_recipe(args.model, base_recipe, sensitivity_table=table,
-                                        target_bits=bits, candidates=[names[c] for c in stems])
+                                        target_bits=bits, candidates=stems)
         return score(label, recipe, group, {"candidates": stems,
                                             "counts": _short(choice.counts()),
                                             "predicted_damage": choice.predicted_damage})
@@ -213,8 +196,8 @@ def main() -> None:
            + ". (b) coarse " + ", ".join(COARSE_B) + "; fine " + ", ".join(FINE_B)
            + ". Both: ladder (mpq's default, mpq.candidates.ladder) " + ", ".join(LADDER)
            + ". Presets: w8a16 = int8 per channel, w4a16 = int4 g64, w3a16 = int3 g64; the "
-           "others are symmetric int RTN recipes defined in the script (intB-gG: B bits, group "
-           "G; int8: per channel)."]
+           "others are mpq's shorthands for symmetric int RTN (intB-gG: B bits, group G; int8: "
+           "per channel)."]
     md += ["", "(c) layers: top-10 " + ", ".join(rows[-2]["layers"]),
            "", "bottom-10 " + ", ".join(rows[-1]["layers"]), ""]
     out_path.with_suffix(".md").write_text("\n".join(md))

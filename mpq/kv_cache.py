@@ -5,8 +5,7 @@ Keys are observed *after* the rotary embedding, where a cache stores them: each 
 module's cache argument (``cache``; ``past_key_values`` before transformers 5.24) is replaced,
 for one forward, by a :class:`CacheTap` whose ``update(key, value, ...)`` (the call attention
 makes right before using K and V) hands the tensors to a callback and then to the real cache, if
-any.  Tensors are [batch, kv_heads, seq,
-head_dim].
+any.  Tensors are [batch, kv_heads, seq, head_dim].
 
 Scales (compressed-tensors' ``kv_cache_scheme`` convention, what vLLM reads): ``k_scale`` and
 ``v_scale`` on the attention module, fp32, shape [1] (``granularity: tensor``) or
