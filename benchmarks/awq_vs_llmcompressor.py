@@ -55,8 +55,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from mpq.calibration import build_calibration_set
-    from mpq.eval import load_eval_ids, perplexity
-    from mpq.model_io import load_model
+    from mpq.analysis.eval import load_eval_ids, perplexity
+    from mpq.models.source import load_model
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     model = str(Path(args.model).resolve())

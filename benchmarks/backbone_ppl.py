@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 import mpq
-from mpq.eval import load_eval_ids, perplexity
-from mpq.model_io import load_model
+from mpq.analysis.eval import load_eval_ids, perplexity
+from mpq.models.source import load_model
 from mpq.quantize import CalibrationOptions, quantize
 
 PRESETS = ("w8a16", "w4a16", "w4a16-channel", "w3a16", "nf4", "fp8-weights", "w4a16-asym", "nf4-dq")

@@ -9,7 +9,7 @@ Runs, each a fresh ``mpq quantize MODEL -r RECIPE`` (default ``w4a16-gptq``, ``-
 
 - one process with torch's default threads (every core);
 - one process with one thread (``OMP_NUM_THREADS=1``): the reference the multi-process runs
-  must equal byte for byte (mpq.distributed: same threads per process);
+  must equal byte for byte (mpq.engine.distributed: same threads per process);
 - ``torchrun --standalone --nproc-per-node N`` for each N of ``--ranks`` (one thread each).
 
 Prints a table (wall time, speedup over each one-process run, identical bytes or not) and writes

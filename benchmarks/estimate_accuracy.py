@@ -2,7 +2,7 @@
 
 For a tiny-but-not-trivial random Llama (hidden 256, intermediate 768, 4 blocks, fp32) and, with
 ``--model PATH``, a real model (e.g. /work/models/SmolLM2-135M), each case is estimated in this
-process (mpq.estimate.estimate_run, with its on-the-spot matmul probe) and then run for real as
+process (mpq.analysis.estimate.estimate_run, with its on-the-spot matmul probe) and then run for real as
 ``mpq quantize`` in a child process; the child's peak RSS is its own ``ru_maxrss`` (os.wait4, the
 per-child form of getrusage(RUSAGE_CHILDREN)), its wall time measured around it.  Prints a table
 and writes benchmarks/results/estimate_accuracy.json.
@@ -64,7 +64,7 @@ def run_child(args: list[str]) -> tuple[int, float, int]:
 
 
 def measure(model: Path, name: str, cases, calib: str, work: Path, device: str) -> list[dict]:
-    from mpq.estimate import estimate_run
+    from mpq.analysis.estimate import estimate_run
     from mpq.quantize import CalibrationOptions
 
     rows = []

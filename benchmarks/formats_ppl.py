@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 import mpq
-from mpq.eval import load_eval_ids, perplexity
-from mpq.model_io import load_model
+from mpq.analysis.eval import load_eval_ids, perplexity
+from mpq.models.source import load_model
 from mpq.quantize import CalibrationOptions, quantize
-from mpq.recipe import parse_recipe
+from mpq.config.recipe import parse_recipe
 
 SKIP = None  # every Linear kept in fp32
 KV_TENSOR = "{format: fp8_e4m3, granularity: tensor}"

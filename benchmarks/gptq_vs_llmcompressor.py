@@ -63,9 +63,9 @@ def run_json(cmd: list[str], env=None) -> dict:
 
 def perplexity_of(path: Path, ids, num_windows: int) -> float:
     import mpq
-    from mpq.eval import perplexity
-    from mpq.formats.native import is_artifact
-    from mpq.model_io import load_model
+    from mpq.analysis.eval import perplexity
+    from mpq.checkpoint.native import is_artifact
+    from mpq.models.source import load_model
 
     # dequantized once at load: the same outputs as packed layers, faster to evaluate
     model = mpq.load(path, dequantize=True) if is_artifact(path) else load_model(path)
@@ -92,8 +92,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from mpq.calibration import build_calibration_set
-    from mpq.eval import load_eval_ids, perplexity
-    from mpq.model_io import load_model
+    from mpq.analysis.eval import load_eval_ids, perplexity
+    from mpq.models.source import load_model
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     model = str(Path(args.model).resolve())

@@ -10,7 +10,7 @@ Rows (all RTN, symmetric int, group 64 unless said; every row is an artifact wri
 (a) uniform w4a16 (int4 g64) vs ``--target-bits`` = its bits per weight, with the coarse
     candidates w8a16 (int8 per channel), w4a16, w3a16, and with the fine ones: int8, int6 g64,
     int5 g64, int4 g32, int4 g64, int4 g96, int4 g192, int3 g32, int3 g64 (steps of 0.17-1
-    bit; the non-preset schemes are mpq's shorthands, mpq.candidates);
+    bit; the non-preset schemes are mpq's shorthands, mpq.analysis.candidates);
 (b) uniform w3a16 (int3 g64) vs the choice at 3.5 bits, coarse candidates w8a16, w4a16, w3a16,
     int2 g64, and fine ones: int8, int4 g64, int4 g192, int3 g32, int3 g64, int3 g96, int3 g192,
     int2 g32, int2 g64;
@@ -35,16 +35,16 @@ from pathlib import Path
 import torch
 
 import mpq
-from mpq.eval import load_eval_ids, perplexity
-from mpq.formats.native_codec import ideal_bits
-from mpq.mixed_precision import auto_recipe
-from mpq.model_io import load_model
+from mpq.analysis.eval import load_eval_ids, perplexity
+from mpq.checkpoint.native_codec import ideal_bits
+from mpq.analysis.mixed_precision import auto_recipe
+from mpq.models.source import load_model
 from mpq.quantize import CalibrationOptions, quantize
-from mpq.recipe import parse_recipe
-from mpq.sensitivity import sensitivity
+from mpq.config.recipe import parse_recipe
+from mpq.analysis.sensitivity import sensitivity
 
 # candidates: presets (w8a16 = int8 per channel, w4a16 = int4 g64, w3a16 = int3 g64) and mpq's
-# shorthands intB-gG (mpq.candidates); SmolLM2's input sizes 576 and 1536 take groups of 32, 64,
+# shorthands intB-gG (mpq.analysis.candidates); SmolLM2's input sizes 576 and 1536 take groups of 32, 64,
 # 96 and 192, not 128
 COARSE_A = ["w8a16", "w4a16", "w3a16"]
 FINE_A = ["int8", "int6-g64", "int5-g64", "int4-g32", "w4a16", "int4-g96", "int4-g192",
@@ -52,7 +52,7 @@ FINE_A = ["int8", "int6-g64", "int5-g64", "int4-g32", "w4a16", "int4-g96", "int4
 COARSE_B = ["w8a16", "w4a16", "w3a16", "int2-g64"]
 FINE_B = ["int8", "w4a16", "int4-g192", "int3-g32", "w3a16", "int3-g96", "int3-g192",
           "int2-g32", "int2-g64"]
-# mpq's default candidates on SmolLM2 (mpq.candidates.ladder), int4-g64/int3-g64 as presets
+# mpq's default candidates on SmolLM2 (mpq.analysis.candidates.ladder), int4-g64/int3-g64 as presets
 LADDER = ["int8", "int6-g64", "int5-g64", "int4-g32", "w4a16", "int4-g192", "int3-g32", "w3a16",
           "int3-g192", "int2-g64"]
 
@@ -98,7 +98,7 @@ def main() -> None:
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if args.table:
-        from mpq.sensitivity import SensitivityTable
+        from mpq.analysis.sensitivity import SensitivityTable
 
         table = SensitivityTable.load(args.table)
         by_stem = {Path(c).stem: c for c in table.candidates}
@@ -194,7 +194,7 @@ def main() -> None:
                   f"{row['bits_per_weight']:.3f} | {row.get('counts', '')} |")
     md += ["", "Candidates: (a) coarse " + ", ".join(COARSE_A) + "; fine " + ", ".join(FINE_A)
            + ". (b) coarse " + ", ".join(COARSE_B) + "; fine " + ", ".join(FINE_B)
-           + ". Both: ladder (mpq's default, mpq.candidates.ladder) " + ", ".join(LADDER)
+           + ". Both: ladder (mpq's default, mpq.analysis.candidates.ladder) " + ", ".join(LADDER)
            + ". Presets: w8a16 = int8 per channel, w4a16 = int4 g64, w3a16 = int3 g64; the "
            "others are mpq's shorthands for symmetric int RTN (intB-gG: B bits, group G; int8: "
            "per channel)."]

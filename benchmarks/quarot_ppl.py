@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 import mpq
-from mpq.eval import load_eval_ids, perplexity
-from mpq.model_io import load_model
+from mpq.analysis.eval import load_eval_ids, perplexity
+from mpq.models.source import load_model
 from mpq.quantize import CalibrationOptions, quantize
-from mpq.recipe import parse_recipe
+from mpq.config.recipe import parse_recipe
 
 WEIGHTS = {"g64": "{format: int, bits: 4, granularity: group, group_size: 64}",
            "channel": "{format: int, bits: 4, granularity: channel}"}

@@ -23,13 +23,14 @@ import torch
 
 import mpq
 import mpq.quantizers  # noqa: F401  (registers RTN)
-from mpq.eval import load_eval_ids, perplexity
-from mpq.model_io import load_model
+from mpq.analysis.eval import load_eval_ids, perplexity
+from mpq.models.source import load_model
 from mpq.quantize import quantize
 from mpq.quantizers.base import QUANTIZERS
-from mpq.recipe import parse_recipe
+from mpq.config.recipe import parse_recipe
 from mpq.rotation.hadamard import hadamard_matrix
-from mpq.scheme import LayerScheme, WeightArgs
+from mpq.numerics.args import WeightArgs
+from mpq.config.scheme import LayerScheme
 
 WEIGHTS = "{format: int, bits: 4, granularity: group, group_size: 64}"
 SUBSETS = {"all linears": "re:.*_proj", "q_proj, k_proj": "re:.*(q_proj|k_proj)",

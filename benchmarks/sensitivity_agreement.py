@@ -22,9 +22,9 @@ import torch
 
 import mpq
 from mpq.calibration import build_calibration_set
-from mpq.model_io import load_model, load_tokenizer
-from mpq.candidates import load_candidates
-from mpq.sensitivity import measure_damage, pick_spread, spearman, target_layers
+from mpq.models.source import load_model, load_tokenizer
+from mpq.analysis.candidates import load_candidates
+from mpq.analysis.sensitivity import measure_damage, pick_spread, spearman, target_layers
 
 
 def main() -> None:

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 import mpq
-from mpq.eval import load_eval_ids, perplexity
-from mpq.model_io import load_model
+from mpq.analysis.eval import load_eval_ids, perplexity
+from mpq.models.source import load_model
 from mpq.quantize import CalibrationOptions, quantize
-from mpq.recipe import parse_recipe
+from mpq.config.recipe import parse_recipe
 
 INT8_W = "{format: int, bits: 8, granularity: channel}"
 FP8_W = "{format: fp8_e4m3, granularity: channel}"

@@ -13,15 +13,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mpq.arch import blocks_of, is_linear, layout_of, weight_of
+from mpq.models.layout import blocks_of, is_linear, layout_of, weight_of
 from mpq.errors import ArtifactError
-from mpq.formats.native import open_artifact, read_tensors
-from mpq.formats.native_codec import decode, split_layer_tensors
+from mpq.checkpoint.native import open_artifact, read_tensors
+from mpq.checkpoint.native_codec import decode, split_layer_tensors
 from mpq.rotation.hadamard import RotationSpec
 from mpq.rotation.quarot import install_online
-from mpq.kv_cache import SCALE_NAMES, KVCacheArgs, attach_kv_quantization, attention_modules
-from mpq.model_io import build_skeleton, first_line
-from mpq.qlinear import QuantLinear, quantize_inputs_hook
+from mpq.quantizers.kv_cache import SCALE_NAMES, attach_kv_quantization
+from mpq.config.kv_cache import KVCacheArgs
+from mpq.models.attention import attention_modules
+from mpq.models.source import build_skeleton, first_line
+from mpq.runtime.qlinear import QuantLinear, quantize_inputs_hook
 
 
 def _quantized_module(name: str, layer, local: dict[str, torch.Tensor], existing: nn.Module,

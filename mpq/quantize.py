@@ -14,29 +14,29 @@ import torch
 from torch import nn
 
 import mpq.quantizers  # noqa: F401  (registers the built-in quantizers and number formats)
-from mpq.arch import ModelLayout, blocks_of, describe_layers, layout_of
+from mpq.models.layout import ModelLayout, blocks_of, describe_layers, layout_of
 from mpq.calibration import build_calibration_set
 from mpq.errors import FormatError, ModelError, RecipeError, SchemeError, did_you_mean
-import mpq.formats  # noqa: F401  (registers the writers)
-from mpq.formats.native import check_output_free
-from mpq.formats.state import state_from_model
-from mpq.formats.writers import check_expressible, write_state, writer_for
-from mpq.kv_cache import attention_modules
+import mpq.checkpoint  # noqa: F401  (registers the writers)
+from mpq.checkpoint.native import check_output_free
+from mpq.checkpoint.state import state_from_model
+from mpq.checkpoint.writers import check_expressible, write_state, writer_for
+from mpq.models.attention import attention_modules
 from mpq.rotation.quarot import apply_quarot, rotation_specs
 from mpq.rotation.quarot import check_supported as check_rotation_supported
-from mpq.estimate import check_memory_budget
-from mpq.interrupt import stop_at_safe_points
+from mpq.analysis.estimate import check_memory_budget
+from mpq.engine.interrupt import stop_at_safe_points
 from mpq.memory import release_free_memory
-from mpq.model_io import PASS_THROUGH, check_model_dir, fingerprint, load_model, load_tokenizer
-from mpq.pipeline import (Events, needed_stats, no_events, require_calibration, run_pipeline,
+from mpq.models.source import PASS_THROUGH, check_model_dir, fingerprint, load_model, load_tokenizer
+from mpq.engine.runner import (Events, needed_stats, no_events, require_calibration, run_pipeline,
                           untie_head_if_quantized)
-from mpq.plan import Plan, resolve
+from mpq.config.plan import Plan, resolve
 from mpq.quantizers.base import QUANTIZERS
-from mpq.recipe import Recipe, load_recipe
-from mpq.distributed import init_from_env, rank_device
-from mpq.resume import Checkpoint, run_fingerprint, work_dir_for
-from mpq.scale_fold import scale_groups
-from mpq.streaming import BlockStreamer, build_streamed, streamed_state, streaming_blocker
+from mpq.config.recipe import Recipe, load_recipe
+from mpq.engine.distributed import init_from_env, rank_device
+from mpq.engine.resume import Checkpoint, run_fingerprint, work_dir_for
+from mpq.transforms.scale_fold import scale_groups
+from mpq.engine.streaming import BlockStreamer, build_streamed, streamed_state, streaming_blocker
 from mpq.transforms.base import TRANSFORMS
 
 log = logging.getLogger(__name__)
@@ -147,8 +147,8 @@ def preflight(plan: Plan, output_format: str, strict: bool) -> list[str]:
 def open_model(source_dir: Path, recipe: Recipe, *, dtype: str | torch.dtype = "auto",
                stream: bool = True) -> tuple[nn.Module, BlockStreamer | None]:
     """The model to quantize: a meta skeleton with its tensors outside the blocks loaded and a
-    BlockStreamer for the blocks, when the run can stream (mpq.streaming.streaming_blocker);
-    else the whole model (mpq.model_io.load_model) and None."""
+    BlockStreamer for the blocks, when the run can stream (mpq.engine.streaming.streaming_blocker);
+    else the whole model (mpq.models.source.load_model) and None."""
     if stream:
         skeleton, weight_map = build_streamed(source_dir, dtype)
         layout, plan = plan_model(skeleton, recipe)
@@ -169,17 +169,17 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
              resume: str = "auto", check_memory: bool = True, stream: bool = True,
              offload_activations: bool = False, events: Events = no_events) -> QuantizeResult:
     """Quantize the model folder ``model_path`` with ``recipe`` into the artifact ``out_dir``,
-    written as ``output_format`` (mpq.formats.WRITERS); its pre-flight warnings are returned
+    written as ``output_format`` (mpq.checkpoint.WRITERS); its pre-flight warnings are returned
     (``strict``: refused before quantizing).
 
-    Each finished block is saved in the work directory ``<out_dir>.mpq-work`` (mpq.resume),
+    Each finished block is saved in the work directory ``<out_dir>.mpq-work`` (mpq.engine.resume),
     removed once the artifact is written.  ``resume``: ``auto`` continues a matching work
     directory and refuses a mismatching one (ResumeError), ``require`` also refuses when there
     is none, ``fresh`` discards it.  SIGINT/SIGTERM stop the run after the current block
     (mpq.errors.Interrupted); rerunning resumes it.  ``check_memory``: refuse (ResourceError)
-    before loading the model when the estimated peak memory (mpq.estimate) exceeds what is
+    before loading the model when the estimated peak memory (mpq.analysis.estimate) exceeds what is
     available.  ``stream``: read each decoder block from the source files when its turn comes
-    and write the artifact from the work directory (mpq.streaming; peak memory flat in depth)
+    and write the artifact from the work directory (mpq.engine.streaming; peak memory flat in depth)
     where the recipe allows it, else (``rotation:``, statistics for a layer outside the blocks)
     load the whole model; the artifact's bytes are the same either way.
     ``offload_activations`` (for ``device`` cuda): keep the calibration activations in host
@@ -187,7 +187,7 @@ def quantize(model_path: str | Path, recipe: str | Recipe, out_dir: str | Path, 
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    ranks = init_from_env()  # under torchrun: one of several processes (mpq.distributed)
+    ranks = init_from_env()  # under torchrun: one of several processes (mpq.engine.distributed)
     if ranks is not None and not ranks.writer:
         events = no_events
     check_output_free(out_dir, force)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import byte_tokenizer
 from tests.tiny_models import save_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,3 +39,14 @@ def smollm2_dir() -> Path:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.convert(SMOLLM2_CACHE)
+
+
+@pytest.fixture()
+def calib_text(tmp_path, monkeypatch):
+    """A 6000-word synthetic calibration text; AutoTokenizer gives the byte tokenizer."""
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained",
+                        lambda *a, **k: byte_tokenizer())
+    text = tmp_path / "calib.txt"
+    words = [f"w{(i * 7) % 23}{'xyz'[i % 3]}" for i in range(6000)]
+    text.write_text(" ".join(words))
+    return text

@@ -22,7 +22,7 @@ def command(src, output, output_format, force, strict, as_json):
 
     Exits 9 when the target cannot express some layers (the message names them and why).
     """
-    from mpq.convert import convert
+    from mpq.checkpoint.convert import convert
 
     result = convert(src, output, output_format, force=force, strict=strict)
     if as_json:

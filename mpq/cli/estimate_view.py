@@ -1,4 +1,4 @@
-"""``mpq quantize --dry-run``: the estimate (mpq.estimate) as rich tables or one JSON object."""
+"""``mpq quantize --dry-run``: the estimate (mpq.analysis.estimate) as rich tables or one JSON object."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +13,8 @@ def dry_run(model, recipe, options, *, output, force, device, output_format, tru
             dtype, strict, as_json, stream=True, offload_activations=False) -> None:
     """Estimate the run, print it, and raise ResourceError (exit 11) when it would not fit."""
     from mpq.errors import OutputError
-    from mpq.estimate import check_fits, estimate_and_check
-    from mpq.formats.native import check_output_free
+    from mpq.analysis.estimate import check_fits, estimate_and_check
+    from mpq.checkpoint.native import check_output_free
 
     estimate = estimate_and_check(model, recipe, calibration=options, device=device,
                                   output_format=output_format, true_sequential=true_sequential,

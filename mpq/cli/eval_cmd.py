@@ -26,9 +26,9 @@ def parse_ppl_delta(value: str | None) -> tuple[float, bool] | None:
 
 def load_for_eval(path: str, dequantize: bool):
     """An mpq artifact through mpq.load, any other folder as a plain transformers model."""
-    from mpq.formats.native import is_artifact
+    from mpq.checkpoint.native import is_artifact
     from mpq.loader import load
-    from mpq.model_io import check_model_dir, load_model, load_tokenizer
+    from mpq.models.source import check_model_dir, load_model, load_tokenizer
 
     if is_artifact(path):
         model = load(path, dequantize=dequantize)
@@ -70,7 +70,7 @@ def check_gates(result: dict, ppl_delta, max_kl) -> list[str]:
 def command(model, data, reference, window, num_windows, stride, max_ppl_delta, max_kl,
             dequantize, as_json):
     """Perplexity of MODEL (an mpq artifact or a model folder) on DATA."""
-    from mpq.eval import compare, load_eval_ids, perplexity
+    from mpq.analysis.eval import compare, load_eval_ids, perplexity
 
     ppl_delta = parse_ppl_delta(max_ppl_delta)
     if (ppl_delta is not None or max_kl is not None) and reference is None:

@@ -39,14 +39,14 @@ def _dtype_bytes(dtype: str) -> int:
 @json_option
 def command(artifact, as_json):
     """Show what ARTIFACT holds: per-layer scheme, sizes, provenance."""
-    from mpq.formats.native import open_artifact
+    from mpq.checkpoint.native import open_artifact
 
     art = open_artifact(artifact)
     per_layer = tensor_bytes_by_layer(art)
     info = {
         "path": str(art.path), "format_version": art.metadata.get("mpq.format_version"),
         "tool_version": art.metadata.get("mpq.tool_version"),
-        "packing": art.metadata.get("mpq.packing"), "recipe": art.json_field("recipe"),
+        "packing": art.metadata.get("mpq.numerics.packing"), "recipe": art.json_field("recipe"),
         "source": art.json_field("source"), "calibration": art.json_field("calibration"),
         "sizes": {**(art.json_field("sizes") or {}), "files_bytes": art.tensor_bytes()},
         "plan": art.plan.to_dict(),

@@ -9,11 +9,12 @@ from mpq.cli.options import json_option
 
 def registered() -> dict[str, dict[str, str]]:
     import mpq.quantizers  # noqa: F401  (registration)
-    from mpq.arch import BLOCK_PATHS
+    from mpq.models.layout import BLOCK_PATHS
     from mpq.calibration import SOURCES
-    from mpq.formats import WRITERS
-    from mpq.quantizers.base import NUMBER_FORMATS, QUANTIZERS
-    from mpq.recipe import list_presets
+    from mpq.checkpoint import WRITERS
+    from mpq.numerics.base import NUMBER_FORMATS
+    from mpq.quantizers.base import QUANTIZERS
+    from mpq.config.recipe import list_presets
 
     def first_line(obj) -> str:
         doc = (obj.__doc__ or "").strip()

@@ -1,5 +1,5 @@
 """``mpq quantize --target-bits/--target-size``: measure or read the sensitivity table, choose the
-per-layer recipe (mpq.mixed_precision) and say what was chosen (stderr, or a JSON event)."""
+per-layer recipe (mpq.analysis.mixed_precision) and say what was chosen (stderr, or a JSON event)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -12,7 +12,7 @@ from mpq.cli.console import emit_json, stderr_console
 def choose_recipe(model, recipe, options, *, target_bits, target_size, candidates, sensitivity,
                   samples, output_format, save_recipe, dry_run, as_json):
     """The mixed Recipe that ``mpq quantize`` then runs as usual."""
-    from mpq.mixed_precision import auto_recipe
+    from mpq.analysis.mixed_precision import auto_recipe
 
     if target_bits is not None and target_size is not None:
         raise click.UsageError("give --target-bits or --target-size, not both")

@@ -29,7 +29,7 @@ def plan_table(plan, *, results: bool = False) -> Table:
 
 def scheme_summary(plan) -> list[dict]:
     """Per scheme label: layers, weights and average bits per weight (unpadded encoding)."""
-    from mpq.formats.native_codec import ideal_bits
+    from mpq.checkpoint.native_codec import ideal_bits
 
     rows: dict[str, dict] = {}
     for layer in plan.quantized():
@@ -65,8 +65,8 @@ def summary_lines(plan) -> list[str]:
 @json_option
 def command(model, recipe, as_json):
     """Print the per-layer plan RECIPE resolves to on MODEL, or the plan stored in an artifact."""
-    from mpq.formats.native import is_artifact, open_artifact
-    from mpq.model_io import load_skeleton
+    from mpq.checkpoint.native import is_artifact, open_artifact
+    from mpq.models.source import load_skeleton
     from mpq.quantize import as_recipe, plan_model
 
     description = None

@@ -85,7 +85,7 @@ def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode
             target_size, candidates, sensitivity_path, sensitivity_samples, save_recipe, dtype,
             as_json):
     """Quantize MODEL (a local Hugging Face folder) with RECIPE into OUTPUT."""
-    from mpq.pipeline import no_events
+    from mpq.engine.runner import no_events
     from mpq.quantize import CalibrationOptions, quantize
 
     options = CalibrationOptions(source=calib, num_samples=num_samples, seq_len=seq_len, seed=seed,
@@ -109,7 +109,7 @@ def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode
                        output_format=output_format, true_sequential=true_sequential,
                        dtype=dtype, strict=strict, stream=stream, as_json=as_json,
                        offload_activations=offload_activations)
-    from mpq.distributed import process_group
+    from mpq.engine.distributed import process_group
 
     with process_group() as ranks:  # under torchrun, only rank 0 reports
         reporter = (no_events if ranks is not None and not ranks.writer else

@@ -132,8 +132,8 @@ def command(model, calib, candidates, recipe, measure, num_samples, seq_len, see
     """Damage of quantizing each layer of MODEL alone, per candidate scheme, and its bytes."""
     from mpq.errors import CalibrationError
     from mpq.quantize import CalibrationOptions
-    from mpq.candidates import check_names
-    from mpq.sensitivity import sensitivity
+    from mpq.analysis.candidates import check_names
+    from mpq.analysis.sensitivity import sensitivity
 
     check_names(candidates)  # unknown candidates fail before anything is read
     if calib is None:

@@ -77,7 +77,7 @@ def command(model, calib, num_samples, seq_len, recipe, overrides, as_json):
     Warnings (exit 0): FP16 would overflow (|x| > 65504) where the policy is wider, or more
     than 1% of an op's nonzero values lie below FP16's smallest normal (2^-14).
     """
-    from mpq.validate import validate
+    from mpq.analysis.validate import validate
 
     report = validate(model, calib=calib, num_samples=num_samples, seq_len=seq_len,
                       recipe=recipe, overrides=overrides)

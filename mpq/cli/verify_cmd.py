@@ -15,7 +15,7 @@ from mpq.errors import ArtifactError
 def command(artifact, as_json):
     """Check ARTIFACT (any format mpq writes): recorded sha256 of every tensor file, headers,
     and for native artifacts that every layer decodes. Exit 7 when a check fails."""
-    from mpq.verify import verify_artifact
+    from mpq.checkpoint.verify import verify_artifact
 
     checks = verify_artifact(artifact)
     failed = [check for check in checks if not check.ok]

@@ -1,6 +1,6 @@
 """Clipping search for the ``int`` grid: shrink each scale's range where that lowers the error.
 
-Min-max scales (:func:`mpq.quantizers.int_grid.int_params`) spend grid points on rare outliers.
+Min-max scales (:func:`mpq.numerics.int_grid.int_params`) spend grid points on rare outliers.
 :func:`searched_int_params` tries ranges shrunk by factors ``1, 1 − step, …, min_shrink`` (range
 [lo, hi] → [f·lo, f·hi], then the usual symmetric/asymmetric formula) and keeps, per scale, the
 factor with the smallest error Σ_j c_j·(w_j − x̂_j)² over the scale's elements, where ``c`` [K]
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from mpq.quantizers.int_grid import _grouped, int_range, safe_scale
-from mpq.scheme import WeightArgs
+from mpq.numerics.int_grid import _grouped, int_range, safe_scale
+from mpq.numerics.args import WeightArgs
 
 
 def _params_at(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, factor: float,

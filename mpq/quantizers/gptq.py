@@ -30,10 +30,11 @@ from typing import Any, Mapping
 import torch
 
 from mpq.errors import SchemeError, did_you_mean
-from mpq.quantizers.base import QUANTIZERS, QuantizedWeight
+from mpq.numerics.base import QuantizedWeight
+from mpq.quantizers.base import QUANTIZERS
 from mpq.quantizers.gptq_solve import check_supported, gptq_solve
-from mpq.quantizers.int_grid import prepare_weight
-from mpq.scheme import LayerScheme
+from mpq.numerics.int_grid import prepare_weight
+from mpq.config.scheme import LayerScheme
 
 
 def _number(name: str, value: Any, kind: type) -> Any:

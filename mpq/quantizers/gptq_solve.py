@@ -41,11 +41,11 @@ from dataclasses import dataclass
 import torch
 
 from mpq.errors import SchemeError
-from mpq.quantizers.fp8 import fp8_params
+from mpq.numerics.fp8 import fp8_params
 from mpq.quantizers.clip_search import searched_int_params
-from mpq.quantizers.int_grid import int_params, int_range
-from mpq.quantizers.nf4 import nf4_table
-from mpq.scheme import WeightArgs
+from mpq.numerics.int_grid import int_params, int_range
+from mpq.numerics.nf4 import nf4_table
+from mpq.numerics.args import WeightArgs
 
 DAMP_FLOOR = 1e-3  # first retry when the requested damp is 0
 FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -57,7 +57,7 @@ class GPTQResult:
     """Output of :func:`gptq_solve`, in the original column order.
 
     ``q`` fp32 [N, K] is the quantized matrix; ``codes``/``scale``/``zero``/``g_idx`` are laid out
-    as :class:`mpq.quantizers.base.QuantizedWeight` expects.  ``loss`` = Σ (w − q)²/U[i,i]²/2 (see the
+    as :class:`mpq.numerics.base.QuantizedWeight` expects.  ``loss`` = Σ (w − q)²/U[i,i]²/2 (see the
     module docstring); ``damp`` is the damping fraction used after ``damp_retries`` retries.
     """
 

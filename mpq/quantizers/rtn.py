@@ -5,9 +5,11 @@ from typing import Mapping
 
 import torch
 
-from mpq.quantizers.base import NUMBER_FORMATS, QUANTIZERS, QuantizedWeight
+from mpq.numerics.base import NUMBER_FORMATS, QuantizedWeight
+from mpq.quantizers.base import QUANTIZERS
 from mpq.errors import SchemeError
-from mpq.scheme import LayerScheme, WeightArgs
+from mpq.numerics.args import WeightArgs
+from mpq.config.scheme import LayerScheme
 
 
 class RTNQuantizer:

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpq.arch import ModelLayout, blocks_of
+from mpq.models.layout import ModelLayout, blocks_of
 from mpq.errors import ModelError, SchemeError
-from mpq.rotation.args import QuaRotArgs
+from mpq.config.rotation import QuaRotArgs
 from mpq.rotation.hadamard import RotationSpec, orthogonal_for
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma")

@@ -3,14 +3,14 @@
 Per decoder block, on the block's calibration inputs (one pass collects, for every quantized
 linear's input, the per-channel mean |x| and the second moments H = (2/T)·Σ x xᵀ):
 
-1. **Scale search**, for each scale group (mpq.scale_fold: a norm or linear feeding linears):
+1. **Scale search**, for each scale group (mpq.transforms.scale_fold: a norm or linear feeding linears):
    candidates s = mean|x|^α / w̄^(1−α) (``duo_scaling``; else mean|x|^α) for α = 0, 1/grid, …,
    (grid−1)/grid, each normalised by sqrt(max s · min s); w̄_j is the mean over the group's rows
    of |W| divided by its group's (or row's) max.  Each candidate is scored by the error of the
    group's linear outputs over all calibration tokens with the layers' *own* planned weight
    scheme (round to nearest on its grid): Σ_layers tr(E H Eᵀ), E = W − Q(W·diag s)·diag(1/s).
    No scaling (s = 1) is scored first and kept unless a candidate beats it.  The winner is
-   folded (mpq.scale_fold.fold_scales): the float block computes the same function.
+   folded (mpq.transforms.scale_fold.fold_scales): the float block computes the same function.
    Note: the reference scores the output of the module enclosing the group (e.g. the whole
    attention); here the group's own outputs are scored, exactly and over every token.
 2. **Clip search** (``clip``), for each quantized int/nf4 linear with channel or group scales,
@@ -28,12 +28,12 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-from mpq.arch import set_weight, weight_of
-from mpq.collect import collecting, input_groups, results, run_block
+from mpq.models.layout import set_weight, weight_of
+from mpq.engine.collect import collecting, input_groups, results, run_block
 from mpq.errors import SchemeError, did_you_mean
 from mpq.quantizers.rtn import rtn_dequant
-from mpq.scale_fold import ScaleGroup, fold_scales, scale_groups
-from mpq.scheme import WeightArgs
+from mpq.transforms.scale_fold import ScaleGroup, fold_scales, scale_groups
+from mpq.numerics.args import WeightArgs
 from mpq.transforms.base import TRANSFORMS, BlockContext
 
 DEFAULTS = {"grid": 20, "duo_scaling": True, "clip": True}

@@ -13,8 +13,8 @@ from typing import Any, Mapping, Protocol
 
 from torch import nn
 
-from mpq.collect import BlockInputs
-from mpq.plan import LayerPlan
+from mpq.engine.collect import BlockInputs
+from mpq.config.plan import LayerPlan
 from mpq.registry import Registry
 
 

@@ -1,6 +1,6 @@
 """SmoothQuant (Xiao et al., arXiv:2211.10438): move activation outliers into the weights.
 
-For each scale group of a block (mpq.scale_fold: a norm or linear feeding a set of linears),
+For each scale group of a block (mpq.transforms.scale_fold: a norm or linear feeding a set of linears),
 per input channel j: s_j = max|X_j|^α / max|W_j|^(1−α), with max|X_j| over the block's
 calibration inputs of the group and max|W_j| over the group's weight columns.  The preceding op's
 output is divided by s and the weight columns multiplied by it, so the float block computes the
@@ -21,12 +21,12 @@ from typing import Any, Mapping
 
 import torch
 
-from mpq.act_quant import fake_quantize, static_scale
-from mpq.arch import weight_of
-from mpq.collect import collecting, results, run_block
+from mpq.numerics.activations import fake_quantize, static_scale
+from mpq.models.layout import weight_of
+from mpq.engine.collect import collecting, results, run_block
 from mpq.errors import SchemeError, did_you_mean
 from mpq.quantizers.rtn import rtn_dequant
-from mpq.scale_fold import fold_scales, group_weight_absmax, scale_groups
+from mpq.transforms.scale_fold import fold_scales, group_weight_absmax, scale_groups
 from mpq.transforms.base import TRANSFORMS, BlockContext
 
 DEFAULTS = {"alpha": 0.5, "search": False, "pairs": False}

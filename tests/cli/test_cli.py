@@ -1,5 +1,5 @@
 """The mpq command through click's runner: every command, --json, gates (bad inputs: see
-tests/test_bad_input_catalogue.py)."""
+tests/cli/test_bad_input_catalogue.py)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from mpq.cli.main import cli
 from mpq.errors import EvalGateError
+from tests.helpers import write_tokenizer
 from tests.tiny_models import save_tiny_model
 
 
@@ -24,15 +25,9 @@ def artifact(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cli")
     save_tiny_model("llama", root / "src")
-    _write_tokenizer(root / "src")
+    write_tokenizer(root / "src")
     quantize(root / "src", "w4a16", root / "w4")
     return root
-
-
-def _write_tokenizer(path):
-    from tests.test_pipeline import _byte_tokenizer
-
-    _byte_tokenizer().save_pretrained(path)
 
 
 def invoke(runner, *args):
@@ -109,7 +104,7 @@ def test_quantize_gptq_with_calibration_options(runner, artifact, tmp_path):
                     tmp_path / "g", "--calib", calib, "--num-samples", 4, "--seq-len", 32,
                     "--calib-batch-tokens", 64, "--json")
     assert result.exit_code == 0, result.output
-    from mpq.formats.native import open_artifact
+    from mpq.checkpoint.native import open_artifact
 
     artifact_out = open_artifact(tmp_path / "g")
     assert artifact_out.json_field("pipeline") == {"true_sequential": True, "batch_tokens": 64}

@@ -9,8 +9,9 @@ from mpq.errors import SchemeError
 from mpq.quantizers.base import QUANTIZERS
 from mpq.quantizers.clip_search import searched_int_params
 from mpq.quantizers.gptq_solve import gptq_solve
-from mpq.quantizers.int_grid import int_dequantize_codes, int_params, int_quantize_codes
-from mpq.scheme import LayerScheme, WeightArgs
+from mpq.numerics.int_grid import int_dequantize_codes, int_params, int_quantize_codes
+from mpq.numerics.args import WeightArgs
+from mpq.config.scheme import LayerScheme
 
 ARGS = [
     WeightArgs(bits=4, granularity="channel", group_size=None),

@@ -9,7 +9,8 @@ from mpq.errors import SchemeError
 from mpq.quantizers.base import QUANTIZERS
 from mpq.quantizers.gptq import GPTQOptions
 from mpq.quantizers.gptq_solve import gptq_solve
-from mpq.scheme import LayerScheme, WeightArgs
+from mpq.numerics.args import WeightArgs
+from mpq.config.scheme import LayerScheme
 
 GPTQ = QUANTIZERS.get("gptq")
 INT4_G32 = WeightArgs(bits=4, group_size=32)

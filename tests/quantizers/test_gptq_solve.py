@@ -7,10 +7,10 @@ import torch
 
 import mpq.quantizers  # noqa: F401
 from mpq.errors import SchemeError
-from mpq.quantizers.base import NUMBER_FORMATS
+from mpq.numerics.base import NUMBER_FORMATS
 from mpq.quantizers.gptq_solve import gptq_solve
-from mpq.quantizers.int_grid import int_dequantize_codes, int_params, int_quantize_codes
-from mpq.scheme import WeightArgs
+from mpq.numerics.int_grid import int_dequantize_codes, int_params, int_quantize_codes
+from mpq.numerics.args import WeightArgs
 
 INT4_G32 = WeightArgs(bits=4, group_size=32)
 INT3_ASYM_CH = WeightArgs(bits=3, symmetric=False, granularity="channel", group_size=None)

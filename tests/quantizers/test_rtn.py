@@ -5,8 +5,10 @@ import pytest
 import torch
 
 import mpq.quantizers  # noqa: F401
-from mpq.quantizers.base import NUMBER_FORMATS, QUANTIZERS
-from mpq.scheme import LayerScheme, WeightArgs
+from mpq.numerics.base import NUMBER_FORMATS
+from mpq.quantizers.base import QUANTIZERS
+from mpq.numerics.args import WeightArgs
+from mpq.config.scheme import LayerScheme
 
 SCHEMES = [
     WeightArgs(bits=4, group_size=32),

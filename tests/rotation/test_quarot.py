@@ -7,11 +7,11 @@ import torch
 import transformers
 
 import mpq
-from mpq.arch import layout_of
+from mpq.models.layout import layout_of
 from mpq.errors import FormatError, ModelError, RecipeError
 from mpq.quantize import quantize
-from mpq.recipe import parse_recipe
-from mpq.rotation.args import QuaRotArgs
+from mpq.config.recipe import parse_recipe
+from mpq.config.rotation import QuaRotArgs
 from mpq.rotation.quarot import apply_quarot
 from tests.tiny_models import model_from_config, save_tiny_model, tiny_model
 

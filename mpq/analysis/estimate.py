@@ -1,0 +1,546 @@
+"""``mpq quantize --dry-run``: the plan, the artifact's size, peak memory and time, before any work.
+
+:func:`estimate_run` reads only ``config.json`` (the model is built as a meta skeleton, no weight
+is read) and the recipe; it resolves the plan exactly as ``mpq quantize`` does (shape checks and
+the output format's checks included), then models the run:
+
+**Artifact size** (exact for ``--format mpq`` up to the header): every quantized layer's stored
+tensors computed from its shape with the native codec's layout (mpq.checkpoint.native_codec: int
+codes packed in int32 words, fp32 scales, packed zero points, int32 g_idx under GPTQ act-order;
+fp8/nf4/microscaled layouts likewise); compressed-tensors and GPTQ v1 with their own layouts
+(scales in the model's dtype / float16).  Every other tensor of the state dict (embeddings, norms,
+biases, an untied head) at the load dtype, tied tensors once.  The safetensors header (one JSON
+entry per tensor plus mpq's metadata, the plan being the largest) is estimated from the plan.
+
+**Peak memory** (bytes; the host's for ``--device cpu``), the larger of two phases:
+
+- *block loop*: ``overhead`` + ``weights`` + ``activations`` + ``statistics`` + ``solver`` +
+  ``block_temporaries`` + ``outputs``;
+- *writing*: ``overhead`` + ``weights`` + ``outputs`` (streamed: only those outside the blocks)
+  + ``write_buffers``.
+
+The parts, and the assumptions behind them:
+
+- ``overhead``: the Python/torch/transformers process itself. Measured: 243 MB RSS after
+  ``import torch, transformers``, 350 MB once mpq is imported and a (tiny) Llama is built
+  (torch 2.13 CPU, transformers 5.23); :data:`OVERHEAD_BYTES` = 360 MiB.  With ``--device cuda``
+  the CUDA runtime adds about :data:`CUDA_HOST_OVERHEAD_BYTES` on the host.
+- ``weights``: in the load dtype (``--dtype``, else config.json's ``torch_dtype``/``dtype``, else
+  float32).  Streamed runs (mpq.engine.streaming, the default where the recipe allows it): the tensors
+  outside the decoder blocks plus the largest block.  Otherwise (``rotation:``, statistics for a
+  layer outside the blocks, ``--no-stream``) the whole model: mpq.quantize loads it whole
+  (mpq.models.source.load_model) and reads every tensor (finiteness check).
+- ``activations``: the calibration set's hidden states, ``num_samples × seq_len`` tokens in the
+  load dtype: the current block's inputs (hidden + RoPE cos/sin + position ids per token).  With
+  ``--true-sequential`` the replay of finished parts (mpq.engine.replay) also keeps, for every token,
+  the attention output (hidden) and the MLP's down-projection input (its K, the largest input
+  size in a block): at most ``2 × hidden + intermediate`` values per token together with the
+  inputs.  None when no layer needs statistics and the recipe has no transform or KV cache
+  (round to nearest runs no forward at all).  On CUDA they live on the device (and briefly on the
+  host while captured); with ``--offload-activations`` they stay on the host and the device holds
+  one batch's (its inputs, outputs and replay records).
+- ``statistics``: the largest step's statistics.  GPTQ: one fp32 K×K Hessian per group of layers
+  sharing an input (mpq.engine.collect), one group per true-sequential step, so the largest K (the
+  MLP's down projection); :data:`HESSIAN_COPIES` = 5 K×K fp32 live at the worst moment (the
+  running sum, its symmetric result, and gptq_solve's damped copy, act-order permutation and
+  inverse Cholesky factor).  Without true-sequential (and for AWQ, which collects every group's
+  second moments in one pass) the Hessians of all the block's input groups are held at once;
+  groups are guessed as layers of one parent module with the same input size.  SmoothQuant's
+  input samples: 4096 × K fp32.
+- ``solver``: the largest quantized layer's fp32 working copies (N×K × 4 bytes ×
+  :data:`SOLVER_COPIES_GPTQ` = 5 for GPTQ: the float weight, its transposed working copy, the
+  codes, the dequantized result, the error rows; × :data:`SOLVER_COPIES_RTN` = 3 otherwise).
+- ``block_temporaries``: one calibration batch through one block (``--calib-batch-tokens``
+  tokens): the MLP's ``3 × intermediate`` and about ``6 × hidden`` values per token, plus the
+  attention scores ``samples_per_batch × heads × seq_len²``, all counted in fp32.
+- ``outputs``: the quantized weights kept until the artifact is written (uint8 codes, one byte
+  per weight, plus scales/zero points), which grows to its full size by the last block.  Streamed:
+  those of the layers outside the blocks plus one block's (the rest are in the work directory).
+- ``write_buffers`` (writing phase): the artifact's encoded tensors, held until written (files
+  are written one tensor at a time, mpq.checkpoint.safetensors_writer); streamed, one layer's
+  tensors at a time, decoded from the work directory.
+
+**Time** (seconds, ≈, order of magnitude): forward work 2 × block parameters × tokens per block
+pass (plus attention's 4 × seq_len × attention width per token), times the passes per block: none
+without statistics, :data:`PASSES_TRUE_SEQUENTIAL` (≈ one full forward for all steps with replay,
+plus the nearly free final pass) with true-sequential, 2 (one collection pass, one final pass)
+without; Hessian accumulation 1.2 × tokens × K² per input group (upper triangle only); the GPTQ
+solve ≈ K³ + 2·N·K² per layer plus :data:`GPTQ_COLUMN_SECONDS` of Python per column; AWQ's search
+(grid + 10 clip factors) × 2·N·K²; RTN :data:`RTN_SECONDS_PER_WEIGHT`.  FLOPs are divided by a
+matmul throughput measured on the spot on the chosen device (:func:`measure_throughput`, ≤ 0.3 s);
+fixed costs: :data:`STARTUP_SECONDS` (imports, config, tokenizer) and reading, checking, hashing and
+writing the weights at :data:`IO_BYTES_PER_SECOND`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mpq.errors import ResourceError
+from mpq.numerics.packing import packed_width
+from mpq.config.plan import Plan
+
+MiB = 1 << 20
+
+# --- constants of the memory model (see the module docstring) ---------------------------------
+OVERHEAD_BYTES = 360 * MiB  # process RSS with torch + transformers + mpq imported, model classes built
+CUDA_HOST_OVERHEAD_BYTES = 400 * MiB  # the CUDA runtime's host memory once initialised
+HESSIAN_COPIES = 5
+SOLVER_COPIES_GPTQ = 5
+SOLVER_COPIES_RTN = 3
+SMOOTHQUANT_ROWS = 4096  # mpq.engine.stats.InputSample.ROWS
+
+# --- constants of the time model -------------------------------------------------------------
+PASSES_TRUE_SEQUENTIAL = 1.2
+PASSES_PARALLEL = 2.0
+# interpreter start, imports, model classes, tokenizer, load + write of a tiny model: 6.3-6.8 s
+# measured for RTN runs of a 4-block tiny Llama on 2 busy cores (about 4 s on an idle machine)
+STARTUP_SECONDS = 6.0
+IO_BYTES_PER_SECOND = 1.0e9  # read + finiteness check + sha256 + write, per weight byte
+GPTQ_COLUMN_SECONDS = 60e-6  # Python per column of gptq_solve's loop (CPU)
+LAYER_SECONDS = 5e-3  # per quantized layer: error figures, page-out, events
+RTN_SECONDS_PER_WEIGHT = 4e-9
+FORWARD_EFFICIENCY = 0.5  # a block's forward reaches about half the square-matmul throughput
+
+_DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16, "half": torch.float16}
+
+
+@dataclass
+class RunEstimate:
+    """What ``mpq quantize`` would do and need; byte counts are bytes, times seconds."""
+
+    model: str
+    recipe: str
+    device: str
+    output_format: str
+    dtype: str  # load dtype
+    plan: Plan
+    calibration: dict[str, Any]
+    size: dict[str, int]  # quantized, dense, header, tensors (= quantized + dense), total
+    memory: dict[str, int]  # the parts of the peak (see the module docstring)
+    peak_bytes: int  # on the run device (the host for cpu)
+    peak_phase: str  # "block loop" or "writing"
+    host_peak_bytes: int  # the host's (= peak_bytes on cpu)
+    seconds: float
+    time_parts: dict[str, float]
+    throughput_flops: float  # measured matmul FLOP/s on the device
+    warnings: list[str] = field(default_factory=list)
+    streaming: str | None = None  # None: streamed; else why the whole model is loaded
+    available_bytes: int | None = None
+    host_available_bytes: int | None = None
+
+    @property
+    def fits(self) -> bool | None:
+        if self.available_bytes is None:
+            return None
+        host_ok = (self.host_available_bytes is None
+                   or self.host_peak_bytes <= self.host_available_bytes)
+        return self.peak_bytes <= self.available_bytes and host_ok
+
+    def to_dict(self) -> dict[str, Any]:
+        summary = self.plan.summary()
+        return {
+            "model": self.model, "recipe": self.recipe, "device": self.device,
+            "format": self.output_format, "dtype": self.dtype,
+            "plan": {"recipe_name": self.plan.recipe_name,
+                     "quantized_layers": len(self.plan.quantized()), "kept_layers": summary.kept,
+                     "schemes": [{"scheme": r.label, "layers": r.layers, "weights": r.weights}
+                                 for r in summary.rows]},
+            "calibration": dict(self.calibration), "size": dict(self.size),
+            "memory": {"parts": dict(self.memory), "peak_bytes": self.peak_bytes,
+                       "peak_phase": self.peak_phase, "host_peak_bytes": self.host_peak_bytes,
+                       "available_bytes": self.available_bytes,
+                       "host_available_bytes": self.host_available_bytes},
+            "fits": self.fits,
+            "streaming": {"streamed": self.streaming is None, "why_not": self.streaming},
+            "time": {"seconds": round(self.seconds, 2),
+                     "parts": {k: round(v, 3) for k, v in self.time_parts.items()},
+                     "throughput_gflops": round(self.throughput_flops / 1e9, 2),
+                     "note": "rough estimate (≈), order of magnitude"},
+            "warnings": list(self.warnings),
+        }
+
+
+# --- available memory -------------------------------------------------------------------------
+
+def available_memory(device: str | torch.device = "cpu") -> int:
+    """Bytes that a run on ``device`` may still use: CPU: MemAvailable of /proc/meminfo (else
+    free physical pages from os.sysconf); CUDA: the free memory torch.cuda.mem_get_info reports."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def check_fits(estimate: RunEstimate, available: int, *, host_available: int | None = None
+               ) -> None:
+    """ResourceError (exit 11) when the estimated peak exceeds ``available`` bytes on the run
+    device (or, with ``host_available``, the host's peak exceeds that)."""
+    checks = [(estimate.peak_bytes, available, estimate.device)]
+    if host_available is not None and estimate.device != "cpu":
+        checks.append((estimate.host_peak_bytes, host_available, "cpu (host)"))
+    for need, have, where in checks:
+        if need > have:
+            parts = ", ".join(f"{k} {_gib(v)}" for k, v in estimate.memory.items() if v)
+            raise ResourceError(
+                f"this run needs about {_gib(need)} of memory on {where} at its peak "
+                f"({estimate.peak_phase}: {parts}) but only {_gib(have)} is available",
+                hint="use fewer --num-samples, a shorter --seq-len or a smaller "
+                     "--calib-batch-tokens, or run on a machine with more memory")
+
+
+# --- the device probe -------------------------------------------------------------------------
+
+def measure_throughput(device: str | torch.device = "cpu", budget_s: float = 0.25) -> float:
+    """FLOP/s of fp32 square matmuls on ``device``, measured for at most about ``budget_s``."""
+    device = torch.device(device)
+    n = 512 if device.type == "cpu" else 2048
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    torch.mm(a, b)  # warm up
+    sync(device) if device.type == "cuda" else None
+    flops, started = 0.0, time.perf_counter()
+    while True:
+        torch.mm(a, b)
+        if device.type == "cuda":
+            sync(device)
+        flops += 2.0 * n ** 3
+        elapsed = time.perf_counter() - started
+        if elapsed >= budget_s or (device.type != "cpu" and flops >= 2e12):
+            break
+    return flops / max(elapsed, 1e-9)
+
+
+# --- sizes ------------------------------------------------------------------------------------
+
+def load_dtype(config: dict, dtype: str | torch.dtype = "auto") -> torch.dtype:
+    """The dtype mpq.models.source.load_model would load in: ``dtype``, or the checkpoint's."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        return _DTYPE_NAMES[str(dtype)]
+    name = config.get("torch_dtype") or config.get("dtype")
+    if isinstance(name, str):
+        return _DTYPE_NAMES.get(name.replace("torch.", ""), torch.float32)
+    return torch.float32
+
+
+def _act_order(scheme) -> bool:
+    return scheme.algorithm == "gptq" and bool(dict(scheme.options).get("act_order", False))
+
+
+def quantized_layer_bytes(scheme, shape: tuple[int, int], output_format: str = "mpq",
+                          dtype_bytes: int = 4) -> int:
+    """Bytes of one quantized layer's stored tensors (its weight only; a bias is dense)."""
+    from mpq.checkpoint.native_codec import _scale_shape
+    from mpq.numerics.nf4 import DQ_BLOCK
+    from mpq.numerics.args import NF4_BLOCK
+
+    args = scheme.weights
+    n, k = shape
+    fmt = args.format
+    rows, groups = _scale_shape(args, shape)
+    scales = rows * groups
+    grouped = args.granularity == "group"
+    g_idx = 4 * k if _act_order(scheme) and grouped else 0
+    if fmt in ("fp8_e4m3", "fp8_e5m2"):
+        scale_bytes = 4 if output_format == "mpq" else dtype_bytes
+        return n * k + scale_bytes * scales
+    if fmt in ("mxfp4", "nvfp4"):
+        return n * k // 2 + n * args.num_groups(k) + (4 if fmt == "nvfp4" else 0)
+    if fmt == "mxfp8":
+        return n * k + n * args.num_groups(k)
+    if fmt == "nf4":
+        m = n * (k // NF4_BLOCK)
+        codes = 4 * n * packed_width(k, 4)
+        return codes + (m + 4 * math.ceil(m / DQ_BLOCK) + 4 if args.double_quant else 4 * m)
+    bits = args.bits  # int
+    zero_words = 0 if args.symmetric else packed_width(rows, bits) * groups
+    if output_format == "gptq":
+        g = groups if grouped else 1
+        return (4 * packed_width(k, bits) * n + 4 * g * packed_width(n, bits) + 2 * g * n
+                + 4 * k)
+    if output_format == "compressed-tensors":
+        acts = scheme.input_activations
+        if acts is not None:  # int-quantized: int8 codes and zero points, unpacked
+            return n * k + dtype_bytes * scales + (0 if args.symmetric else scales)
+        return 4 * n * packed_width(k, bits) + dtype_bytes * scales + 4 * zero_words + 16
+    return 4 * n * packed_width(k, bits) + 4 * scales + 4 * zero_words + g_idx
+
+
+def _header_bytes(plan: Plan, tensor_names: list[str], recipe_text: str) -> int:
+    """The safetensors header: per tensor ``"name":{"dtype":..,"shape":[..],"data_offsets":[..]}``
+    plus mpq's metadata strings (plan with per-layer results, recipe, provenance), JSON-escaped."""
+    per_tensor = sum(len(name) + 70 for name in tensor_names)
+    plan_json = len(json.dumps(plan.to_dict(), separators=(",", ":")))
+    results = 160 * len(plan.quantized())  # rel_mse, gptq_loss, ... filled in by the pipeline
+    # the metadata values are JSON strings inside the JSON header: quotes are escaped (≈ +15 %)
+    metadata = int(1.15 * (plan_json + results + 2 * len(recipe_text))) + 2500
+    return per_tensor + metadata
+
+
+# --- the estimate ----------------------------------------------------------------------------
+
+def estimate_run(model_path: str | Path, recipe, *, calibration=None, device: str = "cpu",
+                 output_format: str = "mpq", true_sequential: bool = True,
+                 dtype: str | torch.dtype = "auto", strict: bool = False,
+                 probe: bool = True, stream: bool = True,
+                 offload_activations: bool = False) -> RunEstimate:
+    """Estimate ``mpq quantize`` of ``model_path`` with ``recipe`` without reading its weights
+    (see the module docstring for the model and its assumptions).  Raises the same errors for
+    bad input as mpq.quantize.quantize does before it loads the model."""
+    from mpq.models.layout import layout_of
+    from mpq.models.source import build_skeleton, check_model_dir, load_config, read_config
+    from mpq.engine.runner import needed_stats
+    from mpq.quantize import CalibrationOptions, as_recipe, check_device, plan_model, preflight
+
+    calibration = calibration or CalibrationOptions()
+    torch_device = check_device(device)
+    recipe = as_recipe(recipe)
+    from mpq.checkpoint.writers import writer_for
+
+    writer_for(output_format)
+    source_dir = check_model_dir(model_path)
+    config_dict = read_config(source_dir)
+    skeleton = build_skeleton(load_config(source_dir))
+    try:  # from_config leaves meta parameters untied; the loaded model is tied
+        skeleton.tie_weights()
+    except (AttributeError, RuntimeError, ValueError, KeyError):
+        pass
+    _, plan = plan_model(skeleton, recipe)
+    warnings = preflight(plan, output_format, strict)
+    layout = layout_of(skeleton)
+    not_streamed = "--no-stream"
+    if stream:
+        from mpq.engine.streaming import source_weight_map, streaming_blocker
+
+        not_streamed = streaming_blocker(skeleton, source_weight_map(source_dir), layout, plan,
+                                         recipe, needed_stats(plan))
+    wdtype = load_dtype(config_dict, dtype)
+    elem = torch.empty(0, dtype=wdtype).element_size()
+
+    # ---- the state dict: all weights, and what stays dense in the artifact
+    quantized = {layer.name: layer for layer in plan.quantized()}
+    head = layout.head_name
+    tied = (head is not None and head in quantized
+            and skeleton.get_submodule(head).weight is getattr(
+                skeleton.get_input_embeddings(), "weight", None))
+    seen: set[int] = set()
+    weight_bytes = dense_bytes = 0
+    block_weight_bytes: dict[int, int] = {}  # per decoder block
+    blocks_prefix = layout.blocks_path + "."
+    tensor_names: list[str] = []
+    for name, tensor in skeleton.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        size = tensor.numel() * (elem if tensor.is_floating_point() else tensor.element_size())
+        weight_bytes += size
+        if name.startswith(blocks_prefix):
+            index = int(name[len(blocks_prefix):].split(".", 1)[0])
+            block_weight_bytes[index] = block_weight_bytes.get(index, 0) + size
+        module = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and module in quantized:
+            if module == head and tied:  # untied: the embedding stays, the head is quantized
+                dense_bytes += size
+                tensor_names.append(name)
+            continue
+        dense_bytes += size
+        tensor_names.append(name)
+
+    quantized_bytes = 0
+    codes_bytes = 0  # QuantizedWeights held in memory until writing: uint8 codes + fp32 params
+    block_codes: dict[int, int] = {}  # per decoder block (streaming holds one block's)
+    largest_group = 0
+    for layer in plan.quantized():
+        n, k = layer.shape
+        quantized_bytes += quantized_layer_bytes(layer.scheme, layer.shape, output_format, elem)
+        native = quantized_layer_bytes(layer.scheme, layer.shape, "mpq", elem)
+        codes = n * k + max(0, native - n * k * layer.scheme.weights.bits // 8)
+        codes_bytes += codes
+        largest_group = max(largest_group, native + codes)  # decoded codes + encoded tensors
+        if layer.block is not None:
+            block_codes[layer.block] = block_codes.get(layer.block, 0) + codes
+        tensor_names.extend(f"{layer.name}.{key}" for key in ("qweight", "scale"))
+        acts = layer.scheme.input_activations
+        if acts is not None and not acts.dynamic:
+            quantized_bytes += 4
+            tensor_names.append(f"{layer.name}.input_scale")
+    header = _header_bytes(plan, tensor_names, recipe.text or "")
+    tensors_total = quantized_bytes + dense_bytes
+    size = {"quantized_bytes": quantized_bytes, "dense_bytes": dense_bytes,
+            "tensor_bytes": tensors_total, "header_bytes": header,
+            "file_bytes": tensors_total + header + 8,
+            "quantized_weights": sum(l.shape[0] * l.shape[1] for l in plan.quantized())}
+
+    # ---- the calibration work
+    wanted = needed_stats(plan)
+    forward = bool(calibration.source is not None
+                   and (wanted or plan.transforms or plan.kv_cache))
+    seq_len = calibration.seq_len
+    tokens = calibration.num_samples * seq_len if forward else 0
+    per_batch = max(1, calibration.batch_tokens // seq_len)
+    batch_tokens = min(per_batch, calibration.num_samples) * seq_len
+    config = skeleton.config
+    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0)
+                 or skeleton.get_input_embeddings().embedding_dim)
+    heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0) or 1)
+    head_dim = int(getattr(config, "head_dim", 0) or hidden // heads)
+    block0 = [l for l in plan.layers if l.block == 0]
+    intermediate = max([l.shape[1] for l in block0] + [l.shape[0] for l in block0] + [hidden])
+    block_params = sum(l.shape[0] * l.shape[1] for l in block0)
+    num_blocks = layout.num_blocks
+    attn_width = heads * head_dim
+
+    per_token_inputs = hidden + 2 * head_dim + 8 // elem + 1
+    per_token_replay = (hidden + intermediate) if true_sequential else 0
+    activations = tokens * (per_token_inputs + per_token_replay) * elem
+
+    hessian_layers = [l for l in plan.quantized() if "hessian" in wanted.get(l.name, ())]
+    transform_types = {spec["type"] for spec in plan.transforms}
+    groups: dict[tuple[int | None, str, int], int] = {}
+    for layer in block0:
+        groups.setdefault((layer.block, layer.name.rsplit(".", 1)[0], layer.shape[1]),
+                          layer.shape[1])
+    all_groups_k2 = sum(k * k for k in groups.values())
+    statistics = 0
+    if forward and hessian_layers:
+        kmax = max(l.shape[1] for l in hessian_layers)
+        held = kmax * kmax if true_sequential else all_groups_k2
+        statistics = 4 * (held + (HESSIAN_COPIES - 1) * kmax * kmax)
+    if forward and "awq" in transform_types:
+        statistics = max(statistics, 4 * 2 * all_groups_k2)
+    if forward and "smoothquant" in transform_types:
+        statistics = max(statistics, 4 * SMOOTHQUANT_ROWS * intermediate * len(groups))
+    largest = max((l.shape[0] * l.shape[1] for l in plan.quantized()), default=0)
+    copies = SOLVER_COPIES_GPTQ if hessian_layers else SOLVER_COPIES_RTN
+    solver = 4 * largest * copies
+    block_temporaries = 0
+    if forward:
+        block_temporaries = 4 * (batch_tokens * (3 * intermediate + 6 * hidden)
+                                 + min(per_batch, calibration.num_samples) * heads * seq_len ** 2)
+    on_cuda = torch_device.type == "cuda"
+    overhead = OVERHEAD_BYTES + (CUDA_HOST_OVERHEAD_BYTES if on_cuda else 0)
+    write_buffers = tensors_total  # every encoded tensor, held until written
+    held_while_writing = weight_bytes + codes_bytes
+    if not_streamed is None:  # one block resident; the artifact written one shard at a time
+        outside = weight_bytes - sum(block_weight_bytes.values())
+        weight_bytes = outside + max(block_weight_bytes.values(), default=0)
+        outside_codes = codes_bytes - sum(block_codes.values())
+        codes_bytes = outside_codes + max(block_codes.values(), default=0)
+        held_while_writing = outside + outside_codes
+        write_buffers = largest_group  # produced one layer at a time
+    memory = {"overhead": overhead, "weights": weight_bytes, "activations": activations,
+              "statistics": statistics, "solver": solver,
+              "block_temporaries": block_temporaries, "outputs": codes_bytes,
+              "write_buffers": write_buffers}
+    block_loop = (overhead + weight_bytes + activations + statistics + solver + block_temporaries
+                  + codes_bytes)
+    writing = overhead + held_while_writing + write_buffers
+    if on_cuda:
+        block_weights = weight_bytes // max(num_blocks, 1)
+        on_device = activations
+        if offload_activations:  # one batch in, its output out, its replay records
+            on_device = min(activations, batch_tokens * (2 * per_token_inputs
+                                                         + per_token_replay) * elem)
+        device_peak = (on_device + statistics + solver + block_temporaries + block_weights)
+        host_peak = max(overhead + weight_bytes + activations + codes_bytes, writing)
+        peak, phase = device_peak, "block loop"
+    else:
+        host_peak = peak = max(block_loop, writing)
+        phase = "block loop" if block_loop >= writing else "writing"
+
+    # ---- time
+    throughput = measure_throughput(torch_device) if probe else 5e10
+    matmul_rate = throughput * FORWARD_EFFICIENCY
+    passes = 0.0
+    if forward:
+        passes = PASSES_TRUE_SEQUENTIAL if true_sequential else PASSES_PARALLEL
+    fwd_flops = passes * num_blocks * tokens * (2 * block_params + 4 * seq_len * attn_width)
+    stat_flops = 0.0
+    if forward and hessian_layers:
+        stat_flops = 1.2 * tokens * all_groups_k2 * num_blocks
+    solve_flops = 0.0
+    solve_python = 0.0
+    rtn_seconds = 0.0
+    gptq_names = {layer.name for layer in hessian_layers}
+    for layer in plan.quantized():
+        n, k = layer.shape
+        if layer.name in gptq_names:
+            solve_flops += k ** 3 + 2.0 * n * k * k
+            solve_python += GPTQ_COLUMN_SECONDS * k
+        else:
+            rtn_seconds += RTN_SECONDS_PER_WEIGHT * n * k
+    if forward and "awq" in transform_types:
+        grid = next(int(s["options"].get("grid", 20)) for s in plan.transforms
+                    if s["type"] == "awq")
+        stat_flops += 1.2 * tokens * all_groups_k2 * num_blocks
+        solve_flops += (grid + 10) * sum(2.0 * l.shape[0] * l.shape[1] * l.shape[1]
+                                         for l in plan.quantized())
+    time_parts = {
+        "startup": STARTUP_SECONDS,
+        "io": 3 * weight_bytes / IO_BYTES_PER_SECOND + tensors_total / IO_BYTES_PER_SECOND,
+        "forward": fwd_flops / matmul_rate,
+        "statistics": stat_flops / matmul_rate,
+        "solver": solve_flops / matmul_rate + solve_python + rtn_seconds
+        + LAYER_SECONDS * len(plan.quantized()),
+    }
+    if calibration.source is None and wanted:
+        warnings = [*warnings, "no --calib: the run will stop (exit 5) because "
+                               f"{next(iter(wanted))} needs calibration statistics"]
+    return RunEstimate(
+        model=str(source_dir), recipe=recipe.name, device=str(torch_device),
+        output_format=output_format, dtype=str(wdtype).replace("torch.", ""), plan=plan,
+        calibration={"source": calibration.source, "num_samples": calibration.num_samples,
+                     "seq_len": seq_len, "batch_tokens": calibration.batch_tokens,
+                     "tokens": tokens, "forward_passes_per_block": passes,
+                     "true_sequential": true_sequential,
+                     "offload_activations": offload_activations},
+        size=size, memory=memory, peak_bytes=int(peak), peak_phase=phase,
+        host_peak_bytes=int(host_peak), seconds=sum(time_parts.values()), time_parts=time_parts,
+        throughput_flops=throughput, warnings=list(warnings), streaming=not_streamed)
+
+
+def estimate_and_check(model_path, recipe, **kwargs) -> RunEstimate:
+    """:func:`estimate_run`, with the available memory filled in (no exception)."""
+    estimate = estimate_run(model_path, recipe, **kwargs)
+    estimate.available_bytes = available_memory(estimate.device)
+    if estimate.device != "cpu":
+        estimate.host_available_bytes = available_memory("cpu")
+    return estimate
+
+
+def check_memory_budget(model_path, recipe, *, device: torch.device, **kwargs) -> None:
+    """ResourceError before a run whose estimated peak exceeds the available memory (on the
+    device, and on the host for GPU runs); no throughput probe."""
+    estimate = estimate_run(model_path, recipe, device=str(device), probe=False, **kwargs)
+    check_fits(estimate, available_memory(device),
+               host_available=available_memory("cpu") if device.type != "cpu" else None)
+
+
+__all__ = ["check_memory_budget", "RunEstimate", "estimate_run", "estimate_and_check", "available_memory",
+           "check_fits", "measure_throughput", "quantized_layer_bytes"]

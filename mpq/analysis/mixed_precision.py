@@ -1,0 +1,331 @@
+"""Automatic mixed precision: one candidate scheme per layer under a bit or byte budget.
+
+Given a sensitivity table (:mod:`mpq.analysis.sensitivity`: per layer and candidate, the damage of
+quantizing that layer alone and its cost), the predicted damage of a whole assignment is the sum of
+its per-layer damages (the first-order additivity a Fisher/KL proxy implies), and the choice is a
+*multiple-choice knapsack*: minimise Σ_l d[l, c_l] subject to Σ_l cost[l, c_l] ≤ budget, exactly
+one candidate per layer.
+
+Solver (:func:`solve_mckp`): dynamic programming over the budget.  Costs are integers (bits of the
+unpadded encoding, or bytes); each layer's cost is taken relative to its cheapest candidate (so
+the all-cheapest assignment is always representable) and measured in units of the greatest
+common divisor of those extra costs — then the DP is *exact*.  Only when that would need more
+than ``resolution`` (200 000) cells, the unit grows to budget/resolution and extra costs are
+rounded *up* (the result still respects the real budget, and is optimal for the rounded costs; at
+most one unit per layer of budget can go unused).  On SmolLM2-135M with int8/4/3/2 candidates the
+gcd is 12 288 bits, so the DP is exact with ~17 000 cells.  O(layers × candidates × cells) in numpy.
+
+The choice becomes a real recipe (:func:`build_recipe`): one rule per chosen scheme listing its
+layers by exact name, followed by the base recipe's rules that decide the other layers (lm_head,
+...), its transforms, kv_cache, rotation and precision policy.  The target and the achieved bits
+go into the recipe's name and description, so they travel inside the artifact.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from functools import reduce
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mpq.errors import RecipeError
+from mpq.config.recipe import Recipe, parse_recipe
+from mpq.analysis.sensitivity import SensitivityTable, layer_cost
+
+RESOLUTION = 200_000
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6,
+               "g": 10**9}
+
+
+def parse_size(text: str) -> int:
+    """'70MB' → 70 000 000, '1.5GiB' → bytes; RecipeError for anything else."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise RecipeError(f"cannot read the size '{text}'",
+                          hint="e.g. 70MB, 68.5MiB, 1.2GB or a number of bytes")
+    value = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if value <= 0:
+        raise RecipeError(f"the size must be positive, got '{text}'")
+    return int(value)
+
+
+def solve_mckp(damage: Sequence[Sequence[float]], cost: Sequence[Sequence[int]], budget: int, *,
+               resolution: int = RESOLUTION) -> list[int] | None:
+    """Indices (one per item) minimising Σ damage subject to Σ cost ≤ budget; None when even the
+    cheapest choice exceeds the budget.  See the module docstring for exactness."""
+    n = len(damage)
+    if n == 0:
+        return []
+    base = [min(row) for row in cost]
+    spare = budget - sum(base)
+    if spare < 0:
+        return None
+    extra = [[int(c) - b for c in row] for row, b in zip(cost, base)]
+    positive = [e for row in extra for e in row if e > 0]
+    unit = reduce(math.gcd, positive, 0) or 1
+    if spare // unit > resolution:
+        unit = max(unit, -(-spare // resolution))
+    units = [[-(-e // unit) for e in row] for row in extra]
+    cap = spare // unit
+    best = np.zeros(cap + 1)  # min damage of the items so far with extra cost ≤ c
+    choice = np.zeros((n, cap + 1), dtype=np.int16)
+    for i in range(n):
+        new = np.full(cap + 1, np.inf)
+        for j, (w, d) in enumerate(zip(units[i], damage[i])):
+            if w > cap:
+                continue
+            shifted = np.full(cap + 1, np.inf)
+            shifted[w:] = best[:cap + 1 - w] + float(d)
+            better = shifted < new
+            new[better] = shifted[better]
+            choice[i, better] = j
+        best = new
+    picks = [0] * n
+    c = cap
+    for i in reversed(range(n)):
+        j = int(choice[i, c])
+        picks[i] = j
+        c -= units[i][j]
+    return picks
+
+
+@dataclass
+class MixedChoice:
+    """The chosen candidate per layer and the figures of the choice."""
+
+    target: str  # e.g. "4.5 bits/weight" or "70000000 bytes"
+    picks: dict[str, str]  # layer → candidate
+    bits_per_weight: float  # achieved, over the chosen layers (unpadded encoding)
+    predicted_damage: float
+    layer_bytes: int  # quantized bytes of the chosen layers in the output format
+    fixed_bytes: int | None = None  # everything else (size targets only)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for candidate in self.picks.values():
+            out[candidate] = out.get(candidate, 0) + 1
+        return out
+
+    def describe(self) -> str:
+        counts = ", ".join(f"{n} layers {c}" for c, n in self.counts().items())
+        text = (f"automatic mixed precision (mpq): target {self.target}, achieved "
+                f"{self.bits_per_weight:.4f} bits/weight over {len(self.picks)} layers")
+        if self.fixed_bytes is not None:
+            text += f", {self.fixed_bytes + self.layer_bytes} bytes expected"
+        return f"{text}; predicted damage {self.predicted_damage:.4g} nats/token; {counts}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "bits_per_weight": self.bits_per_weight,
+                "predicted_damage": self.predicted_damage, "layer_bytes": self.layer_bytes,
+                "fixed_bytes": self.fixed_bytes, "counts": self.counts(), "picks": self.picks}
+
+
+def _total_bits(table: SensitivityTable, name: str, candidate: str) -> int:
+    row = table.row(name)
+    return round(row.bits[candidate] * row.shape[0] * row.shape[1])
+
+
+def choose(table: SensitivityTable, *, target_bits: float | None = None,
+           target_bytes: int | None = None, fixed_bytes: int = 0,
+           candidates: Sequence[str] | None = None, output_format: str = "mpq",
+           layers: Sequence[str] | None = None) -> MixedChoice:
+    """Pick one candidate per layer of ``table`` (or of ``layers``) minimising the summed damage
+    with average bits per weight ≤ ``target_bits``, or ``fixed_bytes`` + the layers' bytes in
+    ``output_format`` ≤ ``target_bytes``.  RecipeError naming the minimum achievable when the
+    target is below the cheapest candidate."""
+    if (target_bits is None) == (target_bytes is None):
+        raise RecipeError("give exactly one of --target-bits and --target-size")
+    names = list(layers) if layers is not None else [row.name for row in table.layers]
+    cands = list(candidates) if candidates is not None else list(table.candidates)
+    missing = [c for c in cands if c not in table.candidates]
+    if missing:
+        raise RecipeError(f"the sensitivity table has no candidate {', '.join(missing)}",
+                          hint=f"it has {', '.join(table.candidates)}; re-run mpq sensitivity")
+    rows = [table.row(name) for name in names]
+    weights = sum(r.shape[0] * r.shape[1] for r in rows)
+    damage = [[r.damage[c] for c in cands] for r in rows]
+    if target_bits is not None:
+        if not target_bits > 0:
+            raise RecipeError(f"--target-bits must be positive, got {target_bits}")
+        cost = [[_total_bits(table, r.name, c) for c in cands] for r in rows]
+        budget = math.floor(target_bits * weights + 1e-6)
+        target = f"{target_bits:g} bits/weight"
+    else:
+        cost = [[layer_cost(r.scheme(c), r.shape, output_format)[1] for c in cands] for r in rows]
+        budget = int(target_bytes) - int(fixed_bytes)
+        target = f"{int(target_bytes)} bytes"
+    picks = solve_mckp(damage, cost, budget)
+    if picks is None:
+        cheapest = [min(range(len(cands)), key=lambda j: cost_row[j]) for cost_row in cost]
+        low = sum(row[j] for row, j in zip(cost, cheapest))
+        used = sorted({cands[j] for j in cheapest})
+        if target_bits is not None:
+            minimum = f"{low / weights:.4f} bits/weight"
+        else:
+            minimum = f"{low + fixed_bytes} bytes ({(low + fixed_bytes) / 1e6:.2f} MB)"
+        raise RecipeError(f"target {target} is below what the candidates can reach: the minimum "
+                          f"achievable is {minimum} (every layer {', '.join(used)})",
+                          hint="raise the target, or add a cheaper candidate (--candidates)")
+    chosen = {r.name: cands[j] for r, j in zip(rows, picks)}
+    bits = sum(_total_bits(table, r.name, chosen[r.name]) for r in rows) / weights
+    layer_bytes = sum(layer_cost(r.scheme(chosen[r.name]), r.shape, output_format)[1]
+                      for r in rows)
+    return MixedChoice(target=target, picks=chosen, bits_per_weight=bits,
+                       predicted_damage=sum(r.damage[chosen[r.name]] for r in rows),
+                       layer_bytes=layer_bytes,
+                       fixed_bytes=int(fixed_bytes) if target_bytes is not None else None)
+
+
+def _yaml(data: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, width=100, default_flow_style=False,
+                          allow_unicode=True)
+
+
+def build_recipe(base: Recipe, table: SensitivityTable, choice: MixedChoice, model,
+                 name: str | None = None) -> tuple[str, Recipe]:
+    """The recipe text (YAML) of ``choice`` on top of ``base`` and its parsed Recipe.
+
+    ``model`` (weights may be on meta) resolves the base recipe, to keep only its rules that
+    decide a layer outside the choice."""
+    from mpq.quantize import as_recipe, plan_model
+
+    _, base_plan = plan_model(model, base)
+    groups: dict[str, list[str]] = {}
+    schemes: dict[str, dict] = {}
+    for layer_name, candidate in choice.picks.items():
+        scheme = table.row(layer_name).schemes[candidate]
+        key = json.dumps(scheme, sort_keys=True)
+        schemes[key] = scheme
+        groups.setdefault(key, []).append(layer_name)
+    rules = []
+    for key, names in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        rules.append({"targets": names, **schemes[key]})
+    chosen = set(choice.picks)
+    keep = {layer.rule for layer in base_plan.layers
+            if layer.name not in chosen and layer.rule is not None}
+    rules.extend(rule.to_dict() for rule in base.rules if rule.index in keep)
+    base_dict = base.to_dict()
+    label = choice.target.replace(" bits/weight", "b").replace(" bytes", "B")
+    data = {"mpq_recipe": base.version,
+            "name": name or f"{base.name}-mixed-{label}",
+            "description": choice.describe() + f"; base recipe {base.name}",
+            "rules": rules, "precision_policy": base_dict["precision_policy"]}
+    for extra in ("transforms", "kv_cache", "rotation"):
+        if extra in base_dict:
+            data[extra] = base_dict[extra]
+    text = ("# written by mpq quantize --target-bits/--target-size (mpq.analysis.mixed_precision)\n"
+            + _yaml(data))
+    recipe = parse_recipe(text, data["name"] + ".yaml",
+                          known_algorithms=list(_quantizers()))
+    as_recipe(recipe)
+    return text, recipe
+
+
+def _quantizers():
+    from mpq.quantizers.base import QUANTIZERS
+
+    return QUANTIZERS
+
+
+def check_table(table: SensitivityTable, layers, candidates: Sequence[str], source: str) -> None:
+    """A table read from a file must cover the model's targeted layers and the candidates."""
+    names = {row.name for row in table.layers}
+    missing = [layer.name for layer in layers if layer.name not in names]
+    if missing:
+        raise RecipeError(f"{source} has no row for {len(missing)} layer(s), e.g. {missing[0]}",
+                          hint="it was measured on another model or recipe: re-run "
+                               "mpq sensitivity on this model")
+    for layer in layers:
+        row = table.row(layer.name)
+        if tuple(row.shape) != tuple(layer.shape):
+            raise RecipeError(f"{source}: {layer.name} has shape {list(row.shape)} in the table "
+                              f"but {list(layer.shape)} in the model",
+                              hint="re-run mpq sensitivity on this model")
+    absent = [c for c in candidates if c not in table.candidates]
+    if absent:
+        raise RecipeError(f"{source} has no candidate {', '.join(absent)}",
+                          hint=f"it has {', '.join(table.candidates)}")
+
+
+def auto_recipe(model_path: str | Path, base: str | Recipe, *, calibration=None,
+                target_bits: float | None = None, target_size: str | int | None = None,
+                candidates: str | Sequence[str] | None = None, sensitivity_table=None,
+                output_format: str = "mpq", save_recipe: str | Path | None = None,
+                measure: str = "fisher", progress=None) -> tuple[Recipe, MixedChoice,
+                                                                  SensitivityTable]:
+    """Measure (or read ``sensitivity_table``: a path or SensitivityTable), choose and build the
+    mixed recipe for ``mpq quantize --target-bits/--target-size``."""
+    from mpq.errors import CalibrationError, OutputError
+    from mpq.models.source import check_model_dir, load_skeleton
+    from mpq.quantize import as_recipe
+    from mpq.analysis.candidates import DEFAULT_CANDIDATES, expand, load_candidates
+    from mpq.analysis.sensitivity import sensitivity, target_layers
+
+    if (target_bits is None) == (target_size is None):
+        raise RecipeError("give exactly one of --target-bits and --target-size")
+    base_recipe = as_recipe(base)
+    if base_recipe.rotation is not None:
+        raise RecipeError(f"{base_recipe.source}: automatic mixed precision cannot be combined "
+                          "with rotation yet (sensitivity is measured on the unrotated model)",
+                          hint="remove rotation: from the base recipe")
+    target_bytes = parse_size(target_size) if target_size is not None else None
+    source_dir = check_model_dir(model_path)
+    skeleton = load_skeleton(source_dir)
+    if sensitivity_table is None:
+        if calibration is None or calibration.source is None:
+            raise CalibrationError("--target-bits/--target-size measure layer sensitivity on "
+                                   "calibration data", hint="pass --calib FILE, or a table "
+                                   "from `mpq sensitivity -o` with --sensitivity")
+        names = expand(candidates or DEFAULT_CANDIDATES, skeleton)
+        cands = load_candidates(names)
+        layers = target_layers(skeleton, cands, base_recipe)
+        kwargs = {"progress": progress} if progress is not None else {}
+        table = sensitivity(source_dir, names, calibration, measure=measure, base=base_recipe,
+                            **kwargs)
+        source = "the sensitivity table"
+    else:
+        table = (sensitivity_table if isinstance(sensitivity_table, SensitivityTable)
+                 else SensitivityTable.load(sensitivity_table))
+        source = str(sensitivity_table) if not isinstance(sensitivity_table,
+                                                          SensitivityTable) else "table"
+        names = expand(candidates, skeleton) if candidates else list(table.candidates)
+        cands = load_candidates(names)
+        layers = target_layers(skeleton, cands, base_recipe)
+    check_table(table, layers, names, source)
+    fixed = 0
+    if target_bytes is not None:
+        fixed = fixed_bytes(source_dir, base_recipe, layers, output_format)
+    choice = choose(table, target_bits=target_bits, target_bytes=target_bytes, fixed_bytes=fixed,
+                    candidates=names, output_format=output_format,
+                    layers=[layer.name for layer in layers])
+    text, recipe = build_recipe(base_recipe, table, choice, skeleton)
+    if save_recipe is not None:
+        try:
+            Path(save_recipe).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(f"cannot write the recipe {save_recipe}: {exc}") from None
+    return recipe, choice, table
+
+
+def fixed_bytes(model_path, base: Recipe, layers, output_format: str) -> int:
+    """Expected artifact bytes outside the chosen layers: mpq.analysis.estimate's file size for the base
+    recipe minus the base's bytes of those layers, plus the header growth of a recipe that names
+    every chosen layer (stored twice, JSON-escaped)."""
+    from mpq.analysis.estimate import estimate_run
+    from mpq.models.source import load_skeleton
+    from mpq.quantize import plan_model
+
+    estimate = estimate_run(model_path, base, output_format=output_format, probe=False)
+    size = estimate.size["file_bytes"]
+    _, plan = plan_model(load_skeleton(model_path), base)
+    chosen = sum(layer_cost(plan.get(layer.name).scheme, layer.shape, output_format)[1]
+                 for layer in layers)
+    names = sum(len(layer.name) + 6 for layer in layers)
+    return size - chosen + int(2.3 * names) + 2000

@@ -1,0 +1,254 @@
+"""The ``compressed-tensors`` format: what vLLM and transformers (with the compressed-tensors
+package) load.  Facts: FORMATS.md, checked against compressed-tensors 0.20 (``CT_VERSION``).
+
+Per quantized Linear ``<p>``, the per-layer format is the one compressed-tensors itself infers
+(``infer_module_format``; the test suite checks the two agree):
+
+- ``pack-quantized`` (int weights, no activation quantization): ``weight_packed`` int32
+  [N, ceil(K·b/32)] (the same dense little-endian layout as mpq's ``qweight``), ``weight_scale``
+  [N, G] (tensor: [1]), ``weight_shape`` int64 [2]; asymmetric: ``weight_zero_point`` int32
+  [ceil(N·b/32), G] (mpq's packed zero points: both store zero + 2^(b−1)).
+- ``int-quantized`` (int weights with quantized activations): ``weight`` int8 [N, K] signed codes,
+  ``weight_scale``, asymmetric ``weight_zero_point`` int8 [N, G].
+- ``float-quantized`` (fp8_e4m3 weights with quantized activations) and ``naive-quantized``
+  (fp8_e4m3 weights only): ``weight`` float8_e4m3fn [N, K], ``weight_scale`` [1] or [N, 1].
+- ``float-quantized`` / ``naive-quantized`` with 128×128 block scales (fp8_e4m3 granularity
+  block): ``weight`` float8_e4m3fn, ``weight_scale`` [ceil(N/128), ceil(K/128)].
+- ``mxfp4-pack-quantized`` / ``nvfp4-pack-quantized``: ``weight_packed`` uint8 [N, K/2] (two E2M1
+  codes per byte, low nibble first) and ``weight_scale`` (mxfp4: uint8 E8M0 [N, K/32]; nvfp4:
+  float8_e4m3fn [N, K/16]); nvfp4 adds ``weight_global_scale`` fp32 [1] (a divisor).
+  ``mxfp8-quantized``: ``weight`` float8_e4m3fn, ``weight_scale`` uint8 E8M0 [N, K/32].  These
+  are mpq's native tensors unchanged.
+- static input activations: ``input_scale`` [1].
+- KV cache (``kv_cache_scheme``, static fp8 per tensor or ``attn_head``): ``k_scale`` and
+  ``v_scale`` fp32 ([1] or [kv_heads, 1, 1]) on each attention module, as mpq stores them.
+
+Int and fp8 scales are stored in the model's dtype (compressed-tensors' default ``scale_dtype``); for an
+fp32 model the stored state is exactly mpq's.  One config group per distinct scheme; its targets
+are ``["Linear"]`` when it covers every quantized layer, else the layers' exact names; unquantized
+Linears go to ``ignore``.  A mix of per-layer formats makes the top-level format
+``mixed-precision``.  mpq's metadata stays out of the scheme args (which reject unknown keys): it
+is in the safetensors header and config.json's top-level ``mpq`` key.
+
+Not expressible (refused, layer by layer): nf4, fp8_e5m2, asymmetric per-tensor int, and
+act-order without static groups (compressed-tensors ≥ 0.20 stores no g_idx).
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import torch
+
+from mpq.errors import FormatError
+from mpq.checkpoint.native_codec import encode
+from mpq.checkpoint.state import ArtifactState
+from mpq.checkpoint.writers import WRITERS, FolderContents, dense_group, mpq_config_key
+from mpq.numerics.packing import pack_cols
+from mpq.config.plan import LayerPlan, Plan
+from mpq.numerics.base import QuantizedWeight
+from mpq.numerics.args import FP8_BLOCK, ActivationArgs, WeightArgs
+from mpq.config.scheme import LayerScheme
+
+CT_VERSION = "0.20.0"
+FORMAT_NAME = "compressed-tensors"
+VLLM_INT_BITS = (4, 8)
+VLLM_GROUPS = (None, 32, 64, 128)  # None: per channel
+
+
+MICRO = {  # mpq format → (compressed-tensors format, strategy, scale_dtype)
+    "mxfp4": ("mxfp4-pack-quantized", "group", "torch.uint8"),
+    "mxfp8": ("mxfp8-quantized", "group", "torch.uint8"),
+    "nvfp4": ("nvfp4-pack-quantized", "tensor_group", "torch.float8_e4m3fn"),
+}
+FLOAT_FORMATS = ("fp8_e4m3", *MICRO)
+
+
+def weight_args(args: WeightArgs, options: dict) -> dict:
+    """compressed-tensors QuantizationArgs (as JSON) for mpq's weight args."""
+    out = {"num_bits": args.bits, "type": "int" if args.format == "int" else "float",
+           "symmetric": args.symmetric, "group_size": None, "block_structure": None,
+           "dynamic": False, "actorder": "weight" if options.get("act_order") else None}
+    if args.format in MICRO:
+        _, strategy, scale_dtype = MICRO[args.format]
+        return {**out, "strategy": strategy, "group_size": args.group_size,
+                "scale_dtype": scale_dtype}
+    if args.granularity == "block":
+        return {**out, "strategy": "block", "block_structure": [FP8_BLOCK, FP8_BLOCK]}
+    return {**out, "strategy": args.granularity,
+            "group_size": args.group_size if args.granularity == "group" else None}
+
+
+def activation_args(acts: ActivationArgs) -> dict:
+    return {"num_bits": acts.bits, "type": "int" if acts.format == "int" else "float",
+            "symmetric": True, "strategy": acts.granularity, "group_size": None,
+            "block_structure": None, "dynamic": acts.dynamic, "actorder": None}
+
+
+def layer_format(scheme: LayerScheme) -> str:
+    """compressed-tensors' per-layer format for ``scheme`` (its own inference order)."""
+    fmt = scheme.weights.format
+    if fmt in MICRO:
+        return MICRO[fmt][0]
+    if scheme.input_activations is not None:
+        return "int-quantized" if fmt == "int" else "float-quantized"
+    return "pack-quantized" if fmt == "int" else "naive-quantized"
+
+
+def why_unsupported(layer: LayerPlan) -> str | None:
+    scheme = layer.scheme
+    args = scheme.weights
+    options = dict(scheme.options)
+    if args.format not in ("int", *FLOAT_FORMATS):
+        return f"{args.format} weights have no compressed-tensors format mpq writes"
+    if args.format in MICRO and scheme.input_activations is not None:
+        return f"input activation quantization with {args.format} weights (mpq quantizes " \
+               "activations to int or fp8 only)"
+    if args.format == "int" and not args.symmetric and args.granularity == "tensor":
+        return "asymmetric per-tensor int weights (compressed-tensors packs zero points only " \
+               "per channel or group)"
+    if options.get("act_order") and not options.get("static_groups") \
+            and args.granularity == "group":
+        return "act_order without static_groups needs a g_idx, which compressed-tensors " \
+               "(≥ 0.20) does not store; set static_groups: true"
+    return None
+
+
+def _scheme_key(layer: LayerPlan) -> str:
+    scheme = layer.scheme
+    acts = scheme.input_activations
+    return json.dumps([weight_args(scheme.weights, dict(scheme.options)),
+                       activation_args(acts) if acts else None], sort_keys=True)
+
+
+def kv_cache_scheme(kv_cache: dict | None) -> dict | None:
+    """The KV-cache QuantizationArgs: static fp8 per tensor or per attention head."""
+    if kv_cache is None:
+        return None
+    strategy = "tensor" if kv_cache["granularity"] == "tensor" else "attn_head"
+    return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy,
+            "group_size": None, "block_structure": None, "dynamic": False, "actorder": None}
+
+
+def quantization_config(plan: Plan) -> dict:
+    """config.json's ``quantization_config`` for ``plan``."""
+    quantized = plan.quantized()
+    groups: dict[str, list[LayerPlan]] = defaultdict(list)
+    for layer in quantized:
+        groups[_scheme_key(layer)].append(layer)
+    config_groups, formats = {}, set()
+    for index, layers in enumerate(groups.values()):
+        scheme = layers[0].scheme
+        fmt = layer_format(scheme)
+        formats.add(fmt)
+        targets = (["Linear"] if len(layers) == len(quantized)
+                   else [layer.name for layer in layers])
+        acts = scheme.input_activations
+        config_groups[f"group_{index}"] = {
+            "targets": targets,
+            "weights": weight_args(scheme.weights, dict(scheme.options)),
+            "input_activations": activation_args(acts) if acts is not None else None,
+            "output_activations": None, "format": fmt}
+    return {"quant_method": "compressed-tensors", "version": CT_VERSION,
+            "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "quantization_status": "compressed", "config_groups": config_groups,
+            "ignore": [layer.name for layer in plan.layers if layer.scheme is None],
+            "kv_cache_scheme": kv_cache_scheme(plan.kv_cache),
+            "sparsity_config": {}, "transform_config": {},
+            "global_compression_ratio": None}
+
+
+def layer_tensors(qw: QuantizedWeight, scheme: LayerScheme, dtype: torch.dtype
+                  ) -> dict[str, torch.Tensor]:
+    """One quantized layer's tensors under compressed-tensors' local names."""
+    args = qw.args
+    n, k = qw.shape
+    fmt = layer_format(scheme)
+    if args.format in MICRO:  # the native encoding already has compressed-tensors' layout
+        native = encode(qw)
+        out = {"weight_scale": native["scale"]}
+        if "packed" in native:
+            out["weight_packed"] = native["packed"]
+        else:
+            out["weight"] = native["weight"]
+        if "global_scale" in native:
+            out["weight_global_scale"] = native["global_scale"]
+        return out
+    scale = qw.scale.to(dtype)
+    scale = scale.reshape(1) if args.granularity == "tensor" else scale.contiguous()
+    if fmt in ("float-quantized", "naive-quantized"):
+        return {"weight": qw.codes.contiguous(), "weight_scale": scale}
+    offset = 1 << (args.bits - 1)
+    out = {"weight_scale": scale}
+    if fmt == "pack-quantized":
+        out["weight_packed"] = encode(qw)["qweight"]  # same layout (see the module docstring)
+        out["weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+        if qw.zero is not None:
+            out["weight_zero_point"] = pack_cols(qw.zero.to(torch.uint8), args.bits)
+    else:  # int-quantized: signed codes, unpacked
+        out["weight"] = (qw.codes.to(torch.int16) - offset).to(torch.int8)
+        if qw.zero is not None:
+            out["weight_zero_point"] = (qw.zero.to(torch.int16) - offset).to(torch.int8)
+    return out
+
+
+def vllm_int_kernel_problems(plan: Plan) -> list[str]:
+    """Layers vLLM's fast int kernels would not take (FORMATS.md), grouped by reason."""
+    reasons: dict[str, list[str]] = defaultdict(list)
+    for layer in plan.quantized():
+        args = layer.scheme.weights
+        if args.format != "int":
+            continue
+        n, k = layer.shape
+        if not args.symmetric:
+            reasons["asymmetric weights"].append(layer.name)
+        if args.bits not in VLLM_INT_BITS:
+            reasons[f"{args.bits}-bit weights (kernels take 4 or 8)"].append(layer.name)
+        group = args.group_size if args.granularity == "group" else None
+        if group not in VLLM_GROUPS or args.granularity == "tensor":
+            reasons["scale granularity (kernels take channel or group 32/64/128)"].append(
+                layer.name)
+        if k % 128:
+            reasons["input size K not a multiple of 128"].append(layer.name)
+        if n % 64:
+            reasons["output size N not a multiple of 64"].append(layer.name)
+    return [f"{why}: {len(names)} layer(s), e.g. {', '.join(names[:3])}"
+            for why, names in reasons.items()]
+
+
+class CompressedTensorsWriter:
+    """compressed-tensors (pack/int/float, mxfp4/mxfp8/nvfp4, mixed-precision): vLLM, transformers."""
+
+    name = FORMAT_NAME
+    online_rotations = False  # mpq does not write compressed-tensors' transform_config
+    load_hint = ("# pip install compressed-tensors; from transformers import "
+                 "AutoModelForCausalLM; model = AutoModelForCausalLM.from_pretrained("
+                 '"path/to/this/folder")')
+
+    def unsupported(self, plan: Plan) -> list[str]:
+        return [f"{layer.name}: {why}" for layer in plan.quantized()
+                if (why := why_unsupported(layer)) is not None]
+
+    def preflight(self, plan: Plan) -> list[str]:
+        return [f"vLLM int kernels: {problem}" for problem in vllm_int_kernel_problems(plan)]
+
+    def contents(self, state: ArtifactState) -> FolderContents:
+        dtype = state.dtype()
+        tensors = dense_group(state)
+        for layer in state.plan.quantized():
+            if layer.name not in state.qweights:
+                raise FormatError(f"layer {layer.name} is planned but has no quantized weight",
+                                  hint="the artifact is incomplete; re-run mpq quantize")
+            tensors.add(lambda layer=layer: {
+                f"{layer.name}.{local}": tensor for local, tensor in layer_tensors(
+                    state.qweights[layer.name], layer.scheme, dtype).items()})
+            if "input_scale" in layer.result:
+                tensors.add_tensor(f"{layer.name}.input_scale", torch.tensor(
+                    [layer.result["input_scale"]], dtype=dtype))
+        config = {**state.config, "quantization_config": quantization_config(state.plan),
+                  "mpq": mpq_config_key(state, self.name)}
+        return FolderContents(tensors=tensors, config=config,
+                              code_keys=("weight_packed", "weight"))
+
+
+COMPRESSED_TENSORS = WRITERS.register(FORMAT_NAME)(CompressedTensorsWriter())

@@ -1,0 +1,41 @@
+"""``convert``: an existing native artifact rewritten in another format, without re-quantizing.
+
+The native artifact is read back into its canonical state (mpq.checkpoint.state) and handed to the
+target's writer; a target that cannot express some layers raises FormatError naming them and why,
+before anything is written.  Pre-flight warnings are returned (``strict``: refused).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mpq.checkpoint  # noqa: F401  (registers the writers)
+from mpq.checkpoint.native import check_output_free
+from mpq.checkpoint.state import state_from_artifact
+from mpq.checkpoint.writers import write_state, writer_for
+
+
+@dataclass
+class ConvertResult:
+    out_dir: Path
+    output_format: str
+    sizes: dict
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"output": str(self.out_dir), "format": self.output_format, "sizes": self.sizes,
+                "warnings": self.warnings}
+
+
+def convert(src: str | Path, out_dir: str | Path, output_format: str, *, force: bool = False,
+            strict: bool = False) -> ConvertResult:
+    from mpq.quantize import preflight  # the same checks `mpq quantize --format` runs
+
+    out_dir = Path(out_dir)
+    check_output_free(out_dir, force)
+    writer_for(output_format)
+    state = state_from_artifact(src)
+    warnings = preflight(state.plan, output_format, strict)
+    sizes = write_state(state, out_dir, output_format, force=force)
+    return ConvertResult(out_dir=out_dir, output_format=output_format, sizes=sizes,
+                         warnings=warnings)

@@ -1,0 +1,157 @@
+"""The writer contract, the shared folder writer, and the registry of output formats.
+
+A :class:`Writer` turns an :class:`~mpq.checkpoint.state.ArtifactState` into a checkpoint folder.
+``unsupported(plan)`` runs before any quantization (``mpq quantize --format X``) and before any
+conversion: it lists every layer the format cannot express, with the reason, and writing such a
+plan raises :class:`~mpq.errors.FormatError`.  ``preflight(plan)`` lists layers that the format
+can store but a fast runtime kernel would not accept (warnings; ``--strict`` refuses).
+Every format keeps mpq's metadata (recipe, plan, provenance, packing layout) in the safetensors
+header (``mpq.*`` keys, strings) and a top-level ``mpq`` key of config.json naming the format.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from mpq import __version__
+from mpq.errors import FormatError
+from mpq.checkpoint.lazy import LazyTensors, specs_of
+from mpq.checkpoint.native import FORMAT_VERSION, write_artifact
+from mpq.checkpoint.state import ArtifactState
+from mpq.checkpoint.model_card import render_model_card
+from mpq.numerics.packing import PACKING_LAYOUT
+from mpq.config.plan import Plan
+from mpq.registry import Registry
+
+
+@dataclass
+class FolderContents:
+    """What a writer produces before the folder is written."""
+
+    tensors: Mapping[str, torch.Tensor]  # a dict, or a LazyTensors (see dense_group)
+    config: dict  # full config.json (the writer's quantization_config included)
+    code_keys: tuple[str, ...]  # per-layer local keys holding the weight codes (size accounting)
+    header: dict[str, str] | None = None  # extra safetensors header strings
+    files: dict[str, str] | None = None  # extra text files of the folder, by name
+
+
+class Writer(Protocol):
+    name: str
+    online_rotations: bool  # whether its loaders apply the plan's run-time rotations (R4)
+    load_hint: str  # how another program loads the folder (model card, messages)
+
+    def unsupported(self, plan: Plan) -> list[str]: ...
+
+    def preflight(self, plan: Plan) -> list[str]: ...
+
+    def contents(self, state: ArtifactState) -> FolderContents: ...
+
+
+WRITERS: Registry[Writer] = Registry("output format")
+
+
+def dense_group(state: ArtifactState) -> LazyTensors:
+    """A LazyTensors holding ``state.dense``, to which a writer adds its layers' tensors with
+    ``LazyTensors.add`` (one group per layer).  For a state held in memory (plain dicts)
+    everything stays resident, as before; for a streamed state (mpq.engine.streaming: tensors decoded
+    from the resume work directory on access) each group is produced when needed, so the
+    writer holds one shard at a time."""
+    tensors = LazyTensors(resident=not state.streamed)
+    if isinstance(state.dense, LazyTensors):
+        for name in state.dense:
+            if name in state.dense.resident_names():
+                tensors.add_tensor(name, state.dense[name])
+            else:
+                tensors.add(lambda name=name: {name: state.dense[name]})
+    else:
+        for name, tensor in state.dense.items():
+            tensors.add_tensor(name, tensor)
+    return tensors
+
+
+def writer_for(name: str) -> Writer:
+    """The registered writer ``name``; FormatError (exit 9) listing the known ones otherwise."""
+    if name not in WRITERS:
+        from mpq.errors import did_you_mean
+
+        known = sorted(WRITERS)
+        raise FormatError(f"unknown output format '{name}'",
+                          hint=did_you_mean(name, known) or f"known: {', '.join(known)}")
+    return WRITERS.get(name)
+
+
+def check_expressible(writer: Writer, plan: Plan) -> None:
+    """Raise FormatError listing the layers ``writer`` cannot store."""
+    problems = writer.unsupported(plan)
+    if plan.rotation and plan.rotation.get("r4") and not writer.online_rotations:
+        problems.append(f"rotation r4 is applied online to down_proj inputs, which format "
+                        f"'{writer.name}' cannot express; use r4: false")
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; … {len(problems) - 6} more"
+                                           if len(problems) > 6 else "")
+        raise FormatError(f"format '{writer.name}' cannot express {len(problems)} layer(s): "
+                          f"{shown}", hint="change the recipe for those layers, or write the "
+                                            "native format (--format mpq)")
+
+
+def size_report(plan: Plan, tensors: Mapping[str, torch.Tensor],
+                code_keys: tuple[str, ...]) -> dict[str, int]:
+    """Stored tensor bytes vs the ideal: b bits per quantized weight + every other stored byte.
+    Only sizes are read (a LazyTensors produces nothing)."""
+    tensors = specs_of(tensors)
+    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    ideal = stored
+    for layer in plan.quantized():
+        for local in code_keys:
+            codes = tensors.get(f"{layer.name}.{local}")
+            if codes is not None:
+                n_out, n_in = layer.shape
+                ideal += (n_out * n_in * layer.scheme.weights.bits / 8
+                          - codes.numel() * codes.element_size())
+    quantized_weights = sum(l.shape[0] * l.shape[1] for l in plan.quantized())
+    return {"stored_bytes": stored, "ideal_bytes": int(round(ideal)),
+            "quantized_weights": quantized_weights}
+
+
+def header_metadata(state: ArtifactState, format_name: str, sizes: dict) -> dict[str, str]:
+    """mpq's header strings; deterministic (sorted keys, no timestamps)."""
+    def dump(value) -> str:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+    out = {"mpq.format": format_name, "mpq.format_version": FORMAT_VERSION,
+           "mpq.tool_version": __version__, "mpq.numerics.packing": PACKING_LAYOUT,
+           "mpq.config.plan": dump(state.plan.to_dict()), "mpq.sizes": dump(sizes)}
+    for key in ("recipe", "calibration", "source", "pipeline"):
+        out[f"mpq.{key}"] = dump(state.provenance.get(key))
+    return out
+
+
+def mpq_config_key(state: ArtifactState, format_name: str) -> dict:
+    """config.json's top-level ``mpq`` entry (recognises the folder without opening a shard)."""
+    return {"format": format_name, "format_version": FORMAT_VERSION, "tool_version": __version__,
+            "recipe": state.plan.recipe_name, "quantized_layers": len(state.plan.quantized()),
+            "precision_policy": state.plan.precision_policy}
+
+
+def write_state(state: ArtifactState, out_dir: str | Path, format_name: str = "mpq", *,
+                force: bool = False) -> dict[str, int]:
+    """Write ``state`` as ``format_name`` into ``out_dir`` (atomically); return the size report."""
+    writer = writer_for(format_name)
+    check_expressible(writer, state.plan)
+    contents = writer.contents(state)
+    sizes = size_report(state.plan, contents.tensors, contents.code_keys)
+    metadata = {**header_metadata(state, format_name, sizes), **(contents.header or {})}
+    files = {**state.files, **(contents.files or {})}
+    source = state.provenance.get("source") or {}
+    files["README.md"] = render_model_card(
+        source=source, recipe_name=state.plan.recipe_name, plan=state.plan,
+        calibration=state.provenance.get("calibration"), sizes=sizes, format_name=format_name,
+        load_hint=writer.load_hint)
+    write_artifact(out_dir, contents.tensors, metadata, contents.config, extra_files=files,
+                   force=force)
+    return sizes

@@ -1,0 +1,152 @@
+"""Calibration statistics that quantizers declare in ``needs``.
+
+A collector sees every input batch of one linear layer (shape [..., K]) through ``add`` and
+returns one tensor from ``result``.  The pipeline attaches collectors by name; it never knows
+which algorithm asked for them.  In a multi-process run (mpq.engine.distributed) each process sees its
+share of the batches and ``reduce`` combines the shares on every process before ``result``.
+Sums are accumulated in float64 from each batch's float32 terms: exact (so the same whatever the
+split) unless the terms span more than about 2^25 in magnitude.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from mpq.registry import Registry
+
+
+class StatCollector(Protocol):
+    count: int  # calibration tokens seen so far
+
+    def add(self, x: torch.Tensor) -> None: ...
+
+    def reduce(self, ranks) -> None: ...  # combine every process's share (mpq.engine.distributed)
+
+    def result(self) -> torch.Tensor: ...
+
+
+def _reduce_tensor(ranks, value: torch.Tensor | None, count: int, combine) -> tuple:
+    """(value combined over ranks with ``combine`` (Ranks.all_sum/all_max), total count);
+    ranks that saw no token contribute zeros (neutral for sums and for maxima of |x|)."""
+    shapes = ranks.gather((count, None if value is None else
+                           (tuple(value.shape), value.dtype, str(value.device))))
+    known = next((shape for _, shape in shapes if shape is not None), None)
+    total = sum(c for c, _ in shapes)
+    if known is None:
+        return value, total
+    if value is None:
+        value = torch.zeros(known[0], dtype=known[1], device=known[2])
+    return combine(value), total
+
+
+STATS: Registry[type] = Registry("statistic")
+
+
+@STATS.register("input_absmax")
+class InputAbsMax:
+    """Per-input-channel max |x| over all calibration tokens (fp32 [K])."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        batch_max = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+        self.value = batch_max if self.value is None else torch.maximum(self.value, batch_max)
+        self.count += x.numel() // x.shape[-1]
+
+    def reduce(self, ranks) -> None:
+        self.value, self.count = _reduce_tensor(ranks, self.value, self.count, ranks.all_max)
+
+    def result(self) -> torch.Tensor:
+        return self.value
+
+
+@STATS.register("input_absmean")
+class InputAbsMean:
+    """Per-input-channel mean |x| over all calibration tokens (fp32 [K])."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).abs().float()
+        total = flat.sum(dim=0).double()
+        self.total = total if self.total is None else self.total + total
+        self.count += flat.shape[0]
+
+    def reduce(self, ranks) -> None:
+        self.total, self.count = _reduce_tensor(ranks, self.total, self.count, ranks.all_sum)
+
+    def result(self) -> torch.Tensor:
+        return (self.total / max(self.count, 1)).float()
+
+
+@STATS.register("input_sample")
+class InputSample:
+    """The first ``ROWS`` calibration tokens' inputs, in order (fp32 [≤ ROWS, K]): for searches
+    that must run the real (non-linear) quantized computation, e.g. SmoothQuant's alpha."""
+
+    ROWS = 4096
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        if self.rows >= self.ROWS:
+            return
+        flat = x.detach().reshape(-1, x.shape[-1])[:self.ROWS - self.rows].float().clone()
+        self.parts.append(flat)
+        self.rows += flat.shape[0]
+
+    @property
+    def count(self) -> int:
+        return self.rows
+
+    def reduce(self, ranks) -> None:
+        mine = torch.cat(self.parts).cpu() if self.parts else None
+        device = self.parts[0].device if self.parts else "cpu"
+        parts = [p for p in ranks.gather(mine) if p is not None]
+        self.parts = [torch.cat(parts)[:self.ROWS].to(device)] if parts else []
+        self.rows = self.parts[0].shape[0] if self.parts else 0
+
+    def result(self) -> torch.Tensor:
+        return torch.cat(self.parts)
+
+
+@STATS.register("hessian")
+class Hessian:
+    """GPTQ's layer Hessian H = (2/T)·Σ_t x_t x_tᵀ over all T calibration tokens (fp32 [K, K]).
+
+    Each batch's xᵀx is computed in fp32 and added to an fp64 running sum (see the module
+    docstring); ``result`` is fp32.  The scale does not change GPTQ's solution (damping is
+    relative to mean diag H) but keeps the reference's error measure comparable.  Only the
+    upper triangle is computed (row bands of BAND columns), about 0.6× the work of a full xᵀx;
+    ``result`` mirrors it, so H is exactly symmetric.
+    """
+
+    BAND = 192
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        k = flat.shape[1]
+        if self.total is None:
+            self.total = torch.zeros(k, k, dtype=torch.float64, device=flat.device)
+        for start in range(0, k, self.BAND):
+            band = flat[:, start:start + self.BAND]
+            self.total[start:start + self.BAND, start:] += band.t() @ flat[:, start:]
+        self.count += flat.shape[0]
+
+    def reduce(self, ranks) -> None:
+        self.total, self.count = _reduce_tensor(ranks, self.total, self.count, ranks.all_sum)
+
+    def result(self) -> torch.Tensor:
+        upper = torch.triu(self.total)
+        return ((upper + torch.triu(upper, diagonal=1).t()) * (2.0 / max(self.count, 1))).float()

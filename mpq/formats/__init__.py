@@ -1,5 +1,0 @@
-"""Checkpoint formats. ``WRITERS`` maps an output format name to its writer."""
-from mpq.formats.writers import WRITERS
-from mpq.formats import compressed_tensors, gptq_v1, native_writer  # noqa: F401  (registration)
-
-__all__ = ["WRITERS"]

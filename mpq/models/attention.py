@@ -1,0 +1,64 @@
+"""Where a block's attention keeps its KV cache, and a tap on the keys and values it caches.
+
+Keys are seen *after* the rotary embedding, where a cache stores them: each attention module's
+cache argument (``cache``; ``past_key_values`` before transformers 5.24) is replaced, for one
+forward, by a :class:`CacheTap` whose ``update(key, value, ...)`` (the call attention makes right
+before using K and V) hands the tensors to a callback and then to the real cache, if any.
+Tensors are [batch, kv_heads, seq, head_dim].
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+def attention_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(local name, module) of each attention module in ``block``: it has k_proj and v_proj
+    and its forward takes the cache argument."""
+    found = []
+    for name, module in block.named_modules():
+        if hasattr(module, "k_proj") and hasattr(module, "v_proj") and _cache_kwarg(module):
+            found.append((name, module))
+    return found
+
+
+def _cache_kwarg(module: nn.Module) -> str | None:
+    """The name of the attention forward's cache argument: ``cache`` (transformers ≥ 5.24),
+    ``past_key_values`` or ``past_key_value`` (older)."""
+    params = inspect.signature(module.forward).parameters
+    return next((n for n in ("cache", "past_key_values", "past_key_value") if n in params),
+                None)
+
+
+class CacheTap:
+    """Stands in for the cache during one attention forward (see the module docstring)."""
+
+    def __init__(self, on_kv: Callable[[torch.Tensor, torch.Tensor], tuple], real: Any):
+        self.on_kv = on_kv
+        self.real = real
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, *args, **kwargs):
+        key, value = self.on_kv(key, value)
+        if self.real is not None:
+            return self.real.update(key, value, *args, **kwargs)
+        return key, value
+
+    def __getattr__(self, name: str):  # anything else a model reads from its cache
+        real = self.__dict__.get("real")
+        if real is None:
+            raise AttributeError(name)
+        return getattr(real, name)
+
+
+def tap_kv(module: nn.Module, on_kv: Callable[[torch.Tensor, torch.Tensor], tuple]):
+    """Route ``module``'s post-RoPE keys and values through ``on_kv``; returns the hook handle."""
+    kwarg = _cache_kwarg(module)
+
+    def hook(mod, args, kwargs):
+        kwargs[kwarg] = CacheTap(on_kv, kwargs.get(kwarg))
+        return args, kwargs
+
+    return module.register_forward_pre_hook(hook, with_kwargs=True)

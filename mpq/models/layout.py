@@ -1,0 +1,119 @@
+"""Architecture facts as data, and the generic discovery that finds them.
+
+The pipeline needs three things from a causal LM: the list of decoder blocks, the quantizable
+linear layers (``nn.Linear`` and GPT-2's transposed ``Conv1D``), and which layer is the output
+head.  Known model types map to the path of their block list; any other model falls back to the
+largest ``ModuleList`` of identical blocks, which is tested against the table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from mpq.errors import ModelError
+from mpq.config.plan import LayerInfo
+
+# model_type → dotted path of the decoder block list.
+BLOCK_PATHS: dict[str, str] = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "phi3": "model.layers",
+    "opt": "model.decoder.layers",
+    "gpt2": "transformer.h",
+    "gpt_neox": "gpt_neox.layers",
+    "falcon": "transformer.h",
+    "bloom": "transformer.h",
+}
+
+LINEAR_CLASSES = (nn.Linear, Conv1D)
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """Where things are in one model instance."""
+
+    blocks_path: str
+    num_blocks: int
+    head_name: str | None
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, LINEAR_CLASSES)
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The weight as [out, in] (Conv1D stores [in, out])."""
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def set_weight(module: nn.Module, weight_out_in: torch.Tensor) -> None:
+    """Give a linear's weight Parameter new values from an [out, in] tensor (in new memory, so
+    the old values, e.g. pages of a memory-mapped checkpoint, are not written to)."""
+    target = weight_out_in.t() if isinstance(module, Conv1D) else weight_out_in
+    if target.shape != module.weight.shape:
+        raise ValueError(f"weight shape {tuple(target.shape)} != {tuple(module.weight.shape)}")
+    with torch.no_grad():
+        module.weight.data = target.to(module.weight.dtype).contiguous()
+
+
+def discover_blocks_path(model: nn.Module) -> str:
+    """The largest (by parameter count) ModuleList whose children all share one class."""
+    best, best_params = None, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 1:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        params = sum(p.numel() for p in module.parameters())
+        if params > best_params:
+            best, best_params = name, params
+    if best is None:
+        raise ModelError(f"cannot find the decoder blocks of {type(model).__name__}",
+                         hint="add its model_type → block path to mpq.models.layout.BLOCK_PATHS")
+    return best
+
+
+def layout_of(model: nn.Module) -> ModelLayout:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    path = BLOCK_PATHS.get(model_type) or discover_blocks_path(model)
+    try:
+        blocks = model.get_submodule(path)
+    except AttributeError:
+        raise ModelError(f"{type(model).__name__}: no module at '{path}' (model_type "
+                         f"{model_type})", hint="fix mpq.models.layout.BLOCK_PATHS") from None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_name = next((n for n, m in model.named_modules() if m is head), None) if head else None
+    return ModelLayout(blocks_path=path, num_blocks=len(blocks), head_name=head_name)
+
+
+def blocks_of(model: nn.Module, layout: ModelLayout) -> nn.ModuleList:
+    return model.get_submodule(layout.blocks_path)
+
+
+def block_index(name: str, layout: ModelLayout) -> int | None:
+    prefix = layout.blocks_path + "."
+    if not name.startswith(prefix):
+        return None
+    return int(name[len(prefix):].split(".", 1)[0])
+
+
+def describe_layers(model: nn.Module, layout: ModelLayout) -> tuple[list[LayerInfo], dict[str, str]]:
+    """Quantizable layers as LayerInfo, plus the other leaf modules (name → class) for hints."""
+    layers, others = [], {}
+    for name, module in model.named_modules():
+        if is_linear(module):
+            n_out, n_in = weight_of(module).shape
+            layers.append(LayerInfo(name=name, class_name=type(module).__name__,
+                                    shape=(int(n_out), int(n_in)),
+                                    block=block_index(name, layout),
+                                    protected=name == layout.head_name))
+        elif name and not list(module.children()):
+            others[name] = type(module).__name__
+    return layers, others

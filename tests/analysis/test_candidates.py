@@ -1,0 +1,48 @@
+"""Candidate names for sensitivity / mixed precision: presets, shorthands and the ladder."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mpq.analysis.candidates import expand, ladder, load_candidates, shorthand_recipe
+from mpq.errors import RecipeError
+from tests.tiny_models import tiny_model
+
+
+def test_shorthands_are_symmetric_int_weights():
+    grouped = shorthand_recipe("int5-g64").rules[0].scheme.weights
+    assert (grouped.format, grouped.bits, grouped.symmetric, grouped.granularity,
+            grouped.group_size) == ("int", 5, True, "group", 64)
+    channel = shorthand_recipe("int8").rules[0].scheme.weights
+    assert (channel.bits, channel.granularity) == (8, "channel")
+    assert shorthand_recipe("w4a16") is None and shorthand_recipe("int9") is None
+
+
+def test_unknown_candidates_and_an_unexpanded_ladder_are_refused():
+    with pytest.raises(RecipeError, match="candidate 'int9'"):
+        load_candidates("w8a16,int9")
+    with pytest.raises(RecipeError, match="depend on the model"):
+        load_candidates("ladder")
+
+
+def test_ladder_takes_the_group_sizes_the_model_takes():
+    model = tiny_model("llama")  # inputs 64 and 128: no group of 128 or more fits both
+    assert ladder(model) == ["int8", "int6-g64", "int5-g64", "int4-g32", "int4-g64", "int3-g32",
+                             "int3-g64", "int2-g64"]
+    assert expand("w8a16,ladder,int8", model) == ["w8a16", *ladder(model)]
+    assert [c.name for c in load_candidates(expand("ladder", model))] == ladder(model)
+
+
+def test_sensitivity_measures_the_ladder_by_default(tmp_path):
+    from tests.helpers import WORDS, run_cli
+    from tests.helpers import byte_tokenizer
+    from tests.tiny_models import save_tiny_model
+
+    save_tiny_model("llama", tmp_path / "src")
+    byte_tokenizer().save_pretrained(tmp_path / "src")
+    (tmp_path / "calib.txt").write_text(" ".join(WORDS * 200))
+    result = run_cli("sensitivity", tmp_path / "src", "--calib", tmp_path / "calib.txt",
+                    "--num-samples", 2, "--seq-len", 32, "--json")
+    assert result.exit_code == 0, result.output
+    assert f'"candidates": {json.dumps(ladder(tiny_model("llama")))}' in result.stdout

@@ -1,0 +1,606 @@
+"""The catalogue of bad inputs: every case gives one clear line, a documented exit code, and
+leaves nothing behind.
+
+Each :class:`Case` builds a command line in its own folder, runs the ``mpq`` CLI in-process and
+checks that
+
+- the exit code is the expected :mod:`mpq.errors` class's ``exit_code``;
+- stderr holds exactly one non-empty line, ``error: what (how to fix)``, naming what and where
+  (the case's expected substrings);
+- the case's folder (and the shared tiny model and artifact) is unchanged: no output folder, no
+  hidden temporary sibling, an existing output untouched, inputs not modified.
+
+docs/bad-inputs.md is generated from the real messages::
+
+    python -m tests.test_bad_input_catalogue > docs/bad-inputs.md
+
+To add a case, append a :class:`Case` to ``CASES`` (and regenerate the doc; a test checks that
+the doc's table lists exactly the ids of ``CASES``).
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mpq.cli.main import cli
+from mpq.errors import (ArtifactError, CalibrationError, FormatError, ModelError, MpqError,
+                        OutputError, RecipeError, ResourceError, ResumeError)
+from tests.tiny_models import save_tiny_model
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-inputs.md"
+
+
+@dataclass(frozen=True)
+class Env:
+    """Where a case runs: its own empty folder ``tmp``, and the shared read-only inputs."""
+
+    tmp: Path  # the case's own folder (the output goes to tmp/out)
+    src: Path  # a tiny Llama folder with a byte tokenizer
+    art: Path  # that model quantized with w4a16 (native mpq artifact)
+    monkeypatch: pytest.MonkeyPatch
+
+    @property
+    def out(self) -> Path:
+        return self.tmp / "out"
+
+    def write(self, name: str, text: str) -> Path:
+        path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def recipe(self, body: str, name: str = "r.yaml") -> Path:
+        """A recipe file: ``mpq_recipe: 1`` followed by ``body``."""
+        return self.write(name, "mpq_recipe: 1\n" + body)
+
+    def model_copy(self, name: str = "bad") -> Path:
+        return Path(shutil.copytree(self.src, self.tmp / name))
+
+    def artifact_copy(self, name: str = "art") -> Path:
+        return Path(shutil.copytree(self.art, self.tmp / name))
+
+    def quantize(self, model, *extra, recipe="w4a16") -> list:
+        return ["quantize", model, "-r", recipe, "-o", self.out, *extra]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    input: str  # what is wrong, in words (docs/bad-inputs.md)
+    build: Callable[[Env], list]  # the arguments after `mpq`, built in env.tmp
+    error: type[MpqError]
+    expect: tuple[str, ...]  # substrings of the message; {tmp}, {src}, {art} are filled in
+    # names that may appear in tmp afterwards, each with the reason (documented behaviour)
+    leaves: tuple[str, ...] = ()
+    skip: Callable[[], str | None] | None = None  # a reason to skip on this machine, or None
+    # a product bug this case shows (the test is a strict xfail until it is fixed)
+    known_issue: str | None = None
+
+
+# --- builders of damaged inputs -------------------------------------------------------------------
+
+def _rewrite_tensors(path: Path, change: Callable[[dict], None]) -> None:
+    """Load a safetensors file, let ``change`` edit the tensors, save it with the same header
+    metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    change(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _poisoned(env: Env, value: float) -> Path:
+    model = env.model_copy()
+
+    def poison(tensors):
+        tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = value
+
+    _rewrite_tensors(model / "model.safetensors", poison)
+    return model
+
+
+def _truncated(env: Env) -> Path:
+    model = env.model_copy()
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    return model
+
+
+def _garbage_header(env: Env) -> Path:
+    model = env.model_copy()
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"not json" * 2 + data[24:])
+    return model
+
+
+def _edited_config(env: Env, edit: Callable[[dict], None] | None = None, text: str | None = None
+                   ) -> Path:
+    model = env.model_copy()
+    config = model / "config.json"
+    if text is None:
+        data = json.loads(config.read_text())
+        edit(data)
+        text = json.dumps(data)
+    config.write_text(text)
+    return model
+
+
+def _artifact_version(env: Env, version: str) -> Path:
+    art = env.artifact_copy()
+    _rewrite_tensors_meta(art / "model.safetensors", {"mpq.format_version": version})
+    return art
+
+
+def _rewrite_tensors_meta(path: Path, changes: dict[str, str]) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = {**handle.metadata(), **changes}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _artifact_without(env: Env, key: str) -> Path:
+    art = env.artifact_copy()
+    _rewrite_tensors(art / "model.safetensors", lambda tensors: tensors.pop(key))
+    return art
+
+
+def _artifact_reshaped(env: Env, key: str) -> Path:
+    art = env.artifact_copy()
+
+    def reshape(tensors):
+        tensors[key] = tensors[key][:, :-1].contiguous()
+
+    _rewrite_tensors(art / "model.safetensors", reshape)
+    return art
+
+
+def _calib(env: Env, name: str, text: str) -> Path:
+    return env.write(name, text)
+
+
+def _full_disk(env: Env) -> list:
+    def write_safetensors(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    env.monkeypatch.setattr("mpq.checkpoint.native.write_safetensors", write_safetensors)
+    return env.quantize(env.src)
+
+
+def _offline(env: Env) -> list:
+    env.monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    env.monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return env.quantize(env.src, "--calib", "hf:wikitext:wikitext-2-raw-v1")
+
+
+def _existing_output(env: Env) -> list:
+    env.write("out/keep.txt", "user data")
+    return env.quantize(env.src)
+
+
+def _cuda_present() -> str | None:
+    return "CUDA is available here" if torch.cuda.is_available() else None
+
+
+def _eval_args(env: Env, model: Path) -> list:
+    data = env.write("eval.txt", "the quick brown fox jumps over the lazy dog. " * 8)
+    return ["eval", model, "--data", data, "--window", 32]
+
+
+def _pickled_only(env: Env) -> Path:
+    folder = env.tmp / "pickled"
+    env.write("pickled/config.json", (env.src / "config.json").read_text())
+    (folder / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not read")
+    return folder
+
+
+def _latin1(env: Env) -> Path:
+    path = env.tmp / "latin1.txt"
+    path.write_bytes("café au lait".encode("latin-1"))
+    return path
+
+
+def _artifact_missing_shard(env: Env) -> Path:
+    art = env.artifact_copy()
+    (art / "model.safetensors").unlink()
+    return art
+
+
+def _artifact_reshaped_1d(env: Env, key: str) -> Path:
+    art = env.artifact_copy()
+
+    def shrink(tensors):
+        tensors[key] = tensors[key][:-1].contiguous()
+
+    _rewrite_tensors(art / "model.safetensors", shrink)
+    return art
+
+
+
+def _other_runs_work_dir(env: Env) -> list:
+    """A work directory left by a run with another recipe (resume must refuse it)."""
+    from mpq.engine.resume import RUN_FILE, work_dir_for
+
+    work = work_dir_for(env.out)
+    work.mkdir()
+    (work / RUN_FILE).write_text(json.dumps({"recipe": "0" * 64}))
+    return env.quantize(env.src)
+
+
+def _tampered_artifact(env: Env) -> list:
+    art = env.artifact_copy()
+    data = bytearray((art / "model.safetensors").read_bytes())
+    data[-3] ^= 0x01
+    (art / "model.safetensors").write_bytes(bytes(data))
+    return ["verify", art]
+
+
+def _no_memory(env: Env) -> list:
+    env.monkeypatch.setattr("mpq.analysis.estimate.available_memory", lambda device="cpu": 1 << 20)
+    return env.quantize(env.src)
+
+
+def _output_is_file(env: Env) -> list:
+    env.write("out", "x")
+    return env.quantize(env.src, "--force")
+
+# --- the catalogue --------------------------------------------------------------------------------
+
+R_UNKNOWN_KEY = "rules:\n  - targets: Linear\n    weights: {bitz: 4}\n"
+R_WRONG_TYPE = "rules:\n  - targets: Linear\n    weights: {bits: four}\n"
+
+CASES: list[Case] = [
+    # the source model
+    Case("model-missing", "model path does not exist",
+         lambda e: e.quantize(e.tmp / "nope"), ModelError, ("{tmp}/nope", "does not exist")),
+    Case("model-is-file", "model path is a file, not a folder",
+         lambda e: e.quantize(e.write("model.safetensors", "x")), ModelError,
+         ("{tmp}/model.safetensors", "not a directory")),
+    Case("model-no-config", "folder without config.json",
+         lambda e: e.quantize(e.write("empty/README.md", "hi").parent), ModelError,
+         ("{tmp}/empty", "no config.json")),
+    Case("model-config-not-json", "config.json is not valid JSON",
+         lambda e: e.quantize(_edited_config(e, text="{model_type: llama")), ModelError,
+         ("{tmp}/bad/config.json", "line 1")),
+    Case("model-config-not-object", "config.json holds a JSON list",
+         lambda e: e.quantize(_edited_config(e, text="[]")), ModelError,
+         ("{tmp}/bad/config.json", "not an object")),
+    Case("model-no-weights", "config.json but no *.safetensors",
+         lambda e: e.quantize(e.write("noweights/config.json",
+                                      (e.src / "config.json").read_text()).parent),
+         ModelError, ("{tmp}/noweights", "no weight files")),
+    Case("model-pickled-only", "only pytorch_model.bin (pickle), which mpq never loads",
+         lambda e: e.quantize(_pickled_only(e)), ModelError,
+         ("{tmp}/pickled", "pytorch_model.bin", "never unpickles")),
+    Case("model-truncated-safetensors", "model.safetensors cut in half",
+         lambda e: e.quantize(_truncated(e)), ModelError, ("{tmp}/bad", "corrupt")),
+    Case("model-corrupt-header", "garbage bytes in the safetensors header",
+         lambda e: e.quantize(_garbage_header(e)), ModelError, ("{tmp}/bad", "corrupt")),
+    Case("model-nan-weights", "a NaN in a weight",
+         lambda e: e.quantize(_poisoned(e, float("nan"))),
+         ModelError, ("{tmp}/bad: tensor 'model.layers.1.mlp.up_proj.weight'", "NaN or Inf")),
+    Case("model-inf-weights", "an Inf in a weight",
+         lambda e: e.quantize(_poisoned(e, float("inf"))),
+         ModelError, ("{tmp}/bad: tensor 'model.layers.1.mlp.up_proj.weight'", "NaN or Inf")),
+    Case("model-unknown-arch", "config.json model_type unknown to transformers",
+         lambda e: e.quantize(_edited_config(e, lambda c: c.update(model_type="no-such-arch"))),
+         ModelError, ("{tmp}/bad/config.json", "model_type 'no-such-arch'")),
+    Case("model-not-causal-lm", "a model_type transformers knows, but not as a causal LM (ViT)",
+         lambda e: e.quantize(_edited_config(e, text=json.dumps(
+             {"model_type": "vit", "architectures": ["ViTModel"]}))), ModelError,
+         ("{tmp}/bad", "causal LM")),
+    Case("device-cuda-unavailable", "--device cuda on a machine without CUDA",
+         lambda e: e.quantize(e.src, "--device", "cuda"), ModelError,
+         ("'cuda'", "CUDA is not available"), skip=_cuda_present),
+    Case("device-unknown", "--device names no torch device",
+         lambda e: e.quantize(e.src, "--device", "gpu0"), ModelError, ("gpu0", "cuda:N")),
+    # the recipe
+    Case("recipe-missing", "recipe file does not exist",
+         lambda e: e.quantize(e.src, recipe=e.tmp / "missing.yaml"), RecipeError,
+         ("{tmp}/missing.yaml", "does not exist")),
+    Case("recipe-yaml-syntax", "recipe is not valid YAML",
+         lambda e: e.quantize(e.src, recipe=e.recipe("rules: [\n  - {targets: Linear\n")),
+         RecipeError, ("{tmp}/r.yaml:", "invalid YAML")),
+    Case("recipe-unknown-key", "misspelt key in a rule's weights",
+         lambda e: e.quantize(e.src, recipe=e.recipe(R_UNKNOWN_KEY)), RecipeError,
+         ("{tmp}/r.yaml: rules[0].weights.bitz", "did you mean 'bits'")),
+    Case("recipe-wrong-type", "bits: four (a string where an integer is needed)",
+         lambda e: e.quantize(e.src, recipe=e.recipe(R_WRONG_TYPE)), RecipeError,
+         ("{tmp}/r.yaml: rules[0].weights.bits", "expected an integer")),
+    Case("recipe-bad-version", "mpq_recipe: 2",
+         lambda e: e.quantize(e.src, recipe=e.write("r.yaml", "mpq_recipe: 2\nrules: []\n")),
+         RecipeError, ("{tmp}/r.yaml: mpq_recipe", "version 2")),
+    Case("recipe-bad-regex", "a target regex that does not compile",
+         lambda e: e.quantize(e.src, recipe=e.recipe(
+             "rules:\n  - targets: 're:.*mlp\\.(down'\n")), RecipeError,
+         ("{tmp}/r.yaml: rules[0].targets", "invalid regex")),
+    Case("recipe-rule-matches-nothing", "a rule whose targets match no layer",
+         lambda e: e.quantize(e.src, recipe=e.recipe(
+             "rules:\n  - targets: 're:.*mlp\\.down_projection'\n  - targets: Linear\n")),
+         RecipeError, ("{tmp}/r.yaml: rules[0]", "match no layer")),
+    Case("recipe-bits-out-of-range", "int bits: 9",
+         lambda e: e.quantize(e.src, recipe=e.recipe(
+             "rules:\n  - targets: Linear\n    weights: {bits: 9}\n")), RecipeError,
+         ("{tmp}/r.yaml: rules[0].weights", "2..8")),
+    Case("recipe-group-size-indivisible", "group_size 48 does not divide the input dimension 64",
+         lambda e: e.quantize(e.src, recipe=e.recipe(
+             "rules:\n  - targets: Linear\n    weights: {group_size: 48}\n")), RecipeError,
+         ("{tmp}/r.yaml", "rules[0]", "48")),
+    Case("recipe-unknown-preset", "-r names neither a file nor a preset",
+         lambda e: e.quantize(e.src, recipe="w4a17"), RecipeError, ("'w4a17'", "did you mean")),
+    Case("recipe-unknown-algorithm", "algorithm: gptqq",
+         lambda e: e.quantize(e.src, recipe=e.recipe(
+             "rules:\n  - targets: Linear\n    algorithm: gptqq\n")), RecipeError,
+         ("{tmp}/r.yaml: rules[0].algorithm", "did you mean 'gptq'")),
+    Case("recipe-unknown-transform", "transforms: [{type: smoothquant2}]",
+         lambda e: e.quantize(e.src, recipe=e.recipe(
+             "rules:\n  - targets: Linear\n    weights: {granularity: channel}\n"
+             "transforms:\n  - {type: smoothquant2}\n")),
+         RecipeError, ("{tmp}/r.yaml: transforms[0]", "smoothquant2")),
+    # calibration data
+    Case("calib-missing", "--calib file does not exist",
+         lambda e: e.quantize(e.src, "--calib", e.tmp / "nope.txt"), CalibrationError,
+         ("{tmp}/nope.txt", "does not exist")),
+    Case("calib-empty", "--calib file is empty",
+         lambda e: e.quantize(e.src, "--calib", _calib(e, "empty.txt", "")), CalibrationError,
+         ("{tmp}/empty.txt", "no text")),
+    Case("calib-too-short", "5 tokens of calibration text with --seq-len 512",
+         lambda e: e.quantize(e.src, "--calib", _calib(e, "short.txt", "hello"), "--seq-len", 512),
+         CalibrationError, ("{tmp}/short.txt", "seq_len=512")),
+    Case("calib-jsonl-no-field", "jsonl records without the text field",
+         lambda e: e.quantize(e.src, "--calib", _calib(e, "c.jsonl", '{"content": "hi"}\n')),
+         CalibrationError, ("{tmp}/c.jsonl:1", "no field 'text'")),
+    Case("calib-jsonl-invalid", "a jsonl line that is not JSON",
+         lambda e: e.quantize(e.src, "--calib", _calib(e, "c.jsonl", '{"text": "a"}\n{oops\n')),
+         CalibrationError, ("{tmp}/c.jsonl:2", "not valid JSON")),
+    Case("calib-not-utf8", "calibration text that is not UTF-8",
+         lambda e: e.quantize(e.src, "--calib", _latin1(e)), CalibrationError,
+         ("{tmp}/latin1.txt", "byte offset 3")),
+    Case("calib-unknown-suffix", "calibration file with an unknown suffix (.csv)",
+         lambda e: e.quantize(e.src, "--calib", _calib(e, "c.csv", "text\nhello\n")),
+         CalibrationError, ("{tmp}/c.csv", "'.csv'")),
+    Case("calib-hub-offline", "hf:NAME dataset while HF_HUB_OFFLINE/HF_DATASETS_OFFLINE are set",
+         _offline, CalibrationError, ("wikitext", "offline")),
+    Case("calib-document-too-short", "--calib-mode document, every document under 16 tokens",
+         lambda e: e.quantize(e.src, "--calib", _calib(e, "docs.txt", "a b\n\nc d\n"),
+                              "--calib-mode", "document"), CalibrationError,
+         ("{tmp}/docs.txt", "16 tokens")),
+    Case("calib-required", "a GPTQ recipe without --calib",
+         lambda e: e.quantize(e.src, recipe="w4a16-gptq"), CalibrationError,
+         ("needs calibration", "--calib")),
+    # the output
+    Case("output-exists", "the output folder exists, no --force", _existing_output, OutputError,
+         ("{tmp}/out", "--force")),
+    Case("output-is-file", "the output is an existing file, with --force",
+         _output_is_file,
+         OutputError, ("{tmp}/out", "not a directory")),
+    Case("output-parent-is-file", "the output's parent is a regular file (not writable)",
+         lambda e: ["quantize", e.src, "-r", "w4a16", "-o", e.write("afile", "x") / "out"],
+         OutputError, ("{tmp}/afile", "afile")),
+    Case("output-disk-full", "the disk fills up while the tensors are written (simulated ENOSPC)",
+         _full_disk, OutputError, ("{tmp}/out", "free disk space"),
+         leaves=("out.mpq-work",)),
+    # the output format
+    Case("format-unknown", "--format names no writer",
+         lambda e: e.quantize(e.src, "--format", "gguf"), FormatError,
+         ("'gguf'", "known: ")),
+    Case("format-cannot-express", "--format gptq with an nf4 recipe",
+         lambda e: e.quantize(e.src, "--format", "gptq", recipe="nf4"), FormatError,
+         ("format 'gptq'", "nf4")),
+    # artifacts (mpq inspect / eval / convert)
+    Case("artifact-missing", "mpq inspect on a path that does not exist",
+         lambda e: ["inspect", e.tmp / "nope"], ArtifactError, ("{tmp}/nope", "does not exist")),
+    Case("artifact-not-mpq", "mpq inspect on a plain model folder",
+         lambda e: ["inspect", e.src], ArtifactError, ("{src}", "not an mpq artifact")),
+    Case("artifact-unknown-major-version", "format version 2.0 in the safetensors header",
+         lambda e: ["inspect", _artifact_version(e, "2.0")], ArtifactError,
+         ("{tmp}/art/model.safetensors", "'2.0'")),
+    Case("artifact-missing-shard", "the artifact's model.safetensors was deleted",
+         lambda e: ["inspect", _artifact_missing_shard(e)], ArtifactError,
+         ("{tmp}/art", "model.safetensors")),
+    Case("artifact-missing-tensor", "mpq convert of an artifact lacking a layer's scale tensor",
+         lambda e: ["convert", _artifact_without(e, "model.layers.0.mlp.up_proj.scale"),
+                    "-o", e.out, "--format", "compressed-tensors"],
+         ArtifactError, ("{tmp}/art: missing tensor 'model.layers.0.mlp.up_proj.scale'",)),
+    Case("artifact-shape-mismatch", "mpq eval of an artifact whose qweight lost a column",
+         lambda e: _eval_args(e, _artifact_reshaped(e, "model.layers.0.self_attn.q_proj.qweight")),
+         ArtifactError, ("{tmp}/art: tensor 'model.layers.0.self_attn.q_proj.qweight'", "shape")),
+    Case("artifact-tampered", "mpq verify of an artifact whose tensor file changed after writing",
+         _tampered_artifact, ArtifactError, ("{tmp}/art", "model.safetensors: sha256")),
+    # runs: resume, resources
+    Case("resume-other-run", "a work directory beside the output left by a run with other inputs",
+         _other_runs_work_dir, ResumeError, ("{tmp}/out.mpq-work", "recipe changed",
+                                             "--no-resume")),
+    Case("resume-nothing", "--resume but no work directory to resume from",
+         lambda e: e.quantize(e.src, "--resume"), ResumeError, ("nothing to resume",)),
+    Case("memory-insufficient", "the estimated peak memory exceeds the available memory",
+         _no_memory, ResourceError, ("GiB of memory", "available", "--num-samples")),
+    Case("artifact-dense-shape-mismatch", "mpq eval of an artifact with a wrong-size norm weight",
+         lambda e: _eval_args(e, _artifact_reshaped_1d(e, "model.norm.weight")),
+         ArtifactError, ("{tmp}/art", "model.norm.weight")),
+]
+
+
+# --- running a case -------------------------------------------------------------------------------
+
+def build_shared(root: Path) -> tuple[Path, Path]:
+    """The tiny Llama (with a byte tokenizer) and its w4a16 artifact, under ``root``."""
+    from mpq.quantize import quantize
+    from tests.helpers import byte_tokenizer
+
+    src, art = root / "src", root / "w4"
+    save_tiny_model("llama", src)
+    byte_tokenizer().save_pretrained(src)
+    quantize(src, "w4a16", art)
+    return src, art
+
+
+def snapshot(*folders: Path) -> dict[str, str]:
+    """Every file and folder under ``folders`` (hidden ones included) → sha256 of its bytes."""
+    state = {}
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            state[str(path)] = ("dir" if path.is_dir() else
+                                hashlib.sha256(path.read_bytes()).hexdigest())
+    return state
+
+
+def run_case(case: Case, env: Env):
+    """Build and run the case; return (result, message, args)."""
+    args = [str(a) for a in case.build(env)]
+    before = snapshot(env.tmp, env.src, env.art)
+    result = CliRunner().invoke(cli, args, obj={})
+    after = snapshot(env.tmp, env.src, env.art)
+    allowed = {str(env.tmp / name) for name in case.leaves}
+    changed = {path for path in before.keys() | after.keys() if before.get(path) != after.get(path)
+               and not any(path == a or path.startswith(a + "/") for a in allowed)}
+    return result, changed, args
+
+
+def fill(text: str, env: Env) -> str:
+    return text.format(tmp=env.tmp, src=env.src, art=env.art)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    return build_shared(tmp_path_factory.mktemp("catalogue"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input(case, shared, tmp_path, monkeypatch, request):
+    reason = case.skip() if case.skip else None
+    if reason:
+        pytest.skip(reason)
+    if case.known_issue:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=case.known_issue))
+    env = Env(tmp=tmp_path, src=shared[0], art=shared[1], monkeypatch=monkeypatch)
+    result, changed, _ = run_case(case, env)
+    detail = f"exit {result.exit_code}\nstderr:\n{result.stderr}\nstdout:\n{result.stdout}"
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        detail += f"\nexception: {result.exception!r}"
+    assert result.exit_code == case.error.exit_code, detail
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), detail
+    line = lines[0]
+    for expected in case.expect:
+        assert fill(expected, env) in line, f"{fill(expected, env)!r} not in {line!r}"
+    assert re.search(r"\(.+\)$", line), f"no '(how to fix)' hint: {line!r}"
+    assert not list(tmp_path.rglob("*.mpq-tmp-*")) and not list(tmp_path.rglob("*.mpq-old-*"))
+    assert not changed, f"files created, changed or removed: {sorted(changed)}"
+
+
+def test_case_ids_are_unique_and_stable():
+    ids = [case.id for case in CASES]
+    assert len(ids) == len(set(ids))
+    assert all(re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", i) for i in ids)
+    assert len(CASES) >= 32
+
+
+def doc_ids(text: str) -> list[str]:
+    """The ids in the first column of the doc's table."""
+    ids = []
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells and cells[0].startswith("`"):
+            ids.append(cells[0].strip("`"))
+    return ids
+
+
+def test_catalogue_doc_lists_every_case():
+    ids = doc_ids(DOC.read_text(encoding="utf-8"))
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {case.id for case in CASES}, \
+        "regenerate it: python -m tests.test_bad_input_catalogue > docs/bad-inputs.md"
+    readme = (DOC.parents[1] / "README.md").read_text(encoding="utf-8")
+    assert f"lists the {len(CASES)} tested bad inputs" in readme
+
+
+# --- docs/bad-inputs.md ---------------------------------------------------------------------------
+
+def _shown(text: str, env: Env) -> str:
+    """Paths of a message or command as a user would write them."""
+    text = text.replace(str(env.art), "tiny-w4").replace(str(env.src), "tiny-llama")
+    return text.replace(str(env.tmp) + "/", "").replace(str(env.tmp), ".")
+
+
+def _cell(text: str, limit: int = 0) -> str:
+    if limit and len(text) > limit:
+        text = text[: limit - 1].rstrip() + "…"
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_doc() -> str:
+    import tempfile
+
+    rows, issues = [], []
+    with tempfile.TemporaryDirectory() as root:
+        src, art = build_shared(Path(root))
+        for index, case in enumerate(CASES):
+            if case.skip and case.skip():
+                raise SystemExit(f"{case.id}: {case.skip()}; generate the doc elsewhere")
+            tmp = Path(root) / f"case{index}"
+            tmp.mkdir()
+            with pytest.MonkeyPatch.context() as monkeypatch:
+                env = Env(tmp=tmp, src=src, art=art, monkeypatch=monkeypatch)
+                result, changed, args = run_case(case, env)
+            message = result.stderr.strip().removeprefix("error: ")
+            if (result.exit_code != case.error.exit_code or changed) and not case.known_issue:
+                raise SystemExit(f"{case.id}: exit {result.exit_code} ({result.stderr!r}), "
+                                 f"changed {sorted(changed)}")
+            command = "mpq " + " ".join(_shown(a, env) for a in args)
+            rows.append(f"| `{case.id}` | {_cell(case.input)} | `{_cell(command)}` | "
+                        f"{case.error.exit_code} | {_cell(_shown(message, env), 300)} |")
+            if case.known_issue:
+                issues.append(f"- `{case.id}`: {case.known_issue}.")
+    used = {case.error.exit_code: case.error for case in CASES}
+    codes = [f"- {code} `{used[code].__name__}`: {' '.join(used[code].__doc__.split())}"
+             for code in sorted(used)]
+    return "\n".join([
+        "# Bad inputs and their messages",
+        "",
+        f"Every row is a case of `tests/cli/test_bad_input_catalogue.py` ({len(CASES)} cases). "
+        "Each prints exactly one line on stderr, `error: what (how to fix)`, exits with the "
+        "code of its error class, and leaves no output folder, no temporary sibling and no "
+        "changed input behind (the disk-full case keeps the resumable work directory "
+        "`OUT.mpq-work`, so a rerun after freeing space continues from the finished blocks).",
+        "",
+        "Exit codes of these cases (all of them: README, \"Exit codes\"):",
+        "",
+        *codes,
+        "",
+        "Paths are shown relative to the case's folder; `tiny-llama` is a 2-block random Llama "
+        "folder and `tiny-w4` its `w4a16` artifact. Generated with "
+        "`python -m tests.test_bad_input_catalogue > docs/bad-inputs.md`.",
+        "",
+        "| id | input | command | exit | message |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        *(["## Known issues", "",
+           "These cases are strict xfails in the test until the product is fixed:", "",
+           *issues, ""] if issues else []),
+    ])
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.disable(logging.WARNING)
+    print(render_doc(), end="")

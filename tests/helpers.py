@@ -1,0 +1,111 @@
+"""Helpers shared by several test modules (fixtures live in conftest.py)."""
+from __future__ import annotations
+
+import torch
+import transformers
+from click.testing import CliRunner
+
+from mpq.calibration import build_calibration_set
+from mpq.cli.main import cli
+from mpq.config.recipe import parse_recipe
+from tests.tiny_models import model_from_config, tiny_model
+
+
+def byte_tokenizer():
+    """A tokenizer over bytes (vocab 256) for the tiny models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i) if i >= 33 else f"<{i}>": i for i in range(256)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<0>", eos_token="<1>")
+
+
+def register_recording_quantizer(monkeypatch) -> dict:
+    """Register 'recording': int RTN that keeps each call's input_absmax (call index → tensor)."""
+    from mpq.numerics.base import NUMBER_FORMATS
+    from mpq.quantizers.base import QUANTIZERS
+
+    seen: dict = {}
+
+    class Recording:
+        name, needs = "recording", frozenset({"input_absmax"})
+
+        def check(self, scheme):
+            pass
+
+        def quantize(self, weight, scheme, stats):
+            seen[len(seen)] = stats["input_absmax"].clone()
+            return NUMBER_FORMATS.get("int").quantize(weight, scheme.weights)
+
+    monkeypatch.setitem(QUANTIZERS._entries, "recording", Recording())
+    return seen
+
+
+def folder_bytes(path):
+    """Relative path → bytes of every file under ``path``."""
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def save_sharded_model(path, *, tied: bool = False, dtype=torch.float32) -> None:
+    """A 4-layer Llama saved in several shards (with an index)."""
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      vocab_size=256, num_hidden_layers=4,
+                                      max_position_embeddings=128, tie_word_embeddings=tied)
+    model = model_from_config(config).to(dtype)
+    model.save_pretrained(path, max_shard_size="60KB")
+    byte_tokenizer().save_pretrained(path)
+    assert (path / "model.safetensors.index.json").is_file()
+
+
+def resume_recipe(extra: str = "", algorithm: str = "gptq", group: int = 32):
+    """An int4 asym recipe for every Linear (``extra``: YAML lines such as KV or TRANSFORMS)."""
+    text = ("mpq_recipe: 1\nname: resume-test\n" + extra +
+            f"defaults:\n  algorithm: {algorithm}\nrules:\n  - targets: [Linear]\n"
+            f"    weights: {{format: int, bits: 4, symmetric: false, granularity: group, "
+            f"group_size: {group}}}\n")
+    return parse_recipe(text, "resume-test.yaml")
+
+
+KV = "kv_cache: {format: fp8_e4m3, granularity: head}\n"
+
+
+TRANSFORMS = "transforms:\n  - {type: awq, grid: 4}\n"
+
+
+def samples_of(calib_text):
+    return build_calibration_set(str(calib_text), byte_tokenizer(), num_samples=4,
+                                 seq_len=64).samples
+
+
+def logits_error(model, source, samples) -> float:
+    with torch.no_grad():
+        return sum(float((model(s).logits - source(s).logits).pow(2).mean()) for s in samples)
+
+
+def outlier_model(arch: str, path):
+    """A tiny model whose norms put a few loud channels into the linears' inputs (as in real LLMs)."""
+    model = tiny_model(arch)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[3] = 30.0
+                norm.weight[11] = -30.0
+    model.save_pretrained(path)
+    return model
+
+
+def run_cli(*args):
+    """``mpq ARGS...`` through click's runner (arguments turned into strings)."""
+    return CliRunner().invoke(cli, [str(a) for a in args], obj={})
+
+
+WORDS = "the cat sat on a mat while dogs ran over green hills near old towns".split()
+
+
+def write_tokenizer(path):
+    """Save the byte tokenizer into a model folder."""
+    byte_tokenizer().save_pretrained(path)
