@@ -43,3 +43,7 @@ class Registry(Generic[T]):
 
     def items(self) -> list[tuple[str, T]]:
         return sorted(self._entries.items())
+
+    def in_order(self) -> list[tuple[str, T]]:
+        """Entries in registration order (for messages that list what exists in a fixed order)."""
+        return list(self._entries.items())

@@ -5,10 +5,10 @@ is read) and the recipe; it resolves the plan exactly as ``mpq quantize`` does (
 the output format's checks included), then models the run:
 
 **Artifact size** (exact for ``--format mpq`` up to the header): every quantized layer's stored
-tensors computed from its shape with the native codec's layout (mpq.checkpoint.native_codec: int
-codes packed in int32 words, fp32 scales, packed zero points, int32 g_idx under GPTQ act-order;
-fp8/nf4/microscaled layouts likewise); compressed-tensors and GPTQ v1 with their own layouts
-(scales in the model's dtype / float16).  Every other tensor of the state dict (embeddings, norms,
+tensors computed from its shape by its number format (``stored_bytes`` of the format object in
+mpq.numerics: the native layout, e.g. int codes packed in int32 words, fp32 scales, packed zero
+points, int32 g_idx under GPTQ act-order; compressed-tensors and GPTQ v1 with their own layouts,
+scales in the model's dtype / float16).  Every other tensor of the state dict (embeddings, norms,
 biases, an untied head) at the load dtype, tied tensors once.  The safetensors header (one JSON
 entry per tensor plus mpq's metadata, the plan being the largest) is estimated from the plan.
 
@@ -74,7 +74,6 @@ writing the weights at :data:`IO_BYTES_PER_SECOND`.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -84,7 +83,6 @@ from typing import Any
 import torch
 
 from mpq.errors import ResourceError
-from mpq.numerics.packing import packed_width
 from mpq.config.plan import Plan
 
 MiB = 1 << 20
@@ -255,41 +253,16 @@ def _act_order(scheme) -> bool:
 
 def quantized_layer_bytes(scheme, shape: tuple[int, int], output_format: str = "mpq",
                           dtype_bytes: int = 4) -> int:
-    """Bytes of one quantized layer's stored tensors (its weight only; a bias is dense)."""
-    from mpq.checkpoint.native_codec import _scale_shape
-    from mpq.numerics.nf4 import DQ_BLOCK
-    from mpq.numerics.args import NF4_BLOCK
+    """Bytes of one quantized layer's stored tensors (its weight only; a bias is dense), as its
+    number format counts them in ``output_format`` (scales in ``dtype_bytes`` bytes where that
+    format stores them in the model's dtype)."""
+    from mpq.numerics.base import NUMBER_FORMATS
 
     args = scheme.weights
-    n, k = shape
-    fmt = args.format
-    rows, groups = _scale_shape(args, shape)
-    scales = rows * groups
-    grouped = args.granularity == "group"
-    g_idx = 4 * k if _act_order(scheme) and grouped else 0
-    if fmt in ("fp8_e4m3", "fp8_e5m2"):
-        scale_bytes = 4 if output_format == "mpq" else dtype_bytes
-        return n * k + scale_bytes * scales
-    if fmt in ("mxfp4", "nvfp4"):
-        return n * k // 2 + n * args.num_groups(k) + (4 if fmt == "nvfp4" else 0)
-    if fmt == "mxfp8":
-        return n * k + n * args.num_groups(k)
-    if fmt == "nf4":
-        m = n * (k // NF4_BLOCK)
-        codes = 4 * n * packed_width(k, 4)
-        return codes + (m + 4 * math.ceil(m / DQ_BLOCK) + 4 if args.double_quant else 4 * m)
-    bits = args.bits  # int
-    zero_words = 0 if args.symmetric else packed_width(rows, bits) * groups
-    if output_format == "gptq":
-        g = groups if grouped else 1
-        return (4 * packed_width(k, bits) * n + 4 * g * packed_width(n, bits) + 2 * g * n
-                + 4 * k)
-    if output_format == "compressed-tensors":
-        acts = scheme.input_activations
-        if acts is not None:  # int-quantized: int8 codes and zero points, unpacked
-            return n * k + dtype_bytes * scales + (0 if args.symmetric else scales)
-        return 4 * n * packed_width(k, bits) + dtype_bytes * scales + 4 * zero_words + 16
-    return 4 * n * packed_width(k, bits) + 4 * scales + 4 * zero_words + g_idx
+    return NUMBER_FORMATS.get(args.format).stored_bytes(
+        args, shape, output_format, dtype_bytes=dtype_bytes,
+        act_order=_act_order(scheme) and args.granularity == "group",
+        quantized_inputs=scheme.input_activations is not None)
 
 
 def _header_bytes(plan: Plan, tensor_names: list[str], recipe_text: str) -> int:

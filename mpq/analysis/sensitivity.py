@@ -25,7 +25,7 @@ calibration tokens, in nats.  Two measures:
   diagonal needs.  ``benchmarks/sensitivity_agreement.py`` measures its rank agreement with ``kl``.
 
 Bytes are those of the native format (:func:`mpq.analysis.estimate.quantized_layer_bytes`); bits per weight
-are the unpadded encoding's (:func:`mpq.checkpoint.native_codec.ideal_bits`: codes + scales + zeros).
+are the unpadded encoding's (the number format's ``ideal_bits``: codes + scales + zeros).
 The table (:class:`SensitivityTable`) is JSON (``mpq sensitivity -o``) that ``mpq quantize
 --sensitivity`` reads back.
 """
@@ -98,10 +98,11 @@ def layer_cost(scheme: LayerScheme, shape: tuple[int, int], output_format: str =
                ) -> tuple[float, int]:
     """(bits per weight of the unpadded encoding, stored bytes in ``output_format``)."""
     from mpq.analysis.estimate import _act_order, quantized_layer_bytes
-    from mpq.checkpoint.native_codec import ideal_bits
+    from mpq.numerics.base import NUMBER_FORMATS
 
-    bits = ideal_bits(scheme.weights, shape, act_order=_act_order(scheme)
-                      and scheme.weights.granularity == "group")
+    args = scheme.weights
+    bits = NUMBER_FORMATS.get(args.format).ideal_bits(
+        args, shape, act_order=_act_order(scheme) and args.granularity == "group")
     return bits, quantized_layer_bytes(scheme, shape, output_format)
 
 

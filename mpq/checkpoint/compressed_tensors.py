@@ -30,8 +30,14 @@ Linears go to ``ignore``.  A mix of per-layer formats makes the top-level format
 ``mixed-precision``.  mpq's metadata stays out of the scheme args (which reject unknown keys): it
 is in the safetensors header and config.json's top-level ``mpq`` key.
 
-Not expressible (refused, layer by layer): nf4, fp8_e5m2, asymmetric per-tensor int, and
-act-order without static groups (compressed-tensors ≥ 0.20 stores no g_idx).
+Which number format maps to what is the format's own record
+(``NumberFormat.compressed_tensors``, :class:`mpq.numerics.mappings.CompressedTensorsMapping`):
+its type, layout (``int``, ``float`` or its ``native`` tensors renamed), per-layer formats,
+strategy and scale dtype; or :class:`~mpq.numerics.mappings.NotExpressible` with the reason.  Not
+expressible (refused, layer by layer): formats without a mapping (nf4, fp8_e5m2, ...), asymmetric
+zero points at a granularity the mapping does not store them (per-tensor int), quantized inputs
+where the mapping has no such format (mxfp4, mxfp8, nvfp4), and act-order without static groups
+(compressed-tensors ≥ 0.20 stores no g_idx).
 """
 from __future__ import annotations
 
@@ -46,8 +52,9 @@ from mpq.checkpoint.state import ArtifactState
 from mpq.checkpoint.writers import WRITERS, FolderContents, dense_group, mpq_config_key
 from mpq.numerics.packing import pack_cols
 from mpq.config.plan import LayerPlan, Plan
-from mpq.numerics.base import QuantizedWeight
+from mpq.numerics.base import NUMBER_FORMATS, QuantizedWeight
 from mpq.numerics.args import FP8_BLOCK, ActivationArgs, WeightArgs
+from mpq.numerics.mappings import CompressedTensorsMapping
 from mpq.config.scheme import LayerScheme
 
 CT_VERSION = "0.20.0"
@@ -56,23 +63,23 @@ VLLM_INT_BITS = (4, 8)
 VLLM_GROUPS = (None, 32, 64, 128)  # None: per channel
 
 
-MICRO = {  # mpq format → (compressed-tensors format, strategy, scale_dtype)
-    "mxfp4": ("mxfp4-pack-quantized", "group", "torch.uint8"),
-    "mxfp8": ("mxfp8-quantized", "group", "torch.uint8"),
-    "nvfp4": ("nvfp4-pack-quantized", "tensor_group", "torch.float8_e4m3fn"),
-}
-FLOAT_FORMATS = ("fp8_e4m3", *MICRO)
+def mapping_of(args: WeightArgs | ActivationArgs) -> CompressedTensorsMapping:
+    """The compressed-tensors record of ``args``' number format (expressible ones only)."""
+    mapping = NUMBER_FORMATS.get(args.format).compressed_tensors
+    if not isinstance(mapping, CompressedTensorsMapping):
+        raise FormatError(f"{mapping.reason}")
+    return mapping
 
 
 def weight_args(args: WeightArgs, options: dict) -> dict:
     """compressed-tensors QuantizationArgs (as JSON) for mpq's weight args."""
-    out = {"num_bits": args.bits, "type": "int" if args.format == "int" else "float",
+    mapping = mapping_of(args)
+    out = {"num_bits": args.bits, "type": mapping.type,
            "symmetric": args.symmetric, "group_size": None, "block_structure": None,
            "dynamic": False, "actorder": "weight" if options.get("act_order") else None}
-    if args.format in MICRO:
-        _, strategy, scale_dtype = MICRO[args.format]
-        return {**out, "strategy": strategy, "group_size": args.group_size,
-                "scale_dtype": scale_dtype}
+    if mapping.strategy is not None:  # fixed by the format (the microscaled ones)
+        return {**out, "strategy": mapping.strategy, "group_size": args.group_size,
+                "scale_dtype": mapping.scale_dtype}
     if args.granularity == "block":
         return {**out, "strategy": "block", "block_structure": [FP8_BLOCK, FP8_BLOCK]}
     return {**out, "strategy": args.granularity,
@@ -80,33 +87,29 @@ def weight_args(args: WeightArgs, options: dict) -> dict:
 
 
 def activation_args(acts: ActivationArgs) -> dict:
-    return {"num_bits": acts.bits, "type": "int" if acts.format == "int" else "float",
+    return {"num_bits": acts.bits, "type": mapping_of(acts).type,
             "symmetric": True, "strategy": acts.granularity, "group_size": None,
             "block_structure": None, "dynamic": acts.dynamic, "actorder": None}
 
 
 def layer_format(scheme: LayerScheme) -> str:
     """compressed-tensors' per-layer format for ``scheme`` (its own inference order)."""
-    fmt = scheme.weights.format
-    if fmt in MICRO:
-        return MICRO[fmt][0]
-    if scheme.input_activations is not None:
-        return "int-quantized" if fmt == "int" else "float-quantized"
-    return "pack-quantized" if fmt == "int" else "naive-quantized"
+    return mapping_of(scheme.weights).layer_format(scheme.input_activations is not None)
 
 
 def why_unsupported(layer: LayerPlan) -> str | None:
     scheme = layer.scheme
     args = scheme.weights
     options = dict(scheme.options)
-    if args.format not in ("int", *FLOAT_FORMATS):
-        return f"{args.format} weights have no compressed-tensors format mpq writes"
-    if args.format in MICRO and scheme.input_activations is not None:
+    mapping = NUMBER_FORMATS.get(args.format).compressed_tensors
+    if not isinstance(mapping, CompressedTensorsMapping):
+        return mapping.reason
+    if mapping.layer_format(scheme.input_activations is not None) is None:
         return f"input activation quantization with {args.format} weights (mpq quantizes " \
                "activations to int or fp8 only)"
-    if args.format == "int" and not args.symmetric and args.granularity == "tensor":
-        return "asymmetric per-tensor int weights (compressed-tensors packs zero points only " \
-               "per channel or group)"
+    if not args.symmetric and args.granularity not in mapping.zero_points:
+        return f"asymmetric per-{args.granularity} {args.format} weights (compressed-tensors " \
+               f"packs zero points only per {' or '.join(mapping.zero_points)})"
     if options.get("act_order") and not options.get("static_groups") \
             and args.granularity == "group":
         return "act_order without static_groups needs a g_idx, which compressed-tensors " \
@@ -163,20 +166,14 @@ def layer_tensors(qw: QuantizedWeight, scheme: LayerScheme, dtype: torch.dtype
     """One quantized layer's tensors under compressed-tensors' local names."""
     args = qw.args
     n, k = qw.shape
-    fmt = layer_format(scheme)
-    if args.format in MICRO:  # the native encoding already has compressed-tensors' layout
-        native = encode(qw)
-        out = {"weight_scale": native["scale"]}
-        if "packed" in native:
-            out["weight_packed"] = native["packed"]
-        else:
-            out["weight"] = native["weight"]
-        if "global_scale" in native:
-            out["weight_global_scale"] = native["global_scale"]
-        return out
+    mapping = mapping_of(args)
+    fmt = mapping.layer_format(scheme.input_activations is not None)
+    if mapping.layout == "native":  # the native encoding already has compressed-tensors' layout
+        names = dict(mapping.names)
+        return {names[key]: tensor for key, tensor in encode(qw).items()}
     scale = qw.scale.to(dtype)
     scale = scale.reshape(1) if args.granularity == "tensor" else scale.contiguous()
-    if fmt in ("float-quantized", "naive-quantized"):
+    if mapping.layout == "float":
         return {"weight": qw.codes.contiguous(), "weight_scale": scale}
     offset = 1 << (args.bits - 1)
     out = {"weight_scale": scale}
@@ -197,7 +194,8 @@ def vllm_int_kernel_problems(plan: Plan) -> list[str]:
     reasons: dict[str, list[str]] = defaultdict(list)
     for layer in plan.quantized():
         args = layer.scheme.weights
-        if args.format != "int":
+        mapping = NUMBER_FORMATS.get(args.format).compressed_tensors
+        if not isinstance(mapping, CompressedTensorsMapping) or mapping.layout != "int":
             continue
         n, k = layer.shape
         if not args.symmetric:

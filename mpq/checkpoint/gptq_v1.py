@@ -13,10 +13,12 @@ Per quantized Linear ``<p>`` (K in, N out, b bits, G groups):
 static_groups, true_sequential, quant_method and checkpoint_format; config.json's
 ``quantization_config`` mirrors it.
 
-What v1 cannot express (refused): formats other than int, 3/5/6/7 bits (their v1 packing
-differs), input activation or KV-cache quantization, layers with differing bits/group/symmetry (one
-quantize_config), a decoder-block Linear left unquantized (loaders replace every one), a quantized
-layer outside the blocks (lm_head), and a zero point of 0 (stored −1, which v1 loaders misread).
+What v1 cannot express (refused): number formats whose ``gptq_v1`` record is
+:class:`~mpq.numerics.mappings.NotExpressible` (all but int; the record gives the reason),
+3/5/6/7 bits (their v1 packing differs), input activation or KV-cache quantization, layers with
+differing bits/group/symmetry (one quantize_config), a decoder-block Linear left unquantized
+(loaders replace every one), a quantized layer outside the blocks (lm_head), and a zero point
+of 0 (stored −1, which v1 loaders misread).
 Scales are rounded to float16, the format's dtype: the converter reports the largest relative
 change (``mpq.gptq_scale_rounding`` in the header).
 """
@@ -31,7 +33,8 @@ from mpq.checkpoint.state import ArtifactState
 from mpq.checkpoint.writers import WRITERS, FolderContents, dense_group, mpq_config_key
 from mpq.numerics.packing import pack_rows
 from mpq.config.plan import Plan
-from mpq.numerics.base import QuantizedWeight
+from mpq.numerics.base import NUMBER_FORMATS, QuantizedWeight
+from mpq.numerics.mappings import NotExpressible
 
 FORMAT_NAME = "gptq"
 V1_BITS = (2, 4, 8)
@@ -115,8 +118,8 @@ class GptqV1Writer:
             if layer.block is None:
                 problems.append(f"{layer.name}: quantized outside the decoder blocks "
                                 "(GPTQ v1 has no quantized lm_head)")
-            elif args.format != "int":
-                problems.append(f"{layer.name}: {args.format} weights (GPTQ stores int codes)")
+            elif isinstance(mapping := NUMBER_FORMATS.get(args.format).gptq_v1, NotExpressible):
+                problems.append(f"{layer.name}: {mapping.reason}")
             elif args.bits not in V1_BITS:
                 problems.append(f"{layer.name}: {args.bits}-bit weights (mpq writes v1 with "
                                 "2, 4 or 8 bits)")

@@ -11,7 +11,8 @@ from typing import Any, Collection, Mapping
 import yaml
 
 from mpq.errors import RecipeError, SchemeError, did_you_mean
-from mpq.numerics.args import FIXED_BLOCK_FORMATS, ActivationArgs, WeightArgs
+from mpq.numerics.args import ActivationArgs, WeightArgs
+from mpq.numerics.format import NUMBER_FORMATS
 
 WEIGHT_KEYS = tuple(f.name for f in fields(WeightArgs))
 ACTIVATION_KEYS = tuple(f.name for f in fields(ActivationArgs))
@@ -137,22 +138,18 @@ def parse_weight_overlay(value: Any, at: YamlPath) -> dict[str, Any]:
 def overlay_weights(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
     """Merge one ``weights:`` level key-wise over ``base``.
 
-    When the level sets ``format``, fields it leaves out follow the format: fp8_* → 8 bits,
-    symmetric, per-channel instead of group; nf4, mxfp4, mxfp8, nvfp4 → their bits, symmetric,
-    group of their fixed size (64, 32, 32, 16); any format other than nf4 → no double_quant.
+    When the level sets ``format``, fields it leaves out follow the format
+    (``NumberFormat.implied_weights``): fp8_* → 8 bits, symmetric, per-channel instead of group;
+    nf4, mxfp4, mxfp8, nvfp4 → their bits, symmetric, group of their fixed size (64, 32, 32, 16);
+    any format other than nf4 → no double_quant.
     Fields the level gives are never changed, so conflicts still raise.
     """
     merged = {**base, **overlay}
     fmt = overlay.get("format")
     implied: dict[str, Any] = {}
-    if isinstance(fmt, str) and fmt.startswith("fp8"):
-        implied = {"bits": 8, "symmetric": True}
-        if merged.get("granularity") == "group":
-            implied["granularity"] = "channel"
-    elif fmt in FIXED_BLOCK_FORMATS:
-        bits, block = FIXED_BLOCK_FORMATS[fmt]
-        implied = {"bits": bits, "symmetric": True, "granularity": "group", "group_size": block}
-    if fmt is not None and fmt != "nf4":
+    if isinstance(fmt, str) and fmt in NUMBER_FORMATS:
+        implied = NUMBER_FORMATS.get(fmt).implied_weights(merged)
+    elif fmt is not None:  # unknown: WeightArgs names the formats
         implied["double_quant"] = False
     for key, item in implied.items():
         if key not in overlay:
@@ -183,12 +180,16 @@ def parse_activation_overlay(value: Any, at: YamlPath) -> dict[str, Any] | None:
 def overlay_activations(base: Mapping[str, Any] | None, overlay: Mapping[str, Any] | None
                         ) -> dict[str, Any] | None:
     """Merge one ``input_activations:`` level over ``base`` (None = off).  Fields a level leaves
-    out follow what it gives: fp8_e4m3 → 8 bits; dynamic false → granularity tensor."""
+    out follow what it gives: a format of fixed width (fp8_e4m3) → its bits; dynamic false →
+    granularity tensor."""
     if overlay is None:
         return None
     merged = {**(base or asdict(ActivationArgs())), **overlay}
-    if overlay.get("format") == "fp8_e4m3" and "bits" not in overlay:
-        merged["bits"] = 8
+    fmt = overlay.get("format")
+    if isinstance(fmt, str) and fmt in NUMBER_FORMATS and "bits" not in overlay:
+        number_format = NUMBER_FORMATS.get(fmt)
+        if number_format.activations and number_format.bits is not None:
+            merged["bits"] = number_format.bits
     if overlay.get("dynamic") is False and "granularity" not in overlay:
         merged["granularity"] = "tensor"
     return merged

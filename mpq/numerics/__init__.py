@@ -1,6 +1,16 @@
-"""Number formats as pure tensor functions (grids, packing, activation fake-quantization).
+"""Number formats as objects (int, fp8, nf4, MX, NVFP4 grids), packing, activation
+fake-quantization: pure tensor functions; nothing here walks a model.
 
-Nothing here walks a model.  Importing this package registers the built-in number formats.
+Importing this package registers the built-in number formats (:mod:`mpq.numerics.format`), in
+the order in which messages list them.  A new format is one module defining its
+:class:`~mpq.numerics.format.NumberFormat` object plus one entry here.
 """
-from mpq.numerics import fp8, int_grid, nf4  # noqa: F401  (registration side effects)
-from mpq.numerics import microscaling, nvfp4  # noqa: F401  (mxfp4, mxfp8, nvfp4)
+from mpq.numerics.format import NUMBER_FORMATS
+from mpq.numerics.fp8 import FP8_E4M3, FP8_E5M2
+from mpq.numerics.int_grid import INT_GRID
+from mpq.numerics.microscaling import MXFP4, MXFP8
+from mpq.numerics.nf4 import NF4
+from mpq.numerics.nvfp4 import NVFP4
+
+for _format in (INT_GRID, FP8_E4M3, FP8_E5M2, NF4, MXFP4, MXFP8, NVFP4):
+    NUMBER_FORMATS.register(_format.name)(_format)

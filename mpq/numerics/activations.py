@@ -1,7 +1,8 @@
 """Activation quantization as it happens at inference: quantize a linear's input, dequantize it,
 then the matmul (fake quantization; the result equals a W·A kernel's up to accumulation order).
 
-Grids, per :class:`mpq.numerics.args.ActivationArgs`:
+Grids, per :class:`mpq.numerics.args.ActivationArgs`: the number format's
+(:meth:`~mpq.numerics.format.NumberFormat.activation_half_range` and ``activation_grid``), e.g.
 
 - ``int`` b bits, symmetric: q ∈ [−2^(b−1), 2^(b−1)−1], scale = absmax / ((q_max − q_min)/2)
   (the weight grid's convention, so −absmax lands on q_min), x̂ = clamp(round(x/scale))·scale.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from mpq.numerics.args import ActivationArgs
+from mpq.numerics.format import NUMBER_FORMATS
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 EPS = float(torch.finfo(torch.float32).eps)
@@ -24,9 +26,7 @@ EPS = float(torch.finfo(torch.float32).eps)
 
 def grid_half_range(args: ActivationArgs) -> float:
     """absmax / scale: 448 for fp8_e4m3, (q_max − q_min)/2 = 2^(b−1) − 0.5 for int."""
-    if args.format == "fp8_e4m3":
-        return FP8_MAX
-    return ((1 << (args.bits - 1)) - 1 + (1 << (args.bits - 1))) / 2
+    return NUMBER_FORMATS.get(args.format).activation_half_range(args.bits)
 
 
 def static_scale(absmax: torch.Tensor | float, args: ActivationArgs) -> torch.Tensor:
@@ -37,11 +37,7 @@ def static_scale(absmax: torch.Tensor | float, args: ActivationArgs) -> torch.Te
 
 
 def _on_grid(x: torch.Tensor, scale: torch.Tensor, args: ActivationArgs) -> torch.Tensor:
-    if args.format == "fp8_e4m3":
-        y = (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32)
-        return y.mul_(scale)
-    qmin, qmax = -(1 << (args.bits - 1)), (1 << (args.bits - 1)) - 1
-    return torch.round(x / scale).clamp_(qmin, qmax).mul_(scale)
+    return NUMBER_FORMATS.get(args.format).activation_grid(x / scale, args.bits).mul_(scale)
 
 
 def fake_quantize(x: torch.Tensor, args: ActivationArgs,

@@ -1,26 +1,27 @@
-"""The canonical quantized weight and the number-format contract.
+"""The canonical quantized weight: :class:`QuantizedWeight` is the quantized state of one weight,
+independent of any file format, so one state feeds the native, compressed-tensors and GPTQ
+writers.  Int codes are *unsigned* (offset-binary, u = q + 2^(b-1)).
 
-- :class:`QuantizedWeight` is the canonical quantized state of one weight, independent of any file
-  format.  Int codes are *unsigned* (offset-binary, u = q + 2^(b-1)), so one state feeds the native,
-  compressed-tensors and GPTQ writers.
-- A :class:`NumberFormat` owns the grid: RTN quantization and dequantization of a whole tensor.
+The number-format contract and its registry live in :mod:`mpq.numerics.format`
+(``NUMBER_FORMATS`` is re-exported here).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from mpq.registry import Registry
 from mpq.numerics.args import WeightArgs
+from mpq.numerics.format import NUMBER_FORMATS
 
 
 @dataclass
 class QuantizedWeight:
     """One quantized weight of logical shape [N=out, K=in].
 
-    Fields by format (G = number of groups along K, 1 for tensor/channel):
+    The number format's module (mpq/numerics/) documents its fields; the built-in ones
+    (G = number of groups along K, 1 for tensor/channel):
     - int: ``codes`` uint8 [N, K] in 0..2^b-1; ``scale`` fp32 [N, G] (tensor: [1, 1]);
       ``zero`` None when symmetric (implicit 2^(b-1)), else int32 [N, G] in the unsigned domain.
       x̂ = (u − zero) · scale.
@@ -60,15 +61,3 @@ class QuantizedWeight:
                        g_idx=move(self.g_idx),
                        extras={k: v.to(device) for k, v in self.extras.items()})
 
-
-class NumberFormat(Protocol):
-    """A grid: round-to-nearest quantization of a whole [N, K] tensor and its inverse."""
-
-    name: str
-
-    def quantize(self, weight: torch.Tensor, args: WeightArgs) -> QuantizedWeight: ...
-
-    def dequantize(self, qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor: ...
-
-
-NUMBER_FORMATS: Registry[NumberFormat] = Registry("number format")

@@ -18,15 +18,34 @@ Note that the symmetric grid is not clipped at absmax: x = −absmax lands on q_
 exceed absmax by scale/2.  Every element is reconstructed within scale/2 (plus fp32 rounding).
 
 :func:`int_params`, :func:`int_quantize_codes` and :func:`int_dequantize_codes` are pure functions
-of an [N, k] slice so that GPTQ can call them group by group / column by column.
+of an [N, k] slice so that GPTQ can call them group by group / column by column
+(:class:`IntColumns`).
+
+Native tensors (local keys; S = scale rows, 1 for tensor granularity, else N; G groups):
+``qweight`` int32 [N, ceil(K·b/32)] = :func:`mpq.numerics.packing.pack_rows` of the unsigned
+codes; ``scale`` fp32 [S, G]; ``zero`` int32 [ceil(S·b/32), G] =
+:func:`mpq.numerics.packing.pack_cols` of the unsigned zero points (asymmetric only); ``g_idx``
+int32 [K] (act-order only).  compressed-tensors stores int as ``pack-quantized`` (or
+``int-quantized`` with quantized inputs), GPTQ v1 as its qweight/qzeros/scales.
+
+As activations (:mod:`mpq.numerics.activations`): b bits symmetric,
+scale = absmax/(2^(b−1) − ½), x̂ = clamp(round(x/scale))·scale.
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 
-from mpq.errors import SchemeError
-from mpq.numerics.base import NUMBER_FORMATS, QuantizedWeight
+from mpq.errors import ArtifactError, SchemeError
+from mpq.numerics.base import QuantizedWeight
 from mpq.numerics.args import WeightArgs
+from mpq.numerics.format import NumberFormat, ParamChooser
+from mpq.numerics.mappings import CompressedTensorsMapping, GptqV1Mapping
+from mpq.numerics.packing import pack_cols, pack_rows, packed_width, unpack_cols, unpack_rows
+from mpq.numerics.stored import FLOAT_SCALES, take
+
+INT_BITS = range(2, 9)
 
 
 def int_range(bits: int) -> tuple[int, int]:
@@ -128,10 +147,94 @@ def int_dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero_u: torch
     return u * _per_column(scale.to(torch.float32), k, g_idx)
 
 
-class IntGrid:
+class IntColumns:
+    """GPTQ's int grid, one column at a time (:class:`mpq.numerics.format.ColumnGrid`).  Params
+    are stored as rows [G, N] (transposed); ``choose_params`` (clip search) replaces
+    :func:`int_params` wherever params are computed."""
+
+    act_order = True
+    clip_search = True
+
+    @classmethod
+    def check(cls, args: WeightArgs) -> None:
+        """Every int args can be solved."""
+
+    def __init__(self, args: WeightArgs, w0: torch.Tensor, num_groups: int, dynamic: bool,
+                 choose_params: ParamChooser | None = None):
+        n, k = w0.shape
+        self.args, self.off = args, 1 << (args.bits - 1)
+        self.qmin, self.qmax = int_range(args.bits)
+        self.choose = choose_params
+        self.codes = torch.empty((k, n), dtype=torch.uint8, device=w0.device)
+        if dynamic:
+            self.scale = torch.empty((num_groups, n), dtype=torch.float32, device=w0.device)
+            self.zero = None if args.symmetric else torch.empty_like(self.scale, dtype=torch.int32)
+            self.zs = None if args.symmetric else torch.empty_like(self.scale)  # signed zero, fp32
+            return
+        scale, zero = self._params(w0, 0, k)  # [1|N, 1|G]
+        self.scale = scale.t().contiguous()
+        self.zero = None if zero is None else zero.t().contiguous()
+        self.zs = None if zero is None else (self.zero - self.off).to(torch.float32)
+
+    def _params(self, cols: torch.Tensor, lo: int, hi: int):
+        if self.choose is None:
+            return int_params(cols, self.args)
+        return self.choose(cols, lo, hi)
+
+    def set_group(self, g: int, cols: torch.Tensor) -> None:
+        gs = cols.shape[1]
+        scale, zero = self._params(cols, g * gs, (g + 1) * gs)  # [N, 1]
+        self.scale[g] = scale[:, 0]
+        if zero is not None:
+            self.zero[g] = zero[:, 0]
+            self.zs[g] = (zero[:, 0] - self.off).to(torch.float32)
+
+    def column(self, p: int, g: int, w: torch.Tensor) -> torch.Tensor:
+        s = self.scale[g]
+        x = w / s
+        if self.zs is None:  # same ops as int_quantize_codes / int_dequantize_codes
+            q = torch.round(x).clamp_(self.qmin, self.qmax)
+            self.codes[p] = q + self.off
+            return q * s
+        zs = self.zs[g]
+        q = torch.round(x.add_(zs)).clamp_(self.qmin, self.qmax)
+        self.codes[p] = q + self.off
+        return (q - zs) * s
+
+    def params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        zero = None if self.zero is None else self.zero.t().contiguous()
+        return self.scale.t().contiguous(), zero
+
+
+class IntGrid(NumberFormat):
     """The ``int`` number format (stateless)."""
 
     name = "int"
+    granularities = ("tensor", "channel", "group")
+    symmetric_only = False
+    awq_clip = True
+    activations = True
+    gptq_columns = IntColumns
+    compressed_tensors = CompressedTensorsMapping(
+        type="int", layout="int", format="pack-quantized", format_with_inputs="int-quantized",
+        zero_points=("channel", "group"))
+    gptq_v1 = GptqV1Mapping()
+
+    def check_bits(self, bits: int, *, activation: bool = False) -> None:
+        if bits in INT_BITS:
+            return
+        if activation:
+            raise SchemeError(f"int activation bits must be 2..8, got {bits}")
+        raise SchemeError(f"int bits must be 2..8, got {bits}",
+                          hint="e.g. bits: 4 or bits: 8; for other widths choose another "
+                               "format (fp8_e4m3, nf4, mxfp4, ...)")
+
+    def bits_label(self, bits: int) -> str:
+        return f"int{bits}"
+
+    def describe(self, args: WeightArgs) -> str:
+        return (f"{self.bits_label(args.bits)} {'sym' if args.symmetric else 'asym'}"
+                + args.granularity_label())
 
     def quantize(self, weight: torch.Tensor, args: WeightArgs) -> QuantizedWeight:
         w = prepare_weight(weight, args, self.name)
@@ -144,5 +247,64 @@ class IntGrid:
         return int_dequantize_codes(qw.codes, qw.scale, qw.zero, qw.args.bits,
                                     qw.g_idx).to(dtype)
 
+    def activation_half_range(self, bits: int) -> float:
+        """(q_max − q_min)/2 = 2^(b−1) − 0.5."""
+        return ((1 << (bits - 1)) - 1 + (1 << (bits - 1))) / 2
 
-INT_GRID = NUMBER_FORMATS.register("int")(IntGrid())
+    def activation_grid(self, y: torch.Tensor, bits: int) -> torch.Tensor:
+        qmin, qmax = int_range(bits)
+        return torch.round(y).clamp_(qmin, qmax)
+
+    def encode(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        bits = qw.args.bits
+        out = {"qweight": pack_rows(qw.codes.to(torch.uint8), bits),
+               "scale": qw.scale.to(torch.float32).contiguous()}
+        if qw.zero is not None:
+            out["zero"] = pack_cols(qw.zero.to(torch.uint8), bits)
+        if qw.g_idx is not None:
+            out["g_idx"] = qw.g_idx.to(torch.int32).contiguous()
+        return out
+
+    def decode(self, tensors: Mapping[str, torch.Tensor], args: WeightArgs,
+               shape: tuple[int, int], prefix: str = "") -> QuantizedWeight:
+        n, k = shape
+        bits = args.bits
+        qweight = take(tensors, "qweight", (n, packed_width(k, bits)), (torch.int32,), prefix)
+        codes = unpack_rows(qweight, bits, k)
+        sshape = args.scale_shape(shape)
+        scale = take(tensors, "scale", sshape, FLOAT_SCALES, prefix).to(torch.float32)
+        zero = None
+        if not args.symmetric:
+            packed = take(tensors, "zero", (packed_width(sshape[0], bits), sshape[1]),
+                          (torch.int32,), prefix)
+            zero = unpack_cols(packed, bits, sshape[0]).to(torch.int32)
+        g_idx = None
+        if "g_idx" in tensors:
+            g_idx = take(tensors, "g_idx", (k,), (torch.int32, torch.int64), prefix).to(torch.int32)
+            if k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= sshape[1]):
+                raise ArtifactError(f"tensor '{prefix}g_idx' has values outside [0, {sshape[1]})")
+        return QuantizedWeight(args=args, shape=shape, codes=codes, scale=scale, zero=zero,
+                               g_idx=g_idx)
+
+    def native_bytes(self, args: WeightArgs, shape: tuple[int, int], *,
+                     act_order: bool = False) -> int:
+        n, k = shape
+        rows, groups = args.scale_shape(shape)
+        zero_words = 0 if args.symmetric else packed_width(rows, args.bits) * groups
+        g_idx = 4 * k if act_order else 0
+        return 4 * n * packed_width(k, args.bits) + 4 * rows * groups + 4 * zero_words + g_idx
+
+    def ideal_bits(self, args: WeightArgs, shape: tuple[int, int], *,
+                   act_order: bool = False) -> float:
+        n, k = shape
+        rows, groups = args.scale_shape(shape)
+        scales = rows * groups
+        total = args.bits * n * k + 32 * scales
+        if not args.symmetric:
+            total += args.bits * scales
+        if act_order:
+            total += 32 * k
+        return total / (n * k)
+
+
+INT_GRID = IntGrid()

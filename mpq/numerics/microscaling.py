@@ -20,17 +20,32 @@ overflows to an infinite scale; here E stays finite (at most 253).
 
 ``QuantizedWeight.scale`` holds the biased exponents E as uint8 [N, K/32], compressed-tensors'
 stored ``weight_scale``; :func:`e8m0_to_float` turns them into fp32 powers of two.
+
+Native tensors (local keys), also compressed-tensors' own (``mxfp4-pack-quantized``,
+``mxfp8-quantized``; renamed ``weight_packed`` / ``weight`` / ``weight_scale``): mxfp4
+``packed`` uint8 [N, K/2], the E2M1 codes two per byte
+(:func:`mpq.numerics.packing.pack_nibbles`: element 2j in the low nibble of byte j); mxfp8
+``weight`` float8_e4m3fn [N, K]; both ``scale`` uint8 [N, K/32] E8M0 biased exponents (255,
+E8M0's NaN, is refused when read).  RTN only; GPTQ v1 cannot store them.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable, Mapping
 
 import torch
 
-from mpq.numerics.base import NUMBER_FORMATS, QuantizedWeight
+from mpq.errors import ArtifactError
+from mpq.numerics.base import QuantizedWeight
 from mpq.numerics.fp4 import E2M1_MAX, e2m1_decode, e2m1_encode
 from mpq.numerics.int_grid import prepare_weight
-from mpq.numerics.args import MX_BLOCK, WeightArgs
+from mpq.numerics.args import WeightArgs
+from mpq.numerics.format import NumberFormat
+from mpq.numerics.mappings import CompressedTensorsMapping, NotExpressible
+from mpq.numerics.packing import pack_nibbles, unpack_nibbles
+from mpq.numerics.stored import take
+
+MX_BLOCK = 32  # OCP microscaling blocks of 32 input columns
 
 E8M0_BIAS = 127
 E8M0_NAN = 255  # the E8M0 encoding of NaN: never produced, refused when read
@@ -52,20 +67,41 @@ def e8m0_to_float(e: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
+def check_e8m0(scale: torch.Tensor, prefix: str) -> None:
+    """ArtifactError when stored E8M0 exponents hold the NaN code."""
+    if scale.numel() and int(scale.max()) == E8M0_NAN:
+        raise ArtifactError(f"tensor '{prefix}scale' holds the E8M0 NaN code {E8M0_NAN}",
+                            hint="the artifact is damaged; re-run mpq quantize")
+
+
 def _fp8_encode(y: torch.Tensor) -> torch.Tensor:
     """E4M3 codes of scaled values, saturating (as :func:`mpq.numerics.fp8.fp8_codes`)."""
     fmax = torch.finfo(torch.float8_e4m3fn).max
     return y.to(torch.float32).clamp(-fmax, fmax).to(torch.float8_e4m3fn)
 
 
-class MxGrid:
+class MxGrid(NumberFormat):
     """One MX number format: element encode/decode and the element type's largest value."""
 
-    def __init__(self, name: str, elem_max: float, encode, decode):
+    block = MX_BLOCK
+
+    def __init__(self, name: str, bits: int, elem_max: float,
+                 encode: Callable[[torch.Tensor], torch.Tensor],
+                 decode: Callable[[torch.Tensor], torch.Tensor], ct_format: str):
+        """``bits`` 4: codes stored two per byte (``packed``); 8: fp8 codes (``weight``)."""
         self.name = name
+        self.bits = bits
         self.elem_max = elem_max
         self._encode = encode
         self._decode = decode
+        codes = ("packed", "weight_packed") if bits == 4 else ("weight", "weight")
+        self.compressed_tensors = CompressedTensorsMapping(
+            type="float", layout="native", format=ct_format, strategy="group",
+            scale_dtype="torch.uint8", names=(("scale", "weight_scale"), codes))
+        self.gptq_v1 = NotExpressible(f"{name} weights (GPTQ stores int codes)")
+
+    def describe(self, args: WeightArgs) -> str:
+        return self.name
 
     def quantize(self, weight: torch.Tensor, args: WeightArgs) -> QuantizedWeight:
         w = prepare_weight(weight, args, self.name)
@@ -80,8 +116,36 @@ class MxGrid:
         vals = self._decode(qw.codes).reshape(n, -1, MX_BLOCK)
         return (vals * e8m0_to_float(qw.scale).unsqueeze(-1)).reshape(n, k).to(dtype)
 
+    def encode(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        out = {"scale": qw.scale.to(torch.uint8).contiguous()}
+        if self.bits == 4:
+            out["packed"] = pack_nibbles(qw.codes.to(torch.uint8))
+        else:
+            out["weight"] = qw.codes.to(torch.float8_e4m3fn).contiguous()
+        return out
 
-MXFP4 = NUMBER_FORMATS.register("mxfp4")(MxGrid("mxfp4", E2M1_MAX, e2m1_encode, e2m1_decode))
-MXFP8 = NUMBER_FORMATS.register("mxfp8")(
-    MxGrid("mxfp8", torch.finfo(torch.float8_e4m3fn).max, _fp8_encode,
-           lambda codes: codes.to(torch.float32)))
+    def decode(self, tensors: Mapping[str, torch.Tensor], args: WeightArgs,
+               shape: tuple[int, int], prefix: str = "") -> QuantizedWeight:
+        n, k = shape
+        scale = take(tensors, "scale", (n, k // MX_BLOCK), (torch.uint8,), prefix)
+        if self.bits == 4:
+            codes = unpack_nibbles(take(tensors, "packed", (n, k // 2), (torch.uint8,), prefix))
+        else:
+            codes = take(tensors, "weight", shape, (torch.float8_e4m3fn,), prefix)
+        check_e8m0(scale, prefix)
+        return QuantizedWeight(args=args, shape=shape, codes=codes, scale=scale)
+
+    def native_bytes(self, args: WeightArgs, shape: tuple[int, int], *,
+                     act_order: bool = False) -> int:
+        n, k = shape
+        return n * k * self.bits // 8 + n * (k // MX_BLOCK)
+
+    def ideal_bits(self, args: WeightArgs, shape: tuple[int, int], *,
+                   act_order: bool = False) -> float:
+        n, k = shape
+        return (self.bits * n * k + 8 * n * (k // MX_BLOCK)) / (n * k)
+
+
+MXFP4 = MxGrid("mxfp4", 4, E2M1_MAX, e2m1_encode, e2m1_decode, "mxfp4-pack-quantized")
+MXFP8 = MxGrid("mxfp8", 8, torch.finfo(torch.float8_e4m3fn).max, _fp8_encode,
+               lambda codes: codes.to(torch.float32), "mxfp8-quantized")

@@ -16,15 +16,29 @@ it for the block scales, ``fake_quantize`` for the codes.  All arithmetic is fp3
 ``QuantizedWeight``: ``codes`` uint8 [N, K] E2M1 codes, ``scale`` torch.float8_e4m3fn [N, K/16]
 (compressed-tensors' ``weight_scale``), ``extras["global_scale"]`` fp32 [1] (its
 ``weight_global_scale``, same convention: dequantize with ``weight_scale / weight_global_scale``).
+
+Native tensors (local keys), also compressed-tensors' own ``nvfp4-pack-quantized`` (renamed
+``weight_packed`` / ``weight_scale`` / ``weight_global_scale``): ``packed`` uint8 [N, K/2] as
+mxfp4; ``scale`` float8_e4m3fn [N, K/16]; ``global_scale`` fp32 [1] (finite and > 0).  RTN only;
+GPTQ v1 cannot store it.
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 
-from mpq.numerics.base import NUMBER_FORMATS, QuantizedWeight
+from mpq.errors import ArtifactError
+from mpq.numerics.base import QuantizedWeight
 from mpq.numerics.fp4 import E2M1_MAX, e2m1_decode, e2m1_encode
 from mpq.numerics.int_grid import prepare_weight
-from mpq.numerics.args import NVFP4_BLOCK, WeightArgs
+from mpq.numerics.args import WeightArgs
+from mpq.numerics.format import NumberFormat
+from mpq.numerics.mappings import CompressedTensorsMapping, NotExpressible
+from mpq.numerics.packing import pack_nibbles, unpack_nibbles
+from mpq.numerics.stored import take
+
+NVFP4_BLOCK = 16
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 FP8_SCALE_EPS = 0.125  # compressed-tensors' replacement for an fp8 scale of 0
@@ -53,10 +67,21 @@ def effective_scale(scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Te
     return scale.to(torch.float32) / global_scale.to(torch.float32)
 
 
-class Nvfp4Grid:
+class Nvfp4Grid(NumberFormat):
     """The ``nvfp4`` number format (stateless)."""
 
     name = "nvfp4"
+    bits = 4
+    block = NVFP4_BLOCK
+    compressed_tensors = CompressedTensorsMapping(
+        type="float", layout="native", format="nvfp4-pack-quantized", strategy="tensor_group",
+        scale_dtype="torch.float8_e4m3fn",
+        names=(("scale", "weight_scale"), ("packed", "weight_packed"),
+               ("global_scale", "weight_global_scale")))
+    gptq_v1 = NotExpressible("nvfp4 weights (GPTQ stores int codes)")
+
+    def describe(self, args: WeightArgs) -> str:
+        return self.name
 
     def quantize(self, weight: torch.Tensor, args: WeightArgs) -> QuantizedWeight:
         w = prepare_weight(weight, args, self.name)
@@ -75,4 +100,35 @@ class Nvfp4Grid:
         return (vals * eff.unsqueeze(-1)).reshape(n, k).to(dtype)
 
 
-NVFP4 = NUMBER_FORMATS.register("nvfp4")(Nvfp4Grid())
+    def encode(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        return {"scale": qw.scale.to(torch.float8_e4m3fn).contiguous(),
+                "packed": pack_nibbles(qw.codes.to(torch.uint8)),
+                "global_scale": qw.extras["global_scale"].to(torch.float32).reshape(1).contiguous()}
+
+    def decode(self, tensors: Mapping[str, torch.Tensor], args: WeightArgs,
+               shape: tuple[int, int], prefix: str = "") -> QuantizedWeight:
+        n, k = shape
+        scale = take(tensors, "scale", (n, k // NVFP4_BLOCK), (torch.float8_e4m3fn,), prefix)
+        codes = unpack_nibbles(take(tensors, "packed", (n, k // 2), (torch.uint8,), prefix))
+        gs = take(tensors, "global_scale", (1,), (torch.float32,), prefix)
+        if not bool(torch.isfinite(gs).all() and (gs > 0).all()):
+            raise ArtifactError(f"tensor '{prefix}global_scale' must be finite and > 0, got "
+                                f"{gs.item()}")
+        if bool(torch.isnan(scale.to(torch.float32)).any()):
+            raise ArtifactError(f"tensor '{prefix}scale' holds fp8 NaN values",
+                                hint="the artifact is damaged; re-run mpq quantize")
+        return QuantizedWeight(args=args, shape=shape, codes=codes, scale=scale,
+                               extras={"global_scale": gs})
+
+    def native_bytes(self, args: WeightArgs, shape: tuple[int, int], *,
+                     act_order: bool = False) -> int:
+        n, k = shape
+        return n * k // 2 + n * (k // NVFP4_BLOCK) + 4
+
+    def ideal_bits(self, args: WeightArgs, shape: tuple[int, int], *,
+                   act_order: bool = False) -> float:
+        n, k = shape
+        return (4 * n * k + 8 * n * (k // NVFP4_BLOCK) + 32) / (n * k)
+
+
+NVFP4 = Nvfp4Grid()

@@ -15,8 +15,10 @@ Algorithm (the IST-DASLab reference ``fasterquant``, re-derived):
    batch update).  The reported loss is Σ e²/2 = Σ (w − q)²/U[i, i]²/2 over the whole matrix,
    the reference's ``Losses`` sum.
 
-Grids (all arithmetic fp32 on the weight's device; codes are exactly those chosen in the solve and
-``QuantizedWeight.dequantize()`` reproduces Q bit for bit):
+Grids: the number format's ``gptq_columns`` (a :class:`mpq.numerics.format.ColumnGrid`; formats
+without one are refused).  All arithmetic is fp32 on the weight's device; codes are exactly those
+chosen in the solve and ``QuantizedWeight.dequantize()`` reproduces Q bit for bit.  The built-in
+grids:
 
 - ``int`` 2–8 bits, sym/asym, tensor/channel/group.  Tensor/channel params come from the whole
   (dead-zeroed) W up front.  Groups: params of a group are computed by ``int_params`` from the
@@ -30,26 +32,25 @@ Grids (all arithmetic fp32 on the weight's device; codes are exactly those chose
   :func:`mpq.quantizers.clip_search.searched_int_params` with the columns' diag H (after the
   dead-column fix) as error weights, instead of ``int_params``' min-max.
 - ``fp8_e4m3`` / ``fp8_e5m2`` tensor/channel: scale fixed up front from the absmax of W.
-  (``block`` granularity, mxfp4, mxfp8 and nvfp4 are refused by :func:`check_supported`.)
+  (``block`` granularity and formats without a grid, e.g. mxfp4, mxfp8 and nvfp4, are refused by
+  :func:`check_supported`.)
 - ``nf4`` (blocks of 64): each block's absmax from the current weights at its first column, like
   int groups; codes = nearest table entry.  Not with double_quant; nf4 and fp8 not with act_order.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from mpq.errors import SchemeError
-from mpq.numerics.fp8 import fp8_params
+from mpq.numerics.base import NUMBER_FORMATS
+from mpq.numerics.format import format_names
 from mpq.quantizers.clip_search import searched_int_params
-from mpq.numerics.int_grid import int_params, int_range
-from mpq.numerics.nf4 import nf4_table
 from mpq.numerics.args import WeightArgs
 
 DAMP_FLOOR = 1e-3  # first retry when the requested damp is 0
-FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-GPTQ_FORMATS = ("int", "fp8_e4m3", "fp8_e5m2", "nf4")
 
 
 @dataclass
@@ -71,24 +72,31 @@ class GPTQResult:
     damp_retries: int
 
 
+def _formats(option: str) -> str:
+    """'the int format' / 'the a, b formats': those whose GPTQ grid takes ``option``."""
+    names = format_names(lambda f: f.gptq_columns is not None
+                         and getattr(f.gptq_columns, option))
+    return f"the {', '.join(names)} format" + ("s" if len(names) > 1 else "")
+
+
 def check_supported(args: WeightArgs, act_order: bool, static_groups: bool,
                     clip_search: bool = False) -> None:
     """Raise SchemeError for weight args / option combinations the solve cannot produce."""
-    if args.format not in GPTQ_FORMATS:
+    grid = NUMBER_FORMATS.get(args.format).gptq_columns
+    if grid is None:
+        supported = format_names(lambda f: f.gptq_columns is not None)
         raise SchemeError(f"gptq does not support the {args.format} format (it supports "
-                          f"{', '.join(GPTQ_FORMATS)})", hint="use algorithm: rtn")
+                          f"{', '.join(supported)})", hint="use algorithm: rtn")
     if args.granularity == "block":
         raise SchemeError(f"gptq does not support {args.format} with granularity 'block'",
                           hint="use granularity: channel, or algorithm: rtn")
-    if clip_search and args.format != "int":
-        raise SchemeError(f"gptq clip_search supports the int format only, not {args.format}",
-                          hint="set clip_search: false")
-    if args.format == "nf4" and args.double_quant:
-        raise SchemeError("gptq does not support nf4 with double_quant",
-                          hint="set double_quant: false, or use algorithm rtn")
-    if act_order and args.format != "int":
-        raise SchemeError(f"gptq act_order supports the int format only, not {args.format}",
-                          hint="set act_order: false")
+    if clip_search and not grid.clip_search:
+        raise SchemeError(f"gptq clip_search supports {_formats('clip_search')} only, not "
+                          f"{args.format}", hint="set clip_search: false")
+    grid.check(args)
+    if act_order and not grid.act_order:
+        raise SchemeError(f"gptq act_order supports {_formats('act_order')} only, not "
+                          f"{args.format}", hint="set act_order: false")
     if static_groups and args.granularity != "group":
         raise SchemeError("gptq static_groups needs granularity 'group'",
                           hint="remove static_groups")
@@ -143,105 +151,10 @@ def prepare_hessian(hessian: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tenso
     return h, dead
 
 
-class _IntColumns:
-    """int grid, one column at a time.  Params are stored as rows [G, N] (transposed)."""
-
-    def __init__(self, args: WeightArgs, w0: torch.Tensor, num_groups: int, dynamic: bool,
-                 col_weight: torch.Tensor | None = None, processed_weight: torch.Tensor | None = None):
-        """``col_weight`` [K] (original column order) / ``processed_weight`` [K] (processing
-        order) turn on the clipping search for up-front / dynamic params; None: min-max."""
-        n, k = w0.shape
-        self.col_weight, self.processed_weight = col_weight, processed_weight
-        self.args, self.off = args, 1 << (args.bits - 1)
-        self.qmin, self.qmax = int_range(args.bits)
-        self.codes = torch.empty((k, n), dtype=torch.uint8, device=w0.device)
-        if dynamic:
-            self.scale = torch.empty((num_groups, n), dtype=torch.float32, device=w0.device)
-            self.zero = None if args.symmetric else torch.empty_like(self.scale, dtype=torch.int32)
-            self.zs = None if args.symmetric else torch.empty_like(self.scale)  # signed zero, fp32
-        elif col_weight is not None:
-            scale, zero = searched_int_params(w0, args, col_weight)
-            self.scale = scale.t().contiguous()
-            self.zero = None if zero is None else zero.t().contiguous()
-            self.zs = None if zero is None else (self.zero - self.off).to(torch.float32)
-        else:
-            scale, zero = int_params(w0, args)  # [1|N, 1|G]
-            self.scale = scale.t().contiguous()
-            self.zero = None if zero is None else zero.t().contiguous()
-            self.zs = None if zero is None else (self.zero - self.off).to(torch.float32)
-
-    def set_group(self, g: int, cols: torch.Tensor) -> None:
-        if self.processed_weight is None:
-            scale, zero = int_params(cols, self.args)  # [N, 1]
-        else:
-            gs = cols.shape[1]
-            scale, zero = searched_int_params(cols, self.args,
-                                              self.processed_weight[g * gs:(g + 1) * gs])
-        self.scale[g] = scale[:, 0]
-        if zero is not None:
-            self.zero[g] = zero[:, 0]
-            self.zs[g] = (zero[:, 0] - self.off).to(torch.float32)
-
-    def column(self, p: int, g: int, w: torch.Tensor) -> torch.Tensor:
-        s = self.scale[g]
-        x = w / s
-        if self.zs is None:  # same ops as int_quantize_codes / int_dequantize_codes
-            q = torch.round(x).clamp_(self.qmin, self.qmax)
-            self.codes[p] = q + self.off
-            return q * s
-        zs = self.zs[g]
-        q = torch.round(x.add_(zs)).clamp_(self.qmin, self.qmax)
-        self.codes[p] = q + self.off
-        return (q - zs) * s
-
-    def params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        zero = None if self.zero is None else self.zero.t().contiguous()
-        return self.scale.t().contiguous(), zero
-
-
-class _Fp8Columns:
-    """fp8 grid with the scale fixed up front ([1, 1] tensor or [N, 1] channel)."""
-
-    def __init__(self, args: WeightArgs, w0: torch.Tensor):
-        self.dtype = FP8_DTYPES[args.format]
-        self.fmax = torch.finfo(self.dtype).max
-        self.scale = fp8_params(w0, args, self.dtype)
-        self.s = self.scale.reshape(-1)
-        n, k = w0.shape
-        self.codes = torch.empty((k, n), dtype=self.dtype, device=w0.device)
-
-    def column(self, p: int, g: int, w: torch.Tensor) -> torch.Tensor:
-        c = (w / self.s).clamp_(-self.fmax, self.fmax).to(self.dtype)
-        self.codes[p] = c
-        return c.to(torch.float32) * self.s
-
-    def params(self) -> tuple[torch.Tensor, None]:
-        return self.scale, None
-
-
-class _Nf4Columns:
-    """nf4 grid: per-block absmax set at each block's first column."""
-
-    def __init__(self, w0: torch.Tensor, num_groups: int):
-        n, k = w0.shape
-        self.table = nf4_table(w0.device)
-        self.mid = (self.table[1:] + self.table[:-1]) / 2
-        self.absmax = torch.empty((num_groups, n), dtype=torch.float32, device=w0.device)
-        self.div = torch.empty_like(self.absmax)
-        self.codes = torch.empty((k, n), dtype=torch.uint8, device=w0.device)
-
-    def set_group(self, g: int, cols: torch.Tensor) -> None:
-        a = cols.abs().amax(dim=1)
-        self.absmax[g] = a
-        self.div[g] = torch.where(a > 0, a, torch.ones_like(a))
-
-    def column(self, p: int, g: int, w: torch.Tensor) -> torch.Tensor:
-        idx = torch.bucketize(w / self.div[g], self.mid, right=False)
-        self.codes[p] = idx
-        return self.table[idx] * self.absmax[g]
-
-    def params(self) -> tuple[torch.Tensor, None]:
-        return self.absmax.t().contiguous(), None
+def _searched(cols: torch.Tensor, lo: int, hi: int, *, args: WeightArgs,
+              col_weight: torch.Tensor):
+    """Clip-searched int params of ``cols``, the columns at positions lo:hi of ``col_weight``."""
+    return searched_int_params(cols, args, col_weight[lo:hi])
 
 
 def _current_cols(wt: torch.Tensor, hinv: torch.Tensor, err: torch.Tensor,
@@ -286,18 +199,11 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args: WeightArgs, *,
     gs = args.group_size if args.granularity == "group" else None
     num_groups = k // gs if gs else 1
     dynamic = gs is not None and not static_groups
-    if args.format == "int":
-        grid = _IntColumns(args, w, num_groups, dynamic,
-                           col_weight=diag if clip_search and not dynamic else None,
-                           processed_weight=(diag[perm] if perm is not None else diag)
-                           if clip_search and dynamic else None)
-    elif args.format == "nf4":
-        grid = _Nf4Columns(w, num_groups)
-        if not dynamic:
-            for g in range(num_groups):
-                grid.set_group(g, w[:, g * gs:(g + 1) * gs])
-    else:
-        grid = _Fp8Columns(args, w)
+    choose = None
+    if clip_search:  # error weights of the columns, in the order the params see them
+        col_weight = diag[perm] if dynamic and perm is not None else diag
+        choose = partial(_searched, args=args, col_weight=col_weight)
+    grid = NUMBER_FORMATS.get(args.format).gptq_columns(args, w, num_groups, dynamic, choose)
     # group row used by the p-th processed column
     if gs is None:
         groups = [0] * k

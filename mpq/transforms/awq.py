@@ -13,8 +13,9 @@ linear's input, the per-channel mean |x| and the second moments H = (2/T)·Σ x 
    folded (mpq.transforms.scale_fold.fold_scales): the float block computes the same function.
    Note: the reference scores the output of the module enclosing the group (e.g. the whole
    attention); here the group's own outputs are scored, exactly and over every token.
-2. **Clip search** (``clip``), for each quantized int/nf4 linear with channel or group scales,
-   except q_proj/k_proj (as in the reference: their error acts through the attention scores):
+2. **Clip search** (``clip``), for each quantized linear whose number format allows it
+   (``awq_clip``: int, nf4) with channel or group scales, except q_proj/k_proj (as in the
+   reference: their error acts through the attention scores):
    each scale group's weight range is shrunk by the factor in 1, 0.95, …, 0.55 that minimises
    that group's share of the output error, d_g H_gg d_gᵀ (d = W − Q(clamped W)); the weights are
    clamped to the chosen range, so every quantizer that runs afterwards (RTN, GPTQ) sees them.
@@ -34,6 +35,7 @@ from mpq.errors import SchemeError, did_you_mean
 from mpq.quantizers.rtn import rtn_dequant
 from mpq.transforms.scale_fold import ScaleGroup, fold_scales, scale_groups
 from mpq.numerics.args import WeightArgs
+from mpq.numerics.base import NUMBER_FORMATS
 from mpq.transforms.base import TRANSFORMS, BlockContext
 
 DEFAULTS = {"grid": 20, "duo_scaling": True, "clip": True}
@@ -120,7 +122,7 @@ def clip_ranges(w: torch.Tensor, args: WeightArgs, h: torch.Tensor) -> tuple[tor
 
 
 def _clippable(name: str, args: WeightArgs) -> bool:
-    return (args.format in ("int", "nf4") and args.granularity in ("channel", "group")
+    return (NUMBER_FORMATS.get(args.format).awq_clip and args.granularity in ("channel", "group")
             and not name.endswith(NO_CLIP_SUFFIXES))
 
 

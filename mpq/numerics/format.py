@@ -1,0 +1,215 @@
+"""The number-format contract and its registry: one object per format owns what differs between
+formats, so the rest of mpq asks the object instead of testing the format's name.
+
+A :class:`NumberFormat` (stateless apart from its facts) owns
+
+- its facts: ``bits`` (fixed element width, or None when ``args.bits`` chooses it), ``block`` (a
+  group size along K fixed by the format, or None), the ``granularities`` it takes, whether it
+  is ``symmetric_only`` and takes ``double_quant``;
+- validation and defaults: :meth:`check_weight_args` (what :class:`~mpq.numerics.args.WeightArgs`
+  checks for this format once the generic checks passed), :meth:`check_bits` (also for
+  activations), :meth:`implied_weights` (what a recipe level that sets ``format:`` implies);
+- :meth:`describe` (the short label of plans and ``repr``);
+- RTN :meth:`quantize` / :meth:`dequantize` of a whole [N, K] tensor;
+- its native encoding: :meth:`encode` / :meth:`decode` between a
+  :class:`~mpq.numerics.base.QuantizedWeight` and named tensors with local keys (bit packing is
+  :mod:`mpq.numerics.packing`'s), :meth:`native_bytes`, :meth:`ideal_bits`, and
+  :meth:`stored_bytes` in any checkpoint format;
+- what algorithms ask: ``gptq_columns`` (the :class:`ColumnGrid` class GPTQ quantizes with, None
+  when GPTQ cannot run on the format), ``awq_clip`` (whether AWQ may clip its weights);
+- ``activations``: whether linear inputs can be fake-quantized on this grid
+  (:meth:`activation_half_range`, :meth:`activation_grid`);
+- ``compressed_tensors`` / ``gptq_v1``: its records for the other checkpoint formats
+  (:mod:`mpq.numerics.mappings`), which the writers read.
+
+``mpq/numerics/__init__.py`` registers the formats in :data:`NUMBER_FORMATS`, in the order in
+which messages list them.  Nothing in mpq.numerics imports config/, checkpoint/, quantizers/ or
+analysis/.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol
+
+import torch
+
+from mpq.errors import SchemeError
+from mpq.numerics.mappings import CompressedTensorsMapping, GptqV1Mapping, NotExpressible
+from mpq.registry import Registry
+
+if TYPE_CHECKING:
+    from mpq.numerics.args import WeightArgs
+    from mpq.numerics.base import QuantizedWeight
+
+# (columns [N, k], first, last processed position) -> (scale, zero): int params of a slice
+ParamChooser = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, "torch.Tensor | None"]]
+
+
+class ColumnGrid(Protocol):
+    """A grid as GPTQ (mpq.quantizers.gptq_solve) walks it: one column at a time.
+
+    Built as ``cls(args, w0, num_groups, dynamic, choose_params)`` from the weight ``w0`` [N, K]
+    (dead columns zeroed).  With ``dynamic`` the solve calls :meth:`set_group` with a group's
+    current (error-updated) columns when it reaches the group's first column; otherwise the
+    constructor fixes every parameter from ``w0``.  ``choose_params`` (only where
+    ``clip_search``) replaces the min-max int parameters of a slice.  ``codes`` [K, N] holds the
+    codes in processing order; :meth:`params` returns scale and zero laid out as
+    :class:`~mpq.numerics.base.QuantizedWeight` wants them.
+    """
+
+    act_order: ClassVar[bool]  # columns may be processed out of order (a g_idx is stored)
+    clip_search: ClassVar[bool]  # takes choose_params
+    codes: torch.Tensor
+
+    @classmethod
+    def check(cls, args: "WeightArgs") -> None:
+        """Raise SchemeError for args this grid cannot produce with GPTQ."""
+
+    def set_group(self, g: int, cols: torch.Tensor) -> None: ...
+
+    def column(self, p: int, g: int, w: torch.Tensor) -> torch.Tensor:
+        """Codes of processed column ``p`` (group row ``g``) of the current weights ``w`` [N];
+        returns their dequantized values (fp32 [N])."""
+
+    def params(self) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+
+class NumberFormat(ABC):
+    """Base of the number formats: facts, the generic checks and byte counts (see the module
+    docstring); subclasses give the grid and the native encoding."""
+
+    name: str
+    bits: int | None = None
+    block: int | None = None
+    granularities: tuple[str, ...] = ("group",)
+    symmetric_only: bool = True
+    double_quant: bool = False
+    awq_clip: bool = False
+    activations: bool = False
+    gptq_columns: type[ColumnGrid] | None = None
+    compressed_tensors: CompressedTensorsMapping | NotExpressible
+    gptq_v1: GptqV1Mapping | NotExpressible
+
+    # --- validation and defaults -----------------------------------------------------------
+
+    def check_bits(self, bits: int, *, activation: bool = False) -> None:
+        """Raise SchemeError unless the format has ``bits`` bits (weights or activations)."""
+        if self.bits is not None and bits != self.bits:
+            raise SchemeError(f"{self.name} has {self.bits} bits, got {bits}",
+                              hint=f"set bits: {self.bits}")
+
+    def check_weight_args(self, args: "WeightArgs") -> None:
+        """Raise SchemeError for ``args`` this format cannot take.  WeightArgs has already
+        checked the types, the granularity name, group_size and whether it takes 'block'."""
+        self.check_bits(args.bits)
+        if self.symmetric_only and not args.symmetric:
+            raise SchemeError(f"{self.name} is symmetric only", hint="remove symmetric: false")
+        if self.block is not None:
+            if args.granularity != "group" or args.group_size != self.block:
+                raise SchemeError(f"{self.name} uses blocks of {self.block} along the input "
+                                  "dimension",
+                                  hint=f"set granularity: group, group_size: {self.block}")
+        elif args.granularity not in self.granularities:
+            allowed = ", ".join(self.granularities[:-1]) + f" or {self.granularities[-1]}"
+            raise SchemeError(f"{self.name} supports granularity {allowed}",
+                              hint="use granularity: channel")
+
+    def implied_weights(self, merged: Mapping[str, Any]) -> dict[str, Any]:
+        """Fields a recipe level that sets ``format: <name>`` implies where it leaves them out
+        (``merged``: the level over its base): the fixed bits, symmetric, the fixed block or
+        channel instead of a group the format does not take, and no double_quant unless taken."""
+        implied: dict[str, Any] = {}
+        if self.bits is not None:
+            implied["bits"] = self.bits
+        if self.symmetric_only:
+            implied["symmetric"] = True
+        if self.block is not None:
+            implied.update(granularity="group", group_size=self.block)
+        elif merged.get("granularity") == "group" and "group" not in self.granularities:
+            implied["granularity"] = "channel"
+        if not self.double_quant:
+            implied["double_quant"] = False
+        return implied
+
+    # --- labels ----------------------------------------------------------------------------
+
+    def bits_label(self, bits: int) -> str:
+        """The format with its width where that varies, e.g. 'int4'; else its name."""
+        return self.name
+
+    def describe(self, args: "WeightArgs") -> str:
+        """Short label, e.g. 'int4 sym g64', 'fp8_e4m3 block128', 'nf4 g64 dq', 'mxfp4'."""
+        label = self.bits_label(args.bits) + args.granularity_label()
+        return label + (" dq" if args.double_quant else "")
+
+    # --- the grid --------------------------------------------------------------------------
+
+    @abstractmethod
+    def quantize(self, weight: torch.Tensor, args: "WeightArgs") -> "QuantizedWeight":
+        """Round-to-nearest quantization of a whole weight [N, K]."""
+
+    @abstractmethod
+    def dequantize(self, qw: "QuantizedWeight", dtype: torch.dtype = torch.float32
+                   ) -> torch.Tensor:
+        """The weight [N, K] that ``qw`` represents, in ``dtype``."""
+
+    def activation_half_range(self, bits: int) -> float:
+        """absmax / scale of the activation grid (only where ``activations``)."""
+        raise NotImplementedError(f"{self.name} does not quantize activations")
+
+    def activation_grid(self, y: torch.Tensor, bits: int) -> torch.Tensor:
+        """fp32 ``y`` (inputs divided by their scale) rounded onto the grid (only where
+        ``activations``)."""
+        raise NotImplementedError(f"{self.name} does not quantize activations")
+
+    # --- the native encoding and sizes -----------------------------------------------------
+
+    @abstractmethod
+    def encode(self, qw: "QuantizedWeight") -> dict[str, torch.Tensor]:
+        """Named tensors (local keys) storing ``qw`` losslessly in mpq's native format."""
+
+    @abstractmethod
+    def decode(self, tensors: Mapping[str, torch.Tensor], args: "WeightArgs",
+               shape: tuple[int, int], prefix: str = "") -> "QuantizedWeight":
+        """Inverse of :meth:`encode` for a weight of ``shape`` whose ``args`` already passed
+        ``check_shape``; every tensor read is checked (mpq.numerics.stored.take), ArtifactError
+        naming ``prefix + key`` otherwise.  Keys the format does not use are ignored."""
+
+    @abstractmethod
+    def native_bytes(self, args: "WeightArgs", shape: tuple[int, int], *,
+                     act_order: bool = False) -> int:
+        """Bytes :meth:`encode` writes for a weight of ``shape`` (with a g_idx if
+        ``act_order``)."""
+
+    @abstractmethod
+    def ideal_bits(self, args: "WeightArgs", shape: tuple[int, int], *,
+                   act_order: bool = False) -> float:
+        """Bits per weight of an unpadded encoding: codes plus the scales, zeros and g_idx."""
+
+    def mapping(self, container: str) -> CompressedTensorsMapping | GptqV1Mapping \
+            | NotExpressible | None:
+        """This format's record for checkpoint format ``container`` (None: mpq's own)."""
+        return {"compressed-tensors": self.compressed_tensors,
+                "gptq": self.gptq_v1}.get(container)
+
+    def stored_bytes(self, args: "WeightArgs", shape: tuple[int, int], container: str = "mpq",
+                     *, dtype_bytes: int = 4, act_order: bool = False,
+                     quantized_inputs: bool = False) -> int:
+        """Bytes of one layer's stored weight tensors in ``container`` (its scales in
+        ``dtype_bytes`` bytes where the container stores them in the model's dtype).  Where the
+        container cannot express the format, the native bytes."""
+        mapping = self.mapping(container)
+        if isinstance(mapping, CompressedTensorsMapping):
+            return mapping.layer_bytes(self, args, shape, dtype_bytes=dtype_bytes,
+                                       quantized_inputs=quantized_inputs)
+        if isinstance(mapping, GptqV1Mapping):
+            return mapping.layer_bytes(args, shape)
+        return self.native_bytes(args, shape, act_order=act_order)
+
+
+NUMBER_FORMATS: Registry[NumberFormat] = Registry("number format")
+
+
+def format_names(where: Callable[[NumberFormat], bool] = lambda f: True) -> list[str]:
+    """Registered format names in registration order, those for which ``where`` holds."""
+    return [name for name, fmt in NUMBER_FORMATS.in_order() if where(fmt)]
