@@ -9,8 +9,9 @@ from mpq.numerics.format import NUMBER_FORMATS
 from mpq.numerics.fp8 import FP8_E4M3, FP8_E5M2
 from mpq.numerics.int_grid import INT_GRID
 from mpq.numerics.microscaling import MXFP4, MXFP8
+from mpq.numerics.mxint8 import MXINT8
 from mpq.numerics.nf4 import NF4
 from mpq.numerics.nvfp4 import NVFP4
 
-for _format in (INT_GRID, FP8_E4M3, FP8_E5M2, NF4, MXFP4, MXFP8, NVFP4):
+for _format in (INT_GRID, FP8_E4M3, FP8_E5M2, NF4, MXFP4, MXFP8, NVFP4, MXINT8):
     NUMBER_FORMATS.register(_format.name)(_format)

@@ -21,6 +21,7 @@ INT4_ASYM_G16 = WeightArgs(bits=4, symmetric=False, group_size=16)
 FP8_CH = WeightArgs(format="fp8_e4m3", bits=8, granularity="channel", group_size=None)
 FP8_T = WeightArgs(format="fp8_e5m2", bits=8, granularity="tensor", group_size=None)
 NF4 = WeightArgs(format="nf4", bits=4, group_size=64)
+MXINT8 = WeightArgs(format="mxint8", bits=8, group_size=32)
 
 
 def gen(seed: int) -> torch.Generator:
@@ -65,7 +66,8 @@ def naive_gptq(w: torch.Tensor, h: torch.Tensor, args: WeightArgs, damp: float =
     return q
 
 
-@pytest.mark.parametrize("args", [INT4_G32, INT3_ASYM_CH, FP8_CH, NF4], ids=lambda a: a.describe())
+@pytest.mark.parametrize("args", [INT4_G32, INT3_ASYM_CH, FP8_CH, NF4, MXINT8],
+                         ids=lambda a: a.describe())
 def test_loss_not_above_rtn(args):
     w = torch.randn(32, 128, generator=gen(1))
     h = hessian_from(correlated_inputs(512, 128))
