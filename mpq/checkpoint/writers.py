@@ -124,8 +124,8 @@ def header_metadata(state: ArtifactState, format_name: str, sizes: dict) -> dict
         return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
     out = {"mpq.format": format_name, "mpq.format_version": FORMAT_VERSION,
-           "mpq.tool_version": __version__, "mpq.numerics.packing": PACKING_LAYOUT,
-           "mpq.config.plan": dump(state.plan.to_dict()), "mpq.sizes": dump(sizes)}
+           "mpq.tool_version": __version__, "mpq.packing": PACKING_LAYOUT,
+           "mpq.plan": dump(state.plan.to_dict()), "mpq.sizes": dump(sizes)}
     for key in ("recipe", "calibration", "source", "pipeline"):
         out[f"mpq.{key}"] = dump(state.provenance.get(key))
     return out
