@@ -31,11 +31,42 @@ def _configs() -> dict[str, transformers.PretrainedConfig]:
     }
 
 
-ARCHITECTURES = tuple(_configs())
+def _record_configs() -> dict[str, transformers.PretrainedConfig]:
+    """One model per model type the family records cover (mpq.models.families) beyond
+    ARCHITECTURES; tests/models/test_families.py checks every record on them."""
+    return {
+        "qwen3": transformers.Qwen3Config(hidden_size=64, intermediate_size=128,
+                                          num_attention_heads=4, num_key_value_heads=2,
+                                          head_dim=16, **COMMON),
+        "gemma2": transformers.Gemma2Config(hidden_size=64, intermediate_size=128,
+                                            num_attention_heads=4, num_key_value_heads=2,
+                                            head_dim=16, **COMMON),
+        "phi3": transformers.Phi3Config(hidden_size=64, intermediate_size=128,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                                        **COMMON),
+        "gpt_neox": transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128,
+                                               num_attention_heads=4, bos_token_id=0,
+                                               eos_token_id=1, **COMMON),
+        "falcon": transformers.FalconConfig(hidden_size=64, num_attention_heads=4,
+                                            vocab_size=256, num_hidden_layers=2,
+                                            bos_token_id=0, eos_token_id=1),
+        "bloom": transformers.BloomConfig(hidden_size=64, n_head=4, vocab_size=256, n_layer=2,
+                                          bos_token_id=0, eos_token_id=1),
+    }
+
+
+ARCHITECTURES = tuple(_configs())  # the pipeline tests run on each of these
+RECORD_ARCHITECTURES = tuple(_record_configs())
+
+
+def tiny_config(arch: str) -> transformers.PretrainedConfig:
+    """The config of ``arch``, one of ARCHITECTURES or RECORD_ARCHITECTURES."""
+    return {**_configs(), **_record_configs()}[arch]
 
 
 def tiny_model(arch: str, seed: int = 0) -> transformers.PreTrainedModel:
-    return model_from_config(_configs()[arch], seed)
+    return model_from_config(tiny_config(arch), seed)
 
 
 def model_from_config(config: transformers.PretrainedConfig, seed: int = 0
