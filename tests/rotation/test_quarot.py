@@ -7,13 +7,15 @@ import torch
 import transformers
 
 import mpq
+from mpq.models.families import family_of
 from mpq.models.layout import layout_of
 from mpq.errors import FormatError, ModelError, RecipeError
 from mpq.quantize import quantize
 from mpq.config.recipe import parse_recipe
 from mpq.config.rotation import QuaRotArgs
 from mpq.rotation.quarot import apply_quarot
-from tests.tiny_models import model_from_config, save_tiny_model, tiny_model
+from tests.tiny_models import (ARCHITECTURES, RECORD_ARCHITECTURES, model_from_config,
+                               save_tiny_model, tiny_config, tiny_model)
 
 ODD = dict(hidden_size=96, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
            vocab_size=256, num_hidden_layers=2, max_position_embeddings=128)  # 96 = 8·12,
@@ -22,14 +24,14 @@ ODD = dict(hidden_size=96, intermediate_size=160, num_attention_heads=4, num_key
 
 def odd_model(kind: str) -> transformers.PreTrainedModel:
     config = {"llama_odd": transformers.LlamaConfig(**ODD),
-              "qwen3": transformers.Qwen3Config(**{**ODD, "head_dim": 24}),
+              "qwen3_odd": transformers.Qwen3Config(**{**ODD, "head_dim": 24}),
               "gemma_odd": transformers.GemmaConfig(**{**ODD, "head_dim": 24})}[kind]
     return model_from_config(config)
 
 
 def with_random_norms_and_biases(model):
     """Norm scales and biases far from their init, so a wrong fold would show."""
-    plus_one = model.config.model_type == "gemma"
+    plus_one = family_of(model).plus_one_norm
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -39,11 +41,14 @@ def with_random_norms_and_biases(model):
     return model
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama_tied", "qwen2", "mistral", "gemma",
-                                  "llama_odd", "qwen3", "gemma_odd"])
+# every tiny model whose family declares rotation support (so each record is checked)
+ROTATED = [a for a in ARCHITECTURES + RECORD_ARCHITECTURES if family_of(tiny_config(a)).rotation]
+
+
+@pytest.mark.parametrize("arch", ROTATED + ["llama_odd", "qwen3_odd", "gemma_odd"])
 @pytest.mark.parametrize("r1", ["hadamard", "random"])
 def test_rotated_float_model_keeps_its_logits(arch, r1):
-    model = odd_model(arch) if arch in ("llama_odd", "qwen3", "gemma_odd") else tiny_model(arch)
+    model = odd_model(arch) if arch.endswith("_odd") else tiny_model(arch)
     model = with_random_norms_and_biases(model)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
