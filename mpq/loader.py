@@ -18,7 +18,7 @@ from mpq.errors import ArtifactError
 from mpq.checkpoint.native import open_artifact, read_tensors
 from mpq.checkpoint.native_codec import decode, split_layer_tensors
 from mpq.rotation.hadamard import RotationSpec
-from mpq.rotation.quarot import install_online
+from mpq.rotation.quarot import install_online, online_site
 from mpq.quantizers.kv_cache import SCALE_NAMES, attach_kv_quantization
 from mpq.config.kv_cache import KVCacheArgs
 from mpq.models.attention import attention_modules
@@ -78,7 +78,7 @@ def _attach_kv_cache(model: nn.Module, args: KVCacheArgs, tensors: dict[str, tor
     the module fake-quantize its cached keys and values with them."""
     layout = layout_of(model)
     for index, block in enumerate(blocks_of(model, layout)):
-        for local, module in attention_modules(block):
+        for local, module in attention_modules(model, block):
             name = f"{layout.blocks_path}.{index}.{local}"
             scales = {}
             for scale_name in SCALE_NAMES:
@@ -166,7 +166,8 @@ def _check_dense_shapes(model: nn.Module, tensors: dict[str, torch.Tensor], path
 
 
 def _install_online_rotations(model: nn.Module, plan) -> None:
-    """The run-time halves of the plan's rotations (QuaRot's R4 on down_proj inputs)."""
+    """The run-time halves of the plan's rotations (QuaRot's R4 on the inputs of the family's
+    mlp_down, down_proj)."""
     online = plan.online_rotations()
     if not online:
         return
@@ -177,7 +178,7 @@ def _install_online_rotations(model: nn.Module, plan) -> None:
             raise ArtifactError(f"rotation record for {suffix} is unusable: {exc}",
                                 hint="the artifact was written by another mpq version; "
                                      "re-run mpq quantize") from None
-        if suffix != "mlp.down_proj":
+        if suffix != online_site(model):
             raise ArtifactError(f"unknown online rotation site '{suffix}'",
                                 hint="the artifact was written by a newer mpq")
         install_online(model, layout_of(model), spec)

@@ -122,7 +122,7 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
             rotation_specs(model, recipe.rotation)
         except SchemeError as exc:
             raise RecipeError(f"{recipe.source}: rotation: {exc.message}", hint=exc.hint) from None
-    if plan.kv_cache and not attention_modules(blocks_of(model, layout)[0]):
+    if plan.kv_cache and not attention_modules(model, blocks_of(model, layout)[0]):
         raise ModelError(f"{recipe.source}: kv_cache: no attention module with k_proj/v_proj "
                          f"and a KV cache argument found in {type(model).__name__}'s blocks",
                          hint="remove kv_cache: this architecture's cache is not supported yet")

@@ -316,16 +316,19 @@ def _quantize_block(model, block, index, layout, layers, wanted, inputs, qweight
             qweights[layer.name] = qw
             events("layer", name=layer.name, block=index, **layer.result)
         position += len(step)
-    inputs = _next_inputs(block, index, inputs, kv_cache, replay, last=last, events=events)
+    inputs = _next_inputs(model, block, index, inputs, kv_cache, replay, last=last,
+                          events=events)
     _finish_block(model, block, index, layers, keep_dequantized, events)
     return inputs
 
 
-def _next_inputs(block, index, inputs, kv_cache, replay: BlockReplay | None, *, last, events):
+def _next_inputs(model, block, index, inputs, kv_cache, replay: BlockReplay | None, *, last,
+                 events):
     """The next block's inputs from this (quantized) block; with ``kv_cache`` the same pass
     calibrates and attaches the block's KV scales.  None after the last block."""
     if inputs is not None and kv_cache:
-        return _calibrate_kv(block, inputs, KVCacheArgs(**kv_cache), last, events, index)
+        return _calibrate_kv(model, block, inputs, KVCacheArgs(**kv_cache), last, events,
+                             index)
     if inputs is not None and not last:
         return replay.final_pass(inputs) if replay else run_block(block, inputs, in_place=True)
     return None
@@ -365,14 +368,15 @@ def _restore_block(model, block, index, layers, checkpoint, inputs, qweights, tr
         qweights[layer.name] = qw
     for spec, applied in zip(transforms, record.transform_records):
         spec["applied"].append(applied)
-    inputs = _next_inputs(block, index, inputs, kv_cache, None, last=last, events=events)
+    inputs = _next_inputs(model, block, index, inputs, kv_cache, None, last=last,
+                          events=events)
     _finish_block(model, block, index, layers, keep_dequantized, events)
     return inputs
 
 
-def _calibrate_kv(block, inputs, args: KVCacheArgs, last: bool, events, index: int):
+def _calibrate_kv(model, block, inputs, args: KVCacheArgs, last: bool, events, index: int):
     """Run ``block`` once observing its attention K/V; attach the scales; next inputs."""
-    modules = attention_modules(block)
+    modules = attention_modules(model, block)
     observers = [KVObserver(args) for _ in modules]
     handles = [tap_kv(module, observer) for (_, module), observer in zip(modules, observers)]
     try:

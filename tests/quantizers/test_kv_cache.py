@@ -12,11 +12,15 @@ from mpq.errors import ArtifactError, CalibrationError, FormatError, ModelError,
 from mpq.quantizers.kv_cache import KVObserver, fake_quantize_kv
 from mpq.config.kv_cache import KVCacheArgs
 from mpq.models.attention import attention_modules, tap_kv
+from mpq.models.families import family_of
 from mpq.quantize import CalibrationOptions, quantize
 from mpq.config.recipe import parse_recipe
-from tests.tiny_models import save_tiny_model, tiny_model
+from tests.tiny_models import (ARCHITECTURES, RECORD_ARCHITECTURES, save_tiny_model, tiny_config,
+                               tiny_model)
 
-KV_ARCHS = ("llama", "qwen2", "mistral", "gemma", "opt")
+# every tiny model whose family records where its attention keeps the KV cache
+KV_ARCHS = tuple(a for a in ARCHITECTURES + RECORD_ARCHITECTURES
+                 if family_of(tiny_config(a)).attention is not None)
 
 
 def recipe(granularity: str = "tensor", kv: str | None = None):
@@ -42,8 +46,8 @@ def test_tap_sees_exactly_what_the_cache_stores(arch):
     model = tiny_model(arch)
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
     seen = []
-    block = model.model.decoder.layers[0] if arch == "opt" else model.model.layers[0]
-    (_, attention), = attention_modules(block)
+    block = model.get_submodule(family_of(model).blocks)[0]
+    (_, attention), = attention_modules(model, block)
     handle = tap_kv(attention, lambda k, v: (seen.append((k.clone(), v.clone())), (k, v))[1])
     with torch.no_grad():
         cache = model(ids, use_cache=True).past_key_values
