@@ -26,6 +26,13 @@ def _configs() -> dict[str, transformers.PretrainedConfig]:
                                       word_embed_proj_dim=64, vocab_size=256,
                                       num_hidden_layers=2, max_position_embeddings=128,
                                       bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        # Granite's multipliers away from 1 (Granite 3.0's, but attention_multiplier 1/8 so
+        # attention is not near-uniform at head_dim 16)
+        "granite": transformers.GraniteConfig(hidden_size=64, intermediate_size=128,
+                                              num_attention_heads=4, num_key_value_heads=2,
+                                              embedding_multiplier=12.0, residual_multiplier=0.22,
+                                              attention_multiplier=0.125, logits_scaling=8.0,
+                                              **COMMON),
         "gpt2": transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256,
                                         n_positions=128, bos_token_id=0, eos_token_id=1),
     }

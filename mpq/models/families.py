@@ -60,6 +60,15 @@ GEMMA2 = FAMILIES.register(Family(
     name="gemma2", model_types=("gemma2",), blocks="model.layers", norm="rmsnorm_plus_one",
     mlp_down="mlp.down_proj", attention=_ATTENTION, fused=(_QKV, _GATE_UP)))
 
+# Granite: Llama's block with scalar multipliers (embedding_multiplier on the embeddings,
+# residual_multiplier on each branch before the residual add, attention_multiplier as the
+# softmax scale, logits / logits_scaling).  Scalars commute with per-channel scales and with
+# orthogonal rotations, so Llama's scale groups and QuaRot sites are exact.
+GRANITE = FAMILIES.register(Family(
+    name="granite", model_types=("granite",), blocks="model.layers", norm="rmsnorm",
+    mlp_down="mlp.down_proj", attention=_ATTENTION,
+    scale_groups=_gated_scale_groups("rmsnorm"), rotation=_ROTATION, fused=(_QKV, _GATE_UP)))
+
 # Phi-3 stores q/k/v as one qkv_proj and gate/up as one gate_up_proj (already fused).
 PHI3 = FAMILIES.register(Family(
     name="phi3", model_types=("phi3",), blocks="model.layers", norm="rmsnorm",

@@ -18,7 +18,7 @@ def _recipe(algorithm: str) -> str:
             "  - targets: [Linear, Conv1D]\n    weights: {bits: 3, group_size: 32}\n")
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen2", "granite"])
 def test_gptq_beats_rtn_on_calibration_logits(arch, tmp_path, calib_text):
     source = save_tiny_model(arch, tmp_path / "src")
     calibration = CalibrationOptions(source=str(calib_text), num_samples=8, seq_len=64)

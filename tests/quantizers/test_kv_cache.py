@@ -56,10 +56,11 @@ def test_tap_sees_exactly_what_the_cache_stores(arch):
     assert torch.equal(seen[0][0], keys) and torch.equal(seen[0][1], values)
 
 
-@pytest.mark.parametrize("granularity", ["tensor", "head"])
-def test_scales_are_stored_applied_and_read_by_compressed_tensors(granularity, tmp_path,
+@pytest.mark.parametrize("arch,granularity", [("llama", "tensor"), ("llama", "head"),
+                                               ("granite", "head")])
+def test_scales_are_stored_applied_and_read_by_compressed_tensors(arch, granularity, tmp_path,
                                                                   calib_text):
-    save_tiny_model("llama", tmp_path / "src")
+    save_tiny_model(arch, tmp_path / "src")
     quantize(tmp_path / "src", recipe(granularity), tmp_path / "kv",
              calibration=calibration(calib_text))
     quantize(tmp_path / "src", recipe(granularity), tmp_path / "ct",

@@ -61,7 +61,7 @@ def recipe(transform: str, weights: str = "{bits: 4, symmetric: false, group_siz
     return parse_recipe(text, "awq.yaml")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "granite"])
 def test_awq_beats_rtn_through_the_pipeline(arch, tmp_path, calib_text):
     source = outlier_model(arch, tmp_path / "src")
     calibration = CalibrationOptions(source=str(calib_text), num_samples=8, seq_len=64)

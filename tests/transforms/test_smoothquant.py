@@ -28,7 +28,7 @@ def recipe(acts: str | None = "{format: int, bits: 8, dynamic: true}", smooth: s
     return parse_recipe(text, "test.yaml")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "granite"])
 def test_smoothquant_makes_w8a8_closer_to_float(arch, tmp_path, calib_text):
     source = outlier_model(arch, tmp_path / "src")
     calibration = CalibrationOptions(source=str(calib_text), num_samples=8, seq_len=64)
