@@ -22,7 +22,9 @@ import torch
 import mpq
 from mpq.analysis.eval import load_eval_ids, perplexity
 from mpq.models.source import load_model
-from mpq.quantize import CalibrationOptions, quantize
+from mpq.calibration import CalibrationOptions
+from mpq.engine.spec import RunOptions
+from mpq.quantize import quantize
 
 PRESETS = ("w8a16", "w4a16", "w4a16-channel", "w3a16", "nf4", "fp8-weights", "w4a16-asym", "nf4-dq")
 
@@ -49,8 +51,8 @@ def main() -> None:
         for preset in args.presets:
             out = work / preset
             t0 = time.perf_counter()
-            result = quantize(args.model, preset, out, calibration=CalibrationOptions(
-                source=str(corpora / "enwiki_excerpt.train.txt"), num_samples=128, seq_len=512))
+            result = quantize(args.model, preset, out, RunOptions(calibration=CalibrationOptions(
+                source=str(corpora / "enwiki_excerpt.train.txt"), num_samples=128, seq_len=512)))
             quantize_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             ppl = perplexity(mpq.load(out), ids, window=512, num_windows=args.num_windows).ppl

@@ -65,13 +65,14 @@ def run_child(args: list[str]) -> tuple[int, float, int]:
 
 def measure(model: Path, name: str, cases, calib: str, work: Path, device: str) -> list[dict]:
     from mpq.analysis.estimate import estimate_run
-    from mpq.quantize import CalibrationOptions
+    from mpq.calibration import CalibrationOptions
+    from mpq.engine.spec import RunOptions, resolve_run
 
     rows = []
     for recipe, samples, seq_len, use_calib in cases:
         options = CalibrationOptions(source=calib if use_calib else None, num_samples=samples,
                                      seq_len=seq_len)
-        est = estimate_run(model, recipe, calibration=options, device=device)
+        est = estimate_run(resolve_run(model, recipe, RunOptions(calibration=options, device=device)))
         out = work / f"{name}-{recipe}-{samples}x{seq_len}"
         args = ["quantize", str(model), "-r", recipe, "-o", str(out), "--device", device,
                 "--num-samples", str(samples), "--seq-len", str(seq_len), "--force"]

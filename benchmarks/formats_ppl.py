@@ -25,7 +25,9 @@ import torch
 import mpq
 from mpq.analysis.eval import load_eval_ids, perplexity
 from mpq.models.source import load_model
-from mpq.quantize import CalibrationOptions, quantize
+from mpq.calibration import CalibrationOptions
+from mpq.engine.spec import RunOptions
+from mpq.quantize import quantize
 from mpq.config.recipe import parse_recipe
 
 SKIP = None  # every Linear kept in fp32
@@ -83,8 +85,7 @@ def main() -> None:
                                               num_samples=args.kv_samples, seq_len=512)
                            if kv else CalibrationOptions())
             t0 = time.perf_counter()
-            result = quantize(args.model, recipe_for(weights, kv), out, force=True,
-                              calibration=calibration)
+            result = quantize(args.model, recipe_for(weights, kv), out, RunOptions(calibration=calibration), force=True)
             quantize_s = time.perf_counter() - t0
             ppl = perplexity(mpq.load(out, dequantize=True), ids, window=512,
                              num_windows=args.num_windows).ppl

@@ -39,7 +39,8 @@ from mpq.analysis.eval import load_eval_ids, perplexity
 from mpq.checkpoint.native_codec import ideal_bits
 from mpq.analysis.mixed_precision import auto_recipe
 from mpq.models.source import load_model
-from mpq.quantize import CalibrationOptions, quantize
+from mpq.calibration import CalibrationOptions
+from mpq.quantize import quantize
 from mpq.config.recipe import parse_recipe
 from mpq.analysis.sensitivity import sensitivity
 

@@ -24,7 +24,9 @@ def main() -> None:
     parser.add_argument("--no-true-sequential", dest="true_sequential", action="store_false")
     args = parser.parse_args()
     started = time.perf_counter()
-    from mpq.quantize import CalibrationOptions, quantize
+    from mpq.calibration import CalibrationOptions
+    from mpq.engine.spec import RunOptions
+    from mpq.quantize import quantize
 
     marks: dict[str, float] = {}
 
@@ -34,12 +36,9 @@ def main() -> None:
         if kind == "done":
             marks["peak_rss_quant_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
-    result = quantize(args.model, args.recipe, args.out, force=True, device=args.device,
-                      true_sequential=args.true_sequential,
-                      calibration=CalibrationOptions(source=args.calib,
+    result = quantize(args.model, args.recipe, args.out, RunOptions(device=args.device, true_sequential=args.true_sequential, calibration=CalibrationOptions(source=args.calib,
                                                      num_samples=args.num_samples,
-                                                     seq_len=args.seq_len),
-                      events=events)
+                                                     seq_len=args.seq_len)), force=True, events=events)
     print(json.dumps({"pipeline_s": marks["done"] - marks["start"],
                       "total_s": time.perf_counter() - started,
                       "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,

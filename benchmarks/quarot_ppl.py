@@ -27,7 +27,9 @@ import torch
 import mpq
 from mpq.analysis.eval import load_eval_ids, perplexity
 from mpq.models.source import load_model
-from mpq.quantize import CalibrationOptions, quantize
+from mpq.calibration import CalibrationOptions
+from mpq.engine.spec import RunOptions
+from mpq.quantize import quantize
 from mpq.config.recipe import parse_recipe
 
 WEIGHTS = {"g64": "{format: int, bits: 4, granularity: group, group_size: 64}",
@@ -90,8 +92,7 @@ def main() -> None:
                            if algorithm == "gptq" else CalibrationOptions())
             out = work / "artifact"
             t0 = time.perf_counter()
-            quantize(args.model, recipe_for(algorithm, acts, rotated, args.weights), out,
-                     force=True, calibration=calibration)
+            quantize(args.model, recipe_for(algorithm, acts, rotated, args.weights), out, RunOptions(calibration=calibration), force=True)
             quantize_s = time.perf_counter() - t0
             ppl = perplexity(mpq.load(out, dequantize=True), ids, window=512,
                              num_windows=args.num_windows).ppl

@@ -25,7 +25,9 @@ import torch
 import mpq
 from mpq.analysis.eval import load_eval_ids, perplexity
 from mpq.models.source import load_model
-from mpq.quantize import CalibrationOptions, quantize
+from mpq.calibration import CalibrationOptions
+from mpq.engine.spec import RunOptions
+from mpq.quantize import quantize
 from mpq.config.recipe import parse_recipe
 
 INT8_W = "{format: int, bits: 8, granularity: channel}"
@@ -88,10 +90,9 @@ def main() -> None:
         for name in args.variants:
             out = work / "artifact"
             t0 = time.perf_counter()
-            result = quantize(args.model, recipe_for(name, *VARIANTS[name]), out, force=True,
-                              calibration=CalibrationOptions(
+            result = quantize(args.model, recipe_for(name, *VARIANTS[name]), out, RunOptions(calibration=CalibrationOptions(
                                   source=str(corpora / "enwiki_excerpt.train.txt"),
-                                  num_samples=args.num_samples, seq_len=512))
+                                  num_samples=args.num_samples, seq_len=512)), force=True)
             quantize_s = time.perf_counter() - t0
             ppl = perplexity(mpq.load(out, dequantize=True), ids, window=512,
                              num_windows=args.num_windows).ppl

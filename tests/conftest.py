@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import byte_tokenizer
+from tests.helpers import REPO, byte_tokenizer
 from tests.tiny_models import save_tiny_model
 
-REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("MPQ_SHARED", REPO.parent / "shared"))
 CORPORA = SHARED / "corpora"
 SMOLLM2_CACHE = Path(os.environ.get("MPQ_SMOLLM2_DIR", REPO / ".cache" / "SmolLM2-135M"))

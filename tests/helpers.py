@@ -1,6 +1,8 @@
 """Helpers shared by several test modules (fixtures live in conftest.py)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import transformers
 from click.testing import CliRunner
@@ -9,6 +11,8 @@ from mpq.calibration import build_calibration_set
 from mpq.cli.main import cli
 from mpq.config.recipe import parse_recipe
 from tests.tiny_models import model_from_config, tiny_model
+
+REPO = Path(__file__).resolve().parent.parent  # the repository root
 
 
 def byte_tokenizer():

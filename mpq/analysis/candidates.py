@@ -67,7 +67,7 @@ def shorthand_recipe(name: str) -> Recipe | None:
 def load_candidates(spec: str | Sequence[str]) -> list[Candidate]:
     """Comma-separated presets / recipe files / shorthands → candidates (RecipeError for unknown
     ones, naming the candidate).  ``ladder`` must be expanded first (:func:`expand`)."""
-    from mpq.quantize import as_recipe
+    from mpq.engine.spec import as_recipe
 
     out = []
     for name in split_names(spec):
@@ -99,7 +99,7 @@ def check_names(spec: str | Sequence[str]) -> None:
 
 def block_input_sizes(model: nn.Module) -> list[int]:
     """Input sizes of the decoder-block linears (weights may be on meta)."""
-    from mpq.quantize import plan_model
+    from mpq.engine.spec import plan_model
 
     _, plan = plan_model(model, shorthand_recipe("int8"))
     return sorted({layer.shape[1] for layer in plan.layers if layer.block is not None})

@@ -78,12 +78,13 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from mpq.engine.spec import RunSpec
 from mpq.errors import ResourceError
+from mpq.models.source import read_config
 from mpq.numerics.packing import packed_width
 from mpq.config.plan import Plan
 
@@ -305,42 +306,20 @@ def _header_bytes(plan: Plan, tensor_names: list[str], recipe_text: str) -> int:
 
 # --- the estimate ----------------------------------------------------------------------------
 
-def estimate_run(model_path: str | Path, recipe, *, calibration=None, device: str = "cpu",
-                 output_format: str = "mpq", true_sequential: bool = True,
-                 dtype: str | torch.dtype = "auto", strict: bool = False,
-                 probe: bool = True, stream: bool = True,
-                 offload_activations: bool = False) -> RunEstimate:
-    """Estimate ``mpq quantize`` of ``model_path`` with ``recipe`` without reading its weights
-    (see the module docstring for the model and its assumptions).  Raises the same errors for
-    bad input as mpq.quantize.quantize does before it loads the model."""
-    from mpq.models.layout import layout_of
-    from mpq.models.source import build_skeleton, check_model_dir, load_config, read_config
-    from mpq.engine.runner import needed_stats
-    from mpq.quantize import CalibrationOptions, as_recipe, check_device, plan_model, preflight
-
-    calibration = calibration or CalibrationOptions()
-    torch_device = check_device(device)
-    recipe = as_recipe(recipe)
-    from mpq.checkpoint.writers import writer_for
-
-    writer_for(output_format)
-    source_dir = check_model_dir(model_path)
-    config_dict = read_config(source_dir)
-    skeleton = build_skeleton(load_config(source_dir))
+def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
+    """Estimate the run ``spec`` (mpq.engine.spec.resolve_run) without reading its weights (see
+    the module docstring for the model and its assumptions).  ``probe``: time a short matmul
+    on the device for the time estimate."""
+    calibration, options = spec.calibration, spec.options
+    true_sequential, output_format = options.true_sequential, spec.writer.name
+    skeleton, plan, layout, recipe = spec.skeleton, spec.plan, spec.layout, spec.recipe
+    torch_device, source_dir = spec.device, spec.source_dir
+    warnings, not_streamed = list(spec.warnings), spec.not_streamed
     try:  # from_config leaves meta parameters untied; the loaded model is tied
         skeleton.tie_weights()
     except (AttributeError, RuntimeError, ValueError, KeyError):
         pass
-    _, plan = plan_model(skeleton, recipe)
-    warnings = preflight(plan, output_format, strict)
-    layout = layout_of(skeleton)
-    not_streamed = "--no-stream"
-    if stream:
-        from mpq.engine.streaming import source_weight_map, streaming_blocker
-
-        not_streamed = streaming_blocker(skeleton, source_weight_map(source_dir), layout, plan,
-                                         recipe, needed_stats(plan))
-    wdtype = load_dtype(config_dict, dtype)
+    wdtype = load_dtype(read_config(source_dir), options.dtype)
     elem = torch.empty(0, dtype=wdtype).element_size()
 
     # ---- the state dict: all weights, and what stays dense in the artifact
@@ -398,7 +377,7 @@ def estimate_run(model_path: str | Path, recipe, *, calibration=None, device: st
             "quantized_weights": sum(l.shape[0] * l.shape[1] for l in plan.quantized())}
 
     # ---- the calibration work
-    wanted = needed_stats(plan)
+    wanted = spec.needs
     forward = bool(calibration.source is not None
                    and (wanted or plan.transforms or plan.kv_cache))
     seq_len = calibration.seq_len
@@ -464,7 +443,7 @@ def estimate_run(model_path: str | Path, recipe, *, calibration=None, device: st
     if on_cuda:
         block_weights = weight_bytes // max(num_blocks, 1)
         on_device = activations
-        if offload_activations:  # one batch in, its output out, its replay records
+        if options.offload_activations:  # one batch in, its output out, its replay records
             on_device = min(activations, batch_tokens * (2 * per_token_inputs
                                                          + per_token_replay) * elem)
         device_peak = (on_device + statistics + solver + block_temporaries + block_weights)
@@ -519,27 +498,27 @@ def estimate_run(model_path: str | Path, recipe, *, calibration=None, device: st
                      "seq_len": seq_len, "batch_tokens": calibration.batch_tokens,
                      "tokens": tokens, "forward_passes_per_block": passes,
                      "true_sequential": true_sequential,
-                     "offload_activations": offload_activations},
+                     "offload_activations": options.offload_activations},
         size=size, memory=memory, peak_bytes=int(peak), peak_phase=phase,
         host_peak_bytes=int(host_peak), seconds=sum(time_parts.values()), time_parts=time_parts,
         throughput_flops=throughput, warnings=list(warnings), streaming=not_streamed)
 
 
-def estimate_and_check(model_path, recipe, **kwargs) -> RunEstimate:
+def estimate_and_check(spec: RunSpec) -> RunEstimate:
     """:func:`estimate_run`, with the available memory filled in (no exception)."""
-    estimate = estimate_run(model_path, recipe, **kwargs)
+    estimate = estimate_run(spec)
     estimate.available_bytes = available_memory(estimate.device)
     if estimate.device != "cpu":
         estimate.host_available_bytes = available_memory("cpu")
     return estimate
 
 
-def check_memory_budget(model_path, recipe, *, device: torch.device, **kwargs) -> None:
+def check_memory_budget(spec: RunSpec) -> None:
     """ResourceError before a run whose estimated peak exceeds the available memory (on the
     device, and on the host for GPU runs); no throughput probe."""
-    estimate = estimate_run(model_path, recipe, device=str(device), probe=False, **kwargs)
-    check_fits(estimate, available_memory(device),
-               host_available=available_memory("cpu") if device.type != "cpu" else None)
+    estimate = estimate_run(spec, probe=False)
+    check_fits(estimate, available_memory(spec.device),
+               host_available=available_memory("cpu") if spec.device.type != "cpu" else None)
 
 
 __all__ = ["check_memory_budget", "RunEstimate", "estimate_run", "estimate_and_check", "available_memory",

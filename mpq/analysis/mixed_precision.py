@@ -194,7 +194,7 @@ def build_recipe(base: Recipe, table: SensitivityTable, choice: MixedChoice, mod
 
     ``model`` (weights may be on meta) resolves the base recipe, to keep only its rules that
     decide a layer outside the choice."""
-    from mpq.quantize import as_recipe, plan_model
+    from mpq.engine.spec import as_recipe, plan_model
 
     _, base_plan = plan_model(model, base)
     groups: dict[str, list[str]] = {}
@@ -264,7 +264,7 @@ def auto_recipe(model_path: str | Path, base: str | Recipe, *, calibration=None,
     mixed recipe for ``mpq quantize --target-bits/--target-size``."""
     from mpq.errors import CalibrationError, OutputError
     from mpq.models.source import check_model_dir, load_skeleton
-    from mpq.quantize import as_recipe
+    from mpq.engine.spec import as_recipe
     from mpq.analysis.candidates import DEFAULT_CANDIDATES, expand, load_candidates
     from mpq.analysis.sensitivity import sensitivity, target_layers
 
@@ -319,12 +319,11 @@ def fixed_bytes(model_path, base: Recipe, layers, output_format: str) -> int:
     recipe minus the base's bytes of those layers, plus the header growth of a recipe that names
     every chosen layer (stored twice, JSON-escaped)."""
     from mpq.analysis.estimate import estimate_run
-    from mpq.models.source import load_skeleton
-    from mpq.quantize import plan_model
+    from mpq.engine.spec import RunOptions, resolve_run
 
-    estimate = estimate_run(model_path, base, output_format=output_format, probe=False)
-    size = estimate.size["file_bytes"]
-    _, plan = plan_model(load_skeleton(model_path), base)
+    spec = resolve_run(model_path, base, RunOptions(output_format=output_format))
+    size = estimate_run(spec, probe=False).size["file_bytes"]
+    plan = spec.plan
     chosen = sum(layer_cost(plan.get(layer.name).scheme, layer.shape, output_format)[1]
                  for layer in layers)
     names = sum(len(layer.name) + 6 for layer in layers)

@@ -70,7 +70,7 @@ def target_layers(model: nn.Module, candidates: Sequence[Candidate],
                   base: Recipe | None = None) -> list[TargetLayer]:
     """The decoder-block layers that every candidate (and ``base``, when given) quantizes, with
     each candidate's scheme for them.  RecipeError when there is none."""
-    from mpq.quantize import plan_model
+    from mpq.engine.spec import plan_model
 
     plans = {}
     for candidate in candidates:
@@ -405,7 +405,7 @@ def sensitivity(model_path: str | Path, candidates: str | Sequence[str], calibra
     ``base``: only the layers this recipe quantizes.  ``layer_filter``: a subset of layers."""
     from mpq.calibration import build_calibration_set
     from mpq.models.source import check_model_dir, fingerprint, load_model, load_tokenizer
-    from mpq.quantize import as_recipe
+    from mpq.engine.spec import as_recipe
 
     started = time.perf_counter()
     if measure not in MEASURES:

@@ -246,7 +246,7 @@ def resolve_policy(path: str, is_artifact: bool, recipe: str | None,
                    overrides: Sequence[str]) -> tuple[dict[str, str], str]:
     """The policy to check and where it came from: --recipe's, else the artifact's recorded
     one, else the default; then --policy overrides."""
-    from mpq.quantize import as_recipe
+    from mpq.engine.spec import as_recipe
 
     changes = parse_policy_overrides(overrides)
     if recipe is not None:

@@ -9,10 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mpq.checkpoint  # noqa: F401  (registers the writers)
 from mpq.checkpoint.native import check_output_free
 from mpq.checkpoint.state import state_from_artifact
-from mpq.checkpoint.writers import write_state, writer_for
+from mpq.checkpoint.writers import preflight, write_state, writer_for
 
 
 @dataclass
@@ -29,13 +28,11 @@ class ConvertResult:
 
 def convert(src: str | Path, out_dir: str | Path, output_format: str, *, force: bool = False,
             strict: bool = False) -> ConvertResult:
-    from mpq.quantize import preflight  # the same checks `mpq quantize --format` runs
-
     out_dir = Path(out_dir)
     check_output_free(out_dir, force)
-    writer_for(output_format)
+    writer = writer_for(output_format)
     state = state_from_artifact(src)
-    warnings = preflight(state.plan, output_format, strict)
-    sizes = write_state(state, out_dir, output_format, force=force)
+    warnings = preflight(writer, state.plan, strict)  # the checks `mpq quantize --format` runs
+    sizes = write_state(state, out_dir, writer, force=force)
     return ConvertResult(out_dir=out_dir, output_format=output_format, sizes=sizes,
                          warnings=warnings)

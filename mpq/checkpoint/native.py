@@ -6,7 +6,7 @@ bit-packed, scales and zero points as tensors), plus ``<p>.bias`` when it has on
 
 Header metadata (strings only, identical in every shard): ``format`` = ``pt`` (for other
 safetensors readers), ``mpq.format_version`` (``MAJOR.MINOR``; a reader refuses another major),
-``mpq.tool_version``, ``mpq.numerics.packing``, and JSON strings ``mpq.config.recipe``, ``mpq.config.plan``,
+``mpq.tool_version``, ``mpq.packing``, and JSON strings ``mpq.recipe``, ``mpq.plan``,
 ``mpq.calibration``, ``mpq.source``.  ``config.json`` gains a top-level ``mpq`` key (format and
 version) so a folder can be recognised without opening a shard; it also records the sha256 and
 size of every tensor file (``tensor_files``), which ``mpq verify`` checks.
@@ -233,7 +233,7 @@ def open_artifact(path: str | Path) -> Artifact:
             f"(this mpq reads {FORMAT_VERSION.split('.')[0]}.x)",
             hint="use the mpq version that wrote it, or re-quantize")
     try:
-        plan = Plan.from_dict(json.loads(metadata["mpq.config.plan"]))
+        plan = Plan.from_dict(json.loads(metadata["mpq.plan"]))
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (KeyError, ValueError, TypeError, ArtifactError) as exc:
         raise ArtifactError(f"{path}: metadata is damaged ({exc})",

@@ -99,6 +99,20 @@ def check_expressible(writer: Writer, plan: Plan) -> None:
                                             "native format (--format mpq)")
 
 
+def preflight(writer: Writer, plan: Plan, strict: bool) -> list[str]:
+    """Check that ``writer`` can store ``plan`` (FormatError if not) and return its run-time
+    pre-flight warnings; with ``strict``, any warning is a FormatError."""
+    check_expressible(writer, plan)
+    warnings = writer.preflight(plan)
+    if warnings and strict:
+        shown = "; ".join(warnings[:6]) + (f"; … {len(warnings) - 6} more"
+                                           if len(warnings) > 6 else "")
+        raise FormatError(f"--strict: {len(warnings)} layer(s) fail the pre-flight checks of "
+                          f"format '{writer.name}': {shown}",
+                          hint="change those layers' schemes, or drop --strict to write anyway")
+    return warnings
+
+
 def size_report(plan: Plan, tensors: Mapping[str, torch.Tensor],
                 code_keys: tuple[str, ...]) -> dict[str, int]:
     """Stored tensor bytes vs the ideal: b bits per quantized weight + every other stored byte.
@@ -124,8 +138,8 @@ def header_metadata(state: ArtifactState, format_name: str, sizes: dict) -> dict
         return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
     out = {"mpq.format": format_name, "mpq.format_version": FORMAT_VERSION,
-           "mpq.tool_version": __version__, "mpq.numerics.packing": PACKING_LAYOUT,
-           "mpq.config.plan": dump(state.plan.to_dict()), "mpq.sizes": dump(sizes)}
+           "mpq.tool_version": __version__, "mpq.packing": PACKING_LAYOUT,
+           "mpq.plan": dump(state.plan.to_dict()), "mpq.sizes": dump(sizes)}
     for key in ("recipe", "calibration", "source", "pipeline"):
         out[f"mpq.{key}"] = dump(state.provenance.get(key))
     return out
@@ -138,11 +152,11 @@ def mpq_config_key(state: ArtifactState, format_name: str) -> dict:
             "precision_policy": state.plan.precision_policy}
 
 
-def write_state(state: ArtifactState, out_dir: str | Path, format_name: str = "mpq", *,
+def write_state(state: ArtifactState, out_dir: str | Path, writer: Writer, *,
                 force: bool = False) -> dict[str, int]:
-    """Write ``state`` as ``format_name`` into ``out_dir`` (atomically); return the size report."""
-    writer = writer_for(format_name)
-    check_expressible(writer, state.plan)
+    """Write ``state`` with ``writer`` into ``out_dir`` (atomically); return the size report.
+    The caller has checked the plan with :func:`preflight`."""
+    format_name = writer.name
     contents = writer.contents(state)
     sizes = size_report(state.plan, contents.tensors, contents.code_keys)
     metadata = {**header_metadata(state, format_name, sizes), **(contents.header or {})}

@@ -6,20 +6,17 @@ from pathlib import Path
 from rich.table import Table
 
 from mpq.cli.console import emit_json, human_bytes, stdout_console
-from mpq.cli.options import torch_dtype
 
 
-def dry_run(model, recipe, options, *, output, force, device, output_format, true_sequential,
-            dtype, strict, as_json, stream=True, offload_activations=False) -> None:
-    """Estimate the run, print it, and raise ResourceError (exit 11) when it would not fit."""
-    from mpq.errors import OutputError
+def dry_run(model, recipe, options, *, output, force, as_json) -> None:
+    """Estimate the run (``options``: mpq.engine.spec.RunOptions), print it, and raise
+    ResourceError (exit 11) when it would not fit."""
     from mpq.analysis.estimate import check_fits, estimate_and_check
     from mpq.checkpoint.native import check_output_free
+    from mpq.engine.spec import resolve_run
+    from mpq.errors import OutputError
 
-    estimate = estimate_and_check(model, recipe, calibration=options, device=device,
-                                  output_format=output_format, true_sequential=true_sequential,
-                                  dtype=torch_dtype(dtype), strict=strict, stream=stream,
-                                  offload_activations=offload_activations)
+    estimate = estimate_and_check(resolve_run(model, recipe, options))
     try:
         check_output_free(Path(output), force)
     except OutputError as exc:

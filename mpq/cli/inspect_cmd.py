@@ -46,7 +46,7 @@ def command(artifact, as_json):
     info = {
         "path": str(art.path), "format_version": art.metadata.get("mpq.format_version"),
         "tool_version": art.metadata.get("mpq.tool_version"),
-        "packing": art.metadata.get("mpq.numerics.packing"), "recipe": art.json_field("recipe"),
+        "packing": art.metadata.get("mpq.packing"), "recipe": art.json_field("recipe"),
         "source": art.json_field("source"), "calibration": art.json_field("calibration"),
         "sizes": {**(art.json_field("sizes") or {}), "files_bytes": art.tensor_bytes()},
         "plan": art.plan.to_dict(),

@@ -67,7 +67,7 @@ def command(model, recipe, as_json):
     """Print the per-layer plan RECIPE resolves to on MODEL, or the plan stored in an artifact."""
     from mpq.checkpoint.native import is_artifact, open_artifact
     from mpq.models.source import load_skeleton
-    from mpq.quantize import as_recipe, plan_model
+    from mpq.engine.spec import as_recipe, plan_model
 
     description = None
     stored = recipe is None and is_artifact(model)

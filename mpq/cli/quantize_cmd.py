@@ -85,16 +85,21 @@ def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode
             target_size, candidates, sensitivity_path, sensitivity_samples, save_recipe, dtype,
             as_json):
     """Quantize MODEL (a local Hugging Face folder) with RECIPE into OUTPUT."""
+    from mpq.calibration import CalibrationOptions
     from mpq.engine.runner import no_events
-    from mpq.quantize import CalibrationOptions, quantize
+    from mpq.engine.spec import RunOptions
+    from mpq.quantize import quantize
 
-    options = CalibrationOptions(source=calib, num_samples=num_samples, seq_len=seq_len, seed=seed,
-                                 mode=calib_mode, field=calib_field, split=calib_split,
-                                 batch_tokens=calib_batch_tokens)
+    calibration = CalibrationOptions(source=calib, num_samples=num_samples, seq_len=seq_len,
+                                     seed=seed, mode=calib_mode, field=calib_field,
+                                     split=calib_split, batch_tokens=calib_batch_tokens)
+    options = RunOptions(calibration=calibration, output_format=output_format, device=device,
+                         dtype=torch_dtype(dtype), true_sequential=true_sequential,
+                         strict=strict, stream=stream, offload_activations=offload_activations)
     if target_bits is not None or target_size is not None:
         from mpq.cli.mixed_view import choose_recipe
 
-        recipe = choose_recipe(model, recipe, options, target_bits=target_bits,
+        recipe = choose_recipe(model, recipe, calibration, target_bits=target_bits,
                                target_size=target_size, candidates=candidates,
                                sensitivity=sensitivity_path, samples=sensitivity_samples,
                                output_format=output_format, save_recipe=save_recipe,
@@ -105,22 +110,16 @@ def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode
     if dry_run:
         from mpq.cli.estimate_view import dry_run as run_dry
 
-        return run_dry(model, recipe, options, output=output, force=force, device=device,
-                       output_format=output_format, true_sequential=true_sequential,
-                       dtype=dtype, strict=strict, stream=stream, as_json=as_json,
-                       offload_activations=offload_activations)
+        return run_dry(model, recipe, options, output=output, force=force, as_json=as_json)
     from mpq.engine.distributed import process_group
 
     with process_group() as ranks:  # under torchrun, only rank 0 reports
         reporter = (no_events if ranks is not None and not ranks.writer else
                     JsonEvents() if as_json else ProgressEvents())
         with reporter if isinstance(reporter, ProgressEvents) else nullcontext():
-            result = quantize(model, recipe, output, calibration=options, force=force,
-                              dtype=torch_dtype(dtype), true_sequential=true_sequential,
-                              device=device, output_format=output_format, strict=strict,
+            result = quantize(model, recipe, output, options, force=force,
                               resume={None: "auto", True: "require", False: "fresh"}[resume],
-                              check_memory=memory_check, stream=stream,
-                              offload_activations=offload_activations, events=reporter)
+                              check_memory=memory_check, events=reporter)
     if not result.written:  # another process of a torchrun run writes and reports
         return
     if as_json:

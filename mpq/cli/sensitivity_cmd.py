@@ -131,7 +131,7 @@ def command(model, calib, candidates, recipe, measure, num_samples, seq_len, see
             calib_field, calib_split, output, plot_path, top, as_json):
     """Damage of quantizing each layer of MODEL alone, per candidate scheme, and its bytes."""
     from mpq.errors import CalibrationError
-    from mpq.quantize import CalibrationOptions
+    from mpq.calibration import CalibrationOptions
     from mpq.analysis.candidates import check_names
     from mpq.analysis.sensitivity import sensitivity
 

@@ -20,7 +20,7 @@ from mpq.engine.collect import (StopForward, collecting, input_groups, results, 
                          to_device)
 from mpq.engine.distributed import check_supported as check_distributed_support
 from mpq.engine.distributed import current as current_ranks
-from mpq.errors import CalibrationError, Interrupted, SchemeError
+from mpq.errors import Interrupted, SchemeError
 from mpq.engine.interrupt import StopRequest
 from mpq.memory import page_out, release_free_memory
 from mpq.config.plan import LayerPlan, Plan
@@ -29,7 +29,7 @@ from mpq.quantizers.base import QUANTIZERS
 from mpq.numerics.activations import FP8_MAX, static_scale
 from mpq.engine.replay import BlockReplay
 from mpq.engine.resume import Checkpoint
-import mpq.transforms  # noqa: F401  (registers the built-in transforms)
+from mpq.engine.spec import needed_stats
 from mpq.transforms.base import TRANSFORMS, BlockContext
 from mpq.quantizers.kv_cache import KVObserver, attach_kv_quantization
 from mpq.config.kv_cache import KVCacheArgs
@@ -40,39 +40,6 @@ Events = Callable[..., None]
 
 def no_events(kind: str, **data: Any) -> None:
     return None
-
-
-def needed_stats(plan: Plan) -> dict[str, frozenset[str]]:
-    """Layer name → the statistics it needs (only layers that need some): its quantizer's, plus
-    ``input_absmax`` when its input activations get a static (calibrated) scale."""
-    needs = {}
-    for layer in plan.quantized():
-        layer_needs = set(QUANTIZERS.get(layer.scheme.algorithm).needs)
-        acts = layer.scheme.input_activations
-        if acts is not None and not acts.dynamic:
-            layer_needs.add("input_absmax")
-        if layer_needs:
-            needs[layer.name] = frozenset(layer_needs)
-    return needs
-
-
-def require_calibration(plan: Plan, have_samples: bool) -> None:
-    """CalibrationError when the plan needs calibration data (statistics, transforms, KV
-    scales) and there is none."""
-    if have_samples:
-        return
-    wanted = needed_stats(plan)
-    if wanted:
-        first = next(iter(wanted))
-        raise CalibrationError(f"layer {first} needs calibration statistics "
-                               f"({', '.join(sorted(wanted[first]))}) but no calibration data "
-                               "was given", hint="pass --calib FILE")
-    if plan.transforms:
-        raise CalibrationError(f"transform '{plan.transforms[0]['type']}' needs calibration data",
-                               hint="pass --calib FILE")
-    if plan.kv_cache:
-        raise CalibrationError("kv_cache quantization needs calibration data for its scales",
-                               hint="pass --calib FILE")
 
 
 def untie_head_if_quantized(model: nn.Module, layout: ModelLayout, plan: Plan) -> bool:
@@ -213,7 +180,6 @@ def run_pipeline(model: nn.Module, layout: ModelLayout, plan: Plan,
     if streamer is not None and (checkpoint is None or keep_dequantized):
         raise ValueError("streaming needs a checkpoint and keep_dequantized=False")
     wanted = needed_stats(plan)
-    require_calibration(plan, bool(samples))
     ranks = current_ranks()
     if ranks is not None:
         check_distributed_support(plan)

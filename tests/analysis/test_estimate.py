@@ -11,7 +11,9 @@ import mpq.models.source
 from mpq.cli.main import cli
 from mpq.errors import ResourceError
 from mpq.analysis.estimate import RunEstimate, available_memory, check_fits, estimate_run
-from mpq.quantize import CalibrationOptions, quantize
+from mpq.calibration import CalibrationOptions
+from mpq.engine.spec import RunOptions, resolve_run
+from mpq.quantize import quantize
 from mpq.config.recipe import parse_recipe
 from tests.helpers import write_tokenizer
 from tests.tiny_models import save_tiny_model
@@ -50,9 +52,9 @@ def _calib(models, **kw):
 @pytest.mark.parametrize("preset", ["w4a16", "w8a16", "w4a16-gptq"])
 def test_size_estimate_matches_a_real_artifact(models, tmp_path, arch, preset):
     calib = _calib(models)
-    est = estimate_run(models / arch, preset, calibration=calib, probe=False)
+    est = estimate_run(resolve_run(models / arch, preset, RunOptions(calibration=calib)), probe=False)
     out = tmp_path / "out"
-    result = quantize(models / arch, preset, out, calibration=calib)
+    result = quantize(models / arch, preset, out, RunOptions(calibration=calib))
     stored = result.sizes["stored_bytes"]
     assert abs(est.size["tensor_bytes"] - stored) <= 0.05 * stored
     files = sum(p.stat().st_size for p in out.glob("*.safetensors"))
@@ -98,10 +100,8 @@ def test_dry_run_exit_11_when_it_does_not_fit(models, tmp_path, monkeypatch, no_
 
 
 def test_memory_parts_positive_and_grow_with_samples(models, no_weights):
-    small = estimate_run(models / "llama", "w4a16-gptq", calibration=_calib(models),
-                         probe=False)
-    large = estimate_run(models / "llama", "w4a16-gptq",
-                         calibration=_calib(models, num_samples=64), probe=False)
+    small = estimate_run(resolve_run(models / "llama", "w4a16-gptq", RunOptions(calibration=_calib(models))), probe=False)
+    large = estimate_run(resolve_run(models / "llama", "w4a16-gptq", RunOptions(calibration=_calib(models, num_samples=64))), probe=False)
     for part in ("overhead", "weights", "activations", "statistics", "solver",
                  "block_temporaries", "outputs"):
         assert small.memory[part] > 0, part
@@ -112,7 +112,7 @@ def test_memory_parts_positive_and_grow_with_samples(models, no_weights):
 
 
 def test_check_fits(models):
-    est = estimate_run(models / "llama", "w4a16", probe=False)
+    est = estimate_run(resolve_run(models / "llama", "w4a16", RunOptions()), probe=False)
     assert isinstance(est, RunEstimate)
     check_fits(est, est.peak_bytes)  # exactly enough
     with pytest.raises(ResourceError) as info:
@@ -149,9 +149,8 @@ def test_streamed_estimate_holds_one_block(models, no_weights):
     """Streamed (the default): the weights part is the tensors outside the blocks plus one
     block's; --no-stream and recipes that cannot stream count the whole model."""
     calib = _calib(models)
-    streamed = estimate_run(models / "llama", "w4a16-gptq", calibration=calib, probe=False)
-    whole = estimate_run(models / "llama", "w4a16-gptq", calibration=calib, probe=False,
-                         stream=False)
+    streamed = estimate_run(resolve_run(models / "llama", "w4a16-gptq", RunOptions(calibration=calib)), probe=False)
+    whole = estimate_run(resolve_run(models / "llama", "w4a16-gptq", RunOptions(calibration=calib, stream=False)), probe=False)
     assert streamed.streaming is None and whole.streaming == "--no-stream"
     assert streamed.memory["weights"] < whole.memory["weights"]
     assert streamed.memory["outputs"] < whole.memory["outputs"]
@@ -159,6 +158,6 @@ def test_streamed_estimate_holds_one_block(models, no_weights):
     rotation = parse_recipe("mpq_recipe: 1\nname: r\nrotation: {type: quarot, seed: 0}\n"
                             "rules:\n  - targets: [Linear]\n    weights: {format: int, bits: 4,"
                             " granularity: channel}\n", "r.yaml")
-    rotated = estimate_run(models / "llama", rotation, calibration=calib, probe=False)
+    rotated = estimate_run(resolve_run(models / "llama", rotation, RunOptions(calibration=calib)), probe=False)
     assert "rotation" in rotated.streaming
     assert rotated.memory["weights"] == whole.memory["weights"]

@@ -154,7 +154,7 @@ def test_choice_respects_the_budget_and_the_recipe_parses():
         text, recipe = build_recipe(load_recipe("w4a16"), table, choice, model)
         assert parse_recipe(text, "again.yaml").rules == recipe.rules
         assert f"target {target:g} bits/weight" in recipe.description
-        from mpq.quantize import plan_model
+        from mpq.engine.spec import plan_model
 
         _, plan = plan_model(model, recipe)
         for layer in plan.layers:
@@ -175,7 +175,7 @@ def test_base_rules_for_other_layers_are_kept():
                         "  - targets: Linear\n    weights: {bits: 4, group_size: 64}\n", "base")
     choice = choose(table, target_bits=4.5)
     _, recipe = build_recipe(base, table, choice, model)
-    from mpq.quantize import plan_model
+    from mpq.engine.spec import plan_model
 
     _, plan = plan_model(model, recipe)
     assert plan.get("lm_head").scheme.weights.bits == 8

@@ -121,14 +121,16 @@ def test_an_artifacts_recorded_policy_is_checked(root, tmp_path):
 
 
 def test_a_scaled_fp8_kv_cache_is_judged_by_its_scale(root, tmp_path):
-    from mpq.quantize import CalibrationOptions, quantize
+    from mpq.calibration import CalibrationOptions
+    from mpq.engine.spec import RunOptions
+    from mpq.quantize import quantize
     from mpq.config.recipe import parse_recipe
 
     recipe = parse_recipe("mpq_recipe: 1\nrules:\n  - targets: lm_head\n    skip: true\n"
                           "  - targets: Linear\n    weights: {bits: 8, granularity: channel}\n"
                           "kv_cache: {format: fp8_e4m3}\n", "kv.yaml")
-    quantize(root / "normal", recipe, tmp_path / "kv", calibration=CalibrationOptions(
-        source=str(root / "calib.txt"), num_samples=2, seq_len=32))
+    quantize(root / "normal", recipe, tmp_path / "kv", RunOptions(calibration=CalibrationOptions(
+        source=str(root / "calib.txt"), num_samples=2, seq_len=32)))
     result, report = validate_json(root, tmp_path / "kv")
     assert result.exit_code == 0, result.output
     assert report["policy"]["kv_cache"] == "fp8_e4m3"

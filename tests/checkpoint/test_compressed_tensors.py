@@ -19,7 +19,9 @@ from mpq.checkpoint.convert import convert
 from mpq.errors import ArtifactError, FormatError
 from mpq.checkpoint.compressed_tensors import layer_format, quantization_config
 from mpq.checkpoint.state import state_from_artifact
-from mpq.quantize import CalibrationOptions, quantize
+from mpq.calibration import CalibrationOptions
+from mpq.engine.spec import RunOptions
+from mpq.quantize import quantize
 from mpq.config.recipe import parse_recipe
 from tests.tiny_models import save_tiny_model
 
@@ -91,10 +93,8 @@ def test_transformers_loads_exactly_what_mpq_loads(name, tmp_path, ids, calib_te
     weights, acts = RECIPES[name]
     save_source(tmp_path / "src", bf16=name in BF16_ONLY)
     calibration = CalibrationOptions(source=str(calib_text), num_samples=4, seq_len=32)
-    quantize(tmp_path / "src", recipe(weights, acts), tmp_path / "native",
-             calibration=calibration)
-    quantize(tmp_path / "src", recipe(weights, acts), tmp_path / "ct", calibration=calibration,
-             output_format="compressed-tensors")
+    quantize(tmp_path / "src", recipe(weights, acts), tmp_path / "native", RunOptions(calibration=calibration))
+    quantize(tmp_path / "src", recipe(weights, acts), tmp_path / "ct", RunOptions(calibration=calibration, output_format="compressed-tensors"))
     config = json.loads((tmp_path / "ct" / "config.json").read_text())
     QuantizationConfig.model_validate(config["quantization_config"])  # the package accepts it
     assert config["mpq"]["format"] == "compressed-tensors"
@@ -112,7 +112,7 @@ def test_convert_writes_the_same_files_as_quantize(tmp_path):
     save_tiny_model("llama", tmp_path / "src")
     rec = recipe(RECIPES["w4-g32-asym"][0])
     quantize(tmp_path / "src", rec, tmp_path / "native")
-    quantize(tmp_path / "src", rec, tmp_path / "direct", output_format="compressed-tensors")
+    quantize(tmp_path / "src", rec, tmp_path / "direct", RunOptions(output_format="compressed-tensors"))
     convert(tmp_path / "native", tmp_path / "converted", "compressed-tensors")
     for file in ("model.safetensors", "config.json"):
         assert (tmp_path / "direct" / file).read_bytes() == \
@@ -126,7 +126,7 @@ def test_mixed_precision_groups_and_ignore(tmp_path, ids):
              "  - {targets: ['re:.*o_proj'], skip: true}\n")
     rec = recipe(RECIPES["w4-g32-sym"][0], extra_rules=rules)
     quantize(tmp_path / "src", rec, tmp_path / "native")
-    quantize(tmp_path / "src", rec, tmp_path / "ct", output_format="compressed-tensors")
+    quantize(tmp_path / "src", rec, tmp_path / "ct", RunOptions(output_format="compressed-tensors"))
     qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "mixed-precision"
     assert {g["format"] for g in qc["config_groups"].values()} == {"pack-quantized",
@@ -156,7 +156,7 @@ def test_compressed_tensors_decompresses_mpqs_weights_exactly(name, tmp_path):
 def test_layer_formats_are_the_ones_compressed_tensors_infers(tmp_path):
     save_tiny_model("llama", tmp_path / "src")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src")
-    from mpq.quantize import plan_model
+    from mpq.engine.spec import plan_model
 
     for weights, acts in RECIPES.values():
         _, plan = plan_model(model, recipe(weights, acts))
@@ -172,7 +172,7 @@ def test_inexpressible_layers_are_refused_before_quantizing(tmp_path, monkeypatc
     monkeypatch.setattr("mpq.quantize.run_pipeline",
                         lambda *a, **k: pytest.fail("quantized before the format check"))
     with pytest.raises(FormatError, match="nf4 weights"):
-        quantize(tmp_path / "src", "nf4", tmp_path / "out", output_format="compressed-tensors")
+        quantize(tmp_path / "src", "nf4", tmp_path / "out", RunOptions(output_format="compressed-tensors"))
     assert not (tmp_path / "out").exists()
     result = CliRunner().invoke(cli, ["quantize", str(tmp_path / "src"), "-r", "nf4",
                                       "-o", str(tmp_path / "out"),
@@ -185,8 +185,7 @@ def test_inexpressible_layers_are_refused_before_quantizing(tmp_path, monkeypatc
 
 def test_preflight_warns_and_strict_refuses(tmp_path):
     save_tiny_model("llama", tmp_path / "src")  # K = 64 or 128, N = 64/32/...
-    result = quantize(tmp_path / "src", "w4a16-asym", tmp_path / "ct",
-                      output_format="compressed-tensors")
+    result = quantize(tmp_path / "src", "w4a16-asym", tmp_path / "ct", RunOptions(output_format="compressed-tensors"))
     text = " ".join(result.warnings)
     assert "asymmetric weights" in text and "not a multiple of 128" in text
     runner = CliRunner()
@@ -199,7 +198,7 @@ def test_preflight_warns_and_strict_refuses(tmp_path):
 
 def test_mpq_load_refuses_other_formats_with_a_pointer(tmp_path):
     save_tiny_model("llama", tmp_path / "src")
-    quantize(tmp_path / "src", "w8a16", tmp_path / "ct", output_format="compressed-tensors")
+    quantize(tmp_path / "src", "w8a16", tmp_path / "ct", RunOptions(output_format="compressed-tensors"))
     with pytest.raises(ArtifactError, match="compressed-tensors checkpoint written by mpq"):
         mpq.load(tmp_path / "ct")
     with pytest.raises(ArtifactError, match="native artifacts only|not a native"):

@@ -10,7 +10,9 @@ from safetensors import safe_open
 from mpq.checkpoint.convert import convert
 from mpq.errors import FormatError
 from mpq.checkpoint.state import state_from_artifact
-from mpq.quantize import CalibrationOptions, quantize
+from mpq.calibration import CalibrationOptions
+from mpq.engine.spec import RunOptions
+from mpq.quantize import quantize
 from mpq.config.recipe import parse_recipe
 from tests.tiny_models import save_tiny_model
 
@@ -58,8 +60,7 @@ def test_independent_decoder_reproduces_the_dequantized_weights(case, tmp_path, 
     weights, options, algorithm = CASES[case]
     save_tiny_model("llama", tmp_path / "src")
     calibration = CalibrationOptions(source=str(calib_text), num_samples=4, seq_len=32)
-    quantize(tmp_path / "src", recipe(weights, options, algorithm), tmp_path / "native",
-             calibration=calibration)
+    quantize(tmp_path / "src", recipe(weights, options, algorithm), tmp_path / "native", RunOptions(calibration=calibration))
     convert(tmp_path / "native", tmp_path / "gptq", "gptq")
     state = state_from_artifact(tmp_path / "native")
     config = json.loads((tmp_path / "gptq" / "quantize_config.json").read_text())
@@ -100,8 +101,7 @@ def test_inexpressible_plans_are_refused_with_the_layers(weights, acts, match, t
         text += f"  input_activations: {acts}\n"
     text += f"rules:\n  - targets: [Linear]\n    weights: {weights}\n"
     with pytest.raises(FormatError, match=match) as info:
-        quantize(tmp_path / "src", parse_recipe(text, "t"), tmp_path / "out",
-                 output_format="gptq")
+        quantize(tmp_path / "src", parse_recipe(text, "t"), tmp_path / "out", RunOptions(output_format="gptq"))
     assert "model.layers.0.self_attn.q_proj" in str(info.value)
     assert not (tmp_path / "out").exists()
 
@@ -115,8 +115,7 @@ def test_mixed_settings_and_unquantized_block_layers_are_refused(tmp_path):
             "  - targets: [Linear]\n"
             "    weights: {format: int, bits: 4, granularity: group, group_size: 32}\n")
     with pytest.raises(FormatError) as info:
-        quantize(tmp_path / "src", parse_recipe(text, "t"), tmp_path / "out",
-                 output_format="gptq")
+        quantize(tmp_path / "src", parse_recipe(text, "t"), tmp_path / "out", RunOptions(output_format="gptq"))
     message = str(info.value)
     assert "down_proj: left unquantized" in message and "one quantize_config" in message
 
@@ -127,8 +126,8 @@ def test_zero_point_zero_is_refused_at_write(tmp_path):
     state = state_from_artifact(tmp_path / "native")
     name = next(iter(state.qweights))
     state.qweights[name].zero[0, 0] = 0
-    from mpq.checkpoint.writers import write_state
+    from mpq.checkpoint.writers import write_state, writer_for
 
     with pytest.raises(FormatError, match="zero point is 0"):
-        write_state(state, tmp_path / "gptq", "gptq")
+        write_state(state, tmp_path / "gptq", writer_for("gptq"))
     assert not (tmp_path / "gptq").exists()

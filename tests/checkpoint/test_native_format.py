@@ -35,7 +35,7 @@ def test_header_holds_versioned_string_metadata(artifact_dir):
         meta = handle.metadata()
     assert meta["mpq.format_version"] == "1.0"
     assert all(isinstance(v, str) for v in meta.values())
-    plan = json.loads(meta["mpq.config.plan"])
+    plan = json.loads(meta["mpq.plan"])
     q_proj = next(l for l in plan["layers"] if l["name"] == "model.layers.0.self_attn.q_proj")
     assert q_proj["scheme"]["weights"]["bits"] == 4 and q_proj["result"]["rel_mse"] > 0
     assert json.loads(meta["mpq.source"])["sha256"]

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from mpq.cli.main import cli
 from mpq.errors import ArtifactError
 from mpq.checkpoint.native import file_digest
+from mpq.engine.spec import RunOptions
 from mpq.quantize import quantize
 from mpq.checkpoint.verify import verify_artifact
 from tests.tiny_models import save_tiny_model
@@ -21,7 +22,7 @@ def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("verify")
     save_tiny_model("llama", root / "src")
     for output_format in ("mpq", "compressed-tensors", "gptq"):
-        quantize(root / "src", "w4a16-asym", root / output_format, output_format=output_format)
+        quantize(root / "src", "w4a16-asym", root / output_format, RunOptions(output_format=output_format))
     return root
 
 

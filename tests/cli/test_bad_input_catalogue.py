@@ -36,8 +36,9 @@ from mpq.cli.main import cli
 from mpq.errors import (ArtifactError, CalibrationError, FormatError, ModelError, MpqError,
                         OutputError, RecipeError, ResourceError, ResumeError)
 from tests.tiny_models import save_tiny_model
+from tests.helpers import REPO
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-inputs.md"
+DOC = REPO / "docs" / "bad-inputs.md"
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,18 @@
 """Example recipes parse and resolve on a SmolLM2-shaped skeleton (meta weights, no download)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import transformers
 
 from mpq.models.source import build_skeleton
-from mpq.quantize import as_recipe, plan_model
+from mpq.engine.spec import as_recipe, plan_model
+from tests.helpers import REPO
 
-EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml"))
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+
+
+def test_the_examples_folder_is_found():
+    assert EXAMPLES, f"no recipe under {REPO / 'examples'}"
 
 
 def smollm2_shaped_skeleton():

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from mpq.engine.collect import collecting, input_groups, results, run_block
-from mpq.quantize import CalibrationOptions, quantize
+from mpq.calibration import CalibrationOptions
+from mpq.engine.spec import RunOptions
+from mpq.quantize import quantize
 from mpq.config.recipe import parse_recipe
 from tests.helpers import byte_tokenizer, register_recording_quantizer
 from tests.tiny_models import save_tiny_model, tiny_model
@@ -122,8 +124,7 @@ def test_true_sequential_feeds_o_proj_with_quantized_predecessors(tmp_path, monk
         "    algorithm: recording\n    weights: {bits: 2, group_size: 16}\n", "t.yaml")
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"w{i % 37}" for i in range(3000)))
-    quantize(tmp_path / "src", recipe, tmp_path / "out", true_sequential=true_sequential,
-             calibration=CalibrationOptions(source=str(text), num_samples=2, seq_len=32))
+    quantize(tmp_path / "src", recipe, tmp_path / "out", RunOptions(true_sequential=true_sequential, calibration=CalibrationOptions(source=str(text), num_samples=2, seq_len=32)))
     # float o_proj inputs, from the unquantized source model
     from mpq.calibration import build_calibration_set
 

@@ -9,7 +9,9 @@ from click.testing import CliRunner
 
 import mpq.engine.collect
 from mpq.cli.main import cli
-from mpq.quantize import CalibrationOptions, quantize
+from mpq.calibration import CalibrationOptions
+from mpq.engine.spec import RunOptions
+from mpq.quantize import quantize
 from tests.helpers import folder_bytes
 from tests.tiny_models import save_tiny_model
 
@@ -28,9 +30,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def _run(src, out, calib, **kwargs):
     recipe = src.parent / "recipe.yaml"
     recipe.write_text(RECIPE)
-    quantize(src, str(recipe), out, check_memory=False,
-             calibration=CalibrationOptions(source=str(calib), num_samples=6, seq_len=48,
-                                            batch_tokens=96), **kwargs)
+    quantize(src, str(recipe), out, RunOptions(calibration=CalibrationOptions(source=str(calib), num_samples=6, seq_len=48,
+                                            batch_tokens=96)), check_memory=False, **kwargs)
     return folder_bytes(out)
 
 

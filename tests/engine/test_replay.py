@@ -6,7 +6,7 @@ import torch
 
 from mpq.engine.collect import run_block
 from mpq.engine.runner import capture_block_inputs, run_pipeline
-from mpq.quantize import plan_model
+from mpq.engine.spec import plan_model
 from mpq.config.recipe import parse_recipe
 from mpq.engine.replay import OUTPUT, TAIL, BlockReplay
 from tests.tiny_models import ARCHITECTURES, tiny_model

@@ -14,9 +14,11 @@ import pytest
 import transformers
 
 from mpq.errors import ResumeError
-from mpq.quantize import CalibrationOptions, quantize
+from mpq.calibration import CalibrationOptions
+from mpq.engine.spec import RunOptions
+from mpq.quantize import quantize
 from mpq.engine.resume import Checkpoint, work_dir_for
-from tests.helpers import KV, TRANSFORMS, byte_tokenizer, folder_bytes, resume_recipe
+from tests.helpers import KV, REPO, TRANSFORMS, byte_tokenizer, folder_bytes, resume_recipe
 from tests.tiny_models import model_from_config
 
 LAYERS = 6
@@ -41,8 +43,7 @@ def test_resumed_run_writes_the_same_bytes(extra, tmp_path, calib_text, monkeypa
     save_deep_model(tmp_path / "src")
     calibration = CalibrationOptions(source=str(calib_text), num_samples=4, seq_len=32)
     algorithm = "rtn" if extra == TRANSFORMS else "gptq"
-    quantize(tmp_path / "src", resume_recipe(extra, algorithm), tmp_path / "whole",
-             calibration=calibration)
+    quantize(tmp_path / "src", resume_recipe(extra, algorithm), tmp_path / "whole", RunOptions(calibration=calibration))
     assert not work_dir_for(tmp_path / "whole").exists()  # removed once written
 
     save_block = Checkpoint.save_block
@@ -54,15 +55,13 @@ def test_resumed_run_writes_the_same_bytes(extra, tmp_path, calib_text, monkeypa
 
     monkeypatch.setattr(Checkpoint, "save_block", crash_after_block_2)
     with pytest.raises(Crash):
-        quantize(tmp_path / "src", resume_recipe(extra, algorithm), tmp_path / "resumed",
-                 calibration=calibration)
+        quantize(tmp_path / "src", resume_recipe(extra, algorithm), tmp_path / "resumed", RunOptions(calibration=calibration))
     assert not (tmp_path / "resumed").exists()
     assert Checkpoint(work_dir_for(tmp_path / "resumed"), {}).finished_blocks() == 3
     monkeypatch.setattr(Checkpoint, "save_block", save_block)
 
     events = []
-    quantize(tmp_path / "src", resume_recipe(extra, algorithm), tmp_path / "resumed",
-             calibration=calibration, events=lambda kind, **data: events.append(kind))
+    quantize(tmp_path / "src", resume_recipe(extra, algorithm), tmp_path / "resumed", RunOptions(calibration=calibration), events=lambda kind, **data: events.append(kind))
     assert events.count("block_resumed") == 3
     assert folder_bytes(tmp_path / "resumed") == folder_bytes(tmp_path / "whole")
     assert not work_dir_for(tmp_path / "resumed").exists()
@@ -73,22 +72,20 @@ def test_mismatching_work_directory_is_refused(tmp_path, calib_text, monkeypatch
     calibration = CalibrationOptions(source=str(calib_text), num_samples=2, seq_len=32)
     monkeypatch.setattr(Checkpoint, "save_block", _crash)
     with pytest.raises(Crash):
-        quantize(tmp_path / "src", resume_recipe(), tmp_path / "out", calibration=calibration)
+        quantize(tmp_path / "src", resume_recipe(), tmp_path / "out", RunOptions(calibration=calibration))
     monkeypatch.undo()
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained",
                         lambda *a, **k: byte_tokenizer())
     with pytest.raises(ResumeError, match=r"different run \(recipe changed") as info:
-        quantize(tmp_path / "src", resume_recipe(group=16), tmp_path / "out", calibration=calibration)
+        quantize(tmp_path / "src", resume_recipe(group=16), tmp_path / "out", RunOptions(calibration=calibration))
     assert "--no-resume" in info.value.one_line()
     other = CalibrationOptions(source=str(calib_text), num_samples=2, seq_len=32, seed=1)
     with pytest.raises(ResumeError, match=r"calibration changed"):
-        quantize(tmp_path / "src", resume_recipe(), tmp_path / "out", calibration=other)
-    quantize(tmp_path / "src", resume_recipe(group=16), tmp_path / "out", calibration=calibration,
-             resume="fresh")
+        quantize(tmp_path / "src", resume_recipe(), tmp_path / "out", RunOptions(calibration=other))
+    quantize(tmp_path / "src", resume_recipe(group=16), tmp_path / "out", RunOptions(calibration=calibration), resume="fresh")
     assert (tmp_path / "out" / "model.safetensors").is_file()
     with pytest.raises(ResumeError, match="nothing to resume"):
-        quantize(tmp_path / "src", resume_recipe(), tmp_path / "other", calibration=calibration,
-                 resume="require")
+        quantize(tmp_path / "src", resume_recipe(), tmp_path / "other", RunOptions(calibration=calibration), resume="require")
 
 
 def _crash(self, *args, **kwargs):
@@ -112,7 +109,7 @@ def cli_case(tmp_path_factory):
     calib.write_text(" ".join(f"w{(i * 7) % 23}{'xyz'[i % 3]}" for i in range(6000)))
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(resume_recipe(TRANSFORMS).text)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     subprocess.run(_command(src, tmp_path / "whole", calib, recipe_file), check=True, env=env,
                    capture_output=True)
     return src, calib, recipe_file, env, tmp_path / "whole"

@@ -7,7 +7,9 @@ import torch
 import mpq
 from mpq.models.layout import describe_layers, layout_of, weight_of
 from mpq.errors import CalibrationError
-from mpq.quantize import CalibrationOptions, quantize
+from mpq.calibration import CalibrationOptions
+from mpq.engine.spec import RunOptions
+from mpq.quantize import quantize
 from mpq.config.recipe import parse_recipe
 from tests.helpers import byte_tokenizer, register_recording_quantizer
 from tests.tiny_models import ARCHITECTURES, save_tiny_model
@@ -87,8 +89,7 @@ def test_stats_pipeline_feeds_quantizer_with_block_inputs(tmp_path, monkeypatch)
     text.write_text(" ".join(f"word{i % 50}" for i in range(4000)))
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained",
                         lambda *a, **k: byte_tokenizer())
-    quantize(tmp_path / "src", recipe, tmp_path / "out",
-             calibration=CalibrationOptions(source=str(text), num_samples=4, seq_len=32))
+    quantize(tmp_path / "src", recipe, tmp_path / "out", RunOptions(calibration=CalibrationOptions(source=str(text), num_samples=4, seq_len=32)))
     assert len(seen) == 1
     captured = []
     handle = source.model.layers[0].self_attn.q_proj.register_forward_pre_hook(

@@ -9,7 +9,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from mpq.errors import ModelError
-from mpq.quantize import CalibrationOptions, quantize
+from mpq.calibration import CalibrationOptions
+from mpq.engine.spec import RunOptions
+from mpq.quantize import quantize
 from mpq.config.recipe import parse_recipe
 from mpq.engine.resume import work_dir_for
 from mpq.engine.streaming import BlockStreamer
@@ -34,11 +36,9 @@ def test_streamed_artifact_is_byte_identical(case, sharded, tmp_path, calib_text
     extra, algorithm = CASES[case]
     calibration = CalibrationOptions(source=str(calib_text), num_samples=4, seq_len=32)
     events = []
-    quantize(sharded, resume_recipe(extra, algorithm), tmp_path / "streamed", calibration=calibration,
-             events=lambda kind, **data: events.append((kind, data)))
+    quantize(sharded, resume_recipe(extra, algorithm), tmp_path / "streamed", RunOptions(calibration=calibration), events=lambda kind, **data: events.append((kind, data)))
     assert [data["streaming"] for kind, data in events if kind == "start"] == [True]
-    quantize(sharded, resume_recipe(extra, algorithm), tmp_path / "whole", calibration=calibration,
-             stream=False)
+    quantize(sharded, resume_recipe(extra, algorithm), tmp_path / "whole", RunOptions(calibration=calibration, stream=False))
     assert folder_bytes(tmp_path / "streamed") == folder_bytes(tmp_path / "whole")
     assert not work_dir_for(tmp_path / "streamed").exists()
 
@@ -49,9 +49,8 @@ def test_streamed_other_formats_byte_identical(fmt, sharded, tmp_path, calib_tex
     rec = parse_recipe("mpq_recipe: 1\nname: s\ndefaults:\n  algorithm: gptq\nrules:\n"
                        "  - targets: [Linear]\n    weights: {format: int, bits: 4, "
                        "symmetric: true, granularity: group, group_size: 32}\n", "s.yaml")
-    quantize(sharded, rec, tmp_path / "streamed", calibration=calibration, output_format=fmt)
-    quantize(sharded, rec, tmp_path / "whole", calibration=calibration, output_format=fmt,
-             stream=False)
+    quantize(sharded, rec, tmp_path / "streamed", RunOptions(calibration=calibration, output_format=fmt))
+    quantize(sharded, rec, tmp_path / "whole", RunOptions(calibration=calibration, output_format=fmt, stream=False))
     assert folder_bytes(tmp_path / "streamed") == folder_bytes(tmp_path / "whole")
 
 
@@ -61,8 +60,7 @@ def test_streamed_dtype_and_ties_match_the_loaded_model(tied, dtype, tmp_path):
     save_sharded_model(tmp_path / "src", tied=tied, dtype=dtype)
     events = []
     for name in ("streamed", "whole"):
-        quantize(tmp_path / "src", "w4a16", tmp_path / name, stream=name == "streamed",
-                 events=lambda kind, **data: events.append((kind, data)))
+        quantize(tmp_path / "src", "w4a16", tmp_path / name, RunOptions(stream=name == "streamed"), events=lambda kind, **data: events.append((kind, data)))
     assert [data["streaming"] for kind, data in events if kind == "start"] == [True, False]
     assert folder_bytes(tmp_path / "streamed") == folder_bytes(tmp_path / "whole")
 
@@ -86,8 +84,7 @@ def test_only_one_block_is_resident(sharded, tmp_path, calib_text, monkeypatch):
                              sorted(streamer.loaded_blocks)))
 
     calibration = CalibrationOptions(source=str(calib_text), num_samples=4, seq_len=32)
-    quantize(sharded, resume_recipe("", "gptq"), tmp_path / "out", calibration=calibration,
-             events=events)
+    quantize(sharded, resume_recipe("", "gptq"), tmp_path / "out", RunOptions(calibration=calibration), events=events)
     model = transformers.AutoModelForCausalLM.from_pretrained(sharded)
     block_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
     assert [index for index, _, _ in resident] == list(range(LAYERS))
@@ -106,7 +103,6 @@ def test_nan_in_one_block_is_a_model_error(tmp_path, calib_text):
             save_file(tensors, str(file), metadata={"format": "pt"})
     calibration = CalibrationOptions(source=str(calib_text), num_samples=4, seq_len=32)
     with pytest.raises(ModelError, match=f"tensor '{name}' holds NaN or Inf"):
-        quantize(tmp_path / "src", resume_recipe("", "gptq"), tmp_path / "out",
-                 calibration=calibration)
+        quantize(tmp_path / "src", resume_recipe("", "gptq"), tmp_path / "out", RunOptions(calibration=calibration))
     assert not (tmp_path / "out").exists()
     assert not work_dir_for(tmp_path / "out").exists()

@@ -11,7 +11,9 @@ import mpq
 from mpq.cli.main import cli
 from mpq.analysis.eval import load_eval_ids, perplexity
 from mpq.models.source import load_model
-from mpq.quantize import CalibrationOptions, quantize
+from mpq.calibration import CalibrationOptions
+from mpq.engine.spec import RunOptions
+from mpq.quantize import quantize
 
 pytestmark = pytest.mark.slow
 
@@ -19,8 +21,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def w4_artifact(smollm2_dir, corpora, tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "w4"
-    result = quantize(smollm2_dir, "w4a16", out, calibration=CalibrationOptions(
-        source=str(corpora / "enwiki_excerpt.train.txt"), num_samples=16, seq_len=256))
+    result = quantize(smollm2_dir, "w4a16", out, RunOptions(calibration=CalibrationOptions(
+        source=str(corpora / "enwiki_excerpt.train.txt"), num_samples=16, seq_len=256)))
     return out, result
 
 

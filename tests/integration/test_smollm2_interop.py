@@ -12,7 +12,9 @@ import pytest
 import mpq
 from mpq.checkpoint.convert import convert
 from mpq.analysis.eval import load_eval_ids, perplexity
-from mpq.quantize import CalibrationOptions, quantize
+from mpq.calibration import CalibrationOptions
+from mpq.engine.spec import RunOptions
+from mpq.quantize import quantize
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +53,7 @@ def test_compressed_tensors_artifact_scores_like_the_native(recipe, smollm2_dir,
     calibration = (CalibrationOptions(source=str(corpora / "enwiki_excerpt.train.txt"),
                                       num_samples=8, seq_len=128)
                    if RECIPES[recipe] else CalibrationOptions())
-    quantize(smollm2_dir, recipe, tmp_path / "native", calibration=calibration)
+    quantize(smollm2_dir, recipe, tmp_path / "native", RunOptions(calibration=calibration))
     convert(tmp_path / "native", tmp_path / "ct", "compressed-tensors")
     ids = load_eval_ids(corpora / "enwiki_excerpt.test.txt",
                         AutoTokenizer.from_pretrained(smollm2_dir))

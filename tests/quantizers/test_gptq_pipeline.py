@@ -6,7 +6,9 @@ import torch
 
 import mpq
 from mpq.calibration import build_calibration_set
-from mpq.quantize import CalibrationOptions, quantize
+from mpq.calibration import CalibrationOptions
+from mpq.engine.spec import RunOptions
+from mpq.quantize import quantize
 from mpq.config.recipe import parse_recipe
 from tests.helpers import byte_tokenizer
 from tests.tiny_models import save_tiny_model
@@ -25,7 +27,7 @@ def test_gptq_beats_rtn_on_calibration_logits(arch, tmp_path, calib_text):
     errors = {}
     for algorithm in ("rtn", "gptq"):
         recipe = parse_recipe(_recipe(algorithm), f"{algorithm}.yaml")
-        result = quantize(tmp_path / "src", recipe, tmp_path / algorithm, calibration=calibration)
+        result = quantize(tmp_path / "src", recipe, tmp_path / algorithm, RunOptions(calibration=calibration))
         model = mpq.load(tmp_path / algorithm)
         samples = build_calibration_set(str(calib_text), byte_tokenizer(), num_samples=8,
                                         seq_len=64).samples
@@ -40,8 +42,7 @@ def test_gptq_beats_rtn_on_calibration_logits(arch, tmp_path, calib_text):
 
 def test_gptq_records_loss_and_damping_in_the_artifact(tmp_path, calib_text):
     save_tiny_model("llama", tmp_path / "src")
-    quantize(tmp_path / "src", "w4a16-gptq", tmp_path / "out",
-             calibration=CalibrationOptions(source=str(calib_text), num_samples=4, seq_len=64))
+    quantize(tmp_path / "src", "w4a16-gptq", tmp_path / "out", RunOptions(calibration=CalibrationOptions(source=str(calib_text), num_samples=4, seq_len=64)))
     from mpq.checkpoint.native import open_artifact
 
     artifact = open_artifact(tmp_path / "out")
@@ -55,8 +56,7 @@ def test_act_order_artifact_round_trips_g_idx(tmp_path, calib_text):
     recipe = parse_recipe("mpq_recipe: 1\ndefaults:\n  algorithm: gptq\n  options: {act_order: true}"
                           "\nrules:\n  - targets: Linear\n    weights: {bits: 4, group_size: 16}\n",
                           "ao.yaml")
-    quantize(tmp_path / "src", recipe, tmp_path / "out",
-             calibration=CalibrationOptions(source=str(calib_text), num_samples=4, seq_len=64))
+    quantize(tmp_path / "src", recipe, tmp_path / "out", RunOptions(calibration=CalibrationOptions(source=str(calib_text), num_samples=4, seq_len=64)))
     loaded = mpq.load(tmp_path / "out")
     q_proj = loaded.model.layers[0].self_attn.q_proj
     g_idx = q_proj.quantized_weight().g_idx
@@ -91,9 +91,8 @@ def test_unknown_gptq_option_fails_at_plan_time(tmp_path):
 def test_gptq_on_cuda_matches_cpu(tmp_path, calib_text):
     save_tiny_model("llama", tmp_path / "src")
     calibration = CalibrationOptions(source=str(calib_text), num_samples=4, seq_len=64)
-    quantize(tmp_path / "src", "w4a16-gptq", tmp_path / "cpu", calibration=calibration)
-    quantize(tmp_path / "src", "w4a16-gptq", tmp_path / "gpu", calibration=calibration,
-             device="cuda")
+    quantize(tmp_path / "src", "w4a16-gptq", tmp_path / "cpu", RunOptions(calibration=calibration))
+    quantize(tmp_path / "src", "w4a16-gptq", tmp_path / "gpu", RunOptions(calibration=calibration, device="cuda"))
     ids = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         cpu = mpq.load(tmp_path / "cpu")(ids).logits

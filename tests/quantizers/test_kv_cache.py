@@ -13,7 +13,9 @@ from mpq.quantizers.kv_cache import KVObserver, fake_quantize_kv
 from mpq.config.kv_cache import KVCacheArgs
 from mpq.models.attention import attention_modules, tap_kv
 from mpq.models.families import family_of
-from mpq.quantize import CalibrationOptions, quantize
+from mpq.calibration import CalibrationOptions
+from mpq.engine.spec import RunOptions
+from mpq.quantize import quantize
 from mpq.config.recipe import parse_recipe
 from tests.tiny_models import (ARCHITECTURES, RECORD_ARCHITECTURES, save_tiny_model, tiny_config,
                                tiny_model)
@@ -61,10 +63,8 @@ def test_tap_sees_exactly_what_the_cache_stores(arch):
 def test_scales_are_stored_applied_and_read_by_compressed_tensors(arch, granularity, tmp_path,
                                                                   calib_text):
     save_tiny_model(arch, tmp_path / "src")
-    quantize(tmp_path / "src", recipe(granularity), tmp_path / "kv",
-             calibration=calibration(calib_text))
-    quantize(tmp_path / "src", recipe(granularity), tmp_path / "ct",
-             calibration=calibration(calib_text), output_format="compressed-tensors")
+    quantize(tmp_path / "src", recipe(granularity), tmp_path / "kv", RunOptions(calibration=calibration(calib_text)))
+    quantize(tmp_path / "src", recipe(granularity), tmp_path / "ct", RunOptions(calibration=calibration(calib_text), output_format="compressed-tensors"))
     tensors = load_file(tmp_path / "kv" / "model.safetensors")
     shape = (1,) if granularity == "tensor" else (2, 1, 1)  # 2 kv heads
     for i in range(2):
@@ -97,7 +97,7 @@ def test_scale_is_the_calibration_absmax_over_448():
 
 def test_generation_with_a_real_cache_runs_through_the_tap(tmp_path, calib_text):
     save_tiny_model("llama", tmp_path / "src")
-    quantize(tmp_path / "src", recipe(), tmp_path / "kv", calibration=calibration(calib_text))
+    quantize(tmp_path / "src", recipe(), tmp_path / "kv", RunOptions(calibration=calibration(calib_text)))
     model = mpq.load(tmp_path / "kv", dequantize=True)
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(2))
     out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
@@ -117,15 +117,14 @@ def test_bad_kv_inputs_are_refused(tmp_path, calib_text):
         quantize(tmp_path / "src", recipe(), tmp_path / "x")
     save_tiny_model("gpt2", tmp_path / "gpt2")
     with pytest.raises(ModelError, match="kv_cache"):
-        quantize(tmp_path / "gpt2", recipe(), tmp_path / "y", calibration=calibration(calib_text))
+        quantize(tmp_path / "gpt2", recipe(), tmp_path / "y", RunOptions(calibration=calibration(calib_text)))
     with pytest.raises(FormatError, match="KV-cache"):
-        quantize(tmp_path / "src", recipe(), tmp_path / "z", calibration=calibration(calib_text),
-                 output_format="gptq")
+        quantize(tmp_path / "src", recipe(), tmp_path / "z", RunOptions(calibration=calibration(calib_text), output_format="gptq"))
 
 
 def test_loader_refuses_a_missing_or_bad_scale(tmp_path, calib_text):
     save_tiny_model("llama", tmp_path / "src")
-    quantize(tmp_path / "src", recipe(), tmp_path / "kv", calibration=calibration(calib_text))
+    quantize(tmp_path / "src", recipe(), tmp_path / "kv", RunOptions(calibration=calibration(calib_text)))
     file = tmp_path / "kv" / "model.safetensors"
     from safetensors import safe_open
 

@@ -10,6 +10,7 @@ import mpq
 from mpq.models.families import family_of
 from mpq.models.layout import layout_of
 from mpq.errors import FormatError, ModelError, RecipeError
+from mpq.engine.spec import RunOptions
 from mpq.quantize import quantize
 from mpq.config.recipe import parse_recipe
 from mpq.config.rotation import QuaRotArgs
@@ -126,7 +127,7 @@ def test_bad_rotation_settings_are_refused(tmp_path):
         quantize(tmp_path / "opt", recipe(), tmp_path / "x")
     save_tiny_model("llama", tmp_path / "src")
     with pytest.raises(FormatError, match="r4"):
-        quantize(tmp_path / "src", recipe(), tmp_path / "y", output_format="compressed-tensors")
+        quantize(tmp_path / "src", recipe(), tmp_path / "y", RunOptions(output_format="compressed-tensors"))
     config = transformers.LlamaConfig(**{**ODD, "intermediate_size": 184})  # no known H_184
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "no-h")
     with pytest.raises(RecipeError, match="r4: false"):

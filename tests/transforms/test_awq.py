@@ -6,7 +6,9 @@ import torch
 
 import mpq
 from mpq.errors import RecipeError
-from mpq.quantize import CalibrationOptions, quantize
+from mpq.calibration import CalibrationOptions
+from mpq.engine.spec import RunOptions
+from mpq.quantize import quantize
 from mpq.config.recipe import parse_recipe
 from mpq.numerics.args import WeightArgs
 from mpq.transforms.awq import clip_ranges, output_error, rtn_dequant, search_scales
@@ -67,8 +69,7 @@ def test_awq_beats_rtn_through_the_pipeline(arch, tmp_path, calib_text):
     calibration = CalibrationOptions(source=str(calib_text), num_samples=8, seq_len=64)
     errors = {}
     for name, transform in (("rtn", ""), ("awq", "{type: awq}")):
-        result = quantize(tmp_path / "src", recipe(transform), tmp_path / name,
-                          calibration=calibration)
+        result = quantize(tmp_path / "src", recipe(transform), tmp_path / name, RunOptions(calibration=calibration))
         errors[name] = logits_error(mpq.load(tmp_path / name), source, samples_of(calib_text))
     [spec] = result.plan.transforms
     assert spec["type"] == "awq" and len(spec["applied"]) == 2
@@ -98,11 +99,10 @@ def test_awq_composes_with_gptq(tmp_path, calib_text):
     text = ("mpq_recipe: 1\ntransforms: [{type: awq, grid: 10}]\ndefaults:\n  algorithm: gptq\n"
             "  options: {act_order: true, static_groups: true}\nrules:\n  - targets: [Linear]\n"
             "    weights: {bits: 4, symmetric: false, group_size: 32}\n")
-    result = quantize(tmp_path / "src", parse_recipe(text, "awq-gptq.yaml"), tmp_path / "out",
-                      calibration=calibration)
+    result = quantize(tmp_path / "src", parse_recipe(text, "awq-gptq.yaml"), tmp_path / "out", RunOptions(calibration=calibration))
     assert all("gptq_loss" in layer.result for layer in result.plan.quantized())
     assert len(result.plan.transforms[0]["applied"]) == 2
-    rtn = quantize(tmp_path / "src", recipe(""), tmp_path / "rtn", calibration=calibration)
+    rtn = quantize(tmp_path / "src", recipe(""), tmp_path / "rtn", RunOptions(calibration=calibration))
     assert rtn.plan.transforms == []
     samples = samples_of(calib_text)
     assert (logits_error(mpq.load(tmp_path / "out"), source, samples)

@@ -9,7 +9,9 @@ import mpq
 from mpq.errors import ArtifactError, CalibrationError, ModelError, RecipeError
 from mpq.loader import _input_scale
 from mpq.runtime.qlinear import QuantLinear
-from mpq.quantize import CalibrationOptions, quantize
+from mpq.calibration import CalibrationOptions
+from mpq.engine.spec import RunOptions
+from mpq.quantize import quantize
 from mpq.config.recipe import parse_recipe
 from mpq.numerics.args import ActivationArgs
 from mpq.transforms.smoothquant import smoothing_scales
@@ -34,8 +36,7 @@ def test_smoothquant_makes_w8a8_closer_to_float(arch, tmp_path, calib_text):
     calibration = CalibrationOptions(source=str(calib_text), num_samples=8, seq_len=64)
     errors = {}
     for name, smooth in (("plain", ""), ("sq", "{type: smoothquant, alpha: 0.5}")):
-        result = quantize(tmp_path / "src", recipe(smooth=smooth), tmp_path / name,
-                          calibration=calibration)
+        result = quantize(tmp_path / "src", recipe(smooth=smooth), tmp_path / name, RunOptions(calibration=calibration))
         errors[name] = logits_error(mpq.load(tmp_path / name), source, samples_of(calib_text))
         if smooth:
             [spec] = result.plan.transforms
@@ -51,8 +52,8 @@ def test_smoothquant_makes_w8a8_closer_to_float(arch, tmp_path, calib_text):
 def test_loader_applies_input_quantization(tmp_path, calib_text):
     source = outlier_model("llama", tmp_path / "src")
     calibration = CalibrationOptions(source=str(calib_text), num_samples=4, seq_len=64)
-    quantize(tmp_path / "src", recipe(), tmp_path / "w8a8", calibration=calibration)
-    quantize(tmp_path / "src", recipe(acts=None), tmp_path / "w8", calibration=calibration)
+    quantize(tmp_path / "src", recipe(), tmp_path / "w8a8", RunOptions(calibration=calibration))
+    quantize(tmp_path / "src", recipe(acts=None), tmp_path / "w8", RunOptions(calibration=calibration))
     w8a8, w8 = mpq.load(tmp_path / "w8a8"), mpq.load(tmp_path / "w8")
     layer = w8a8.model.layers[0].self_attn.q_proj
     assert isinstance(layer, QuantLinear) and layer.input_args == ActivationArgs()
@@ -68,8 +69,7 @@ def test_loader_applies_input_quantization(tmp_path, calib_text):
 def test_static_input_scales_are_calibrated_stored_and_used(tmp_path, calib_text):
     tiny_model("llama").save_pretrained(tmp_path / "src")
     calibration = CalibrationOptions(source=str(calib_text), num_samples=4, seq_len=64)
-    result = quantize(tmp_path / "src", recipe(acts="{format: fp8_e4m3, dynamic: false}"),
-                      tmp_path / "out", calibration=calibration)
+    result = quantize(tmp_path / "src", recipe(acts="{format: fp8_e4m3, dynamic: false}"), tmp_path / "out", RunOptions(calibration=calibration))
     for layer in result.plan.quantized():
         assert layer.result["input_scale"] > 0
     model = mpq.load(tmp_path / "out")
@@ -127,8 +127,7 @@ def test_alpha_search_picks_per_group_and_beats_a_bad_fixed_alpha(tmp_path, cali
     errors = {}
     for name, smooth in (("fixed", "{type: smoothquant, alpha: 0.0}"),
                          ("search", "{type: smoothquant, search: true}")):
-        result = quantize(tmp_path / "src", recipe(acts="{format: int, bits: 6}", smooth=smooth),
-                          tmp_path / name, calibration=calibration)
+        result = quantize(tmp_path / "src", recipe(acts="{format: int, bits: 6}", smooth=smooth), tmp_path / name, RunOptions(calibration=calibration))
         errors[name] = logits_error(mpq.load(tmp_path / name), source, samples_of(calib_text))
     alphas = [g["alpha"] for r in result.plan.transforms[0]["applied"] for g in r["groups"]]
     assert len(alphas) == 4 and all(a in [i / 10 for i in range(11)] for a in alphas)

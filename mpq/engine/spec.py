@@ -1,0 +1,203 @@
+"""The validated run spec: recipe + model + options, resolved once before any weight is read.
+
+:func:`resolve_run` is the one place that checks and resolves a run: the device, the recipe
+(strict YAML, known algorithms), the output format, the model folder and its meta skeleton, the
+per-layer plan (shapes, each quantizer's and transform's options, rotation and KV-cache support),
+what the output format can express and its pre-flight warnings, the statistics each layer needs
+and whether the run can stream.  ``mpq quantize`` runs the :class:`RunSpec` it returns, and
+``--dry-run`` (mpq.analysis.estimate) models the same spec, so the two cannot disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from mpq.calibration import CalibrationOptions
+from mpq.checkpoint.writers import Writer, preflight, writer_for
+from mpq.config.plan import Plan, resolve
+from mpq.config.recipe import Recipe, load_recipe
+from mpq.engine.distributed import current as current_ranks
+from mpq.engine.distributed import rank_device
+from mpq.engine.streaming import build_streamed, streaming_blocker
+from mpq.errors import CalibrationError, ModelError, RecipeError, SchemeError, did_you_mean
+from mpq.models.attention import attention_modules
+from mpq.models.layout import ModelLayout, blocks_of, describe_layers, layout_of
+from mpq.models.source import check_model_dir
+from mpq.quantizers.base import QUANTIZERS
+from mpq.rotation.quarot import check_supported as check_rotation_supported
+from mpq.rotation.quarot import rotation_specs
+from mpq.transforms.base import TRANSFORMS
+from mpq.transforms.scale_fold import scale_groups
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run, besides the model and the recipe (``mpq quantize``'s options).
+
+    ``stream``: read each decoder block from the source files when its turn comes, where the
+    recipe allows it (mpq.engine.streaming); ``offload_activations`` (with ``device`` cuda):
+    keep the calibration activations in host memory.
+    """
+
+    calibration: CalibrationOptions = CalibrationOptions()
+    output_format: str = "mpq"
+    device: str | torch.device = "cpu"
+    dtype: str | torch.dtype = "auto"
+    true_sequential: bool = True
+    strict: bool = False
+    stream: bool = True
+    offload_activations: bool = False
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A resolved, validated run (see the module docstring).
+
+    ``skeleton`` is the model with meta parameters (buffers real), ``weight_map`` its tensor →
+    source file map; ``needs`` maps each layer that needs calibration statistics to their
+    names; ``not_streamed`` says why the run loads the whole model (None: it streams).
+    """
+
+    source_dir: Path
+    recipe: Recipe
+    options: RunOptions
+    device: torch.device
+    writer: Writer
+    skeleton: nn.Module
+    weight_map: Mapping[str, Path]
+    layout: ModelLayout
+    plan: Plan
+    needs: Mapping[str, frozenset[str]]
+    not_streamed: str | None
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def calibration(self) -> CalibrationOptions:
+        return self.options.calibration
+
+    @property
+    def streams(self) -> bool:
+        return self.not_streamed is None
+
+    @property
+    def needs_calibration_pass(self) -> bool:
+        """Whether calibration data runs through the model (statistics, transforms, KV)."""
+        return bool(self.needs or self.plan.transforms or self.plan.kv_cache)
+
+    def require_calibration(self) -> None:
+        """CalibrationError when the plan needs calibration data and ``--calib`` is missing."""
+        if self.calibration.source is not None:
+            return
+        if self.needs:
+            first = next(iter(self.needs))
+            raise CalibrationError(f"layer {first} needs calibration statistics "
+                                   f"({', '.join(sorted(self.needs[first]))}) but no "
+                                   "calibration data was given", hint="pass --calib FILE")
+        if self.plan.transforms:
+            raise CalibrationError(f"transform '{self.plan.transforms[0]['type']}' needs "
+                                   "calibration data", hint="pass --calib FILE")
+        if self.plan.kv_cache:
+            raise CalibrationError("kv_cache quantization needs calibration data for its "
+                                   "scales", hint="pass --calib FILE")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """A usable torch device, or ModelError saying what is available."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelError(f"unknown device '{device}'", hint="use cpu, cuda or cuda:N") from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device '{device}' requested but CUDA is not available here",
+                         hint="use --device cpu")
+    return parsed
+
+
+def as_recipe(recipe: str | Recipe) -> Recipe:
+    """A Recipe from a preset name or YAML path (algorithms checked against the registry)."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    return load_recipe(recipe, known_algorithms=list(QUANTIZERS))
+
+
+def needed_stats(plan: Plan) -> dict[str, frozenset[str]]:
+    """Layer name → the statistics it needs (only layers that need some): its quantizer's, plus
+    ``input_absmax`` when its input activations get a static (calibrated) scale."""
+    needs = {}
+    for layer in plan.quantized():
+        layer_needs = set(QUANTIZERS.get(layer.scheme.algorithm).needs)
+        acts = layer.scheme.input_activations
+        if acts is not None and not acts.dynamic:
+            layer_needs.add("input_absmax")
+        if layer_needs:
+            needs[layer.name] = frozenset(layer_needs)
+    return needs
+
+
+def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
+    """Resolve ``recipe`` against the layers of ``model`` (weights may be on meta) and check
+    what the plan asks of the algorithms, transforms, rotation and KV cache."""
+    layout = layout_of(model)
+    layers, others = describe_layers(model, layout)
+    plan = resolve(recipe, layers, others)
+    for layer in plan.quantized():
+        try:
+            QUANTIZERS.get(layer.scheme.algorithm).check(layer.scheme)
+        except SchemeError as exc:
+            rule = f"rules[{layer.rule}]" if layer.rule is not None else "recipe"
+            raise RecipeError(f"{recipe.source}: {rule} ({layer.name}): {exc.message}",
+                              hint=exc.hint) from None
+    for index, spec in enumerate(plan.transforms):
+        where = f"{recipe.source}: transforms[{index}]"
+        if spec["type"] not in TRANSFORMS:
+            known = list(TRANSFORMS)
+            raise RecipeError(f"{where}: unknown transform '{spec['type']}'",
+                              hint=did_you_mean(spec["type"], known) or f"known: {', '.join(known)}")
+        try:
+            TRANSFORMS.get(spec["type"]).check(spec["options"])
+        except SchemeError as exc:
+            raise RecipeError(f"{where}: {exc.message}", hint=exc.hint) from None
+    if plan.transforms:  # the architecture must be known to the scale folds (ModelError if not)
+        scale_groups(model, blocks_of(model, layout)[0])
+    if recipe.rotation is not None:
+        check_rotation_supported(model)
+        try:
+            rotation_specs(model, recipe.rotation)
+        except SchemeError as exc:
+            raise RecipeError(f"{recipe.source}: rotation: {exc.message}", hint=exc.hint) from None
+    if plan.kv_cache and not attention_modules(model, blocks_of(model, layout)[0]):
+        raise ModelError(f"{recipe.source}: kv_cache: no attention module with k_proj/v_proj "
+                         f"and a KV cache argument found in {type(model).__name__}'s blocks",
+                         hint="remove kv_cache: this architecture's cache is not supported yet")
+    return layout, plan
+
+
+def resolve_run(model_path: str | Path, recipe: str | Recipe,
+                options: RunOptions = RunOptions()) -> RunSpec:
+    """Check and resolve a run without reading any weight (see the module docstring).
+
+    Errors come in the order a user fixes them: device, recipe, output format, model folder,
+    plan, what the format can express.  A missing ``--calib`` is not raised here (a dry run
+    reports it): :meth:`RunSpec.require_calibration` does.
+    """
+    device = check_device(options.device)
+    ranks = current_ranks()
+    if ranks is not None and device.type == "cuda":  # one GPU per process (NCCL needs it)
+        device = rank_device(device)
+    recipe = as_recipe(recipe)
+    writer = writer_for(options.output_format)
+    source_dir = check_model_dir(model_path)
+    skeleton, weight_map = build_streamed(source_dir, options.dtype)
+    layout, plan = plan_model(skeleton, recipe)
+    warnings = preflight(writer, plan, options.strict)
+    needs = needed_stats(plan)
+    not_streamed = "--no-stream"
+    if options.stream:
+        not_streamed = streaming_blocker(skeleton, weight_map, layout, plan, recipe, needs)
+    return RunSpec(source_dir=source_dir, recipe=recipe, options=options, device=device,
+                   writer=writer, skeleton=skeleton, weight_map=weight_map, layout=layout,
+                   plan=plan, needs=needs, not_streamed=not_streamed, warnings=tuple(warnings))
