@@ -21,6 +21,7 @@ from mpq.rotation.hadamard import RotationSpec
 from mpq.rotation.quarot import install_online, online_site
 from mpq.quantizers.kv_cache import SCALE_NAMES, attach_kv_quantization
 from mpq.config.kv_cache import KVCacheArgs
+from mpq.config.run_log import RunLog
 from mpq.models.attention import attention_modules
 from mpq.models.source import build_skeleton, first_line
 from mpq.runtime.qlinear import QuantLinear, quantize_inputs_hook
@@ -127,7 +128,7 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
             raise ArtifactError(f"{artifact.path}: {exc.message}", hint=exc.hint) from None
         model.set_submodule(layer.name, module)
     if artifact.plan.kv_cache is not None:
-        _attach_kv_cache(model, KVCacheArgs(**artifact.plan.kv_cache), tensors)
+        _attach_kv_cache(model, artifact.plan.kv_cache, tensors)
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     _check_dense_shapes(model, tensors, artifact.path)
     try:
@@ -146,7 +147,7 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
     if missing:
         raise ArtifactError(f"{artifact.path}: missing tensor(s) {', '.join(missing[:5])}",
                             hint="the artifact is incomplete; re-run mpq quantize")
-    _install_online_rotations(model, artifact.plan)
+    _install_online_rotations(model, artifact.log)
     model.mpq_artifact = artifact
     return model.eval()
 
@@ -165,10 +166,10 @@ def _check_dense_shapes(model: nn.Module, tensors: dict[str, torch.Tensor], path
                                  "re-run mpq quantize")
 
 
-def _install_online_rotations(model: nn.Module, plan) -> None:
-    """The run-time halves of the plan's rotations (QuaRot's R4 on the inputs of the family's
+def _install_online_rotations(model: nn.Module, log: RunLog) -> None:
+    """The run-time halves of the applied rotations (QuaRot's R4 on the inputs of the family's
     mlp_down, down_proj)."""
-    online = plan.online_rotations()
+    online = log.online_rotations()
     if not online:
         return
     for suffix, record in online.items():

@@ -1,6 +1,6 @@
 """Architecture facts as data, and the generic discovery that finds them.
 
-The pipeline needs three things from a causal LM: the list of decoder blocks, the quantizable
+The engine needs three things from a causal LM: the list of decoder blocks, the quantizable
 linear layers (``nn.Linear`` and GPT-2's transposed ``Conv1D``), and which layer is the output
 head.  A model type with a family record (mpq.models.families) gives the path of its block list;
 any other model falls back to the largest ``ModuleList`` of identical blocks, which is tested
@@ -47,6 +47,17 @@ def set_weight(module: nn.Module, weight_out_in: torch.Tensor) -> None:
         raise ValueError(f"weight shape {tuple(target.shape)} != {tuple(module.weight.shape)}")
     with torch.no_grad():
         module.weight.data = target.to(module.weight.dtype).contiguous()
+
+
+def untie_head(model: nn.Module) -> bool:
+    """Give an output head tied to the input embedding its own copy of the weight (and say so
+    in the config); False when it is not tied."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None or head.weight is not embed.weight:
+        return False
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    return True
 
 
 def discover_blocks_path(model: nn.Module) -> str:

@@ -35,7 +35,7 @@ from torch import nn
 
 from mpq.models.families import FAMILIES, family_of
 from mpq.models.family import Family
-from mpq.models.layout import ModelLayout, blocks_of
+from mpq.models.layout import ModelLayout, blocks_of, untie_head
 from mpq.errors import ModelError, SchemeError
 from mpq.config.rotation import QuaRotArgs
 from mpq.rotation.hadamard import RotationSpec, orthogonal_for
@@ -103,18 +103,10 @@ def _fuse_norm(norm: nn.Module, linears: list[nn.Linear], plus_one: bool) -> Non
     _set(norm.weight, torch.zeros_like(scale) if plus_one else torch.ones_like(scale))
 
 
-def untie_head(model: nn.Module) -> bool:
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is None or head.weight is not embed.weight:
-        return False
-    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    model.config.tie_word_embeddings = False
-    return True
-
-
 @torch.no_grad()
 def apply_quarot(model: nn.Module, layout: ModelLayout, args: QuaRotArgs) -> dict[str, Any]:
-    """Rotate ``model`` in place (see the module docstring); return the record for the plan.
+    """Rotate ``model`` in place (see the module docstring); return what was applied for the run
+    log (mpq.config.run_log.RunLog.rotation: untied_head, rotations, online).
     R4's online hooks are installed on the down_proj modules (:func:`install_online`)."""
     family = check_supported(model)
     sites, attention = family.rotation, family.attention
@@ -146,7 +138,7 @@ def apply_quarot(model: nn.Module, layout: ModelLayout, args: QuaRotArgs) -> dic
     _set(head.weight, head.weight.detach().double() @ q1)
     if "r4" in specs:
         install_online(model, layout, specs["r4"])
-    return {**args.to_dict(), "untied_head": untied,
+    return {"untied_head": untied,
             "rotations": {name: spec.to_dict() for name, spec in specs.items()},
             "online": {family.mlp_down: "r4"} if "r4" in specs else {}}
 

@@ -30,7 +30,6 @@ from typing import Any, Mapping
 
 import torch
 from mpq.models.layout import set_weight, weight_of
-from mpq.engine.collect import collecting, input_groups, results, run_block
 from mpq.errors import SchemeError, did_you_mean
 from mpq.quantizers.rtn import rtn_dequant
 from mpq.models.families import family_of
@@ -180,12 +179,9 @@ class AWQ:
     def _collect(self, ctx: BlockContext, layers) -> dict[str, dict[str, torch.Tensor]]:
         """Per quantized linear: input_absmean and hessian of its input (shared by layers that
         read the same input), plus 'scale_outer', s sᵀ of the scales folded into it so far."""
-        local = {name[len(ctx.prefix):]: name for name in layers}
-        groups = input_groups(ctx.block, local, ctx.inputs[0])
+        groups = ctx.input_groups(list(layers))
         wanted = {name: frozenset({"input_absmean", "hessian"}) for name in layers}
-        with collecting(ctx.block, ctx.prefix, wanted, groups) as collectors:
-            run_block(ctx.block, ctx.inputs, keep_outputs=False)
-        stats = results(collectors)
+        stats = ctx.collect(wanted, groups)
         for per_layer in stats.values():
             per_layer["scale_outer"] = torch.ones(())
         return stats

@@ -91,7 +91,7 @@ def test_artifact_carries_the_online_rotation(tmp_path):
     quantize(tmp_path / "src", recipe(), tmp_path / "rot")
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
     loaded = mpq.load(tmp_path / "rot", dequantize=True)
-    assert loaded.mpq_artifact.plan.rotation["online"] == {"mlp.down_proj": "r4"}
+    assert loaded.mpq_artifact.log.rotation["online"] == {"mlp.down_proj": "r4"}
     assert not loaded.config.tie_word_embeddings or not original.config.tie_word_embeddings
     with torch.no_grad():
         reference = original(ids).logits
@@ -133,4 +133,4 @@ def test_bad_rotation_settings_are_refused(tmp_path):
     with pytest.raises(RecipeError, match="r4: false"):
         quantize(tmp_path / "no-h", recipe(), tmp_path / "z")
     quantize(tmp_path / "no-h", recipe("{type: quarot, r4: false}"), tmp_path / "ok")
-    assert mpq.load(tmp_path / "ok").mpq_artifact.plan.rotation["online"] == {}
+    assert mpq.load(tmp_path / "ok").mpq_artifact.log.rotation["online"] == {}
