@@ -91,7 +91,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from mpq.calibration import build_calibration_set
+    from mpq.calibration import CalibrationOptions, build_calibration_set
     from mpq.analysis.eval import load_eval_ids, perplexity
     from mpq.models.source import load_model
 
@@ -100,7 +100,7 @@ def main() -> None:
     calib_file = str(Path(args.corpora, "enwiki_excerpt.train.txt").resolve())
     tokenizer = AutoTokenizer.from_pretrained(model)
     work = Path(tempfile.mkdtemp(prefix="mpq-gptq-bench-"))
-    calib = build_calibration_set(calib_file, tokenizer, num_samples=128, seq_len=512, seed=0)
+    calib = build_calibration_set(CalibrationOptions(source=calib_file, num_samples=128, seq_len=512, seed=0), tokenizer)
     calib_ids = work / "calib_ids.pt"
     torch.save(torch.cat(calib.samples), calib_ids)
     ids = load_eval_ids(Path(args.corpora) / "enwiki_excerpt.test.txt", tokenizer)

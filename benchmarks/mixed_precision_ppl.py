@@ -37,7 +37,7 @@ import torch
 import mpq
 from mpq.analysis.eval import load_eval_ids, perplexity
 from mpq.checkpoint.native_codec import ideal_bits
-from mpq.analysis.mixed_precision import auto_recipe
+from mpq.analysis.mixed_precision import MixedTarget, auto_recipe
 from mpq.models.source import load_model
 from mpq.calibration import CalibrationOptions
 from mpq.quantize import quantize
@@ -139,8 +139,8 @@ def main() -> None:
         return row
 
     def mixed(label, base_recipe, bits, stems, group):
-        recipe, choice, _ = auto_recipe(args.model, base_recipe, sensitivity_table=table,
-                                        target_bits=bits, candidates=stems)
+        recipe, choice, _ = auto_recipe(args.model, base_recipe, MixedTarget(
+            bits=bits, candidates=stems, sensitivity_table=table))
         return score(label, recipe, group, {"candidates": stems,
                                             "counts": _short(choice.counts()),
                                             "predicted_damage": choice.predicted_damage})

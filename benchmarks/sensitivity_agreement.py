@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import mpq
-from mpq.calibration import build_calibration_set
+from mpq.calibration import CalibrationOptions, build_calibration_set
 from mpq.models.source import load_model, load_tokenizer
 from mpq.analysis.candidates import load_candidates
 from mpq.analysis.sensitivity import measure_damage, pick_spread, spearman, target_layers
@@ -46,10 +46,8 @@ def main() -> None:
     all_layers = target_layers(model, candidates)
     chosen = set(pick_spread([l.name for l in all_layers], args.layers))
     layers = [l for l in all_layers if l.name in chosen]
-    fisher_set = build_calibration_set(source, tokenizer, num_samples=args.fisher_samples,
-                                       seq_len=512, seed=0).samples
-    kl_set = build_calibration_set(source, tokenizer, num_samples=args.kl_samples,
-                                   seq_len=args.kl_seq_len, seed=1).samples
+    fisher_set = build_calibration_set(CalibrationOptions(source=source, num_samples=args.fisher_samples, seq_len=512, seed=0), tokenizer).samples
+    kl_set = build_calibration_set(CalibrationOptions(source=source, num_samples=args.kl_samples, seq_len=args.kl_seq_len, seed=1), tokenizer).samples
     t0 = time.perf_counter()
     fisher = measure_damage(model, layers, fisher_set, "fisher")
     fisher_s = time.perf_counter() - t0

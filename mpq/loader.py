@@ -18,9 +18,10 @@ from mpq.errors import ArtifactError
 from mpq.checkpoint.native import open_artifact, read_tensors
 from mpq.checkpoint.native_codec import decode, split_layer_tensors
 from mpq.rotation.hadamard import RotationSpec
-from mpq.rotation.quarot import install_online
+from mpq.rotation.quarot import install_online, online_site
 from mpq.quantizers.kv_cache import SCALE_NAMES, attach_kv_quantization
 from mpq.config.kv_cache import KVCacheArgs
+from mpq.config.run_log import RunLog
 from mpq.models.attention import attention_modules
 from mpq.models.source import build_skeleton, first_line
 from mpq.runtime.qlinear import QuantLinear, quantize_inputs_hook
@@ -78,7 +79,7 @@ def _attach_kv_cache(model: nn.Module, args: KVCacheArgs, tensors: dict[str, tor
     the module fake-quantize its cached keys and values with them."""
     layout = layout_of(model)
     for index, block in enumerate(blocks_of(model, layout)):
-        for local, module in attention_modules(block):
+        for local, module in attention_modules(model, block):
             name = f"{layout.blocks_path}.{index}.{local}"
             scales = {}
             for scale_name in SCALE_NAMES:
@@ -127,7 +128,7 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
             raise ArtifactError(f"{artifact.path}: {exc.message}", hint=exc.hint) from None
         model.set_submodule(layer.name, module)
     if artifact.plan.kv_cache is not None:
-        _attach_kv_cache(model, KVCacheArgs(**artifact.plan.kv_cache), tensors)
+        _attach_kv_cache(model, artifact.plan.kv_cache, tensors)
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     _check_dense_shapes(model, tensors, artifact.path)
     try:
@@ -146,7 +147,7 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
     if missing:
         raise ArtifactError(f"{artifact.path}: missing tensor(s) {', '.join(missing[:5])}",
                             hint="the artifact is incomplete; re-run mpq quantize")
-    _install_online_rotations(model, artifact.plan)
+    _install_online_rotations(model, artifact.log)
     model.mpq_artifact = artifact
     return model.eval()
 
@@ -165,9 +166,10 @@ def _check_dense_shapes(model: nn.Module, tensors: dict[str, torch.Tensor], path
                                  "re-run mpq quantize")
 
 
-def _install_online_rotations(model: nn.Module, plan) -> None:
-    """The run-time halves of the plan's rotations (QuaRot's R4 on down_proj inputs)."""
-    online = plan.online_rotations()
+def _install_online_rotations(model: nn.Module, log: RunLog) -> None:
+    """The run-time halves of the applied rotations (QuaRot's R4 on the inputs of the family's
+    mlp_down, down_proj)."""
+    online = log.online_rotations()
     if not online:
         return
     for suffix, record in online.items():
@@ -177,7 +179,7 @@ def _install_online_rotations(model: nn.Module, plan) -> None:
             raise ArtifactError(f"rotation record for {suffix} is unusable: {exc}",
                                 hint="the artifact was written by another mpq version; "
                                      "re-run mpq quantize") from None
-        if suffix != "mlp.down_proj":
+        if suffix != online_site(model):
             raise ArtifactError(f"unknown online rotation site '{suffix}'",
                                 hint="the artifact was written by a newer mpq")
         install_online(model, layout_of(model), spec)

@@ -19,14 +19,21 @@ from mpq.checkpoint.native import check_output_free
 from mpq.checkpoint.state import state_from_model
 from mpq.checkpoint.writers import write_state
 from mpq.config.plan import Plan
+from mpq.config.run_log import RunLog
 from mpq.engine.distributed import init_from_env
 from mpq.engine.interrupt import stop_at_safe_points
 from mpq.engine.resume import Checkpoint, run_fingerprint, work_dir_for
-from mpq.engine.runner import Events, no_events, run_pipeline, untie_head_if_quantized
+from mpq.engine.block_transforms import TransformHook
+from mpq.engine.interrupt import StopHook
+from mpq.engine.kv_calibration import KVCalibrationHook
+from mpq.engine.lifecycle import Events, RunState, no_events
+from mpq.engine.resume import ResumeHook
+from mpq.engine.runner import run_blocks
 from mpq.engine.spec import RunOptions, RunSpec, resolve_run
 from mpq.engine.streaming import BlockStreamer, streamed_state
 from mpq.errors import ModelError
 from mpq.memory import release_free_memory
+from mpq.models.layout import untie_head
 from mpq.models.source import PASS_THROUGH, fingerprint, load_model, load_tokenizer
 from mpq.rotation.quarot import apply_quarot
 
@@ -34,6 +41,7 @@ from mpq.rotation.quarot import apply_quarot
 class QuantizeResult:
     out_dir: Path
     plan: Plan
+    log: RunLog  # what the run produced: per-layer results, transform records, rotations
     sizes: dict
     calibration: dict | None
     seconds: float
@@ -66,10 +74,7 @@ def calibration_set(spec: RunSpec) -> CalibrationSet | None:
     options = spec.calibration
     if options.source is None:
         return None
-    calib = build_calibration_set(
-        options.source, load_tokenizer(spec.source_dir), num_samples=options.num_samples,
-        seq_len=options.seq_len, seed=options.seed, mode=options.mode, field=options.field,
-        split=options.split)
+    calib = build_calibration_set(options, load_tokenizer(spec.source_dir))
     release_free_memory()  # the tokenizer and the text are gone
     return calib
 
@@ -123,21 +128,25 @@ def quantize(model_path: str | Path, recipe, out_dir: str | Path,
         ranks.barrier()
         if not ranks.writer:
             checkpoint = Checkpoint(work_dir_for(out_dir), run_print)
+    log = RunLog.for_plan(plan)
     if recipe.rotation is not None:  # before any statistic is taken
-        plan.rotation = apply_quarot(model, layout, recipe.rotation)
+        log.rotation = apply_quarot(model, layout, recipe.rotation)
         release_free_memory()
-    untied = untie_head_if_quantized(model, layout, plan)
+    head = plan.get(layout.head_name) if layout.head_name else None
+    untied = head is not None and head.scheme is not None and untie_head(model)
+    run = RunState(model=model, layout=layout, plan=plan, log=log, needs=spec.needs,
+                   device=spec.device, events=events, ranks=ranks,
+                   true_sequential=options.true_sequential,
+                   offload_activations=options.offload_activations, keep_dequantized=False,
+                   streamed=streamer is not None)
     with stop_at_safe_points() as stop:
+        hooks = [StopHook(stop, run.layout.num_blocks), *([streamer] if streamer else []),
+                 ResumeHook(checkpoint, ranks), TransformHook(), KVCalibrationHook()]
         try:
-            qweights = run_pipeline(model, layout, plan, calib.samples if calib else None,
-                                    true_sequential=options.true_sequential,
-                                    device=spec.device, events=events,
-                                    batch_tokens=options.calibration.batch_tokens,
-                                    keep_dequantized=False, checkpoint=checkpoint, stop=stop,
-                                    streamer=streamer,
-                                    offload_activations=options.offload_activations)
+            qweights = run_blocks(run, calib.samples if calib else None,
+                                  batch_tokens=options.calibration.batch_tokens, hooks=hooks)
         except ModelError:  # a damaged block of the source: its work directory is of no use
-            if streamer is not None and (ranks is None or ranks.writer):
+            if streamer is not None and run.writer:
                 checkpoint.remove()
             raise
     state_args = dict(provenance={
@@ -145,16 +154,16 @@ def quantize(model_path: str | Path, recipe, out_dir: str | Path,
         "calibration": provenance, "source": source, "pipeline": pipeline_options},
         files={name: spec.source_dir / name for name in PASS_THROUGH
                if (spec.source_dir / name).is_file()})
-    result = QuantizeResult(out_dir=out_dir, plan=plan, sizes={}, calibration=provenance,
+    result = QuantizeResult(out_dir=out_dir, plan=plan, log=log, sizes={}, calibration=provenance,
                             seconds=0.0, untied_head=untied,
                             output_format=spec.writer.name, warnings=list(spec.warnings))
     if ranks is not None and not ranks.writer:  # rank 0 writes the artifact
         result.written = False
     else:
         if streamer is not None:  # the blocks' tensors are read back from the work directory
-            state = streamed_state(model, layout, plan, checkpoint, qweights, **state_args)
+            state = streamed_state(model, layout, plan, log, checkpoint, qweights, **state_args)
         else:
-            state = state_from_model(model, plan, qweights, **state_args)
+            state = state_from_model(model, plan, log, qweights, **state_args)
         result.sizes = write_state(state, out_dir, spec.writer, force=force)
         checkpoint.remove()
     result.seconds = time.perf_counter() - started

@@ -7,7 +7,7 @@ import torch
 import transformers
 from click.testing import CliRunner
 
-from mpq.calibration import build_calibration_set
+from mpq.calibration import CalibrationOptions, build_calibration_set
 from mpq.cli.main import cli
 from mpq.config.recipe import parse_recipe
 from tests.tiny_models import model_from_config, tiny_model
@@ -81,8 +81,7 @@ TRANSFORMS = "transforms:\n  - {type: awq, grid: 4}\n"
 
 
 def samples_of(calib_text):
-    return build_calibration_set(str(calib_text), byte_tokenizer(), num_samples=4,
-                                 seq_len=64).samples
+    return build_calibration_set(CalibrationOptions(source=str(calib_text), num_samples=4, seq_len=64), byte_tokenizer()).samples
 
 
 def logits_error(model, source, samples) -> float:
@@ -113,3 +112,21 @@ WORDS = "the cat sat on a mat while dogs ran over green hills near old towns".sp
 def write_tokenizer(path):
     """Save the byte tokenizer into a model folder."""
     byte_tokenizer().save_pretrained(path)
+
+
+def run_engine(model, recipe, samples, *, batch_tokens: int = 2048, **run_options):
+    """Quantize ``model`` in place with ``recipe`` through the block engine (no files): the
+    RunState's other fields from ``run_options`` (reuse, keep_dequantized, ...); returns it."""
+    from mpq.config.run_log import RunLog
+    from mpq.engine.block_transforms import TransformHook
+    from mpq.engine.kv_calibration import KVCalibrationHook
+    from mpq.engine.lifecycle import RunState
+    from mpq.engine.runner import run_blocks
+    from mpq.engine.spec import needed_stats, plan_model
+
+    layout, plan = plan_model(model, recipe)
+    run = RunState(model=model, layout=layout, plan=plan, log=RunLog.for_plan(plan),
+                   needs=needed_stats(plan), **run_options)
+    run_blocks(run, samples, batch_tokens=batch_tokens,
+               hooks=[TransformHook(), KVCalibrationHook()])
+    return run

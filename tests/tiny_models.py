@@ -26,16 +26,54 @@ def _configs() -> dict[str, transformers.PretrainedConfig]:
                                       word_embed_proj_dim=64, vocab_size=256,
                                       num_hidden_layers=2, max_position_embeddings=128,
                                       bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        # Granite's multipliers away from 1 (Granite 3.0's, but attention_multiplier 1/8 so
+        # attention is not near-uniform at head_dim 16)
+        "granite": transformers.GraniteConfig(hidden_size=64, intermediate_size=128,
+                                              num_attention_heads=4, num_key_value_heads=2,
+                                              embedding_multiplier=12.0, residual_multiplier=0.22,
+                                              attention_multiplier=0.125, logits_scaling=8.0,
+                                              **COMMON),
         "gpt2": transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256,
                                         n_positions=128, bos_token_id=0, eos_token_id=1),
     }
 
 
-ARCHITECTURES = tuple(_configs())
+def _record_configs() -> dict[str, transformers.PretrainedConfig]:
+    """One model per model type the family records cover (mpq.models.families) beyond
+    ARCHITECTURES; tests/models/test_families.py checks every record on them."""
+    return {
+        "qwen3": transformers.Qwen3Config(hidden_size=64, intermediate_size=128,
+                                          num_attention_heads=4, num_key_value_heads=2,
+                                          head_dim=16, **COMMON),
+        "gemma2": transformers.Gemma2Config(hidden_size=64, intermediate_size=128,
+                                            num_attention_heads=4, num_key_value_heads=2,
+                                            head_dim=16, **COMMON),
+        "phi3": transformers.Phi3Config(hidden_size=64, intermediate_size=128,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                                        **COMMON),
+        "gpt_neox": transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128,
+                                               num_attention_heads=4, bos_token_id=0,
+                                               eos_token_id=1, **COMMON),
+        "falcon": transformers.FalconConfig(hidden_size=64, num_attention_heads=4,
+                                            vocab_size=256, num_hidden_layers=2,
+                                            bos_token_id=0, eos_token_id=1),
+        "bloom": transformers.BloomConfig(hidden_size=64, n_head=4, vocab_size=256, n_layer=2,
+                                          bos_token_id=0, eos_token_id=1),
+    }
+
+
+ARCHITECTURES = tuple(_configs())  # the pipeline tests run on each of these
+RECORD_ARCHITECTURES = tuple(_record_configs())
+
+
+def tiny_config(arch: str) -> transformers.PretrainedConfig:
+    """The config of ``arch``, one of ARCHITECTURES or RECORD_ARCHITECTURES."""
+    return {**_configs(), **_record_configs()}[arch]
 
 
 def tiny_model(arch: str, seed: int = 0) -> transformers.PreTrainedModel:
-    return model_from_config(_configs()[arch], seed)
+    return model_from_config(tiny_config(arch), seed)
 
 
 def model_from_config(config: transformers.PretrainedConfig, seed: int = 0

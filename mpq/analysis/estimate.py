@@ -85,6 +85,7 @@ from mpq.engine.spec import RunSpec
 from mpq.errors import ResourceError
 from mpq.models.source import read_config
 from mpq.config.plan import Plan
+from mpq.config.run_log import plan_record
 
 MiB = 1 << 20
 
@@ -270,8 +271,8 @@ def _header_bytes(plan: Plan, tensor_names: list[str], recipe_text: str) -> int:
     """The safetensors header: per tensor ``"name":{"dtype":..,"shape":[..],"data_offsets":[..]}``
     plus mpq's metadata strings (plan with per-layer results, recipe, provenance), JSON-escaped."""
     per_tensor = sum(len(name) + 70 for name in tensor_names)
-    plan_json = len(json.dumps(plan.to_dict(), separators=(",", ":")))
-    results = 160 * len(plan.quantized())  # rel_mse, gptq_loss, ... filled in by the pipeline
+    plan_json = len(json.dumps(plan_record(plan), separators=(",", ":")))
+    results = 160 * len(plan.quantized())  # rel_mse, gptq_loss, ... filled in by the run
     # the metadata values are JSON strings inside the JSON header: quotes are escaped (≈ +15 %)
     metadata = int(1.15 * (plan_json + results + 2 * len(recipe_text))) + 2500
     return per_tensor + metadata
@@ -373,7 +374,7 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
     activations = tokens * (per_token_inputs + per_token_replay) * elem
 
     hessian_layers = [l for l in plan.quantized() if "hessian" in wanted.get(l.name, ())]
-    transform_types = {spec["type"] for spec in plan.transforms}
+    transform_types = {spec.type for spec in plan.transforms}
     groups: dict[tuple[int | None, str, int], int] = {}
     for layer in block0:
         groups.setdefault((layer.block, layer.name.rsplit(".", 1)[0], layer.shape[1]),
@@ -448,8 +449,7 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
         else:
             rtn_seconds += RTN_SECONDS_PER_WEIGHT * n * k
     if forward and "awq" in transform_types:
-        grid = next(int(s["options"].get("grid", 20)) for s in plan.transforms
-                    if s["type"] == "awq")
+        grid = next(int(s.options.get("grid", 20)) for s in plan.transforms if s.type == "awq")
         stat_flops += 1.2 * tokens * all_groups_k2 * num_blocks
         solve_flops += (grid + 10) * sum(2.0 * l.shape[0] * l.shape[1] * l.shape[1]
                                          for l in plan.quantized())

@@ -220,7 +220,8 @@ def build_recipe(base: Recipe, table: SensitivityTable, choice: MixedChoice, mod
     for extra in ("transforms", "kv_cache", "rotation"):
         if extra in base_dict:
             data[extra] = base_dict[extra]
-    text = ("# written by mpq quantize --target-bits/--target-size (mpq.analysis.mixed_precision)\n"
+    # this header is part of the recipe stored in artifacts: its bytes stay as they were
+    text = ("# written by mpq quantize --target-bits/--target-size (mpq.mixed_precision)\n"
             + _yaml(data))
     recipe = parse_recipe(text, data["name"] + ".yaml",
                           known_algorithms=list(_quantizers()))
@@ -254,14 +255,29 @@ def check_table(table: SensitivityTable, layers, candidates: Sequence[str], sour
                           hint=f"it has {', '.join(table.candidates)}")
 
 
-def auto_recipe(model_path: str | Path, base: str | Recipe, *, calibration=None,
-                target_bits: float | None = None, target_size: str | int | None = None,
-                candidates: str | Sequence[str] | None = None, sensitivity_table=None,
-                output_format: str = "mpq", save_recipe: str | Path | None = None,
-                measure: str = "fisher", progress=None) -> tuple[Recipe, MixedChoice,
-                                                                  SensitivityTable]:
-    """Measure (or read ``sensitivity_table``: a path or SensitivityTable), choose and build the
-    mixed recipe for ``mpq quantize --target-bits/--target-size``."""
+@dataclass(frozen=True)
+class MixedTarget:
+    """What ``mpq quantize --target-bits/--target-size`` asks for: exactly one budget (``bits``
+    per weight, or an artifact ``size`` such as 70MB), the ``candidates`` (default: the ladder,
+    or a given table's), a ``sensitivity_table`` (path or SensitivityTable) to read instead of
+    measuring with ``measure``, and where to ``save_recipe`` the chosen one (YAML)."""
+
+    bits: float | None = None
+    size: str | int | None = None
+    candidates: str | Sequence[str] | None = None
+    sensitivity_table: Any = None
+    save_recipe: str | Path | None = None
+    measure: str = "fisher"
+
+
+def auto_recipe(model_path: str | Path, base: str | Recipe, target: MixedTarget, *,
+                calibration=None, output_format: str = "mpq", progress=None
+                ) -> tuple[Recipe, MixedChoice, SensitivityTable]:
+    """Measure (or read ``target.sensitivity_table``), choose and build the mixed recipe for
+    ``mpq quantize --target-bits/--target-size``."""
+    target_bits, target_size, candidates = target.bits, target.size, target.candidates
+    sensitivity_table, save_recipe, measure = (target.sensitivity_table, target.save_recipe,
+                                               target.measure)
     from mpq.errors import CalibrationError, OutputError
     from mpq.models.source import check_model_dir, load_skeleton
     from mpq.engine.spec import as_recipe

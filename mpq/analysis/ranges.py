@@ -9,9 +9,11 @@ Recorded with forward hooks (op kinds, see :data:`KINDS`):
   (the model is switched to ``attn_implementation="eager"`` for the pass, so the logits are
   materialised); masked entries (≤ -1e30, -inf, NaN) are ignored;
 - ``linear_input`` / ``linear_output``: every ``nn.Linear`` / ``Conv1D`` / ``QuantLinear``;
-- ``mlp_intermediate``: the input of each MLP's down projection (``act(gate) * up``);
+- ``mlp_intermediate``: the input of each MLP's down projection (``act(gate) * up``): the family
+  record's ``mlp_down`` (mpq.models.families), found by name for a model type without a record;
 - ``kv_key`` / ``kv_value``: the keys (after RoPE) and values an attention layer caches, through
-  :func:`mpq.models.attention.tap_kv` (attention modules with ``k_proj``/``v_proj``; not GPT-2).
+  :func:`mpq.models.attention.tap_kv` (the attention modules of
+  :func:`mpq.models.attention.attention_modules`; none for GPT-2).
 
 Per op: abs-max, the smallest nonzero |x|, and the number of nonzero values below FP16's
 smallest normal (2^-14) and below its smallest subnormal (2^-24, where they flush to zero).
@@ -22,7 +24,7 @@ from __future__ import annotations
 import math
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -50,7 +52,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "kv_key": ("kv_cache", "cached keys (after RoPE)"),
     "kv_value": ("kv_cache", "cached values"),
 }
-# local names of the linear that reads an MLP's intermediate activation
+# for model types without a family record: local names of the linear that reads an MLP's
+# intermediate activation
 MLP_DOWN_NAMES = ("down_proj", "fc2", "dense_4h_to_h", "w2")
 
 
@@ -149,6 +152,20 @@ def _is_linear(module: nn.Module) -> bool:
     return is_linear(module) or type(module).__name__ == "QuantLinear"
 
 
+def _mlp_down(model: nn.Module, layout) -> Callable[[str], bool]:
+    """Whether a linear (by full name) reads an MLP intermediate: the blocks' ``mlp_down`` of
+    the model's family record, or, without a record, a linear named like one."""
+    from mpq.models.families import family_of
+
+    family = family_of(model)
+    if family is None:
+        return lambda name: (name.rsplit(".", 1)[-1] in MLP_DOWN_NAMES
+                             or name.endswith("mlp.c_proj"))
+    names = ({f"{layout.blocks_path}.{i}.{family.mlp_down}" for i in range(layout.num_blocks)}
+             if family.mlp_down is not None else set())
+    return names.__contains__
+
+
 class RangeProfiler:
     """Hooks a model and accumulates :class:`RangeStats` per (kind, op name)."""
 
@@ -222,8 +239,9 @@ class RangeProfiler:
         embedding = model.get_input_embeddings()
         block_names = {f"{layout.blocks_path}.{i}" for i in range(layout.num_blocks)}
         attention_names = set()
+        is_mlp_down = _mlp_down(model, layout)
         for index, block in enumerate(blocks_of(model, layout)):
-            for local, module in attention_modules(block):
+            for local, module in attention_modules(model, block):
                 name = f"{layout.blocks_path}.{index}.{local}"
                 attention_names.add(name)
                 handles.append(tap_kv(module, self._kv_observer(name)))
@@ -244,8 +262,7 @@ class RangeProfiler:
                                                                                name)))
             elif _is_linear(module):
                 kinds = ("linear_input",)
-                local = name.rsplit(".", 1)[-1]
-                if local in MLP_DOWN_NAMES or name.endswith("mlp.c_proj"):
+                if is_mlp_down(name):
                     kinds = ("mlp_intermediate", "linear_input")
                 handles.append(module.register_forward_pre_hook(self._input_hook(kinds, name),
                                                                 with_kwargs=True))

@@ -274,7 +274,7 @@ def fisher_damage(fisher: torch.Tensor, error: torch.Tensor) -> float:
     return 0.5 * float((fisher * error.square()).sum(dtype=torch.float64))
 
 
-class BlockReplay:
+class ExactKL:
     """Exact KL of perturbing one layer: records every block's original output per sample and
     the original log-probabilities; :meth:`kl` runs only the blocks from the layer's on."""
 
@@ -368,7 +368,7 @@ def measure_damage(model: nn.Module, layers: Sequence[TargetLayer], samples: Seq
             done += len(layer.schemes)
             progress("damage", done, total)
         return out
-    replay = BlockReplay(model, samples)
+    replay = ExactKL(model, samples)
     for layer in layers:
         module = model.get_submodule(layer.name)
         weight = weight_of(module)
@@ -381,7 +381,7 @@ def measure_damage(model: nn.Module, layers: Sequence[TargetLayer], samples: Seq
     return out
 
 
-def build_table(model_path: str, model: nn.Module, layers: Sequence[TargetLayer],
+def build_table(model_path: str, layers: Sequence[TargetLayer],
                 damage: dict[str, dict[str, float]], *, measure: str,
                 candidates: Sequence[str], calibration: dict | None = None,
                 model_sha256: str | None = None, seconds: float = 0.0) -> SensitivityTable:
@@ -423,13 +423,10 @@ def sensitivity(model_path: str | Path, candidates: str | Sequence[str], calibra
     layers = target_layers(model, cands, base_recipe)
     if layer_filter is not None:
         layers = [layer for layer in layers if layer_filter(layer.name)]
-    calib = build_calibration_set(
-        calibration.source, load_tokenizer(source_dir), num_samples=calibration.num_samples,
-        seq_len=calibration.seq_len, seed=calibration.seed, mode=calibration.mode,
-        field=calibration.field, split=calibration.split)
+    calib = build_calibration_set(calibration, load_tokenizer(source_dir))
     damage = measure_damage(model, layers, calib.samples, measure, seed=calibration.seed,
                             progress=progress)
-    return build_table(str(model_path), model, layers, damage, measure=measure,
+    return build_table(str(model_path), layers, damage, measure=measure,
                        candidates=[c.name for c in cands], calibration=calib.provenance,
                        model_sha256=fingerprint(source_dir)["sha256"],
                        seconds=time.perf_counter() - started)

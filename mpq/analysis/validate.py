@@ -273,7 +273,7 @@ def validate(path: str | Path, *, calib: str | None, num_samples: int = 8, seq_l
     """Profile the model or artifact at ``path`` on calibration data and judge its policy."""
     import torch
 
-    from mpq.calibration import build_calibration_set
+    from mpq.calibration import CalibrationOptions, build_calibration_set
     from mpq.checkpoint.native import is_artifact, open_artifact
     from mpq.models.source import check_model_dir, load_model, load_tokenizer, read_config
 
@@ -294,8 +294,8 @@ def validate(path: str | Path, *, calib: str | None, num_samples: int = 8, seq_l
         config = read_config(check_model_dir(path))
     model_dtype = config.get("torch_dtype") or config.get("dtype")
     tokenizer = load_tokenizer(path)
-    calibration = build_calibration_set(calib, tokenizer, num_samples=num_samples,
-                                        seq_len=seq_len, seed=0)
+    calibration = build_calibration_set(
+        CalibrationOptions(source=calib, num_samples=num_samples, seq_len=seq_len), tokenizer)
     if artifact:
         from mpq.loader import load
 

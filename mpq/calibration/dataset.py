@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
+from mpq.calibration.options import CalibrationOptions
 from mpq.calibration.sources import load_documents
 from mpq.errors import CalibrationError, did_you_mean
 
@@ -74,15 +75,16 @@ def token_sha256(samples: Sequence[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def build_calibration_set(spec: str, tokenizer, *, num_samples: int = 128, seq_len: int = 512,
-                          seed: int = 0, mode: str = "concat", field: str = "text",
-                          split: str | None = None,
+def build_calibration_set(options: CalibrationOptions, tokenizer, *,
                           min_doc_tokens: int = MIN_DOC_TOKENS) -> CalibrationSet:
-    """Read ``spec`` (see :func:`mpq.calibration.sources.detect_source`), tokenize, draw samples.
+    """Read ``options.source`` (see :func:`mpq.calibration.sources.detect_source`), tokenize,
+    draw ``options.num_samples`` samples of ``options.seq_len`` tokens.
 
     Deterministic: the same source, tokenizer and arguments give the same samples and hash.
     Raises CalibrationError for bad arguments, bad data, or when no sample can be made.
     """
+    spec, num_samples, seq_len = options.source, options.num_samples, options.seq_len
+    seed, mode, field, split = options.seed, options.mode, options.field, options.split
     if mode not in MODES:
         hint = did_you_mean(mode, MODES) or f"choose one of {', '.join(MODES)}"
         raise CalibrationError(f"unknown calibration mode '{mode}'", hint=hint)

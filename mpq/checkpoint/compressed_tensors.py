@@ -51,6 +51,7 @@ from mpq.checkpoint.native_codec import encode
 from mpq.checkpoint.state import ArtifactState
 from mpq.checkpoint.writers import WRITERS, FolderContents, dense_group, mpq_config_key
 from mpq.numerics.packing import pack_cols
+from mpq.config.kv_cache import KVCacheArgs
 from mpq.config.plan import LayerPlan, Plan
 from mpq.numerics.base import NUMBER_FORMATS, QuantizedWeight
 from mpq.numerics.args import FP8_BLOCK, ActivationArgs, WeightArgs
@@ -124,11 +125,11 @@ def _scheme_key(layer: LayerPlan) -> str:
                        activation_args(acts) if acts else None], sort_keys=True)
 
 
-def kv_cache_scheme(kv_cache: dict | None) -> dict | None:
+def kv_cache_scheme(kv_cache: KVCacheArgs | None) -> dict | None:
     """The KV-cache QuantizationArgs: static fp8 per tensor or per attention head."""
     if kv_cache is None:
         return None
-    strategy = "tensor" if kv_cache["granularity"] == "tensor" else "attn_head"
+    strategy = "tensor" if kv_cache.granularity == "tensor" else "attn_head"
     return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy,
             "group_size": None, "block_structure": None, "dynamic": False, "actorder": None}
 
@@ -240,9 +241,10 @@ class CompressedTensorsWriter:
             tensors.add(lambda layer=layer: {
                 f"{layer.name}.{local}": tensor for local, tensor in layer_tensors(
                     state.qweights[layer.name], layer.scheme, dtype).items()})
-            if "input_scale" in layer.result:
+            input_scale = state.log.input_scale(layer.name)
+            if input_scale is not None:
                 tensors.add_tensor(f"{layer.name}.input_scale", torch.tensor(
-                    [layer.result["input_scale"]], dtype=dtype))
+                    [input_scale], dtype=dtype))
         config = {**state.config, "quantization_config": quantization_config(state.plan),
                   "mpq": mpq_config_key(state, self.name)}
         return FolderContents(tensors=tensors, config=config,

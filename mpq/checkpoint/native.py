@@ -32,6 +32,7 @@ from mpq.errors import ArtifactError, OutputError
 from mpq.checkpoint.lazy import LazyTensors, specs_of
 from mpq.checkpoint.safetensors_writer import write_safetensors
 from mpq.config.plan import Plan
+from mpq.config.run_log import RunLog, read_plan_record
 
 FORMAT_NAME = "mpq"
 FORMAT_VERSION = "1.0"
@@ -157,6 +158,7 @@ class Artifact:
     path: Path
     metadata: dict[str, str]
     plan: Plan
+    log: RunLog  # what the run that wrote it produced (results, transform records, rotations)
     config: dict
     files: list[Path]
 
@@ -233,12 +235,12 @@ def open_artifact(path: str | Path) -> Artifact:
             f"(this mpq reads {FORMAT_VERSION.split('.')[0]}.x)",
             hint="use the mpq version that wrote it, or re-quantize")
     try:
-        plan = Plan.from_dict(json.loads(metadata["mpq.plan"]))
+        plan, log = read_plan_record(json.loads(metadata["mpq.plan"]))
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (KeyError, ValueError, TypeError, ArtifactError) as exc:
         raise ArtifactError(f"{path}: metadata is damaged ({exc})",
                             hint="re-run mpq quantize") from exc
-    return Artifact(path=path, metadata=metadata, plan=plan, config=config, files=files)
+    return Artifact(path=path, metadata=metadata, plan=plan, log=log, config=config, files=files)
 
 
 def read_tensors(artifact: Artifact, select: Callable[[str], bool] | None = None

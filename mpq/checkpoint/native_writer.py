@@ -20,9 +20,10 @@ def native_tensors(state: ArtifactState) -> LazyTensors:
         tensors.add(lambda name=name: {f"{name}.{local}": tensor
                                        for local, tensor in encode(state.qweights[name]).items()})
     for layer in state.plan.quantized():
-        if "input_scale" in layer.result:
+        input_scale = state.log.input_scale(layer.name)
+        if input_scale is not None:
             tensors.add_tensor(f"{layer.name}.input_scale",
-                               torch.tensor([layer.result["input_scale"]], dtype=torch.float32))
+                               torch.tensor([input_scale], dtype=torch.float32))
     return tensors
 
 

@@ -20,6 +20,7 @@ from mpq.checkpoint.native import open_artifact, read_tensors
 from mpq.checkpoint.native_codec import decode, split_layer_tensors
 from mpq.models.source import PASS_THROUGH
 from mpq.config.plan import Plan
+from mpq.config.run_log import RunLog
 from mpq.numerics.base import QuantizedWeight
 
 
@@ -36,13 +37,15 @@ class ArtifactState:
     - ``provenance``: JSON-able records written into every format's metadata: ``recipe``,
       ``calibration``, ``source``, ``pipeline``.
     - ``files``: extra files of the folder (tokenizer, model card): name → source path or text.
-    Static activation scales live in the plan (``layer.result["input_scale"]``).
+    - ``log``: what the run produced (mpq.config.run_log): per-layer results, static input
+      scales (``log.input_scale(name)``), transform records, applied rotations.
     ``qweights`` and ``dense`` are plain dicts, or (a streamed run, mpq.engine.streaming) mappings
     that read each entry from the resume work directory on access: ``streamed`` is then true
     and writers produce the artifact's tensors one group at a time.
     """
 
     plan: Plan
+    log: RunLog
     qweights: Mapping[str, QuantizedWeight]
     dense: Mapping[str, torch.Tensor]
     config: dict
@@ -82,9 +85,10 @@ def hf_config(model: nn.Module) -> dict:
     return config
 
 
-def state_from_model(model: nn.Module, plan: Plan, qweights: dict[str, QuantizedWeight], *,
-                     provenance: dict[str, Any], files: dict[str, Path | str]) -> ArtifactState:
-    return ArtifactState(plan=plan, qweights=qweights, dense=dense_tensors(model, set(qweights)),
+def state_from_model(model: nn.Module, plan: Plan, log: RunLog,
+                     qweights: dict[str, QuantizedWeight], *, provenance: dict[str, Any],
+                     files: dict[str, Path | str]) -> ArtifactState:
+    return ArtifactState(plan=plan, log=log, qweights=qweights, dense=dense_tensors(model, set(qweights)),
                          config=hf_config(model), provenance=provenance, files=files)
 
 
@@ -116,5 +120,5 @@ def state_from_artifact(path: str | Path) -> ArtifactState:
     files: dict[str, Path | str] = {name: artifact.path / name
                                     for name in (*PASS_THROUGH, "README.md")
                                     if (artifact.path / name).is_file()}
-    return ArtifactState(plan=artifact.plan, qweights=qweights, dense=tensors, config=config,
+    return ArtifactState(plan=artifact.plan, log=artifact.log, qweights=qweights, dense=tensors, config=config,
                          provenance=provenance, files=files)

@@ -26,6 +26,7 @@ from mpq.checkpoint.state import ArtifactState
 from mpq.checkpoint.model_card import render_model_card
 from mpq.numerics.packing import PACKING_LAYOUT
 from mpq.config.plan import Plan
+from mpq.config.run_log import plan_record
 from mpq.registry import Registry
 
 
@@ -88,7 +89,7 @@ def writer_for(name: str) -> Writer:
 def check_expressible(writer: Writer, plan: Plan) -> None:
     """Raise FormatError listing the layers ``writer`` cannot store."""
     problems = writer.unsupported(plan)
-    if plan.rotation and plan.rotation.get("r4") and not writer.online_rotations:
+    if plan.rotation is not None and plan.rotation.r4 and not writer.online_rotations:
         problems.append(f"rotation r4 is applied online to down_proj inputs, which format "
                         f"'{writer.name}' cannot express; use r4: false")
     if problems:
@@ -139,7 +140,7 @@ def header_metadata(state: ArtifactState, format_name: str, sizes: dict) -> dict
 
     out = {"mpq.format": format_name, "mpq.format_version": FORMAT_VERSION,
            "mpq.tool_version": __version__, "mpq.packing": PACKING_LAYOUT,
-           "mpq.plan": dump(state.plan.to_dict()), "mpq.sizes": dump(sizes)}
+           "mpq.plan": dump(plan_record(state.plan, state.log)), "mpq.sizes": dump(sizes)}
     for key in ("recipe", "calibration", "source", "pipeline"):
         out[f"mpq.{key}"] = dump(state.provenance.get(key))
     return out

@@ -6,6 +6,7 @@ from pathlib import Path
 from rich.table import Table
 
 from mpq.cli.console import emit_json, human_bytes, stdout_console
+from mpq.config.run_log import describe_transforms
 
 
 def dry_run(model, recipe, options, *, output, force, as_json) -> None:
@@ -40,7 +41,7 @@ def show(estimate) -> None:
         plan.add_row(row.label, str(row.layers), f"{row.weights:,}")
     plan.add_row("[dim]kept[/dim]", str(summary.kept), "")
     console.print(plan)
-    for line in (estimate.plan.describe_transforms(), estimate.plan.describe_kv_cache()):
+    for line in (describe_transforms(estimate.plan), estimate.plan.describe_kv_cache()):
         if line:
             console.print(line)
 

@@ -40,6 +40,7 @@ def _dtype_bytes(dtype: str) -> int:
 def command(artifact, as_json):
     """Show what ARTIFACT holds: per-layer scheme, sizes, provenance."""
     from mpq.checkpoint.native import open_artifact
+    from mpq.config.run_log import describe_rotation, describe_transforms, plan_record
 
     art = open_artifact(artifact)
     per_layer = tensor_bytes_by_layer(art)
@@ -49,7 +50,7 @@ def command(artifact, as_json):
         "packing": art.metadata.get("mpq.packing"), "recipe": art.json_field("recipe"),
         "source": art.json_field("source"), "calibration": art.json_field("calibration"),
         "sizes": {**(art.json_field("sizes") or {}), "files_bytes": art.tensor_bytes()},
-        "plan": art.plan.to_dict(),
+        "plan": plan_record(art.plan, art.log),
         "layer_bytes": per_layer,
     }
     if as_json:
@@ -62,7 +63,7 @@ def command(artifact, as_json):
     for column in ("shape", "scheme", "algorithm", "rel. MSE", "bytes"):
         table.add_column(column, justify="right" if column in ("rel. MSE", "bytes") else "left")
     for layer in art.plan.quantized():
-        error = layer.result.get("rel_mse")
+        error = art.log.result(layer.name).get("rel_mse")
         table.add_row(layer.name, f"{layer.shape[0]}×{layer.shape[1]}",
                       layer.scheme.describe(), layer.scheme.algorithm,
                       f"{error:.2e}" if error is not None else "",
@@ -70,12 +71,10 @@ def command(artifact, as_json):
     console.print(table)
     kept = len(art.plan.layers) - len(art.plan.quantized())
     console.print(f"{len(art.plan.quantized())} layers quantized, {kept} linear layers kept")
-    if art.plan.describe_transforms():
-        console.print(art.plan.describe_transforms())
-    if art.plan.describe_kv_cache():
-        console.print(art.plan.describe_kv_cache())
-    if art.plan.describe_rotation():
-        console.print(art.plan.describe_rotation())
+    for line in (describe_transforms(art.plan, art.log), art.plan.describe_kv_cache(),
+                 describe_rotation(art.plan, art.log)):
+        if line:
+            console.print(line)
     sizes = info["sizes"]
     console.print(f"tensor files: {human_bytes(sizes['files_bytes'])}; tensors "
                   f"{human_bytes(sizes.get('stored_bytes', 0))}, ideal "

@@ -9,7 +9,7 @@ from mpq.cli.options import json_option
 
 def registered() -> dict[str, dict[str, str]]:
     import mpq.quantizers  # noqa: F401  (registration)
-    from mpq.models.layout import BLOCK_PATHS
+    from mpq.models.families import FAMILIES
     from mpq.calibration import SOURCES
     from mpq.checkpoint import WRITERS
     from mpq.numerics.base import NUMBER_FORMATS
@@ -27,7 +27,8 @@ def registered() -> dict[str, dict[str, str]]:
         "formats": {name: first_line(w) for name, w in WRITERS.items()},
         "calibration loaders": {name: first_line(l) for name, l in SOURCES.items()},
         "presets": list_presets(),
-        "architectures": {name: path for name, path in sorted(BLOCK_PATHS.items())},
+        "architectures": {model_type: family.blocks for model_type, family
+                          in sorted(FAMILIES.model_types().items())},
     }
 
 

@@ -12,7 +12,7 @@ from mpq.cli.console import emit_json, stderr_console
 def choose_recipe(model, recipe, options, *, target_bits, target_size, candidates, sensitivity,
                   samples, output_format, save_recipe, dry_run, as_json):
     """The mixed Recipe that ``mpq quantize`` then runs as usual."""
-    from mpq.analysis.mixed_precision import auto_recipe
+    from mpq.analysis.mixed_precision import MixedTarget, auto_recipe
 
     if target_bits is not None and target_size is not None:
         raise click.UsageError("give --target-bits or --target-size, not both")
@@ -20,16 +20,16 @@ def choose_recipe(model, recipe, options, *, target_bits, target_size, candidate
         raise click.UsageError("--dry-run with --target-bits/--target-size reads no weights: "
                                "pass a table from `mpq sensitivity -o` with --sensitivity")
     calibration = replace(options, num_samples=samples)
-    kwargs = dict(calibration=calibration, target_bits=target_bits, target_size=target_size,
-                  candidates=candidates, sensitivity_table=sensitivity,
-                  output_format=output_format, save_recipe=save_recipe)
+    target = MixedTarget(bits=target_bits, size=target_size, candidates=candidates,
+                         sensitivity_table=sensitivity, save_recipe=save_recipe)
+    kwargs = dict(calibration=calibration, output_format=output_format)
     if as_json or sensitivity is not None:
-        chosen, choice, table = auto_recipe(model, recipe, **kwargs)
+        chosen, choice, table = auto_recipe(model, recipe, target, **kwargs)
     else:
         from mpq.cli.sensitivity_cmd import _Bars
 
         with _Bars() as bars:
-            chosen, choice, table = auto_recipe(model, recipe, progress=bars, **kwargs)
+            chosen, choice, table = auto_recipe(model, recipe, target, progress=bars, **kwargs)
     if as_json:
         emit_json({"event": "mixed_precision", "measure": table.measure, **choice.to_dict(),
                    "recipe_name": chosen.name})

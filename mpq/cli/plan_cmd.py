@@ -8,20 +8,21 @@ from mpq.cli.console import emit_json, stdout_console
 from mpq.cli.options import json_option
 
 
-def plan_table(plan, *, results: bool = False) -> Table:
+def plan_table(plan, log=None) -> Table:
+    """The per-layer plan; with ``log`` (a stored artifact's), each layer's error too."""
     table = Table(title=f"plan: {plan.recipe_name}", show_lines=False)
     table.add_column("layer", no_wrap=True)
     for column in ("shape", "scheme", "algorithm", "decided by"):
         table.add_column(column)
-    if results:
+    if log is not None:
         table.add_column("rel. MSE", justify="right")
     for layer in plan.layers:
         scheme = layer.scheme
         row = [layer.name, f"{layer.shape[0]}×{layer.shape[1]}",
                scheme.describe() if scheme else "[dim]kept[/dim]",
                scheme.algorithm if scheme else "", layer.reason]
-        if results:
-            error = layer.result.get("rel_mse")
+        if log is not None:
+            error = log.result(layer.name).get("rel_mse")
             row.append(f"{error:.2e}" if error is not None else "")
         table.add_row(*row)
     return table
@@ -67,13 +68,14 @@ def command(model, recipe, as_json):
     """Print the per-layer plan RECIPE resolves to on MODEL, or the plan stored in an artifact."""
     from mpq.checkpoint.native import is_artifact, open_artifact
     from mpq.models.source import load_skeleton
+    from mpq.config.run_log import describe_rotation, describe_transforms, plan_record
     from mpq.engine.spec import as_recipe, plan_model
 
-    description = None
+    description, log = None, None
     stored = recipe is None and is_artifact(model)
     if stored:
         artifact = open_artifact(model)
-        plan = artifact.plan
+        plan, log = artifact.plan, artifact.log
         description = (artifact.json_field("recipe") or {}).get("description")
     elif recipe is None:
         raise click.UsageError(f"'{model}' is not an mpq artifact: pass --recipe to plan it")
@@ -81,23 +83,21 @@ def command(model, recipe, as_json):
         recipe = as_recipe(recipe)
         _, plan = plan_model(load_skeleton(model), recipe)
     if as_json:
-        data = plan.to_dict()
+        data = plan_record(plan, log)
         if stored:
             data["summary"] = scheme_summary(plan)
             data["description"] = description
         emit_json(data)
         return
     console = stdout_console()
-    console.print(plan_table(plan, results=stored))
+    console.print(plan_table(plan, log))
     if description:
         console.print(f"recipe {plan.recipe_name}: {description}")
     kept = len(plan.layers) - len(plan.quantized())
     console.print(f"{len(plan.quantized())} layers quantized, {kept} kept")
     for line in summary_lines(plan):
         console.print(line)
-    if plan.describe_transforms():
-        console.print(plan.describe_transforms())
-    if plan.describe_kv_cache():
-        console.print(plan.describe_kv_cache())
-    if plan.describe_rotation():
-        console.print(plan.describe_rotation())
+    for line in (describe_transforms(plan, log), plan.describe_kv_cache(),
+                 describe_rotation(plan, log)):
+        if line:
+            console.print(line)

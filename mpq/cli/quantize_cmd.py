@@ -86,7 +86,7 @@ def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode
             as_json):
     """Quantize MODEL (a local Hugging Face folder) with RECIPE into OUTPUT."""
     from mpq.calibration import CalibrationOptions
-    from mpq.engine.runner import no_events
+    from mpq.engine.lifecycle import no_events
     from mpq.engine.spec import RunOptions
     from mpq.quantize import quantize
 

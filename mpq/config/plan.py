@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from mpq.errors import ArtifactError, RecipeError, SchemeError, did_you_mean
+from mpq.config.kv_cache import KVCacheArgs
 from mpq.config.recipe import REGEX_PREFIX, Recipe, Rule
+from mpq.config.rotation import QuaRotArgs
 from mpq.config.scheme import LayerScheme
 
 log = logging.getLogger(__name__)
+QUAROT_FIELDS = tuple(f.name for f in fields(QuaRotArgs))
 
 
 @dataclass(frozen=True)
@@ -32,12 +35,13 @@ class LayerInfo:
     protected: bool = False  # the output head: only an exact-name target matches it
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerPlan:
     """What happens to one layer.  ``scheme`` None = kept in the original dtype.
 
-    ``rule`` is the index of the deciding rule (None when none matched); ``result`` is filled by
-    the pipeline (error figures, ...).
+    ``rule`` is the index of the deciding rule (None when none matched).  What the run
+    produces for the layer (error figures, a static input scale, ...) is in the run log
+    (mpq.config.run_log), not here.
     """
 
     name: str
@@ -47,13 +51,12 @@ class LayerPlan:
     scheme: LayerScheme | None
     rule: int | None
     reason: str
-    result: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "class_name": self.class_name, "shape": list(self.shape),
                 "block": self.block,
                 "scheme": self.scheme.to_dict() if self.scheme is not None else None,
-                "rule": self.rule, "reason": self.reason, "result": dict(self.result)}
+                "rule": self.rule, "reason": self.reason}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LayerPlan":
@@ -61,7 +64,18 @@ class LayerPlan:
         return cls(name=data["name"], class_name=data["class_name"], shape=tuple(data["shape"]),
                    block=data["block"],
                    scheme=LayerScheme.from_dict(scheme) if scheme is not None else None,
-                   rule=data["rule"], reason=data["reason"], result=dict(data.get("result", {})))
+                   rule=data["rule"], reason=data["reason"])
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """One of the recipe's ``transforms:``: its type and options (read-only)."""
+
+    type: str
+    options: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "options": dict(self.options)}
 
 
 class SummaryRow(NamedTuple):
@@ -75,28 +89,17 @@ class PlanSummary(NamedTuple):
     kept: int  # layers kept in the original dtype
 
 
-def _kv_cache_of(data: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """A stored kv_cache entry, validated (SchemeError when malformed)."""
-    if data is None:
-        return None
-    from mpq.config.kv_cache import KVCacheArgs
-
-    return KVCacheArgs(**data).to_dict()
-
-
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """The explicit per-layer plan that ``mpq plan`` prints and the artifact metadata stores."""
+    """The explicit per-layer plan that ``mpq plan`` prints and the artifact metadata stores:
+    what will happen, decided before any weight is read, and never changed by the run."""
 
     recipe_name: str
-    layers: list[LayerPlan]
-    precision_policy: dict[str, str]
-    # the recipe's transforms in order: {"type", "options", "applied": per-block records}
-    transforms: list[dict[str, Any]] = field(default_factory=list)
-    # KV-cache quantization (mpq.config.kv_cache.KVCacheArgs as a dict), or None
-    kv_cache: dict[str, Any] | None = None
-    # QuaRot: the recipe's args; once applied also "rotations" (specs) and "online" hooks
-    rotation: dict[str, Any] | None = None
+    layers: tuple[LayerPlan, ...]
+    precision_policy: Mapping[str, str]
+    transforms: tuple[TransformSpec, ...] = ()
+    kv_cache: KVCacheArgs | None = None
+    rotation: QuaRotArgs | None = None
 
     def quantized(self) -> list[LayerPlan]:
         return [layer for layer in self.layers if layer.scheme is not None]
@@ -105,38 +108,8 @@ class Plan:
         """The plan of layer ``name``, or None when the layer is not in the plan."""
         return next((layer for layer in self.layers if layer.name == name), None)
 
-    def describe_transforms(self) -> str | None:
-        """One line naming the transforms and their options, or None when there are none."""
-        if not self.transforms:
-            return None
-        parts = []
-        for spec in self.transforms:
-            options = ", ".join(f"{k}={v}" for k, v in spec["options"].items())
-            done = f", {len(spec['applied'])} blocks" if spec.get("applied") else ""
-            parts.append(f"{spec['type']}({options}){done}")
-        return "transforms: " + "; ".join(parts)
-
-    def describe_rotation(self) -> str | None:
-        if self.rotation is None:
-            return None
-        r = self.rotation
-        parts = [f"r1 {r['r1']}"] + [name for name in ("r2", "r4") if r.get(name)]
-        text = f"rotation: quarot ({', '.join(parts)}, seed {r['seed']})"
-        if r.get("online"):
-            text += "; online: " + ", ".join(f"{k} inputs × {v}" for k, v in r["online"].items())
-        return text
-
-    def online_rotations(self) -> dict[str, Any]:
-        """Module suffix → rotation spec dict of the rotations applied at run time."""
-        if not self.rotation:
-            return {}
-        specs = self.rotation.get("rotations", {})
-        return {suffix: specs[name] for suffix, name in self.rotation.get("online", {}).items()}
-
     def describe_kv_cache(self) -> str | None:
-        if self.kv_cache is None:
-            return None
-        return f"kv cache: {self.kv_cache['format']} static per {self.kv_cache['granularity']}"
+        return self.kv_cache.describe() if self.kv_cache is not None else None
 
     def summary(self) -> PlanSummary:
         """Quantized layers grouped by scheme label (first-seen order), plus the kept count."""
@@ -150,26 +123,31 @@ class Plan:
                            kept=len(self.layers) - len(self.quantized()))
 
     def to_dict(self) -> dict[str, Any]:
+        """The plan alone (before a run); mpq.config.run_log.plan_record adds what a run did."""
         out = {"recipe_name": self.recipe_name, "precision_policy": dict(self.precision_policy),
                "layers": [layer.to_dict() for layer in self.layers]}
         if self.transforms:
-            out["transforms"] = [dict(t) for t in self.transforms]
+            out["transforms"] = [spec.to_dict() for spec in self.transforms]
         if self.kv_cache is not None:
-            out["kv_cache"] = dict(self.kv_cache)
+            out["kv_cache"] = self.kv_cache.to_dict()
         if self.rotation is not None:
-            out["rotation"] = dict(self.rotation)
+            out["rotation"] = self.rotation.to_dict()
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
-        """Inverse of :meth:`to_dict`; malformed data (e.g. from an artifact) → ArtifactError."""
+        """Inverse of :meth:`to_dict` (extra keys a run log added are ignored); malformed data
+        (e.g. from an artifact) → ArtifactError."""
         try:
+            rotation = data.get("rotation")
             return cls(recipe_name=data["recipe_name"],
-                       layers=[LayerPlan.from_dict(item) for item in data["layers"]],
+                       layers=tuple(LayerPlan.from_dict(item) for item in data["layers"]),
                        precision_policy=dict(data["precision_policy"]),
-                       transforms=[dict(t) for t in data.get("transforms", [])],
-                       kv_cache=_kv_cache_of(data.get("kv_cache")),
-                       rotation=dict(data["rotation"]) if data.get("rotation") else None)
+                       transforms=tuple(TransformSpec(t["type"], dict(t["options"]))
+                                        for t in data.get("transforms", [])),
+                       kv_cache=KVCacheArgs(**data["kv_cache"]) if data.get("kv_cache") else None,
+                       rotation=QuaRotArgs(**{k: rotation[k] for k in QUAROT_FIELDS if k in rotation})
+                       if rotation else None)
         except (KeyError, TypeError, ValueError, AttributeError, SchemeError) as exc:
             hint = "the artifact metadata is damaged or was written by another tool"
             raise ArtifactError(f"malformed plan: {type(exc).__name__}: {exc}", hint=hint) from None
@@ -226,12 +204,9 @@ def resolve(recipe: Recipe, layers: Sequence[LayerInfo],
                         rule.source, list(rule.targets))
 
     _check_shapes(recipe, plans)
-    transforms = [{"type": name, "options": dict(options), "applied": []}
-                  for name, options in recipe.transforms]
-    kv_cache = recipe.kv_cache.to_dict() if recipe.kv_cache is not None else None
-    rotation = recipe.rotation.to_dict() if recipe.rotation is not None else None
-    return Plan(recipe.name, plans, recipe.precision_policy.to_dict(), transforms, kv_cache,
-                rotation)
+    transforms = tuple(TransformSpec(name, dict(options)) for name, options in recipe.transforms)
+    return Plan(recipe.name, tuple(plans), recipe.precision_policy.to_dict(), transforms,
+                recipe.kv_cache, recipe.rotation)
 
 
 def _no_match_error(recipe: Recipe, rule: Rule, layers: Sequence[LayerInfo],

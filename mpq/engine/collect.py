@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from mpq.engine.distributed import Ranks
 from mpq.errors import CalibrationError
 from mpq.engine.stash import Stash
 from mpq.engine.stats import STATS
@@ -172,13 +173,11 @@ def _feeder(collectors: list, stop: bool):
     return hook
 
 
-def results(collectors: dict[str, dict]) -> dict[str, dict[str, torch.Tensor]]:
-    """Compute every collector once, even when several layers share it.  In a multi-process
-    run (mpq.engine.distributed) every collector is first combined over the processes, in the same
-    order on each."""
-    from mpq.engine.distributed import current
-
-    ranks = current()
+def results(collectors: dict[str, dict], ranks: Ranks | None = None
+            ) -> dict[str, dict[str, torch.Tensor]]:
+    """Compute every collector once, even when several layers share it.  With ``ranks`` (a
+    multi-process run, mpq.engine.distributed) every collector is first combined over the
+    processes, in the same order on each."""
     if ranks is not None:
         reduced: set[int] = set()
         for per_stat in collectors.values():

@@ -207,7 +207,7 @@ def _leave(ranks: Ranks | None, wait: bool) -> None:
 def check_supported(plan) -> None:
     """RecipeError for what multi-process runs cannot do yet."""
     if plan.transforms:
-        raise RecipeError(f"transform '{plan.transforms[0]['type']}' is not supported across "
+        raise RecipeError(f"transform '{plan.transforms[0].type}' is not supported across "
                           "several processes yet",
                           hint="run it in one process (without torchrun)")
     if plan.kv_cache:

@@ -1,4 +1,4 @@
-"""Stopping a run cleanly: SIGINT/SIGTERM ask the pipeline to stop at the next safe point.
+"""Stopping a run cleanly: SIGINT/SIGTERM ask the engine to stop at the next safe point.
 
 A safe point is the end of a decoder block, once its checkpoint is on disk (mpq.engine.resume); the run
 then raises :class:`mpq.errors.Interrupted` (exit 128 + signal number) and a rerun resumes.  A
@@ -12,9 +12,12 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from mpq.engine.lifecycle import BlockTurn, RunHook, RunState
+from mpq.errors import Interrupted
+
 
 class StopRequest:
-    """Set by the signal handlers; polled by the pipeline between blocks."""
+    """Set by the signal handlers; polled by the engine (StopHook) after each block."""
 
     def __init__(self) -> None:
         self.signal_number: int | None = None
@@ -47,3 +50,24 @@ def stop_at_safe_points() -> Iterator[StopRequest]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class StopHook(RunHook):
+    """At the end of each block this run quantized (once it is saved): raise Interrupted when a
+    stop was requested of any process (all processes stop together)."""
+
+    def __init__(self, stop: StopRequest, num_blocks: int) -> None:
+        self.stop = stop
+        self.num_blocks = num_blocks
+
+    def block_end(self, run: RunState, turn: BlockTurn) -> None:
+        if turn.restored:
+            return
+        requested = self.stop.requested
+        if run.ranks is not None:
+            requested = any(run.ranks.gather(requested))
+        if requested and not turn.last:
+            raise Interrupted(
+                f"stopped by {self.stop.signal_name} after block {turn.index + 1} of "
+                f"{self.num_blocks}", signal_number=self.stop.signal_number,
+                hint=f"rerun the same command to resume from block {turn.index + 2}")

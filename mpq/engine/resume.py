@@ -31,6 +31,8 @@ from mpq import __version__
 from mpq.errors import OutputError, ResumeError
 from mpq.checkpoint.native_codec import decode, encode, split_layer_tensors
 from mpq.config.plan import LayerPlan
+from mpq.engine.lifecycle import BlockTurn, RunHook, RunState
+from mpq.models.layout import set_weight
 from mpq.numerics.base import QuantizedWeight
 
 WORK_SUFFIX = ".mpq-work"
@@ -115,14 +117,14 @@ class Checkpoint:
 
     def save_block(self, index: int, block: torch.nn.Module,
                    qweights: dict[str, QuantizedWeight], layers: list[LayerPlan],
-                   transform_records: list[dict | None]) -> None:
+                   layer_results: dict[str, dict], transform_records: list[dict | None]) -> None:
         """Persist block ``index`` (call once it is finished, weights final)."""
         tensors = {f"state.{name}": tensor.detach().to("cpu").contiguous()
                    for name, tensor in block.state_dict().items() if tensor.numel()}
         for layer in layers:
             for key, tensor in encode(qweights[layer.name]).items():
                 tensors[f"q.{layer.name}.{key}"] = tensor
-        record = {"layers": {layer.name: layer.result for layer in layers},
+        record = {"layers": {layer.name: layer_results[layer.name] for layer in layers},
                   "transforms": transform_records}
         stem = self._stem(index)
         try:
@@ -191,6 +193,50 @@ class Checkpoint:
 
     def _stem(self, index: int) -> Path:
         return self.path / f"block-{index:05d}"
+
+
+class ResumeHook(RunHook):
+    """Restores the blocks an earlier run finished (``before_block``: weights, tensors changed by
+    transforms, results, transform records; the next block's inputs are then recomputed exactly
+    as the earlier run did) and saves each block this run finishes (``block_end``; rank 0)."""
+
+    def __init__(self, checkpoint: Checkpoint, ranks=None) -> None:
+        self.checkpoint = checkpoint
+        finished = checkpoint.finished_blocks()
+        if ranks is not None:  # rank 0's view of the work directory, before it writes to it
+            finished = ranks.gather(finished)[0]
+        self.finished = finished
+
+    def before_block(self, run: RunState, turn: BlockTurn) -> None:
+        if turn.index >= self.finished:
+            return
+        record = self.checkpoint.load_block(turn.index, turn.layers)
+        run.events("block_resumed", index=turn.index, layers=len(turn.layers))
+        block = turn.module
+        block.to(run.device)
+        current = block.state_dict()
+        with torch.no_grad():
+            for name, value in record.state.items():
+                if name in current and current[name].numel():
+                    owner, _, attr = name.rpartition(".")
+                    tensor = getattr(block.get_submodule(owner) if owner else block, attr)
+                    tensor.data = value.to(device=tensor.device, dtype=tensor.dtype)
+        for layer in turn.layers:
+            qw = record.qweights[layer.name]
+            set_weight(run.model.get_submodule(layer.name), qw.dequantize(torch.float32))
+            run.log.result(layer.name).update(record.layer_results[layer.name])
+            run.qweights[layer.name] = qw
+        for records, applied in zip(run.log.transforms, record.transform_records):
+            records.append(applied)
+        turn.restored = True
+
+    def block_end(self, run: RunState, turn: BlockTurn) -> None:
+        if turn.restored or not run.writer:
+            return
+        self.checkpoint.save_block(
+            turn.index, turn.module, run.qweights, turn.layers,
+            {layer.name: run.log.result(layer.name) for layer in turn.layers},
+            [records[-1] for records in run.log.transforms])
 
 
 def run_fingerprint(*, model_sha256: str, recipe: dict, calibration_sha256: str | None,

@@ -21,6 +21,7 @@ from mpq.checkpoint.writers import Writer, preflight, writer_for
 from mpq.config.plan import Plan, resolve
 from mpq.config.recipe import Recipe, load_recipe
 from mpq.engine.distributed import current as current_ranks
+from mpq.engine.distributed import check_supported as check_distributed_support
 from mpq.engine.distributed import rank_device
 from mpq.engine.streaming import build_streamed, streaming_blocker
 from mpq.errors import CalibrationError, ModelError, RecipeError, SchemeError, did_you_mean
@@ -98,7 +99,7 @@ class RunSpec:
                                    f"({', '.join(sorted(self.needs[first]))}) but no "
                                    "calibration data was given", hint="pass --calib FILE")
         if self.plan.transforms:
-            raise CalibrationError(f"transform '{self.plan.transforms[0]['type']}' needs "
+            raise CalibrationError(f"transform '{self.plan.transforms[0].type}' needs "
                                    "calibration data", hint="pass --calib FILE")
         if self.plan.kv_cache:
             raise CalibrationError("kv_cache quantization needs calibration data for its "
@@ -153,12 +154,12 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
                               hint=exc.hint) from None
     for index, spec in enumerate(plan.transforms):
         where = f"{recipe.source}: transforms[{index}]"
-        if spec["type"] not in TRANSFORMS:
+        if spec.type not in TRANSFORMS:
             known = list(TRANSFORMS)
-            raise RecipeError(f"{where}: unknown transform '{spec['type']}'",
-                              hint=did_you_mean(spec["type"], known) or f"known: {', '.join(known)}")
+            raise RecipeError(f"{where}: unknown transform '{spec.type}'",
+                              hint=did_you_mean(spec.type, known) or f"known: {', '.join(known)}")
         try:
-            TRANSFORMS.get(spec["type"]).check(spec["options"])
+            TRANSFORMS.get(spec.type).check(spec.options)
         except SchemeError as exc:
             raise RecipeError(f"{where}: {exc.message}", hint=exc.hint) from None
     if plan.transforms:  # the architecture must be known to the scale folds (ModelError if not)
@@ -169,7 +170,7 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
             rotation_specs(model, recipe.rotation)
         except SchemeError as exc:
             raise RecipeError(f"{recipe.source}: rotation: {exc.message}", hint=exc.hint) from None
-    if plan.kv_cache and not attention_modules(blocks_of(model, layout)[0]):
+    if plan.kv_cache and not attention_modules(model, blocks_of(model, layout)[0]):
         raise ModelError(f"{recipe.source}: kv_cache: no attention module with k_proj/v_proj "
                          f"and a KV cache argument found in {type(model).__name__}'s blocks",
                          hint="remove kv_cache: this architecture's cache is not supported yet")
@@ -193,6 +194,8 @@ def resolve_run(model_path: str | Path, recipe: str | Recipe,
     source_dir = check_model_dir(model_path)
     skeleton, weight_map = build_streamed(source_dir, options.dtype)
     layout, plan = plan_model(skeleton, recipe)
+    if ranks is not None:
+        check_distributed_support(plan)
     warnings = preflight(writer, plan, options.strict)
     needs = needed_stats(plan)
     not_streamed = "--no-stream"

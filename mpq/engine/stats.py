@@ -1,7 +1,7 @@
 """Calibration statistics that quantizers declare in ``needs``.
 
 A collector sees every input batch of one linear layer (shape [..., K]) through ``add`` and
-returns one tensor from ``result``.  The pipeline attaches collectors by name; it never knows
+returns one tensor from ``result``.  The engine attaches collectors by name; it never knows
 which algorithm asked for them.  In a multi-process run (mpq.engine.distributed) each process sees its
 share of the batches and ``reduce`` combines the shares on every process before ``result``.
 Sums are accumulated in float64 from each batch's float32 terms: exact (so the same whatever the

@@ -3,7 +3,7 @@
 The model is built as a meta skeleton (mpq.models.source.build_skeleton); only the tensors outside the
 decoder blocks (embeddings, final norm, head, buffers) are read up front.  Each block's tensors
 are read from the source safetensors shards (through ``model.safetensors.index.json`` when
-sharded) when the pipeline reaches it (:meth:`BlockStreamer.load`, finiteness checked then),
+sharded) when the engine reaches it (:meth:`BlockStreamer.load`, finiteness checked then),
 in the dtype ``load_model`` would give them; once the block is finished and saved in the resume
 work directory its parameters go back to the meta device (:meth:`BlockStreamer.release`).
 
@@ -36,8 +36,11 @@ from mpq.checkpoint.lazy import LazyTensors
 from mpq.checkpoint.state import ArtifactState, hf_config
 from mpq.models.source import build_skeleton, first_line, load_config, read_config, weight_files
 from mpq.config.plan import Plan
+from mpq.config.run_log import RunLog
 from mpq.numerics.base import QuantizedWeight
+from mpq.engine.lifecycle import BlockTurn, RunHook, RunState
 from mpq.engine.resume import Checkpoint
+from mpq.memory import release_free_memory
 
 INDEX_FILE = "model.safetensors.index.json"
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
@@ -103,10 +106,11 @@ def _split(name: str) -> tuple[str, str]:
     return owner, attr
 
 
-class BlockStreamer:
+class BlockStreamer(RunHook):
     """Reads a model's tensors from its source files: the ones outside the blocks up front
-    (:meth:`load_resident`), each block's when its turn comes (:meth:`load`), and sends a
-    finished block's parameters back to meta (:meth:`release`)."""
+    (:meth:`load_resident`), each block's when its turn comes (:meth:`load`, at the engine's
+    ``before_block``), and sends a finished block's parameters back to meta (:meth:`release`,
+    at ``block_end``, once the block is saved in the work directory)."""
 
     def __init__(self, source: Path, model: nn.Module, layout: ModelLayout,
                  weight_map: dict[str, Path]):
@@ -189,6 +193,16 @@ class BlockStreamer:
                                                                 device="meta"),
                                                     requires_grad=param.requires_grad)
         self.loaded_blocks.discard(index)
+
+    def before_block(self, run: RunState, turn: BlockTurn) -> None:
+        self.load(turn.index, turn.module)
+
+    def block_end(self, run: RunState, turn: BlockTurn) -> None:
+        """Drop the saved block's weights (back to meta) and its QuantizedWeights."""
+        for layer in turn.layers:
+            run.qweights.pop(layer.name, None)
+        self.release(turn.index, turn.module)
+        release_free_memory()
 
     def resident_bytes(self) -> int:
         """Bytes of the blocks' parameters that are not on meta (tests, diagnostics)."""
@@ -282,11 +296,12 @@ def streamed_dense(model: nn.Module, layout: ModelLayout, quantized: set[str],
     return dense
 
 
-def streamed_state(model: nn.Module, layout: ModelLayout, plan: Plan, checkpoint: Checkpoint,
+def streamed_state(model: nn.Module, layout: ModelLayout, plan: Plan, log: RunLog,
+                   checkpoint: Checkpoint,
                    in_memory: dict[str, QuantizedWeight], *, provenance: dict,
                    files: dict) -> ArtifactState:
     """The ArtifactState of a streamed run, read from the work directory on access."""
     qweights = CheckpointQWeights(plan, checkpoint, in_memory)
-    return ArtifactState(plan=plan, qweights=qweights,
+    return ArtifactState(plan=plan, log=log, qweights=qweights,
                          dense=streamed_dense(model, layout, set(qweights), checkpoint),
                          config=hf_config(model), provenance=provenance, files=files)

@@ -1,5 +1,8 @@
 """Where a block's attention keeps its KV cache, and a tap on the keys and values it caches.
 
+The place comes from the model family's record (``Family.attention``, mpq.models.families); a
+model type without a record falls back to :func:`discover_attention`.
+
 Keys are seen *after* the rotary embedding, where a cache stores them: each attention module's
 cache argument (``cache``; ``past_key_values`` before transformers 5.24) is replaced, for one
 forward, by a :class:`CacheTap` whose ``update(key, value, ...)`` (the call attention makes right
@@ -14,10 +17,39 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from mpq.errors import ModelError
+from mpq.models.families import family_of
 
-def attention_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(local name, module) of each attention module in ``block``: it has k_proj and v_proj
-    and its forward takes the cache argument."""
+
+def attention_modules(model_or_config, block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(block path, module) of each attention module of ``block`` whose KV cache can be tapped.
+
+    ``model_or_config`` (a ``PreTrainedModel`` or its config) picks the family record: its
+    ``attention`` part names the module, a record without one gives ``[]`` (not supported),
+    and a model type without a record falls back to :func:`discover_attention`.  Raises
+    ModelError when the record's module is missing or its forward takes no cache argument.
+    """
+    family = family_of(model_or_config)
+    if family is None:
+        return discover_attention(block)
+    if family.attention is None:
+        return []
+    path = family.attention.path
+    hint = f"fix the attention of family '{family.name}' in mpq.models.families"
+    try:
+        module = block.get_submodule(path)
+    except AttributeError:
+        raise ModelError(f"{type(block).__name__} has no attention module '{path}'",
+                         hint=hint) from None
+    if _cache_kwarg(module) is None:
+        raise ModelError(f"attention module '{path}' ({type(module).__name__}) takes no KV-cache "
+                         "argument", hint=hint)
+    return [(path, module)]
+
+
+def discover_attention(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Generic discovery for model types without a record: (local name, module) of each
+    module in ``block`` that has k_proj and v_proj and whose forward takes the cache argument."""
     found = []
     for name, module in block.named_modules():
         if hasattr(module, "k_proj") and hasattr(module, "v_proj") and _cache_kwarg(module):

@@ -1,9 +1,10 @@
 """Architecture facts as data, and the generic discovery that finds them.
 
-The pipeline needs three things from a causal LM: the list of decoder blocks, the quantizable
+The engine needs three things from a causal LM: the list of decoder blocks, the quantizable
 linear layers (``nn.Linear`` and GPT-2's transposed ``Conv1D``), and which layer is the output
-head.  Known model types map to the path of their block list; any other model falls back to the
-largest ``ModuleList`` of identical blocks, which is tested against the table.
+head.  A model type with a family record (mpq.models.families) gives the path of its block list;
+any other model falls back to the largest ``ModuleList`` of identical blocks, which is tested
+against the records.
 """
 from __future__ import annotations
 
@@ -15,22 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from mpq.errors import ModelError
 from mpq.config.plan import LayerInfo
-
-# model_type → dotted path of the decoder block list.
-BLOCK_PATHS: dict[str, str] = {
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "qwen2": "model.layers",
-    "qwen3": "model.layers",
-    "gemma": "model.layers",
-    "gemma2": "model.layers",
-    "phi3": "model.layers",
-    "opt": "model.decoder.layers",
-    "gpt2": "transformer.h",
-    "gpt_neox": "gpt_neox.layers",
-    "falcon": "transformer.h",
-    "bloom": "transformer.h",
-}
+from mpq.models.families import family_of
 
 LINEAR_CLASSES = (nn.Linear, Conv1D)
 
@@ -63,6 +49,17 @@ def set_weight(module: nn.Module, weight_out_in: torch.Tensor) -> None:
         module.weight.data = target.to(module.weight.dtype).contiguous()
 
 
+def untie_head(model: nn.Module) -> bool:
+    """Give an output head tied to the input embedding its own copy of the weight (and say so
+    in the config); False when it is not tied."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None or head.weight is not embed.weight:
+        return False
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    return True
+
+
 def discover_blocks_path(model: nn.Module) -> str:
     """The largest (by parameter count) ModuleList whose children all share one class."""
     best, best_params = None, 0
@@ -76,18 +73,21 @@ def discover_blocks_path(model: nn.Module) -> str:
             best, best_params = name, params
     if best is None:
         raise ModelError(f"cannot find the decoder blocks of {type(model).__name__}",
-                         hint="add its model_type → block path to mpq.models.layout.BLOCK_PATHS")
+                         hint="add a record of its family (block path) to mpq.models.families")
     return best
 
 
 def layout_of(model: nn.Module) -> ModelLayout:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    path = BLOCK_PATHS.get(model_type) or discover_blocks_path(model)
+    family = family_of(model)
+    path = family.blocks if family is not None else discover_blocks_path(model)
     try:
         blocks = model.get_submodule(path)
     except AttributeError:
         raise ModelError(f"{type(model).__name__}: no module at '{path}' (model_type "
-                         f"{model_type})", hint="fix mpq.models.layout.BLOCK_PATHS") from None
+                         f"{model_type})",
+                         hint=f"fix the blocks of family '{family.name}' in "
+                              "mpq.models.families") from None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_name = next((n for n, m in model.named_modules() if m is head), None) if head else None
     return ModelLayout(blocks_path=path, num_blocks=len(blocks), head_name=head_name)

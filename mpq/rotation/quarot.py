@@ -22,7 +22,9 @@ an exact Hadamard of the size is known (SmolLM2: 576 = 16·36, 64, 1536 = 128·1
 random orthogonal matrices (``r1: random`` asks for those).  Offline ones need no storing (the
 weights carry them); the online R4 must be rebuilt at load time, so it must be a Hadamard.
 All arithmetic is float64, then cast back to the model's dtype.
-Supported: Llama-like blocks with RMSNorm (llama, mistral, qwen2, qwen3, gemma).
+Supported: families whose record (mpq.models.families) has a ``rotation`` part, which names the
+norms and the linears they feed, the residual writers and the final norm; R2 uses the record's
+attention v/o projections and R4 its ``mlp_down``.
 """
 from __future__ import annotations
 
@@ -31,16 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpq.models.layout import ModelLayout, blocks_of
+from mpq.models.families import FAMILIES, family_of
+from mpq.models.family import Family
+from mpq.models.layout import ModelLayout, blocks_of, untie_head
 from mpq.errors import ModelError, SchemeError
 from mpq.config.rotation import QuaRotArgs
 from mpq.rotation.hadamard import RotationSpec, orthogonal_for
-
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma")
-PLUS_ONE_NORMS = ("gemma",)
-READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-           "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
-WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 
 
 def _config_int(config, *names: str) -> int | None:
@@ -55,11 +53,22 @@ def head_dim_of(config) -> int:
     return _config_int(config, "head_dim") or config.hidden_size // config.num_attention_heads
 
 
-def check_supported(model: nn.Module) -> None:
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in SUPPORTED:
+def check_supported(model: nn.Module) -> Family:
+    """The model's family record; ModelError unless it declares rotation support."""
+    family = family_of(model)
+    if family is None or family.rotation is None:
+        model_type = getattr(model.config, "model_type", None)
+        supported = [t for t, f in FAMILIES.model_types().items() if f.rotation is not None]
         raise ModelError(f"QuaRot rotation does not support model type '{model_type}'",
-                         hint=f"supported: {', '.join(SUPPORTED)}; remove rotation:")
+                         hint=f"supported: {', '.join(supported)}; remove rotation:")
+    return family
+
+
+def online_site(model: nn.Module) -> str | None:
+    """The block path whose input R4 rotates online (the family's ``mlp_down``), or None when
+    the model's family does not support rotation."""
+    family = family_of(model)
+    return family.mlp_down if family is not None and family.rotation is not None else None
 
 
 def rotation_specs(model: nn.Module, args: QuaRotArgs) -> dict[str, RotationSpec]:
@@ -94,71 +103,65 @@ def _fuse_norm(norm: nn.Module, linears: list[nn.Linear], plus_one: bool) -> Non
     _set(norm.weight, torch.zeros_like(scale) if plus_one else torch.ones_like(scale))
 
 
-def untie_head(model: nn.Module) -> bool:
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is None or head.weight is not embed.weight:
-        return False
-    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    model.config.tie_word_embeddings = False
-    return True
-
-
 @torch.no_grad()
 def apply_quarot(model: nn.Module, layout: ModelLayout, args: QuaRotArgs) -> dict[str, Any]:
-    """Rotate ``model`` in place (see the module docstring); return the record for the plan.
+    """Rotate ``model`` in place (see the module docstring); return what was applied for the run
+    log (mpq.config.run_log.RunLog.rotation: untied_head, rotations, online).
     R4's online hooks are installed on the down_proj modules (:func:`install_online`)."""
-    check_supported(model)
+    family = check_supported(model)
+    sites, attention = family.rotation, family.attention
     specs = rotation_specs(model, args)
-    plus_one = model.config.model_type in PLUS_ONE_NORMS
+    plus_one = family.plus_one_norm
     untied = untie_head(model)
     q1 = specs["r1"].matrix(torch.float64)
     embed = model.get_input_embeddings()
     _set(embed.weight, embed.weight.detach().double() @ q1)
     head = model.get_output_embeddings()
     for block in blocks_of(model, layout):
-        for norm_name, readers in READERS.items():
+        for norm_name, readers in sites.readers:
             linears = [_linear(block, name) for name in readers]
             _fuse_norm(block.get_submodule(norm_name), linears, plus_one)
             for linear in linears:
                 _set(linear.weight, linear.weight.detach().double() @ q1)
-        for name in WRITERS:
+        for name in sites.writers:
             linear = _linear(block, name)
             _set(linear.weight, q1.T @ linear.weight.detach().double())
             if linear.bias is not None:
                 _set(linear.bias, linear.bias.detach().double() @ q1)
         if "r2" in specs:
-            _rotate_heads(block, specs["r2"], model.config)
+            _rotate_heads(_linear(block, attention.v_proj), _linear(block, attention.o_proj),
+                          specs["r2"])
         if "r4" in specs:
-            down = _linear(block, "mlp.down_proj")
+            down = _linear(block, family.mlp_down)
             _set(down.weight, down.weight.detach().double() @ specs["r4"].matrix(torch.float64))
-    final_norm = model.get_submodule(layout.blocks_path.rsplit(".", 1)[0] + ".norm")
-    _fuse_norm(final_norm, [head], plus_one)
+    _fuse_norm(model.get_submodule(sites.final_norm), [head], plus_one)
     _set(head.weight, head.weight.detach().double() @ q1)
     if "r4" in specs:
         install_online(model, layout, specs["r4"])
-    return {**args.to_dict(), "untied_head": untied,
+    return {"untied_head": untied,
             "rotations": {name: spec.to_dict() for name, spec in specs.items()},
-            "online": {"mlp.down_proj": "r4"} if "r4" in specs else {}}
+            "online": {family.mlp_down: "r4"} if "r4" in specs else {}}
 
 
-def _rotate_heads(block: nn.Module, spec: RotationSpec, config) -> None:
+def _rotate_heads(v: nn.Linear, o: nn.Linear, spec: RotationSpec) -> None:
     q = spec.matrix(torch.float64)
     hd = spec.n
-    v = _linear(block, "self_attn.v_proj")
     w = v.weight.detach().double()  # [kv_heads·hd, hidden]
     _set(v.weight, torch.einsum("ji,hjk->hik", q, w.reshape(-1, hd, w.shape[1]))
          .reshape(w.shape))
     if v.bias is not None:
         _set(v.bias, (v.bias.detach().double().reshape(-1, hd) @ q).reshape(-1))
-    o = _linear(block, "self_attn.o_proj")
     w = o.weight.detach().double()  # [hidden, heads·hd]
     _set(o.weight, (w.reshape(w.shape[0], -1, hd) @ q).reshape(w.shape))
 
 
 def install_online(model: nn.Module, layout: ModelLayout, spec: RotationSpec) -> list:
-    """x → x·Q on every down_proj input, before any other pre-hook (input quantization)."""
+    """x → x·Q on every input of the family's ``mlp_down`` (down_proj), before any other
+    pre-hook (input quantization)."""
+    site = check_supported(model).mlp_down
+
     def hook(module, args):
         return (spec.apply(args[0]), *args[1:])
 
-    return [_linear(block, "mlp.down_proj").register_forward_pre_hook(hook, prepend=True)
+    return [_linear(block, site).register_forward_pre_hook(hook, prepend=True)
             for block in blocks_of(model, layout)]

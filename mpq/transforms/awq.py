@@ -14,8 +14,9 @@ linear's input, the per-channel mean |x| and the second moments H = (2/T)·Σ x 
    Note: the reference scores the output of the module enclosing the group (e.g. the whole
    attention); here the group's own outputs are scored, exactly and over every token.
 2. **Clip search** (``clip``), for each quantized linear whose number format allows it
-   (``awq_clip``: int, nf4) with channel or group scales, except q_proj/k_proj (as in the
-   reference: their error acts through the attention scores):
+   (``awq_clip``: int, nf4) with channel or group scales, except the attention's q/k
+   projections (the family record's ``q_proj``/``k_proj``; as in the reference: their error
+   acts through the attention scores):
    each scale group's weight range is shrunk by the factor in 1, 0.95, …, 0.55 that minimises
    that group's share of the output error, d_g H_gg d_gᵀ (d = W − Q(clamped W)); the weights are
    clamped to the chosen range, so every quantizer that runs afterwards (RTN, GPTQ) sees them.
@@ -30,17 +31,17 @@ from typing import Any, Mapping
 
 import torch
 from mpq.models.layout import set_weight, weight_of
-from mpq.engine.collect import collecting, input_groups, results, run_block
 from mpq.errors import SchemeError, did_you_mean
 from mpq.quantizers.rtn import rtn_dequant
-from mpq.transforms.scale_fold import ScaleGroup, fold_scales, scale_groups
+from mpq.models.families import family_of
+from mpq.models.family import ScaleGroup
+from mpq.transforms.scale_fold import fold_scales, scale_groups
 from mpq.numerics.args import WeightArgs
 from mpq.numerics.base import NUMBER_FORMATS
 from mpq.transforms.base import TRANSFORMS, BlockContext
 
 DEFAULTS = {"grid": 20, "duo_scaling": True, "clip": True}
 CLIP_FACTORS = tuple(1 - i / 20 for i in range(10))  # 1.0 … 0.55
-NO_CLIP_SUFFIXES = ("q_proj", "k_proj")
 TINY = 1e-8
 
 
@@ -121,9 +122,18 @@ def clip_ranges(w: torch.Tensor, args: WeightArgs, h: torch.Tensor) -> tuple[tor
     return out, float(best_f.mean())
 
 
-def _clippable(name: str, args: WeightArgs) -> bool:
+def _clippable(name: str, args: WeightArgs, no_clip: set[str]) -> bool:
     return (NUMBER_FORMATS.get(args.format).awq_clip and args.granularity in ("channel", "group")
-            and not name.endswith(NO_CLIP_SUFFIXES))
+            and name not in no_clip)
+
+
+def _score_projections(ctx: BlockContext) -> set[str]:
+    """Full names of the block's attention q/k projections (never clipped)."""
+    family = family_of(ctx.model)
+    attention = family.attention if family is not None else None
+    if attention is None:
+        return set()
+    return {ctx.prefix + attention.q_proj, ctx.prefix + attention.k_proj}
 
 
 class AWQ:
@@ -156,9 +166,10 @@ class AWQ:
                 record["groups"].append(self._scale_group(ctx, group, names, layers, stats,
                                                           opts))
         if opts["clip"]:
+            no_clip = _score_projections(ctx)
             for name, layer in layers.items():
                 args = layer.scheme.weights
-                if not _clippable(name, args):
+                if not _clippable(name, args, no_clip):
                     continue
                 module = ctx.block.get_submodule(name[len(ctx.prefix):])
                 h = stats[name]["hessian"] / stats[name]["scale_outer"]
@@ -170,12 +181,9 @@ class AWQ:
     def _collect(self, ctx: BlockContext, layers) -> dict[str, dict[str, torch.Tensor]]:
         """Per quantized linear: input_absmean and hessian of its input (shared by layers that
         read the same input), plus 'scale_outer', s sᵀ of the scales folded into it so far."""
-        local = {name[len(ctx.prefix):]: name for name in layers}
-        groups = input_groups(ctx.block, local, ctx.inputs[0])
+        groups = ctx.input_groups(list(layers))
         wanted = {name: frozenset({"input_absmean", "hessian"}) for name in layers}
-        with collecting(ctx.block, ctx.prefix, wanted, groups) as collectors:
-            run_block(ctx.block, ctx.inputs, keep_outputs=False)
-        stats = results(collectors)
+        stats = ctx.collect(wanted, groups)
         for per_layer in stats.values():
             per_layer["scale_outer"] = torch.ones(())
         return stats

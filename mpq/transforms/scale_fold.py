@@ -1,12 +1,14 @@
-"""Per-input-channel scale folding (SmoothQuant, AWQ): architecture data and the fold itself.
+"""Per-input-channel scale folding (SmoothQuant, AWQ): which of a family's scale groups hold for
+one block, and the fold itself.
 
-A *scale group* is a set of linear layers that read the same input ``x`` together with the op
+A *scale group* (:class:`mpq.models.family.ScaleGroup`, listed by each family record in
+mpq.models.families) is a set of linear layers that read the same input ``x`` together with the op
 ``prev`` that produces ``x``.  Given a positive scale vector ``s`` of length K (the linears' input
 size), folding divides ``prev``'s output channels by ``s`` and multiplies each linear's weight
 columns by ``s`` (``W[:, j] *= s[j]``), so ``W (x / s) * s == W x`` and the float model's output is
 unchanged; only the distribution the quantizer sees moves.
 
-Paths in a :class:`ScaleGroup` are relative to one decoder block (see ``mpq.models.layout.BLOCK_PATHS``).
+Paths in a :class:`ScaleGroup` are relative to one decoder block (the family's ``blocks``).
 ``prev_kind`` says how ``prev``'s output is divided by ``s``:
 
 * ``"rmsnorm"``           ``y = norm(x) * w``          → ``w /= s``
@@ -17,69 +19,21 @@ Paths in a :class:`ScaleGroup` are relative to one decoder block (see ``mpq.mode
                                                        → ``W[rows] /= s[:, None]; b /= s``
 
 :func:`scale_groups` picks the groups that are exact for one block instance (it drops v→o under
-grouped-query attention and the norm groups of post-LN OPT); :func:`fold_scales` applies one.
+grouped-query attention, and groups whose ``requires`` fail, e.g. the norm groups of post-LN
+OPT); :func:`fold_scales` applies one.
 Parameters get new memory (``param.data = ...``); the old storage, which may be pages of a
 read-only memory-mapped checkpoint, is never written to.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from mpq.errors import ModelError, SchemeError
+from mpq.models.families import family_of
+from mpq.models.family import ScaleGroup
 
-PREV_KINDS = ("rmsnorm", "rmsnorm_plus_one", "layernorm", "linear")
-
-
-@dataclass(frozen=True)
-class ScaleGroup:
-    """``prev`` (a dotted path in a block) produces the input of every path in ``linears``."""
-
-    prev: str
-    linears: tuple[str, ...]
-    prev_kind: str
-
-    def __post_init__(self):
-        if self.prev_kind not in PREV_KINDS:
-            raise ValueError(f"prev_kind {self.prev_kind!r} is not one of {PREV_KINDS}")
-
-    def __str__(self) -> str:
-        return f"{self.prev} → {', '.join(self.linears)}"
-
-
-def _llama_like(norm_kind: str) -> tuple[ScaleGroup, ...]:
-    return (
-        ScaleGroup("input_layernorm",
-                   ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), norm_kind),
-        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "linear"),
-        ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), norm_kind),
-        # down_proj reads act(gate_proj(x)) * up_proj(x): linear in up_proj's output.
-        ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "linear"),
-    )
-
-
-# model_type → the scale groups of one decoder block (before per-instance filtering).
-SCALE_GROUPS: dict[str, tuple[ScaleGroup, ...]] = {
-    "llama": _llama_like("rmsnorm"),
-    "mistral": _llama_like("rmsnorm"),
-    "qwen2": _llama_like("rmsnorm"),
-    # Qwen3's q_norm/k_norm act on q/k_proj outputs, so the input side is Llama's.
-    "qwen3": _llama_like("rmsnorm"),
-    "gemma": _llama_like("rmsnorm_plus_one"),
-    "opt": (
-        ScaleGroup("self_attn_layer_norm",
-                   ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "layernorm"),
-        ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",), "linear"),
-        ScaleGroup("final_layer_norm", ("fc1",), "layernorm"),
-        # fc2 reads relu(fc1(x)); relu(x / s) == relu(x) / s for s > 0.
-        ScaleGroup("fc1", ("fc2",), "linear"),
-    ),
-}
-
-# Activations f with f(x / s) == f(x) / s for s > 0 (needed for OPT's fc1 → fc2).
-_POSITIVE_HOMOGENEOUS = {"relu"}
+_FIX_HINT = "fix the family's scale groups in mpq.models.families"
 
 
 def _config_of(model_or_config):
@@ -91,15 +45,14 @@ def _module(block: nn.Module, path: str, group: ScaleGroup) -> nn.Module:
         return block.get_submodule(path)
     except AttributeError:
         raise ModelError(f"scale group '{group}': block {type(block).__name__} has no "
-                         f"module '{path}'",
-                         hint="fix its entry in mpq.transforms.scale_fold.SCALE_GROUPS") from None
+                         f"module '{path}'", hint=_FIX_HINT) from None
 
 
 def _in_features(block: nn.Module, group: ScaleGroup) -> int:
     sizes = {_module(block, path, group).weight.shape[1] for path in group.linears}
     if len(sizes) != 1:
         raise ModelError(f"scale group '{group}': the linears have different input sizes "
-                         f"{sorted(sizes)}", hint="fix its entry in mpq.transforms.scale_fold.SCALE_GROUPS")
+                         f"{sorted(sizes)}", hint=_FIX_HINT)
     return sizes.pop()
 
 
@@ -116,28 +69,25 @@ def _prev_size(prev: nn.Module, kind: str) -> int | None:
 
 
 def scale_groups(model_or_config, block: nn.Module) -> list[ScaleGroup]:
-    """The scale groups of ``SCALE_GROUPS[model_type]`` whose fold is exact for ``block``.
+    """The scale groups of the model's family record whose fold is exact for ``block``.
 
-    ``model_or_config`` is a ``PreTrainedModel`` or its config.  Dropped: a group whose ``prev``
-    output size differs from the linears' input size (v_proj → o_proj under grouped-query
-    attention, where several query heads read the same v channel), a norm group without an
-    affine weight, OPT's norm groups when ``do_layer_norm_before`` is False (post-LN: the norm's
-    output is not the linears' input) and OPT's fc1 → fc2 through a non-ReLU activation.
-    Raises ModelError for a model_type without an entry.
+    ``model_or_config`` is a ``PreTrainedModel`` or its config.  Dropped: a group whose
+    ``requires`` do not hold for the config (OPT's norm groups when post-LN, its fc1 → fc2
+    through a non-ReLU activation), a group whose ``prev`` output size differs from the linears'
+    input size (v_proj → o_proj under grouped-query attention, where several query heads read
+    the same v channel) and a norm group without an affine weight.
+    Raises ModelError for a model_type whose family records no scale groups (or no family).
     """
     config = _config_of(model_or_config)
     model_type = getattr(config, "model_type", None)
-    if model_type not in SCALE_GROUPS:
+    family = family_of(config)
+    if family is None or not family.scale_groups:
         raise ModelError(f"no scale-folding data for model_type '{model_type}'",
-                         hint="add its groups to mpq.transforms.scale_fold.SCALE_GROUPS")
+                         hint="add its scale groups to its family record in mpq.models.families")
     kept = []
-    for group in SCALE_GROUPS[model_type]:
-        if model_type == "opt":
-            if group.prev_kind != "linear" and not getattr(config, "do_layer_norm_before", True):
-                continue
-            if group.prev == "fc1" and (getattr(config, "activation_function", "relu")
-                                        not in _POSITIVE_HOMOGENEOUS):
-                continue
+    for group in family.scale_groups:
+        if not all(condition.holds(config) for condition in group.requires):
+            continue
         size = _prev_size(_module(block, group.prev, group), group.prev_kind)
         if size is not None and size == _in_features(block, group):
             kept.append(group)

@@ -23,7 +23,6 @@ import torch
 
 from mpq.numerics.activations import fake_quantize, static_scale
 from mpq.models.layout import weight_of
-from mpq.engine.collect import collecting, results, run_block
 from mpq.errors import SchemeError, did_you_mean
 from mpq.quantizers.rtn import rtn_dequant
 from mpq.transforms.scale_fold import fold_scales, group_weight_absmax, scale_groups
@@ -73,9 +72,7 @@ class SmoothQuant:
         stats = {"input_absmax", "input_sample"} if search else {"input_absmax"}
         wanted = {ctx.prefix + g.linears[0]: frozenset(stats) for g in groups}
         members = [[ctx.prefix + name for name in g.linears] for g in groups]
-        with collecting(ctx.block, ctx.prefix, wanted, members) as collectors:
-            run_block(ctx.block, ctx.inputs, keep_outputs=False)
-        collected = results(collectors)
+        collected = ctx.collect(wanted, members)
         for group in groups:
             got = collected[ctx.prefix + group.linears[0]]
             w_max = group_weight_absmax(ctx.block, group)
@@ -112,7 +109,7 @@ def best_alpha(ctx: BlockContext, group, x: torch.Tensor, x_max: torch.Tensor,
                 xq = xs
             elif acts.dynamic:
                 xq = fake_quantize(xs, acts)
-            else:  # the static scale the pipeline would calibrate after this smoothing
+            else:  # the static scale the engine would calibrate after this smoothing
                 xq = fake_quantize(xs, acts, static_scale(x_max / s, acts))
             err += float((xq @ ws.t() - reference).square().sum())
         if best_err is None or err < best_err:

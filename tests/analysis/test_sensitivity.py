@@ -13,7 +13,7 @@ from mpq.errors import RecipeError
 from mpq.analysis.mixed_precision import build_recipe, choose, parse_size, solve_mckp
 from mpq.config.recipe import load_recipe, parse_recipe
 from mpq.analysis.candidates import load_candidates
-from mpq.analysis.sensitivity import (BlockReplay, SensitivityTable, build_table, measure_damage,
+from mpq.analysis.sensitivity import (ExactKL, SensitivityTable, build_table, measure_damage,
                              rtn_error, spearman, target_layers)
 from tests.helpers import WORDS, run_cli
 from tests.tiny_models import save_tiny_model, tiny_model
@@ -73,7 +73,7 @@ def test_replayed_blocks_give_the_same_kl_as_a_full_forward():
     weight = module.weight.detach().clone()
     scheme = load_recipe("w3a16").rules[0].scheme
     quantized = weight + rtn_error(weight, scheme)
-    replay = BlockReplay(model, samples)
+    replay = ExactKL(model, samples)
     fast = replay.kl(1, {module: quantized})
     assert replay.kl(1) == pytest.approx(0.0, abs=1e-9)
     with torch.no_grad():
@@ -141,7 +141,7 @@ def _toy_table(model):
     for layer in layers:
         d3 = rng.random()
         damage[layer.name] = {"w3a16": d3, "w4a16": d3 / 4, "w8a16": d3 / 300}
-    return build_table("toy", model, layers, damage, measure="fisher",
+    return build_table("toy", layers, damage, measure="fisher",
                        candidates=["w8a16", "w4a16", "w3a16"])
 
 

@@ -169,7 +169,7 @@ def test_layer_formats_are_the_ones_compressed_tensors_infers(tmp_path):
 
 def test_inexpressible_layers_are_refused_before_quantizing(tmp_path, monkeypatch):
     save_tiny_model("llama", tmp_path / "src")
-    monkeypatch.setattr("mpq.quantize.run_pipeline",
+    monkeypatch.setattr("mpq.quantize.run_blocks",
                         lambda *a, **k: pytest.fail("quantized before the format check"))
     with pytest.raises(FormatError, match="nf4 weights"):
         quantize(tmp_path / "src", "nf4", tmp_path / "out", RunOptions(output_format="compressed-tensors"))

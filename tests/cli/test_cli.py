@@ -108,7 +108,8 @@ def test_quantize_gptq_with_calibration_options(runner, artifact, tmp_path):
 
     artifact_out = open_artifact(tmp_path / "g")
     assert artifact_out.json_field("pipeline") == {"true_sequential": True, "batch_tokens": 64}
-    assert all("gptq_loss" in layer.result for layer in artifact_out.plan.quantized())
+    assert all("gptq_loss" in artifact_out.log.result(layer.name)
+               for layer in artifact_out.plan.quantized())
     bad = invoke(runner, "quantize", artifact / "src", "--recipe", "w4a16-gptq", "-o",
                  tmp_path / "h", "--calib", calib, "--calib-batch-tokens", 0)
     assert bad.exit_code == 2 and not (tmp_path / "h").exists()

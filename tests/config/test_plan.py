@@ -8,6 +8,7 @@ import pytest
 
 from mpq.errors import ArtifactError, RecipeError
 from mpq.config.plan import LayerInfo, LayerPlan, Plan, resolve
+from mpq.config.run_log import RunLog, plan_record, read_plan_record
 from mpq.config.recipe import Recipe, list_presets, load_recipe, parse_recipe
 from mpq.numerics.args import WeightArgs
 
@@ -116,9 +117,10 @@ def test_plan_round_trips_through_json():
              weights: {format: nf4, double_quant: true}}
         precision_policy: {kv_cache: fp8_e4m3}
     """), llama_layers(), OTHER)
-    plan.get("model.layers.0.mlp.down_proj").result["error"] = 0.125
-    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
-    assert again == plan
+    log = RunLog.for_plan(plan)
+    log.result("model.layers.0.mlp.down_proj")["error"] = 0.125
+    again, again_log = read_plan_record(json.loads(json.dumps(plan_record(plan, log))))
+    assert again == plan and again_log == log
     assert again.precision_policy["kv_cache"] == "fp8_e4m3"
     assert isinstance(again.layers[0].shape, tuple)
 
@@ -180,4 +182,4 @@ def test_group_size_not_dividing_k_suggests_one():
 
 def test_layer_plan_defaults():
     plan = LayerPlan("a", "Linear", (4, 4), None, None, None, "no rule matched")
-    assert plan.result == {} and plan.to_dict()["scheme"] is None
+    assert plan.to_dict()["scheme"] is None

@@ -132,8 +132,7 @@ def test_true_sequential_feeds_o_proj_with_quantized_predecessors(tmp_path, monk
     handle = source.model.layers[0].self_attn.o_proj.register_forward_pre_hook(
         lambda m, a: float_max.append(a[0].abs().amax(dim=(0, 1))))
     with torch.no_grad():
-        for ids in build_calibration_set(str(text), byte_tokenizer(), num_samples=2,
-                                         seq_len=32).samples:
+        for ids in build_calibration_set(CalibrationOptions(source=str(text), num_samples=2, seq_len=32), byte_tokenizer()).samples:
             source(ids)
     handle.remove()
     float_absmax = torch.stack(float_max).amax(dim=0)

@@ -12,6 +12,7 @@ import torch
 
 from mpq.engine.distributed import Ranks, check_supported, rank_device
 from mpq.errors import CalibrationError, ModelError, RecipeError
+from mpq.config.kv_cache import KVCacheArgs
 from mpq.config.plan import Plan
 from mpq.engine.resume import work_dir_for
 from tests.helpers import folder_bytes, save_sharded_model
@@ -58,6 +59,7 @@ def _torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
 def test_two_processes_write_the_single_process_artifact(setup, tmp_path, stream):
     single = subprocess.run([str(MPQ), *_quantize_args(setup, tmp_path / "one", stream)],
@@ -70,6 +72,7 @@ def test_two_processes_write_the_single_process_artifact(setup, tmp_path, stream
     assert run.stdout.count("wrote ") == 1  # only rank 0 reports
 
 
+@pytest.mark.slow
 def test_transforms_are_refused_across_processes(setup, tmp_path):
     recipe = setup / "awq.yaml"
     recipe.write_text(RECIPE.replace("defaults:", "transforms:\n  - {type: awq, grid: 4}\n"
@@ -98,7 +101,7 @@ def test_share_splits_in_order_and_refuses_too_few_batches():
 
 
 def test_check_supported_names_the_kv_cache():
-    plan = Plan(recipe_name="r", layers=[], precision_policy={}, kv_cache={"format": "fp8_e4m3"})
+    plan = Plan(recipe_name="r", layers=(), precision_policy={}, kv_cache=KVCacheArgs())
     with pytest.raises(RecipeError, match="kv_cache"):
         check_supported(plan)
 

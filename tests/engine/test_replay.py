@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from mpq.engine.collect import run_block
-from mpq.engine.runner import capture_block_inputs, run_pipeline
-from mpq.engine.spec import plan_model
+from mpq.engine.runner import capture_block_inputs
 from mpq.config.recipe import parse_recipe
 from mpq.engine.replay import OUTPUT, TAIL, BlockReplay
+from tests.helpers import run_engine
 from tests.tiny_models import ARCHITECTURES, tiny_model
 
 GPTQ_RECIPE = ("mpq_recipe: 1\ndefaults:\n  algorithm: gptq\n  options: {block_size: 16}\n"
@@ -22,9 +22,8 @@ def _samples(n=3, seq=24):
 
 def _quantized(arch: str, reuse: bool):
     model = tiny_model(arch)
-    layout, plan = plan_model(model, parse_recipe(GPTQ_RECIPE, "gptq.yaml"))
-    qweights = run_pipeline(model, layout, plan, _samples(), reuse=reuse)
-    return model, qweights
+    run = run_engine(model, parse_recipe(GPTQ_RECIPE, "gptq.yaml"), _samples(), reuse=reuse)
+    return model, run.qweights
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -100,6 +99,7 @@ def test_batch_samples_groups_equal_lengths_in_order():
 def test_batched_calibration_gives_the_same_statistics(arch, monkeypatch):
     """Batches change only float rounding: every layer's Hessian matches one-at-a-time runs
     (weights are RTN-quantized, so both runs propagate the same quantized blocks)."""
+    from mpq.numerics.base import NUMBER_FORMATS
     from mpq.quantizers import base
 
     seen: dict[int, list] = {1: [], 4096: []}
@@ -112,7 +112,7 @@ def test_batched_calibration_gives_the_same_statistics(arch, monkeypatch):
 
         def quantize(self, weight, scheme, stats):
             seen[current[0]].append(stats["hessian"].clone())
-            return base.NUMBER_FORMATS.get("int").quantize(weight, scheme.weights)
+            return NUMBER_FORMATS.get("int").quantize(weight, scheme.weights)
 
     monkeypatch.setitem(base.QUANTIZERS._entries, "recording-hessian", RecordingHessian())
     recipe = parse_recipe(GPTQ_RECIPE.replace("algorithm: gptq\n  options: {block_size: 16}",
@@ -120,9 +120,7 @@ def test_batched_calibration_gives_the_same_statistics(arch, monkeypatch):
     current = [0]
     for batch_tokens in (1, 4096):
         current[0] = batch_tokens
-        model = tiny_model(arch)
-        layout, plan = plan_model(model, recipe)
-        run_pipeline(model, layout, plan, _samples(n=4), batch_tokens=batch_tokens)
+        run_engine(tiny_model(arch), recipe, _samples(n=4), batch_tokens=batch_tokens)
     assert len(seen[1]) == len(seen[4096]) > 4
     for one, batched in zip(seen[1], seen[4096]):
         torch.testing.assert_close(batched, one, rtol=1e-4, atol=1e-5)
@@ -146,9 +144,9 @@ def test_dropping_dequantized_weights_changes_no_result(arch):
     results, models = {}, {}
     for keep in (True, False):
         model = tiny_model(arch)
-        layout, plan = plan_model(model, parse_recipe(GPTQ_RECIPE, "gptq.yaml"))
-        results[keep] = run_pipeline(model, layout, plan, _samples(), keep_dequantized=keep)
-        models[keep] = model
+        run = run_engine(model, parse_recipe(GPTQ_RECIPE, "gptq.yaml"), _samples(),
+                         keep_dequantized=keep)
+        results[keep], models[keep] = run.qweights, model
     for name, qw in results[True].items():
         assert torch.equal(qw.codes, results[False][name].codes), name
         kept = models[True].get_submodule(name).weight

@@ -128,6 +128,7 @@ def _run_until_block(command, env, block: int, sig: int) -> subprocess.Popen:
     return process
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 def test_killed_process_resumes_to_identical_artifact(sig, tmp_path, cli_case):
     src, calib, recipe_file, env, whole = cli_case

@@ -96,7 +96,7 @@ def test_stats_pipeline_feeds_quantizer_with_block_inputs(tmp_path, monkeypatch)
         lambda m, args: captured.append(args[0].abs().amax(dim=(0, 1))))
     calib = byte_tokenizer()
     from mpq.calibration import build_calibration_set
-    samples = build_calibration_set(str(text), calib, num_samples=4, seq_len=32).samples
+    samples = build_calibration_set(CalibrationOptions(source=str(text), num_samples=4, seq_len=32), calib).samples
     with torch.no_grad():
         for ids in samples:
             source(ids)

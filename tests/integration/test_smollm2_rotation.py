@@ -19,7 +19,7 @@ def test_rotated_float_smollm2_keeps_its_perplexity(smollm2_dir, corpora, tmp_pa
     recipe = parse_recipe("mpq_recipe: 1\nname: rotate-only\nrotation: {type: quarot}\n"
                           "rules:\n  - {targets: [Linear], skip: true}\n", "rotate-only")
     result = quantize(smollm2_dir, recipe, tmp_path / "rotated")
-    record = result.plan.rotation
+    record = result.log.rotation
     assert record["rotations"]["r1"]["construction"] == "kron(sylvester(16), paley2(17))"
     assert record["rotations"]["r4"]["construction"] == "kron(sylvester(128), paley1(11))"
     ids = load_eval_ids(corpora / "enwiki_excerpt.test.txt",

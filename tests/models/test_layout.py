@@ -1,16 +1,18 @@
-"""Architecture facts: the table agrees with generic discovery; layer shapes are [out, in]."""
+"""Architecture facts: the family records agree with generic discovery; layer shapes are
+[out, in]."""
 from __future__ import annotations
 
 import pytest
 
-from mpq.models.layout import BLOCK_PATHS, describe_layers, discover_blocks_path, layout_of, weight_of
+from mpq.models.families import family_of
+from mpq.models.layout import describe_layers, discover_blocks_path, layout_of, weight_of
 from tests.tiny_models import ARCHITECTURES, tiny_model
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_discovery_agrees_with_the_table(arch):
+def test_discovery_agrees_with_the_records(arch):
     model = tiny_model(arch)
-    assert discover_blocks_path(model) == BLOCK_PATHS[model.config.model_type]
+    assert discover_blocks_path(model) == family_of(model).blocks
     layout = layout_of(model)
     assert layout.num_blocks == 2
 

@@ -169,7 +169,7 @@ def test_matches_compressed_tensors_reference():
                                   group_size=16)
             v = w.reshape(6, 4, 16)
             s, z = calculate_qparams(v.amin(-1), v.amax(-1), qa)
-            q = quantize(w, s, z, dtype=torch.int8)
+            q = quantize(w, s, z, qa, dtype=torch.int8)
             qw = GRID.quantize(w, WeightArgs(bits=bits, symmetric=sym, group_size=16))
             assert torch.equal(s, qw.scale)
             assert torch.equal(q.to(torch.int32) + 2 ** (bits - 1), qw.codes.to(torch.int32))

@@ -20,7 +20,7 @@ def _recipe(algorithm: str) -> str:
             "  - targets: [Linear, Conv1D]\n    weights: {bits: 3, group_size: 32}\n")
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen2", "granite"])
 def test_gptq_beats_rtn_on_calibration_logits(arch, tmp_path, calib_text):
     source = save_tiny_model(arch, tmp_path / "src")
     calibration = CalibrationOptions(source=str(calib_text), num_samples=8, seq_len=64)
@@ -29,14 +29,13 @@ def test_gptq_beats_rtn_on_calibration_logits(arch, tmp_path, calib_text):
         recipe = parse_recipe(_recipe(algorithm), f"{algorithm}.yaml")
         result = quantize(tmp_path / "src", recipe, tmp_path / algorithm, RunOptions(calibration=calibration))
         model = mpq.load(tmp_path / algorithm)
-        samples = build_calibration_set(str(calib_text), byte_tokenizer(), num_samples=8,
-                                        seq_len=64).samples
+        samples = build_calibration_set(CalibrationOptions(source=str(calib_text), num_samples=8, seq_len=64), byte_tokenizer()).samples
         with torch.no_grad():
             errors[algorithm] = sum(float((model(s).logits - source(s).logits).pow(2).mean())
                                     for s in samples)
         if algorithm == "gptq":
-            layer = result.plan.quantized()[0]
-            assert layer.result["gptq_loss"] >= 0 and layer.result["damp"] == pytest.approx(0.01)
+            first = result.log.result(result.plan.quantized()[0].name)
+            assert first["gptq_loss"] >= 0 and first["damp"] == pytest.approx(0.01)
     assert errors["gptq"] < 0.8 * errors["rtn"]
 
 
@@ -47,7 +46,8 @@ def test_gptq_records_loss_and_damping_in_the_artifact(tmp_path, calib_text):
 
     artifact = open_artifact(tmp_path / "out")
     for layer in artifact.plan.quantized():
-        assert {"gptq_loss", "damp", "damp_retries", "act_order", "rel_mse"} <= set(layer.result)
+        assert {"gptq_loss", "damp", "damp_retries", "act_order",
+                "rel_mse"} <= set(artifact.log.result(layer.name))
     assert artifact.json_field("pipeline") == {"true_sequential": True, "batch_tokens": 2048}
 
 

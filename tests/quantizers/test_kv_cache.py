@@ -12,13 +12,17 @@ from mpq.errors import ArtifactError, CalibrationError, FormatError, ModelError,
 from mpq.quantizers.kv_cache import KVObserver, fake_quantize_kv
 from mpq.config.kv_cache import KVCacheArgs
 from mpq.models.attention import attention_modules, tap_kv
+from mpq.models.families import family_of
 from mpq.calibration import CalibrationOptions
 from mpq.engine.spec import RunOptions
 from mpq.quantize import quantize
 from mpq.config.recipe import parse_recipe
-from tests.tiny_models import save_tiny_model, tiny_model
+from tests.tiny_models import (ARCHITECTURES, RECORD_ARCHITECTURES, save_tiny_model, tiny_config,
+                               tiny_model)
 
-KV_ARCHS = ("llama", "qwen2", "mistral", "gemma", "opt")
+# every tiny model whose family records where its attention keeps the KV cache
+KV_ARCHS = tuple(a for a in ARCHITECTURES + RECORD_ARCHITECTURES
+                 if family_of(tiny_config(a)).attention is not None)
 
 
 def recipe(granularity: str = "tensor", kv: str | None = None):
@@ -44,8 +48,8 @@ def test_tap_sees_exactly_what_the_cache_stores(arch):
     model = tiny_model(arch)
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
     seen = []
-    block = model.model.decoder.layers[0] if arch == "opt" else model.model.layers[0]
-    (_, attention), = attention_modules(block)
+    block = model.get_submodule(family_of(model).blocks)[0]
+    (_, attention), = attention_modules(model, block)
     handle = tap_kv(attention, lambda k, v: (seen.append((k.clone(), v.clone())), (k, v))[1])
     with torch.no_grad():
         cache = model(ids, use_cache=True).past_key_values
@@ -54,10 +58,11 @@ def test_tap_sees_exactly_what_the_cache_stores(arch):
     assert torch.equal(seen[0][0], keys) and torch.equal(seen[0][1], values)
 
 
-@pytest.mark.parametrize("granularity", ["tensor", "head"])
-def test_scales_are_stored_applied_and_read_by_compressed_tensors(granularity, tmp_path,
+@pytest.mark.parametrize("arch,granularity", [("llama", "tensor"), ("llama", "head"),
+                                               ("granite", "head")])
+def test_scales_are_stored_applied_and_read_by_compressed_tensors(arch, granularity, tmp_path,
                                                                   calib_text):
-    save_tiny_model("llama", tmp_path / "src")
+    save_tiny_model(arch, tmp_path / "src")
     quantize(tmp_path / "src", recipe(granularity), tmp_path / "kv", RunOptions(calibration=calibration(calib_text)))
     quantize(tmp_path / "src", recipe(granularity), tmp_path / "ct", RunOptions(calibration=calibration(calib_text), output_format="compressed-tensors"))
     tensors = load_file(tmp_path / "kv" / "model.safetensors")

@@ -7,6 +7,7 @@ import torch
 import transformers
 
 import mpq
+from mpq.models.families import family_of
 from mpq.models.layout import layout_of
 from mpq.errors import FormatError, ModelError, RecipeError
 from mpq.engine.spec import RunOptions
@@ -14,7 +15,8 @@ from mpq.quantize import quantize
 from mpq.config.recipe import parse_recipe
 from mpq.config.rotation import QuaRotArgs
 from mpq.rotation.quarot import apply_quarot
-from tests.tiny_models import model_from_config, save_tiny_model, tiny_model
+from tests.tiny_models import (ARCHITECTURES, RECORD_ARCHITECTURES, model_from_config,
+                               save_tiny_model, tiny_config, tiny_model)
 
 ODD = dict(hidden_size=96, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
            vocab_size=256, num_hidden_layers=2, max_position_embeddings=128)  # 96 = 8·12,
@@ -23,14 +25,14 @@ ODD = dict(hidden_size=96, intermediate_size=160, num_attention_heads=4, num_key
 
 def odd_model(kind: str) -> transformers.PreTrainedModel:
     config = {"llama_odd": transformers.LlamaConfig(**ODD),
-              "qwen3": transformers.Qwen3Config(**{**ODD, "head_dim": 24}),
+              "qwen3_odd": transformers.Qwen3Config(**{**ODD, "head_dim": 24}),
               "gemma_odd": transformers.GemmaConfig(**{**ODD, "head_dim": 24})}[kind]
     return model_from_config(config)
 
 
 def with_random_norms_and_biases(model):
     """Norm scales and biases far from their init, so a wrong fold would show."""
-    plus_one = model.config.model_type == "gemma"
+    plus_one = family_of(model).plus_one_norm
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -40,11 +42,14 @@ def with_random_norms_and_biases(model):
     return model
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama_tied", "qwen2", "mistral", "gemma",
-                                  "llama_odd", "qwen3", "gemma_odd"])
+# every tiny model whose family declares rotation support (so each record is checked)
+ROTATED = [a for a in ARCHITECTURES + RECORD_ARCHITECTURES if family_of(tiny_config(a)).rotation]
+
+
+@pytest.mark.parametrize("arch", ROTATED + ["llama_odd", "qwen3_odd", "gemma_odd"])
 @pytest.mark.parametrize("r1", ["hadamard", "random"])
 def test_rotated_float_model_keeps_its_logits(arch, r1):
-    model = odd_model(arch) if arch in ("llama_odd", "qwen3", "gemma_odd") else tiny_model(arch)
+    model = odd_model(arch) if arch.endswith("_odd") else tiny_model(arch)
     model = with_random_norms_and_biases(model)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -86,7 +91,7 @@ def test_artifact_carries_the_online_rotation(tmp_path):
     quantize(tmp_path / "src", recipe(), tmp_path / "rot")
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
     loaded = mpq.load(tmp_path / "rot", dequantize=True)
-    assert loaded.mpq_artifact.plan.rotation["online"] == {"mlp.down_proj": "r4"}
+    assert loaded.mpq_artifact.log.rotation["online"] == {"mlp.down_proj": "r4"}
     assert not loaded.config.tie_word_embeddings or not original.config.tie_word_embeddings
     with torch.no_grad():
         reference = original(ids).logits
@@ -128,4 +133,4 @@ def test_bad_rotation_settings_are_refused(tmp_path):
     with pytest.raises(RecipeError, match="r4: false"):
         quantize(tmp_path / "no-h", recipe(), tmp_path / "z")
     quantize(tmp_path / "no-h", recipe("{type: quarot, r4: false}"), tmp_path / "ok")
-    assert mpq.load(tmp_path / "ok").mpq_artifact.plan.rotation["online"] == {}
+    assert mpq.load(tmp_path / "ok").mpq_artifact.log.rotation["online"] == {}

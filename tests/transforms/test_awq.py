@@ -63,7 +63,7 @@ def recipe(transform: str, weights: str = "{bits: 4, symmetric: false, group_siz
     return parse_recipe(text, "awq.yaml")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "granite"])
 def test_awq_beats_rtn_through_the_pipeline(arch, tmp_path, calib_text):
     source = outlier_model(arch, tmp_path / "src")
     calibration = CalibrationOptions(source=str(calib_text), num_samples=8, seq_len=64)
@@ -71,9 +71,9 @@ def test_awq_beats_rtn_through_the_pipeline(arch, tmp_path, calib_text):
     for name, transform in (("rtn", ""), ("awq", "{type: awq}")):
         result = quantize(tmp_path / "src", recipe(transform), tmp_path / name, RunOptions(calibration=calibration))
         errors[name] = logits_error(mpq.load(tmp_path / name), source, samples_of(calib_text))
-    [spec] = result.plan.transforms
-    assert spec["type"] == "awq" and len(spec["applied"]) == 2
-    block0 = spec["applied"][0]
+    [spec], [applied] = result.plan.transforms, result.log.transforms
+    assert spec.type == "awq" and len(applied) == 2
+    block0 = applied[0]
     assert [g["prev"] for g in block0["groups"]] == ["input_layernorm",
                                                      "post_attention_layernorm", "mlp.up_proj"]
     assert all(g["error_ratio"] <= 1 for g in block0["groups"])
@@ -100,10 +100,10 @@ def test_awq_composes_with_gptq(tmp_path, calib_text):
             "  options: {act_order: true, static_groups: true}\nrules:\n  - targets: [Linear]\n"
             "    weights: {bits: 4, symmetric: false, group_size: 32}\n")
     result = quantize(tmp_path / "src", parse_recipe(text, "awq-gptq.yaml"), tmp_path / "out", RunOptions(calibration=calibration))
-    assert all("gptq_loss" in layer.result for layer in result.plan.quantized())
-    assert len(result.plan.transforms[0]["applied"]) == 2
+    assert all("gptq_loss" in result.log.result(layer.name) for layer in result.plan.quantized())
+    assert len(result.log.transforms[0]) == 2
     rtn = quantize(tmp_path / "src", recipe(""), tmp_path / "rtn", RunOptions(calibration=calibration))
-    assert rtn.plan.transforms == []
+    assert rtn.plan.transforms == () and rtn.log.transforms == []
     samples = samples_of(calib_text)
     assert (logits_error(mpq.load(tmp_path / "out"), source, samples)
             < logits_error(mpq.load(tmp_path / "rtn"), source, samples))

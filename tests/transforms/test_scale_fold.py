@@ -5,22 +5,22 @@ import pytest
 import torch
 import transformers
 
-from mpq.models.layout import BLOCK_PATHS
 from mpq.errors import ModelError, SchemeError
-from mpq.transforms.scale_fold import (SCALE_GROUPS, ScaleGroup, fold_scales, group_weight_absmax,
-                            scale_groups)
-from tests.tiny_models import ARCHITECTURES, COMMON, model_from_config, tiny_model
+from mpq.models.families import family_of
+from mpq.models.family import ScaleGroup
+from mpq.transforms.scale_fold import fold_scales, group_weight_absmax, scale_groups
+from tests.tiny_models import (ARCHITECTURES, COMMON, RECORD_ARCHITECTURES, model_from_config,
+                               tiny_config, tiny_model)
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4)
 
 
 def _extra_model(arch: str) -> transformers.PreTrainedModel:
-    """Variants tiny_models lacks: full multi-head attention (so v→o folds) with biases, Qwen3."""
+    """Variants tiny_models lacks: full multi-head attention (so v→o folds) with biases,
+    post-LN OPT."""
     if arch == "llama_mha":
         config = transformers.LlamaConfig(num_key_value_heads=4, attention_bias=True,
                                           mlp_bias=True, **SMALL, **COMMON)
-    elif arch == "qwen3":
-        config = transformers.Qwen3Config(num_key_value_heads=2, head_dim=16, **SMALL, **COMMON)
     elif arch == "opt_post_ln":
         config = transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_attention_heads=4,
                                         word_embed_proj_dim=64, do_layer_norm_before=False,
@@ -30,7 +30,7 @@ def _extra_model(arch: str) -> transformers.PreTrainedModel:
     return model_from_config(config)
 
 
-def _randomize_1d(model, arch: str) -> None:
+def _randomize_1d(model) -> None:
     """Non-trivial norm weights and biases, so every part of the fold is exercised."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -39,23 +39,25 @@ def _randomize_1d(model, arch: str) -> None:
                 continue
             if name.endswith("bias"):
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-            elif arch == "gemma":  # weight is an offset from 1
+            elif family_of(model).plus_one_norm:  # weight is an offset from 1
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
             else:
                 param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
 
 
 def _blocks(model):
-    return list(model.get_submodule(BLOCK_PATHS[model.config.model_type]))
+    return list(model.get_submodule(family_of(model).blocks))
 
 
-FOLDABLE = [a for a in ARCHITECTURES if a in SCALE_GROUPS] + ["llama_mha", "qwen3"]
+# every tiny model whose family records scale groups (so each record is checked), plus MHA
+FOLDABLE = [a for a in ARCHITECTURES + RECORD_ARCHITECTURES
+            if family_of(tiny_config(a)).scale_groups] + ["llama_mha"]
 
 
 @pytest.mark.parametrize("arch", FOLDABLE)
 def test_fold_keeps_logits(arch):
     model = _extra_model(arch)
-    _randomize_1d(model, arch)
+    _randomize_1d(model)
     ids = torch.randint(2, 256, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         before = model(ids).logits
@@ -86,7 +88,7 @@ def test_gqa_drops_v_to_o_and_mha_keeps_it():
     # the config works as well as the model
     assert scale_groups(mha.config, _blocks(mha)[0]) == scale_groups(mha, _blocks(mha)[0])
     # folding the dropped group directly is refused, not silently wrong
-    v_to_o = SCALE_GROUPS["llama"][1]
+    v_to_o = family_of(gqa).scale_groups[1]
     with pytest.raises(SchemeError, match="v_proj"):
         fold_scales(_blocks(gqa)[0], v_to_o, torch.ones(64))
 
@@ -116,7 +118,7 @@ def test_unknown_model_type_raises():
     model = tiny_model("gpt2")
     with pytest.raises(ModelError, match="gpt2") as info:
         scale_groups(model, model.transformer.h[0])
-    assert "mpq.transforms.scale_fold.SCALE_GROUPS" in info.value.hint
+    assert "mpq.models.families" in info.value.hint
 
 
 def test_group_weight_absmax_by_hand():

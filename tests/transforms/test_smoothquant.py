@@ -30,7 +30,7 @@ def recipe(acts: str | None = "{format: int, bits: 8, dynamic: true}", smooth: s
     return parse_recipe(text, "test.yaml")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "granite"])
 def test_smoothquant_makes_w8a8_closer_to_float(arch, tmp_path, calib_text):
     source = outlier_model(arch, tmp_path / "src")
     calibration = CalibrationOptions(source=str(calib_text), num_samples=8, seq_len=64)
@@ -39,13 +39,14 @@ def test_smoothquant_makes_w8a8_closer_to_float(arch, tmp_path, calib_text):
         result = quantize(tmp_path / "src", recipe(smooth=smooth), tmp_path / name, RunOptions(calibration=calibration))
         errors[name] = logits_error(mpq.load(tmp_path / name), source, samples_of(calib_text))
         if smooth:
-            [spec] = result.plan.transforms
-            assert spec["type"] == "smoothquant" and spec["options"] == {"alpha": 0.5}
-            assert [r["block"] for r in spec["applied"]] == [0, 1]
-            prevs = [g["prev"] for g in spec["applied"][0]["groups"]]
+            [spec], [applied] = result.plan.transforms, result.log.transforms
+            assert spec.type == "smoothquant" and spec.options == {"alpha": 0.5}
+            assert [r["block"] for r in applied] == [0, 1]
+            prevs = [g["prev"] for g in applied[0]["groups"]]
             assert prevs == ["input_layernorm", "post_attention_layernorm"]
-            stored = mpq.load(tmp_path / name).mpq_artifact.plan.transforms
-            assert stored == result.plan.transforms
+            stored = mpq.load(tmp_path / name).mpq_artifact
+            assert stored.plan.transforms == result.plan.transforms
+            assert stored.log.transforms == result.log.transforms
     assert errors["sq"] < 0.5 * errors["plain"]
 
 
@@ -71,10 +72,10 @@ def test_static_input_scales_are_calibrated_stored_and_used(tmp_path, calib_text
     calibration = CalibrationOptions(source=str(calib_text), num_samples=4, seq_len=64)
     result = quantize(tmp_path / "src", recipe(acts="{format: fp8_e4m3, dynamic: false}"), tmp_path / "out", RunOptions(calibration=calibration))
     for layer in result.plan.quantized():
-        assert layer.result["input_scale"] > 0
+        assert result.log.input_scale(layer.name) > 0
     model = mpq.load(tmp_path / "out")
     q = model.model.layers[1].mlp.down_proj
-    plan_scale = result.plan.get("model.layers.1.mlp.down_proj").result["input_scale"]
+    plan_scale = result.log.input_scale("model.layers.1.mlp.down_proj")
     assert q.input_scale.dtype == torch.float32 and float(q.input_scale) == plan_scale
     assert q.input_args.describe() == "fp8_e4m3 static tensor"
 
@@ -129,6 +130,6 @@ def test_alpha_search_picks_per_group_and_beats_a_bad_fixed_alpha(tmp_path, cali
                          ("search", "{type: smoothquant, search: true}")):
         result = quantize(tmp_path / "src", recipe(acts="{format: int, bits: 6}", smooth=smooth), tmp_path / name, RunOptions(calibration=calibration))
         errors[name] = logits_error(mpq.load(tmp_path / name), source, samples_of(calib_text))
-    alphas = [g["alpha"] for r in result.plan.transforms[0]["applied"] for g in r["groups"]]
+    alphas = [g["alpha"] for r in result.log.transforms[0] for g in r["groups"]]
     assert len(alphas) == 4 and all(a in [i / 10 for i in range(11)] for a in alphas)
     assert errors["search"] < errors["fixed"]
