@@ -29,7 +29,7 @@ analysis/.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol
+from typing import Any, Callable, ClassVar, Mapping, Protocol
 
 import torch
 
@@ -37,9 +37,11 @@ from mpq.errors import SchemeError
 from mpq.numerics.mappings import CompressedTensorsMapping, GptqV1Mapping, NotExpressible
 from mpq.registry import Registry
 
-if TYPE_CHECKING:
-    from mpq.numerics.args import WeightArgs
-    from mpq.numerics.base import QuantizedWeight
+# The per-tensor args (mpq.numerics.args.WeightArgs) and the quantized weight
+# (mpq.numerics.base.QuantizedWeight): both modules ask this one for the registered formats, so
+# annotations here name them through these aliases instead of importing them.
+WeightArgsT = Any
+QuantizedWeightT = Any
 
 # (columns [N, k], first, last processed position) -> (scale, zero): int params of a slice
 ParamChooser = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, "torch.Tensor | None"]]
@@ -62,7 +64,7 @@ class ColumnGrid(Protocol):
     codes: torch.Tensor
 
     @classmethod
-    def check(cls, args: "WeightArgs") -> None:
+    def check(cls, args: "WeightArgsT") -> None:
         """Raise SchemeError for args this grid cannot produce with GPTQ."""
 
     def set_group(self, g: int, cols: torch.Tensor) -> None: ...
@@ -98,7 +100,7 @@ class NumberFormat(ABC):
             raise SchemeError(f"{self.name} has {self.bits} bits, got {bits}",
                               hint=f"set bits: {self.bits}")
 
-    def check_weight_args(self, args: "WeightArgs") -> None:
+    def check_weight_args(self, args: "WeightArgsT") -> None:
         """Raise SchemeError for ``args`` this format cannot take.  WeightArgs has already
         checked the types, the granularity name, group_size and whether it takes 'block'."""
         self.check_bits(args.bits)
@@ -137,7 +139,7 @@ class NumberFormat(ABC):
         """The format with its width where that varies, e.g. 'int4'; else its name."""
         return self.name
 
-    def describe(self, args: "WeightArgs") -> str:
+    def describe(self, args: "WeightArgsT") -> str:
         """Short label, e.g. 'int4 sym g64', 'fp8_e4m3 block128', 'nf4 g64 dq', 'mxfp4'."""
         label = self.bits_label(args.bits) + args.granularity_label()
         return label + (" dq" if args.double_quant else "")
@@ -145,11 +147,11 @@ class NumberFormat(ABC):
     # --- the grid --------------------------------------------------------------------------
 
     @abstractmethod
-    def quantize(self, weight: torch.Tensor, args: "WeightArgs") -> "QuantizedWeight":
+    def quantize(self, weight: torch.Tensor, args: "WeightArgsT") -> "QuantizedWeightT":
         """Round-to-nearest quantization of a whole weight [N, K]."""
 
     @abstractmethod
-    def dequantize(self, qw: "QuantizedWeight", dtype: torch.dtype = torch.float32
+    def dequantize(self, qw: "QuantizedWeightT", dtype: torch.dtype = torch.float32
                    ) -> torch.Tensor:
         """The weight [N, K] that ``qw`` represents, in ``dtype``."""
 
@@ -165,24 +167,24 @@ class NumberFormat(ABC):
     # --- the native encoding and sizes -----------------------------------------------------
 
     @abstractmethod
-    def encode(self, qw: "QuantizedWeight") -> dict[str, torch.Tensor]:
+    def encode(self, qw: "QuantizedWeightT") -> dict[str, torch.Tensor]:
         """Named tensors (local keys) storing ``qw`` losslessly in mpq's native format."""
 
     @abstractmethod
-    def decode(self, tensors: Mapping[str, torch.Tensor], args: "WeightArgs",
-               shape: tuple[int, int], prefix: str = "") -> "QuantizedWeight":
+    def decode(self, tensors: Mapping[str, torch.Tensor], args: "WeightArgsT",
+               shape: tuple[int, int], prefix: str = "") -> "QuantizedWeightT":
         """Inverse of :meth:`encode` for a weight of ``shape`` whose ``args`` already passed
         ``check_shape``; every tensor read is checked (mpq.numerics.stored.take), ArtifactError
         naming ``prefix + key`` otherwise.  Keys the format does not use are ignored."""
 
     @abstractmethod
-    def native_bytes(self, args: "WeightArgs", shape: tuple[int, int], *,
+    def native_bytes(self, args: "WeightArgsT", shape: tuple[int, int], *,
                      act_order: bool = False) -> int:
         """Bytes :meth:`encode` writes for a weight of ``shape`` (with a g_idx if
         ``act_order``)."""
 
     @abstractmethod
-    def ideal_bits(self, args: "WeightArgs", shape: tuple[int, int], *,
+    def ideal_bits(self, args: "WeightArgsT", shape: tuple[int, int], *,
                    act_order: bool = False) -> float:
         """Bits per weight of an unpadded encoding: codes plus the scales, zeros and g_idx."""
 
@@ -192,7 +194,7 @@ class NumberFormat(ABC):
         return {"compressed-tensors": self.compressed_tensors,
                 "gptq": self.gptq_v1}.get(container)
 
-    def stored_bytes(self, args: "WeightArgs", shape: tuple[int, int], container: str = "mpq",
+    def stored_bytes(self, args: "WeightArgsT", shape: tuple[int, int], container: str = "mpq",
                      *, dtype_bytes: int = 4, act_order: bool = False,
                      quantized_inputs: bool = False) -> int:
         """Bytes of one layer's stored weight tensors in ``container`` (its scales in

@@ -10,13 +10,13 @@ dry-run estimate and mixed precision.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
+from typing import Any
 from mpq.numerics.packing import packed_width
 
-if TYPE_CHECKING:
-    from mpq.numerics.args import WeightArgs
-    from mpq.numerics.format import NumberFormat
+# mpq.numerics.args.WeightArgs and mpq.numerics.format.NumberFormat build on this module, so
+# annotations here name them through these aliases instead of importing them.
+WeightArgsT = Any
+NumberFormatT = Any
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class CompressedTensorsMapping:
         """compressed-tensors' per-layer format; None when it cannot have quantized inputs."""
         return self.format_with_inputs if quantized_inputs else self.format
 
-    def layer_bytes(self, fmt: "NumberFormat", args: "WeightArgs", shape: tuple[int, int], *,
+    def layer_bytes(self, fmt: "NumberFormatT", args: "WeightArgsT", shape: tuple[int, int], *,
                     dtype_bytes: int, quantized_inputs: bool) -> int:
         """Bytes of one layer's stored weight tensors (scales in ``dtype_bytes`` bytes each)."""
         if self.layout == "native":
@@ -77,7 +77,7 @@ class GptqV1Mapping:
     """GPTQ v1 stores this number format: unsigned int codes packed along K, zero points minus
     one packed along N, float16 scales per group and a g_idx (mpq.checkpoint.gptq_v1)."""
 
-    def layer_bytes(self, args: "WeightArgs", shape: tuple[int, int]) -> int:
+    def layer_bytes(self, args: "WeightArgsT", shape: tuple[int, int]) -> int:
         """Bytes of qweight, qzeros, scales and g_idx of one layer."""
         n, k = shape
         bits = args.bits

@@ -48,6 +48,7 @@ from mpq.errors import SchemeError
 from mpq.numerics.base import NUMBER_FORMATS
 from mpq.numerics.format import format_names
 from mpq.quantizers.clip_search import searched_int_params
+from mpq.quantizers.gptq_options import GPTQOptions
 from mpq.numerics.args import WeightArgs
 
 DAMP_FLOOR = 1e-3  # first retry when the requested damp is 0
@@ -172,15 +173,17 @@ def _current_cols(wt: torch.Tensor, hinv: torch.Tensor, err: torch.Tensor,
     return torch.cat([wt[p0:i2], tail]).t()
 
 
-def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args: WeightArgs, *,
-               damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-               static_groups: bool = False, max_damp: float = 1.0,
-               clip_search: bool = False) -> GPTQResult:
-    """Quantize ``weight`` [N, K] on the grid of ``args`` minimising tr((W−Q) H (W−Q)ᵀ) by GPTQ.
+def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args: WeightArgs,
+               options: GPTQOptions = GPTQOptions()) -> GPTQResult:
+    """Quantize ``weight`` [N, K] on the grid of ``args`` minimising tr((W−Q) H (W−Q)ᵀ) by GPTQ,
+    with ``options`` (damping, block size, act-order, static groups, clip search).
 
     ``hessian`` [K, K] (e.g. (2/T)·Σ x xᵀ) is not modified.  Raises SchemeError for shape
     mismatches, unsupported combinations and a Hessian that cannot be made positive definite.
     """
+    damp, block_size, act_order = options.damp, options.block_size, options.act_order
+    static_groups, max_damp, clip_search = (options.static_groups, options.max_damp,
+                                            options.clip_search)
     check_supported(args, act_order, static_groups, clip_search)
     args.check_shape(tuple(weight.shape), where="gptq weight")
     if block_size < 1:

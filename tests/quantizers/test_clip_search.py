@@ -8,6 +8,7 @@ import mpq.quantizers  # noqa: F401
 from mpq.errors import SchemeError
 from mpq.quantizers.base import QUANTIZERS
 from mpq.quantizers.clip_search import searched_int_params
+from mpq.quantizers.gptq_options import GPTQOptions
 from mpq.quantizers.gptq_solve import gptq_solve
 from mpq.numerics.int_grid import int_dequantize_codes, int_params, int_quantize_codes
 from mpq.numerics.args import WeightArgs
@@ -87,8 +88,8 @@ def output_loss(w, q, h) -> float:
 ], ids=["int4-ch-act", "int3-asym-ch", "int4-g16-static", "int4-asym-g32-act"])
 def test_gptq_clip_search_lowers_the_output_error(args, options):
     w, h = calib()
-    plain = gptq_solve(w, h, args, **options)
-    searched = gptq_solve(w, h, args, clip_search=True, **options)
+    plain = gptq_solve(w, h, args, GPTQOptions(**options))
+    searched = gptq_solve(w, h, args, GPTQOptions(clip_search=True, **options))
     assert output_loss(w, searched.q, h) < output_loss(w, plain.q, h)
     qw = QUANTIZERS.get("gptq").quantize(
         w, LayerScheme("gptq", args, tuple(sorted({**options, "clip_search": True}.items()))),

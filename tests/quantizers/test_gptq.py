@@ -7,7 +7,7 @@ import torch
 import mpq.quantizers  # noqa: F401
 from mpq.errors import SchemeError
 from mpq.quantizers.base import QUANTIZERS
-from mpq.quantizers.gptq import GPTQOptions
+from mpq.quantizers.gptq_options import GPTQOptions
 from mpq.quantizers.gptq_solve import gptq_solve
 from mpq.numerics.args import WeightArgs
 from mpq.config.scheme import LayerScheme
@@ -93,7 +93,7 @@ def test_quantize_dequantizes_to_the_solve(args, options):
     before = h.clone()
     qw = GPTQ.quantize(w.to(torch.bfloat16), scheme(args, **options), {"hessian": h})
     assert torch.equal(h, before)
-    res = gptq_solve(w.to(torch.bfloat16).float(), h, args, **options)
+    res = gptq_solve(w.to(torch.bfloat16).float(), h, args, GPTQOptions(**options))
     assert qw.args == args and qw.shape == (16, 128)
     assert torch.equal(qw.dequantize(), res.q)  # bit-exact: the codes are the solve's
     act = options.get("act_order", False)

@@ -8,6 +8,7 @@ import torch
 import mpq.quantizers  # noqa: F401
 from mpq.errors import SchemeError
 from mpq.numerics.base import NUMBER_FORMATS
+from mpq.quantizers.gptq_options import GPTQOptions
 from mpq.quantizers.gptq_solve import gptq_solve
 from mpq.numerics.int_grid import int_dequantize_codes, int_params, int_quantize_codes
 from mpq.numerics.args import WeightArgs
@@ -99,7 +100,7 @@ def test_identity_hessian_equals_rtn(args):
 def test_matches_naive_oracle(args, block_size):
     w = torch.randn(24, 96, generator=gen(3))
     h = hessian_from(correlated_inputs(384, 96, seed=3))
-    res = gptq_solve(w, h, args, block_size=block_size)
+    res = gptq_solve(w, h, args, GPTQOptions(block_size=block_size))
     q = naive_gptq(w, h, args)
     ours, oracle = output_loss(w, res.q, h), output_loss(w, q, h)
     if args.symmetric:
@@ -113,9 +114,9 @@ def test_matches_naive_oracle(args, block_size):
 def test_block_size_does_not_matter(args, act_order):
     w = torch.randn(16, 128, generator=gen(4))
     h = hessian_from(correlated_inputs(512, 128, seed=4))
-    ref = gptq_solve(w, h, args, block_size=128, act_order=act_order)
+    ref = gptq_solve(w, h, args, GPTQOptions(block_size=128, act_order=act_order))
     for bs in (1, 8, 24, 200):  # 24: groups straddle block ends
-        res = gptq_solve(w, h, args, block_size=bs, act_order=act_order)
+        res = gptq_solve(w, h, args, GPTQOptions(block_size=bs, act_order=act_order))
         same = (res.codes == ref.codes).all(dim=1)  # rows without a single flipped code
         assert same.float().mean() >= 0.9, bs
         assert torch.allclose(res.q[same], ref.q[same], atol=1e-5), bs
@@ -133,7 +134,7 @@ def test_act_order_g_idx_follows_processing_order():
     w = torch.randn(16, k, generator=gen(6))
     h = _diag_scaled_hessian(k)
     args = WeightArgs(bits=4, symmetric=False, group_size=gs)
-    res = gptq_solve(w, h, args, act_order=True)
+    res = gptq_solve(w, h, args, GPTQOptions(act_order=True))
     perm = torch.sort(h.diagonal(), descending=True, stable=True).indices
     expect = torch.empty(k, dtype=torch.int32)
     expect[perm] = torch.arange(k, dtype=torch.int32) // gs
@@ -151,13 +152,13 @@ def test_act_order_static_groups():
     w = torch.randn(16, k, generator=gen(7))
     h = _diag_scaled_hessian(k)
     args = WeightArgs(bits=4, group_size=gs)
-    res = gptq_solve(w, h, args, act_order=True, static_groups=True)
+    res = gptq_solve(w, h, args, GPTQOptions(act_order=True, static_groups=True))
     assert torch.equal(res.g_idx, torch.arange(k, dtype=torch.int32) // gs)
     scale, zero = int_params(w, args)
     assert torch.equal(res.scale, scale) and zero is None and res.zero is None
     assert torch.equal(int_dequantize_codes(res.codes, res.scale, None, 4, res.g_idx), res.q)
     assert output_loss(w, res.q, h) < output_loss(w, rtn(w, args).dequantize(), h)
-    plain = gptq_solve(w, h, args, static_groups=True)  # without act_order: natural order
+    plain = gptq_solve(w, h, args, GPTQOptions(static_groups=True))  # without act_order: natural order
     assert plain.g_idx is None and torch.equal(plain.scale, scale)
     assert torch.equal(int_dequantize_codes(plain.codes, plain.scale, None, 4), plain.q)
 
@@ -167,11 +168,11 @@ def test_indefinite_hessian_retries_damping():
     h = hessian_from(correlated_inputs(16, k, seed=8))  # rank 16
     h = h - 0.005 * h.diagonal().mean() * torch.eye(k)  # negative eigenvalues
     w = torch.randn(8, k, generator=gen(8))
-    res = gptq_solve(w, h, INT4_G32, damp=0.0)
+    res = gptq_solve(w, h, INT4_G32, GPTQOptions(damp=0.0))
     assert res.damp > 0.0 and res.damp_retries >= 1
     assert torch.isfinite(res.q).all()
     with pytest.raises(SchemeError, match="not positive definite") as exc:
-        gptq_solve(w, h, INT4_G32, damp=0.0, max_damp=0.004)
+        gptq_solve(w, h, INT4_G32, GPTQOptions(damp=0.0, max_damp=0.004))
     assert "raise damp" in exc.value.hint and "NaN" in exc.value.hint
 
 
@@ -205,11 +206,11 @@ def test_dead_columns_are_zero(args):
 def test_unsupported_combinations_raise():
     w, h = torch.randn(4, 64), torch.eye(64)
     with pytest.raises(SchemeError, match="act_order"):
-        gptq_solve(w, h, NF4, act_order=True)
+        gptq_solve(w, h, NF4, GPTQOptions(act_order=True))
     with pytest.raises(SchemeError, match="double_quant"):
         gptq_solve(w, h, WeightArgs(format="nf4", bits=4, group_size=64, double_quant=True))
     with pytest.raises(SchemeError, match="static_groups"):
-        gptq_solve(w, h, INT3_ASYM_CH, static_groups=True)
+        gptq_solve(w, h, INT3_ASYM_CH, GPTQOptions(static_groups=True))
 
 
 GRID_FORMATS = format_names(lambda f: f.gptq_columns is not None)
