@@ -15,7 +15,7 @@ from torch import nn
 
 from mpq.analysis.estimate import check_memory_budget
 from mpq.calibration import CalibrationSet, build_calibration_set
-from mpq.checkpoint.native import check_output_free
+from mpq.checkpoint.native import check_output_apart, check_output_free
 from mpq.checkpoint.state import state_from_model
 from mpq.checkpoint.writers import write_state
 from mpq.config.plan import Plan
@@ -102,6 +102,7 @@ def quantize(model_path: str | Path, recipe, out_dir: str | Path,
         events = no_events
     check_output_free(out_dir, force)
     spec = resolve_run(model_path, recipe, options)
+    check_output_apart(out_dir, spec.inputs)
     if spec.device.type == "cuda" and ranks is not None:
         torch.cuda.set_device(spec.device)
     if check_memory:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mpq.checkpoint.native import check_output_free
+from mpq.checkpoint.native import check_output_apart, check_output_free
 from mpq.checkpoint.state import state_from_artifact
 from mpq.checkpoint.writers import preflight, write_state, writer_for
 
@@ -30,6 +30,7 @@ def convert(src: str | Path, out_dir: str | Path, output_format: str, *, force: 
             strict: bool = False) -> ConvertResult:
     out_dir = Path(out_dir)
     check_output_free(out_dir, force)
+    check_output_apart(out_dir, [Path(src)])
     writer = writer_for(output_format)
     state = state_from_artifact(src)
     warnings = preflight(writer, state.plan, strict)  # the checks `mpq quantize --format` runs

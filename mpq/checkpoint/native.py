@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -66,6 +66,22 @@ def shard_tensors(tensors: Mapping[str, torch.Tensor], max_bytes: int
         shards[-1][name] = tensors[name]
         size += nbytes
     return shards
+
+
+def check_output_apart(out_dir: Path, inputs: Iterable[Path]) -> None:
+    """OutputError when ``out_dir`` is one of ``inputs``, contains one, or lies inside an input
+    folder: writing (or ``--force`` replacing) it would destroy or alter an input."""
+    out = out_dir.resolve()
+    for given in inputs:
+        path = Path(given).resolve()
+        if out == path or path.is_relative_to(out):
+            relation = "is" if out == path else "contains"
+            raise OutputError(f"output '{out_dir}' {relation} the input '{given}': writing the "
+                              "artifact there would destroy it",
+                              hint="choose an -o outside the model and data folders")
+        if path.is_dir() and out.is_relative_to(path):
+            raise OutputError(f"output '{out_dir}' lies inside the input folder '{given}'",
+                              hint="choose an -o outside the model and data folders")
 
 
 def check_output_free(out_dir: Path, force: bool) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any
 
@@ -23,9 +24,21 @@ def stdout_console() -> Console:
 
 
 def emit_json(obj: Any) -> None:
-    """One JSON document per line on stdout."""
-    sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+    """One JSON document per line on stdout (NaN and ±inf, which JSON has no number for, are
+    written as null)."""
+    sys.stdout.write(json.dumps(_finite(obj), sort_keys=True, default=str, allow_nan=False)
+                     + "\n")
     sys.stdout.flush()
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(value) for value in obj]
+    return obj
 
 
 class JsonEvents:

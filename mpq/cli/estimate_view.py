@@ -13,13 +13,15 @@ def dry_run(model, recipe, options, *, output, force, as_json) -> None:
     """Estimate the run (``options``: mpq.engine.spec.RunOptions), print it, and raise
     ResourceError (exit 11) when it would not fit."""
     from mpq.analysis.estimate import check_fits, estimate_and_check
-    from mpq.checkpoint.native import check_output_free
+    from mpq.checkpoint.native import check_output_apart, check_output_free
     from mpq.engine.spec import resolve_run
     from mpq.errors import OutputError
 
-    estimate = estimate_and_check(resolve_run(model, recipe, options))
+    spec = resolve_run(model, recipe, options)
+    estimate = estimate_and_check(spec)
     try:
         check_output_free(Path(output), force)
+        check_output_apart(Path(output), spec.inputs)
     except OutputError as exc:
         estimate.warnings.append(f"the real run would stop: {exc.one_line()}")
     if as_json:

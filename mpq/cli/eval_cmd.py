@@ -1,6 +1,8 @@
 """``mpq eval MODEL --data FILE [--reference REF]``: perplexity, KL and CI gates."""
 from __future__ import annotations
 
+import math
+
 import click
 
 from mpq.cli.console import emit_json, stderr_console, stdout_console
@@ -38,16 +40,25 @@ def load_for_eval(path: str, dequantize: bool):
 
 
 def check_gates(result: dict, ppl_delta, max_kl) -> list[str]:
+    """The gates ``result`` fails; a figure that is not finite (NaN, inf) fails its gate."""
     failures = []
     if ppl_delta is not None:
         limit, relative = ppl_delta
-        delta = result["ppl"] - result["ref_ppl"]
-        allowed = limit * result["ref_ppl"] if relative else limit
-        if delta > allowed:
-            failures.append(f"ppl {result['ppl']:.4f} exceeds reference {result['ref_ppl']:.4f} by "
-                            f"{delta:.4f} > allowed {allowed:.4f}")
-    if max_kl is not None and result["kl_mean"] > max_kl:
-        failures.append(f"mean KL {result['kl_mean']:.5f} > --max-kl {max_kl}")
+        ppl, ref = result["ppl"], result["ref_ppl"]
+        if not (math.isfinite(ppl) and math.isfinite(ref)):
+            failures.append(f"ppl {ppl} or reference ppl {ref} is not finite")
+        else:
+            delta = ppl - ref
+            allowed = limit * ref if relative else limit
+            if delta > allowed:
+                failures.append(f"ppl {ppl:.4f} exceeds reference {ref:.4f} by "
+                                f"{delta:.4f} > allowed {allowed:.4f}")
+    if max_kl is not None:
+        kl = result["kl_mean"]
+        if not math.isfinite(kl):
+            failures.append(f"mean KL {kl} is not finite")
+        elif kl > max_kl:
+            failures.append(f"mean KL {kl:.5f} > --max-kl {max_kl}")
     return failures
 
 

@@ -27,7 +27,7 @@ from mpq.engine.streaming import build_streamed, streaming_blocker
 from mpq.errors import CalibrationError, ModelError, RecipeError, SchemeError, did_you_mean
 from mpq.models.attention import attention_modules
 from mpq.models.layout import ModelLayout, blocks_of, describe_layers, layout_of
-from mpq.models.source import check_model_dir
+from mpq.models.source import check_float_source, check_model_dir
 from mpq.quantizers.base import QUANTIZERS
 from mpq.rotation.quarot import check_supported as check_rotation_supported
 from mpq.rotation.quarot import rotation_specs
@@ -79,6 +79,13 @@ class RunSpec:
     @property
     def calibration(self) -> CalibrationOptions:
         return self.options.calibration
+
+    @property
+    def inputs(self) -> list[Path]:
+        """The files and folders the run reads: the model folder, a local calibration source."""
+        source = self.calibration.source
+        local = [Path(source)] if source is not None and Path(source).exists() else []
+        return [self.source_dir, *local]
 
     @property
     def streams(self) -> bool:
@@ -192,6 +199,7 @@ def resolve_run(model_path: str | Path, recipe: str | Recipe,
     recipe = as_recipe(recipe)
     writer = writer_for(options.output_format)
     source_dir = check_model_dir(model_path)
+    check_float_source(source_dir)
     skeleton, weight_map = build_streamed(source_dir, options.dtype)
     layout, plan = plan_model(skeleton, recipe)
     if ranks is not None:

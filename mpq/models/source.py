@@ -68,6 +68,19 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
+def check_float_source(path: Path) -> None:
+    """ModelError when the folder holds an already-quantized checkpoint (an mpq artifact, GPTQ,
+    compressed-tensors, ...: config.json has ``mpq`` or ``quantization_config``), whose weights
+    a float model class would not find."""
+    config = read_config(path)
+    quantized = config.get("quantization_config")
+    if "mpq" in config or quantized is not None:
+        method = "mpq" if "mpq" in config else (
+            quantized.get("quant_method") if isinstance(quantized, dict) else None)
+        raise ModelError(f"'{path}' is an already-quantized checkpoint ({method or 'quantization_config'}), not a float "
+                         "model", hint="quantize the original float model it was made from")
+
+
 def weight_files(path: Path) -> list[Path]:
     """The folder's safetensors files (pickled formats are never read)."""
     return sorted(p for p in path.iterdir() if p.suffix == ".safetensors" and p.is_file())
@@ -111,14 +124,23 @@ def load_model(path: str | Path, dtype: torch.dtype | str = "auto") -> nn.Module
     path = check_model_dir(path)
     config = load_config(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
-                                                     local_files_only=True, use_safetensors=True)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, local_files_only=True, use_safetensors=True,
+            output_loading_info=True)
     except (ValueError, KeyError) as exc:
         raise ModelError(f"{path}: cannot build a causal LM from this config: {first_line(exc)}",
                          hint="mpq quantizes *ForCausalLM models") from exc
     except (OSError, RuntimeError, SafetensorError) as exc:
         raise ModelError(f"{path}: weight files are unreadable or corrupt: {first_line(exc)}",
                          hint="re-download or re-save the model") from exc
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers would quietly initialise them at random
+        shown = ", ".join(missing[:3]) + (f", … {len(missing) - 3} more" if len(missing) > 3
+                                          else "")
+        raise ModelError(f"{path}: {len(missing)} tensor(s) that config.json's architecture "
+                         f"needs are missing from the weight files: {shown}",
+                         hint="re-download the model (a partial copy?), or fix config.json "
+                              "(e.g. num_hidden_layers) to match its weights")
     check_finite(model, where=path)
     return model.eval()
 

@@ -12,7 +12,7 @@ checks that
 
 docs/bad-inputs.md is generated from the real messages::
 
-    python -m tests.test_bad_input_catalogue > docs/bad-inputs.md
+    python -m tests.cli.test_bad_input_catalogue > docs/bad-inputs.md
 
 To add a case, append a :class:`Case` to ``CASES`` (and regenerate the doc; a test checks that
 the doc's table lists exactly the ids of ``CASES``).
@@ -110,6 +110,13 @@ def _poisoned(env: Env, value: float) -> Path:
         tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = value
 
     _rewrite_tensors(model / "model.safetensors", poison)
+    return model
+
+
+def _missing_tensor(env: Env) -> Path:
+    model = env.model_copy()
+    _rewrite_tensors(model / "model.safetensors",
+                     lambda tensors: tensors.pop("model.layers.1.mlp.down_proj.weight"))
     return model
 
 
@@ -300,6 +307,20 @@ CASES: list[Case] = [
     Case("model-inf-weights", "an Inf in a weight",
          lambda e: e.quantize(_poisoned(e, float("inf"))),
          ModelError, ("{tmp}/bad: tensor 'model.layers.1.mlp.up_proj.weight'", "NaN or Inf")),
+    Case("model-missing-tensor", "a weight the architecture needs is not in the files "
+         "(transformers would initialise it at random)",
+         lambda e: e.quantize(_missing_tensor(e)), ModelError,
+         ("{tmp}/bad", "missing from the weight files", "model.layers.1.mlp.down_proj.weight")),
+    Case("model-extra-declared-layer", "config.json declares one more layer than the weights hold",
+         lambda e: e.quantize(_edited_config(
+             e, lambda c: c.update(num_hidden_layers=c["num_hidden_layers"] + 1))), ModelError,
+         ("{tmp}/bad", "missing from the weight files", "model.layers.2.")),
+    Case("model-is-an-artifact", "an mpq artifact passed as the model to quantize",
+         lambda e: e.quantize(e.art), ModelError, ("{art}", "already-quantized checkpoint (mpq)")),
+    Case("model-is-quantized", "a checkpoint with a quantization_config (e.g. GPTQ) as the model",
+         lambda e: e.quantize(_edited_config(e, lambda c: c.update(
+             quantization_config={"quant_method": "gptq", "bits": 4}))), ModelError,
+         ("{tmp}/bad", "already-quantized checkpoint (gptq)")),
     Case("model-unknown-arch", "config.json model_type unknown to transformers",
          lambda e: e.quantize(_edited_config(e, lambda c: c.update(model_type="no-such-arch"))),
          ModelError, ("{tmp}/bad/config.json", "model_type 'no-such-arch'")),
@@ -395,6 +416,23 @@ CASES: list[Case] = [
     Case("output-parent-is-file", "the output's parent is a regular file (not writable)",
          lambda e: ["quantize", e.src, "-r", "w4a16", "-o", e.write("afile", "x") / "out"],
          OutputError, ("{tmp}/afile", "afile")),
+    Case("output-is-the-model", "-o is the model folder itself, with --force",
+         lambda e: ["quantize", e.src, "-r", "w4a16", "-o", e.src, "--force"], OutputError,
+         ("{src}", "is the input", "would destroy it")),
+    Case("output-contains-the-model", "-o is a folder holding the model, with --force",
+         lambda e: ["quantize", e.src, "-r", "w4a16", "-o", e.src.parent, "--force"],
+         OutputError, ("contains the input '{src}'",)),
+    Case("output-inside-the-model", "-o lies inside the model folder",
+         lambda e: ["quantize", e.model_copy("m"), "-r", "w4a16", "-o", e.tmp / "m" / "out"],
+         OutputError, ("{tmp}/m/out", "lies inside the input folder")),
+    Case("output-contains-the-calibration", "-o is the folder holding the calibration file, "
+         "with --force",
+         lambda e: ["quantize", e.src, "-r", "w4a16-gptq", "--calib",
+                    e.write("data/calib.txt", "hello world " * 400), "-o", e.tmp / "data",
+                    "--force"], OutputError, ("{tmp}/data", "contains the input")),
+    Case("convert-output-is-the-artifact", "mpq convert with -o the source artifact, with --force",
+         lambda e: ["convert", e.art, "-o", e.art, "--format", "compressed-tensors", "--force"],
+         OutputError, ("{art}", "is the input")),
     Case("output-disk-full", "the disk fills up while the tensors are written (simulated ENOSPC)",
          _full_disk, OutputError, ("{tmp}/out", "free disk space"),
          leaves=("out.mpq-work",)),
@@ -528,7 +566,7 @@ def test_catalogue_doc_lists_every_case():
     ids = doc_ids(DOC.read_text(encoding="utf-8"))
     assert len(ids) == len(set(ids))
     assert set(ids) == {case.id for case in CASES}, \
-        "regenerate it: python -m tests.test_bad_input_catalogue > docs/bad-inputs.md"
+        "regenerate it: python -m tests.cli.test_bad_input_catalogue > docs/bad-inputs.md"
     readme = (DOC.parents[1] / "README.md").read_text(encoding="utf-8")
     assert f"lists the {len(CASES)} tested bad inputs" in readme
 
@@ -538,6 +576,7 @@ def test_catalogue_doc_lists_every_case():
 def _shown(text: str, env: Env) -> str:
     """Paths of a message or command as a user would write them."""
     text = text.replace(str(env.art), "tiny-w4").replace(str(env.src), "tiny-llama")
+    text = text.replace(str(env.src.parent), "models")  # the folder holding both
     return text.replace(str(env.tmp) + "/", "").replace(str(env.tmp), ".")
 
 
@@ -588,7 +627,7 @@ def render_doc() -> str:
         "",
         "Paths are shown relative to the case's folder; `tiny-llama` is a 2-block random Llama "
         "folder and `tiny-w4` its `w4a16` artifact. Generated with "
-        "`python -m tests.test_bad_input_catalogue > docs/bad-inputs.md`.",
+        "`python -m tests.cli.test_bad_input_catalogue > docs/bad-inputs.md`.",
         "",
         "| id | input | command | exit | message |",
         "|---|---|---|---|---|",
