@@ -16,6 +16,7 @@ from torch import nn
 from mpq.models.layout import blocks_of, is_linear, layout_of, weight_of
 from mpq.errors import ArtifactError
 from mpq.checkpoint.native import open_artifact, read_tensors
+from mpq.checkpoint.verify import require_intact
 from mpq.checkpoint.native_codec import decode, split_layer_tensors
 from mpq.rotation.hadamard import RotationSpec
 from mpq.rotation.quarot import install_online, online_site
@@ -98,10 +99,12 @@ def _attach_kv_cache(model: nn.Module, args: KVCacheArgs, tensors: dict[str, tor
             attach_kv_quantization(module, scales, granularity=args.granularity)
 
 
-def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | None = None
-         ) -> nn.Module:
+def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | None = None,
+         verify: bool = True) -> nn.Module:
     """Load the artifact at ``path`` on CPU in eval mode.
 
+    ``verify``: first check every tensor file against the size and sha256 the artifact recorded
+    (mpq.checkpoint.verify.require_intact; ArtifactError when one differs or is missing).
     ``dequantize=False`` keeps quantized layers packed (memory stays low, weights decoded per
     forward); ``True`` dequantizes every layer once up front (faster forwards).  ``dtype`` is the
     compute dtype of unquantized tensors (default: the artifact's).
@@ -109,6 +112,8 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
     from transformers import AutoConfig
 
     artifact = open_artifact(path)
+    if verify:
+        require_intact(artifact.path)
     config = AutoConfig.from_pretrained(artifact.path, local_files_only=True)
     tensors = read_tensors(artifact)
     if dtype is None:

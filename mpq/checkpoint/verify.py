@@ -7,7 +7,8 @@ Checks, in order (each gives one :class:`Check`):
    and no other ``*.safetensors`` file is in the folder;
 3. every tensor file's header parses and carries the same mpq format version;
 4. for native artifacts, every quantized layer decodes (tensors present, shapes and dtypes as
-   the stored plan says) and every floating-point tensor is finite.
+   the stored plan says) to finite values (so a NaN scale or zero point is caught), and every
+   other floating-point tensor is finite.
 
 Reading uses safetensors and JSON only (never unpickling).
 """
@@ -40,25 +41,47 @@ def verify_artifact(path: str | Path) -> list[Check]:
     if not path.is_dir():
         raise ArtifactError(f"artifact '{path}' does not exist or is not a directory",
                             hint="pass the folder written by mpq quantize or mpq convert")
-    entry, config_check = _config_entry(path)
-    checks = [config_check]
-    if entry is None:
-        return checks
-    recorded = entry.get(TENSOR_FILES_KEY)
-    if not isinstance(recorded, dict) or not recorded:
-        checks.append(Check("content hashes", False, "config.json records no tensor_files "
-                            "(written before mpq recorded them); re-write it with mpq convert"))
-        return checks
-    checks += [_file_check(path, name, expected) for name, expected in sorted(recorded.items())]
-    extra = sorted(p.name for p in path.glob("*.safetensors") if p.name not in recorded)
-    if extra:
-        checks.append(Check("unrecorded files", False, f"{', '.join(extra)} not in tensor_files"))
-    if not all(check.ok for check in checks):
+    entry, checks = _content_checks(path)
+    if entry is None or not all(check.ok for check in checks):
         return checks  # a damaged file: its header and tensors are not worth reading
+    recorded = entry[TENSOR_FILES_KEY]
     checks += [_header_check(path / name) for name in sorted(recorded)]
     if entry.get("format", FORMAT_NAME) == FORMAT_NAME and all(c.ok for c in checks):
         checks.append(_decode_check(path))
     return checks
+
+
+def require_intact(path: str | Path) -> None:
+    """ArtifactError naming the first failure when the artifact's config entry or tensor files
+    do not match what it recorded (steps 1 and 2 of the module docstring): what mpq.load
+    checks before it reads anything."""
+    path = Path(path)
+    _, checks = _content_checks(path)
+    failed = [check for check in checks if not check.ok]
+    if failed:
+        first = failed[0]
+        raise ArtifactError(f"{path}: {first.name}: {first.detail}",
+                            hint="the artifact was changed or damaged after it was written; "
+                                 "re-run mpq quantize (or copy it again), or load it with "
+                                 "verify=False (--no-verify) if you changed it on purpose")
+
+
+def _content_checks(path: Path) -> tuple[dict | None, list[Check]]:
+    """The config entry (None when unusable) and the checks of steps 1 and 2."""
+    entry, config_check = _config_entry(path)
+    checks = [config_check]
+    if entry is None:
+        return None, checks
+    recorded = entry.get(TENSOR_FILES_KEY)
+    if not isinstance(recorded, dict) or not recorded:
+        checks.append(Check("content hashes", False, "config.json records no tensor_files "
+                            "(written before mpq recorded them); re-write it with mpq convert"))
+        return entry, checks
+    checks += [_file_check(path, name, expected) for name, expected in sorted(recorded.items())]
+    extra = sorted(p.name for p in path.glob("*.safetensors") if p.name not in recorded)
+    if extra:
+        checks.append(Check("unrecorded files", False, f"{', '.join(extra)} not in tensor_files"))
+    return entry, checks
 
 
 def _config_entry(path: Path) -> tuple[dict | None, Check]:
@@ -111,8 +134,10 @@ def _decode_check(path: Path) -> Check:
         state = state_from_artifact(path)
     except ArtifactError as exc:
         return Check("tensors", False, exc.one_line())
-    bad = sorted(name for name, tensor in state.dense.items()
-                 if tensor.is_floating_point() and not torch.isfinite(tensor).all())
+    bad = sorted([name for name, tensor in state.dense.items()
+                  if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+                 + [f"{name} (decoded: its codes and scales)" for name, qw in state.qweights.items()
+                    if not torch.isfinite(qw.dequantize(torch.float32)).all()])
     if bad:
         return Check("tensors", False, f"NaN/Inf in {', '.join(bad[:5])}"
                      + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))

@@ -26,14 +26,15 @@ def parse_ppl_delta(value: str | None) -> tuple[float, bool] | None:
     return (number / 100 if relative else number), relative
 
 
-def load_for_eval(path: str, dequantize: bool):
-    """An mpq artifact through mpq.load, any other folder as a plain transformers model."""
+def load_for_eval(path: str, dequantize: bool, verify: bool = True):
+    """An mpq artifact through mpq.load (its tensor files checked against their recorded
+    sha256 unless ``verify`` is off), any other folder as a plain transformers model."""
     from mpq.checkpoint.native import is_artifact
     from mpq.loader import load
     from mpq.models.source import check_model_dir, load_model, load_tokenizer
 
     if is_artifact(path):
-        model = load(path, dequantize=dequantize)
+        model = load(path, dequantize=dequantize, verify=verify)
     else:
         model = load_model(check_model_dir(path))
     return model, load_tokenizer(path)
@@ -77,16 +78,19 @@ def check_gates(result: dict, ppl_delta, max_kl) -> list[str]:
                    "(absolute, or relative with %, e.g. 2%).")
 @click.option("--max-kl", default=None, type=float, help="Gate: fail (exit 10) above this mean KL.")
 @click.option("--dequantize", is_flag=True, help="Dequantize all layers up front (faster).")
+@click.option("--no-verify", "no_verify", is_flag=True,
+              help="Skip checking the artifact's tensor files against their recorded sha256 "
+                   "(done by default before loading).")
 @json_option
 def command(model, data, reference, window, num_windows, stride, max_ppl_delta, max_kl,
-            dequantize, as_json):
+            dequantize, no_verify, as_json):
     """Perplexity of MODEL (an mpq artifact or a model folder) on DATA."""
     from mpq.analysis.eval import compare, load_eval_ids, perplexity
 
     ppl_delta = parse_ppl_delta(max_ppl_delta)
     if (ppl_delta is not None or max_kl is not None) and reference is None:
         raise click.UsageError("--max-ppl-delta and --max-kl need --reference")
-    quantized, tokenizer = load_for_eval(model, dequantize)
+    quantized, tokenizer = load_for_eval(model, dequantize, verify=not no_verify)
     ids = load_eval_ids(data, tokenizer)
     if reference is None:
         result = perplexity(quantized, ids, window=window, num_windows=num_windows,

@@ -88,3 +88,35 @@ def test_rehashed_but_incomplete_artifact_fails_decoding(artifacts, tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     checks = verify_artifact(path)
     assert [c.name for c in checks if not c.ok] == ["tensors"]
+
+
+def _rehash(path):
+    config = json.loads((path / "config.json").read_text())
+    config["mpq"]["tensor_files"]["model.safetensors"] = file_digest(path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("key", ["model.layers.0.mlp.down_proj.scale",
+                                 "model.layers.1.self_attn.q_proj.scale"])
+def test_a_nan_scale_fails_verify_even_when_rehashed(artifacts, tmp_path, key):
+    path = _copy(artifacts, tmp_path)
+    file = path / "model.safetensors"
+    with safe_open(str(file), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(file), metadata=metadata)
+    _rehash(path)
+    failed = [c for c in verify_artifact(path) if not c.ok]
+    assert [c.name for c in failed] == ["tensors"]
+    assert key.rsplit(".", 1)[0] in failed[0].detail and "NaN/Inf" in failed[0].detail
+
+
+def test_load_checks_the_recorded_hashes_unless_told_not_to(artifacts, tmp_path):
+    import mpq
+
+    path = _copy(artifacts, tmp_path)
+    _flip_one_byte(path / "model.safetensors")
+    with pytest.raises(ArtifactError, match="model.safetensors: sha256"):
+        mpq.load(path)
+    mpq.load(path, verify=False)  # a flipped bit in a tensor's data still loads when asked

@@ -207,9 +207,9 @@ def _cuda_present() -> str | None:
     return "CUDA is available here" if torch.cuda.is_available() else None
 
 
-def _eval_args(env: Env, model: Path) -> list:
+def _eval_args(env: Env, model: Path, *extra) -> list:
     data = env.write("eval.txt", "the quick brown fox jumps over the lazy dog. " * 8)
-    return ["eval", model, "--data", data, "--window", 32]
+    return ["eval", model, "--data", data, "--window", 32, *extra]
 
 
 def _pickled_only(env: Env) -> Path:
@@ -252,12 +252,16 @@ def _other_runs_work_dir(env: Env) -> list:
     return env.quantize(env.src)
 
 
-def _tampered_artifact(env: Env) -> list:
+def _byte_flipped(env: Env) -> Path:
     art = env.artifact_copy()
     data = bytearray((art / "model.safetensors").read_bytes())
     data[-3] ^= 0x01
     (art / "model.safetensors").write_bytes(bytes(data))
-    return ["verify", art]
+    return art
+
+
+def _tampered_artifact(env: Env) -> list:
+    return ["verify", _byte_flipped(env)]
 
 
 def _no_memory(env: Env) -> list:
@@ -459,10 +463,15 @@ CASES: list[Case] = [
                     "-o", e.out, "--format", "compressed-tensors"],
          ArtifactError, ("{tmp}/art: missing tensor 'model.layers.0.mlp.up_proj.scale'",)),
     Case("artifact-shape-mismatch", "mpq eval of an artifact whose qweight lost a column",
-         lambda e: _eval_args(e, _artifact_reshaped(e, "model.layers.0.self_attn.q_proj.qweight")),
+         lambda e: _eval_args(e, _artifact_reshaped(e, "model.layers.0.self_attn.q_proj.qweight"),
+                              "--no-verify"),
          ArtifactError, ("{tmp}/art: tensor 'model.layers.0.self_attn.q_proj.qweight'", "shape")),
     Case("artifact-tampered", "mpq verify of an artifact whose tensor file changed after writing",
          _tampered_artifact, ArtifactError, ("{tmp}/art", "model.safetensors: sha256")),
+    Case("artifact-tampered-eval", "mpq eval of an artifact with one flipped bit (mpq.load "
+         "checks the recorded sha256 first)",
+         lambda e: _eval_args(e, _byte_flipped(e)), ArtifactError,
+         ("{tmp}/art: model.safetensors: sha256", "--no-verify")),
     # runs: resume, resources
     Case("resume-other-run", "a work directory beside the output left by a run with other inputs",
          _other_runs_work_dir, ResumeError, ("{tmp}/out.mpq-work", "recipe changed",
@@ -472,7 +481,7 @@ CASES: list[Case] = [
     Case("memory-insufficient", "the estimated peak memory exceeds the available memory",
          _no_memory, ResourceError, ("GiB of memory", "available", "--num-samples")),
     Case("artifact-dense-shape-mismatch", "mpq eval of an artifact with a wrong-size norm weight",
-         lambda e: _eval_args(e, _artifact_reshaped_1d(e, "model.norm.weight")),
+         lambda e: _eval_args(e, _artifact_reshaped_1d(e, "model.norm.weight"), "--no-verify"),
          ArtifactError, ("{tmp}/art", "model.norm.weight")),
 ]
 
