@@ -34,7 +34,8 @@ from mpq.engine.streaming import BlockStreamer, streamed_state
 from mpq.errors import ModelError
 from mpq.memory import release_free_memory
 from mpq.models.layout import untie_head
-from mpq.models.source import PASS_THROUGH, fingerprint, load_model, load_tokenizer
+from mpq.models.source import (PASS_THROUGH, check_unchanged, file_stamps, fingerprint, load_model,
+                               load_tokenizer)
 from mpq.rotation.quarot import apply_quarot
 
 @dataclass
@@ -103,6 +104,7 @@ def quantize(model_path: str | Path, recipe, out_dir: str | Path,
     check_output_free(out_dir, force)
     spec = resolve_run(model_path, recipe, options)
     check_output_apart(out_dir, spec.inputs)
+    stamps = file_stamps(spec.source_dir)  # before any weight is read
     if spec.device.type == "cuda" and ranks is not None:
         torch.cuda.set_device(spec.device)
     if check_memory:
@@ -150,6 +152,12 @@ def quantize(model_path: str | Path, recipe, out_dir: str | Path,
             if streamer is not None and run.writer:
                 checkpoint.remove()
             raise
+    try:
+        check_unchanged(spec.source_dir, stamps)
+    except ModelError:  # its saved blocks may come from either version of the model
+        if run.writer:
+            checkpoint.remove()
+        raise
     state_args = dict(provenance={
         "recipe": {**recipe.to_dict(), "source": recipe.source, "text": recipe.text},
         "calibration": provenance, "source": source, "pipeline": pipeline_options},

@@ -56,6 +56,12 @@ def source_weight_map(path: Path) -> dict[str, Path]:
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"{index} is unreadable: {exc}",
                              hint="re-download or re-save the model") from exc
+        inside = path.resolve()
+        for file in sorted(set(weight_map.values())):
+            if not isinstance(file, str) or not (path / file).resolve().is_relative_to(inside):
+                raise ModelError(f"{index} names a shard outside the model folder: {file!r}",
+                                 hint="every shard must be a file inside the model folder; "
+                                      "re-save the model")
         return {name: path / file for name, file in weight_map.items()}
     files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() \
         else weight_files(path)

@@ -154,11 +154,44 @@ def check_finite(model: nn.Module, where: str | Path | None = None) -> None:
                              hint="the source checkpoint is damaged; quantizing it would too")
 
 
+def source_files(path: Path) -> list[Path]:
+    """The files whose bytes make the model: config.json, the shard index if any, every weight
+    file."""
+    index = path / "model.safetensors.index.json"
+    return [path / "config.json", *([index] if index.is_file() else []), *weight_files(path)]
+
+
+def file_stamps(path: Path) -> dict[str, tuple[int, int, int]]:
+    """(inode, size, mtime in ns) of each of the model's files: a cheap witness of change."""
+    stamps = {}
+    for file in source_files(path):
+        stat = file.stat()
+        stamps[file.name] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return stamps
+
+
+def check_unchanged(path: Path, stamps: dict[str, tuple[int, int, int]]) -> None:
+    """ModelError when the model's files are no longer those ``stamps`` saw (replaced, edited,
+    added or removed while a run read them)."""
+    hint = "leave the model folder alone during a run and run again"
+    try:
+        now = file_stamps(path)
+    except OSError as exc:
+        raise ModelError(f"{path}: the model's files changed while the run read them "
+                         f"({first_line(exc)})", hint=hint) from exc
+    changed = sorted(name for name in now.keys() | stamps.keys()
+                     if now.get(name) != stamps.get(name))
+    if changed:
+        raise ModelError(f"{path}: the model's files changed while the run read them "
+                         f"({', '.join(changed)}); its result would mix two models", hint=hint)
+
+
 def fingerprint(path: str | Path) -> dict:
-    """sha256 of config.json and of every weight file (streamed), plus the model type."""
+    """sha256 of config.json, the shard index if any and every weight file (streamed), plus
+    the model type."""
     path = Path(path)
     digest = hashlib.sha256()
-    files = [path / "config.json", *weight_files(path)]
+    files = source_files(path)
     for file in files:
         digest.update(file.name.encode())
         with open(file, "rb") as handle:
