@@ -7,6 +7,7 @@ estimate of that same spec, the calibration data; then the engine and the writer
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from mpq.analysis.estimate import check_memory_budget
 from mpq.calibration import CalibrationSet, build_calibration_set
-from mpq.checkpoint.native import check_output_apart, check_output_free
+from mpq.checkpoint.native import check_output_apart, check_output_free, output_lock
 from mpq.checkpoint.state import state_from_model
 from mpq.checkpoint.writers import write_state
 from mpq.config.plan import Plan
@@ -125,55 +126,57 @@ def quantize(model_path: str | Path, recipe, out_dir: str | Path,
         model_sha256=source["sha256"], recipe=recipe.to_dict(),
         calibration_sha256=provenance["sha256"] if provenance else None,
         options={**pipeline_options, "dtype": str(model.dtype), "device": spec.device.type})
-    if ranks is None or ranks.writer:
-        checkpoint = Checkpoint.open(out_dir, run_print, mode=resume)
-    if ranks is not None:  # the others read rank 0's work directory once it is ready
-        ranks.barrier()
-        if not ranks.writer:
-            checkpoint = Checkpoint(work_dir_for(out_dir), run_print)
-    log = RunLog.for_plan(plan)
-    if recipe.rotation is not None:  # before any statistic is taken
-        log.rotation = apply_quarot(model, layout, recipe.rotation)
-        release_free_memory()
-    head = plan.get(layout.head_name) if layout.head_name else None
-    untied = head is not None and head.scheme is not None and untie_head(model)
-    run = RunState(model=model, layout=layout, plan=plan, log=log, needs=spec.needs,
-                   device=spec.device, events=events, ranks=ranks,
-                   true_sequential=options.true_sequential,
-                   offload_activations=options.offload_activations, keep_dequantized=False,
-                   streamed=streamer is not None)
-    with stop_at_safe_points() as stop:
-        hooks = [StopHook(stop, run.layout.num_blocks), *([streamer] if streamer else []),
-                 ResumeHook(checkpoint, ranks), TransformHook(), KVCalibrationHook()]
+    with ExitStack() as held:
+        if ranks is None or ranks.writer:  # one run at a time writes OUT
+            held.enter_context(output_lock(out_dir))
+            checkpoint = Checkpoint.open(out_dir, run_print, mode=resume)
+        if ranks is not None:  # the others read rank 0's work directory once it is ready
+            ranks.barrier()
+            if not ranks.writer:
+                checkpoint = Checkpoint(work_dir_for(out_dir), run_print)
+        log = RunLog.for_plan(plan)
+        if recipe.rotation is not None:  # before any statistic is taken
+            log.rotation = apply_quarot(model, layout, recipe.rotation)
+            release_free_memory()
+        head = plan.get(layout.head_name) if layout.head_name else None
+        untied = head is not None and head.scheme is not None and untie_head(model)
+        run = RunState(model=model, layout=layout, plan=plan, log=log, needs=spec.needs,
+                       device=spec.device, events=events, ranks=ranks,
+                       true_sequential=options.true_sequential,
+                       offload_activations=options.offload_activations, keep_dequantized=False,
+                       streamed=streamer is not None)
+        with stop_at_safe_points() as stop:
+            hooks = [StopHook(stop, run.layout.num_blocks), *([streamer] if streamer else []),
+                     ResumeHook(checkpoint, ranks), TransformHook(), KVCalibrationHook()]
+            try:
+                qweights = run_blocks(run, calib.samples if calib else None,
+                                      batch_tokens=options.calibration.batch_tokens, hooks=hooks)
+            except ModelError:  # a damaged block of the source: its work directory is of no use
+                if streamer is not None and run.writer:
+                    checkpoint.remove()
+                raise
         try:
-            qweights = run_blocks(run, calib.samples if calib else None,
-                                  batch_tokens=options.calibration.batch_tokens, hooks=hooks)
-        except ModelError:  # a damaged block of the source: its work directory is of no use
-            if streamer is not None and run.writer:
+            check_unchanged(spec.source_dir, stamps)
+        except ModelError:  # its saved blocks may come from either version of the model
+            if run.writer:
                 checkpoint.remove()
             raise
-    try:
-        check_unchanged(spec.source_dir, stamps)
-    except ModelError:  # its saved blocks may come from either version of the model
-        if run.writer:
-            checkpoint.remove()
-        raise
-    state_args = dict(provenance={
-        "recipe": {**recipe.to_dict(), "source": recipe.source, "text": recipe.text},
-        "calibration": provenance, "source": source, "pipeline": pipeline_options},
-        files={name: spec.source_dir / name for name in PASS_THROUGH
-               if (spec.source_dir / name).is_file()})
-    result = QuantizeResult(out_dir=out_dir, plan=plan, log=log, sizes={}, calibration=provenance,
-                            seconds=0.0, untied_head=untied,
-                            output_format=spec.writer.name, warnings=list(spec.warnings))
-    if ranks is not None and not ranks.writer:  # rank 0 writes the artifact
-        result.written = False
-    else:
-        if streamer is not None:  # the blocks' tensors are read back from the work directory
-            state = streamed_state(model, layout, plan, log, checkpoint, qweights, **state_args)
+        state_args = dict(provenance={
+            "recipe": {**recipe.to_dict(), "source": recipe.source, "text": recipe.text},
+            "calibration": provenance, "source": source, "pipeline": pipeline_options},
+            files={name: spec.source_dir / name for name in PASS_THROUGH
+                   if (spec.source_dir / name).is_file()})
+        result = QuantizeResult(out_dir=out_dir, plan=plan, log=log, sizes={}, calibration=provenance,
+                                seconds=0.0, untied_head=untied,
+                                output_format=spec.writer.name, warnings=list(spec.warnings))
+        if ranks is not None and not ranks.writer:  # rank 0 writes the artifact
+            result.written = False
         else:
-            state = state_from_model(model, plan, log, qweights, **state_args)
-        result.sizes = write_state(state, out_dir, spec.writer, force=force)
-        checkpoint.remove()
+            if streamer is not None:  # the blocks' tensors are read back from the work directory
+                state = streamed_state(model, layout, plan, log, checkpoint, qweights, **state_args)
+            else:
+                state = state_from_model(model, plan, log, qweights, **state_args)
+            result.sizes = write_state(state, out_dir, spec.writer, force=force)
+            checkpoint.remove()
     result.seconds = time.perf_counter() - started
     return result

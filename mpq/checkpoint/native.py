@@ -16,14 +16,17 @@ renamed into place at the end; on failure or interruption the temporary folder i
 """
 from __future__ import annotations
 
+import fcntl
+import glob
 import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -98,6 +101,36 @@ def check_output_free(out_dir: Path, force: bool) -> None:
         raise OutputError(f"cannot create output '{out_dir}': '{parent}' is "
                           f"{'not a directory' if not parent.is_dir() else 'not writable'}",
                           hint="choose an -o inside a writable folder")
+
+
+@contextmanager
+def output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold the exclusive lock of a run writing ``out_dir`` (``.OUT.mpq-lock`` beside it, an
+    advisory ``flock`` the system releases if the process dies); OutputError when another run
+    holds it.  Once held, the half-written temporary folders that killed runs writing the same
+    output left beside it are removed."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = out_dir.parent / f".{out_dir.name}.mpq-lock"
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise OutputError(f"another mpq run (pid {holder}) is writing '{out_dir}'",
+                          hint="wait for it to finish, or choose another -o") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        for left in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.mpq-tmp-*"):
+            shutil.rmtree(left, ignore_errors=True)  # a killed run's half-written folder
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        handle.close()
 
 
 def write_artifact(out_dir: str | Path, tensors: Mapping[str, torch.Tensor],
