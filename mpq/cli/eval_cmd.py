@@ -86,11 +86,16 @@ def command(model, data, reference, window, num_windows, stride, max_ppl_delta, 
             dequantize, no_verify, as_json):
     """Perplexity of MODEL (an mpq artifact or a model folder) on DATA."""
     from mpq.analysis.eval import compare, load_eval_ids, perplexity
+    from mpq.models.source import max_positions
 
     ppl_delta = parse_ppl_delta(max_ppl_delta)
     if (ppl_delta is not None or max_kl is not None) and reference is None:
         raise click.UsageError("--max-ppl-delta and --max-kl need --reference")
     quantized, tokenizer = load_for_eval(model, dequantize, verify=not no_verify)
+    limit = max_positions(quantized)
+    if limit is not None and window > limit:
+        raise click.UsageError(f"--window {window} exceeds the model's maximum of {limit} "
+                               f"positions: use --window {limit} or less")
     ids = load_eval_ids(data, tokenizer)
     if reference is None:
         result = perplexity(quantized, ids, window=window, num_windows=num_windows,

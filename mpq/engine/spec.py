@@ -27,7 +27,7 @@ from mpq.engine.streaming import build_streamed, streaming_blocker
 from mpq.errors import CalibrationError, ModelError, RecipeError, SchemeError, did_you_mean
 from mpq.models.attention import attention_modules
 from mpq.models.layout import ModelLayout, blocks_of, describe_layers, layout_of
-from mpq.models.source import check_float_source, check_model_dir
+from mpq.models.source import check_float_source, check_model_dir, max_positions
 from mpq.quantizers.base import QUANTIZERS
 from mpq.rotation.quarot import check_supported as check_rotation_supported
 from mpq.rotation.quarot import rotation_specs
@@ -119,6 +119,9 @@ def check_device(device: str | torch.device) -> torch.device:
         parsed = torch.device(device)
     except RuntimeError as exc:
         raise ModelError(f"unknown device '{device}'", hint="use cpu, cuda or cuda:N") from exc
+    if parsed.type not in ("cpu", "cuda"):
+        raise ModelError(f"device '{device}' is not supported: mpq runs on cpu or cuda",
+                         hint="use --device cpu or --device cuda")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"device '{device}' requested but CUDA is not available here",
                          hint="use --device cpu")
@@ -184,6 +187,15 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
     return layout, plan
 
 
+def check_sequence_length(model: nn.Module, calibration: CalibrationOptions) -> None:
+    """CalibrationError when calibration samples are longer than the model's learned position
+    table (mpq.models.source.max_positions)."""
+    limit = max_positions(model)
+    if calibration.source is not None and limit is not None and calibration.seq_len > limit:
+        raise CalibrationError(f"--seq-len {calibration.seq_len} exceeds the model's maximum of "
+                               f"{limit} positions", hint=f"use --seq-len {limit} or less")
+
+
 def resolve_run(model_path: str | Path, recipe: str | Recipe,
                 options: RunOptions = RunOptions()) -> RunSpec:
     """Check and resolve a run without reading any weight (see the module docstring).
@@ -201,6 +213,7 @@ def resolve_run(model_path: str | Path, recipe: str | Recipe,
     source_dir = check_model_dir(model_path)
     check_float_source(source_dir)
     skeleton, weight_map = build_streamed(source_dir, options.dtype)
+    check_sequence_length(skeleton, options.calibration)
     layout, plan = plan_model(skeleton, recipe)
     if ranks is not None:
         check_distributed_support(plan)

@@ -68,6 +68,22 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
+POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence a model with a learned position table can take (its config's
+    ``max_position_embeddings`` or GPT-2's ``n_positions``; longer inputs index past the
+    table).  None for rotary models, which have no such hard limit."""
+    if not any(name.rsplit(".", 1)[-1] in POSITION_TABLES for name, _ in model.named_modules()):
+        return None
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(model.config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def check_float_source(path: Path) -> None:
     """ModelError when the folder holds an already-quantized checkpoint (an mpq artifact, GPTQ,
     compressed-tensors, ...: config.json has ``mpq`` or ``quantization_config``), whose weights

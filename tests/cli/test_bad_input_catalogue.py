@@ -113,6 +113,14 @@ def _poisoned(env: Env, value: float) -> Path:
     return model
 
 
+def _gpt2(env: Env) -> Path:
+    from tests.helpers import write_tokenizer
+
+    save_tiny_model("gpt2", env.tmp / "gpt2")
+    write_tokenizer(env.tmp / "gpt2")
+    return env.tmp / "gpt2"
+
+
 def _missing_tensor(env: Env) -> Path:
     model = env.model_copy()
     _rewrite_tensors(model / "model.safetensors",
@@ -325,6 +333,13 @@ CASES: list[Case] = [
          lambda e: e.quantize(_edited_config(e, lambda c: c.update(
              quantization_config={"quant_method": "gptq", "bits": 4}))), ModelError,
          ("{tmp}/bad", "already-quantized checkpoint (gptq)")),
+    Case("device-meta", "--device meta (or mps, xla: devices mpq does not run on)",
+         lambda e: e.quantize(e.src, "--device", "meta"), ModelError,
+         ("device 'meta' is not supported", "cpu or cuda")),
+    Case("calib-longer-than-positions", "--seq-len beyond a learned position table (GPT-2's "
+         "n_positions)", lambda e: e.quantize(_gpt2(e), "--calib", _calib(
+             e, "c.txt", "hello world " * 2000), "--seq-len", 256, recipe="w4a16-gptq"),
+         CalibrationError, ("--seq-len 256", "128 positions")),
     Case("model-unknown-arch", "config.json model_type unknown to transformers",
          lambda e: e.quantize(_edited_config(e, lambda c: c.update(model_type="no-such-arch"))),
          ModelError, ("{tmp}/bad/config.json", "model_type 'no-such-arch'")),

@@ -1,4 +1,4 @@
-"""Eval gates fail on figures that are not finite, and --json stays valid JSON."""
+"""Eval gates fail on figures that are not finite (and --json stays valid JSON); windows fit the model."""
 from __future__ import annotations
 
 import json
@@ -44,3 +44,14 @@ def test_a_nan_artifact_fails_the_gates_with_valid_json(tmp_path):
                         parse_constant=lambda name: (_ for _ in ()).throw(ValueError(name)))
     assert record["kl_mean"] is None and record["ppl"] is None
     assert len(record["gates_failed"]) == 2
+
+
+def test_a_window_beyond_a_learned_position_table_is_a_usage_error(tmp_path):
+    save_tiny_model("gpt2", tmp_path / "gpt2")  # n_positions 128
+    write_tokenizer(tmp_path / "gpt2")
+    data = tmp_path / "data.txt"
+    data.write_text("the cat sat on the mat " * 200)
+    result = run_cli("eval", tmp_path / "gpt2", "--data", data, "--window", 256)
+    assert result.exit_code == 2 and "exceeds the model's maximum of 128 positions" in result.output
+    assert run_cli("eval", tmp_path / "gpt2", "--data", data, "--window", 128,
+                   "--num-windows", 1).exit_code == 0
