@@ -35,8 +35,8 @@ from mpq.engine.streaming import BlockStreamer, streamed_state
 from mpq.errors import ModelError
 from mpq.memory import release_free_memory
 from mpq.models.layout import untie_head
-from mpq.models.source import (PASS_THROUGH, check_unchanged, file_stamps, fingerprint, load_model,
-                               load_tokenizer)
+from mpq.models.source import (check_unchanged, file_stamps, fingerprint, load_model,
+                               load_tokenizer, side_files)
 from mpq.rotation.quarot import apply_quarot
 
 @dataclass
@@ -115,6 +115,10 @@ def quantize(model_path: str | Path, recipe, out_dir: str | Path,
     plan, layout, recipe = spec.plan, spec.layout, spec.recipe
     for warning in spec.warnings:
         events("warning", message=f"{spec.writer.name} pre-flight: {warning}")
+    side, outside = side_files(spec.source_dir)
+    for name in outside:
+        events("warning", message=f"{name} is a link leading outside the model folder: not "
+                                  "copied into the artifact")
     calib = calibration_set(spec)
     if calib is not None:
         events("calibration", **calib.provenance)
@@ -164,10 +168,9 @@ def quantize(model_path: str | Path, recipe, out_dir: str | Path,
         state_args = dict(provenance={
             "recipe": {**recipe.to_dict(), "source": recipe.source, "text": recipe.text},
             "calibration": provenance, "source": source, "pipeline": pipeline_options},
-            files={name: spec.source_dir / name for name in PASS_THROUGH
-                   if (spec.source_dir / name).is_file()})
-        result = QuantizeResult(out_dir=out_dir, plan=plan, log=log, sizes={}, calibration=provenance,
-                                seconds=0.0, untied_head=untied,
+            files=side)
+        result = QuantizeResult(out_dir=out_dir, plan=plan, log=log, sizes={},
+                                calibration=provenance, seconds=0.0, untied_head=untied,
                                 output_format=spec.writer.name, warnings=list(spec.warnings))
         if ranks is not None and not ranks.writer:  # rank 0 writes the artifact
             result.written = False

@@ -28,6 +28,26 @@ PASS_THROUGH = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
                 "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
+def side_files(path: Path) -> tuple[dict[str, Path], list[str]]:
+    """The tokenizer and generation files to copy into an artifact (name → file), and the
+    names skipped because they are links leading outside the model folder (whatever they point
+    at would end up in a published artifact).  A Hugging Face cache snapshot's links into its
+    repository's ``blobs/`` are the cache's own layout and are followed."""
+    inside = path.resolve()
+    blobs = inside.parent.parent / "blobs" if inside.parent.name == "snapshots" else None
+    files, skipped = {}, []
+    for name in PASS_THROUGH:
+        file = path / name
+        if not file.is_file():
+            continue
+        target = file.resolve()
+        if target.is_relative_to(inside) or (blobs is not None and target.is_relative_to(blobs)):
+            files[name] = file
+        else:
+            skipped.append(name)
+    return files, skipped
+
+
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's text (library errors can run to paragraphs)."""
     return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
