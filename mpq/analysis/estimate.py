@@ -353,7 +353,7 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
     # ---- the calibration work
     wanted = spec.needs
     forward = bool(calibration.source is not None
-                   and (wanted or plan.transforms or plan.kv_cache))
+                   and spec.needs_calibration_pass)
     seq_len = calibration.seq_len
     tokens = calibration.num_samples * seq_len if forward else 0
     per_batch = max(1, calibration.batch_tokens // seq_len)

@@ -40,6 +40,12 @@ def no_events(kind: str, **data: Any) -> None:
     return None
 
 
+def calibration_pass_needed(plan: Plan, needs: Mapping[str, frozenset[str]]) -> bool:
+    """Whether a run of ``plan`` runs calibration data through the blocks: some layer needs
+    statistics, or the plan has transforms or KV-cache scales to calibrate."""
+    return bool(needs or plan.transforms or plan.kv_cache)
+
+
 @dataclass
 class RunState:
     """One run of the engine: the model (quantized in place), its plan, what the run produced
@@ -65,6 +71,11 @@ class RunState:
     keep_dequantized: bool = True
     streamed: bool = False  # blocks are read from the source files in turn (mpq.engine.streaming)
     qweights: dict[str, QuantizedWeight] = field(default_factory=dict)
+
+    @property
+    def needs_calibration_pass(self) -> bool:
+        """Whether calibration data runs through the blocks (statistics, transforms, KV)."""
+        return calibration_pass_needed(self.plan, self.needs)
 
     @property
     def writer(self) -> bool:

@@ -98,7 +98,7 @@ def run_blocks(run: RunState, samples: list[torch.Tensor] | None, *,
         run.keep_dequantized = True
     with torch.inference_mode():
         inputs = None
-        if run.needs or plan.transforms or plan.kv_cache:
+        if run.needs_calibration_pass:
             batches = batch_samples(samples, batch_tokens)
             if ranks is not None:  # this process's share of the calibration tokens
                 batches = ranks.share(batches, weights=[b.numel() for b in batches])

@@ -23,6 +23,7 @@ from mpq.config.recipe import Recipe, load_recipe
 from mpq.engine.distributed import current as current_ranks
 from mpq.engine.distributed import check_supported as check_distributed_support
 from mpq.engine.distributed import rank_device
+from mpq.engine.lifecycle import calibration_pass_needed
 from mpq.engine.streaming import build_streamed, streaming_blocker
 from mpq.errors import CalibrationError, ModelError, RecipeError, SchemeError, did_you_mean
 from mpq.models.attention import attention_modules
@@ -94,7 +95,7 @@ class RunSpec:
     @property
     def needs_calibration_pass(self) -> bool:
         """Whether calibration data runs through the model (statistics, transforms, KV)."""
-        return bool(self.needs or self.plan.transforms or self.plan.kv_cache)
+        return calibration_pass_needed(self.plan, self.needs)
 
     def require_calibration(self) -> None:
         """CalibrationError when the plan needs calibration data and ``--calib`` is missing."""
