@@ -249,24 +249,6 @@ def load_dtype(config: dict, dtype: str | torch.dtype = "auto") -> torch.dtype:
     return torch.float32
 
 
-def _act_order(scheme) -> bool:
-    return scheme.algorithm == "gptq" and bool(dict(scheme.options).get("act_order", False))
-
-
-def quantized_layer_bytes(scheme, shape: tuple[int, int], output_format: str = "mpq",
-                          dtype_bytes: int = 4) -> int:
-    """Bytes of one quantized layer's stored tensors (its weight only; a bias is dense), as its
-    number format counts them in ``output_format`` (scales in ``dtype_bytes`` bytes where that
-    format stores them in the model's dtype)."""
-    from mpq.numerics.base import NUMBER_FORMATS
-
-    args = scheme.weights
-    return NUMBER_FORMATS.get(args.format).stored_bytes(
-        args, shape, output_format, dtype_bytes=dtype_bytes,
-        act_order=_act_order(scheme) and args.granularity == "group",
-        quantized_inputs=scheme.input_activations is not None)
-
-
 def _header_bytes(plan: Plan, tensor_names: list[str], recipe_text: str) -> int:
     """The safetensors header: per tensor ``"name":{"dtype":..,"shape":[..],"data_offsets":[..]}``
     plus mpq's metadata strings (plan with per-layer results, recipe, provenance), JSON-escaped."""
@@ -331,8 +313,8 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
     largest_group = 0
     for layer in plan.quantized():
         n, k = layer.shape
-        quantized_bytes += quantized_layer_bytes(layer.scheme, layer.shape, output_format, elem)
-        native = quantized_layer_bytes(layer.scheme, layer.shape, "mpq", elem)
+        quantized_bytes += layer.scheme.stored_bytes(layer.shape, output_format, elem)
+        native = layer.scheme.stored_bytes(layer.shape, "mpq", elem)
         codes = n * k + max(0, native - n * k * layer.scheme.weights.bits // 8)
         codes_bytes += codes
         largest_group = max(largest_group, native + codes)  # decoded codes + encoded tensors
@@ -495,4 +477,4 @@ def check_memory_budget(spec: RunSpec) -> None:
 
 
 __all__ = ["check_memory_budget", "RunEstimate", "estimate_run", "estimate_and_check", "available_memory",
-           "check_fits", "measure_throughput", "quantized_layer_bytes"]
+           "check_fits", "measure_throughput"]

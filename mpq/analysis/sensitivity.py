@@ -24,7 +24,7 @@ calibration tokens, in nats.  Two measures:
   layer.  Rounding errors of different weights are nearly uncorrelated, which is what the
   diagonal needs.  ``benchmarks/sensitivity_agreement.py`` measures its rank agreement with ``kl``.
 
-Bytes are those of the native format (:func:`mpq.analysis.estimate.quantized_layer_bytes`); bits per weight
+Bytes are those of the native format (:meth:`mpq.config.scheme.LayerScheme.stored_bytes`); bits per weight
 are the unpadded encoding's (the number format's ``ideal_bits``: codes + scales + zeros).
 The table (:class:`SensitivityTable`) is JSON (``mpq sensitivity -o``) that ``mpq quantize
 --sensitivity`` reads back.
@@ -97,13 +97,7 @@ def target_layers(model: nn.Module, candidates: Sequence[Candidate],
 def layer_cost(scheme: LayerScheme, shape: tuple[int, int], output_format: str = "mpq"
                ) -> tuple[float, int]:
     """(bits per weight of the unpadded encoding, stored bytes in ``output_format``)."""
-    from mpq.analysis.estimate import _act_order, quantized_layer_bytes
-    from mpq.numerics.base import NUMBER_FORMATS
-
-    args = scheme.weights
-    bits = NUMBER_FORMATS.get(args.format).ideal_bits(
-        args, shape, act_order=_act_order(scheme) and args.granularity == "group")
-    return bits, quantized_layer_bytes(scheme, shape, output_format)
+    return scheme.ideal_bits(shape), scheme.stored_bytes(shape, output_format)
 
 
 # --- the table --------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mpq.numerics.args import ActivationArgs, WeightArgs
+from mpq.numerics.format import NUMBER_FORMATS
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,29 @@ class LayerScheme:
         if self.input_activations is not None:
             label += f", inputs {self.input_activations.describe()}"
         return label
+
+    @property
+    def stores_g_idx(self) -> bool:
+        """Whether the stored weight carries a column → group map (GPTQ act-order on grouped
+        weights)."""
+        return (self.algorithm == "gptq" and bool(dict(self.options).get("act_order", False))
+                and self.weights.granularity == "group")
+
+    def stored_bytes(self, shape: tuple[int, int], container: str = "mpq",
+                     dtype_bytes: int = 4) -> int:
+        """Bytes of a layer's stored weight tensors (a bias is dense) in checkpoint format
+        ``container``, as its number format counts them (scales in ``dtype_bytes`` bytes where
+        that format stores them in the model's dtype)."""
+        args = self.weights
+        return NUMBER_FORMATS.get(args.format).stored_bytes(
+            args, shape, container, dtype_bytes=dtype_bytes, act_order=self.stores_g_idx,
+            quantized_inputs=self.input_activations is not None)
+
+    def ideal_bits(self, shape: tuple[int, int]) -> float:
+        """Bits per weight of the unpadded encoding (codes, scales, zero points, g_idx)."""
+        args = self.weights
+        return NUMBER_FORMATS.get(args.format).ideal_bits(args, shape,
+                                                          act_order=self.stores_g_idx)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"algorithm": self.algorithm, "weights": self.weights.to_dict(),
