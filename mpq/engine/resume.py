@@ -8,8 +8,9 @@ Layout of ``<out>.mpq-work/``:
 - ``block-NNNNN.safetensors``: the block's tensors once it is done: ``state.<name>`` for every
   non-empty entry of its state dict (norm weights changed by transforms, biases, KV scales) and
   ``q.<layer>.<key>`` for the codec tensors of each quantized layer (mpq.checkpoint.native_codec).
-- ``block-NNNNN.json``: per-layer results and the transforms' records for the block.  It is
-  written last (atomically), so a block counts as finished exactly when its JSON exists.
+- ``block-NNNNN.json``: per-layer results, the transforms' records and the sha256 of the
+  block's tensor file.  It is written last (atomically), so a block counts as finished exactly
+  when its JSON exists; a resumed run refuses a block whose file no longer has that sha256.
 
 Blocks finish in order; the run resumes after the longest prefix of finished blocks.  The work
 directory is removed once the artifact has been written.  Loading uses safetensors and JSON only.
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from mpq import __version__
 from mpq.errors import OutputError, ResumeError
+from mpq.checkpoint.native import file_digest
 from mpq.checkpoint.native_codec import decode, encode, split_layer_tensors
 from mpq.config.plan import LayerPlan
 from mpq.engine.lifecycle import BlockTurn, RunHook, RunState
@@ -131,6 +133,7 @@ class Checkpoint:
             tmp = stem.with_suffix(".safetensors.tmp")
             save_file(tensors, str(tmp))
             os.replace(tmp, stem.with_suffix(".safetensors"))
+            record["sha256"] = file_digest(stem.with_suffix(".safetensors"))["sha256"]
             _write_atomic(stem.with_suffix(".json"), json.dumps(record, sort_keys=True))
         except OSError as exc:
             raise OutputError(f"cannot save block {index} in '{self.path}': {exc}",
@@ -140,13 +143,19 @@ class Checkpoint:
         """Read back block ``index`` (ResumeError when its files are damaged)."""
         stem = self._stem(index)
         record = _read_json(stem.with_suffix(".json"))
+        if not isinstance(record, dict):
+            raise ResumeError(f"block {index} in '{self.path}' has no readable record",
+                              hint="pass --no-resume to start over")
         try:
+            digest = file_digest(stem.with_suffix(".safetensors"))["sha256"]
             tensors = load_file(str(stem.with_suffix(".safetensors")))
         except (OSError, SafetensorError) as exc:
             raise ResumeError(f"block {index} in '{self.path}' is unreadable: {exc}",
                               hint="pass --no-resume to start over") from exc
-        if record is None:
-            raise ResumeError(f"block {index} in '{self.path}' has no readable record",
+        if record.get("sha256") != digest:
+            raise ResumeError(f"block {index} in '{self.path}' is not the file that was saved "
+                              f"(sha256 {digest[:16]}…, recorded "
+                              f"{str(record.get('sha256'))[:16]}…)",
                               hint="pass --no-resume to start over")
         state = {name[len("state."):]: t for name, t in tensors.items() if name.startswith("state.")}
         qweights = {}

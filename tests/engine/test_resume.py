@@ -67,6 +67,31 @@ def test_resumed_run_writes_the_same_bytes(extra, tmp_path, calib_text, monkeypa
     assert not work_dir_for(tmp_path / "resumed").exists()
 
 
+def test_an_edited_saved_block_is_refused_on_resume(tmp_path, calib_text, monkeypatch):
+    save_deep_model(tmp_path / "src", layers=3)
+    calibration = CalibrationOptions(source=str(calib_text), num_samples=2, seq_len=32)
+    save_block = Checkpoint.save_block
+
+    def crash_after_block_1(self, index, *args, **kwargs):
+        save_block(self, index, *args, **kwargs)
+        if index == 1:
+            raise Crash
+
+    monkeypatch.setattr(Checkpoint, "save_block", crash_after_block_1)
+    with pytest.raises(Crash):
+        quantize(tmp_path / "src", resume_recipe(), tmp_path / "out",
+                 RunOptions(calibration=calibration))
+    monkeypatch.setattr(Checkpoint, "save_block", save_block)
+    block = Checkpoint(work_dir_for(tmp_path / "out"), {}).block_file(0)
+    data = bytearray(block.read_bytes())
+    data[-3] ^= 0x01  # one bit of a saved tensor
+    block.write_bytes(bytes(data))
+    with pytest.raises(ResumeError, match="block 0 .* is not the file that was saved"):
+        quantize(tmp_path / "src", resume_recipe(), tmp_path / "out",
+                 RunOptions(calibration=calibration))
+    assert not (tmp_path / "out").exists()
+
+
 def test_mismatching_work_directory_is_refused(tmp_path, calib_text, monkeypatch):
     save_deep_model(tmp_path / "src", layers=3)
     calibration = CalibrationOptions(source=str(calib_text), num_samples=2, seq_len=32)
