@@ -1,7 +1,8 @@
 """Rule resolution: a Recipe + the model's quantizable layers → an explicit per-layer :class:`Plan`.
 
 Matching (first rule wins, per layer): a target is an exact module name, ``re:<regex>`` (Python
-``re.match`` against the full module name, as in compressed-tensors) or a module class name such as
+``re.match`` semantics against the full module name, as in compressed-tensors; matched with the
+regex module under a time limit) or a module class name such as
 ``Linear`` / ``Conv1D``.  A *protected* layer (the output head) is only matched by a target equal to
 its exact name.  A rule whose targets match no layer is an error, as is a scheme that cannot
 represent a layer's weight shape.  Nothing here touches weights: layers are described by
@@ -10,9 +11,10 @@ represent a layer's weight shape.  Nothing here touches weights: layers are desc
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, fields
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+import regex
 
 from mpq.errors import ArtifactError, RecipeError, SchemeError, did_you_mean
 from mpq.config.kv_cache import KVCacheArgs
@@ -153,13 +155,23 @@ class Plan:
             raise ArtifactError(f"malformed plan: {type(exc).__name__}: {exc}", hint=hint) from None
 
 
+REGEX_SECONDS = 1.0  # per layer name: a pathological pattern fails instead of hanging the run
+
+
 def _matches(target: str, layer: LayerInfo) -> bool:
     if target == layer.name:
         return True
     if layer.protected:
         return False
     if target.startswith(REGEX_PREFIX):
-        return re.match(target[len(REGEX_PREFIX):], layer.name) is not None
+        pattern = target[len(REGEX_PREFIX):]
+        try:  # the regex module: re's syntax, with a time limit re does not have
+            return regex.match(pattern, layer.name, timeout=REGEX_SECONDS) is not None
+        except TimeoutError:
+            raise RecipeError(f"target '{target}' takes over {REGEX_SECONDS:g} s to match "
+                              f"'{layer.name}' (catastrophic backtracking)",
+                              hint="simplify the pattern, e.g. avoid nested repeats like "
+                                   "(a+)+ or (.*)*") from None
     return target == layer.class_name
 
 

@@ -372,6 +372,11 @@ CASES: list[Case] = [
          lambda e: e.quantize(e.src, recipe=e.recipe(
              "rules:\n  - targets: 're:.*mlp\\.(down'\n")), RecipeError,
          ("{tmp}/r.yaml: rules[0].targets", "invalid regex")),
+    Case("recipe-backtracking-regex", "a target regex with catastrophic backtracking "
+         "(Python's re would hang on every layer name)",
+         lambda e: e.quantize(e.src, recipe=e.recipe(
+             "rules:\n  - targets: 're:(.*.*)*xyz'\n  - targets: Linear\n")), RecipeError,
+         ("{tmp}/r.yaml: rules[0] targets", "match no layer")),
     Case("recipe-rule-matches-nothing", "a rule whose targets match no layer",
          lambda e: e.quantize(e.src, recipe=e.recipe(
              "rules:\n  - targets: 're:.*mlp\\.down_projection'\n  - targets: Linear\n")),

@@ -183,3 +183,15 @@ def test_group_size_not_dividing_k_suggests_one():
 def test_layer_plan_defaults():
     plan = LayerPlan("a", "Linear", (4, 4), None, None, None, "no rule matched")
     assert plan.to_dict()["scheme"] is None
+
+
+def test_a_pattern_that_overruns_its_time_limit_is_a_recipe_error(monkeypatch):
+    import regex
+
+    def too_slow(*args, **kwargs):
+        raise TimeoutError("regex timed out")
+
+    monkeypatch.setattr(regex, "match", too_slow)
+    with pytest.raises(RecipeError, match="catastrophic backtracking"):
+        resolve(recipe("mpq_recipe: 1\nrules:\n  - targets: ['re:(.*.*)*x']\n"),
+                llama_layers(), OTHER)
