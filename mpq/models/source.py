@@ -169,6 +169,11 @@ def load_model(path: str | Path, dtype: torch.dtype | str = "auto") -> nn.Module
     except (OSError, RuntimeError, SafetensorError) as exc:
         raise ModelError(f"{path}: weight files are unreadable or corrupt: {first_line(exc)}",
                          hint="re-download or re-save the model") from exc
+    except ImportError as exc:  # e.g. a GPTQ checkpoint without optimum installed
+        raise ModelError(f"{path}: transformers cannot load this checkpoint here: "
+                         f"{first_line(exc)}",
+                         hint="install the package it names, or evaluate the native mpq "
+                              "artifact (mpq convert writes other formats from it)") from exc
     missing = sorted(info.get("missing_keys") or ())
     if missing:  # transformers would quietly initialise them at random
         shown = ", ".join(missing[:3]) + (f", … {len(missing) - 3} more" if len(missing) > 3

@@ -121,6 +121,20 @@ def _gpt2(env: Env) -> Path:
     return env.tmp / "gpt2"
 
 
+def _gptq_artifact(env: Env) -> Path:
+    from mpq.engine.spec import RunOptions
+    from mpq.quantize import quantize
+
+    quantize(env.src, "w4a16", env.tmp / "gptq", RunOptions(output_format="gptq"))
+    return env.tmp / "gptq"
+
+
+def _optimum_installed() -> str | None:
+    import importlib.util
+
+    return "optimum is installed here" if importlib.util.find_spec("optimum") else None
+
+
 def _missing_tensor(env: Env) -> Path:
     model = env.model_copy()
     _rewrite_tensors(model / "model.safetensors",
@@ -488,6 +502,11 @@ CASES: list[Case] = [
          ArtifactError, ("{tmp}/art: tensor 'model.layers.0.self_attn.q_proj.qweight'", "shape")),
     Case("artifact-tampered", "mpq verify of an artifact whose tensor file changed after writing",
          _tampered_artifact, ArtifactError, ("{tmp}/art", "model.safetensors: sha256")),
+    Case("eval-gptq-without-optimum", "mpq eval of a GPTQ-format folder where transformers "
+         "needs optimum, which is not installed",
+         lambda e: _eval_args(e, _gptq_artifact(e)), ModelError,
+         ("{tmp}/gptq", "requires optimum", "install the package it names"),
+         skip=_optimum_installed),
     Case("artifact-tampered-eval", "mpq eval of an artifact with one flipped bit (mpq.load "
          "checks the recorded sha256 first)",
          lambda e: _eval_args(e, _byte_flipped(e)), ArtifactError,
