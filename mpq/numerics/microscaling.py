@@ -74,6 +74,27 @@ def check_e8m0(scale: torch.Tensor, prefix: str) -> None:
                             hint="the artifact is damaged; re-run mpq quantize")
 
 
+def block_quantize(w: torch.Tensor, exponent_of: Callable[[torch.Tensor], torch.Tensor],
+                   encode: Callable[[torch.Tensor], torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [N, K], uint8 E8M0 exponents [N, K/32]) of ``w`` [N, K]: each block of 32 inputs
+    gets the exponent ``exponent_of`` gives its abs-max, and ``encode`` rounds the block
+    divided by that power of two onto the element grid."""
+    n, k = w.shape
+    blocks = w.reshape(n, k // MX_BLOCK, MX_BLOCK)
+    exp = exponent_of(blocks.abs().amax(dim=-1))
+    return encode(blocks / e8m0_to_float(exp).unsqueeze(-1)).reshape(n, k), exp
+
+
+def block_dequantize(codes: torch.Tensor, exp: torch.Tensor,
+                     decode: Callable[[torch.Tensor], torch.Tensor],
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`block_quantize`: element values times their block's 2^(E−127)."""
+    n, k = codes.shape
+    vals = decode(codes).reshape(n, -1, MX_BLOCK)
+    return (vals * e8m0_to_float(exp).unsqueeze(-1)).reshape(n, k).to(dtype)
+
+
 def _fp8_encode(y: torch.Tensor) -> torch.Tensor:
     """E4M3 codes of scaled values, saturating (as :func:`mpq.numerics.fp8.fp8_codes`)."""
     fmax = torch.finfo(torch.float8_e4m3fn).max
@@ -105,16 +126,12 @@ class MxGrid(NumberFormat):
 
     def quantize(self, weight: torch.Tensor, args: WeightArgs) -> QuantizedWeight:
         w = prepare_weight(weight, args, self.name)
-        n, k = w.shape
-        blocks = w.reshape(n, k // MX_BLOCK, MX_BLOCK)
-        exp = e8m0_exponent(blocks.abs().amax(dim=-1), self.elem_max)
-        codes = self._encode(blocks / e8m0_to_float(exp).unsqueeze(-1)).reshape(n, k)
-        return QuantizedWeight(args=args, shape=(n, k), codes=codes, scale=exp)
+        codes, exp = block_quantize(w, lambda absmax: e8m0_exponent(absmax, self.elem_max),
+                                    self._encode)
+        return QuantizedWeight(args=args, shape=tuple(w.shape), codes=codes, scale=exp)
 
     def dequantize(self, qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        n, k = qw.codes.shape
-        vals = self._decode(qw.codes).reshape(n, -1, MX_BLOCK)
-        return (vals * e8m0_to_float(qw.scale).unsqueeze(-1)).reshape(n, k).to(dtype)
+        return block_dequantize(qw.codes, qw.scale, self._decode, dtype)
 
     def encode(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         out = {"scale": qw.scale.to(torch.uint8).contiguous()}

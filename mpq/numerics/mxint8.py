@@ -29,8 +29,8 @@ from mpq.numerics.base import QuantizedWeight
 from mpq.numerics.format import NumberFormat, ParamChooser
 from mpq.numerics.int_grid import prepare_weight
 from mpq.numerics.mappings import NotExpressible
-from mpq.numerics.microscaling import (E8M0_BIAS, E8M0_NAN, MX_BLOCK, check_e8m0,
-                                       e8m0_to_float)
+from mpq.numerics.microscaling import (E8M0_BIAS, E8M0_NAN, MX_BLOCK, block_dequantize,
+                                       block_quantize, check_e8m0, e8m0_to_float)
 from mpq.numerics.stored import take
 
 ELEM_FRACTION = 64  # the INT8 element's implicit scale 2^−6
@@ -108,16 +108,11 @@ class Mxint8Grid(NumberFormat):
 
     def quantize(self, weight: torch.Tensor, args: WeightArgs) -> QuantizedWeight:
         w = prepare_weight(weight, args, self.name)
-        n, k = w.shape
-        blocks = w.reshape(n, k // MX_BLOCK, MX_BLOCK)
-        exp = shared_exponent(blocks.abs().amax(dim=-1))
-        codes = element_codes(blocks / e8m0_to_float(exp).unsqueeze(-1)).reshape(n, k)
-        return QuantizedWeight(args=args, shape=(n, k), codes=codes, scale=exp)
+        codes, exp = block_quantize(w, shared_exponent, element_codes)
+        return QuantizedWeight(args=args, shape=tuple(w.shape), codes=codes, scale=exp)
 
     def dequantize(self, qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        n, k = qw.codes.shape
-        vals = element_values(qw.codes).reshape(n, -1, MX_BLOCK)
-        return (vals * e8m0_to_float(qw.scale).unsqueeze(-1)).reshape(n, k).to(dtype)
+        return block_dequantize(qw.codes, qw.scale, element_values, dtype)
 
     def encode(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         return {"weight": qw.codes.to(torch.int8).contiguous(),
