@@ -15,7 +15,7 @@ from torch import nn
 
 from mpq.models.layout import blocks_of, is_linear, layout_of, weight_of
 from mpq.errors import ArtifactError
-from mpq.checkpoint.native import open_artifact, read_tensors
+from mpq.checkpoint.native import FORMAT_NAME, open_artifact, read_tensors, written_format
 from mpq.checkpoint.verify import require_intact
 from mpq.checkpoint.native_codec import decode, split_layer_tensors
 from mpq.rotation.hadamard import RotationSpec
@@ -103,17 +103,19 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
          verify: bool = True) -> nn.Module:
     """Load the artifact at ``path`` on CPU in eval mode.
 
-    ``verify``: first check every tensor file against the size and sha256 the artifact recorded
-    (mpq.checkpoint.verify.require_intact; ArtifactError when one differs or is missing).
+    ``verify``: first, before reading anything else, check every file of the folder against
+    the size and sha256 the artifact recorded (config.json, tensor files, tokenizer…) and that
+    no unrecorded file a loader could read was added (mpq.checkpoint.verify.require_intact;
+    ArtifactError naming the first failure).
     ``dequantize=False`` keeps quantized layers packed (memory stays low, weights decoded per
     forward); ``True`` dequantizes every layer once up front (faster forwards).  ``dtype`` is the
     compute dtype of unquantized tensors (default: the artifact's).
     """
     from transformers import AutoConfig
 
+    if verify and written_format(path) == FORMAT_NAME:  # other folders: open_artifact says why
+        require_intact(path)
     artifact = open_artifact(path)
-    if verify:
-        require_intact(artifact.path)
     config = AutoConfig.from_pretrained(artifact.path, local_files_only=True)
     tensors = read_tensors(artifact)
     if dtype is None:

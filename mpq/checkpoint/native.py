@@ -9,7 +9,9 @@ safetensors readers), ``mpq.format_version`` (``MAJOR.MINOR``; a reader refuses 
 ``mpq.tool_version``, ``mpq.packing``, and JSON strings ``mpq.recipe``, ``mpq.plan``,
 ``mpq.calibration``, ``mpq.source``.  ``config.json`` gains a top-level ``mpq`` key (format and
 version) so a folder can be recognised without opening a shard; it also records the sha256 and
-size of every tensor file (``tensor_files``), which ``mpq verify`` checks.
+size of every tensor file (``tensor_files``) and the name of the manifest
+(mpq.checkpoint.manifest), written last, which records the sha256 and size of every other file of
+the folder (config.json included).  ``mpq verify`` and ``mpq.load`` check both.
 
 The output folder appears atomically: everything is written to a hidden temporary sibling that is
 renamed into place at the end; on failure or interruption the temporary folder is removed.
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import fcntl
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 
 from mpq.errors import ArtifactError, OutputError
 from mpq.checkpoint.lazy import LazyTensors, specs_of
+from mpq.checkpoint.manifest import MANIFEST_FILE, MANIFEST_KEY, file_digest, write_manifest
 from mpq.checkpoint.safetensors_writer import write_safetensors
 from mpq.config.plan import Plan
 from mpq.config.run_log import RunLog, read_plan_record
@@ -45,13 +47,16 @@ DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 TENSOR_FILES_KEY = "tensor_files"  # config.json's mpq entry: {file: {sha256, bytes}}
 
 
-def file_digest(path: Path) -> dict:
-    """``{"sha256": hex, "bytes": size}`` of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+def version_problem(version: object) -> str | None:
+    """Why an artifact of format ``version`` (``MAJOR.MINOR``) cannot be read, or None.
+    Every reader asks this (open_artifact, verify): a newer minor version reads, another major
+    does not."""
+    text = str(version) if version is not None else ""
+    major = FORMAT_VERSION.split(".", 1)[0]
+    if not text or text.split(".", 1)[0] != major:
+        return (f"mpq format version '{text or 'missing'}' is not supported "
+                f"(this mpq reads {major}.x)")
+    return None
 
 
 def shard_tensors(tensors: Mapping[str, torch.Tensor], max_bytes: int
@@ -175,8 +180,9 @@ def _write_contents(tmp: Path, tensors, metadata, config, extra_files, max_shard
             tensors.release()
         weight_map.update({k: name for k in shard})
     if isinstance(config.get("mpq"), dict):  # content hashes, checked by `mpq verify`
-        config = {**config, "mpq": {**config["mpq"], TENSOR_FILES_KEY: {
-            name: file_digest(tmp / name) for name in names}}}
+        config = {**config, "mpq": {**config["mpq"], MANIFEST_KEY: MANIFEST_FILE,
+                                    TENSOR_FILES_KEY: {name: file_digest(tmp / name)
+                                                       for name in names}}}
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in specs.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -187,6 +193,7 @@ def _write_contents(tmp: Path, tensors, metadata, config, extra_files, max_shard
             shutil.copyfile(source, tmp / name)
         else:
             (tmp / name).write_text(source, encoding="utf-8")
+    write_manifest(tmp)  # last: it records every file above
 
 
 def _swap_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
@@ -276,19 +283,20 @@ def open_artifact(path: str | Path) -> Artifact:
             metadata = dict(handle.metadata() or {})
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{files[0]} is unreadable or corrupt: {exc}") from exc
-    version = metadata.get("mpq.format_version", "")
-    major = version.split(".", 1)[0]
-    if major != FORMAT_VERSION.split(".", 1)[0]:
-        raise ArtifactError(
-            f"{files[0]}: mpq format version '{version or 'missing'}' is not supported "
-            f"(this mpq reads {FORMAT_VERSION.split('.')[0]}.x)",
-            hint="use the mpq version that wrote it, or re-quantize")
+    problem = version_problem(metadata.get("mpq.format_version"))
+    if problem:
+        raise ArtifactError(f"{files[0]}: {problem}",
+                            hint="use the mpq version that wrote it, or re-quantize")
     try:
         plan, log = read_plan_record(json.loads(metadata["mpq.plan"]))
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (KeyError, ValueError, TypeError, ArtifactError) as exc:
         raise ArtifactError(f"{path}: metadata is damaged ({exc})",
                             hint="re-run mpq quantize") from exc
+    problem = version_problem(config["mpq"].get("format_version"))
+    if problem:
+        raise ArtifactError(f"{path / 'config.json'}: {problem}",
+                            hint="use the mpq version that wrote it, or re-quantize")
     return Artifact(path=path, metadata=metadata, plan=plan, log=log, config=config, files=files)
 
 

@@ -2,14 +2,24 @@
 
 Checks, in order (each gives one :class:`Check`):
 
-1. ``config.json`` is readable and has the ``mpq`` entry mpq writes (format, format version);
-2. every tensor file it lists under ``tensor_files`` exists with the recorded size and sha256,
-   and no other ``*.safetensors`` file is in the folder;
-3. every tensor file's header parses and carries the same mpq format version;
-4. for native artifacts, every quantized layer decodes (tensors present, shapes and dtypes as
+1. ``config.json`` is readable and has the ``mpq`` entry mpq writes (format, and a format
+   version this mpq reads: mpq.checkpoint.native.version_problem, the rule every reader uses);
+2. the manifest config.json names (mpq.checkpoint.manifest, ``mpq-manifest.json``) is there and
+   well formed; an artifact without one (written before mpq recorded every file) fails, with
+   the way out: re-write it with ``mpq convert``;
+3. every file the manifest or ``tensor_files`` records exists with the recorded size and sha256
+   (config.json, tensor files, index, tokenizer, generation config, model card…; the two records
+   must agree), each file read once;
+4. no *unrecorded file*: every file of the folder at any depth but hidden ones and
+   documentation (the rule of mpq.checkpoint.manifest) is recorded: an added index, remote
+   code (``*.py``), tokenizer file… fails (without a manifest, only added ``*.safetensors``
+   files are found);
+5. every tensor file's header parses and carries the format version config.json records;
+6. for native artifacts, every quantized layer decodes (tensors present, shapes and dtypes as
    the stored plan says) to finite values (so a NaN scale or zero point is caught), and every
    other floating-point tensor is finite.
 
+Steps 1-4 are what :func:`require_intact` (mpq.load, mpq eval) checks before reading anything.
 Reading uses safetensors and JSON only (never unpickling).
 """
 from __future__ import annotations
@@ -22,7 +32,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mpq.errors import ArtifactError
-from mpq.checkpoint.native import FORMAT_NAME, FORMAT_VERSION, TENSOR_FILES_KEY, file_digest
+from mpq.checkpoint.manifest import (MANIFEST_KEY, ManifestError, file_digest, folder_files,
+                                     read_manifest, safe_relative)
+from mpq.checkpoint.native import FORMAT_NAME, TENSOR_FILES_KEY, version_problem
 
 
 @dataclass(frozen=True)
@@ -44,18 +56,21 @@ def verify_artifact(path: str | Path) -> list[Check]:
     entry, checks = _content_checks(path)
     if entry is None or not all(check.ok for check in checks):
         return checks  # a damaged file: its header and tensors are not worth reading
-    recorded = entry[TENSOR_FILES_KEY]
-    checks += [_header_check(path / name) for name in sorted(recorded)]
+    version = str(entry.get("format_version"))
+    checks += [_header_check(path / name, version) for name in sorted(entry[TENSOR_FILES_KEY])]
     if entry.get("format", FORMAT_NAME) == FORMAT_NAME and all(c.ok for c in checks):
         checks.append(_decode_check(path))
     return checks
 
 
 def require_intact(path: str | Path) -> None:
-    """ArtifactError naming the first failure when the artifact's config entry or tensor files
-    do not match what it recorded (steps 1 and 2 of the module docstring): what mpq.load
+    """ArtifactError naming the first failure among steps 1-4 of the module docstring (config
+    entry, manifest, every recorded file's size and sha256, no unrecorded file): what mpq.load
     checks before it reads anything."""
     path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"artifact '{path}' does not exist or is not a directory",
+                            hint="pass the folder written by mpq quantize or mpq convert")
     _, checks = _content_checks(path)
     failed = [check for check in checks if not check.ok]
     if failed:
@@ -67,21 +82,58 @@ def require_intact(path: str | Path) -> None:
 
 
 def _content_checks(path: Path) -> tuple[dict | None, list[Check]]:
-    """The config entry (None when unusable) and the checks of steps 1 and 2."""
+    """The config entry (None when unusable) and the checks of steps 1 to 4."""
     entry, config_check = _config_entry(path)
     checks = [config_check]
     if entry is None:
         return None, checks
-    recorded = entry.get(TENSOR_FILES_KEY)
-    if not isinstance(recorded, dict) or not recorded:
+    tensor_files = entry.get(TENSOR_FILES_KEY)
+    if not isinstance(tensor_files, dict) or not tensor_files:
         checks.append(Check("content hashes", False, "config.json records no tensor_files "
                             "(written before mpq recorded them); re-write it with mpq convert"))
         return entry, checks
+    manifest_name, manifest, manifest_check = _manifest(path, entry)
+    checks.append(manifest_check)
+    recorded = dict(tensor_files)
+    if manifest is not None:
+        disagree = sorted(name for name in tensor_files if manifest.get(name) != tensor_files[name])
+        if disagree:
+            checks.append(Check(manifest_name, False, f"disagrees with config.json's "
+                                f"tensor_files about {', '.join(disagree)}"))
+        recorded.update(manifest)
     checks += [_file_check(path, name, expected) for name, expected in sorted(recorded.items())]
-    extra = sorted(p.name for p in path.glob("*.safetensors") if p.name not in recorded)
+    if manifest is not None:
+        extra = [name for name in folder_files(path, documents=False)
+                 if name not in recorded and name != manifest_name]
+        rule = "not in the manifest, and a loader could read them"
+    else:  # without a manifest only tensor files can be told apart
+        extra = sorted(p.name for p in path.glob("*.safetensors") if p.name not in recorded)
+        rule = "not in tensor_files"
     if extra:
-        checks.append(Check("unrecorded files", False, f"{', '.join(extra)} not in tensor_files"))
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        checks.append(Check("unrecorded files", False, f"{shown}: {rule}"))
     return entry, checks
+
+
+def _manifest(path: Path, entry: dict) -> tuple[str, dict | None, Check]:
+    """The manifest's name, its records (None when unusable) and its check (step 2)."""
+    name = entry.get(MANIFEST_KEY)
+    if name is None:
+        return "manifest", None, Check("manifest", False, "config.json names no manifest "
+                                       "(written before mpq recorded every file, so edits to "
+                                       "config.json or the tokenizer would go unnoticed); "
+                                       "re-write it with mpq convert")
+    if not safe_relative(name) or "/" in name:
+        return "manifest", None, Check("manifest", False, f"config.json names {name!r} as the "
+                                       "manifest, which is not a file name")
+    if not (path / name).is_file():
+        return name, None, Check(name, False, "missing (config.json names it): the records "
+                                 "of every file but the tensor files are gone")
+    try:
+        records = read_manifest(path / name)
+    except ManifestError as exc:
+        return name, None, Check(name, False, str(exc))
+    return name, records, Check(name, True, f"{len(records)} files recorded")
 
 
 def _config_entry(path: Path) -> tuple[dict | None, Check]:
@@ -92,12 +144,11 @@ def _config_entry(path: Path) -> tuple[dict | None, Check]:
     entry = config.get("mpq") if isinstance(config, dict) else None
     if not isinstance(entry, dict):
         return None, Check("config.json", False, "no 'mpq' entry: not written by mpq")
-    version = str(entry.get("format_version", ""))
-    if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
-        return None, Check("config.json", False, f"format version '{version}' is not "
-                           f"{FORMAT_VERSION.split('.')[0]}.x, which this mpq reads")
+    problem = version_problem(entry.get("format_version"))
+    if problem:
+        return None, Check("config.json", False, problem)
     return entry, Check("config.json", True,
-                        f"format {entry.get('format', FORMAT_NAME)} {version}")
+                        f"format {entry.get('format', FORMAT_NAME)} {entry['format_version']}")
 
 
 def _file_check(path: Path, name: str, expected: dict) -> Check:
@@ -113,17 +164,18 @@ def _file_check(path: Path, name: str, expected: dict) -> Check:
     return Check(name, True, f"sha256 {actual['sha256'][:16]}…, {actual['bytes']} bytes")
 
 
-def _header_check(file: Path) -> Check:
+def _header_check(file: Path, version: str) -> Check:
+    """The header parses and carries ``version``, the one config.json records."""
     try:
         with safe_open(str(file), framework="pt") as handle:
             metadata = handle.metadata() or {}
             count = len(list(handle.keys()))
     except (SafetensorError, OSError) as exc:
         return Check(f"{file.name} header", False, f"unreadable: {exc}")
-    version = metadata.get("mpq.format_version")
-    if version != FORMAT_VERSION:
-        return Check(f"{file.name} header", False, f"mpq.format_version {version!r}, "
-                     f"expected {FORMAT_VERSION!r}")
+    found = metadata.get("mpq.format_version")
+    if found != version:
+        return Check(f"{file.name} header", False, f"mpq.format_version {found!r}, "
+                     f"config.json records {version!r}")
     return Check(f"{file.name} header", True, f"{count} tensors")
 
 

@@ -27,15 +27,19 @@ def parse_ppl_delta(value: str | None) -> tuple[float, bool] | None:
 
 
 def load_for_eval(path: str, dequantize: bool, verify: bool = True):
-    """An mpq artifact through mpq.load (its tensor files checked against their recorded
-    sha256 unless ``verify`` is off), any other folder as a plain transformers model."""
-    from mpq.checkpoint.native import is_artifact
+    """A native mpq artifact through mpq.load, any other folder as a plain transformers model.
+    Unless ``verify`` is off, every folder mpq wrote (any format) is first checked against
+    what it records about its files (mpq.checkpoint.verify.require_intact)."""
+    from mpq.checkpoint.native import is_artifact, written_format
+    from mpq.checkpoint.verify import require_intact
     from mpq.loader import load
     from mpq.models.source import check_model_dir, load_model, load_tokenizer
 
     if is_artifact(path):
         model = load(path, dequantize=dequantize, verify=verify)
     else:
+        if verify and written_format(path) is not None:
+            require_intact(path)
         model = load_model(check_model_dir(path))
     return model, load_tokenizer(path)
 
@@ -79,8 +83,8 @@ def check_gates(result: dict, ppl_delta, max_kl) -> list[str]:
 @click.option("--max-kl", default=None, type=float, help="Gate: fail (exit 10) above this mean KL.")
 @click.option("--dequantize", is_flag=True, help="Dequantize all layers up front (faster).")
 @click.option("--no-verify", "no_verify", is_flag=True,
-              help="Skip checking the artifact's tensor files against their recorded sha256 "
-                   "(done by default before loading).")
+              help="Skip checking the artifact's files against their recorded sha256 and "
+                   "for unrecorded files (done by default before loading).")
 @json_option
 def command(model, data, reference, window, num_windows, stride, max_ppl_delta, max_kl,
             dequantize, no_verify, as_json):

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from mpq.cli.main import cli
 from mpq.errors import ArtifactError
+from mpq.checkpoint.manifest import write_manifest
 from mpq.checkpoint.native import file_digest
 from mpq.engine.spec import RunOptions
 from mpq.quantize import quantize
@@ -79,21 +80,21 @@ def test_cli_exit_codes_and_json(artifacts, tmp_path):
     assert "FAILED" in bad.stdout and "model.safetensors: sha256" in bad.stderr
 
 
+def _rehash(path):
+    """Record the folder's present bytes as a writer would (tensor_files, then the manifest)."""
+    config = json.loads((path / "config.json").read_text())
+    config["mpq"]["tensor_files"]["model.safetensors"] = file_digest(path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps(config))
+    write_manifest(path)
+
+
 def test_rehashed_but_incomplete_artifact_fails_decoding(artifacts, tmp_path):
     """Hashes only prove the files are the ones written; decoding proves they are complete."""
     path = _copy(artifacts, tmp_path)
     _missing_tensor(path / "model.safetensors")
-    config = json.loads((path / "config.json").read_text())
-    config["mpq"]["tensor_files"]["model.safetensors"] = file_digest(path / "model.safetensors")
-    (path / "config.json").write_text(json.dumps(config))
+    _rehash(path)
     checks = verify_artifact(path)
     assert [c.name for c in checks if not c.ok] == ["tensors"]
-
-
-def _rehash(path):
-    config = json.loads((path / "config.json").read_text())
-    config["mpq"]["tensor_files"]["model.safetensors"] = file_digest(path / "model.safetensors")
-    (path / "config.json").write_text(json.dumps(config))
 
 
 @pytest.mark.parametrize("key", ["model.layers.0.mlp.down_proj.scale",
