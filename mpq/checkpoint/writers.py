@@ -6,7 +6,9 @@ conversion: it lists every layer the format cannot express, with the reason, and
 plan raises :class:`~mpq.errors.FormatError`.  ``preflight(plan)`` lists layers that the format
 can store but a fast runtime kernel would not accept (warnings; ``--strict`` refuses).
 Every format keeps mpq's metadata (recipe, plan, provenance, packing layout) in the safetensors
-header (``mpq.*`` keys, strings) and a top-level ``mpq`` key of config.json naming the format.
+header (``mpq.*`` keys, strings) and a top-level ``mpq`` key of config.json naming the format;
+every folder ends with the manifest of all its files (mpq.checkpoint.manifest, written by
+mpq.checkpoint.native.write_artifact, which every format goes through).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``mpq verify ARTIFACT``: content hashes, headers and tensors against the artifact's records."""
+"""``mpq verify ARTIFACT``: every file, headers and tensors against the artifact's records."""
 from __future__ import annotations
 
 import click
@@ -13,8 +13,9 @@ from mpq.errors import ArtifactError
 @click.argument("artifact", type=click.Path(path_type=str))
 @json_option
 def command(artifact, as_json):
-    """Check ARTIFACT (any format mpq writes): recorded sha256 of every tensor file, headers,
-    and for native artifacts that every layer decodes. Exit 7 when a check fails."""
+    """Check ARTIFACT (any format mpq writes): the recorded sha256 of every file (manifest),
+    no added file a loader could read, headers, and for native artifacts that every layer
+    decodes. Exit 7 when a check fails."""
     from mpq.checkpoint.verify import verify_artifact
 
     checks = verify_artifact(artifact)

@@ -286,6 +286,49 @@ def _tampered_artifact(env: Env) -> list:
     return ["verify", _byte_flipped(env)]
 
 
+def _artifact_json_edited(env: Env, name: str, change: Callable[[dict], None]) -> Path:
+    """The artifact with one of its JSON files edited (as a user's hand or a script would)."""
+    art = env.artifact_copy()
+    data = json.loads((art / name).read_text())
+    change(data)
+    (art / name).write_text(json.dumps(data, indent=2))
+    return art
+
+
+def _artifact_index_added(env: Env) -> Path:
+    """A shard index mpq did not write, pointing at a changed copy of the tensors."""
+    art = env.artifact_copy()
+    keys: list[str] = []
+
+    def double_norm(tensors):
+        tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
+        keys.extend(tensors)
+
+    shutil.copyfile(art / "model.safetensors", art / "model-00001-of-00001.safetensors")
+    _rewrite_tensors(art / "model-00001-of-00001.safetensors", double_norm)
+    (art / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {key: "model-00001-of-00001.safetensors" for key in keys}}))
+    return art
+
+
+def _artifact_file_added(env: Env, name: str, text: str) -> Path:
+    art = env.artifact_copy()
+    (art / name).write_text(text)
+    return art
+
+
+def _artifact_manifest_deleted(env: Env, unnamed: bool = False) -> Path:
+    """The manifest deleted; ``unnamed``: its name dropped from config.json too (what an
+    artifact written before manifests looks like)."""
+    art = env.artifact_copy()
+    (art / "mpq-manifest.json").unlink()
+    if unnamed:
+        config = json.loads((art / "config.json").read_text())
+        del config["mpq"]["manifest"]
+        (art / "config.json").write_text(json.dumps(config, indent=2))
+    return art
+
+
 def _no_memory(env: Env) -> list:
     env.monkeypatch.setattr("mpq.analysis.estimate.available_memory", lambda device="cpu": 1 << 20)
     return env.quantize(env.src)
@@ -511,6 +554,45 @@ CASES: list[Case] = [
          "checks the recorded sha256 first)",
          lambda e: _eval_args(e, _byte_flipped(e)), ArtifactError,
          ("{tmp}/art: model.safetensors: sha256", "--no-verify")),
+    Case("artifact-config-edited", "mpq verify of an artifact whose config.json was edited "
+         "(rope_theta: the outputs change, the tensors do not)",
+         lambda e: ["verify", _artifact_json_edited(e, "config.json", lambda c: c[
+             "rope_parameters"].update(rope_theta=500.0))], ArtifactError,
+         ("{tmp}/art", "first: config.json:", "recorded")),
+    Case("artifact-config-edited-eval", "mpq eval of an artifact whose config.json was edited "
+         "(rms_norm_eps; mpq.load checks every recorded file first)",
+         lambda e: _eval_args(e, _artifact_json_edited(
+             e, "config.json", lambda c: c.update(rms_norm_eps=0.5))), ArtifactError,
+         ("{tmp}/art: config.json:", "recorded", "--no-verify")),
+    Case("artifact-tokenizer-edited", "mpq verify of an artifact whose tokenizer.json maps a "
+         "token to another id", lambda e: ["verify", _artifact_json_edited(
+             e, "tokenizer.json", lambda t: t["model"]["vocab"].update({"A": 66}))],
+         ArtifactError, ("{tmp}/art", "first: tokenizer.json:")),
+    Case("artifact-generation-config-edited", "mpq eval of an artifact whose "
+         "generation_config.json was edited",
+         lambda e: _eval_args(e, _artifact_json_edited(
+             e, "generation_config.json", lambda g: g.update(eos_token_id=7))), ArtifactError,
+         ("{tmp}/art: generation_config.json:", "recorded")),
+    Case("artifact-index-added", "mpq eval of an artifact given a model.safetensors.index.json "
+         "that points at a changed copy of the tensors",
+         lambda e: _eval_args(e, _artifact_index_added(e)), ArtifactError,
+         ("{tmp}/art: unrecorded files", "model.safetensors.index.json",
+          "a loader could read them")),
+    Case("artifact-remote-code-added", "mpq verify of an artifact given a modeling_*.py "
+         "(remote code) after it was written",
+         lambda e: ["verify", _artifact_file_added(e, "modeling_llama.py", "import os\n")],
+         ArtifactError, ("{tmp}/art", "unrecorded files: modeling_llama.py")),
+    Case("artifact-added-tokens-added", "mpq eval of an artifact given an added_tokens.json",
+         lambda e: _eval_args(e, _artifact_file_added(e, "added_tokens.json", '{"<x>": 7}')),
+         ArtifactError, ("{tmp}/art: unrecorded files: added_tokens.json",)),
+    Case("artifact-manifest-deleted", "mpq verify of an artifact whose mpq-manifest.json was "
+         "deleted (config.json still names it)",
+         lambda e: ["verify", _artifact_manifest_deleted(e)], ArtifactError,
+         ("{tmp}/art", "mpq-manifest.json: missing")),
+    Case("artifact-without-manifest", "mpq eval of an artifact with no manifest and none named "
+         "in config.json (written before mpq recorded every file)",
+         lambda e: _eval_args(e, _artifact_manifest_deleted(e, unnamed=True)), ArtifactError,
+         ("{tmp}/art: manifest: config.json names no manifest", "mpq convert")),
     # runs: resume, resources
     Case("resume-other-run", "a work directory beside the output left by a run with other inputs",
          _other_runs_work_dir, ResumeError, ("{tmp}/out.mpq-work", "recipe changed",
