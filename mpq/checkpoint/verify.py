@@ -140,14 +140,14 @@ def _config_entry(path: Path) -> tuple[dict | None, Check]:
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, Check("config.json", False, f"unreadable: {exc}")
+        return None, Check("config.json mpq entry", False, f"unreadable: {exc}")
     entry = config.get("mpq") if isinstance(config, dict) else None
     if not isinstance(entry, dict):
-        return None, Check("config.json", False, "no 'mpq' entry: not written by mpq")
+        return None, Check("config.json mpq entry", False, "no 'mpq' entry: not written by mpq")
     problem = version_problem(entry.get("format_version"))
     if problem:
-        return None, Check("config.json", False, problem)
-    return entry, Check("config.json", True,
+        return None, Check("config.json mpq entry", False, problem)
+    return entry, Check("config.json mpq entry", True,
                         f"format {entry.get('format', FORMAT_NAME)} {entry['format_version']}")
 
 
