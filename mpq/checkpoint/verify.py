@@ -92,6 +92,11 @@ def _content_checks(path: Path) -> tuple[dict | None, list[Check]]:
         checks.append(Check("content hashes", False, "config.json records no tensor_files "
                             "(written before mpq recorded them); re-write it with mpq convert"))
         return entry, checks
+    outside = sorted(str(name) for name in tensor_files if not safe_relative(name))
+    if outside:
+        checks.append(Check("content hashes", False, f"tensor_files names {outside[0]!r}, "
+                            "which is not a path inside the folder"))
+        return entry, checks
     manifest_name, manifest, manifest_check = _manifest(path, entry)
     checks.append(manifest_check)
     recorded = dict(tensor_files)
@@ -122,7 +127,9 @@ def _manifest(path: Path, entry: dict) -> tuple[str, dict | None, Check]:
         return "manifest", None, Check("manifest", False, "config.json names no manifest "
                                        "(written before mpq recorded every file, so edits to "
                                        "config.json or the tokenizer would go unnoticed); "
-                                       "re-write it with mpq convert")
+                                       "re-write it with mpq convert (from the native "
+                                       "artifact: mpq convert NATIVE -o NEW --format F) or "
+                                       "mpq quantize")
     if not safe_relative(name) or "/" in name:
         return "manifest", None, Check("manifest", False, f"config.json names {name!r} as the "
                                        "manifest, which is not a file name")

@@ -195,6 +195,14 @@ def test_a_malformed_manifest_fails(artifacts, tmp_path, manifest, expected):
     assert failed[0].name == MANIFEST_FILE and expected in failed[0].detail
 
 
+def test_tensor_files_outside_the_folder_are_refused(artifacts, tmp_path):
+    path = _copy(artifacts, tmp_path)
+    _edit_json(path / "config.json", lambda c: c["mpq"]["tensor_files"].update(
+        {"../elsewhere.safetensors": {"bytes": 1, "sha256": "0" * 64}}))
+    failed = _failed(path)
+    assert failed[0].name == "content hashes" and "not a path inside" in failed[0].detail
+
+
 def test_a_manifest_disagreeing_with_tensor_files_fails(artifacts, tmp_path):
     path = _copy(artifacts, tmp_path)
     _edit_json(path / MANIFEST_FILE,
