@@ -196,10 +196,13 @@ def check_finite(model: nn.Module, where: str | Path | None = None) -> None:
 
 
 def source_files(path: Path) -> list[Path]:
-    """The files whose bytes make the model: config.json, the shard index if any, every weight
-    file."""
+    """Every file mpq reads from the model folder: config.json, the shard index if any, every
+    weight file, then the tokenizer and generation files that exist (they make the calibration
+    tokens and travel into the artifact), in :data:`PASS_THROUGH` order."""
     index = path / "model.safetensors.index.json"
-    return [path / "config.json", *([index] if index.is_file() else []), *weight_files(path)]
+    extras = [path / name for name in PASS_THROUGH if (path / name).is_file()]
+    return [path / "config.json", *([index] if index.is_file() else []), *weight_files(path),
+            *extras]
 
 
 def file_stamps(path: Path) -> dict[str, tuple[int, int, int]]:
@@ -228,8 +231,8 @@ def check_unchanged(path: Path, stamps: dict[str, tuple[int, int, int]]) -> None
 
 
 def fingerprint(path: str | Path) -> dict:
-    """sha256 of config.json, the shard index if any and every weight file (streamed), plus
-    the model type."""
+    """sha256 over every file mpq reads (:func:`source_files`, streamed, each preceded by its
+    name), plus the model type."""
     path = Path(path)
     digest = hashlib.sha256()
     files = source_files(path)

@@ -48,3 +48,30 @@ def test_an_index_naming_a_shard_outside_the_folder_is_refused(tmp_path):
     index.write_text(json.dumps(data))
     with pytest.raises(ModelError, match="outside the model folder"):
         resolve_run(tmp_path / "src", "w4a16")
+
+
+def test_the_source_hash_covers_the_tokenizer_mpq_reads(tmp_path):
+    from mpq.models.source import fingerprint
+
+    save_sharded_model(tmp_path / "src")
+    before = fingerprint(tmp_path / "src")
+    assert "tokenizer.json" in before["files"]
+    tokenizer = tmp_path / "src" / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text() + "\n")
+    assert fingerprint(tmp_path / "src")["sha256"] != before["sha256"]
+
+
+def test_a_tokenizer_replaced_mid_run_is_refused(tmp_path, monkeypatch):
+    save_sharded_model(tmp_path / "src")
+    load = BlockStreamer.load
+
+    def touch_the_tokenizer_after_block_0(self, index, block):
+        if index == 1:
+            tokenizer = tmp_path / "src" / "tokenizer_config.json"
+            tokenizer.write_text(tokenizer.read_text() + "\n")
+        return load(self, index, block)
+
+    monkeypatch.setattr(BlockStreamer, "load", touch_the_tokenizer_after_block_0)
+    with pytest.raises(ModelError, match="tokenizer_config.json"):
+        quantize(tmp_path / "src", "w4a16", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not work_dir_for(tmp_path / "out").exists()
