@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mpq.checkpoint.native import check_output_apart, check_output_free
 from mpq.checkpoint.state import state_from_artifact
+from mpq.checkpoint.verify import require_intact
 from mpq.checkpoint.writers import preflight, write_state, writer_for
 
 
@@ -27,11 +28,17 @@ class ConvertResult:
 
 
 def convert(src: str | Path, out_dir: str | Path, output_format: str, *, force: bool = False,
-            strict: bool = False) -> ConvertResult:
+            strict: bool = False, verify: bool = True) -> ConvertResult:
+    """Rewrite the native artifact ``src`` at ``out_dir``.  ``verify``: first check ``src``
+    against its recorded hashes (mpq.checkpoint.verify.require_intact; an artifact from before
+    manifests passes on its tensor files), so a changed artifact is not laundered into a fresh
+    one whose own records match."""
     out_dir = Path(out_dir)
     check_output_free(out_dir, force)
     check_output_apart(out_dir, [Path(src)])
     writer = writer_for(output_format)
+    if verify:
+        require_intact(src, without_manifest_ok=True)
     state = state_from_artifact(src)
     warnings = preflight(writer, state.plan, strict)  # the checks `mpq quantize --format` runs
     sizes = write_state(state, out_dir, writer, force=force)

@@ -63,15 +63,18 @@ def verify_artifact(path: str | Path) -> list[Check]:
     return checks
 
 
-def require_intact(path: str | Path) -> None:
+def require_intact(path: str | Path, *, without_manifest_ok: bool = False) -> None:
     """ArtifactError naming the first failure among steps 1-4 of the module docstring (config
     entry, manifest, every recorded file's size and sha256, no unrecorded file): what mpq.load
-    checks before it reads anything."""
+    checks before it reads anything.  ``without_manifest_ok``: an artifact written before
+    manifests passes on its tensor files alone (mpq convert, which re-writes such artifacts)."""
     path = Path(path)
     if not path.is_dir():
         raise ArtifactError(f"artifact '{path}' does not exist or is not a directory",
                             hint="pass the folder written by mpq quantize or mpq convert")
-    _, checks = _content_checks(path)
+    entry, checks = _content_checks(path)
+    if without_manifest_ok and entry is not None and entry.get(MANIFEST_KEY) is None:
+        checks = [check for check in checks if check.name != "manifest"]
     failed = [check for check in checks if not check.ok]
     if failed:
         first = failed[0]

@@ -16,15 +16,20 @@ from mpq.cli.options import json_option
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--strict", is_flag=True,
               help="Refuse (exit 9) when layers fail the target's runtime pre-flight checks.")
+@click.option("--no-verify", "no_verify", is_flag=True,
+              help="Skip checking SRC's files against their recorded sha256 and for "
+                   "unrecorded files (done by default before reading).")
 @json_option
-def command(src, output, output_format, force, strict, as_json):
+def command(src, output, output_format, force, strict, no_verify, as_json):
     """Rewrite the native artifact SRC as OUTPUT in another format, without re-quantizing.
 
-    Exits 9 when the target cannot express some layers (the message names them and why).
+    Exits 9 when the target cannot express some layers (the message names them and why), 7 when
+    SRC's files do not match what it recorded (a changed artifact; --no-verify skips the check).
     """
     from mpq.checkpoint.convert import convert
 
-    result = convert(src, output, output_format, force=force, strict=strict)
+    result = convert(src, output, output_format, force=force, strict=strict,
+                     verify=not no_verify)
     if as_json:
         emit_json({"event": "result", **result.to_dict()})
         return

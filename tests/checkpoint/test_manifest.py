@@ -181,6 +181,22 @@ def test_an_artifact_from_before_manifests_fails_until_converted(artifacts, tmp_
     assert not _failed(tmp_path / "rewritten")
 
 
+def test_convert_refuses_a_changed_artifact_instead_of_laundering_it(artifacts, tmp_path):
+    """A converted artifact records fresh hashes, so convert checks its source first."""
+    from mpq.checkpoint.convert import convert
+
+    path = _copy(artifacts, tmp_path)
+    _edit_json(path / "config.json", lambda c: c.update(rope_theta=1234.0))
+    with pytest.raises(ArtifactError, match="config.json"):
+        convert(path, tmp_path / "laundered", "compressed-tensors")
+    assert not (tmp_path / "laundered").exists()
+    result = CliRunner().invoke(cli, ["convert", str(path), "-o", str(tmp_path / "laundered"),
+                                      "--format", "compressed-tensors"])
+    assert result.exit_code == 7 and not (tmp_path / "laundered").exists()
+    convert(path, tmp_path / "on-purpose", "compressed-tensors", verify=False)
+    assert not _failed(tmp_path / "on-purpose")
+
+
 @pytest.mark.parametrize("manifest, expected", [
     ("{not json", "unreadable"),
     ('{"mpq_manifest": 2, "files": {}}', "manifest version 2"),

@@ -593,6 +593,12 @@ CASES: list[Case] = [
          "in config.json (written before mpq recorded every file)",
          lambda e: _eval_args(e, _artifact_manifest_deleted(e, unnamed=True)), ArtifactError,
          ("{tmp}/art: manifest: config.json names no manifest", "mpq convert")),
+    Case("convert-artifact-edited", "mpq convert of an artifact whose config.json was edited "
+         "(convert checks its source, so the change is not laundered into fresh records)",
+         lambda e: ["convert", _artifact_json_edited(
+             e, "config.json", lambda c: c.update(hidden_act="relu")), "-o", e.out,
+                    "--format", "compressed-tensors"], ArtifactError,
+         ("{tmp}/art: config.json:", "recorded", "--no-verify")),
     # runs: resume, resources
     Case("resume-other-run", "a work directory beside the output left by a run with other inputs",
          _other_runs_work_dir, ResumeError, ("{tmp}/out.mpq-work", "recipe changed",
