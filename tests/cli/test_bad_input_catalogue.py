@@ -535,9 +535,10 @@ CASES: list[Case] = [
     Case("artifact-missing-shard", "the artifact's model.safetensors was deleted",
          lambda e: ["inspect", _artifact_missing_shard(e)], ArtifactError,
          ("{tmp}/art", "model.safetensors")),
-    Case("artifact-missing-tensor", "mpq convert of an artifact lacking a layer's scale tensor",
+    Case("artifact-missing-tensor", "mpq convert --no-verify of an artifact lacking a layer's "
+         "scale tensor (the reader's own check, past the hash check)",
          lambda e: ["convert", _artifact_without(e, "model.layers.0.mlp.up_proj.scale"),
-                    "-o", e.out, "--format", "compressed-tensors"],
+                    "-o", e.out, "--format", "compressed-tensors", "--no-verify"],
          ArtifactError, ("{tmp}/art: missing tensor 'model.layers.0.mlp.up_proj.scale'",)),
     Case("artifact-shape-mismatch", "mpq eval of an artifact whose qweight lost a column",
          lambda e: _eval_args(e, _artifact_reshaped(e, "model.layers.0.self_attn.q_proj.qweight"),
@@ -710,9 +711,11 @@ def test_catalogue_doc_lists_every_case():
 # --- docs/bad-inputs.md ---------------------------------------------------------------------------
 
 def _shown(text: str, env: Env) -> str:
-    """Paths of a message or command as a user would write them."""
+    """Paths of a message or command as a user would write them; digest prefixes (which follow
+    the temporary folder's path recorded in the artifact) as ``<sha256>``."""
     text = text.replace(str(env.art), "tiny-w4").replace(str(env.src), "tiny-llama")
     text = text.replace(str(env.src.parent), "models")  # the folder holding both
+    text = re.sub(r"\b[0-9a-f]{16}…", "<sha256>…", text)
     return text.replace(str(env.tmp) + "/", "").replace(str(env.tmp), ".")
 
 
