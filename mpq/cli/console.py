@@ -79,10 +79,19 @@ class ProgressEvents:
             self.progress.update(self.layers, advance=data["layers"], detail="resumed")
         elif kind == "warning":
             self.progress.console.print(f"[yellow]warning:[/yellow] {data['message']}")
+        elif kind == "coverage":
+            self.progress.console.print(coverage_line(data))
         elif kind == "calibration":
             self.progress.console.print(
                 f"calibration: {data.get('num_samples')} × {data.get('seq_len')} tokens "
                 f"from {data.get('source')} (sha256 {str(data.get('sha256'))[:12]}…)")
+
+
+def coverage_line(data: dict[str, Any]) -> str:
+    """A ``coverage`` event (mpq.analysis.coverage.CoverageAccount.summary) as one line."""
+    kept = ", ".join(f"{g['category']} {100 * g['share']:.1f}%" for g in data["kept"])
+    return (f"unquantized: {100 * data['unquantized_share']:.1f}% of the weight bytes"
+            + (f" (kept: {kept})" if kept else ""))
 
 
 def human_bytes(n: float) -> str:
