@@ -49,7 +49,9 @@ class JsonEvents:
 
 
 class ProgressEvents:
-    """Pipeline events as rich progress bars (blocks, layers) with ETA on stderr."""
+    """Pipeline events as rich progress bars (blocks, layers) with ETA on stderr.  The
+    ``coverage`` event is not shown here: the command prints it with its result (a failing
+    run's stderr stays one error line)."""
 
     def __init__(self, console: Console | None = None):
         self.progress = Progress(TextColumn("{task.description:<8}"), BarColumn(),
@@ -79,8 +81,6 @@ class ProgressEvents:
             self.progress.update(self.layers, advance=data["layers"], detail="resumed")
         elif kind == "warning":
             self.progress.console.print(f"[yellow]warning:[/yellow] {data['message']}")
-        elif kind == "coverage":
-            self.progress.console.print(coverage_line(data))
         elif kind == "calibration":
             self.progress.console.print(
                 f"calibration: {data.get('num_samples')} × {data.get('seq_len')} tokens "
