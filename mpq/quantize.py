@@ -51,7 +51,7 @@ class QuantizeResult:
     output_format: str = "mpq"
     warnings: list[str] = field(default_factory=list)
     written: bool = True  # False on the processes other than rank 0 of a torchrun run
-    coverage: dict | None = None  # mpq.analysis.coverage.CoverageAccount.summary()
+    coverage: dict | None = None  # mpq.models.coverage.CoverageAccount.summary()
 
     def to_dict(self) -> dict:
         coverage = self.coverage or {}

@@ -50,8 +50,8 @@ class JsonEvents:
 
 class ProgressEvents:
     """Pipeline events as rich progress bars (blocks, layers) with ETA on stderr.  The
-    ``coverage`` event is not shown here: the command prints it with its result (a failing
-    run's stderr stays one error line)."""
+    ``coverage`` event is not shown here: ``mpq quantize`` prints it with its result (a
+    failing run's stderr stays one error line)."""
 
     def __init__(self, console: Console | None = None):
         self.progress = Progress(TextColumn("{task.description:<8}"), BarColumn(),
@@ -85,13 +85,6 @@ class ProgressEvents:
             self.progress.console.print(
                 f"calibration: {data.get('num_samples')} × {data.get('seq_len')} tokens "
                 f"from {data.get('source')} (sha256 {str(data.get('sha256'))[:12]}…)")
-
-
-def coverage_line(data: dict[str, Any]) -> str:
-    """A ``coverage`` event (mpq.analysis.coverage.CoverageAccount.summary) as one line."""
-    kept = ", ".join(f"{g['category']} {100 * g['share']:.1f}%" for g in data["kept"])
-    return (f"unquantized: {100 * data['unquantized_share']:.1f}% of the weight bytes"
-            + (f" (kept: {kept})" if kept else ""))
 
 
 def human_bytes(n: float) -> str:

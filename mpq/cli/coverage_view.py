@@ -1,6 +1,8 @@
-"""The parameter account (mpq.analysis.coverage) as the console shows it: the kept weights
+"""The parameter account (mpq.models.coverage) as the console shows it: the kept weights
 grouped by category, and the share of the weight bytes left unquantized."""
 from __future__ import annotations
+
+from typing import Any
 
 from rich.table import Table
 
@@ -30,3 +32,10 @@ def share_line(coverage) -> str:
     """``unquantized: X% of the weight bytes (A of B)``."""
     return (f"{coverage.share_line()} ({human_bytes(coverage.unquantized_bytes)} of "
             f"{human_bytes(coverage.total_bytes)})")
+
+
+def coverage_line(data: dict[str, Any]) -> str:
+    """A ``coverage`` event (mpq.models.coverage.CoverageAccount.summary) as one line."""
+    kept = ", ".join(f"{g['category']} {100 * g['share']:.1f}%" for g in data["kept"])
+    return (f"unquantized: {100 * data['unquantized_share']:.1f}% of the weight bytes"
+            + (f" (kept: {kept})" if kept else ""))

@@ -74,12 +74,12 @@ def command(model, recipe, strict, max_unquantized, as_json):
     With RECIPE, every parameter tensor of MODEL is accounted for: quantized, or kept in the
     source dtype with its reason (embeddings, norms, head, MoE router and fused experts, layers
     no rule matched); the kept ones are listed by category with their share of the bytes."""
-    from mpq.analysis.coverage import account
     from mpq.checkpoint.native import is_artifact, open_artifact
     from mpq.cli.coverage_view import kept_table, share_line
     from mpq.config.run_log import describe_rotation, describe_transforms, plan_record
     from mpq.engine.spec import RunOptions, as_recipe, plan_model
     from mpq.engine.streaming import build_streamed
+    from mpq.models.coverage import account
     from mpq.models.source import check_model_dir
 
     description, log, coverage = None, None, None

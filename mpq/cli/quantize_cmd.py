@@ -5,8 +5,8 @@ from contextlib import nullcontext
 
 import click
 
-from mpq.cli.console import (JsonEvents, ProgressEvents, coverage_line, emit_json, human_bytes,
-                             stdout_console)
+from mpq.cli.console import JsonEvents, ProgressEvents, emit_json, human_bytes, stdout_console
+from mpq.cli.coverage_view import coverage_line
 from mpq.cli.options import dtype_option, json_option, max_unquantized_option, torch_dtype
 
 

@@ -16,7 +16,6 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from mpq.analysis.coverage import STRICT_DEFAULT, CoverageAccount, account
 from mpq.calibration import CalibrationOptions
 from mpq.checkpoint.writers import Writer, preflight, writer_for
 from mpq.config.plan import Plan, resolve
@@ -28,6 +27,7 @@ from mpq.engine.lifecycle import calibration_pass_needed
 from mpq.engine.streaming import build_streamed, streaming_blocker
 from mpq.errors import CalibrationError, ModelError, RecipeError, SchemeError, did_you_mean
 from mpq.models.attention import attention_modules
+from mpq.models.coverage import STRICT_DEFAULT, CoverageAccount, account
 from mpq.models.layout import ModelLayout, blocks_of, describe_layers, layout_of
 from mpq.models.source import check_float_source, check_model_dir, max_positions
 from mpq.quantizers.base import QUANTIZERS
@@ -45,7 +45,7 @@ class RunOptions:
     recipe allows it (mpq.engine.streaming); ``offload_activations`` (with ``device`` cuda):
     keep the calibration activations in host memory.  ``max_unquantized``: refuse
     (RecipeError) a plan that leaves more than this share of the weight bytes unquantized
-    (mpq.analysis.coverage); ``strict`` also refuses the output format's pre-flight warnings
+    (mpq.models.coverage); ``strict`` also refuses the output format's pre-flight warnings
     and, without ``max_unquantized``, a share above ``STRICT_DEFAULT``.
     """
 

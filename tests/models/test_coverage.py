@@ -1,4 +1,4 @@
-"""The parameter account (mpq.analysis.coverage): every tensor of every tiny family is quantized
+"""The parameter account (mpq.models.coverage): every tensor of every tiny family is quantized
 or kept with a category, the bytes add up to the model's, and the kept share is what an
 independent count of embeddings, norms, head, biases (and MoE experts and routers) gives."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from mpq.analysis.coverage import STRICT_DEFAULT, account, name_pattern
+from mpq.models.coverage import STRICT_DEFAULT, account, name_pattern
 from mpq.config.recipe import parse_recipe
 from mpq.engine.spec import RunOptions, plan_model
 from mpq.errors import RecipeError
