@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from mpq.cli.main import cli
 from mpq.errors import RecipeError
-from tests.analysis.test_coverage import ALL_LAYERS, DENSE, expected_kept, unique_bytes
+from tests.models.test_coverage import ALL_LAYERS, DENSE, expected_kept, unique_bytes
 from tests.tiny_models import MOE_ARCHITECTURES, save_tiny_model
 
 
