@@ -90,3 +90,13 @@ def test_quantize_reports_the_share(saved, tmp_path):
     assert expected in text.stdout and "moe-experts" in text.stdout
     stored = invoke("plan", out, "--strict")
     assert stored.exit_code == 2 and "pass --recipe" in stored.output
+
+
+def test_dry_run_shows_the_share(saved, tmp_path):
+    root, shares = saved
+    args = ("quantize", root / "mixtral", "-r", "w4a16", "-o", tmp_path / "d", "--dry-run")
+    data = json.loads(invoke(*args, "--json").stdout)
+    assert data["coverage"]["unquantized_share"] == pytest.approx(shares["mixtral"])
+    text = invoke(*args)
+    assert f"unquantized: {100 * shares['mixtral']:.1f}% of the weight bytes" in text.stdout
+    assert invoke(*args, "--strict").exit_code == RecipeError.exit_code
