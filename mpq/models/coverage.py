@@ -165,8 +165,10 @@ def _fix_hint(group: KeptGroup) -> str:
     larger = "allow a larger share with --max-unquantized SHARE (0 to 1)"
     if group.category == "moe-experts":
         return f"mpq cannot quantize fused expert tensors yet: {larger}, or drop the limit"
-    if group.category in ("no-rule", "skipped", "head"):
-        layer = group.patterns[0].rsplit(".", 1)[0]  # the module a rule targets
+    layer = group.patterns[0].rsplit(".", 1)[0]  # the module a rule targets
+    if group.category == "skipped":
+        return f"narrow the {group.reason} that keeps {layer}, or {larger}"
+    if group.category in ("no-rule", "head"):
         return f"add a rule that quantizes {layer}, or {larger}"
     return larger
 
