@@ -129,7 +129,7 @@ rules:
     assert head.category == "head" and "protected" in head.reason
     with pytest.raises(RecipeError) as error:
         coverage.check(0.2)
-    assert "add a rule that quantizes" in error.value.hint
+    assert "narrow the skip by rule 0 that keeps model.layers.*.mlp" in error.value.hint
 
 
 def test_a_quantized_tied_head_counts_the_embedding_it_unties_from():
