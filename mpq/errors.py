@@ -20,7 +20,10 @@ class MpqError(Exception):
 
 
 class RecipeError(MpqError):
-    """A recipe is malformed: unknown key, bad value, rule matching nothing."""
+    """A recipe is malformed, or its plan leaves too much of the model unquantized.
+
+    Malformed: unknown key, bad value, rule matching nothing.  Too much: more of the weight
+    bytes than --max-unquantized / --strict allows (mpq.models.coverage)."""
 
     exit_code = 3
 

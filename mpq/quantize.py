@@ -51,13 +51,17 @@ class QuantizeResult:
     output_format: str = "mpq"
     warnings: list[str] = field(default_factory=list)
     written: bool = True  # False on the processes other than rank 0 of a torchrun run
+    coverage: dict | None = None  # mpq.models.coverage.CoverageAccount.summary()
 
     def to_dict(self) -> dict:
+        coverage = self.coverage or {}
         return {"output": str(self.out_dir), "recipe": self.plan.recipe_name,
                 "quantized_layers": len(self.plan.quantized()), "sizes": self.sizes,
                 "calibration": self.calibration, "seconds": round(self.seconds, 3),
                 "untied_head": self.untied_head, "format": self.output_format,
-                "warnings": self.warnings}
+                "warnings": self.warnings,
+                "unquantized_share": coverage.get("unquantized_share"),
+                "coverage": self.coverage}
 
 
 def open_model(spec: RunSpec) -> tuple[nn.Module, BlockStreamer | None]:
@@ -87,7 +91,10 @@ def quantize(model_path: str | Path, recipe, out_dir: str | Path,
     """Quantize the model folder ``model_path`` with ``recipe`` (a Recipe, preset name or YAML
     path) into the artifact ``out_dir``, run as ``options`` say (mpq.engine.spec.RunOptions:
     calibration, output format, device, dtype, streaming, ...); the output format's pre-flight
-    warnings are returned (``options.strict``: refused before quantizing).
+    warnings are returned (``options.strict``: refused before quantizing).  The share of the
+    weight bytes the plan leaves unquantized goes out as a ``coverage`` event and into the
+    result (``options.max_unquantized`` / ``strict``: refused above a limit, before any weight
+    is read).
 
     Each finished block is saved in the work directory ``<out_dir>.mpq-work`` (mpq.engine.resume),
     removed once the artifact is written.  ``resume``: ``auto`` continues a matching work
@@ -104,6 +111,7 @@ def quantize(model_path: str | Path, recipe, out_dir: str | Path,
         events = no_events
     check_output_free(out_dir, force)
     spec = resolve_run(model_path, recipe, options)
+    events("coverage", **spec.coverage.summary())  # what stays unquantized, and why
     check_output_apart(out_dir, spec.inputs)
     stamps = file_stamps(spec.source_dir)  # before any weight is read
     if spec.device.type == "cuda" and ranks is not None:
@@ -171,7 +179,8 @@ def quantize(model_path: str | Path, recipe, out_dir: str | Path,
             files=side)
         result = QuantizeResult(out_dir=out_dir, plan=plan, log=log, sizes={},
                                 calibration=provenance, seconds=0.0, untied_head=untied,
-                                output_format=spec.writer.name, warnings=list(spec.warnings))
+                                output_format=spec.writer.name, warnings=list(spec.warnings),
+                                coverage=spec.coverage.summary())
         if ranks is not None and not ranks.writer:  # rank 0 writes the artifact
             result.written = False
         else:

@@ -63,13 +63,30 @@ def _record_configs() -> dict[str, transformers.PretrainedConfig]:
     }
 
 
+def _moe_configs() -> dict[str, transformers.PretrainedConfig]:
+    """Mixture-of-experts models whose experts transformers stores as fused 3-D parameters
+    (``mlp.experts.gate_up_proj`` [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I]); the
+    experts hold most of the weights, as in the real models."""
+    return {
+        "qwen3_moe": transformers.Qwen3MoeConfig(hidden_size=64, intermediate_size=128,
+                                                 moe_intermediate_size=64, num_experts=8,
+                                                 num_experts_per_tok=2, num_attention_heads=4,
+                                                 num_key_value_heads=2, head_dim=16, **COMMON),
+        "mixtral": transformers.MixtralConfig(hidden_size=64, intermediate_size=64,
+                                              num_local_experts=8, num_experts_per_tok=2,
+                                              num_attention_heads=4, num_key_value_heads=2,
+                                              **COMMON),
+    }
+
+
 ARCHITECTURES = tuple(_configs())  # the pipeline tests run on each of these
 RECORD_ARCHITECTURES = tuple(_record_configs())
+MOE_ARCHITECTURES = tuple(_moe_configs())
 
 
 def tiny_config(arch: str) -> transformers.PretrainedConfig:
-    """The config of ``arch``, one of ARCHITECTURES or RECORD_ARCHITECTURES."""
-    return {**_configs(), **_record_configs()}[arch]
+    """The config of ``arch``, one of ARCHITECTURES, RECORD_ARCHITECTURES or MOE_ARCHITECTURES."""
+    return {**_configs(), **_record_configs(), **_moe_configs()}[arch]
 
 
 def tiny_model(arch: str, seed: int = 0) -> transformers.PreTrainedModel:

@@ -49,7 +49,9 @@ class JsonEvents:
 
 
 class ProgressEvents:
-    """Pipeline events as rich progress bars (blocks, layers) with ETA on stderr."""
+    """Pipeline events as rich progress bars (blocks, layers) with ETA on stderr.  The
+    ``coverage`` event is not shown here: ``mpq quantize`` prints it with its result (a
+    failing run's stderr stays one error line)."""
 
     def __init__(self, console: Console | None = None):
         self.progress = Progress(TextColumn("{task.description:<8}"), BarColumn(),

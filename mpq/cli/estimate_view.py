@@ -6,6 +6,7 @@ from pathlib import Path
 from rich.table import Table
 
 from mpq.cli.console import emit_json, human_bytes, stdout_console
+from mpq.cli.coverage_view import coverage_line
 from mpq.config.run_log import describe_transforms
 
 
@@ -25,14 +26,15 @@ def dry_run(model, recipe, options, *, output, force, as_json) -> None:
     except OutputError as exc:
         estimate.warnings.append(f"the real run would stop: {exc.one_line()}")
     if as_json:
-        emit_json({"event": "estimate", "output": str(output), **estimate.to_dict()})
+        emit_json({"event": "estimate", "output": str(output), **estimate.to_dict(),
+                   "coverage": spec.coverage.summary()})
     else:
-        show(estimate)
+        show(estimate, spec.coverage)
     check_fits(estimate, estimate.available_bytes,
                host_available=estimate.host_available_bytes)
 
 
-def show(estimate) -> None:
+def show(estimate, coverage=None) -> None:
     console = stdout_console()
     summary = estimate.plan.summary()
     plan = Table(title=f"dry run: {estimate.recipe} on {estimate.model} → {estimate.output_format}"
@@ -46,6 +48,8 @@ def show(estimate) -> None:
     for line in (describe_transforms(estimate.plan), estimate.plan.describe_kv_cache()):
         if line:
             console.print(line)
+    if coverage is not None:
+        console.print(coverage_line(coverage.summary()))
 
     size = estimate.size
     table = Table(title="estimate (≈, no weight was read)", show_header=True)

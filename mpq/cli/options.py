@@ -10,6 +10,12 @@ json_option = click.option("--json", "as_json", is_flag=True,
 dtype_option = click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
                             help="Dtype to load the model in (auto = the checkpoint's).")
 
+max_unquantized_option = click.option(
+    "--max-unquantized", type=click.FloatRange(0, 1), default=None, metavar="SHARE",
+    help="Refuse (exit 3), before any weight is read, a plan that leaves more than this share "
+         "(0 to 1) of the model's weight bytes unquantized (embeddings, norms, head, fused MoE "
+         "experts, layers no rule matched, ...).")
+
 
 def torch_dtype(name: str):
     import torch

@@ -5,7 +5,7 @@ import click
 from rich.table import Table
 
 from mpq.cli.console import emit_json, stdout_console
-from mpq.cli.options import json_option
+from mpq.cli.options import json_option, max_unquantized_option
 
 
 def plan_table(plan, log=None) -> Table:
@@ -63,17 +63,31 @@ def summary_lines(plan) -> list[str]:
 @click.option("-r", "--recipe", default=None,
               help="Recipe YAML file or preset name (not needed when MODEL is an mpq artifact: "
                    "its stored plan is shown).")
+@click.option("--strict", is_flag=True,
+              help="Refuse (exit 3) when more than half of the model's weight bytes would stay "
+                   "unquantized (--max-unquantized 0.5).")
+@max_unquantized_option
 @json_option
-def command(model, recipe, as_json):
-    """Print the per-layer plan RECIPE resolves to on MODEL, or the plan stored in an artifact."""
-    from mpq.checkpoint.native import is_artifact, open_artifact
-    from mpq.models.source import load_skeleton
-    from mpq.config.run_log import describe_rotation, describe_transforms, plan_record
-    from mpq.engine.spec import as_recipe, plan_model
+def command(model, recipe, strict, max_unquantized, as_json):
+    """Print the per-layer plan RECIPE resolves to on MODEL, or the plan stored in an artifact.
 
-    description, log = None, None
+    With RECIPE, every parameter tensor of MODEL is accounted for: quantized, or kept in the
+    source dtype with its reason (embeddings, norms, head, MoE router and fused experts, layers
+    no rule matched); the kept ones are listed by category with their share of the bytes."""
+    from mpq.checkpoint.native import is_artifact, open_artifact
+    from mpq.cli.coverage_view import kept_table, share_line
+    from mpq.config.run_log import describe_rotation, describe_transforms, plan_record
+    from mpq.engine.spec import RunOptions, as_recipe, plan_model
+    from mpq.engine.streaming import build_streamed
+    from mpq.models.coverage import account
+    from mpq.models.source import check_model_dir
+
+    description, log, coverage = None, None, None
     stored = recipe is None and is_artifact(model)
     if stored:
+        if strict or max_unquantized is not None:
+            raise click.UsageError("--strict and --max-unquantized check a recipe's plan on a "
+                                   "model: pass --recipe")
         artifact = open_artifact(model)
         plan, log = artifact.plan, artifact.log
         description = (artifact.json_field("recipe") or {}).get("description")
@@ -81,16 +95,24 @@ def command(model, recipe, as_json):
         raise click.UsageError(f"'{model}' is not an mpq artifact: pass --recipe to plan it")
     else:
         recipe = as_recipe(recipe)
-        _, plan = plan_model(load_skeleton(model), recipe)
+        skeleton, _ = build_streamed(check_model_dir(model))  # in the dtype a run loads
+        _, plan = plan_model(skeleton, recipe)
+        coverage = account(skeleton, plan)
+        limits = RunOptions(strict=strict, max_unquantized=max_unquantized)
+        coverage.check(*limits.unquantized_limit())
     if as_json:
         data = plan_record(plan, log)
         if stored:
             data["summary"] = scheme_summary(plan)
             data["description"] = description
+        if coverage is not None:
+            data["coverage"] = coverage.to_dict()
         emit_json(data)
         return
     console = stdout_console()
     console.print(plan_table(plan, log))
+    if coverage is not None and coverage.kept():
+        console.print(kept_table(coverage))
     if description:
         console.print(f"recipe {plan.recipe_name}: {description}")
     kept = len(plan.layers) - len(plan.quantized())
@@ -101,3 +123,5 @@ def command(model, recipe, as_json):
                  describe_rotation(plan, log)):
         if line:
             console.print(line)
+    if coverage is not None:
+        console.print(share_line(coverage))

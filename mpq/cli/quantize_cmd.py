@@ -6,7 +6,8 @@ from contextlib import nullcontext
 import click
 
 from mpq.cli.console import JsonEvents, ProgressEvents, emit_json, human_bytes, stdout_console
-from mpq.cli.options import dtype_option, json_option, torch_dtype
+from mpq.cli.coverage_view import coverage_line
+from mpq.cli.options import dtype_option, json_option, max_unquantized_option, torch_dtype
 
 
 @click.command("quantize")
@@ -42,7 +43,10 @@ from mpq.cli.options import dtype_option, json_option, torch_dtype
                    "gptq (GPTQ v1); `mpq list` shows them. Checked before quantizing.")
 @click.option("--strict", is_flag=True,
               help="Refuse (exit 9) instead of warning when layers fail the format's runtime "
-                   "pre-flight checks (e.g. vLLM's fast int kernels).")
+                   "pre-flight checks (e.g. vLLM's fast int kernels), and (exit 3) when more "
+                   "than half of the weight bytes would stay unquantized (unless "
+                   "--max-unquantized sets the share).")
+@max_unquantized_option
 @click.option("--resume/--no-resume", default=None,
               help="Each finished block is kept in OUTPUT.mpq-work until the artifact is "
                    "written; a rerun continues from it when its inputs match (the default). "
@@ -81,9 +85,9 @@ from mpq.cli.options import dtype_option, json_option, torch_dtype
 @json_option
 def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode, calib_field,
             calib_split, calib_batch_tokens, force, device, offload_activations, true_sequential,
-            output_format, strict, resume, dry_run, memory_check, stream, target_bits,
-            target_size, candidates, sensitivity_path, sensitivity_samples, save_recipe, dtype,
-            as_json):
+            output_format, strict, max_unquantized, resume, dry_run, memory_check, stream,
+            target_bits, target_size, candidates, sensitivity_path, sensitivity_samples,
+            save_recipe, dtype, as_json):
     """Quantize MODEL (a local Hugging Face folder) with RECIPE into OUTPUT."""
     from mpq.calibration import CalibrationOptions
     from mpq.engine.lifecycle import no_events
@@ -95,7 +99,8 @@ def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode
                                      split=calib_split, batch_tokens=calib_batch_tokens)
     options = RunOptions(calibration=calibration, output_format=output_format, device=device,
                          dtype=torch_dtype(dtype), true_sequential=true_sequential,
-                         strict=strict, stream=stream, offload_activations=offload_activations)
+                         strict=strict, stream=stream, offload_activations=offload_activations,
+                         max_unquantized=max_unquantized)
     if target_bits is not None or target_size is not None:
         from mpq.cli.mixed_view import choose_recipe
 
@@ -130,5 +135,7 @@ def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode
     console.print(f"wrote {result.out_dir} ({result.output_format}) in {result.seconds:.1f} s: "
                   f"{len(result.plan.quantized())} layers quantized, tensors "
                   f"{human_bytes(sizes['stored_bytes'])} (ideal {human_bytes(sizes['ideal_bytes'])})")
+    if result.coverage is not None:
+        console.print(coverage_line(result.coverage))
     if result.untied_head:
         console.print("note: the output head was untied from the input embedding to quantize it")

@@ -27,6 +27,7 @@ from mpq.engine.lifecycle import calibration_pass_needed
 from mpq.engine.streaming import build_streamed, streaming_blocker
 from mpq.errors import CalibrationError, ModelError, RecipeError, SchemeError, did_you_mean
 from mpq.models.attention import attention_modules
+from mpq.models.coverage import STRICT_DEFAULT, CoverageAccount, account
 from mpq.models.layout import ModelLayout, blocks_of, describe_layers, layout_of
 from mpq.models.source import check_float_source, check_model_dir, max_positions
 from mpq.quantizers.base import QUANTIZERS
@@ -42,7 +43,10 @@ class RunOptions:
 
     ``stream``: read each decoder block from the source files when its turn comes, where the
     recipe allows it (mpq.engine.streaming); ``offload_activations`` (with ``device`` cuda):
-    keep the calibration activations in host memory.
+    keep the calibration activations in host memory.  ``max_unquantized``: refuse
+    (RecipeError) a plan that leaves more than this share of the weight bytes unquantized
+    (mpq.models.coverage); ``strict`` also refuses the output format's pre-flight warnings
+    and, without ``max_unquantized``, a share above ``STRICT_DEFAULT``.
     """
 
     calibration: CalibrationOptions = CalibrationOptions()
@@ -53,6 +57,14 @@ class RunOptions:
     strict: bool = False
     stream: bool = True
     offload_activations: bool = False
+    max_unquantized: float | None = None
+
+    def unquantized_limit(self) -> tuple[float | None, str]:
+        """The share of weight bytes allowed to stay unquantized (None: no limit), and the
+        option that set it."""
+        if self.max_unquantized is not None:
+            return self.max_unquantized, f"--max-unquantized {self.max_unquantized:g}"
+        return (STRICT_DEFAULT, "--strict") if self.strict else (None, "")
 
 
 @dataclass(frozen=True)
@@ -61,7 +73,8 @@ class RunSpec:
 
     ``skeleton`` is the model with meta parameters (buffers real), ``weight_map`` its tensor →
     source file map; ``needs`` maps each layer that needs calibration statistics to their
-    names; ``not_streamed`` says why the run loads the whole model (None: it streams).
+    names; ``not_streamed`` says why the run loads the whole model (None: it streams);
+    ``coverage`` accounts for every parameter tensor: quantized, or kept and why.
     """
 
     source_dir: Path
@@ -75,6 +88,7 @@ class RunSpec:
     plan: Plan
     needs: Mapping[str, frozenset[str]]
     not_streamed: str | None
+    coverage: CoverageAccount
     warnings: tuple[str, ...] = field(default=())
 
     @property
@@ -202,7 +216,7 @@ def resolve_run(model_path: str | Path, recipe: str | Recipe,
     """Check and resolve a run without reading any weight (see the module docstring).
 
     Errors come in the order a user fixes them: device, recipe, output format, model folder,
-    plan, what the format can express.  A missing ``--calib`` is not raised here (a dry run
+    plan (and the share it leaves unquantized), what the format can express.  A missing ``--calib`` is not raised here (a dry run
     reports it): :meth:`RunSpec.require_calibration` does.
     """
     device = check_device(options.device)
@@ -216,6 +230,8 @@ def resolve_run(model_path: str | Path, recipe: str | Recipe,
     skeleton, weight_map = build_streamed(source_dir, options.dtype)
     check_sequence_length(skeleton, options.calibration)
     layout, plan = plan_model(skeleton, recipe)
+    coverage = account(skeleton, plan)
+    coverage.check(*options.unquantized_limit())
     if ranks is not None:
         check_distributed_support(plan)
     warnings = preflight(writer, plan, options.strict)
@@ -225,4 +241,5 @@ def resolve_run(model_path: str | Path, recipe: str | Recipe,
         not_streamed = streaming_blocker(skeleton, weight_map, layout, plan, recipe, needs)
     return RunSpec(source_dir=source_dir, recipe=recipe, options=options, device=device,
                    writer=writer, skeleton=skeleton, weight_map=weight_map, layout=layout,
-                   plan=plan, needs=needs, not_streamed=not_streamed, warnings=tuple(warnings))
+                   plan=plan, needs=needs, not_streamed=not_streamed, coverage=coverage,
+                   warnings=tuple(warnings))

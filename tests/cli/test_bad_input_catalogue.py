@@ -343,6 +343,12 @@ def _output_is_file(env: Env) -> list:
 R_UNKNOWN_KEY = "rules:\n  - targets: Linear\n    weights: {bitz: 4}\n"
 R_WRONG_TYPE = "rules:\n  - targets: Linear\n    weights: {bits: four}\n"
 
+def _moe_model(env: Env) -> Path:
+    """A tiny Qwen3-MoE (fused 3-D expert tensors) in the case's folder."""
+    save_tiny_model("qwen3_moe", env.tmp / "moe")
+    return env.tmp / "moe"
+
+
 CASES: list[Case] = [
     # the source model
     Case("model-missing", "model path does not exist",
@@ -611,6 +617,19 @@ CASES: list[Case] = [
     Case("artifact-dense-shape-mismatch", "mpq eval of an artifact with a wrong-size norm weight",
          lambda e: _eval_args(e, _artifact_reshaped_1d(e, "model.norm.weight"), "--no-verify"),
          ArtifactError, ("{tmp}/art", "model.norm.weight")),
+    # what a plan leaves unquantized (mpq.models.coverage)
+    Case("strict-moe-experts", "mpq quantize --strict of a Qwen3-MoE whose fused 3-D expert "
+         "tensors mpq cannot quantize yet (most of its weight bytes would stay 16-bit)",
+         lambda e: e.quantize(_moe_model(e), "--strict"), RecipeError,
+         ("of the weight bytes would stay unquantized", "--strict", "moe-experts",
+          "cannot quantize fused expert tensors")),
+    Case("strict-max-unquantized", "mpq plan --max-unquantized 0.3 with a recipe that quantizes "
+         "only the MLPs",
+         lambda e: ["plan", e.src, "-r", e.recipe(
+             "defaults: {algorithm: rtn}\nrules:\n  - targets: ['re:.*mlp.*']\n    weights: "
+             "{format: int, bits: 8, symmetric: true, granularity: channel}\n"),
+             "--max-unquantized", "0.3"], RecipeError,
+         ("--max-unquantized 0.3", "no-rule", "add a rule that quantizes")),
 ]
 
 

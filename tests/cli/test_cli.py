@@ -62,7 +62,8 @@ def test_quantize_json_events_and_inspect(runner, artifact, tmp_path):
     assert result.exit_code == 0, result.output
     events = [json.loads(line) for line in result.stdout.splitlines()]
     kinds = [e["event"] for e in events]
-    assert kinds[0] == "start" and kinds[-1] == "result" and kinds.count("layer") == 14
+    assert kinds[:2] == ["coverage", "start"] and kinds[-1] == "result"
+    assert kinds.count("layer") == 14
     shown = invoke(runner, "inspect", out, "--json")
     info = json.loads(shown.stdout)
     assert info["format_version"].startswith("1.")
