@@ -62,6 +62,15 @@ def load_tokenizer(path: str | Path):
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{path}: cannot load its tokenizer: {first_line(exc)}",
                          hint="the folder needs tokenizer.json / tokenizer_config.json") from exc
+    except Exception as exc:
+        # The tokenizers library (Rust) reports a tokenizer.json it cannot parse as a plain
+        # Exception; any other exception type is a bug and keeps its traceback.
+        if type(exc) is not Exception:
+            raise
+        raise ModelError(f"{Path(path) / 'tokenizer.json'} is not a valid tokenizer: "
+                         f"{first_line(exc)}",
+                         hint="restore tokenizer.json from the model's source") from exc
+
 
 
 def check_model_dir(path: str | Path) -> Path:
