@@ -29,6 +29,7 @@ from mpq.errors import CalibrationError, ModelError, RecipeError, SchemeError, d
 from mpq.models.attention import attention_modules
 from mpq.models.layout import ModelLayout, blocks_of, describe_layers, layout_of
 from mpq.models.source import check_float_source, check_model_dir, max_positions
+from mpq.models.stored_tensors import check_stored_tensors
 from mpq.quantizers.base import QUANTIZERS
 from mpq.rotation.quarot import check_supported as check_rotation_supported
 from mpq.rotation.quarot import rotation_specs
@@ -214,6 +215,7 @@ def resolve_run(model_path: str | Path, recipe: str | Recipe,
     source_dir = check_model_dir(model_path)
     check_float_source(source_dir)
     skeleton, weight_map = build_streamed(source_dir, options.dtype)
+    check_stored_tensors(source_dir, skeleton, weight_map)
     check_sequence_length(skeleton, options.calibration)
     layout, plan = plan_model(skeleton, recipe)
     if ranks is not None:
