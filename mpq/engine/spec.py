@@ -84,10 +84,14 @@ class RunSpec:
 
     @property
     def inputs(self) -> list[Path]:
-        """The files and folders the run reads: the model folder, a local calibration source."""
+        """The files and folders the run reads: the model folder, the recipe file (not a
+        preset), a local calibration source."""
         source = self.calibration.source
         local = [Path(source)] if source is not None and Path(source).exists() else []
-        return [self.source_dir, *local]
+        recipe = Path(self.recipe.source)
+        recipe_file = [recipe] if not self.recipe.source.startswith("preset:") and \
+            recipe.is_file() else []
+        return [self.source_dir, *recipe_file, *local]
 
     @property
     def streams(self) -> bool:
