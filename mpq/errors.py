@@ -19,6 +19,14 @@ class MpqError(Exception):
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
 
+class OptionError(MpqError):
+    """A command-line option's value does not fit the inputs it was given (found once they are
+    read, e.g. an eval --window beyond the model's positions); click reports the other usage
+    errors itself.  Exit code 2, as for any usage error."""
+
+    exit_code = 2
+
+
 class RecipeError(MpqError):
     """A recipe is malformed, or its plan leaves too much of the model unquantized.
 

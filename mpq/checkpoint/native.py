@@ -86,10 +86,10 @@ def check_output_apart(out_dir: Path, inputs: Iterable[Path]) -> None:
             relation = "is" if out == path else "contains"
             raise OutputError(f"output '{out_dir}' {relation} the input '{given}': writing the "
                               "artifact there would destroy it",
-                              hint="choose an -o outside the model and data folders")
+                              hint="choose an -o apart from the model, recipe and data")
         if path.is_dir() and out.is_relative_to(path):
             raise OutputError(f"output '{out_dir}' lies inside the input folder '{given}'",
-                              hint="choose an -o outside the model and data folders")
+                              hint="choose an -o apart from the model, recipe and data")
 
 
 def check_output_free(out_dir: Path, force: bool) -> None:

@@ -5,9 +5,9 @@ import math
 
 import click
 
-from mpq.cli.console import emit_json, stderr_console, stdout_console
+from mpq.cli.console import emit_json, stdout_console
 from mpq.cli.options import json_option
-from mpq.errors import EvalGateError
+from mpq.errors import EvalGateError, ModelError, OptionError
 
 
 def parse_ppl_delta(value: str | None) -> tuple[float, bool] | None:
@@ -67,6 +67,29 @@ def check_gates(result: dict, ppl_delta, max_kl) -> list[str]:
     return failures
 
 
+def gate_hint(failures: list[str]) -> str:
+    if any("not finite" in failure for failure in failures):
+        return ("a NaN or inf figure means the model's outputs are broken: check the artifact "
+                "with mpq verify and mpq inspect")
+    return "loosen the gate, or quantize with a more precise recipe"
+
+
+def vocabulary_size(model) -> int | None:
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
+def check_same_vocabulary(model, model_path: str, reference, reference_path: str) -> None:
+    """ModelError when the two models score different vocabularies (their distributions cannot
+    be compared, and the reference may not even embed the evaluated model's token ids)."""
+    mine, theirs = vocabulary_size(model), vocabulary_size(reference)
+    if mine is not None and theirs is not None and mine != theirs:
+        raise ModelError(f"--reference '{reference_path}' has a vocabulary of {theirs} tokens, "
+                         f"'{model_path}' one of {mine}: their next-token distributions cannot "
+                         "be compared", hint="pass as --reference the float model this one was "
+                                             "quantized from, with the same tokenizer")
+
+
 @click.command("eval")
 @click.argument("model", type=click.Path(path_type=str))
 @click.option("--data", required=True, type=click.Path(path_type=str), help="Text file to score.")
@@ -98,8 +121,8 @@ def command(model, data, reference, window, num_windows, stride, max_ppl_delta, 
     quantized, tokenizer = load_for_eval(model, dequantize, verify=not no_verify)
     limit = max_positions(quantized)
     if limit is not None and window > limit:
-        raise click.UsageError(f"--window {window} exceeds the model's maximum of {limit} "
-                               f"positions: use --window {limit} or less")
+        raise OptionError(f"--window {window} exceeds the model's maximum of {limit} "
+                          "positions", hint=f"use --window {limit} or less")
     ids = load_eval_ids(data, tokenizer)
     if reference is None:
         result = perplexity(quantized, ids, window=window, num_windows=num_windows,
@@ -108,6 +131,7 @@ def command(model, data, reference, window, num_windows, stride, max_ppl_delta, 
         if stride is not None:
             raise click.UsageError("--stride is not supported together with --reference")
         ref_model, _ = load_for_eval(reference, False)
+        check_same_vocabulary(quantized, model, ref_model, reference)
         result = compare(quantized, ref_model, ids, window=window,
                          num_windows=num_windows).to_dict()
     result = {"model": model, "data": data, "reference": reference, **result}
@@ -122,6 +146,4 @@ def command(model, data, reference, window, num_windows, stride, max_ppl_delta, 
             f"mean KL {result['kl_mean']:.5f}; top-1 agreement {result['top1_agreement']:.4f}"
             if reference else ""))
     if failures:
-        for failure in failures:
-            stderr_console().print(f"gate failed: {failure}")
-        raise EvalGateError("; ".join(failures))
+        raise EvalGateError(f"gate failed: {'; '.join(failures)}", hint=gate_hint(failures))

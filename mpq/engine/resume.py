@@ -35,6 +35,7 @@ from mpq.checkpoint.native_codec import decode, encode, split_layer_tensors
 from mpq.config.plan import LayerPlan
 from mpq.engine.lifecycle import BlockTurn, RunHook, RunState
 from mpq.models.layout import set_weight
+from mpq.models.source import first_line
 from mpq.numerics.base import QuantizedWeight
 
 WORK_SUFFIX = ".mpq-work"
@@ -129,15 +130,22 @@ class Checkpoint:
         record = {"layers": {layer.name: layer_results[layer.name] for layer in layers},
                   "transforms": transform_records}
         stem = self._stem(index)
+        tmp = stem.with_suffix(".safetensors.tmp")
         try:
-            tmp = stem.with_suffix(".safetensors.tmp")
             save_file(tensors, str(tmp))
             os.replace(tmp, stem.with_suffix(".safetensors"))
             record["sha256"] = file_digest(stem.with_suffix(".safetensors"))["sha256"]
             _write_atomic(stem.with_suffix(".json"), json.dumps(record, sort_keys=True))
-        except OSError as exc:
-            raise OutputError(f"cannot save block {index} in '{self.path}': {exc}",
-                              hint="check free disk space beside the output") from exc
+        except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own
+            # The block is unfinished (no JSON record): drop its partial files, keep the
+            # finished blocks so that a rerun after freeing space resumes after them.
+            for partial in (tmp, stem.with_suffix(".safetensors"),
+                            stem.with_suffix(".json.tmp")):
+                partial.unlink(missing_ok=True)
+            raise OutputError(f"cannot save block {index} in the work directory "
+                              f"'{self.path}': {first_line(exc)}",
+                              hint="free disk space beside the output and rerun: the finished "
+                                   "blocks are kept and the run resumes after them") from exc
 
     def load_block(self, index: int, layers: list[LayerPlan]) -> BlockRecord:
         """Read back block ``index`` (ResumeError when its files are damaged)."""

@@ -30,6 +30,7 @@ from mpq.models.attention import attention_modules
 from mpq.models.coverage import STRICT_DEFAULT, CoverageAccount, account
 from mpq.models.layout import ModelLayout, blocks_of, describe_layers, layout_of
 from mpq.models.source import check_float_source, check_model_dir, max_positions
+from mpq.models.stored_tensors import check_stored_tensors
 from mpq.quantizers.base import QUANTIZERS
 from mpq.rotation.quarot import check_supported as check_rotation_supported
 from mpq.rotation.quarot import rotation_specs
@@ -97,10 +98,14 @@ class RunSpec:
 
     @property
     def inputs(self) -> list[Path]:
-        """The files and folders the run reads: the model folder, a local calibration source."""
+        """The files and folders the run reads: the model folder, the recipe file (not a
+        preset), a local calibration source."""
         source = self.calibration.source
         local = [Path(source)] if source is not None and Path(source).exists() else []
-        return [self.source_dir, *local]
+        recipe = Path(self.recipe.source)
+        recipe_file = [recipe] if not self.recipe.source.startswith("preset:") and \
+            recipe.is_file() else []
+        return [self.source_dir, *recipe_file, *local]
 
     @property
     def streams(self) -> bool:
@@ -228,6 +233,7 @@ def resolve_run(model_path: str | Path, recipe: str | Recipe,
     source_dir = check_model_dir(model_path)
     check_float_source(source_dir)
     skeleton, weight_map = build_streamed(source_dir, options.dtype)
+    check_stored_tensors(source_dir, skeleton, weight_map)
     check_sequence_length(skeleton, options.calibration)
     layout, plan = plan_model(skeleton, recipe)
     coverage = account(skeleton, plan)

@@ -21,7 +21,6 @@ checkpoints whose tensor names or dtypes transformers would remap on loading.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterator
@@ -34,7 +33,8 @@ from mpq.models.layout import ModelLayout, blocks_of
 from mpq.errors import ModelError
 from mpq.checkpoint.lazy import LazyTensors
 from mpq.checkpoint.state import ArtifactState, hf_config
-from mpq.models.source import build_skeleton, first_line, load_config, read_config, weight_files
+from mpq.models.source import (build_skeleton, first_line, load_config, read_config,
+                               source_weight_map)
 from mpq.config.plan import Plan
 from mpq.config.run_log import RunLog
 from mpq.numerics.base import QuantizedWeight
@@ -42,39 +42,8 @@ from mpq.engine.lifecycle import BlockTurn, RunHook, RunState
 from mpq.engine.resume import Checkpoint
 from mpq.memory import release_free_memory
 
-INDEX_FILE = "model.safetensors.index.json"
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def source_weight_map(path: Path) -> dict[str, Path]:
-    """Tensor name → the safetensors file holding it (the index's weight map when sharded)."""
-    index = path / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-            raise ModelError(f"{index} is unreadable: {exc}",
-                             hint="re-download or re-save the model") from exc
-        inside = path.resolve()
-        for file in sorted(set(weight_map.values())):
-            if not isinstance(file, str) or not (path / file).resolve().is_relative_to(inside):
-                raise ModelError(f"{index} names a shard outside the model folder: {file!r}",
-                                 hint="every shard must be a file inside the model folder; "
-                                      "re-save the model")
-        return {name: path / file for name, file in weight_map.items()}
-    files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() \
-        else weight_files(path)
-    out: dict[str, Path] = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                out.update({name: file for name in handle.keys()})
-        except (OSError, SafetensorError) as exc:
-            raise ModelError(f"{path}: weight files are unreadable or corrupt: "
-                             f"{first_line(exc)}", hint="re-download or re-save the model") \
-                from exc
-    return out
 
 
 def resolve_dtype(path: Path, dtype: str | torch.dtype, weight_map: dict[str, Path]

@@ -15,12 +15,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from mpq.errors import ModelError
 
 log = logging.getLogger(__name__)
 
+INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # refused: loading them would unpickle
 # Files of a model folder that are not weights and travel into the artifact unchanged.
 PASS_THROUGH = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -62,6 +63,14 @@ def load_tokenizer(path: str | Path):
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{path}: cannot load its tokenizer: {first_line(exc)}",
                          hint="the folder needs tokenizer.json / tokenizer_config.json") from exc
+    except Exception as exc:
+        # The tokenizers library (Rust) reports a tokenizer.json it cannot parse as a plain
+        # Exception; any other exception type is a bug and keeps its traceback.
+        if type(exc) is not Exception:
+            raise
+        raise ModelError(f"{Path(path) / 'tokenizer.json'} is not a valid tokenizer: "
+                         f"{first_line(exc)}",
+                         hint="restore tokenizer.json from the model's source") from exc
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -122,6 +131,36 @@ def weight_files(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.suffix == ".safetensors" and p.is_file())
 
 
+def source_weight_map(path: Path) -> dict[str, Path]:
+    """Tensor name → the safetensors file holding it (the index's weight map when sharded)."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"{index} is unreadable: {exc}",
+                             hint="re-download or re-save the model") from exc
+        inside = path.resolve()
+        for file in sorted(set(weight_map.values())):
+            if not isinstance(file, str) or not (path / file).resolve().is_relative_to(inside):
+                raise ModelError(f"{index} names a shard outside the model folder: {file!r}",
+                                 hint="every shard must be a file inside the model folder; "
+                                      "re-save the model")
+        return {name: path / file for name, file in weight_map.items()}
+    files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() \
+        else weight_files(path)
+    out: dict[str, Path] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                out.update({name: file for name in handle.keys()})
+        except (OSError, SafetensorError) as exc:
+            raise ModelError(f"{path}: weight files are unreadable or corrupt: "
+                             f"{first_line(exc)}", hint="re-download or re-save the model") \
+                from exc
+    return out
+
+
 def read_config(path: Path) -> dict:
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -154,7 +193,9 @@ def load_config(path: Path):
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str = "auto") -> nn.Module:
-    """Load a causal LM from a local folder on CPU in eval mode, checking weights are finite."""
+    """Load a causal LM from a local folder on CPU in eval mode, checking that its weight files
+    hold every tensor the architecture needs, each with a float dtype and the config's shape,
+    and nothing else (mpq.models.stored_tensors), and that the weights are finite."""
     from transformers import AutoModelForCausalLM
 
     path = check_model_dir(path)
@@ -162,7 +203,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = "auto") -> nn.Module
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=dtype, local_files_only=True, use_safetensors=True,
-            output_loading_info=True)
+            output_loading_info=True, ignore_mismatched_sizes=True)  # reported below
     except (ValueError, KeyError) as exc:
         raise ModelError(f"{path}: cannot build a causal LM from this config: {first_line(exc)}",
                          hint="mpq quantizes *ForCausalLM models") from exc
@@ -182,6 +223,16 @@ def load_model(path: str | Path, dtype: torch.dtype | str = "auto") -> nn.Module
                          f"needs are missing from the weight files: {shown}",
                          hint="re-download the model (a partial copy?), or fix config.json "
                               "(e.g. num_hidden_layers) to match its weights")
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:  # reinitialised at random by transformers
+        name, stored, wanted = mismatched[0]
+        raise ModelError(f"{path}: tensor '{name}' has shape {tuple(stored)}, the config "
+                         f"expects {tuple(wanted)}", hint="the weights do not match config.json")
+    from mpq.models.stored_tensors import (check_stored_tensors, refuse_unexpected,
+                                           unexpected_names)
+
+    check_stored_tensors(path, model, source_weight_map(path))
+    refuse_unexpected(path, unexpected_names(model, info.get("unexpected_keys") or ()))
     check_finite(model, where=path)
     return model.eval()
 

@@ -33,8 +33,9 @@ import torch
 from click.testing import CliRunner
 
 from mpq.cli.main import cli
-from mpq.errors import (ArtifactError, CalibrationError, FormatError, ModelError, MpqError,
-                        OutputError, RecipeError, ResourceError, ResumeError)
+from mpq.errors import (ArtifactError, CalibrationError, EvalGateError, FormatError, ModelError,
+                        MpqError, OptionError, OutputError, RecipeError, ResourceError,
+                        ResumeError)
 from tests.tiny_models import save_tiny_model
 from tests.helpers import REPO
 
@@ -86,6 +87,9 @@ class Case:
     skip: Callable[[], str | None] | None = None  # a reason to skip on this machine, or None
     # a product bug this case shows (the test is a strict xfail until it is fixed)
     known_issue: str | None = None
+    # inputs (under tmp) that the case itself changes while the command runs, exempt from the
+    # unchanged-input check (say so in ``input``)
+    rewrites: tuple[str, ...] = ()
 
 
 # --- builders of damaged inputs -------------------------------------------------------------------
@@ -337,6 +341,151 @@ def _no_memory(env: Env) -> list:
 def _output_is_file(env: Env) -> list:
     env.write("out", "x")
     return env.quantize(env.src, "--force")
+
+
+MLP_UP = "model.layers.1.mlp.up_proj.weight"
+
+
+def _workdir_disk_full(env: Env) -> list:
+    """safetensors' save raises its own SafetensorError when the disk fills up while block 1 is
+    written into the work directory (block 0 is finished and kept)."""
+    from safetensors import SafetensorError
+
+    import mpq.engine.resume as resume
+
+    save_file = resume.save_file
+
+    def save_block_file(tensors, path, *args, **kwargs):
+        if "block-00001" in str(path):
+            Path(path).write_bytes(b"\0" * 64)  # what got written before the disk filled
+            raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                                  "(os error 28)")
+        return save_file(tensors, path, *args, **kwargs)
+
+    env.monkeypatch.setattr(resume, "save_file", save_block_file)
+    return env.quantize(env.src)
+
+
+def _corrupt_tokenizer(env: Env) -> Path:
+    model = env.model_copy()
+    data = json.loads((model / "tokenizer.json").read_text())
+    data["model"]["type"] = "NoSuchModel"  # valid JSON the tokenizers library cannot build
+    (model / "tokenizer.json").write_text(json.dumps(data))
+    return model
+
+
+def _changed_tensor(env: Env, change: Callable[[dict], None]) -> Path:
+    model = env.model_copy()
+    _rewrite_tensors(model / "model.safetensors", change)
+    return model
+
+
+def _other_vocab(env: Env) -> Path:
+    import transformers
+
+    from tests.helpers import write_tokenizer
+    from tests.tiny_models import model_from_config
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      vocab_size=128, num_hidden_layers=2)
+    model_from_config(config).save_pretrained(env.tmp / "vocab128")
+    write_tokenizer(env.tmp / "vocab128")
+    return env.tmp / "vocab128"
+
+
+def _nan_scale_artifact(env: Env) -> Path:
+    art = env.artifact_copy()
+
+    def poison(tensors):
+        tensors["model.layers.0.mlp.down_proj.scale"][0, 0] = float("nan")
+
+    _rewrite_tensors(art / "model.safetensors", poison)
+    return art
+
+
+def _locked_output(env: Env) -> list:
+    """Another live run holds OUT's lock (an flock on .out.mpq-lock, pid inside)."""
+    import fcntl
+
+    handle = open(env.tmp / ".out.mpq-lock", "a+", encoding="utf-8")
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    handle.write("4242")  # the holder's pid, as a run writes it (fixed: a stable doc)
+    handle.flush()
+    env.monkeypatch.setattr(f"{__name__}._held_lock", handle, raising=False)  # closed afterwards
+    return env.quantize(env.src)
+
+
+def _index_outside(env: Env) -> Path:
+    model = env.model_copy()
+    shutil.copy(model / "model.safetensors", env.tmp / "outside.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(model / "model.safetensors"), framework="pt") as handle:
+        names = list(handle.keys())
+    (model / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {name: "../outside.safetensors" for name in names}}))
+    return model
+
+
+def _changed_during_run(env: Env) -> list:
+    """The model's weights are replaced (block 1 scaled) once block 0 is saved."""
+    from mpq.engine.resume import Checkpoint
+
+    model = env.model_copy()
+    save_block = Checkpoint.save_block
+
+    def replace_weights_after_block_0(self, index, *args, **kwargs):
+        save_block(self, index, *args, **kwargs)
+        if index == 0:
+            def scale(tensors):
+                tensors["model.layers.1.mlp.up_proj.weight"].mul_(1.5)
+            _rewrite_tensors(model / "model.safetensors", scale)
+
+    env.monkeypatch.setattr(Checkpoint, "save_block", replace_weights_after_block_0)
+    return env.quantize(model)
+
+
+def _tampered_work_dir(env: Env) -> list:
+    """A run stopped after block 0, whose saved block file was then edited."""
+    from mpq.engine.resume import Checkpoint, work_dir_for
+    from mpq.quantize import quantize
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_block_0(self, index, *args, **kwargs):
+        save_block(self, index, *args, **kwargs)
+        raise Stop
+
+    save_block = Checkpoint.save_block
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Checkpoint, "save_block", stop_after_block_0)
+        with pytest.raises(Stop):
+            quantize(env.src, "w4a16", env.out)
+    block = Checkpoint(work_dir_for(env.out), {}).block_file(0)
+    data = bytearray(block.read_bytes())
+    data[-3] ^= 0x01  # one bit of a saved tensor
+    block.write_bytes(bytes(data))
+    return env.quantize(env.src)
+
+
+def _recipe_in_output(env: Env) -> list:
+    recipe = env.recipe("rules:\n  - targets: Linear\n    weights: {group_size: 32}\n",
+                        name="recipes/r.yaml")
+    return ["quantize", env.src, "-r", recipe, "-o", recipe.parent, "--force"]
+
+
+def _compressed_tensors_model(env: Env) -> Path:
+    """A compressed-tensors checkpoint as another tool writes it (no mpq record)."""
+    from mpq.checkpoint.convert import convert
+
+    convert(env.art, env.tmp / "ct", "compressed-tensors")
+    config = json.loads((env.tmp / "ct" / "config.json").read_text())
+    config.pop("mpq", None)
+    (env.tmp / "ct" / "config.json").write_text(json.dumps(config))
+    return env.tmp / "ct"
+
 
 # --- the catalogue --------------------------------------------------------------------------------
 
@@ -630,6 +779,91 @@ CASES: list[Case] = [
              "{format: int, bits: 8, symmetric: true, granularity: channel}\n"),
              "--max-unquantized", "0.3"], RecipeError,
          ("--max-unquantized 0.3", "no-rule", "add a rule that quantizes")),
+    # issue 18: tracebacks that became one line, and situations fixed before without a case
+    Case("workdir-disk-full", "the disk fills up while a finished block is saved in the work "
+         "directory (safetensors raises its own error; simulated ENOSPC)",
+         _workdir_disk_full, OutputError,
+         ("{tmp}/out.mpq-work", "block 1", "No space left on device", "free disk space"),
+         leaves=("out.mpq-work",)),
+    Case("tokenizer-corrupt", "tokenizer.json is valid JSON the tokenizers library cannot build",
+         lambda e: e.quantize(_corrupt_tokenizer(e), "--calib", _calib(
+             e, "c.txt", "hello world " * 400), recipe="w4a16-gptq"), ModelError,
+         ("{tmp}/bad/tokenizer.json", "not a valid tokenizer", "restore tokenizer.json")),
+    Case("weight-integer-dtype", "a Linear weight stored as int8 in the safetensors file",
+         lambda e: e.quantize(_changed_tensor(e, lambda t: t.update(
+             {MLP_UP: (t[MLP_UP] * 100).to(torch.int8)}))), ModelError,
+         ("{tmp}/bad: tensor 'model.layers.1.mlp.up_proj.weight'", "stored as I8")),
+    Case("eval-weight-integer-dtype", "mpq eval of a model folder with a weight stored as int32 "
+         "(transformers would cast the codes to float)",
+         lambda e: _eval_args(e, _changed_tensor(e, lambda t: t.update(
+             {MLP_UP: (t[MLP_UP] * 100).to(torch.int32)}))), ModelError,
+         ("{tmp}/bad: tensor 'model.layers.1.mlp.up_proj.weight'", "stored as I32")),
+    Case("weight-wrong-shape", "a weight of another shape than config.json gives it "
+         "(transposed)",
+         lambda e: e.quantize(_changed_tensor(e, lambda t: t.update(
+             {MLP_UP: t[MLP_UP].t().contiguous()}))), ModelError,
+         ("{tmp}/bad: tensor 'model.layers.1.mlp.up_proj.weight'", "shape (64, 128)",
+          "expects (128, 64)")),
+    Case("model-unexpected-tensor", "the weight files hold a layer config.json does not declare "
+         "(config.json edited to fewer layers)",
+         lambda e: e.quantize(_edited_config(e, lambda c: c.update(num_hidden_layers=1))),
+         ModelError, ("{tmp}/bad", "not part of config.json's architecture",
+                      "model.layers.1.")),
+    Case("model-foreign-tensor", "an extra tensor the architecture does not use",
+         lambda e: e.quantize(_changed_tensor(e, lambda t: t.update(
+             {"model.layers.0.mlp.extra_proj.weight": torch.zeros(4, 4)}))), ModelError,
+         ("{tmp}/bad", "model.layers.0.mlp.extra_proj.weight")),
+    Case("model-index-outside", "model.safetensors.index.json names a shard outside the model "
+         "folder (../outside.safetensors)",
+         lambda e: e.quantize(_index_outside(e)), ModelError,
+         ("{tmp}/bad/model.safetensors.index.json", "outside the model folder",
+          "../outside.safetensors")),
+    Case("model-changed-during-run", "model.safetensors is replaced while the run reads it "
+         "(after block 0; the case itself rewrites its model copy, so that file is exempt from "
+         "the unchanged-input check); the work directory is discarded",
+         _changed_during_run, ModelError,
+         ("{tmp}/bad", "changed while the run read them", "model.safetensors"),
+         rewrites=("bad/model.safetensors",)),
+    Case("model-is-compressed-tensors", "a compressed-tensors checkpoint (written by another "
+         "tool) as the model to quantize",
+         lambda e: e.quantize(_compressed_tensors_model(e)), ModelError,
+         ("{tmp}/ct", "already-quantized checkpoint (compressed-tensors)")),
+    Case("device-mps", "--device mps (Apple GPUs: mpq runs on cpu or cuda)",
+         lambda e: e.quantize(e.src, "--device", "mps"), ModelError,
+         ("device 'mps' is not supported", "cpu or cuda")),
+    Case("device-xla", "--device xla (TPUs: mpq runs on cpu or cuda)",
+         lambda e: e.quantize(e.src, "--device", "xla"), ModelError,
+         ("device 'xla' is not supported", "cpu or cuda")),
+    Case("output-locked", "another live run holds the lock of the same output",
+         _locked_output, OutputError, ("another mpq run (pid 4242)", "is writing '{tmp}/out'")),
+    Case("output-contains-the-recipe", "-o is the folder holding the recipe file, with --force",
+         _recipe_in_output, OutputError,
+         ("{tmp}/recipes", "contains the input '{tmp}/recipes/r.yaml'")),
+    Case("convert-output-inside-artifact", "mpq convert with -o inside the source artifact",
+         lambda e: ["convert", e.art, "-o", e.art / "ct", "--format", "compressed-tensors"],
+         OutputError, ("{art}/ct", "lies inside the input folder '{art}'")),
+    Case("resume-block-tampered", "the work directory of a stopped run whose saved block was "
+         "edited afterwards", _tampered_work_dir, ResumeError,
+         ("{tmp}/out.mpq-work", "block 0", "not the file that was saved", "--no-resume")),
+    Case("eval-window-beyond-positions", "mpq eval --window beyond a learned position table "
+         "(GPT-2's n_positions)",
+         lambda e: ["eval", _gpt2(e), "--data", e.write("eval.txt", "hello world " * 100),
+                    "--window", 256], OptionError,
+         ("--window 256", "128 positions", "--window 128 or less")),
+    Case("eval-reference-other-vocab", "mpq eval --reference with a model of another "
+         "vocabulary size (text with token ids beyond it)",
+         lambda e: ["eval", e.art, "--data", e.write("u.txt", "café crème brûlée " * 20),
+                    "--window", 32, "--reference", _other_vocab(e)], ModelError,
+         ("--reference '{tmp}/vocab128'", "128 tokens", "'{art}' one of 256")),
+    Case("gate-nan-ppl", "mpq eval --max-ppl-delta on an artifact that evaluates to NaN (a NaN "
+         "scale, --no-verify)",
+         lambda e: _eval_args(e, _nan_scale_artifact(e), "--no-verify", "--reference", e.src,
+                              "--max-ppl-delta", "1000%"), EvalGateError,
+         ("gate failed: ppl nan", "not finite", "mpq verify")),
+    Case("gate-nan-kl", "mpq eval --max-kl on an artifact that evaluates to NaN, with --json",
+         lambda e: _eval_args(e, _nan_scale_artifact(e), "--no-verify", "--reference", e.src,
+                              "--max-kl", 100, "--json"), EvalGateError,
+         ("gate failed: mean KL nan is not finite",)),
 ]
 
 
@@ -663,7 +897,7 @@ def run_case(case: Case, env: Env):
     before = snapshot(env.tmp, env.src, env.art)
     result = CliRunner().invoke(cli, args, obj={})
     after = snapshot(env.tmp, env.src, env.art)
-    allowed = {str(env.tmp / name) for name in case.leaves}
+    allowed = {str(env.tmp / name) for name in (*case.leaves, *case.rewrites)}
     changed = {path for path in before.keys() | after.keys() if before.get(path) != after.get(path)
                and not any(path == a or path.startswith(a + "/") for a in allowed)}
     return result, changed, args
@@ -767,6 +1001,7 @@ def render_doc() -> str:
                         f"{case.error.exit_code} | {_cell(_shown(message, env), 300)} |")
             if case.known_issue:
                 issues.append(f"- `{case.id}`: {case.known_issue}.")
+    rewriting = ", ".join(f"`{case.id}`" for case in CASES if case.rewrites) or "no cases"
     used = {case.error.exit_code: case.error for case in CASES}
     codes = [f"- {code} `{used[code].__name__}`: {' '.join(used[code].__doc__.split())}"
              for code in sorted(used)]
@@ -776,8 +1011,10 @@ def render_doc() -> str:
         f"Every row is a case of `tests/cli/test_bad_input_catalogue.py` ({len(CASES)} cases). "
         "Each prints exactly one line on stderr, `error: what (how to fix)`, exits with the "
         "code of its error class, and leaves no output folder, no temporary sibling and no "
-        "changed input behind (the disk-full case keeps the resumable work directory "
-        "`OUT.mpq-work`, so a rerun after freeing space continues from the finished blocks).",
+        "changed input behind (the disk-full cases keep the resumable work directory "
+        "`OUT.mpq-work`, so a rerun after freeing space continues from the finished blocks; "
+        f"{rewriting} rewrite their own copy of an input while the command runs, so that file "
+        "is exempt from the unchanged-input check).",
         "",
         "Exit codes of these cases (all of them: README, \"Exit codes\"):",
         "",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from mpq.errors import ResumeError
+from mpq.errors import OutputError, ResumeError
 from mpq.calibration import CalibrationOptions
 from mpq.engine.spec import RunOptions
 from mpq.quantize import quantize
@@ -172,3 +172,63 @@ def test_killed_process_resumes_to_identical_artifact(sig, tmp_path, cli_case):
     assert kinds.count("block_resumed") == finished
     assert folder_bytes(out) == folder_bytes(whole)
     assert not work_dir_for(out).exists()
+
+
+# --- a disk that fills up while a block is saved ------------------------------------------------
+
+def test_a_full_disk_while_saving_a_block_keeps_the_finished_ones(tmp_path, monkeypatch):
+    """safetensors reports a failed write as its own SafetensorError: one OutputError, the
+    partial block file removed, the finished blocks kept; a rerun resumes to the same bytes."""
+    from safetensors import SafetensorError
+
+    import mpq.engine.resume as resume
+
+    save_deep_model(tmp_path / "src", layers=3)
+    quantize(tmp_path / "src", "w4a16", tmp_path / "whole")
+    save_file = resume.save_file
+
+    def disk_full_at_block_1(tensors, path, *args, **kwargs):
+        if "block-00001" in str(path):
+            Path(path).write_bytes(b"\0" * 100)  # what got written before the disk filled
+            raise SafetensorError("Error while serializing: I/O error: No space left on "
+                                  "device (os error 28)")
+        return save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(resume, "save_file", disk_full_at_block_1)
+    with pytest.raises(OutputError, match=r"cannot save block 1 .*No space left") as info:
+        quantize(tmp_path / "src", "w4a16", tmp_path / "out")
+    assert "free disk space" in info.value.one_line()
+    work = work_dir_for(tmp_path / "out")
+    assert sorted(p.name for p in work.iterdir()) == [
+        "block-00000.json", "block-00000.safetensors", "run.json"]
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(resume, "save_file", save_file)
+    events = []
+    quantize(tmp_path / "src", "w4a16", tmp_path / "out",
+             events=lambda kind, **data: events.append(kind))
+    assert events.count("block_resumed") == 1
+    assert folder_bytes(tmp_path / "out") == folder_bytes(tmp_path / "whole")
+
+
+def test_a_real_write_failure_of_a_block_is_one_error_line(tmp_path):
+    """A real `mpq quantize` process whose files may not exceed 8 KiB (RLIMIT_FSIZE): the
+    operating system refuses the block file's write, safetensors raises, mpq prints one line."""
+    import resource
+
+    save_deep_model(tmp_path / "src", layers=2)
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a killing signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", "from mpq.cli.main import main; main()", "quantize",
+               str(tmp_path / "src"), "-r", "w4a16", "-o", str(out)]
+    result = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            preexec_fn=limit_file_size, capture_output=True, text=True)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == OutputError.exit_code, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: cannot save block 0"), result.stderr
+    assert "File too large" in lines[0]
+    assert not out.exists()
+    assert sorted(p.name for p in work_dir_for(out).iterdir()) == ["run.json"]

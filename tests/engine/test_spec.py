@@ -9,6 +9,7 @@ from mpq.calibration import CalibrationOptions
 from mpq.engine.spec import RunOptions, resolve_run
 from mpq.errors import CalibrationError
 from mpq.quantize import quantize
+from tests.helpers import REPO
 from tests.tiny_models import save_tiny_model
 
 
@@ -42,3 +43,14 @@ def test_missing_calibration_is_the_specs_verdict(source, calib_text):
     resolve_run(source, "w4a16").require_calibration()  # round to nearest needs none
     estimate = estimate_run(spec, probe=False)  # a dry run reports it instead
     assert any("--calib" in warning for warning in estimate.warnings)
+
+
+def test_the_recipe_file_is_an_input_a_preset_is_not(source, tmp_path, calib_text):
+    """-o must not be (or hold) the recipe file: --force would delete it with the folder."""
+    recipe = tmp_path / "recipes" / "r.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text((REPO / "mpq" / "config" / "presets" / "w4a16.yaml").read_text())
+    calibration = CalibrationOptions(source=str(calib_text))
+    spec = resolve_run(source, str(recipe), RunOptions(calibration=calibration))
+    assert spec.inputs == [source, recipe, calib_text]
+    assert resolve_run(source, "w4a16").inputs == [source]
