@@ -35,8 +35,8 @@ from mpq.engine.streaming import BlockStreamer, streamed_state
 from mpq.errors import ModelError
 from mpq.memory import release_free_memory
 from mpq.models.layout import untie_head
-from mpq.models.source import (check_unchanged, file_stamps, fingerprint, load_model,
-                               load_tokenizer, side_files)
+from mpq.models.source import (check_tokenizer, check_unchanged, file_stamps, fingerprint,
+                               load_model, load_tokenizer, side_files)
 from mpq.rotation.quarot import apply_quarot
 
 @dataclass
@@ -119,6 +119,8 @@ def quantize(model_path: str | Path, recipe, out_dir: str | Path,
     if check_memory:
         check_memory_budget(spec)
     spec.require_calibration()
+    if spec.calibration.source is None:  # else calibration loads it
+        check_tokenizer(spec.source_dir)
     model, streamer = open_model(spec)
     plan, layout, recipe = spec.plan, spec.layout, spec.recipe
     for warning in spec.warnings:

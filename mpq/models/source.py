@@ -73,6 +73,13 @@ def load_tokenizer(path: str | Path):
                          hint="restore tokenizer.json from the model's source") from exc
 
 
+def check_tokenizer(path: str | Path) -> None:
+    """ModelError when the folder's tokenizer.json or tokenizer.model (files that travel into
+    the artifact) does not load, so a run that needs no tokenizer does not publish a broken one."""
+    if any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        load_tokenizer(path)
+
+
 def check_model_dir(path: str | Path) -> Path:
     """A readable folder with config.json and at least one weight file, else ModelError."""
     path = Path(path)

@@ -789,6 +789,10 @@ CASES: list[Case] = [
          lambda e: e.quantize(_corrupt_tokenizer(e), "--calib", _calib(
              e, "c.txt", "hello world " * 400), recipe="w4a16-gptq"), ModelError,
          ("{tmp}/bad/tokenizer.json", "not a valid tokenizer", "restore tokenizer.json")),
+    Case("tokenizer-corrupt-no-calib", "a corrupt tokenizer.json in a run without calibration "
+         "(no tokenizer needed, but the file would travel into the artifact)",
+         lambda e: e.quantize(_corrupt_tokenizer(e)), ModelError,
+         ("{tmp}/bad/tokenizer.json", "not a valid tokenizer", "restore tokenizer.json")),
     Case("weight-integer-dtype", "a Linear weight stored as int8 in the safetensors file",
          lambda e: e.quantize(_changed_tensor(e, lambda t: t.update(
              {MLP_UP: (t[MLP_UP] * 100).to(torch.int8)}))), ModelError,
