@@ -31,8 +31,8 @@ from typing import BinaryIO, Iterator
 from mpq.errors import CalibrationError
 
 BLANK_LINE = re.compile(r"\r?\n[ \t\f\v\r]*\n")
-CHUNK_BYTES = 1 << 18  # bytes read at a time
-PIECE_CHARS = 1 << 20  # a longer block (line) is yielded in parts of at most this many characters
+CHUNK_BYTES = 1 << 16  # bytes read at a time
+PIECE_CHARS = 1 << 17  # a longer block (line) is yielded in parts of at most this many characters
 _BOM = b"\xef\xbb\xbf"
 _BLANK_CHARS = frozenset(" \t\f\v\r\n")  # the characters a blank line (BLANK_LINE) is made of
 

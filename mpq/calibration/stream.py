@@ -3,8 +3,9 @@
 :func:`read_budget` and the rule are stated in mpq.calibration.dataset's docstring.  Documents come
 from a loader (mpq.calibration.sources), long ones in parts (mpq.calibration.reading.Unfinished);
 they are tokenized in calls of at most :data:`TOKENIZE_DOCS` items and :data:`TOKENIZE_CHARS`
-characters (a call's transient memory grows with its text), and the ids kept in ``array('i')``
-(4 bytes a token).  Reading stops after the call that brings the candidates to the budget.
+characters, or one longer item (at most reading.PIECE_CHARS + reading.CHUNK_BYTES characters): a
+call's transient memory grows with its tokens.  The ids are kept in ``array('i')`` (4 bytes a
+token).  Reading stops after the call that brings the candidates to the budget.
 """
 from __future__ import annotations
 
@@ -87,9 +88,13 @@ class _Reader:
                     if ends:
                         self.end_document()
                     continue
+            if self.batch and self.chars + len(item) > TOKENIZE_CHARS:
+                self.flush()
+                if self.full():
+                    return self.finish(items, pending=(starts, ends, str(item)))
             self.batch.append((starts, ends, str(item)))
             self.chars += len(item)
-            if len(self.batch) >= TOKENIZE_DOCS or self.chars >= TOKENIZE_CHARS:
+            if len(self.batch) >= TOKENIZE_DOCS:
                 self.flush()
                 if self.full():
                     return self.finish(items)
@@ -128,10 +133,14 @@ class _Reader:
             return len(self.out.stream) >= self.budget
         return self.kept >= self.budget
 
-    def finish(self, items: Iterator[str]) -> Tokenized:
-        """Stop at the budget: whether anything follows, and the candidates cut to the budget."""
+    def finish(self, items: Iterator[str], pending=None) -> Tokenized:
+        """Stop at the budget: whether anything follows (``pending``: an item already taken but
+        not tokenized), and the candidates cut to the budget."""
+        if pending is not None:  # counted when it came
+            self.out.characters -= len(pending[2])
+            self.out.documents -= pending[0]
         try:
-            self.out.complete = next(items, None) is None
+            self.out.complete = pending is None and next(items, None) is None
         except BlankLineFound:
             self.out.complete = False
         if not self.out.complete:
