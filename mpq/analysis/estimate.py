@@ -12,8 +12,11 @@ scales in the model's dtype / float16).  Every other tensor of the state dict (e
 biases, an untied head) at the load dtype, tied tensors once.  The safetensors header (one JSON
 entry per tensor plus mpq's metadata, the plan being the largest) is estimated from the plan.
 
-**Peak memory** (bytes; the host's for ``--device cpu``), the larger of two phases:
+**Peak memory** (bytes; the host's for ``--device cpu``), the largest of three phases:
 
+- *calibration* (with ``--calib``, read after the model is opened): ``overhead`` + the weights
+  held then (streamed: those outside the blocks; else the whole model) + ``tokenizer`` +
+  ``calibration_reading``;
 - *block loop*: ``overhead`` + ``weights`` + ``activations`` + ``statistics`` + ``solver`` +
   ``block_temporaries`` + ``outputs``;
 - *writing*: ``overhead`` + ``weights`` + ``outputs`` (streamed: only those outside the blocks)
@@ -25,6 +28,19 @@ The parts, and the assumptions behind them:
   ``import torch, transformers``, 350 MB once mpq is imported and a (tiny) Llama is built
   (torch 2.13 CPU, transformers 5.23); :data:`OVERHEAD_BYTES` = 360 MiB.  With ``--device cuda``
   the CUDA runtime adds about :data:`CUDA_HOST_OVERHEAD_BYTES` on the host.
+- ``tokenizer``: the model's tokenizer while it is loaded and used: :data:`TOKENIZER_BASE_BYTES`
+  + :data:`TOKENIZER_BYTES_PER_FILE_BYTE` × the size of its files (tokenizer.json, vocab/merges,
+  SentencePiece model).  Measured (peak RSS growth while loading): 11.3 MiB for the tests' byte
+  tokenizer (5 kB tokenizer.json), 148 MiB for SmolLM2's (3.5 MB, about 40 bytes a file byte).
+- ``calibration_reading``: the source is read up to its reading budget (mpq.calibration.dataset:
+  ``max(16 × num_samples × seq_len, 2**20)`` tokens), whatever the source's size: the token ids
+  kept (4 bytes each, ``array('i')`` with its growth margin), one tokenizer call's transient
+  memory, :data:`TOKENIZE_BYTES_PER_CHAR` × its characters (at most reading.PIECE_CHARS +
+  reading.CHUNK_BYTES: mpq.calibration.stream), the text held while splitting (that many
+  characters, 4 bytes each at worst, twice), and the samples (int64).  Measured with SmolLM2's
+  byte-level BPE tokenizer, per character of one call: 41-125 bytes (English), 190 (accented
+  Latin), 535 (CJK); reading 4.7 M characters of a 50 MB one-line file to the default budget
+  raised the peak by less than the tokenizer's loading had (benchmarks/calibration_memory.py).
 - ``weights``: in the load dtype (``--dtype``, else config.json's ``torch_dtype``/``dtype``, else
   float32).  Streamed runs (mpq.engine.streaming, the default where the recipe allows it): the tensors
   outside the decoder blocks plus the largest block.  Otherwise (``rotation:``, statistics for a
@@ -81,7 +97,11 @@ from typing import Any
 
 import torch
 
+from mpq.calibration import reading
+from mpq.calibration.sources import detect_source
+from mpq.calibration.stream import read_budget
 from mpq.engine.spec import RunSpec
+from mpq.errors import CalibrationError
 from mpq.errors import ResourceError
 from mpq.models.source import read_config
 from mpq.config.plan import Plan
@@ -96,6 +116,11 @@ HESSIAN_COPIES = 5
 SOLVER_COPIES_GPTQ = 5
 SOLVER_COPIES_RTN = 3
 SMOOTHQUANT_ROWS = 4096  # mpq.engine.stats.InputSample.ROWS
+TOKENIZER_BASE_BYTES = 12 * MiB  # a tiny tokenizer loaded (measured 11.3 MiB)
+TOKENIZER_BYTES_PER_FILE_BYTE = 45  # measured about 40 (SmolLM2's tokenizer.json)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
+                   "spiece.model")
+TOKENIZE_BYTES_PER_CHAR = 600  # one tokenizer call, per character (measured at most 535, CJK)
 
 # --- constants of the time model -------------------------------------------------------------
 PASSES_TRUE_SEQUENTIAL = 1.2
@@ -106,6 +131,8 @@ STARTUP_SECONDS = 6.0
 IO_BYTES_PER_SECOND = 1.0e9  # read + finiteness check + sha256 + write, per weight byte
 GPTQ_COLUMN_SECONDS = 60e-6  # Python per column of gptq_solve's loop (CPU)
 LAYER_SECONDS = 5e-3  # per quantized layer: error figures, page-out, events
+TOKENIZE_TOKENS_PER_SECOND = 2e5  # reading + tokenizing (SmolLM2, 2 busy cores: 1.05 M in 4.8 s)
+SOURCE_BYTES_PER_TOKEN = 4  # to guess a local file's tokens from its size (English: about 4.2)
 RTN_SECONDS_PER_WEIGHT = 4e-9
 FORWARD_EFFICIENCY = 0.5  # a block's forward reaches about half the square-matmul throughput
 
@@ -382,20 +409,27 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
     overhead = OVERHEAD_BYTES + (CUDA_HOST_OVERHEAD_BYTES if on_cuda else 0)
     write_buffers = tensors_total  # every encoded tensor, held until written
     held_while_writing = weight_bytes + codes_bytes
+    held_while_reading = weight_bytes  # the model opened before calibration is read
+    tokenizer_bytes, reading_bytes, read_tokens, budget = _calibration_reading(calibration,
+                                                                               source_dir)
     if not_streamed is None:  # one block resident; the artifact written one shard at a time
         outside = weight_bytes - sum(block_weight_bytes.values())
         weight_bytes = outside + max(block_weight_bytes.values(), default=0)
         outside_codes = codes_bytes - sum(block_codes.values())
         codes_bytes = outside_codes + max(block_codes.values(), default=0)
         held_while_writing = outside + outside_codes
+        held_while_reading = outside
         write_buffers = largest_group  # produced one layer at a time
     memory = {"overhead": overhead, "weights": weight_bytes, "activations": activations,
               "statistics": statistics, "solver": solver,
               "block_temporaries": block_temporaries, "outputs": codes_bytes,
-              "write_buffers": write_buffers}
+              "write_buffers": write_buffers, "tokenizer": tokenizer_bytes,
+              "calibration_reading": reading_bytes}
     block_loop = (overhead + weight_bytes + activations + statistics + solver + block_temporaries
                   + codes_bytes)
     writing = overhead + held_while_writing + write_buffers
+    calibrating = (overhead + held_while_reading + tokenizer_bytes + reading_bytes
+                   if calibration.source is not None else 0)
     if on_cuda:
         block_weights = weight_bytes // max(num_blocks, 1)
         on_device = activations
@@ -403,11 +437,13 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
             on_device = min(activations, batch_tokens * (2 * per_token_inputs
                                                          + per_token_replay) * elem)
         device_peak = (on_device + statistics + solver + block_temporaries + block_weights)
-        host_peak = max(overhead + weight_bytes + activations + codes_bytes, writing)
+        host_peak = max(overhead + weight_bytes + activations + codes_bytes, writing,
+                        calibrating)
         peak, phase = device_peak, "block loop"
     else:
-        host_peak = peak = max(block_loop, writing)
-        phase = "block loop" if block_loop >= writing else "writing"
+        phase, peak = max((("block loop", block_loop), ("writing", writing),
+                           ("calibration", calibrating)), key=lambda item: item[1])
+        host_peak = peak
 
     # ---- time
     throughput = measure_throughput(torch_device) if probe else 5e10
@@ -442,6 +478,7 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
         "statistics": stat_flops / matmul_rate,
         "solver": solve_flops / matmul_rate + solve_python + rtn_seconds
         + LAYER_SECONDS * len(plan.quantized()),
+        "calibration": read_tokens / TOKENIZE_TOKENS_PER_SECOND,
     }
     if calibration.source is None and wanted:
         warnings = [*warnings, "no --calib: the run will stop (exit 5) because "
@@ -451,12 +488,35 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
         output_format=output_format, dtype=str(wdtype).replace("torch.", ""), plan=plan,
         calibration={"source": calibration.source, "num_samples": calibration.num_samples,
                      "seq_len": seq_len, "batch_tokens": calibration.batch_tokens,
-                     "tokens": tokens, "forward_passes_per_block": passes,
+                     "tokens": tokens, "read_budget_tokens": budget,
+                     "forward_passes_per_block": passes,
                      "true_sequential": true_sequential,
                      "offload_activations": options.offload_activations},
         size=size, memory=memory, peak_bytes=int(peak), peak_phase=phase,
         host_peak_bytes=int(host_peak), seconds=sum(time_parts.values()), time_parts=time_parts,
         throughput_flops=throughput, warnings=list(warnings), streaming=not_streamed)
+
+
+def _calibration_reading(calibration, source_dir) -> tuple[int, int, int, int]:
+    """``(tokenizer bytes, reading bytes, tokens read, reading budget)`` of reading ``--calib``
+    (zeros without it); see the module docstring."""
+    if calibration.source is None:
+        return 0, 0, 0, 0
+    budget = read_budget(calibration.num_samples, calibration.seq_len)
+    files = sum(reading.file_size(source_dir / name) or 0 for name in TOKENIZER_FILES)
+    tokenizer = TOKENIZER_BASE_BYTES + TOKENIZER_BYTES_PER_FILE_BYTE * files
+    call_chars = reading.PIECE_CHARS + reading.CHUNK_BYTES
+    held = (4 * budget * 9 // 8 + TOKENIZE_BYTES_PER_CHAR * call_chars + 2 * 4 * call_chars
+            + 8 * calibration.num_samples * calibration.seq_len)
+    tokens = budget
+    try:
+        loader, location = detect_source(calibration.source)
+    except CalibrationError:  # the run itself reports it
+        loader, location = None, None
+    size = reading.file_size(location) if loader in ("text", "jsonl") else None
+    if size is not None:
+        tokens = min(budget, size // SOURCE_BYTES_PER_TOKEN + 1)
+    return tokenizer, held, tokens, budget
 
 
 def estimate_and_check(spec: RunSpec) -> RunEstimate:

@@ -12,6 +12,23 @@ Two modes:
   fewer than ``min(min_doc_tokens, seq_len)`` tokens (default 16) are dropped.  Samples have shape
   [1, L] with L <= seq_len.
 
+Reading budget: a source is read and tokenized incrementally, only until the candidates' tokens
+(concat: the stream's length; document: the kept documents' lengths, each at most seq_len, so
+at least budget / seq_len candidates) reach
+``read_budget = max(16 × num_samples × seq_len, 2**20)`` tokens (mpq.calibration.stream: 16 is
+``CANDIDATE_FACTOR``, 2**20 ``MIN_READ_TOKENS``); the samples are then drawn from what was read.
+Why 16: the draw below stays a sparse pick (at most 1 candidate in 16) from a stretch of the
+source 16 times what the run uses, while reading holds 4 bytes a token kept (4 MiB at the
+defaults, 128 × 512, whose budget is exactly 2**20) plus one tokenizer call's text; the floor keeps
+small runs (few samples) drawing from the same spread as the defaults and keeps small sources
+(up to 2**20 tokens, e.g. the project's corpora) whole.  A source that ends before the budget (or
+in the tokenizer call that reaches it) is read to its end and gives exactly the samples of a
+whole-file read.  A longer one is cut: concat keeps the stream's first ``read_budget`` tokens,
+document mode its first candidates up to the one that brings them to the budget (the parts of
+a very long document after the one that brought it to seq_len tokens are read past but not
+tokenized).  A text file read one document per line because no blank line lies in the part read
+stays so (mpq.calibration.reading).
+
 Drawing: ``torch.randperm(n_candidates, generator=torch.Generator().manual_seed(seed))``, the first
 ``num_samples`` indices, **sorted ascending** (samples keep source order; the subset depends on the
 seed only).  With fewer candidates than requested, all are used and a warning is logged; with none,
@@ -31,14 +48,14 @@ from typing import Any, Sequence
 import torch
 
 from mpq.calibration.options import CalibrationOptions
-from mpq.calibration.sources import load_documents
+from mpq.calibration.sources import SOURCES, detect_source
+from mpq.calibration.stream import read_budget, tokenize_source
 from mpq.errors import CalibrationError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
 MODES = ("concat", "document")
 MIN_DOC_TOKENS = 16
-_TOKENIZE_BATCH = 256
 _FIELD_LOADERS = {"jsonl", "parquet", "disk", "hub"}
 
 
@@ -47,9 +64,12 @@ class CalibrationSet:
     """Token samples (each a LongTensor of shape [1, L]) and where they came from.
 
     ``provenance`` keys: source, loader, field, split, mode, seq_len, seed, requested_samples,
-    num_samples, documents, corpus_tokens (tokens the source yielded, separators included in concat
-    mode), total_tokens (in the samples), tokenizer (name_or_path), sha256 (:func:`token_sha256`).
-    All values are JSON-serialisable.
+    num_samples, documents (read), corpus_tokens (tokens the part read yielded, separators
+    included in concat mode), total_tokens (in the samples), tokenizer (name_or_path), sha256
+    (:func:`token_sha256`).  Only when the reading budget cut the source (module docstring):
+    read_to_end (False), read_budget_tokens and read_characters (of the documents read); their
+    absence means the source was read to its end (so the provenance, and the artifact, of such a
+    source are those of a whole-file read).  All values are JSON-serialisable.
     """
 
     samples: list[torch.Tensor]
@@ -92,61 +112,54 @@ def build_calibration_set(options: CalibrationOptions, tokenizer, *,
         if not isinstance(value, int) or value < low:
             raise CalibrationError(f"{name} must be an integer >= {low}, got {value!r}")
 
-    loader, docs = load_documents(spec, field=field, split=split)
-    token_lists = _tokenize(tokenizer, docs)
+    loader, location = detect_source(spec)
+    read = SOURCES.get(loader)
+
+    def open_items(paragraphs):
+        extra = {} if paragraphs is None else {"paragraphs": paragraphs}
+        return iter(read(location, field=field, split=split, **extra))
+
+    budget = read_budget(num_samples, seq_len)
+    floor = min(min_doc_tokens, seq_len)
+    got = tokenize_source(open_items, tokenizer, mode=mode, seq_len=seq_len, budget=budget,
+                          separator=_separator(tokenizer, use_eos=loader != "text"), floor=floor)
+    if not got.documents:
+        raise CalibrationError(f"calibration source {spec} contains no text",
+                               hint="pass a file with at least one non-empty document")
+    corpus_tokens = got.corpus_tokens
     if mode == "concat":
-        candidates, corpus_tokens = _concat_chunks(tokenizer, token_lists, seq_len,
-                                                   use_eos=loader != "text")
         short = f"{corpus_tokens} tokens, fewer than one sample of seq_len={seq_len}"
     else:
-        floor = min(min_doc_tokens, seq_len)
-        candidates = [ids[:seq_len] for ids in token_lists if len(ids) >= floor]
-        corpus_tokens = sum(len(ids) for ids in token_lists)
         short = f"no document with at least {floor} tokens"
-    if not candidates:
+    if not len(got):
         raise CalibrationError(f"calibration source {spec} is too short: {short}",
                                hint="pass more text, a smaller seq_len, or mode=concat")
 
-    picked = _draw(len(candidates), num_samples, seed)
+    picked = _draw(len(got), num_samples, seed)
     if len(picked) < num_samples:
         logger.warning("calibration source %s gives only %d samples of %d requested (mode=%s, "
-                       "seq_len=%d); using %d", spec, len(candidates), num_samples, mode, seq_len,
+                       "seq_len=%d); using %d", spec, len(got), num_samples, mode, seq_len,
                        len(picked))
-    samples = [torch.tensor(candidates[i], dtype=torch.long).unsqueeze(0) for i in picked]
+    samples = [torch.tensor(got.candidate(i), dtype=torch.long).unsqueeze(0) for i in picked]
     provenance = {
         "source": spec, "loader": loader, "field": field if loader in _FIELD_LOADERS else None,
         "split": split, "mode": mode, "seq_len": seq_len, "seed": seed,
-        "requested_samples": num_samples, "num_samples": len(samples), "documents": len(docs),
+        "requested_samples": num_samples, "num_samples": len(samples), "documents": got.documents,
         "corpus_tokens": corpus_tokens, "total_tokens": sum(s.shape[1] for s in samples),
         "tokenizer": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
         "sha256": token_sha256(samples),
     }
+    if not got.complete:
+        provenance.update(read_to_end=False, read_budget_tokens=budget,
+                          read_characters=got.characters)
     return CalibrationSet(samples=samples, provenance=provenance)
 
 
-def _tokenize(tokenizer, docs: list[str]) -> list[list[int]]:
-    """Token ids of each document, no special tokens, in batches (fast tokenizers parallelise)."""
-    out: list[list[int]] = []
-    for start in range(0, len(docs), _TOKENIZE_BATCH):
-        batch = docs[start:start + _TOKENIZE_BATCH]
-        enc = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)
-        out.extend(enc["input_ids"])
-    return out
-
-
-def _concat_chunks(tokenizer, token_lists: list[list[int]], seq_len: int,
-                   use_eos: bool) -> tuple[list[list[int]], int]:
-    """Non-overlapping seq_len chunks of the separator-joined stream, and the stream length."""
+def _separator(tokenizer, use_eos: bool) -> list[int]:
+    """Ids between two documents in concat mode: EOS for records, else the tokens of "\\n\\n"."""
     eos = getattr(tokenizer, "eos_token_id", None) if use_eos else None
-    sep = [eos] if eos is not None else list(
+    return [eos] if eos is not None else list(
         tokenizer("\n\n", add_special_tokens=False, return_attention_mask=False)["input_ids"])
-    stream: list[int] = []
-    for i, ids in enumerate(token_lists):
-        if i and sep:
-            stream.extend(sep)
-        stream.extend(ids)
-    n = len(stream) // seq_len
-    return [stream[k * seq_len:(k + 1) * seq_len] for k in range(n)], len(stream)
 
 
 def _draw(n_candidates: int, num_samples: int, seed: int) -> list[int]:

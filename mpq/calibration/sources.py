@@ -8,25 +8,35 @@ Empty or whitespace-only documents are skipped.  Loaders:
 - ``text``: a UTF-8 text file.  Documents are blocks of non-blank lines separated by one or more
   blank lines (lines holding only whitespace).  A file with no blank line at all is read as one
   document per non-empty line (the one-article-per-line convention, e.g. lee_background.txt).
-- ``jsonl``: one JSON object per line; the document is ``obj[field]`` (default ``text``).  Blank
-  lines are skipped.  A ``.json`` file holding a JSON array of objects is read the same way.
+  Read in chunks (mpq.calibration.reading.text_documents): a document longer than
+  ``reading.PIECE_CHARS`` characters comes in parts (:class:`~mpq.calibration.reading.Unfinished`),
+  and a file first read line by line raises ``BlankLineFound`` at a later blank line (the caller
+  reads it again with ``paragraphs=True``).
+- ``jsonl``: one JSON object per line, read line by line; the document is ``obj[field]`` (default
+  ``text``).  Blank lines are skipped.  A ``.json`` file holding a JSON array of objects is read
+  the same way, but whole (the standard library parses a JSON array only whole: use .jsonl for
+  large sources).
 - ``parquet``: column ``field`` of a parquet file, read batch by batch with pyarrow; nulls skipped.
 - ``disk``: a folder written by ``datasets.Dataset.save_to_disk`` (or ``DatasetDict``: split
-  ``split``, default ``train``), column ``field``.
-- ``hub``: ``datasets.load_dataset(name, config, split=split or "train")``.  With HF_HUB_OFFLINE or
-  HF_DATASETS_OFFLINE set it fails at once without any network access.
+  ``split``, default ``train``), column ``field``, read in batches.
+- ``hub``: ``datasets.load_dataset(name, config, split=split or "train")``, column read in
+  batches.  With HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set it fails at once without any network
+  access.
 
-:func:`detect_source` maps a spec (path, ``hf:NAME[:CONFIG]``, or ``LOADER:PATH``) to a loader
-name; :func:`load_documents` runs it and refuses a source with no text.
+Loaders are generators: they read only as far as their consumer iterates
+(mpq.calibration.dataset stops at its reading budget).  :func:`detect_source` maps a spec (path,
+``hf:NAME[:CONFIG]``, or ``LOADER:PATH``) to a loader name; :func:`load_documents` reads every
+document of a source (whole documents) and refuses a source with no text.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Callable, Iterator
 
+from mpq.calibration.reading import (BlankLineFound, decode, join_parts, missing_file,
+                                     open_binary, read_bytes, text_documents, unreadable)
 from mpq.errors import CalibrationError
 from mpq.registry import Registry
 
@@ -37,6 +47,7 @@ SUFFIXES = {".txt": "text", ".text": "text", ".md": "text",
             ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 HUB_PREFIX = "hf:"
+_BATCH_ROWS = 1000  # rows of a parquet file or dataset read at a time
 _FORMAT_HINT = ("use a .txt/.md, .jsonl/.json or .parquet file, a datasets save_to_disk folder, "
                 "hf:NAME[:CONFIG] for a Hub dataset, or force a loader with text:PATH, jsonl:PATH, "
                 "parquet:PATH, disk:PATH")
@@ -58,11 +69,11 @@ def detect_source(spec: str) -> tuple[str, str]:
     prefix, sep, rest = spec.partition(":")
     if sep and len(prefix) > 1 and prefix in SOURCES:  # len > 1 keeps Windows drive letters paths
         if prefix != "hub" and not Path(rest).exists():
-            raise _missing(rest)
+            raise missing_file(rest)
         return prefix, rest
     path = Path(spec)
     if not path.exists():
-        raise _missing(spec)
+        raise missing_file(spec)
     if path.is_dir():
         if any((path / marker).is_file() for marker in DISK_MARKERS):
             return "disk", spec
@@ -82,7 +93,11 @@ def load_documents(spec: str, *, field: str = "text",
     Raises CalibrationError when the source yields no text.
     """
     name, location = detect_source(spec)
-    docs = list(SOURCES.get(name)(location, field=field, split=split))
+    loader = SOURCES.get(name)
+    try:
+        docs = list(join_parts(loader(location, field=field, split=split)))
+    except BlankLineFound:
+        docs = list(join_parts(loader(location, field=field, split=split, paragraphs=True)))
     if not docs:
         raise CalibrationError(f"calibration source {spec} contains no text",
                                hint="pass a file with at least one non-empty document")
@@ -94,46 +109,43 @@ def read_text_file(path: str | os.PathLike) -> str:
 
     Missing, unreadable or non-UTF-8 files raise CalibrationError; the latter names the byte offset.
     """
-    return _decode(_read_bytes(path), path)
+    return decode(read_bytes(path), path)
 
 
 # --- loaders -------------------------------------------------------------------------------------
 
 @SOURCES.register("text")
-def load_text(path: str, *, field: str = "text", split: str | None = None) -> Iterator[str]:
-    """Paragraph blocks of a UTF-8 text file (one per line if the file has no blank line)."""
-    text = read_text_file(path)
-    blocks = re.split(r"\r?\n[ \t\f\v\r]*\n", text)
-    if len(blocks) == 1:
-        blocks = text.splitlines()
-    for block in blocks:
-        block = block.strip("\r\n")
-        if block.strip():
-            yield block
+def load_text(path: str, *, field: str = "text", split: str | None = None,
+              paragraphs: bool | None = None) -> Iterator[str]:
+    """Paragraph blocks of a UTF-8 text file (one per line if the file has no blank line), read
+    in chunks; long ones in parts (mpq.calibration.reading.text_documents)."""
+    yield from text_documents(path, paragraphs=paragraphs)
 
 
 @SOURCES.register("jsonl")
 def load_jsonl(path: str, *, field: str = "text", split: str | None = None) -> Iterator[str]:
     """``obj[field]`` of each JSON line (or of each element of a top-level JSON array)."""
-    data = _read_bytes(path)
-    if data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":
-        yield from _json_array(path, data, field)
+    with open_binary(path) as handle:
+        if _starts_array(path, handle):
+            yield from _json_array(path, _read_rest(path, handle), field)
+            return
+        for lineno, offset, raw in _numbered_lines(path, handle):
+            yield from _jsonl_line(path, lineno, decode(raw, path, offset), field)
+
+
+def _jsonl_line(path, lineno: int, line: str, field: str) -> Iterator[str]:
+    """The document of one line of a jsonl file (nothing for a blank line or an empty text)."""
+    if not line.strip():
         return
-    offset = 0
-    for lineno, raw in enumerate(data.splitlines(keepends=True), start=1):
-        line = _decode(raw, path, offset)
-        offset += len(raw)
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CalibrationError(f"{path}:{lineno}: not valid JSON ({e.msg})",
-                                   hint="each line of a .jsonl file must be one JSON object",
-                                   ) from None
-        doc = _field_of(record, field, f"{path}:{lineno}")
-        if doc.strip():
-            yield doc
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise CalibrationError(f"{path}:{lineno}: not valid JSON ({e.msg})",
+                               hint="each line of a .jsonl file must be one JSON object",
+                               ) from None
+    doc = _field_of(record, field, f"{path}:{lineno}")
+    if doc.strip():
+        yield doc
 
 
 @SOURCES.register("parquet")
@@ -149,7 +161,7 @@ def load_parquet(path: str, *, field: str = "text", split: str | None = None) ->
     columns = pf.schema_arrow.names
     if field not in columns:
         raise _no_column(path, field, columns)
-    for batch in pf.iter_batches(columns=[field]):
+    for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=[field]):
         yield from _strings(batch.column(0).to_pylist(), f"{path} column '{field}'")
 
 
@@ -170,7 +182,7 @@ def load_disk(path: str, *, field: str = "text", split: str | None = None) -> It
         ds = ds[split]
     if field not in ds.column_names:
         raise _no_column(path, field, ds.column_names)
-    for batch in ds.select_columns([field]).iter(batch_size=1000):
+    for batch in ds.select_columns([field]).iter(batch_size=_BATCH_ROWS):
         yield from _strings(batch[field], f"{path} column '{field}'")
 
 
@@ -190,7 +202,6 @@ def load_hub(name: str, *, field: str = "text", split: str | None = None) -> Ite
         ds = datasets.load_dataset(dataset_name, config or None, split=split)
         if field not in ds.column_names:
             raise _no_column(f"hf:{name}", field, ds.column_names)
-        docs = list(_strings(ds[field], f"hf:{name} column '{field}'"))
     except CalibrationError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of the hub stack becomes one clear error
@@ -200,36 +211,47 @@ def load_hub(name: str, *, field: str = "text", split: str | None = None) -> Ite
         raise CalibrationError(f"cannot load Hub dataset '{name}' split '{split}': "
                                f"{type(e).__name__}: {e}",
                                hint="check the name, config and split, or pass a local file") from e
-    yield from docs
+    for batch in ds.select_columns([field]).iter(batch_size=_BATCH_ROWS):
+        yield from _strings(batch[field], f"hf:{name} column '{field}'")
 
 
 # --- helpers -------------------------------------------------------------------------------------
 
-def _read_bytes(path) -> bytes:
+def _starts_array(path, handle) -> bool:
+    """Whether the file's first byte other than BOM bytes and whitespace is ``[``; rewinds."""
+    while True:
+        try:
+            data = handle.read(1 << 16)
+        except OSError as e:
+            raise unreadable(path, e) from None
+        rest = data.lstrip(b"\xef\xbb\xbf \t\r\n")
+        if rest or not data:
+            handle.seek(0)
+            return rest[:1] == b"["
+
+
+def _read_rest(path, handle) -> bytes:
     try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise _missing(str(path)) from None
+        return handle.read()
     except OSError as e:
-        raise CalibrationError(f"cannot read calibration file {path}: {e.strerror or e}") from None
+        raise unreadable(path, e) from None
 
 
-def _missing(path: str) -> CalibrationError:
-    return CalibrationError(f"calibration file {path} does not exist",
-                            hint="check the path; for a Hugging Face Hub dataset write "
-                                 "hf:NAME[:CONFIG]")
-
-
-def _decode(data: bytes, path, offset: int = 0) -> str:
-    """Strict UTF-8; a BOM at file offset 0 is dropped; errors name the file byte offset."""
-    if offset == 0 and data.startswith(b"\xef\xbb\xbf"):
-        data, offset = data[3:], 3
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CalibrationError(f"{path} is not valid UTF-8: byte 0x{data[e.start]:02x} at byte "
-                               f"offset {offset + e.start}",
-                               hint="re-encode the file as UTF-8") from None
+def _numbered_lines(path, handle) -> Iterator[tuple[int, int, bytes]]:
+    """``(line number, byte offset, line)`` as ``bytes.splitlines(keepends=True)`` of the whole
+    file would give them (``\n``, ``\r\n`` and a lone ``\r`` end a line), one line at a time."""
+    lineno, offset = 0, 0
+    while True:
+        try:
+            raw = handle.readline()  # up to and with b"\n"; a \r\n pair is never split
+        except OSError as e:
+            raise unreadable(path, e) from None
+        if not raw:
+            return
+        for line in raw.splitlines(keepends=True):
+            lineno += 1
+            yield lineno, offset, line
+            offset += len(line)
 
 
 def _no_column(where: str, field: str, columns) -> CalibrationError:
@@ -250,7 +272,7 @@ def _field_of(record, field: str, where: str) -> str:
 
 def _json_array(path, data: bytes, field: str) -> Iterator[str]:
     try:
-        records = json.loads(_decode(data, path))
+        records = json.loads(decode(data, path))
     except json.JSONDecodeError as e:
         raise CalibrationError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     for i, record in enumerate(records):

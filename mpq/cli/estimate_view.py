@@ -65,7 +65,8 @@ def show(estimate, coverage=None) -> None:
     table.add_row(f"peak memory ({where})", human_bytes(estimate.peak_bytes),
                   f"at the {estimate.peak_phase}; {streamed}")
     for part, value in estimate.memory.items():
-        note = "writing phase only" if part == "write_buffers" else ""
+        note = ("writing phase only" if part == "write_buffers" else "calibration phase only"
+                if part in ("tokenizer", "calibration_reading") else "")
         table.add_row(f"  {part.replace('_', ' ')}", human_bytes(value), note)
     if estimate.device != "cpu":
         table.add_row("peak memory (host)", human_bytes(estimate.host_peak_bytes), "")

@@ -161,3 +161,30 @@ def test_streamed_estimate_holds_one_block(models, no_weights):
     rotated = estimate_run(resolve_run(models / "llama", rotation, RunOptions(calibration=calib)), probe=False)
     assert "rotation" in rotated.streaming
     assert rotated.memory["weights"] == whole.memory["weights"]
+
+
+def test_calibration_reading_is_bounded_by_the_budget_not_the_source(models, tmp_path, no_weights):
+    """Reading --calib is its own phase: the tokenizer and what reading holds up to the reading
+    budget (the same for a 4 kB and a 40 MB source), with the weights opened before it."""
+    from mpq.calibration.stream import read_budget
+
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"word " * 8_000_000)
+    spec = resolve_run(models / "llama", "w4a16", RunOptions(calibration=_calib(models)))
+    small_est = estimate_run(spec, probe=False)
+    big_est = estimate_run(resolve_run(models / "llama", "w4a16", RunOptions(
+        calibration=CalibrationOptions(source=str(big), num_samples=4, seq_len=32))), probe=False)
+    none_est = estimate_run(resolve_run(models / "llama", "w4a16", RunOptions()), probe=False)
+    assert small_est.memory == big_est.memory
+    assert small_est.memory["tokenizer"] > 0 and small_est.memory["calibration_reading"] > 0
+    assert none_est.memory["tokenizer"] == none_est.memory["calibration_reading"] == 0
+    assert big_est.calibration["read_budget_tokens"] == read_budget(4, 32)
+    assert big_est.time_parts["calibration"] > small_est.time_parts["calibration"]
+    parts = big_est.memory
+    assert big_est.peak_bytes >= (parts["overhead"] + parts["tokenizer"]
+                                  + parts["calibration_reading"])
+    more = estimate_run(resolve_run(models / "llama", "w4a16", RunOptions(
+        calibration=_calib(models, num_samples=4096, seq_len=512))), probe=False)
+    assert more.memory["calibration_reading"] - parts["calibration_reading"] >= 4 * (
+        read_budget(4096, 512) - read_budget(4, 32))
+    assert more.peak_phase == "calibration"
