@@ -34,7 +34,8 @@ class LayerInfo:
     class_name: str
     shape: tuple[int, int]
     block: int | None = None
-    protected: bool = False  # the output head: only an exact-name target matches it
+    protected: bool = False  # the output head, a MoE router: only an exact-name target matches
+    expert: int | None = None  # a slice of fused MoE experts (mpq.models.experts): its index
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,22 @@ class LayerPlan:
     scheme: LayerScheme | None
     rule: int | None
     reason: str
+    expert: int | None = None  # expert index of a fused-experts slice (mpq.models.experts)
+
+    @property
+    def weight_key(self) -> str:
+        """The state-dict tensor holding this layer's weight: ``<name>.weight``, or for an
+        expert slice the fused parameter (``...experts.gate_up_proj``)."""
+        return self.name.rpartition(".")[0] if self.expert is not None else f"{self.name}.weight"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "class_name": self.class_name, "shape": list(self.shape),
-                "block": self.block,
-                "scheme": self.scheme.to_dict() if self.scheme is not None else None,
-                "rule": self.rule, "reason": self.reason}
+        out = {"name": self.name, "class_name": self.class_name, "shape": list(self.shape),
+               "block": self.block,
+               "scheme": self.scheme.to_dict() if self.scheme is not None else None,
+               "rule": self.rule, "reason": self.reason}
+        if self.expert is not None:
+            out["expert"] = self.expert
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LayerPlan":
@@ -66,7 +77,7 @@ class LayerPlan:
         return cls(name=data["name"], class_name=data["class_name"], shape=tuple(data["shape"]),
                    block=data["block"],
                    scheme=LayerScheme.from_dict(scheme) if scheme is not None else None,
-                   rule=data["rule"], reason=data["reason"])
+                   rule=data["rule"], reason=data["reason"], expert=data.get("expert"))
 
 
 @dataclass(frozen=True)
@@ -172,7 +183,9 @@ def _matches(target: str, layer: LayerInfo) -> bool:
                               f"'{layer.name}' (catastrophic backtracking)",
                               hint="simplify the pattern, e.g. avoid nested repeats like "
                                    "(a+)+ or (.*)*") from None
-    return target == layer.class_name
+    # an expert slice is an [out, in] matrix applied like a linear: the class target Linear
+    # matches it, as does its experts module's class name
+    return target == layer.class_name or (layer.expert is not None and target == "Linear")
 
 
 def _rule_matches(rule: Rule, layer: LayerInfo) -> str | None:
@@ -200,12 +213,12 @@ def resolve(recipe: Recipe, layers: Sequence[LayerInfo],
                 reason = (f"skip by rule {rule.index}" if rule.scheme is None
                           else f"rule {rule.index} ({target})")
                 decided = LayerPlan(layer.name, layer.class_name, tuple(layer.shape), layer.block,
-                                    rule.scheme, rule.index, reason)
+                                    rule.scheme, rule.index, reason, layer.expert)
         if decided is None:
             reason = ("protected (name it exactly to quantize)" if layer.protected
                       else "no rule matched")
             decided = LayerPlan(layer.name, layer.class_name, tuple(layer.shape), layer.block,
-                                None, None, reason)
+                                None, None, reason, layer.expert)
         plans.append(decided)
 
     for rule in recipe.rules:
@@ -216,6 +229,7 @@ def resolve(recipe: Recipe, layers: Sequence[LayerInfo],
                         rule.source, list(rule.targets))
 
     _check_shapes(recipe, plans)
+    _check_whole_experts(recipe, plans)
     transforms = tuple(TransformSpec(name, dict(options)) for name, options in recipe.transforms)
     return Plan(recipe.name, tuple(plans), recipe.precision_policy.to_dict(), transforms,
                 recipe.kv_cache, recipe.rotation)
@@ -265,3 +279,21 @@ def _check_shapes(recipe: Recipe, plans: Sequence[LayerPlan]) -> None:
         first = failures[0]
         more = f" (and {len(failures) - 1} more layers)" if len(failures) > 1 else ""
         raise RecipeError(f"{recipe.source}: {first.message}{more}", hint=first.hint)
+
+
+def _check_whole_experts(recipe: Recipe, plans: Sequence[LayerPlan]) -> None:
+    """The experts of one fused parameter are quantized all or none: the artifact stores the
+    parameter either as per-expert quantized slices or whole in float."""
+    decided: dict[str, list[LayerPlan]] = {}
+    for plan in plans:
+        if plan.expert is not None:
+            decided.setdefault(plan.weight_key, []).append(plan)
+    for fused, slices in decided.items():
+        kept = [p for p in slices if p.scheme is None]
+        if kept and len(kept) < len(slices):
+            quantized = next(p for p in slices if p.scheme is not None)
+            raise RecipeError(
+                f"{recipe.source}: {fused} would be partly quantized: expert {quantized.expert} "
+                f"by rules[{quantized.rule}], expert {kept[0].expert} kept "
+                f"({kept[0].reason}); a fused expert parameter is quantized whole or kept whole",
+                hint=f"give every expert of {fused} a scheme, or skip them all")

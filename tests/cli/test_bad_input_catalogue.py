@@ -619,10 +619,12 @@ CASES: list[Case] = [
          ArtifactError, ("{tmp}/art", "model.norm.weight")),
     # what a plan leaves unquantized (mpq.models.coverage)
     Case("strict-moe-experts", "mpq quantize --strict of a Qwen3-MoE whose fused 3-D expert "
-         "tensors mpq cannot quantize yet (most of its weight bytes would stay 16-bit)",
-         lambda e: e.quantize(_moe_model(e), "--strict"), RecipeError,
-         ("of the weight bytes would stay unquantized", "--strict", "moe-experts",
-          "cannot quantize fused expert tensors")),
+         "tensors a rule skips (most of its weight bytes would stay 16-bit)",
+         lambda e: e.quantize(_moe_model(e), "--strict", recipe=e.recipe(
+             "rules:\n  - targets: ['re:.*experts.*']\n    skip: true\n"
+             "  - targets: [Linear]\n    weights: {bits: 4, group_size: 64}\n")), RecipeError,
+         ("of the weight bytes would stay unquantized", "--strict", "skipped",
+          "narrow the skip by rule 0")),
     Case("strict-max-unquantized", "mpq plan --max-unquantized 0.3 with a recipe that quantizes "
          "only the MLPs",
          lambda e: ["plan", e.src, "-r", e.recipe(
@@ -630,6 +632,19 @@ CASES: list[Case] = [
              "{format: int, bits: 8, symmetric: true, granularity: channel}\n"),
              "--max-unquantized", "0.3"], RecipeError,
          ("--max-unquantized 0.3", "no-rule", "add a rule that quantizes")),
+    # fused mixture-of-experts experts (mpq.models.experts)
+    Case("moe-partial-experts", "mpq plan of a Qwen3-MoE with a rule quantizing only experts 0-3 "
+         "of each fused gate_up_proj (a fused parameter is quantized whole or kept whole)",
+         lambda e: ["plan", _moe_model(e), "-r", e.recipe(
+             "rules:\n  - targets: ['re:.*experts\\.gate_up_proj\\.[0-3]$']\n"
+             "    weights: {bits: 4, group_size: 64}\n")], RecipeError,
+         ("model.layers.0.mlp.experts.gate_up_proj would be partly quantized", "expert 4 kept",
+          "give every expert of")),
+    Case("moe-expert-activations", "mpq quantize of a Qwen3-MoE with w8a8-fp8 (input activation "
+         "quantization on fused experts, which the loaded model cannot apply)",
+         lambda e: e.quantize(_moe_model(e), recipe="w8a8-fp8"), RecipeError,
+         ("input activation quantization of fused MoE experts is not supported",
+          "without input_activations")),
 ]
 
 
