@@ -81,3 +81,16 @@ def routing_lines(plan, log) -> list[str]:
         lines.append(f"{row.label()}: {counts}; {fallbacks} of {len(row.names)} on the rtn "
                      "fallback" + (" (too few routed tokens)" if fallbacks else ""))
     return lines
+
+
+def transform_lines(plan) -> list[str]:
+    """For a plan with transforms (SmoothQuant, AWQ) that quantizes fused experts: one line
+    saying the experts get none of them, and why (mpq.models.experts.NO_SMOOTHING)."""
+    from mpq.models.experts import NO_SMOOTHING
+
+    experts = [l for l in plan.quantized() if l.expert is not None]
+    if not plan.transforms or not experts:
+        return []
+    types = ", ".join(spec.type for spec in plan.transforms)
+    return [f"{types}: not applied to the {len(experts)} quantized expert slices; "
+            f"{NO_SMOOTHING}"]

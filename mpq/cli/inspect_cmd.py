@@ -39,7 +39,7 @@ def _dtype_bytes(dtype: str) -> int:
 @json_option
 def command(artifact, as_json):
     """Show what ARTIFACT holds: per-layer scheme, sizes, provenance."""
-    from mpq.cli.experts_view import ExpertGroup, plan_rows, routing_lines
+    from mpq.cli.experts_view import ExpertGroup, plan_rows, routing_lines, transform_lines
     from mpq.checkpoint.native import open_artifact
     from mpq.config.run_log import describe_rotation, describe_transforms, plan_record
 
@@ -76,6 +76,9 @@ def command(artifact, as_json):
     console.print(table)
     for line in routing_lines(art.plan, art.log):
         console.print(line)
+    for line in transform_lines(art.plan):
+        console.print(line)
+
     kept = len(art.plan.layers) - len(art.plan.quantized())
     console.print(f"{len(art.plan.quantized())} layers quantized, {kept} linear layers kept")
     for line in (describe_transforms(art.plan, art.log), art.plan.describe_kv_cache(),

@@ -5,7 +5,7 @@ import click
 from rich.table import Table
 
 from mpq.cli.console import emit_json, stdout_console
-from mpq.cli.experts_view import ExpertGroup, plan_rows, routing_lines
+from mpq.cli.experts_view import ExpertGroup, plan_rows, routing_lines, transform_lines
 from mpq.cli.options import json_option, max_unquantized_option
 
 
@@ -124,6 +124,8 @@ def command(model, recipe, strict, max_unquantized, as_json):
     for line in summary_lines(plan):
         console.print(line)
     for line in routing_lines(plan, log):
+        console.print(line)
+    for line in transform_lines(plan):
         console.print(line)
     for line in (describe_transforms(plan, log), plan.describe_kv_cache(),
                  describe_rotation(plan, log)):

@@ -26,6 +26,10 @@ import torch
 from torch import nn
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
+# why SmoothQuant/AWQ leave fused experts alone (written into each block's transform record)
+NO_SMOOTHING = ("fused MoE experts get no smoothing, scale search or clipping: the norm that "
+                "feeds them feeds the router and every expert at once, so no per-channel scale "
+                "folds into one expert alone, and each expert sees only its routed tokens")
 
 
 @dataclass(frozen=True)
