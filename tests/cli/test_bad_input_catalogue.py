@@ -645,6 +645,11 @@ CASES: list[Case] = [
          lambda e: e.quantize(_moe_model(e), recipe="w8a8-fp8"), RecipeError,
          ("input activation quantization of fused MoE experts is not supported",
           "without input_activations")),
+    Case("moe-compressed-tensors", "mpq quantize --format compressed-tensors of a Qwen3-MoE whose "
+         "fused 3-D experts the plan quantizes (compressed-tensors holds nn.Linear modules only)",
+         lambda e: e.quantize(_moe_model(e), "--format", "compressed-tensors"), FormatError,
+         ("32 fused MoE expert slices of model.layers.*.mlp.experts.gate_up_proj",
+          "cannot decompress", "--format mpq")),
 ]
 
 
