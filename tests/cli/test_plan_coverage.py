@@ -63,6 +63,7 @@ def test_strict_passes_quantized_experts_and_refuses_skipped_ones(saved, arch, t
     assert shown.exit_code == 0, shown.output
     assert "experts 0-7 of model.layers.*.mlp.experts.gate_up_proj (blocks 0-1)" in shown.stdout
     assert "moe-experts" not in shown.stdout
+    assert "32 expert slices are calibrated on the tokens routed to them" in shown.stdout
     (tmp_path / "skip.yaml").write_text(SKIP_EXPERTS)
     refused = invoke("plan", root / arch, "-r", tmp_path / "skip.yaml", "--strict")
     assert refused.exit_code == RecipeError.exit_code
