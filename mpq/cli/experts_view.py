@@ -66,7 +66,6 @@ def routing_lines(plan, log) -> list[str]:
     """Per fused projection pattern: the routed calibration tokens per expert (min, median,
     max over experts and blocks) and how many slices took the RTN fallback, from a run log."""
     if log is None:  # before a run: say what the run will count and when it falls back
-        from mpq.engine.expert_steps import MIN_EXPERT_TOKENS
         from mpq.engine.spec import needed_stats
 
         calibrated = [l for l in plan.quantized()
@@ -75,7 +74,7 @@ def routing_lines(plan, log) -> list[str]:
             return []
         return [f"{len(calibrated)} expert slices are calibrated on the tokens routed to them: "
                 "the run records each one's routed-token count, and one with fewer than "
-                f"{MIN_EXPERT_TOKENS} takes rtn on its scheme's grid (recorded with the reason)"]
+                f"{plan.min_expert_tokens} takes rtn on its scheme's grid (recorded with the reason)"]
     lines = []
     for row in plan_rows(plan):
         if not isinstance(row, ExpertGroup) or row.scheme is None:

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 import regex
 
 from mpq.errors import ArtifactError, RecipeError, SchemeError, did_you_mean
+from mpq.config.experts import ExpertArgs
 from mpq.config.kv_cache import KVCacheArgs
 from mpq.config.recipe import REGEX_PREFIX, Recipe, Rule
 from mpq.config.rotation import QuaRotArgs
@@ -113,6 +114,12 @@ class Plan:
     transforms: tuple[TransformSpec, ...] = ()
     kv_cache: KVCacheArgs | None = None
     rotation: QuaRotArgs | None = None
+    experts: ExpertArgs | None = None  # the recipe's experts: section (None: defaults)
+
+    @property
+    def min_expert_tokens(self) -> int:
+        """Routed calibration tokens below which an expert slice falls back to RTN."""
+        return (self.experts or ExpertArgs()).min_tokens
 
     def quantized(self) -> list[LayerPlan]:
         return [layer for layer in self.layers if layer.scheme is not None]
@@ -145,6 +152,8 @@ class Plan:
             out["kv_cache"] = self.kv_cache.to_dict()
         if self.rotation is not None:
             out["rotation"] = self.rotation.to_dict()
+        if self.experts is not None:
+            out["experts"] = self.experts.to_dict()
         return out
 
     @classmethod
@@ -160,7 +169,8 @@ class Plan:
                                         for t in data.get("transforms", [])),
                        kv_cache=KVCacheArgs(**data["kv_cache"]) if data.get("kv_cache") else None,
                        rotation=QuaRotArgs(**{k: rotation[k] for k in QUAROT_FIELDS if k in rotation})
-                       if rotation else None)
+                       if rotation else None,
+                       experts=ExpertArgs(**data["experts"]) if data.get("experts") else None)
         except (KeyError, TypeError, ValueError, AttributeError, SchemeError) as exc:
             hint = "the artifact metadata is damaged or was written by another tool"
             raise ArtifactError(f"malformed plan: {type(exc).__name__}: {exc}", hint=hint) from None
@@ -232,7 +242,7 @@ def resolve(recipe: Recipe, layers: Sequence[LayerInfo],
     _check_whole_experts(recipe, plans)
     transforms = tuple(TransformSpec(name, dict(options)) for name, options in recipe.transforms)
     return Plan(recipe.name, tuple(plans), recipe.precision_policy.to_dict(), transforms,
-                recipe.kv_cache, recipe.rotation)
+                recipe.kv_cache, recipe.rotation, recipe.experts)
 
 
 def _no_match_error(recipe: Recipe, rule: Rule, layers: Sequence[LayerInfo],

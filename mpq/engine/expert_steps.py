@@ -9,9 +9,10 @@ statistics.  The hook ends the block's forward (the experts are the last planned
 block: see :func:`expert_steps`).
 
 Routed-token counts are recorded per slice in the run log (``routed_tokens``).  An expert that saw
-fewer than :data:`MIN_EXPERT_TOKENS` tokens has statistics too poor to trust (a Hessian of rank
-below its token count): :func:`mpq.engine.solve.quantize_layer` quantizes it with RTN on the same
-grid instead, and records ``fallback`` with the reason.
+fewer than the plan's ``min_expert_tokens`` (the recipe's ``experts: {min_tokens: N}``, default
+:data:`MIN_EXPERT_TOKENS`) has statistics too poor to trust (a Hessian of rank below its token
+count): :func:`mpq.engine.solve.quantize_layer` quantizes it with RTN on the same grid instead,
+and records ``fallback`` with the reason.
 """
 from __future__ import annotations
 
@@ -20,14 +21,13 @@ from typing import Iterator
 
 import torch
 
+from mpq.config.experts import DEFAULT_MIN_TOKENS
 from mpq.config.plan import LayerPlan
 from mpq.engine.collect import StopForward, run_block
 from mpq.engine.stats import STATS
 from mpq.models.experts import PROJECTIONS, expert_activation, routed_tokens, split_slice
 
-# Fewer routed calibration tokens than this and an expert is quantized with RTN (its statistics,
-# e.g. a Hessian of rank < 32, say too little about its inputs).
-MIN_EXPERT_TOKENS = 32
+MIN_EXPERT_TOKENS = DEFAULT_MIN_TOKENS  # the default of the recipe's experts: min_tokens
 
 
 def _routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +113,8 @@ def fallback_reason(run, layer: LayerPlan) -> str | None:
     if layer.expert is None or layer.name not in run.needs:
         return None
     tokens = run.log.result(layer.name).get("routed_tokens")
-    if tokens is None or tokens >= MIN_EXPERT_TOKENS:
+    limit = run.plan.min_expert_tokens
+    if tokens is None or (tokens >= limit and tokens > 0):
         return None
-    return (f"{tokens} routed calibration tokens < {MIN_EXPERT_TOKENS}: rtn instead of "
-            f"{layer.scheme.algorithm}")
+    why = f"{tokens} routed calibration tokens < {limit}" if tokens else "no routed calibration token"
+    return f"{why}: rtn instead of {layer.scheme.algorithm}"

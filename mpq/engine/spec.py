@@ -179,6 +179,10 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
             raise RecipeError(f"{recipe.source}: {rule} ({layer.name}): {exc.message}",
                               hint=exc.hint) from None
     check_moe_schemes(model, plan, recipe)
+    if recipe.experts is not None and not any(layer.expert is not None for layer in plan.layers):
+        raise RecipeError(f"{recipe.source}: experts: {type(model).__name__} has no fused "
+                          "mixture-of-experts experts for these settings to apply to",
+                          hint="remove the experts: section")
     for index, spec in enumerate(plan.transforms):
         where = f"{recipe.source}: transforms[{index}]"
         if spec.type not in TRANSFORMS:

@@ -650,6 +650,12 @@ CASES: list[Case] = [
          lambda e: e.quantize(_moe_model(e), "--format", "compressed-tensors"), FormatError,
          ("32 fused MoE expert slices of model.layers.*.mlp.experts.gate_up_proj",
           "cannot decompress", "--format mpq")),
+    Case("moe-experts-section-dense", "mpq plan of the dense tiny Llama with a recipe setting "
+         "experts: {min_tokens: 8} (there are no fused MoE experts to apply it to)",
+         lambda e: ["plan", e.src, "-r", e.recipe(
+             "experts: {min_tokens: 8}\nrules:\n  - targets: [Linear]\n"
+             "    weights: {bits: 4, group_size: 32}\n")], RecipeError,
+         ("has no fused mixture-of-experts experts", "remove the experts: section")),
 ]
 
 

@@ -97,8 +97,9 @@ def test_routed_tokens_are_recorded_and_starved_experts_take_the_fallback(tmp_pa
                 record = log.layers[name]
                 assert record == result.log.layers[name]
                 if counts[e] < MIN_EXPERT_TOKENS:
-                    assert record["fallback"] == (f"{counts[e]} routed calibration tokens < "
-                                                  f"{MIN_EXPERT_TOKENS}: rtn instead of gptq")
+                    why = (f"{counts[e]} routed calibration tokens < {MIN_EXPERT_TOKENS}"
+                           if counts[e] else "no routed calibration token")
+                    assert record["fallback"] == f"{why}: rtn instead of gptq"
                     assert "gptq_loss" not in record
                 else:
                     assert "fallback" not in record and record["gptq_loss"] >= 0
@@ -138,3 +139,29 @@ def test_gptq_beats_rtn_on_held_out_kl(arch, tmp_path, corpora, monkeypatch):
         kl[algorithm] = compare(mpq.load(tmp_path / algorithm), source, held_out, window=128,
                                 num_windows=8).kl_mean
     assert 0 < kl["gptq"] < 0.8 * kl["rtn"], kl
+
+
+@pytest.mark.parametrize("min_tokens", [0, 100_000])
+def test_the_recipe_sets_the_fallback_threshold(min_tokens, tmp_path, calib_text):
+    """``experts: {min_tokens: N}``: 0 falls back only for experts no token reached (block 0's
+    four starved ones), a huge N for every expert slice of both blocks' gate_up and down."""
+    model = save_tiny_model("qwen3_moe", tmp_path / "src")
+    starve_experts(model)
+    model.save_pretrained(tmp_path / "src")
+    recipe = parse_recipe(f"mpq_recipe: 1\nexperts: {{min_tokens: {min_tokens}}}\n"
+                          "defaults: {algorithm: gptq}\nrules:\n  - targets: [Linear]\n"
+                          "    weights: {bits: 4, group_size: 32}\n", "e.yaml")
+    calibration = CalibrationOptions(source=str(calib_text), num_samples=4, seq_len=64)
+    result = quantize(tmp_path / "src", recipe, tmp_path / "out",
+                      RunOptions(calibration=calibration))
+    artifact = open_artifact(tmp_path / "out")
+    assert artifact.plan.min_expert_tokens == min_tokens
+    slices = {name: r for name, r in artifact.log.layers.items() if ".experts." in name}
+    fallen = {name for name, r in slices.items() if "fallback" in r}
+    if min_tokens:
+        assert len(fallen) == len(slices) == 32
+    else:
+        assert fallen == {name for name, r in slices.items() if r["routed_tokens"] == 0}
+        assert len(fallen) >= 8  # gate_up and down of block 0's four starved experts
+    assert not any("fallback" in r for name, r in result.log.layers.items()
+                   if ".experts." not in name)
