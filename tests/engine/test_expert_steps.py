@@ -110,6 +110,11 @@ def test_routed_tokens_are_recorded_and_starved_experts_take_the_fallback(tmp_pa
                for e in starved)
     shown = run_cli("plan", tmp_path / "out")
     assert shown.exit_code == 0, shown.output
+    again = run_cli("quantize", tmp_path / "src", "-r", "w4a16-gptq", "-o", tmp_path / "cli",
+                    "--calib", calib_text, "--num-samples", 8, "--seq-len", 64)
+    assert again.exit_code == 0, again.output
+    for output in (shown.stdout, again.stdout):  # the stored plan, and the run's own report
+        assert "gate_up_proj (blocks 0-1): routed tokens per expert min 0," in output
     line = next(l for l in shown.stdout.splitlines() if "gate_up_proj (blocks 0-1): routed" in l)
     fallbacks = sum("fallback" in log.layers[f"model.layers.{b}.mlp.experts.gate_up_proj.{e}"]
                     for b in range(2) for e in range(8))
