@@ -25,6 +25,8 @@ from mpq.config.kv_cache import KVCacheArgs
 from mpq.config.run_log import RunLog
 from mpq.models.attention import attention_modules
 from mpq.models.source import build_skeleton, first_line
+from mpq.models.experts import is_fused_experts, routers, split_slice, unsupported_layout
+from mpq.runtime.qexperts import QuantExperts
 from mpq.runtime.qlinear import QuantLinear, quantize_inputs_hook
 
 
@@ -54,6 +56,66 @@ def _quantized_module(name: str, layer, local: dict[str, torch.Tensor], existing
     if acts is not None:
         linear.register_forward_pre_hook(quantize_inputs_hook(acts, input_scale))
     return linear
+
+
+def _load_moe_layer(model: nn.Module, layer, local: dict[str, torch.Tensor],
+                    experts: dict, dequantize: bool, dtype: torch.dtype) -> None:
+    """An expert slice goes into ``experts`` (as a QuantLinear, or its dequantized weight); a
+    quantized router gets its dequantized weight (it is not a linear module)."""
+    if layer.scheme.input_activations is not None:
+        raise ArtifactError(f"'{layer.name}' has input activation quantization, which mpq does "
+                            "not support on MoE experts or routers",
+                            hint="the artifact was not written by this mpq version")
+    qw = decode(local, layer.scheme.weights, tuple(layer.shape), prefix=f"{layer.name}.")
+    if layer.expert is None:  # the router
+        router = model.get_submodule(layer.name)
+        if tuple(router.weight.shape) != tuple(layer.shape):
+            raise ArtifactError(f"'{layer.name}': artifact shape {tuple(layer.shape)} does not "
+                                f"match the model's {tuple(router.weight.shape)}",
+                                hint="config.json and tensors disagree")
+        router.weight = nn.Parameter(qw.dequantize(dtype), requires_grad=False)
+        return
+    module_name, projection, index = split_slice(layer.name)
+    value = qw.dequantize(dtype) if dequantize else QuantLinear(
+        layer.scheme.weights, tuple(layer.shape), local)
+    experts.setdefault(module_name, {}).setdefault(projection, {})[index] = value
+
+
+def _install_experts(model: nn.Module, experts: dict, dequantize: bool) -> None:
+    """Give each fused experts module its quantized projections: a QuantExperts module, or
+    (``dequantize``) dense parameters stacked from the dequantized slices."""
+    for module_name, projections in experts.items():
+        try:
+            original = model.get_submodule(module_name)
+        except AttributeError:
+            original = None
+        if original is None or not is_fused_experts(original) or unsupported_layout(original):
+            raise ArtifactError(f"artifact quantizes experts of '{module_name}', which the model "
+                                "built from config.json does not hold as supported fused experts",
+                                hint="config.json does not match the tensors; re-run mpq quantize")
+        stacked = {}
+        for projection, slices in projections.items():
+            param = getattr(original, projection)
+            if sorted(slices) != list(range(param.shape[0])):
+                raise ArtifactError(f"'{module_name}.{projection}': the artifact holds experts "
+                                    f"{sorted(slices)}, the model has {param.shape[0]}",
+                                    hint="the artifact is incomplete; re-run mpq quantize")
+            ordered = [slices[index] for index in range(param.shape[0])]
+            for index, value in enumerate(ordered):
+                shape = tuple(value.shape) if dequantize else (value.out_features,
+                                                               value.in_features)
+                if shape != tuple(param.shape[1:]):
+                    raise ArtifactError(f"'{module_name}.{projection}.{index}': artifact shape "
+                                        f"{shape} does not match the model's "
+                                        f"{tuple(param.shape[1:])}",
+                                        hint="config.json and tensors disagree")
+            stacked[projection] = ordered
+        if dequantize:
+            for projection, ordered in stacked.items():
+                setattr(original, projection,
+                        nn.Parameter(torch.stack(ordered), requires_grad=False))
+        else:
+            model.set_submodule(module_name, QuantExperts(original, stacked))
 
 
 def _input_scale(name: str, scale: torch.Tensor | None, acts) -> torch.Tensor | None:
@@ -122,8 +184,16 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
         dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()
                       and t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2)), torch.float32)
     model = build_skeleton(config, dtype)
+    gates = {name for name, _ in routers(model)}
+    experts: dict[str, dict[str, dict[int, nn.Module]]] = {}  # module → projection → slices
     for layer in artifact.plan.quantized():
         local = split_layer_tensors(tensors, layer.name)
+        if layer.expert is not None or layer.name in gates:
+            try:
+                _load_moe_layer(model, layer, local, experts, dequantize, dtype)
+            except ArtifactError as exc:  # name the artifact too
+                raise ArtifactError(f"{artifact.path}: {exc.message}", hint=exc.hint) from None
+            continue
         try:
             existing = model.get_submodule(layer.name)
         except AttributeError:
@@ -134,6 +204,10 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
         except ArtifactError as exc:  # name the artifact too
             raise ArtifactError(f"{artifact.path}: {exc.message}", hint=exc.hint) from None
         model.set_submodule(layer.name, module)
+    try:
+        _install_experts(model, experts, dequantize)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{artifact.path}: {exc.message}", hint=exc.hint) from None
     if artifact.plan.kv_cache is not None:
         _attach_kv_cache(model, artifact.plan.kv_cache, tensors)
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}

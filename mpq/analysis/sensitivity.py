@@ -81,6 +81,11 @@ def target_layers(model: nn.Module, candidates: Sequence[Candidate],
     for layer in first.layers:
         if layer.block is None:
             continue
+        if layer.expert is not None and first.get(layer.name).scheme is not None:
+            raise RecipeError(f"{layer.name}: mpq sensitivity cannot measure fused MoE experts "
+                              "yet (each expert sees only its routed tokens)",
+                              hint="give the candidates a rule that skips them first, e.g. "
+                                   "targets: ['re:.*mlp\\.experts\\..*'] with skip: true")
         if base_plan is not None and base_plan.get(layer.name).scheme is None:
             continue
         schemes = {c.name: plans[c.name].get(layer.name).scheme for c in candidates}

@@ -49,7 +49,8 @@ import torch
 from mpq.errors import FormatError
 from mpq.checkpoint.native_codec import encode
 from mpq.checkpoint.state import ArtifactState
-from mpq.checkpoint.writers import WRITERS, FolderContents, dense_group, mpq_config_key
+from mpq.checkpoint.writers import (WRITERS, FolderContents, dense_group, moe_problems,
+                                    mpq_config_key)
 from mpq.numerics.packing import pack_cols
 from mpq.config.kv_cache import KVCacheArgs
 from mpq.config.plan import LayerPlan, Plan
@@ -57,6 +58,12 @@ from mpq.numerics.base import NUMBER_FORMATS, QuantizedWeight
 from mpq.numerics.args import FP8_BLOCK, ActivationArgs, WeightArgs
 from mpq.numerics.mappings import CompressedTensorsMapping
 from mpq.config.scheme import LayerScheme
+
+# compressed-tensors quantizes nn.Linear-like modules (weight_packed / weight_scale under the
+# module's name); transformers 5 holds Qwen3-MoE/Mixtral experts as fused 3-D parameters of one
+# module, which its compressed-tensors loader neither targets nor decompresses
+MOE_REASON = ("compressed-tensors stores quantized nn.Linear modules; transformers holds these "
+              "experts as 3-D parameters its compressed-tensors loader cannot decompress")
 
 CT_VERSION = "0.20.0"
 FORMAT_NAME = "compressed-tensors"
@@ -225,8 +232,9 @@ class CompressedTensorsWriter:
                  '"path/to/this/folder")')
 
     def unsupported(self, plan: Plan) -> list[str]:
-        return [f"{layer.name}: {why}" for layer in plan.quantized()
-                if (why := why_unsupported(layer)) is not None]
+        return moe_problems(plan, MOE_REASON) + [
+            f"{layer.name}: {why}" for layer in plan.quantized()
+            if layer.expert is None and (why := why_unsupported(layer)) is not None]
 
     def preflight(self, plan: Plan) -> list[str]:
         return [f"vLLM int kernels: {problem}" for problem in vllm_int_kernel_problems(plan)]

@@ -30,7 +30,8 @@ import torch
 
 from mpq.errors import FormatError
 from mpq.checkpoint.state import ArtifactState
-from mpq.checkpoint.writers import WRITERS, FolderContents, dense_group, mpq_config_key
+from mpq.checkpoint.writers import (WRITERS, FolderContents, dense_group, moe_problems,
+                                    mpq_config_key)
 from mpq.numerics.packing import pack_rows
 from mpq.config.plan import Plan
 from mpq.numerics.base import NUMBER_FORMATS, QuantizedWeight
@@ -107,8 +108,11 @@ class GptqV1Writer:
                  '"path/to/this/folder")')
 
     def unsupported(self, plan: Plan) -> list[str]:
-        problems = []
+        problems = moe_problems(plan, "GPTQ v1 loaders replace nn.Linear modules only; "
+                                      "transformers holds these experts as 3-D parameters")
         for layer in plan.layers:
+            if layer.expert is not None or "router" in layer.class_name.lower():
+                continue  # said above when quantized; kept ones stay dense tensors
             if layer.scheme is None:
                 if layer.block is not None:
                     problems.append(f"{layer.name}: left unquantized inside a decoder block "

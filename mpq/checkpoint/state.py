@@ -62,11 +62,11 @@ class ArtifactState:
                      and t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2)), torch.float32)
 
 
-def dense_tensors(model: nn.Module, quantized: set[str]) -> dict[str, torch.Tensor]:
-    """The model's state dict without the quantized layers' weights; tied tensors once."""
+def dense_tensors(model: nn.Module, dropped: set[str]) -> dict[str, torch.Tensor]:
+    """The model's state dict without the tensors named in ``dropped`` (the quantized layers'
+    weights, LayerPlan.weight_key); tied tensors once."""
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int]] = set()
-    dropped = {f"{name}.weight" for name in quantized}
     for name, tensor in model.state_dict().items():
         if name in dropped:
             continue
@@ -76,6 +76,11 @@ def dense_tensors(model: nn.Module, quantized: set[str]) -> dict[str, torch.Tens
         seen.add(key)
         tensors[name] = tensor.detach().clone()
     return tensors
+
+
+def weight_keys(plan: Plan, names) -> set[str]:
+    """The state-dict tensors that the quantized layers ``names`` replace."""
+    return {plan.get(name).weight_key for name in names}
 
 
 def hf_config(model: nn.Module) -> dict:
@@ -88,7 +93,7 @@ def hf_config(model: nn.Module) -> dict:
 def state_from_model(model: nn.Module, plan: Plan, log: RunLog,
                      qweights: dict[str, QuantizedWeight], *, provenance: dict[str, Any],
                      files: dict[str, Path | str]) -> ArtifactState:
-    return ArtifactState(plan=plan, log=log, qweights=qweights, dense=dense_tensors(model, set(qweights)),
+    return ArtifactState(plan=plan, log=log, qweights=qweights, dense=dense_tensors(model, weight_keys(plan, qweights)),
                          config=hf_config(model), provenance=provenance, files=files)
 
 

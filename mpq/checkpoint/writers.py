@@ -88,6 +88,23 @@ def writer_for(name: str) -> Writer:
     return WRITERS.get(name)
 
 
+def moe_problems(plan: Plan, why: str) -> list[str]:
+    """One problem naming the quantized fused-expert slices (mpq.models.experts) and one per
+    quantized MoE router, each followed by ``why`` the format cannot store it."""
+    from mpq.models.coverage import name_pattern
+
+    problems = []
+    experts = [l for l in plan.quantized() if l.expert is not None]
+    if experts:
+        patterns = ", ".join(dict.fromkeys(name_pattern(l.weight_key) for l in experts))
+        problems.append(f"{len(experts)} fused MoE expert slices of {patterns} ({why})")
+    for layer in plan.quantized():
+        if layer.expert is None and "router" in layer.class_name.lower():
+            problems.append(f"{layer.name}: a MoE router ({layer.class_name}, not an nn.Linear: "
+                            f"{why})")
+    return problems
+
+
 def check_expressible(writer: Writer, plan: Plan) -> None:
     """Raise FormatError listing the layers ``writer`` cannot store."""
     problems = writer.unsupported(plan)

@@ -39,6 +39,7 @@ def _dtype_bytes(dtype: str) -> int:
 @json_option
 def command(artifact, as_json):
     """Show what ARTIFACT holds: per-layer scheme, sizes, provenance."""
+    from mpq.cli.experts_view import ExpertGroup, plan_rows, routing_lines, transform_lines
     from mpq.checkpoint.native import open_artifact
     from mpq.config.run_log import describe_rotation, describe_transforms, plan_record
 
@@ -62,13 +63,22 @@ def command(artifact, as_json):
     table.add_column("layer", no_wrap=True)
     for column in ("shape", "scheme", "algorithm", "rel. MSE", "bytes"):
         table.add_column(column, justify="right" if column in ("rel. MSE", "bytes") else "left")
-    for layer in art.plan.quantized():
-        error = art.log.result(layer.name).get("rel_mse")
-        table.add_row(layer.name, f"{layer.shape[0]}×{layer.shape[1]}",
+    for layer in plan_rows(art.plan):  # fused experts: one row per group of slices
+        if layer.scheme is None:
+            continue
+        names = layer.names if isinstance(layer, ExpertGroup) else [layer.name]
+        errors = [e for e in (art.log.result(n).get("rel_mse") for n in names) if e is not None]
+        table.add_row(layer.label() if isinstance(layer, ExpertGroup) else layer.name,
+                      f"{layer.shape[0]}×{layer.shape[1]}",
                       layer.scheme.describe(), layer.scheme.algorithm,
-                      f"{error:.2e}" if error is not None else "",
-                      human_bytes(per_layer.get(layer.name, 0)))
+                      f"{max(errors):.2e}" if errors else "",
+                      human_bytes(sum(per_layer.get(n, 0) for n in names)))
     console.print(table)
+    for line in routing_lines(art.plan, art.log):
+        console.print(line)
+    for line in transform_lines(art.plan):
+        console.print(line)
+
     kept = len(art.plan.layers) - len(art.plan.quantized())
     console.print(f"{len(art.plan.quantized())} layers quantized, {kept} linear layers kept")
     for line in (describe_transforms(art.plan, art.log), art.plan.describe_kv_cache(),

@@ -5,6 +5,7 @@ import click
 from rich.table import Table
 
 from mpq.cli.console import emit_json, stdout_console
+from mpq.cli.experts_view import ExpertGroup, plan_rows, routing_lines, transform_lines
 from mpq.cli.options import json_option, max_unquantized_option
 
 
@@ -16,14 +17,17 @@ def plan_table(plan, log=None) -> Table:
         table.add_column(column)
     if log is not None:
         table.add_column("rel. MSE", justify="right")
-    for layer in plan.layers:
+    for layer in plan_rows(plan):  # fused experts: one row per group of slices
+        grouped = isinstance(layer, ExpertGroup)
         scheme = layer.scheme
-        row = [layer.name, f"{layer.shape[0]}×{layer.shape[1]}",
+        row = [layer.label() if grouped else layer.name, f"{layer.shape[0]}×{layer.shape[1]}",
                scheme.describe() if scheme else "[dim]kept[/dim]",
                scheme.algorithm if scheme else "", layer.reason]
         if log is not None:
-            error = log.result(layer.name).get("rel_mse")
-            row.append(f"{error:.2e}" if error is not None else "")
+            errors = [log.layers.get(name, {}).get("rel_mse")
+                      for name in (layer.names if grouped else [layer.name])]
+            errors = [e for e in errors if e is not None]
+            row.append(f"{max(errors):.2e}{' (max)' if grouped else ''}" if errors else "")
         table.add_row(*row)
     return table
 
@@ -118,6 +122,10 @@ def command(model, recipe, strict, max_unquantized, as_json):
     kept = len(plan.layers) - len(plan.quantized())
     console.print(f"{len(plan.quantized())} layers quantized, {kept} kept")
     for line in summary_lines(plan):
+        console.print(line)
+    for line in routing_lines(plan, log):
+        console.print(line)
+    for line in transform_lines(plan):
         console.print(line)
     for line in (describe_transforms(plan, log), plan.describe_kv_cache(),
                  describe_rotation(plan, log)):

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 import regex
 
 from mpq.errors import ArtifactError, RecipeError, SchemeError, did_you_mean
+from mpq.config.experts import ExpertArgs
 from mpq.config.kv_cache import KVCacheArgs
 from mpq.config.recipe import REGEX_PREFIX, Recipe, Rule
 from mpq.config.rotation import QuaRotArgs
@@ -34,7 +35,8 @@ class LayerInfo:
     class_name: str
     shape: tuple[int, int]
     block: int | None = None
-    protected: bool = False  # the output head: only an exact-name target matches it
+    protected: bool = False  # the output head, a MoE router: only an exact-name target matches
+    expert: int | None = None  # a slice of fused MoE experts (mpq.models.experts): its index
 
 
 @dataclass(frozen=True)
@@ -53,12 +55,22 @@ class LayerPlan:
     scheme: LayerScheme | None
     rule: int | None
     reason: str
+    expert: int | None = None  # expert index of a fused-experts slice (mpq.models.experts)
+
+    @property
+    def weight_key(self) -> str:
+        """The state-dict tensor holding this layer's weight: ``<name>.weight``, or for an
+        expert slice the fused parameter (``...experts.gate_up_proj``)."""
+        return self.name.rpartition(".")[0] if self.expert is not None else f"{self.name}.weight"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "class_name": self.class_name, "shape": list(self.shape),
-                "block": self.block,
-                "scheme": self.scheme.to_dict() if self.scheme is not None else None,
-                "rule": self.rule, "reason": self.reason}
+        out = {"name": self.name, "class_name": self.class_name, "shape": list(self.shape),
+               "block": self.block,
+               "scheme": self.scheme.to_dict() if self.scheme is not None else None,
+               "rule": self.rule, "reason": self.reason}
+        if self.expert is not None:
+            out["expert"] = self.expert
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LayerPlan":
@@ -66,7 +78,7 @@ class LayerPlan:
         return cls(name=data["name"], class_name=data["class_name"], shape=tuple(data["shape"]),
                    block=data["block"],
                    scheme=LayerScheme.from_dict(scheme) if scheme is not None else None,
-                   rule=data["rule"], reason=data["reason"])
+                   rule=data["rule"], reason=data["reason"], expert=data.get("expert"))
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,12 @@ class Plan:
     transforms: tuple[TransformSpec, ...] = ()
     kv_cache: KVCacheArgs | None = None
     rotation: QuaRotArgs | None = None
+    experts: ExpertArgs | None = None  # the recipe's experts: section (None: defaults)
+
+    @property
+    def min_expert_tokens(self) -> int:
+        """Routed calibration tokens below which an expert slice falls back to RTN."""
+        return (self.experts or ExpertArgs()).min_tokens
 
     def quantized(self) -> list[LayerPlan]:
         return [layer for layer in self.layers if layer.scheme is not None]
@@ -134,6 +152,8 @@ class Plan:
             out["kv_cache"] = self.kv_cache.to_dict()
         if self.rotation is not None:
             out["rotation"] = self.rotation.to_dict()
+        if self.experts is not None:
+            out["experts"] = self.experts.to_dict()
         return out
 
     @classmethod
@@ -149,7 +169,8 @@ class Plan:
                                         for t in data.get("transforms", [])),
                        kv_cache=KVCacheArgs(**data["kv_cache"]) if data.get("kv_cache") else None,
                        rotation=QuaRotArgs(**{k: rotation[k] for k in QUAROT_FIELDS if k in rotation})
-                       if rotation else None)
+                       if rotation else None,
+                       experts=ExpertArgs(**data["experts"]) if data.get("experts") else None)
         except (KeyError, TypeError, ValueError, AttributeError, SchemeError) as exc:
             hint = "the artifact metadata is damaged or was written by another tool"
             raise ArtifactError(f"malformed plan: {type(exc).__name__}: {exc}", hint=hint) from None
@@ -172,7 +193,9 @@ def _matches(target: str, layer: LayerInfo) -> bool:
                               f"'{layer.name}' (catastrophic backtracking)",
                               hint="simplify the pattern, e.g. avoid nested repeats like "
                                    "(a+)+ or (.*)*") from None
-    return target == layer.class_name
+    # an expert slice is an [out, in] matrix applied like a linear: the class target Linear
+    # matches it, as does its experts module's class name
+    return target == layer.class_name or (layer.expert is not None and target == "Linear")
 
 
 def _rule_matches(rule: Rule, layer: LayerInfo) -> str | None:
@@ -200,12 +223,12 @@ def resolve(recipe: Recipe, layers: Sequence[LayerInfo],
                 reason = (f"skip by rule {rule.index}" if rule.scheme is None
                           else f"rule {rule.index} ({target})")
                 decided = LayerPlan(layer.name, layer.class_name, tuple(layer.shape), layer.block,
-                                    rule.scheme, rule.index, reason)
+                                    rule.scheme, rule.index, reason, layer.expert)
         if decided is None:
             reason = ("protected (name it exactly to quantize)" if layer.protected
                       else "no rule matched")
             decided = LayerPlan(layer.name, layer.class_name, tuple(layer.shape), layer.block,
-                                None, None, reason)
+                                None, None, reason, layer.expert)
         plans.append(decided)
 
     for rule in recipe.rules:
@@ -216,9 +239,10 @@ def resolve(recipe: Recipe, layers: Sequence[LayerInfo],
                         rule.source, list(rule.targets))
 
     _check_shapes(recipe, plans)
+    _check_whole_experts(recipe, plans)
     transforms = tuple(TransformSpec(name, dict(options)) for name, options in recipe.transforms)
     return Plan(recipe.name, tuple(plans), recipe.precision_policy.to_dict(), transforms,
-                recipe.kv_cache, recipe.rotation)
+                recipe.kv_cache, recipe.rotation, recipe.experts)
 
 
 def _no_match_error(recipe: Recipe, rule: Rule, layers: Sequence[LayerInfo],
@@ -265,3 +289,21 @@ def _check_shapes(recipe: Recipe, plans: Sequence[LayerPlan]) -> None:
         first = failures[0]
         more = f" (and {len(failures) - 1} more layers)" if len(failures) > 1 else ""
         raise RecipeError(f"{recipe.source}: {first.message}{more}", hint=first.hint)
+
+
+def _check_whole_experts(recipe: Recipe, plans: Sequence[LayerPlan]) -> None:
+    """The experts of one fused parameter are quantized all or none: the artifact stores the
+    parameter either as per-expert quantized slices or whole in float."""
+    decided: dict[str, list[LayerPlan]] = {}
+    for plan in plans:
+        if plan.expert is not None:
+            decided.setdefault(plan.weight_key, []).append(plan)
+    for fused, slices in decided.items():
+        kept = [p for p in slices if p.scheme is None]
+        if kept and len(kept) < len(slices):
+            quantized = next(p for p in slices if p.scheme is not None)
+            raise RecipeError(
+                f"{recipe.source}: {fused} would be partly quantized: expert {quantized.expert} "
+                f"by rules[{quantized.rule}], expert {kept[0].expert} kept "
+                f"({kept[0].reason}); a fused expert parameter is quantized whole or kept whole",
+                hint=f"give every expert of {fused} a scheme, or skip them all")

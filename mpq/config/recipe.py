@@ -22,6 +22,8 @@ Format, version 1::
       {type: quarot, r1: hadamard, r2: true, r4: true, seed: 0}   # r1: hadamard | random
     kv_cache:                # optional: calibrated static FP8 scales for the cached keys/values
       {format: fp8_e4m3, granularity: tensor}   # granularity tensor | head
+    experts:                 # optional (models with fused MoE experts): an expert routed fewer
+      {min_tokens: 32}       # calibration tokens is quantized with rtn (0: only unreached ones)
     precision_policy:        # optional; these are the defaults
       norms: fp32            # norms, softmax, residual, rope, activations: fp32|bf16|fp16
       softmax: fp32
@@ -53,8 +55,9 @@ from typing import Any, Collection
 from mpq.errors import RecipeError, SchemeError, did_you_mean
 from mpq.config.schema import (YamlPath, check_keys, expect, finish_weights, load_yaml,
                                overlay_activations, overlay_weights, parse_activation_overlay,
-                               parse_kv_cache, parse_options, parse_rotation, parse_transforms,
+                               parse_experts, parse_kv_cache, parse_options, parse_rotation, parse_transforms,
                                parse_weight_overlay)
+from mpq.config.experts import ExpertArgs
 from mpq.config.kv_cache import KVCacheArgs
 from mpq.config.rotation import QuaRotArgs
 from mpq.numerics.args import ActivationArgs, WeightArgs
@@ -65,7 +68,7 @@ REGEX_PREFIX = "re:"
 FLOAT_DTYPES = ("fp32", "bf16", "fp16")
 KV_CACHE_DTYPES = FLOAT_DTYPES + ("fp8_e4m3", "fp8_e5m2")
 _TOP_KEYS = ("mpq_recipe", "name", "description", "defaults", "rules", "transforms",
-             "kv_cache", "rotation", "precision_policy")
+             "kv_cache", "rotation", "precision_policy", "experts")
 _DEFAULT_KEYS = ("algorithm", "weights", "options", "input_activations")
 _RULE_KEYS = ("targets", "skip") + _DEFAULT_KEYS
 
@@ -130,6 +133,7 @@ class Recipe:
     transforms: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     kv_cache: KVCacheArgs | None = None
     rotation: QuaRotArgs | None = None
+    experts: ExpertArgs | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Normalized, JSON-able recipe (every rule fully spelt out); parse_recipe reads it back."""
@@ -143,6 +147,8 @@ class Recipe:
             out["kv_cache"] = self.kv_cache.to_dict()
         if self.rotation is not None:
             out["rotation"] = self.rotation.to_dict()
+        if self.experts is not None:
+            out["experts"] = self.experts.to_dict()
         return out
 
 
@@ -180,6 +186,7 @@ def parse_recipe(text: str, source: str,
     transforms = parse_transforms(data.get("transforms", []), root.key("transforms"))
     kv_cache = parse_kv_cache(data.get("kv_cache"), root.key("kv_cache"))
     rotation = parse_rotation(data.get("rotation"), root.key("rotation"))
+    experts = parse_experts(data.get("experts"), root.key("experts"))
     if rotation is not None and transforms:
         raise root.key("rotation").error(
             "rotation cannot be combined with transforms yet (their scale folds would cross "
@@ -189,7 +196,7 @@ def parse_recipe(text: str, source: str,
         policy = replace(policy, kv_cache=kv_cache.format)
     return Recipe(version=version, name=name, description=description, rules=rules,
                   precision_policy=policy, source=source, text=text, transforms=transforms,
-                  kv_cache=kv_cache, rotation=rotation)
+                  kv_cache=kv_cache, rotation=rotation, experts=experts)
 
 
 def _parse_level(raw: dict, at: YamlPath, known: Collection[str] | None) -> dict[str, Any]:

@@ -231,6 +231,23 @@ def parse_kv_cache(value: Any, at: YamlPath):
         raise at.error(exc.message, hint=exc.hint) from None
 
 
+EXPERTS_KEYS = ("min_tokens",)
+
+
+def parse_experts(value: Any, at: YamlPath):
+    """``experts:``: null/absent (defaults) or ``{min_tokens: N}`` (mpq.config.experts)."""
+    from mpq.config.experts import ExpertArgs
+
+    if value is None:
+        return None
+    expect(value, dict, at, example="{min_tokens: 32}")
+    check_keys(value, EXPERTS_KEYS, at)
+    try:
+        return ExpertArgs(**value)
+    except SchemeError as exc:
+        raise at.error(exc.message, hint=exc.hint) from None
+
+
 ROTATION_KEYS = ("type", "r1", "r2", "r4", "seed")
 
 

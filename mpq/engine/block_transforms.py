@@ -12,6 +12,7 @@ from torch import nn
 from mpq.config.plan import LayerPlan
 from mpq.engine.collect import BlockInputs, collecting, input_groups, results, run_block
 from mpq.engine.lifecycle import BlockTurn, RunHook, RunState
+from mpq.models.experts import NO_SMOOTHING
 from mpq.transforms.base import TRANSFORMS
 
 
@@ -43,10 +44,14 @@ class TransformHook(RunHook):
     def block_start(self, run: RunState, turn: BlockTurn) -> None:
         if turn.inputs is None or not run.plan.transforms:
             return
+        experts = [layer for layer in turn.layers if layer.expert is not None]
         ctx = EngineBlockContext(model=run.model, block=turn.module, index=turn.index,
                                  prefix=turn.prefix, inputs=turn.inputs,
-                                 layers={layer.name: layer for layer in turn.layers})
+                                 layers={layer.name: layer for layer in turn.layers
+                                         if layer.expert is None})
         for spec, records in zip(run.plan.transforms, run.log.transforms):
             record = TRANSFORMS.get(spec.type).apply(ctx, spec.options)
+            if experts:  # said in the record, not skipped in silence
+                record["not_transformed"] = {"layers": len(experts), "reason": NO_SMOOTHING}
             records.append(record)
             run.events("transform", type=spec.type, **record)

@@ -213,3 +213,7 @@ def check_supported(plan) -> None:
     if plan.kv_cache:
         raise RecipeError("kv_cache quantization is not supported across several processes yet",
                           hint="run it in one process (without torchrun)")
+    expert = next((layer for layer in plan.quantized() if layer.expert is not None), None)
+    if expert is not None:
+        raise RecipeError(f"fused MoE experts ({expert.name}) are not supported across several "
+                          "processes yet", hint="run it in one process (without torchrun)")

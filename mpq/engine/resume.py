@@ -34,7 +34,7 @@ from mpq.checkpoint.native import file_digest
 from mpq.checkpoint.native_codec import decode, encode, split_layer_tensors
 from mpq.config.plan import LayerPlan
 from mpq.engine.lifecycle import BlockTurn, RunHook, RunState
-from mpq.models.layout import set_weight
+from mpq.models.layout import install_layer_weight
 from mpq.models.source import first_line
 from mpq.numerics.base import QuantizedWeight
 
@@ -240,7 +240,8 @@ class ResumeHook(RunHook):
                     tensor.data = value.to(device=tensor.device, dtype=tensor.dtype)
         for layer in turn.layers:
             qw = record.qweights[layer.name]
-            set_weight(run.model.get_submodule(layer.name), qw.dequantize(torch.float32))
+            install_layer_weight(run.model, layer.name, layer.expert,
+                                 qw.dequantize(torch.float32))
             run.log.result(layer.name).update(record.layer_results[layer.name])
             run.qweights[layer.name] = qw
         for records, applied in zip(run.log.transforms, record.transform_records):

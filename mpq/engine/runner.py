@@ -19,6 +19,7 @@ from torch import nn
 
 from mpq.config.plan import LayerPlan
 from mpq.engine.collect import StopForward, collecting, input_groups, results, run_block, to_device
+from mpq.engine.expert_steps import expert_steps
 from mpq.engine.lifecycle import BlockTurn, RunHook, RunState
 from mpq.engine.replay import BlockReplay
 from mpq.engine.solve import quantize_layer, solve_step
@@ -171,8 +172,8 @@ def _finish_block(run: RunState, turn: BlockTurn) -> None:
     """Move the block back to CPU, drop its dequantized weights unless kept, free memory."""
     turn.module.to("cpu")
     if not run.keep_dequantized:
-        for layer in turn.layers:
-            weight = run.model.get_submodule(layer.name).weight
+        for key in dict.fromkeys(layer.weight_key for layer in turn.layers):
+            weight = run.model.get_parameter(key)  # fused experts: once for all their slices
             weight.data = torch.empty(0, dtype=weight.dtype)
     page_out(turn.module.parameters())
     release_free_memory()
@@ -181,10 +182,14 @@ def _finish_block(run: RunState, turn: BlockTurn) -> None:
 
 def _block_steps(run: RunState, turn: BlockTurn, replay: BlockReplay | None):
     """Yield (layers to quantize now, their statistics) for one block, in order."""
-    block, prefix, layers, inputs = turn.module, turn.prefix, turn.layers, turn.inputs
+    block, prefix, inputs = turn.module, turn.prefix, turn.inputs
+    layers = [l for l in turn.layers if l.expert is None]
+    experts = [l for l in turn.layers if l.expert is not None]  # last: they end MoE blocks
     block_wanted = {l.name: run.needs[l.name] for l in layers if l.name in run.needs}
     if not block_wanted:
-        yield layers, {}
+        if layers:
+            yield layers, {}
+        yield from expert_steps(run, turn, experts)
         return
     by_name = {l.name: l for l in layers}
     groups = input_groups(block, {n[len(prefix):]: n for n in by_name}, inputs[0])
@@ -202,6 +207,7 @@ def _block_steps(run: RunState, turn: BlockTurn, replay: BlockReplay | None):
             stats = results(collectors, run.ranks)
             release_free_memory()  # the pass's temporaries
         yield [by_name[n] for n in step], stats
+    yield from expert_steps(run, turn, experts)
 
 
 def _quantize_outside_blocks(run: RunState, layers: list[LayerPlan], samples):

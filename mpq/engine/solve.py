@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 
 from mpq.config.plan import LayerPlan
+from mpq.engine.expert_steps import fallback_reason
 from mpq.engine.lifecycle import RunState
 from mpq.errors import SchemeError
 from mpq.memory import page_out
-from mpq.models.layout import set_weight, weight_of
+from mpq.models.layout import install_layer_weight, layer_weight
 from mpq.numerics.activations import static_scale
 from mpq.numerics.base import QuantizedWeight
 from mpq.quantizers.base import QUANTIZERS
@@ -22,14 +23,17 @@ from mpq.quantizers.base import QUANTIZERS
 def quantize_layer(run: RunState, layer: LayerPlan, stats: dict[str, torch.Tensor]
                    ) -> QuantizedWeight:
     """Quantize ``layer`` with its planned quantizer; install its dequantized weight."""
-    module = run.model.get_submodule(layer.name)
-    weight = weight_of(module).detach().float()
+    weight = layer_weight(run.model, layer.name, layer.expert).detach().float()
     quantizer = QUANTIZERS.get(layer.scheme.algorithm)
+    result = run.log.result(layer.name)
+    fallback = fallback_reason(run, layer)
+    if fallback is not None:  # a starved expert: RTN on the scheme's grid
+        quantizer, stats = QUANTIZERS.get("rtn"), {}
+        result["fallback"] = fallback
     try:
         qw = quantizer.quantize(weight, layer.scheme, stats)
     except SchemeError as exc:
         raise SchemeError(f"{layer.name}: {exc.message}", hint=exc.hint) from exc
-    result = run.log.result(layer.name)
     acts = layer.scheme.input_activations
     if acts is not None and not acts.dynamic:
         result["input_scale"] = float(static_scale(stats["input_absmax"], acts))
@@ -37,8 +41,9 @@ def quantize_layer(run: RunState, layer: LayerPlan, stats: dict[str, torch.Tenso
     rel_error = float(((weight - dequantized).pow(2).sum() / weight.pow(2).sum().clamp_min(1e-30)))
     result.update(qw.info)
     result["rel_mse"] = rel_error
-    page_out([weight_of(module)])  # the original values are not read again
-    set_weight(module, dequantized)
+    if layer.expert is None:
+        page_out([layer_weight(run.model, layer.name, None)])  # not read again
+    install_layer_weight(run.model, layer.name, layer.expert, dequantized)
     return qw.to("cpu")
 
 
@@ -57,8 +62,10 @@ def solve_step(run: RunState, step: list[LayerPlan], stats: dict, first: int
     solved = ranks.solve_step(step, solve, first)
     for i, (layer, (qw, result)) in enumerate(zip(step, solved)):
         if not ranks.owns(first + i):  # solved by another process
-            module = run.model.get_submodule(layer.name)
-            page_out([weight_of(module)])
-            set_weight(module, qw.dequantize(torch.float32).to(weight_of(module).device))
+            current = layer_weight(run.model, layer.name, layer.expert)
+            if layer.expert is None:
+                page_out([current])
+            install_layer_weight(run.model, layer.name, layer.expert,
+                                 qw.dequantize(torch.float32).to(current.device))
             run.log.layers[layer.name] = dict(result)
     return [qw for qw, _ in solved]

@@ -28,6 +28,7 @@ from mpq.engine.streaming import build_streamed, streaming_blocker
 from mpq.errors import CalibrationError, ModelError, RecipeError, SchemeError, did_you_mean
 from mpq.models.attention import attention_modules
 from mpq.models.coverage import STRICT_DEFAULT, CoverageAccount, account
+from mpq.models.experts import routers
 from mpq.models.layout import ModelLayout, blocks_of, describe_layers, layout_of
 from mpq.models.source import check_float_source, check_model_dir, max_positions
 from mpq.models.stored_tensors import check_stored_tensors
@@ -182,6 +183,11 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
             rule = f"rules[{layer.rule}]" if layer.rule is not None else "recipe"
             raise RecipeError(f"{recipe.source}: {rule} ({layer.name}): {exc.message}",
                               hint=exc.hint) from None
+    check_moe_schemes(model, plan, recipe)
+    if recipe.experts is not None and not any(layer.expert is not None for layer in plan.layers):
+        raise RecipeError(f"{recipe.source}: experts: {type(model).__name__} has no fused "
+                          "mixture-of-experts experts for these settings to apply to",
+                          hint="remove the experts: section")
     for index, spec in enumerate(plan.transforms):
         where = f"{recipe.source}: transforms[{index}]"
         if spec.type not in TRANSFORMS:
@@ -205,6 +211,21 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
                          f"and a KV cache argument found in {type(model).__name__}'s blocks",
                          hint="remove kv_cache: this architecture's cache is not supported yet")
     return layout, plan
+
+
+def check_moe_schemes(model: nn.Module, plan: Plan, recipe: Recipe) -> None:
+    """RecipeError for input activation quantization of fused MoE experts or a router: an
+    expert's down projection reads an activation inside the experts module, which the loaded
+    model cannot quantize (mpq.runtime.qexperts), and a router is loaded dequantized."""
+    gates = {name for name, _ in routers(model)}
+    for layer in plan.quantized():
+        moe = layer.expert is not None or layer.name in gates
+        if moe and layer.scheme.input_activations is not None:
+            what = "fused MoE experts" if layer.expert is not None else "MoE routers"
+            raise RecipeError(f"{recipe.source}: rules[{layer.rule}] ({layer.name}): input "
+                              f"activation quantization of {what} is not supported",
+                              hint="put a rule for them without input_activations first, e.g. "
+                                   "targets: ['re:.*mlp\\.experts\\..*'] with weights only")
 
 
 def check_sequence_length(model: nn.Module, calibration: CalibrationOptions) -> None:

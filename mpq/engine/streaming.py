@@ -32,7 +32,7 @@ from torch import nn
 from mpq.models.layout import ModelLayout, blocks_of
 from mpq.errors import ModelError
 from mpq.checkpoint.lazy import LazyTensors
-from mpq.checkpoint.state import ArtifactState, hf_config
+from mpq.checkpoint.state import ArtifactState, hf_config, weight_keys
 from mpq.models.source import (build_skeleton, first_line, load_config, read_config,
                                source_weight_map)
 from mpq.config.plan import Plan
@@ -243,12 +243,12 @@ class CheckpointQWeights(Mapping):
         return len(self.names)
 
 
-def streamed_dense(model: nn.Module, layout: ModelLayout, quantized: set[str],
+def streamed_dense(model: nn.Module, layout: ModelLayout, dropped: set[str],
                    checkpoint: Checkpoint) -> LazyTensors:
-    """The artifact's dense tensors in model.state_dict() order (tied tensors once): those
-    outside the blocks from memory, the blocks' from their work-directory files on access."""
+    """The artifact's dense tensors in model.state_dict() order (tied tensors once), without
+    those in ``dropped`` (the quantized layers' weights): those outside the blocks from memory,
+    the blocks' from their work-directory files on access."""
     dense = LazyTensors()
-    dropped = {f"{name}.weight" for name in quantized}
     seen: set[int] = set()
     prefix = layout.blocks_path + "."
     saved: dict[int, set[str]] = {}
@@ -278,5 +278,5 @@ def streamed_state(model: nn.Module, layout: ModelLayout, plan: Plan, log: RunLo
     """The ArtifactState of a streamed run, read from the work directory on access."""
     qweights = CheckpointQWeights(plan, checkpoint, in_memory)
     return ArtifactState(plan=plan, log=log, qweights=qweights,
-                         dense=streamed_dense(model, layout, set(qweights), checkpoint),
+                         dense=streamed_dense(model, layout, weight_keys(plan, qweights), checkpoint),
                          config=hf_config(model), provenance=provenance, files=files)

@@ -7,7 +7,7 @@ and puts every parameter tensor in exactly one entry, each tensor once even when
 * or kept in the source dtype, with a category and the reason:
   ``embedding`` and ``norm`` (kept by policy), ``bias`` (travels with its quantized layer),
   ``head`` (the protected output head), ``router`` (a mixture-of-experts gate, kept by policy for
-  routing stability), ``moe-experts`` (fused 3-D expert tensors, which mpq cannot quantize yet),
+  routing stability), ``moe-experts`` (fused 3-D expert tensors in a layout mpq cannot plan),
   ``no-rule`` (a Linear no rule matched), ``skipped`` (a rule keeps it) and ``other`` (any other
   module: the reason names its class).
 
@@ -37,7 +37,8 @@ POLICY_REASONS = {
     "norm": "kept by policy: normalization weights are small and precision-sensitive",
     "bias": "travels with its quantized layer, in the source dtype",
     "router": "kept by policy: the mixture-of-experts router stays precise for stable routing",
-    "moe-experts": "fused 3-D expert tensors: mpq cannot quantize them yet",
+    "moe-experts": "fused 3-D expert tensors in a layout mpq cannot quantize (see "
+                   "mpq.models.experts)",
 }
 STRICT_DEFAULT = 0.5  # --strict alone: refuse when more than half of the weight bytes stay float
 
@@ -164,7 +165,7 @@ def _patterns(patterns: tuple[str, ...], shown: int = 2) -> str:
 def _fix_hint(group: KeptGroup) -> str:
     larger = "allow a larger share with --max-unquantized SHARE (0 to 1)"
     if group.category == "moe-experts":
-        return f"mpq cannot quantize fused expert tensors yet: {larger}, or drop the limit"
+        return f"mpq cannot quantize fused expert tensors of this layout: {larger}, or drop the limit"
     layer = group.patterns[0].rsplit(".", 1)[0]  # the module a rule targets
     if group.category == "skipped":
         return f"narrow the {group.reason} that keeps {layer}, or {larger}"
@@ -235,17 +236,23 @@ def _classify(name: str, param: nn.Parameter, modules: dict[str, nn.Module],
     """(category, reason, plan layer) of the parameter ``name``."""
     module_name, _, attr = name.rpartition(".")
     module = modules[module_name]
-    if name in layers:  # a parameter planned as a layer of its own (e.g. fused experts)
+    if name in layers:  # a parameter planned as a layer of its own
         return _layer_category(layers[name], name, bias=False)
-    layer = layers.get(module_name)
-    if layer is not None and isinstance(module, LINEAR_CLASSES):
-        return _layer_category(layer, module_name, bias=attr != "weight")
+    if f"{name}.0" in layers and layers[f"{name}.0"].expert is not None:
+        # fused experts: planned per expert, quantized whole or kept whole (plan.resolve)
+        return _layer_category(layers[f"{name}.0"], name, bias=False)
     class_name = type(module).__name__
+    layer = layers.get(module_name)
+    is_router = "router" in class_name.lower() or _is_gate(module_name, modules)
+    if layer is not None and is_router and layer.scheme is None and layer.rule is None:
+        return "router", POLICY_REASONS["router"], module_name
+    if layer is not None and (isinstance(module, LINEAR_CLASSES) or is_router):
+        return _layer_category(layer, module_name, bias=attr != "weight")
     if isinstance(module, nn.Embedding) or id(module) in embeddings:
         return "embedding", POLICY_REASONS["embedding"], None
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in class_name.lower():
         return "norm", POLICY_REASONS["norm"], None
-    if "router" in class_name.lower() or _is_gate(module_name, modules):
+    if is_router:
         return "router", POLICY_REASONS["router"], None
     if param.dim() >= 3 and ("expert" in class_name.lower()
                              or module_name.rsplit(".", 1)[-1] == "experts"):

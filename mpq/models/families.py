@@ -69,6 +69,16 @@ GRANITE = FAMILIES.register(Family(
     mlp_down="mlp.down_proj", attention=_ATTENTION,
     scale_groups=_gated_scale_groups("rmsnorm"), rotation=_ROTATION, fused=(_QKV, _GATE_UP)))
 
+# Qwen3-MoE and Mixtral: Llama's attention (Qwen3-MoE with Qwen3's q_norm/k_norm) and a sparse
+# MoE MLP whose experts are fused 3-D parameters (mpq.models.experts).  The post-attention norm
+# feeds the router and every expert together, so only the attention's scale groups are exact
+# per block; the experts get no smoothing (mpq.models.experts.NO_SMOOTHING) and no QuaRot record
+# (its down-projection site is inside the experts module).
+QWEN3_MOE = FAMILIES.register(Family(
+    name="qwen3_moe", model_types=("qwen3_moe", "mixtral"), blocks="model.layers",
+    norm="rmsnorm", attention=_ATTENTION,
+    scale_groups=_gated_scale_groups("rmsnorm")[:2], fused=(_QKV,)))
+
 # Phi-3 stores q/k/v as one qkv_proj and gate/up as one gate_up_proj (already fused).
 PHI3 = FAMILIES.register(Family(
     name="phi3", model_types=("phi3",), blocks="model.layers", norm="rmsnorm",

@@ -16,6 +16,8 @@ from transformers.pytorch_utils import Conv1D
 
 from mpq.errors import ModelError
 from mpq.config.plan import LayerInfo
+from mpq.models.experts import (PROJECTIONS, FusedExperts, fused_experts, install_slice, routers,
+                                slice_name, slice_weight)
 from mpq.models.families import family_of
 
 LINEAR_CLASSES = (nn.Linear, Conv1D)
@@ -105,10 +107,22 @@ def block_index(name: str, layout: ModelLayout) -> int | None:
 
 
 def describe_layers(model: nn.Module, layout: ModelLayout) -> tuple[list[LayerInfo], dict[str, str]]:
-    """Quantizable layers as LayerInfo, plus the other leaf modules (name → class) for hints."""
+    """Quantizable layers as LayerInfo, plus the other leaf modules (name → class) for hints.
+
+    Fused MoE experts give one layer per expert and projection, and their router a protected
+    layer (mpq.models.experts)."""
     layers, others = [], {}
+    experts = {fused.name: fused for fused in fused_experts(model)}
+    gates = {name for name, _ in routers(model)}
     for name, module in model.named_modules():
-        if is_linear(module):
+        if name in experts:
+            layers.extend(_expert_layers(experts[name], block_index(name, layout)))
+        elif name in gates:
+            n_out, n_in = module.weight.shape
+            layers.append(LayerInfo(name=name, class_name=type(module).__name__,
+                                    shape=(int(n_out), int(n_in)),
+                                    block=block_index(name, layout), protected=True))
+        elif is_linear(module):
             n_out, n_in = weight_of(module).shape
             layers.append(LayerInfo(name=name, class_name=type(module).__name__,
                                     shape=(int(n_out), int(n_in)),
@@ -117,3 +131,27 @@ def describe_layers(model: nn.Module, layout: ModelLayout) -> tuple[list[LayerIn
         elif name and not list(module.children()):
             others[name] = type(module).__name__
     return layers, others
+
+
+def _expert_layers(fused: FusedExperts, block: int | None) -> list[LayerInfo]:
+    """One LayerInfo per projection and expert, projection by projection."""
+    return [LayerInfo(name=slice_name(fused.name, projection, index),
+                      class_name=fused.class_name, shape=fused.shapes[projection], block=block,
+                      expert=index)
+            for projection in PROJECTIONS for index in range(fused.num_experts)]
+
+
+def layer_weight(model: nn.Module, name: str, expert: int | None) -> torch.Tensor:
+    """The [out, in] weight of plan layer ``name`` (``expert``: the LayerPlan's field)."""
+    if expert is not None:
+        return slice_weight(model, name)
+    return weight_of(model.get_submodule(name))
+
+
+def install_layer_weight(model: nn.Module, name: str, expert: int | None,
+                         weight_out_in: torch.Tensor) -> None:
+    """Give plan layer ``name`` new weight values (in new memory: see :func:`set_weight`)."""
+    if expert is not None:
+        install_slice(model, name, weight_out_in)
+    else:
+        set_weight(model.get_submodule(name), weight_out_in)

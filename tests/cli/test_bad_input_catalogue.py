@@ -768,10 +768,12 @@ CASES: list[Case] = [
          ArtifactError, ("{tmp}/art", "model.norm.weight")),
     # what a plan leaves unquantized (mpq.models.coverage)
     Case("strict-moe-experts", "mpq quantize --strict of a Qwen3-MoE whose fused 3-D expert "
-         "tensors mpq cannot quantize yet (most of its weight bytes would stay 16-bit)",
-         lambda e: e.quantize(_moe_model(e), "--strict"), RecipeError,
-         ("of the weight bytes would stay unquantized", "--strict", "moe-experts",
-          "cannot quantize fused expert tensors")),
+         "tensors a rule skips (most of its weight bytes would stay 16-bit)",
+         lambda e: e.quantize(_moe_model(e), "--strict", recipe=e.recipe(
+             "rules:\n  - targets: ['re:.*experts.*']\n    skip: true\n"
+             "  - targets: [Linear]\n    weights: {bits: 4, group_size: 64}\n")), RecipeError,
+         ("of the weight bytes would stay unquantized", "--strict", "skipped",
+          "narrow the skip by rule 0")),
     Case("strict-max-unquantized", "mpq plan --max-unquantized 0.3 with a recipe that quantizes "
          "only the MLPs",
          lambda e: ["plan", e.src, "-r", e.recipe(
@@ -868,6 +870,30 @@ CASES: list[Case] = [
          lambda e: _eval_args(e, _nan_scale_artifact(e), "--no-verify", "--reference", e.src,
                               "--max-kl", 100, "--json"), EvalGateError,
          ("gate failed: mean KL nan is not finite",)),
+    # fused mixture-of-experts experts (mpq.models.experts)
+    Case("moe-partial-experts", "mpq plan of a Qwen3-MoE with a rule quantizing only experts 0-3 "
+         "of each fused gate_up_proj (a fused parameter is quantized whole or kept whole)",
+         lambda e: ["plan", _moe_model(e), "-r", e.recipe(
+             "rules:\n  - targets: ['re:.*experts\\.gate_up_proj\\.[0-3]$']\n"
+             "    weights: {bits: 4, group_size: 64}\n")], RecipeError,
+         ("model.layers.0.mlp.experts.gate_up_proj would be partly quantized", "expert 4 kept",
+          "give every expert of")),
+    Case("moe-expert-activations", "mpq quantize of a Qwen3-MoE with w8a8-fp8 (input activation "
+         "quantization on fused experts, which the loaded model cannot apply)",
+         lambda e: e.quantize(_moe_model(e), recipe="w8a8-fp8"), RecipeError,
+         ("input activation quantization of fused MoE experts is not supported",
+          "without input_activations")),
+    Case("moe-compressed-tensors", "mpq quantize --format compressed-tensors of a Qwen3-MoE whose "
+         "fused 3-D experts the plan quantizes (compressed-tensors holds nn.Linear modules only)",
+         lambda e: e.quantize(_moe_model(e), "--format", "compressed-tensors"), FormatError,
+         ("32 fused MoE expert slices of model.layers.*.mlp.experts.gate_up_proj",
+          "cannot decompress", "--format mpq")),
+    Case("moe-experts-section-dense", "mpq plan of the dense tiny Llama with a recipe setting "
+         "experts: {min_tokens: 8} (there are no fused MoE experts to apply it to)",
+         lambda e: ["plan", e.src, "-r", e.recipe(
+             "experts: {min_tokens: 8}\nrules:\n  - targets: [Linear]\n"
+             "    weights: {bits: 4, group_size: 32}\n")], RecipeError,
+         ("has no fused mixture-of-experts experts", "remove the experts: section")),
 ]
 
 

@@ -46,24 +46,33 @@ def test_plan_prints_the_unquantized_share_of_each_family(saved, arch):
     assert sum(g["bytes"] for g in data["coverage"]["kept"]) == kept
 
 
+SKIP_EXPERTS = """\
+mpq_recipe: 1
+rules:
+  - targets: ["re:.*experts.*"]
+    skip: true
+  - targets: [Linear]
+    weights: {bits: 4, group_size: 64}
+"""
+
+
 @pytest.mark.parametrize("arch", MOE_ARCHITECTURES)
-def test_strict_refuses_fused_experts_before_any_weight(saved, arch, tmp_path):
+def test_strict_passes_quantized_experts_and_refuses_skipped_ones(saved, arch, tmp_path):
     root, shares = saved
-    shown = invoke("plan", root / arch, "-r", "w4a16-gptq")
-    row = next(line for line in shown.stdout.splitlines() if "moe-experts" in line)
-    assert "cannot quantize" in row and "model.layers.*.mlp.experts.gate_up_proj" in row
-    refused = invoke("plan", root / arch, "-r", "w4a16-gptq", "--strict")
+    shown = invoke("plan", root / arch, "-r", "w4a16-gptq", "--strict")
+    assert shown.exit_code == 0, shown.output
+    assert "experts 0-7 of model.layers.*.mlp.experts.gate_up_proj (blocks 0-1)" in shown.stdout
+    assert "moe-experts" not in shown.stdout
+    assert "32 expert slices are calibrated on the tokens routed to them" in shown.stdout
+    (tmp_path / "skip.yaml").write_text(SKIP_EXPERTS)
+    refused = invoke("plan", root / arch, "-r", tmp_path / "skip.yaml", "--strict")
     assert refused.exit_code == RecipeError.exit_code
-    assert "moe-experts" in refused.stderr and "--strict" in refused.stderr
+    assert "skipped" in refused.stderr and "--strict" in refused.stderr
     assert refused.stderr.count("error:") == 1
     out = tmp_path / "out"
-    stopped = invoke("quantize", root / arch, "-r", "w4a16", "-o", out, "--strict")
-    assert stopped.exit_code == RecipeError.exit_code and "moe-experts" in stopped.stderr
+    stopped = invoke("quantize", root / arch, "-r", tmp_path / "skip.yaml", "-o", out, "--strict")
+    assert stopped.exit_code == RecipeError.exit_code and "skipped" in stopped.stderr
     assert not out.exists() and not (tmp_path / "out.mpq-work").exists()
-    limited = invoke("quantize", root / arch, "-r", "w4a16", "-o", out, "--max-unquantized", 0.5)
-    assert limited.exit_code == RecipeError.exit_code and "--max-unquantized 0.5" in limited.stderr
-    allowed = invoke("plan", root / arch, "-r", "w4a16-gptq", "--max-unquantized", 0.95)
-    assert allowed.exit_code == 0, allowed.output
 
 
 def test_strict_passes_a_dense_plan_and_needs_a_recipe(saved):
@@ -83,11 +92,11 @@ def test_quantize_reports_the_share(saved, tmp_path):
     final = events[-1]
     assert final["event"] == "result"
     assert final["unquantized_share"] == pytest.approx(coverage["unquantized_share"])
-    assert coverage["kept"][0]["category"] == "moe-experts"
+    assert coverage["kept"][0]["category"] in ("embedding", "head")  # experts are quantized
     text = invoke("quantize", root / "qwen3_moe", "-r", "w4a16", "-o", tmp_path / "t")
     assert text.exit_code == 0, text.output
     expected = f"unquantized: {100 * final['unquantized_share']:.1f}% of the weight bytes"
-    assert expected in text.stdout and "moe-experts" in text.stdout
+    assert expected in text.stdout and "moe-experts" not in text.stdout
     stored = invoke("plan", out, "--strict")
     assert stored.exit_code == 2 and "pass --recipe" in stored.output
 
@@ -99,4 +108,5 @@ def test_dry_run_shows_the_share(saved, tmp_path):
     assert data["coverage"]["unquantized_share"] == pytest.approx(shares["mixtral"])
     text = invoke(*args)
     assert f"unquantized: {100 * shares['mixtral']:.1f}% of the weight bytes" in text.stdout
-    assert invoke(*args, "--strict").exit_code == RecipeError.exit_code
+    assert invoke(*args, "--strict").exit_code == 0  # its experts are quantized
+    assert invoke(*args, "--max-unquantized", 0.05).exit_code == RecipeError.exit_code

@@ -232,3 +232,35 @@ def test_a_real_write_failure_of_a_block_is_one_error_line(tmp_path):
     assert "File too large" in lines[0]
     assert not out.exists()
     assert sorted(p.name for p in work_dir_for(out).iterdir()) == ["run.json"]
+
+
+def test_a_resumed_moe_run_writes_the_same_bytes_streamed_or_not(tmp_path, calib_text,
+                                                                  monkeypatch):
+    """Fused experts (mpq.models.experts) through the work directory: a run stopped after block
+    0 and resumed, a streamed run and a whole-model run write the same bytes."""
+    from tests.tiny_models import save_tiny_model
+
+    save_tiny_model("qwen3_moe", tmp_path / "src")
+    byte_tokenizer().save_pretrained(tmp_path / "src")
+    calibration = CalibrationOptions(source=str(calib_text), num_samples=4, seq_len=32)
+    quantize(tmp_path / "src", "w4a16-gptq", tmp_path / "whole",
+             RunOptions(calibration=calibration))
+    quantize(tmp_path / "src", "w4a16-gptq", tmp_path / "loaded",
+             RunOptions(calibration=calibration, stream=False))
+    save_block = Checkpoint.save_block
+
+    def crash_after_block_0(self, index, *args, **kwargs):
+        save_block(self, index, *args, **kwargs)
+        raise Crash
+
+    monkeypatch.setattr(Checkpoint, "save_block", crash_after_block_0)
+    with pytest.raises(Crash):
+        quantize(tmp_path / "src", "w4a16-gptq", tmp_path / "resumed",
+                 RunOptions(calibration=calibration))
+    monkeypatch.setattr(Checkpoint, "save_block", save_block)
+    events = []
+    quantize(tmp_path / "src", "w4a16-gptq", tmp_path / "resumed",
+             RunOptions(calibration=calibration), events=lambda kind, **data: events.append(kind))
+    assert events.count("block_resumed") == 1
+    assert folder_bytes(tmp_path / "resumed") == folder_bytes(tmp_path / "whole")
+    assert folder_bytes(tmp_path / "loaded") == folder_bytes(tmp_path / "whole")

@@ -22,12 +22,12 @@ from mpq.models.families import FAMILIES, family_of
 from mpq.models.family import Attention, Family, FamilyRegistry, Requires, Rotation, ScaleGroup
 from mpq.models.layout import discover_blocks_path, is_linear, layout_of, weight_of
 from mpq.registry import RegistryError
-from tests.tiny_models import (ARCHITECTURES, COMMON, RECORD_ARCHITECTURES, model_from_config,
-                               tiny_config, tiny_model)
+from tests.tiny_models import (ARCHITECTURES, COMMON, MOE_ARCHITECTURES, RECORD_ARCHITECTURES,
+                               model_from_config, tiny_config, tiny_model)
 
 # model_type → a tiny architecture of that type (the first one listed)
 TINY_FOR_TYPE: dict[str, str] = {}
-for _arch in ARCHITECTURES + RECORD_ARCHITECTURES:
+for _arch in ARCHITECTURES + RECORD_ARCHITECTURES + MOE_ARCHITECTURES:
     TINY_FOR_TYPE.setdefault(tiny_config(_arch).model_type, _arch)
 MODEL_TYPES = tuple(FAMILIES.model_types())
 
