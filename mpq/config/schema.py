@@ -238,14 +238,7 @@ def parse_experts(value: Any, at: YamlPath):
     """``experts:``: null/absent (defaults) or ``{min_tokens: N}`` (mpq.config.experts)."""
     from mpq.config.experts import ExpertArgs
 
-    if value is None:
-        return None
-    expect(value, dict, at, example="{min_tokens: 32}")
-    check_keys(value, EXPERTS_KEYS, at)
-    try:
-        return ExpertArgs(**value)
-    except SchemeError as exc:
-        raise at.error(exc.message, hint=exc.hint) from None
+    return _parse_section(value, at, EXPERTS_KEYS, ExpertArgs, example="{min_tokens: 32}")
 
 
 ROTATION_KEYS = ("type", "r1", "r2", "r4", "seed")
@@ -255,11 +248,18 @@ def parse_rotation(value: Any, at: YamlPath):
     """``rotation:``: null/absent (off) or ``{type: quarot, r1, r2, r4, seed}``."""
     from mpq.config.rotation import QuaRotArgs
 
+    return _parse_section(value, at, ROTATION_KEYS, QuaRotArgs,
+                          example="{type: quarot, r1: hadamard, r2: true, r4: true}")
+
+
+def _parse_section(value: Any, at: YamlPath, keys: tuple[str, ...], args_class, example: str):
+    """A mapping section built as ``args_class(**value)`` (None when absent); its SchemeError
+    becomes the recipe error at ``at``."""
     if value is None:
         return None
-    expect(value, dict, at, example="{type: quarot, r1: hadamard, r2: true, r4: true}")
-    check_keys(value, ROTATION_KEYS, at)
+    expect(value, dict, at, example=example)
+    check_keys(value, keys, at)
     try:
-        return QuaRotArgs(**value)
+        return args_class(**value)
     except SchemeError as exc:
         raise at.error(exc.message, hint=exc.hint) from None

@@ -33,7 +33,7 @@ from mpq.models.layout import ModelLayout, blocks_of
 from mpq.errors import ModelError
 from mpq.checkpoint.lazy import LazyTensors
 from mpq.checkpoint.state import ArtifactState, hf_config, weight_keys
-from mpq.models.source import (build_skeleton, first_line, load_config, read_config,
+from mpq.models.source import (build_skeleton, corrupt_weights, load_config, read_config,
                                source_weight_map)
 from mpq.config.plan import Plan
 from mpq.config.run_log import RunLog
@@ -119,9 +119,7 @@ class BlockStreamer(RunHook):
                     for key in keys:
                         yield key, handle.get_tensor(key)
             except (OSError, SafetensorError) as exc:
-                raise ModelError(f"{self.source}: weight files are unreadable or corrupt: "
-                                 f"{first_line(exc)}", hint="re-download or re-save the model") \
-                    from exc
+                raise corrupt_weights(self.source, exc) from exc
 
     def _install(self, names: list[str]) -> None:
         wanted = [n for n in names if n in self.weight_map]

@@ -54,6 +54,12 @@ def first_line(exc: BaseException) -> str:
     return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
+def corrupt_weights(path, exc: BaseException) -> ModelError:
+    """The one error for weight files of ``path`` that cannot be read (raise it ``from exc``)."""
+    return ModelError(f"{path}: weight files are unreadable or corrupt: {first_line(exc)}",
+                      hint="re-download or re-save the model")
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer saved in a model or artifact folder, or ModelError."""
     from transformers import AutoTokenizer
@@ -162,9 +168,7 @@ def source_weight_map(path: Path) -> dict[str, Path]:
             with safe_open(str(file), framework="pt") as handle:
                 out.update({name: file for name in handle.keys()})
         except (OSError, SafetensorError) as exc:
-            raise ModelError(f"{path}: weight files are unreadable or corrupt: "
-                             f"{first_line(exc)}", hint="re-download or re-save the model") \
-                from exc
+            raise corrupt_weights(path, exc) from exc
     return out
 
 
@@ -215,8 +219,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = "auto") -> nn.Module
         raise ModelError(f"{path}: cannot build a causal LM from this config: {first_line(exc)}",
                          hint="mpq quantizes *ForCausalLM models") from exc
     except (OSError, RuntimeError, SafetensorError) as exc:
-        raise ModelError(f"{path}: weight files are unreadable or corrupt: {first_line(exc)}",
-                         hint="re-download or re-save the model") from exc
+        raise corrupt_weights(path, exc) from exc
     except ImportError as exc:  # e.g. a GPTQ checkpoint without optimum installed
         raise ModelError(f"{path}: transformers cannot load this checkpoint here: "
                          f"{first_line(exc)}",

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from mpq.errors import ModelError
-from mpq.models.source import first_line
+from mpq.models.source import corrupt_weights
 
 # Buffers that older checkpoints stored: transformers skips the first two whatever the class
 # says; GPT-2 fine-tunes saved by old transformers versions keep the constant attn.masked_bias.
@@ -44,9 +44,7 @@ def stored_tensors(path: Path, weight_map: Mapping[str, Path]
                     sliced = handle.get_slice(name)
                     out[name] = (sliced.get_dtype(), tuple(sliced.get_shape()))
         except (OSError, SafetensorError) as exc:
-            raise ModelError(f"{path}: weight files are unreadable or corrupt: "
-                             f"{first_line(exc)}", hint="re-download or re-save the model") \
-                from exc
+            raise corrupt_weights(path, exc) from exc
     return out
 
 
