@@ -28,6 +28,7 @@ from mpq.engine.streaming import build_streamed, streaming_blocker
 from mpq.errors import CalibrationError, ModelError, RecipeError, SchemeError, did_you_mean
 from mpq.models.attention import attention_modules
 from mpq.models.coverage import STRICT_DEFAULT, CoverageAccount, account
+from mpq.models.families import family_of
 from mpq.models.layout import ModelLayout, blocks_of, describe_layers, layout_of
 from mpq.models.source import check_float_source, check_model_dir, max_positions
 from mpq.quantizers.base import QUANTIZERS
@@ -196,8 +197,11 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
         except SchemeError as exc:
             raise RecipeError(f"{recipe.source}: rotation: {exc.message}", hint=exc.hint) from None
     if plan.kv_cache and not attention_modules(model, blocks_of(model, layout)[0]):
-        raise ModelError(f"{recipe.source}: kv_cache: no attention module with k_proj/v_proj "
-                         f"and a KV cache argument found in {type(model).__name__}'s blocks",
+        family = family_of(model)
+        why = (f"not supported for family '{family.name}': {family.why_not('attention')}"
+               if family is not None else "no attention module with k_proj/v_proj and a KV "
+               f"cache argument found in {type(model).__name__}'s blocks")
+        raise ModelError(f"{recipe.source}: kv_cache: {why}",
                          hint="remove kv_cache: this architecture's cache is not supported yet")
     return layout, plan
 

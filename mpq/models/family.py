@@ -19,6 +19,8 @@ from mpq.registry import RegistryError
 
 NORM_KINDS = ("rmsnorm", "rmsnorm_plus_one", "layernorm")
 PREV_KINDS = NORM_KINDS + ("linear",)
+# the optional parts a record either has or refuses with a reason (Family.unsupported)
+PARTS = ("attention", "scale_groups", "rotation")
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,9 @@ class Family:
     - ``fused``: groups of linears that serving engines (vLLM, TensorRT-LLM) run as one GEMM,
       so they must share one quantization scheme (q/k/v, gate/up).  Recorded for the serving
       pre-flight; no code reads it yet.
+    - ``unsupported``: part name (one of :data:`PARTS`) → why the family does not have it,
+      phrased to follow "not supported: ".  Every part in :data:`PARTS` is either given or
+      refused here with its reason (never both), so each refusal names why.
     """
 
     name: str
@@ -117,8 +122,21 @@ class Family:
     scale_groups: tuple[ScaleGroup, ...] = ()
     rotation: Rotation | None = None
     fused: tuple[tuple[str, ...], ...] = ()
+    unsupported: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
+        reasons = dict(self.unsupported)
+        for part in PARTS:
+            if bool(getattr(self, part)) and part in reasons:
+                raise ValueError(f"family {self.name!r} has {part} and a reason it is "
+                                 "unsupported: give one")
+            if not getattr(self, part) and part not in reasons:
+                raise ValueError(f"family {self.name!r} has no {part} and no reason why: add "
+                                 f"('{part}', why) to unsupported")
+        unknown = set(reasons) - set(PARTS)
+        if unknown or len(reasons) != len(self.unsupported):
+            raise ValueError(f"family {self.name!r}: unsupported names {sorted(unknown)} or a "
+                             f"part twice; parts are {PARTS}")
         if not self.model_types:
             raise ValueError(f"family {self.name!r} covers no model type")
         if self.norm not in NORM_KINDS:
@@ -136,6 +154,10 @@ class Family:
     @property
     def plus_one_norm(self) -> bool:
         return self.norm == "rmsnorm_plus_one"
+
+    def why_not(self, part: str) -> str | None:
+        """The reason ``part`` (one of :data:`PARTS`) is not supported; None when it is."""
+        return dict(self.unsupported).get(part)
 
 
 class FamilyRegistry:

@@ -59,7 +59,9 @@ def check_supported(model: nn.Module) -> Family:
     if family is None or family.rotation is None:
         model_type = getattr(model.config, "model_type", None)
         supported = [t for t, f in FAMILIES.model_types().items() if f.rotation is not None]
-        raise ModelError(f"QuaRot rotation does not support model type '{model_type}'",
+        why = (f" (family '{family.name}'): {family.why_not('rotation')}" if family is not None
+               else ": no family record names its norms and residual-stream readers/writers")
+        raise ModelError(f"QuaRot rotation does not support model type '{model_type}'{why}",
                          hint=f"supported: {', '.join(supported)}; remove rotation:")
     return family
 

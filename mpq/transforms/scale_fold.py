@@ -76,14 +76,20 @@ def scale_groups(model_or_config, block: nn.Module) -> list[ScaleGroup]:
     through a non-ReLU activation), a group whose ``prev`` output size differs from the linears'
     input size (v_proj → o_proj under grouped-query attention, where several query heads read
     the same v channel) and a norm group without an affine weight.
-    Raises ModelError for a model_type whose family records no scale groups (or no family).
+    Raises ModelError for a model_type whose family records no scale groups (naming the
+    record's reason) or that has no family record.
     """
     config = _config_of(model_or_config)
     model_type = getattr(config, "model_type", None)
     family = family_of(config)
-    if family is None or not family.scale_groups:
+    if family is None:
         raise ModelError(f"no scale-folding data for model_type '{model_type}'",
                          hint="add its scale groups to its family record in mpq.models.families")
+    if not family.scale_groups:
+        raise ModelError(f"scale folding (SmoothQuant, AWQ) is not supported for model type "
+                         f"'{model_type}' (family '{family.name}'): "
+                         f"{family.why_not('scale_groups')}",
+                         hint="remove the smoothquant/awq transform from the recipe")
     kept = []
     for group in family.scale_groups:
         if not all(condition.holds(config) for condition in group.requires):

@@ -22,19 +22,24 @@ from mpq.models.families import FAMILIES, family_of
 from mpq.models.family import Attention, Family, FamilyRegistry, Requires, Rotation, ScaleGroup
 from mpq.models.layout import discover_blocks_path, is_linear, layout_of, weight_of
 from mpq.registry import RegistryError
-from tests.tiny_models import (ARCHITECTURES, COMMON, RECORD_ARCHITECTURES, model_from_config,
-                               tiny_config, tiny_model)
+from tests.tiny_models import (ARCHITECTURES, COMMON, MOE_ARCHITECTURES, RECORD_ARCHITECTURES,
+                               model_from_config, tiny_config, tiny_model)
 
 # model_type → a tiny architecture of that type (the first one listed)
 TINY_FOR_TYPE: dict[str, str] = {}
-for _arch in ARCHITECTURES + RECORD_ARCHITECTURES:
+for _arch in ARCHITECTURES + RECORD_ARCHITECTURES + MOE_ARCHITECTURES:
     TINY_FOR_TYPE.setdefault(tiny_config(_arch).model_type, _arch)
 MODEL_TYPES = tuple(FAMILIES.model_types())
 
 
+_NONE = (("attention", "a"), ("scale_groups", "s"), ("rotation", "r"))
+
+
 def _record(name="fam", **fields) -> Family:
+    """A record; the optional parts it does not give are refused with a placeholder reason."""
+    unsupported = tuple((part, why) for part, why in _NONE if not fields.get(part))
     return Family(**{"name": name, "model_types": (name,), "blocks": "layers",
-                     "norm": "rmsnorm", **fields})
+                     "norm": "rmsnorm", "unsupported": unsupported, **fields})
 
 
 def _first_block(model):
@@ -78,6 +83,26 @@ def test_a_record_that_contradicts_itself_is_refused():
         _record(rotation=Rotation(readers=(), writers=(), final_norm="norm"))
     with pytest.raises(ValueError, match="not inside attention"):
         Attention(path="attn", q_proj="attn.q", k_proj="attn.k", v_proj="v", o_proj="attn.o")
+    with pytest.raises(ValueError, match="has no rotation and no reason why"):
+        _record(unsupported=_NONE[:2])
+    with pytest.raises(ValueError, match="has scale_groups and a reason"):
+        _record(scale_groups=(ScaleGroup("ln", ("fc",), "rmsnorm"),), unsupported=_NONE)
+    with pytest.raises(ValueError, match="unsupported names \\['kv'\\]"):
+        _record(unsupported=_NONE + (("kv", "?"),))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES), ids=lambda f: f.name)
+def test_every_family_has_each_part_or_says_why_not(family):
+    """The issue's list of families is covered, and every part a record lacks has a reason."""
+    for part in ("attention", "scale_groups", "rotation"):
+        assert bool(getattr(family, part)) != bool(family.why_not(part)), part
+        assert family.why_not(part) is None or len(family.why_not(part)) > 20
+
+
+def test_the_families_users_quantize_have_records():
+    wanted = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma", "gemma2",
+              "gemma3_text", "phi3", "olmo2", "granite", "gpt2", "opt", "falcon", "gpt_neox"}
+    assert wanted <= set(MODEL_TYPES)
 
 
 def test_requires_reads_the_config_with_a_default():
