@@ -3,9 +3,10 @@
 Matching (first rule wins, per layer): a target is an exact module name, ``re:<regex>`` (Python
 ``re.match`` semantics against the full module name, as in compressed-tensors; matched with the
 regex module under a time limit) or a module class name such as
-``Linear`` / ``Conv1D``.  A *protected* layer (the output head) is only matched by a target equal to
-its exact name.  A rule whose targets match no layer is an error, as is a scheme that cannot
-represent a layer's weight shape.  Nothing here touches weights: layers are described by
+``Linear`` / ``Conv1D`` (which also matches its subclasses, e.g. Falcon's ``FalconLinear``).
+A *protected* layer (the output head) is only matched by a target equal to its exact name.
+A rule whose targets match no layer is an error, as is a scheme that cannot represent a
+layer's weight shape.  Nothing here touches weights: layers are described by
 :class:`LayerInfo`, which the caller builds from the model.
 """
 from __future__ import annotations
@@ -35,6 +36,9 @@ class LayerInfo:
     shape: tuple[int, int]
     block: int | None = None
     protected: bool = False  # the output head: only an exact-name target matches it
+    # the module classes it derives from (e.g. Falcon's FalconLinear: Linear); a class target
+    # matches any of them, as compressed-tensors' targets do
+    bases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,7 @@ def _matches(target: str, layer: LayerInfo) -> bool:
                               f"'{layer.name}' (catastrophic backtracking)",
                               hint="simplify the pattern, e.g. avoid nested repeats like "
                                    "(a+)+ or (.*)*") from None
-    return target == layer.class_name
+    return target == layer.class_name or target in layer.bases
 
 
 def _rule_matches(rule: Rule, layer: LayerInfo) -> str | None:

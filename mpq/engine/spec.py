@@ -189,7 +189,7 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
         except SchemeError as exc:
             raise RecipeError(f"{where}: {exc.message}", hint=exc.hint) from None
     if plan.transforms:  # the architecture must be known to the scale folds (ModelError if not)
-        scale_groups(model, blocks_of(model, layout)[0])
+        check_scale_groups(model, layout, plan, recipe)
     if recipe.rotation is not None:
         check_rotation_supported(model)
         try:
@@ -204,6 +204,25 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
         raise ModelError(f"{recipe.source}: kv_cache: {why}",
                          hint="remove kv_cache: this architecture's cache is not supported yet")
     return layout, plan
+
+
+def check_scale_groups(model: nn.Module, layout: ModelLayout, plan: Plan,
+                       recipe: Recipe) -> None:
+    """ModelError unless each transform has an exact scale group to fold in the model's blocks
+    (mpq.transforms.scale_fold.scale_groups; the first block stands for all)."""
+    groups = scale_groups(model, blocks_of(model, layout)[0])
+    family = family_of(model)
+    for index, spec in enumerate(plan.transforms):
+        if TRANSFORMS.get(spec.type).select_groups(groups, spec.options):
+            continue
+        exact = ", ".join(str(g) for g in groups) or "none that hold for this config"
+        why = ("no norm feeds a linear in its blocks, and only linear → linear groups are "
+               "exact" if groups else "no scale group of its record holds for this config")
+        raise ModelError(f"{recipe.source}: transforms[{index}]: {spec.type} has nothing to fold "
+                         f"in model type '{model.config.model_type}' (family '{family.name}'): "
+                         f"{why}; exact groups: {exact}",
+                         hint="remove the transform, or for smoothquant set pairs: true to "
+                              "smooth the linear → linear groups")
 
 
 def check_sequence_length(model: nn.Module, calibration: CalibrationOptions) -> None:

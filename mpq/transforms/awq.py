@@ -153,6 +153,9 @@ class AWQ:
             if not isinstance(options.get(key, DEFAULTS[key]), bool):
                 raise SchemeError(f"awq {key} must be true or false")
 
+    def select_groups(self, groups: list, options: Mapping[str, Any]) -> list:
+        return list(groups)
+
     def apply(self, ctx: BlockContext, options: Mapping[str, Any]) -> dict[str, Any]:
         opts = {**DEFAULTS, **options}
         record: dict[str, Any] = {"block": ctx.index, "groups": [], "clipped": []}
