@@ -29,22 +29,31 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
 
 import mpq
+from mpq.models.attention import attention_modules, discover_attention
 from mpq.models.families import family_of
 from mpq.models.layout import is_linear, layout_of
 from tests.helpers import WORDS, run_cli, write_tokenizer
 from tests.tiny_models import COMMON, model_from_config, tiny_config
 
 # model type (the issue's list, plus BLOOM) → tiny architecture in tests/tiny_models.py;
-# starcoder2 has no family record: it runs on generic discovery
+# the GENERIC types have no family record: they run on generic discovery
 ROWS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
         "qwen3_moe": "qwen3_moe", "mixtral": "mixtral", "gemma": "gemma", "gemma2": "gemma2",
         "gemma3_text": "gemma3", "phi3": "phi3", "olmo2": "olmo2", "granite": "granite",
         "gpt2": "gpt2", "opt": "opt", "falcon": "falcon", "gpt_neox": "gpt_neox",
-        "bloom": "bloom", "starcoder2": None}
-GENERIC = "starcoder2"
+        "bloom": "bloom", "starcoder2": None, "codegen": None}
+GENERIC = {  # Starcoder2: Llama-like names; CodeGen: q/k/v fused in qkv_proj
+    "starcoder2": lambda: transformers.Starcoder2Config(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        bos_token_id=0, eos_token_id=1, **COMMON),
+    "codegen": lambda: transformers.CodeGenConfig(
+        n_embd=64, n_layer=2, n_head=4, rotary_dim=8, vocab_size=256, n_positions=128,
+        bos_token_id=0, eos_token_id=1),
+}
 # transformers 5.23 cannot build these models' compressed modules: FalconPreTrainedModel.
 # _init_weights reads FalconLinear.weight, which compressed-tensors replaced by weight_packed.
 # They load with CompressedTensorsConfig(run_compressed=False) (decompressed at load).
@@ -102,6 +111,8 @@ def expected_refusal(model_type: str, column: Column) -> tuple[int, str] | None:
     if column.part is None:
         return None
     if family is None:
+        if column.part == "attention" and not attention_discovered(model_type):
+            return 4, "kv_cache: no attention module with k_proj/v_proj and a KV cache argument"
         return {"scale_groups": (4, f"no scale-folding data for model_type '{model_type}'"),
                 "rotation": (4, "no family record names its norms and residual-stream "
                                  "readers/writers")}.get(column.part)
@@ -121,11 +132,15 @@ def has_conv1d(model_type: str) -> bool:
     return any(isinstance(m, Conv1D) for m in model.modules())
 
 
+@functools.lru_cache(maxsize=None)
+def attention_discovered(model_type: str) -> bool:
+    model = transformers.AutoModelForCausalLM.from_config(config_of(model_type))
+    return bool(discover_attention(model.get_submodule(layout_of(model).blocks_path)[0]))
+
+
 def config_of(model_type: str) -> transformers.PretrainedConfig:
-    if model_type == GENERIC:
-        return transformers.Starcoder2Config(hidden_size=64, intermediate_size=128,
-                                             num_attention_heads=4, num_key_value_heads=2,
-                                             bos_token_id=0, eos_token_id=1, **COMMON)
+    if model_type in GENERIC:
+        return GENERIC[model_type]()
     return tiny_config(ROWS[model_type])
 
 
@@ -172,8 +187,9 @@ def table() -> str:
               "MLP of dense layers) are quantized; the fused 3-D expert tensors and the router "
               "are kept in the source dtype and listed as such by `mpq plan`.",
               "",
-              "starcoder2 has no family record: its blocks and KV-cache attention are found by "
-              "generic discovery, which `mpq plan` reports."]
+              "starcoder2 and codegen have no family record: their blocks (and Starcoder2's "
+              "KV-cache attention) are found by generic discovery, which `mpq plan` reports and "
+              "`mpq quantize` warns about."]
     return "\n".join(lines) + "\n"
 
 
@@ -275,10 +291,27 @@ def test_cell(model_type, column, source, reference, workdir, tmp_path):
         torch.testing.assert_close(logits(plain), logits(mpq.load(native, dequantize=True)),
                                    rtol=1e-5, atol=1e-5)
         return
-    error = relative_error(logits(mpq.load(out)), *reference(model_type))
+    loaded = logits(mpq.load(out))
+    error = relative_error(loaded, *reference(model_type))
     if REPORT is not None:
         REPORT.write(f"{model_type}\t{column.title}\t{error:.4f}\n")
     assert 0 < error < column.bound, error
+    if column.part == "attention":  # every block's cache has scales, and they act
+        check_kv_cache(src, out, loaded)
+
+
+def check_kv_cache(src: Path, out: Path, loaded: torch.Tensor) -> None:
+    model = transformers.AutoModelForCausalLM.from_pretrained(src)
+    layout = layout_of(model)
+    stored = set(load_file(out / "model.safetensors"))
+    for index, block in enumerate(model.get_submodule(layout.blocks_path)):
+        (local, _), = attention_modules(model, block)
+        for name in ("k_scale", "v_scale"):
+            assert f"{layout.blocks_path}.{index}.{local}.{name}" in stored
+    plain = mpq.load(out)
+    for module in plain.modules():  # no activation quantization here: only the KV taps
+        module._forward_pre_hooks.clear()
+    assert not torch.equal(logits(plain), loaded)
 
 
 def test_the_doc_is_the_matrix():

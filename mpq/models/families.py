@@ -48,7 +48,8 @@ _LAYERNORM = ("LayerNorm subtracts the mean over channels: LayerNorm(x·Q) ≠ L
               "RMSNorm, which mpq does not do")
 _MOE = ("the mixture-of-experts block reads the residual stream through its router and fused "
         "3-D expert tensors, which the rotation does not transform")
-_FUSED_QKV = "q, k and v are one fused linear ({}), and mpq's {} needs them as separate linears"
+_FUSED_QKV = ("q, k and v are one fused linear ({}), and mpq's per-head R2 rotation of "
+              "v_proj/o_proj needs them as separate linears")
 
 
 def _gated_scale_groups(norm: str, mlp_norm: str = "post_attention_layernorm"
@@ -118,12 +119,11 @@ MIXTRAL = FAMILIES.register(Family(name="mixtral", model_types=("mixtral",), **_
 PHI3 = FAMILIES.register(Family(
     name="phi3", model_types=("phi3",), blocks="model.layers", norm="rmsnorm",
     mlp_down="mlp.down_proj",
+    attention=Attention(path="self_attn", qkv_proj="self_attn.qkv_proj",
+                        o_proj="self_attn.o_proj"),
     scale_groups=(ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), "rmsnorm"),
                   ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "rmsnorm")),
-    unsupported=(("attention", _FUSED_QKV.format("self_attn.qkv_proj",
-                                                 "KV-cache calibration")),
-                 ("rotation", _FUSED_QKV.format("self_attn.qkv_proj",
-                                                "per-head R2 rotation of v_proj/o_proj")))))
+    unsupported=(("rotation", _FUSED_QKV.format("self_attn.qkv_proj")),)))
 
 # OPT: LayerNorm with bias, fc2(relu(fc1(x))); post-LN variants (do_layer_norm_before False)
 # normalise after the residual add, so the norm's output is not the linears' input there.
@@ -145,12 +145,13 @@ OPT = FAMILIES.register(Family(
     ),
     fused=(_OPT_QKV,), unsupported=(("rotation", _LAYERNORM),)))
 
-# GPT-2: Conv1D layers (weights stored [in, out]), q/k/v fused in attn.c_attn.
+# GPT-2: Conv1D layers (weights stored [in, out]), q/k/v fused in attn.c_attn.  Fused q/k/v
+# hold the KV cache all the same: the attention hands its cache the keys and values.
 GPT2 = FAMILIES.register(Family(
     name="gpt2", model_types=("gpt2",), blocks="transformer.h", norm="layernorm",
-    mlp_down="mlp.c_proj",
-    unsupported=(("attention", _FUSED_QKV.format("attn.c_attn", "KV-cache calibration")),
-                 ("scale_groups", "its linears are Conv1D layers (weights stored [in, out]), "
+    mlp_down="mlp.c_proj", attention=Attention(path="attn", qkv_proj="attn.c_attn",
+                                               o_proj="attn.c_proj"),
+    unsupported=(("scale_groups", "its linears are Conv1D layers (weights stored [in, out]), "
                                   "which the scale fold does not handle"),
                  ("rotation", _LAYERNORM))))
 
@@ -160,13 +161,16 @@ GPT2 = FAMILIES.register(Family(
 # attention and MLP from one input_layernorm; BLOOM's post_attention_layernorm feeds the MLP,
 # and its norm outputs also become the residual when apply_residual_connection_post_layernorm.
 _NEOX_LIKE = dict(norm="layernorm", mlp_down="mlp.dense_4h_to_h")
+_FUSED_SELF_ATTENTION = Attention(path="self_attention",
+                                  qkv_proj="self_attention.query_key_value",
+                                  o_proj="self_attention.dense")
 GPT_NEOX = FAMILIES.register(Family(
     name="gpt_neox", model_types=("gpt_neox",), blocks="gpt_neox.layers",
     scale_groups=(ScaleGroup("input_layernorm", ("attention.query_key_value",), "layernorm"),
                   ScaleGroup("post_attention_layernorm", ("mlp.dense_h_to_4h",), "layernorm")),
-    unsupported=(("attention", _FUSED_QKV.format("attention.query_key_value",
-                                                 "KV-cache calibration")),
-                 ("rotation", _LAYERNORM)), **_NEOX_LIKE))
+    attention=Attention(path="attention", qkv_proj="attention.query_key_value",
+                        o_proj="attention.dense"),
+    unsupported=(("rotation", _LAYERNORM),), **_NEOX_LIKE))
 _FALCON_PARALLEL = (Requires("parallel_attn", (True,), True),
                     Requires("new_decoder_architecture", (False,), False))
 FALCON = FAMILIES.register(Family(
@@ -174,9 +178,7 @@ FALCON = FAMILIES.register(Family(
     scale_groups=(ScaleGroup("input_layernorm",
                              ("self_attention.query_key_value", "mlp.dense_h_to_4h"),
                              "layernorm", requires=_FALCON_PARALLEL),),
-    unsupported=(("attention", _FUSED_QKV.format("self_attention.query_key_value",
-                                                 "KV-cache calibration")),
-                 ("rotation", _LAYERNORM)), **_NEOX_LIKE))
+    attention=_FUSED_SELF_ATTENTION, unsupported=(("rotation", _LAYERNORM),), **_NEOX_LIKE))
 _BLOOM_PRE_LN = (Requires("apply_residual_connection_post_layernorm", (False,), False),)
 BLOOM = FAMILIES.register(Family(
     name="bloom", model_types=("bloom",), blocks="transformer.h",
@@ -184,6 +186,4 @@ BLOOM = FAMILIES.register(Family(
                              "layernorm", requires=_BLOOM_PRE_LN),
                   ScaleGroup("post_attention_layernorm", ("mlp.dense_h_to_4h",), "layernorm",
                              requires=_BLOOM_PRE_LN)),
-    unsupported=(("attention", _FUSED_QKV.format("self_attention.query_key_value",
-                                                 "KV-cache calibration")),
-                 ("rotation", _LAYERNORM)), **_NEOX_LIKE))
+    attention=_FUSED_SELF_ATTENTION, unsupported=(("rotation", _LAYERNORM),), **_NEOX_LIKE))

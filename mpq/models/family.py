@@ -62,19 +62,42 @@ class ScaleGroup:
 @dataclass(frozen=True)
 class Attention:
     """The attention module of a block (``path``, whose forward takes the KV cache) and its
-    projections, as block paths.  The KV cache holds what ``k_proj``/``v_proj`` produce (keys
-    after the rotary embedding)."""
+    projections, as block paths: ``q_proj``/``k_proj``/``v_proj`` as separate linears, or
+    ``qkv_proj`` when q, k and v are one fused linear (GPT-2's c_attn, GPT-NeoX's
+    query_key_value, Phi-3's qkv_proj), and ``o_proj``.  The KV cache holds the keys (after the
+    rotary embedding) and values the attention hands its cache's ``update``."""
 
     path: str
-    q_proj: str
-    k_proj: str
-    v_proj: str
-    o_proj: str
+    q_proj: str | None = None
+    k_proj: str | None = None
+    v_proj: str | None = None
+    o_proj: str | None = None
+    qkv_proj: str | None = None
 
     def __post_init__(self):
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+        separate = (self.q_proj, self.k_proj, self.v_proj)
+        if self.o_proj is None or (self.qkv_proj is None) == (None in separate) or (
+                self.qkv_proj is not None and any(separate)):
+            raise ValueError(f"attention {self.path!r}: give o_proj and either q_proj, k_proj "
+                             "and v_proj or one fused qkv_proj")
+        for proj in self.projections:
             if not proj.startswith(self.path + "."):
                 raise ValueError(f"projection {proj!r} is not inside attention {self.path!r}")
+
+    @property
+    def fused(self) -> bool:
+        return self.qkv_proj is not None
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """Every projection path, inputs first."""
+        inputs = (self.qkv_proj,) if self.fused else (self.q_proj, self.k_proj, self.v_proj)
+        return (*inputs, self.o_proj)
+
+    @property
+    def scores(self) -> tuple[str, ...]:
+        """The linears producing queries or keys (their error acts through the scores)."""
+        return (self.qkv_proj,) if self.fused else (self.q_proj, self.k_proj)
 
 
 @dataclass(frozen=True)
@@ -147,9 +170,10 @@ class Family:
                 raise ValueError(f"family {self.name!r}: scale group '{group}' has prev_kind "
                                  f"{group.prev_kind!r}, the family's norms are {self.norm!r}")
         if self.rotation is not None:
-            if self.norm == "layernorm" or self.attention is None or self.mlp_down is None:
+            if self.norm == "layernorm" or self.attention is None or self.mlp_down is None \
+                    or self.attention.fused:
                 raise ValueError(f"family {self.name!r}: rotation needs RMSNorm-like norms, "
-                                 "an attention record and mlp_down")
+                                 "an attention record with separate q/k/v and mlp_down")
 
     @property
     def plus_one_norm(self) -> bool:
