@@ -291,13 +291,18 @@ def test_cell(model_type, column, source, reference, workdir, tmp_path):
         torch.testing.assert_close(logits(plain), logits(mpq.load(native, dequantize=True)),
                                    rtol=1e-5, atol=1e-5)
         return
-    loaded = logits(mpq.load(out))
+    model = mpq.load(out)
+    loaded = logits(model)
     error = relative_error(loaded, *reference(model_type))
     if REPORT is not None:
         REPORT.write(f"{model_type}\t{column.title}\t{error:.4f}\n")
     assert 0 < error < column.bound, error
     if column.part == "attention":  # every block's cache has scales, and they act
         check_kv_cache(src, out, loaded)
+    if column.part == "scale_groups":  # the transform folded scales in every block
+        applied = model.mpq_artifact.log.transforms[0]
+        assert len(applied) == model.config.num_hidden_layers
+        assert all(record["groups"] for record in applied), applied
 
 
 def check_kv_cache(src: Path, out: Path, loaded: torch.Tensor) -> None:

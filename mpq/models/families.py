@@ -151,9 +151,10 @@ GPT2 = FAMILIES.register(Family(
     name="gpt2", model_types=("gpt2",), blocks="transformer.h", norm="layernorm",
     mlp_down="mlp.c_proj", attention=Attention(path="attn", qkv_proj="attn.c_attn",
                                                o_proj="attn.c_proj"),
-    unsupported=(("scale_groups", "its linears are Conv1D layers (weights stored [in, out]), "
-                                  "which the scale fold does not handle"),
-                 ("rotation", _LAYERNORM))))
+    # pre-LN: ln_1 feeds only c_attn, ln_2 only c_fc; c_proj reads gelu(c_fc(x)), not exact
+    scale_groups=(ScaleGroup("ln_1", ("attn.c_attn",), "layernorm"),
+                  ScaleGroup("ln_2", ("mlp.c_fc",), "layernorm")),
+    unsupported=(("rotation", _LAYERNORM),)))
 
 # GPT-NeoX, Falcon and BLOOM: q/k/v fused in query_key_value, LayerNorm, GELU MLPs (so no
 # dense_h_to_4h → dense_4h_to_h group).  GPT-NeoX's two norms each feed one sublayer (also with

@@ -1,12 +1,14 @@
 """Scale folding (mpq.transforms.scale_fold) keeps the float model's output unchanged."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import transformers
 
 from mpq.errors import ModelError, SchemeError
-from mpq.models.families import family_of
+from mpq.models.families import FAMILIES, family_of
 from mpq.models.family import ScaleGroup
 from mpq.transforms.scale_fold import fold_scales, group_weight_absmax, scale_groups
 from tests.tiny_models import (ARCHITECTURES, COMMON, MOE_ARCHITECTURES, RECORD_ARCHITECTURES,
@@ -114,12 +116,24 @@ def test_bad_scales_raise(bad):
     assert torch.equal(block.input_layernorm.weight, before)
 
 
-def test_a_family_without_scale_groups_is_refused_with_its_reason():
+def test_a_family_without_scale_groups_is_refused_with_its_reason(monkeypatch):
+    gpt2 = FAMILIES.get("gpt2")
+    bare = dataclasses.replace(gpt2, scale_groups=(), unsupported=gpt2.unsupported + (
+        ("scale_groups", "its scale groups were removed for this test"),))
+    monkeypatch.setitem(FAMILIES._by_type, "gpt2", bare)
     model = tiny_model("gpt2")
-    with pytest.raises(ModelError, match="not supported for model type 'gpt2' "
-                                         "\\(family 'gpt2'\\): its linears are Conv1D") as info:
+    with pytest.raises(ModelError, match="not supported for model type 'gpt2' \\(family "
+                                         "'gpt2'\\): its scale groups were removed") as info:
         scale_groups(model, model.transformer.h[0])
     assert "awq" in info.value.hint
+
+
+def test_a_model_type_without_a_record_is_refused():
+    config = transformers.Starcoder2Config(hidden_size=64, intermediate_size=128,
+                                           num_attention_heads=4, num_key_value_heads=2, **COMMON)
+    model = model_from_config(config)
+    with pytest.raises(ModelError, match="no scale-folding data for model_type 'starcoder2'"):
+        scale_groups(model, model.model.layers[0])
 
 
 def test_group_weight_absmax_by_hand():
