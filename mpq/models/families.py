@@ -48,8 +48,6 @@ _LAYERNORM = ("LayerNorm subtracts the mean over channels: LayerNorm(x·Q) ≠ L
               "RMSNorm, which mpq does not do")
 _MOE = ("the mixture-of-experts block reads the residual stream through its router and fused "
         "3-D expert tensors, which the rotation does not transform")
-_FUSED_QKV = ("q, k and v are one fused linear ({}), and mpq's per-head R2 rotation of "
-              "v_proj/o_proj needs them as separate linears")
 
 
 def _gated_scale_groups(norm: str, mlp_norm: str = "post_attention_layernorm"
@@ -113,17 +111,21 @@ _MOE_DENSE = dict(blocks="model.layers", norm="rmsnorm", attention=_ATTENTION,
 QWEN3_MOE = FAMILIES.register(Family(name="qwen3_moe", model_types=("qwen3_moe",), **_MOE_DENSE))
 MIXTRAL = FAMILIES.register(Family(name="mixtral", model_types=("mixtral",), **_MOE_DENSE))
 
-# Phi-3 stores q/k/v as one qkv_proj and gate/up as one gate_up_proj (already fused); the
-# pre-norms feed only those.  down_proj reads act(gate) * up, the second half of gate_up_proj's
-# rows: a fold into all of gate_up_proj's rows is not that, so there is no up → down group.
+# Phi-3 stores q/k/v as one qkv_proj (q, k, v concatenated) and gate/up as one gate_up_proj
+# (already fused); the pre-norms feed only those, and o_proj / down_proj write the residual
+# stream as in Llama.  down_proj reads act(gate) * up, the second half of gate_up_proj's rows: a
+# fold into all of gate_up_proj's rows is not that, so there is no up → down group.
+_PHI3_QKV, _PHI3_GATE_UP = ("self_attn.qkv_proj",), ("mlp.gate_up_proj",)
 PHI3 = FAMILIES.register(Family(
     name="phi3", model_types=("phi3",), blocks="model.layers", norm="rmsnorm",
     mlp_down="mlp.down_proj",
     attention=Attention(path="self_attn", qkv_proj="self_attn.qkv_proj",
                         o_proj="self_attn.o_proj"),
-    scale_groups=(ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), "rmsnorm"),
-                  ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "rmsnorm")),
-    unsupported=(("rotation", _FUSED_QKV.format("self_attn.qkv_proj")),)))
+    scale_groups=(ScaleGroup("input_layernorm", _PHI3_QKV, "rmsnorm"),
+                  ScaleGroup("post_attention_layernorm", _PHI3_GATE_UP, "rmsnorm")),
+    rotation=Rotation(readers=(("input_layernorm", _PHI3_QKV),
+                               ("post_attention_layernorm", _PHI3_GATE_UP)),
+                      writers=("self_attn.o_proj", "mlp.down_proj"), final_norm="model.norm")))
 
 # OPT: LayerNorm with bias, fc2(relu(fc1(x))); post-LN variants (do_layer_norm_before False)
 # normalise after the residual add, so the norm's output is not the linears' input there.

@@ -105,7 +105,9 @@ class Rotation:
     """What QuaRot needs beyond the attention projections and the MLP down projection: which
     norm feeds which linears (``readers``: the norm's scale is fused into them, and they read
     the rotated residual stream), which linears write the residual stream (``writers``), and
-    the final norm before the output head (a model path).  Only RMSNorm-like norms qualify:
+    the final norm before the output head (a model path); with a fused q/k/v attention, its
+    projection must hold q, k and v concatenated in that order (R2 rotates v's rows, the last
+    ones).  Only RMSNorm-like norms qualify:
     RMSNorm(x·Q) = RMSNorm(x)·Q for orthogonal Q, LayerNorm's mean subtraction is not."""
 
     readers: tuple[tuple[str, tuple[str, ...]], ...]
@@ -170,10 +172,9 @@ class Family:
                 raise ValueError(f"family {self.name!r}: scale group '{group}' has prev_kind "
                                  f"{group.prev_kind!r}, the family's norms are {self.norm!r}")
         if self.rotation is not None:
-            if self.norm == "layernorm" or self.attention is None or self.mlp_down is None \
-                    or self.attention.fused:
+            if self.norm == "layernorm" or self.attention is None or self.mlp_down is None:
                 raise ValueError(f"family {self.name!r}: rotation needs RMSNorm-like norms, "
-                                 "an attention record with separate q/k/v and mlp_down")
+                                 "an attention record and mlp_down")
 
     @property
     def plus_one_norm(self) -> bool:

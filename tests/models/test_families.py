@@ -89,9 +89,6 @@ def test_a_record_that_contradicts_itself_is_refused():
         Attention(path="attn", q_proj="attn.q", k_proj="attn.k", o_proj="attn.o")
     fused = Attention(path="attn", qkv_proj="attn.qkv", o_proj="attn.o")
     assert fused.projections == ("attn.qkv", "attn.o") and fused.scores == ("attn.qkv",)
-    with pytest.raises(ValueError, match="separate q/k/v"):
-        _record(attention=fused, mlp_down="mlp.down",
-                rotation=Rotation(readers=(), writers=(), final_norm="norm"))
     with pytest.raises(ValueError, match="has no rotation and no reason why"):
         _record(unsupported=_NONE[:2])
     with pytest.raises(ValueError, match="has scale_groups and a reason"):
