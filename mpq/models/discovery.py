@@ -116,8 +116,10 @@ def architecture_report(model: nn.Module, layout: ModelLayout,
     if family is not None and family.fused:
         parts.append(Part("fused groups", RECORD,
                           "; ".join(" + ".join(group) for group in family.fused)))
+    elif family is not None:
+        parts.append(Part("fused groups", RECORD, "none: no separate linears that serving "
+                                                  "engines run as one GEMM"))
     else:
-        parts.append(Part("fused groups", UNAVAILABLE,
-                          NO_RECORD if family is None else "none recorded"))
+        parts.append(Part("fused groups", UNAVAILABLE, NO_RECORD))
     return ArchitectureReport(model_type=model_type, family=family.name if family else None,
                               parts=tuple(parts))
