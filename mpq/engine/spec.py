@@ -213,7 +213,8 @@ def check_scale_groups(model: nn.Module, layout: ModelLayout, plan: Plan,
     groups = scale_groups(model, blocks_of(model, layout)[0])
     family = family_of(model)
     for index, spec in enumerate(plan.transforms):
-        if TRANSFORMS.get(spec.type).select_groups(groups, spec.options):
+        select = getattr(TRANSFORMS.get(spec.type), "select_groups", None)  # plugins may lack it
+        if select is None or select(groups, spec.options):
             continue
         exact = ", ".join(str(g) for g in groups) or "none that hold for this config"
         why = ("no norm feeds a linear in its blocks, and only linear → linear groups are "
