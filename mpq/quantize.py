@@ -34,6 +34,7 @@ from mpq.engine.spec import RunOptions, RunSpec, resolve_run
 from mpq.engine.streaming import BlockStreamer, streamed_state
 from mpq.errors import ModelError
 from mpq.memory import release_free_memory
+from mpq.models.discovery import architecture_report
 from mpq.models.layout import untie_head
 from mpq.models.source import (check_tokenizer, check_unchanged, file_stamps, fingerprint,
                                load_model, load_tokenizer, side_files)
@@ -125,6 +126,9 @@ def quantize(model_path: str | Path, recipe, out_dir: str | Path,
     plan, layout, recipe = spec.plan, spec.layout, spec.recipe
     for warning in spec.warnings:
         events("warning", message=f"{spec.writer.name} pre-flight: {warning}")
+    architecture = architecture_report(spec.skeleton, layout, plan)
+    if architecture.family is None:  # quantized on generic discovery: say so
+        events("warning", message=architecture.headline() + " (mpq plan lists every part)")
     side, outside = side_files(spec.source_dir)
     for name in outside:
         events("warning", message=f"{name} is a link leading outside the model folder: not "

@@ -60,6 +60,19 @@ def _record_configs() -> dict[str, transformers.PretrainedConfig]:
                                             bos_token_id=0, eos_token_id=1),
         "bloom": transformers.BloomConfig(hidden_size=64, n_head=4, vocab_size=256, n_layer=2,
                                           bos_token_id=0, eos_token_id=1),
+        # the text model (Gemma3ForCausalLM); one global layer and one sliding-window layer
+        # whose window is shorter than the test sequences
+        "gemma3": transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=128,
+                                                num_attention_heads=4, num_key_value_heads=2,
+                                                head_dim=16, sliding_window=8,
+                                                layer_types=["full_attention",
+                                                             "sliding_attention"],
+                                                bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                                                **COMMON),
+        "olmo2": transformers.Olmo2Config(hidden_size=64, intermediate_size=128,
+                                          num_attention_heads=4, num_key_value_heads=2,
+                                          bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                                          **COMMON),
     }
 
 

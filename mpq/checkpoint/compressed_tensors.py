@@ -106,6 +106,9 @@ def layer_format(scheme: LayerScheme) -> str:
 
 
 def why_unsupported(layer: LayerPlan) -> str | None:
+    if layer.class_name == "Conv1D":  # compressed-tensors' targets match nn.Linear subclasses
+        return ("a Conv1D (GPT-2's transposed linear), which compressed-tensors does not "
+                "quantize: transformers would read its packed weight as float")
     scheme = layer.scheme
     args = scheme.weights
     options = dict(scheme.options)

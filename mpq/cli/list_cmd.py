@@ -27,9 +27,18 @@ def registered() -> dict[str, dict[str, str]]:
         "formats": {name: first_line(w) for name, w in WRITERS.items()},
         "calibration loaders": {name: first_line(l) for name, l in SOURCES.items()},
         "presets": list_presets(),
-        "architectures": {model_type: family.blocks for model_type, family
+        "architectures": {model_type: family_summary(family) for model_type, family
                           in sorted(FAMILIES.model_types().items())},
     }
+
+
+def family_summary(family) -> str:
+    """One line: the family, its block list, and which of its parts exist (the reasons for the
+    missing ones: docs/family-matrix.md, or the refusal itself)."""
+    parts = {"KV cache": family.attention, "scale groups": family.scale_groups,
+             "QuaRot": family.rotation}
+    has = ", ".join(f"{name} {'yes' if part else 'no'}" for name, part in parts.items())
+    return f"family {family.name}: blocks {family.blocks}; {has}"
 
 
 @click.command("list")

@@ -77,7 +77,9 @@ def command(model, recipe, strict, max_unquantized, as_json):
 
     With RECIPE, every parameter tensor of MODEL is accounted for: quantized, or kept in the
     source dtype with its reason (embeddings, norms, head, MoE router and fused experts, layers
-    no rule matched); the kept ones are listed by category with their share of the bytes."""
+    no rule matched); the kept ones are listed by category with their share of the bytes.  The
+    architecture lines say where each part the pipelines use comes from: the model family's
+    record, generic discovery (a model type without a record), or nowhere, and why."""
     from mpq.checkpoint.native import is_artifact, open_artifact
     from mpq.cli.coverage_view import kept_table, share_line
     from mpq.config.run_log import describe_rotation, describe_transforms, plan_record
@@ -86,7 +88,9 @@ def command(model, recipe, strict, max_unquantized, as_json):
     from mpq.models.coverage import account
     from mpq.models.source import check_model_dir
 
-    description, log, coverage = None, None, None
+    from mpq.models.discovery import architecture_report
+
+    description, log, coverage, architecture = None, None, None, None
     stored = recipe is None and is_artifact(model)
     if stored:
         if strict or max_unquantized is not None:
@@ -100,8 +104,9 @@ def command(model, recipe, strict, max_unquantized, as_json):
     else:
         recipe = as_recipe(recipe)
         skeleton, _ = build_streamed(check_model_dir(model))  # in the dtype a run loads
-        _, plan = plan_model(skeleton, recipe)
+        layout, plan = plan_model(skeleton, recipe)
         coverage = account(skeleton, plan)
+        architecture = architecture_report(skeleton, layout, plan)
         limits = RunOptions(strict=strict, max_unquantized=max_unquantized)
         coverage.check(*limits.unquantized_limit())
     if as_json:
@@ -111,6 +116,8 @@ def command(model, recipe, strict, max_unquantized, as_json):
             data["description"] = description
         if coverage is not None:
             data["coverage"] = coverage.to_dict()
+        if architecture is not None:
+            data["architecture"] = architecture.to_dict()
         emit_json(data)
         return
     console = stdout_console()
@@ -133,3 +140,6 @@ def command(model, recipe, strict, max_unquantized, as_json):
             console.print(line)
     if coverage is not None:
         console.print(share_line(coverage))
+    if architecture is not None:
+        for line in architecture.lines():
+            console.print(line, markup=False, highlight=False)

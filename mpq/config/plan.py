@@ -3,9 +3,10 @@
 Matching (first rule wins, per layer): a target is an exact module name, ``re:<regex>`` (Python
 ``re.match`` semantics against the full module name, as in compressed-tensors; matched with the
 regex module under a time limit) or a module class name such as
-``Linear`` / ``Conv1D``.  A *protected* layer (the output head) is only matched by a target equal to
-its exact name.  A rule whose targets match no layer is an error, as is a scheme that cannot
-represent a layer's weight shape.  Nothing here touches weights: layers are described by
+``Linear`` / ``Conv1D`` (which also matches its subclasses, e.g. Falcon's ``FalconLinear``).
+A *protected* layer (the output head) is only matched by a target equal to its exact name.
+A rule whose targets match no layer is an error, as is a scheme that cannot represent a
+layer's weight shape.  Nothing here touches weights: layers are described by
 :class:`LayerInfo`, which the caller builds from the model.
 """
 from __future__ import annotations
@@ -37,6 +38,9 @@ class LayerInfo:
     block: int | None = None
     protected: bool = False  # the output head, a MoE router: only an exact-name target matches
     expert: int | None = None  # a slice of fused MoE experts (mpq.models.experts): its index
+    # the module classes it derives from (e.g. Falcon's FalconLinear: Linear); a class target
+    # matches any of them, as compressed-tensors' targets do
+    bases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -194,8 +198,10 @@ def _matches(target: str, layer: LayerInfo) -> bool:
                               hint="simplify the pattern, e.g. avoid nested repeats like "
                                    "(a+)+ or (.*)*") from None
     # an expert slice is an [out, in] matrix applied like a linear: the class target Linear
-    # matches it, as does its experts module's class name
-    return target == layer.class_name or (layer.expert is not None and target == "Linear")
+    # matches it, as does its experts module's class name; a class target also matches the
+    # classes a layer derives from
+    return (target == layer.class_name or target in layer.bases
+            or (layer.expert is not None and target == "Linear"))
 
 
 def _rule_matches(rule: Rule, layer: LayerInfo) -> str | None:

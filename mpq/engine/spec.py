@@ -29,6 +29,7 @@ from mpq.errors import CalibrationError, ModelError, RecipeError, SchemeError, d
 from mpq.models.attention import attention_modules
 from mpq.models.coverage import STRICT_DEFAULT, CoverageAccount, account
 from mpq.models.experts import routers
+from mpq.models.families import family_of
 from mpq.models.layout import ModelLayout, blocks_of, describe_layers, layout_of
 from mpq.models.source import check_float_source, check_model_dir, max_positions
 from mpq.models.stored_tensors import check_stored_tensors
@@ -199,7 +200,7 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
         except SchemeError as exc:
             raise RecipeError(f"{where}: {exc.message}", hint=exc.hint) from None
     if plan.transforms:  # the architecture must be known to the scale folds (ModelError if not)
-        scale_groups(model, blocks_of(model, layout)[0])
+        check_scale_groups(model, layout, plan, recipe)
     if recipe.rotation is not None:
         check_rotation_supported(model)
         try:
@@ -207,8 +208,11 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
         except SchemeError as exc:
             raise RecipeError(f"{recipe.source}: rotation: {exc.message}", hint=exc.hint) from None
     if plan.kv_cache and not attention_modules(model, blocks_of(model, layout)[0]):
-        raise ModelError(f"{recipe.source}: kv_cache: no attention module with k_proj/v_proj "
-                         f"and a KV cache argument found in {type(model).__name__}'s blocks",
+        family = family_of(model)
+        why = (f"not supported for family '{family.name}': {family.why_not('attention')}"
+               if family is not None else "no attention module with k_proj/v_proj and a KV "
+               f"cache argument found in {type(model).__name__}'s blocks")
+        raise ModelError(f"{recipe.source}: kv_cache: {why}",
                          hint="remove kv_cache: this architecture's cache is not supported yet")
     return layout, plan
 
@@ -226,6 +230,26 @@ def check_moe_schemes(model: nn.Module, plan: Plan, recipe: Recipe) -> None:
                               f"activation quantization of {what} is not supported",
                               hint="put a rule for them without input_activations first, e.g. "
                                    "targets: ['re:.*mlp\\.experts\\..*'] with weights only")
+
+
+def check_scale_groups(model: nn.Module, layout: ModelLayout, plan: Plan,
+                       recipe: Recipe) -> None:
+    """ModelError unless each transform has an exact scale group to fold in the model's blocks
+    (mpq.transforms.scale_fold.scale_groups; the first block stands for all)."""
+    groups = scale_groups(model, blocks_of(model, layout)[0])
+    family = family_of(model)
+    for index, spec in enumerate(plan.transforms):
+        select = getattr(TRANSFORMS.get(spec.type), "select_groups", None)  # plugins may lack it
+        if select is None or select(groups, spec.options):
+            continue
+        exact = ", ".join(str(g) for g in groups) or "none that hold for this config"
+        why = ("no norm feeds a linear in its blocks, and only linear → linear groups are "
+               "exact" if groups else "no scale group of its record holds for this config")
+        raise ModelError(f"{recipe.source}: transforms[{index}]: {spec.type} has nothing to fold "
+                         f"in model type '{model.config.model_type}' (family '{family.name}'): "
+                         f"{why}; exact groups: {exact}",
+                         hint="remove the transform, or for smoothquant set pairs: true to "
+                              "smooth the linear → linear groups")
 
 
 def check_sequence_length(model: nn.Module, calibration: CalibrationOptions) -> None:

@@ -59,10 +59,11 @@ def discover_attention(block: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _cache_kwarg(module: nn.Module) -> str | None:
     """The name of the attention forward's cache argument: ``cache`` (transformers ≥ 5.24),
-    ``past_key_values`` or ``past_key_value`` (older)."""
+    ``past_key_values`` or ``past_key_value`` (older), ``layer_past`` (GPT-NeoX, Falcon,
+    BLOOM)."""
     params = inspect.signature(module.forward).parameters
-    return next((n for n in ("cache", "past_key_values", "past_key_value") if n in params),
-                None)
+    return next((n for n in ("cache", "past_key_values", "past_key_value", "layer_past")
+                 if n in params), None)
 
 
 class CacheTap:

@@ -19,6 +19,8 @@ from mpq.registry import RegistryError
 
 NORM_KINDS = ("rmsnorm", "rmsnorm_plus_one", "layernorm")
 PREV_KINDS = NORM_KINDS + ("linear",)
+# the optional parts a record either has or refuses with a reason (Family.unsupported)
+PARTS = ("attention", "scale_groups", "rotation")
 
 
 @dataclass(frozen=True)
@@ -60,19 +62,42 @@ class ScaleGroup:
 @dataclass(frozen=True)
 class Attention:
     """The attention module of a block (``path``, whose forward takes the KV cache) and its
-    projections, as block paths.  The KV cache holds what ``k_proj``/``v_proj`` produce (keys
-    after the rotary embedding)."""
+    projections, as block paths: ``q_proj``/``k_proj``/``v_proj`` as separate linears, or
+    ``qkv_proj`` when q, k and v are one fused linear (GPT-2's c_attn, GPT-NeoX's
+    query_key_value, Phi-3's qkv_proj), and ``o_proj``.  The KV cache holds the keys (after the
+    rotary embedding) and values the attention hands its cache's ``update``."""
 
     path: str
-    q_proj: str
-    k_proj: str
-    v_proj: str
-    o_proj: str
+    q_proj: str | None = None
+    k_proj: str | None = None
+    v_proj: str | None = None
+    o_proj: str | None = None
+    qkv_proj: str | None = None
 
     def __post_init__(self):
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+        separate = (self.q_proj, self.k_proj, self.v_proj)
+        if self.o_proj is None or (self.qkv_proj is None) == (None in separate) or (
+                self.qkv_proj is not None and any(separate)):
+            raise ValueError(f"attention {self.path!r}: give o_proj and either q_proj, k_proj "
+                             "and v_proj or one fused qkv_proj")
+        for proj in self.projections:
             if not proj.startswith(self.path + "."):
                 raise ValueError(f"projection {proj!r} is not inside attention {self.path!r}")
+
+    @property
+    def fused(self) -> bool:
+        return self.qkv_proj is not None
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """Every projection path, inputs first."""
+        inputs = (self.qkv_proj,) if self.fused else (self.q_proj, self.k_proj, self.v_proj)
+        return (*inputs, self.o_proj)
+
+    @property
+    def scores(self) -> tuple[str, ...]:
+        """The linears producing queries or keys (their error acts through the scores)."""
+        return (self.qkv_proj,) if self.fused else (self.q_proj, self.k_proj)
 
 
 @dataclass(frozen=True)
@@ -80,7 +105,9 @@ class Rotation:
     """What QuaRot needs beyond the attention projections and the MLP down projection: which
     norm feeds which linears (``readers``: the norm's scale is fused into them, and they read
     the rotated residual stream), which linears write the residual stream (``writers``), and
-    the final norm before the output head (a model path).  Only RMSNorm-like norms qualify:
+    the final norm before the output head (a model path); with a fused q/k/v attention, its
+    projection must hold q, k and v concatenated in that order (R2 rotates v's rows, the last
+    ones).  Only RMSNorm-like norms qualify:
     RMSNorm(x·Q) = RMSNorm(x)·Q for orthogonal Q, LayerNorm's mean subtraction is not."""
 
     readers: tuple[tuple[str, tuple[str, ...]], ...]
@@ -106,6 +133,9 @@ class Family:
     - ``fused``: groups of linears that serving engines (vLLM, TensorRT-LLM) run as one GEMM,
       so they must share one quantization scheme (q/k/v, gate/up).  Recorded for the serving
       pre-flight; no code reads it yet.
+    - ``unsupported``: part name (one of :data:`PARTS`) → why the family does not have it,
+      phrased to follow "not supported: ".  Every part in :data:`PARTS` is either given or
+      refused here with its reason (never both), so each refusal names why.
     """
 
     name: str
@@ -117,8 +147,21 @@ class Family:
     scale_groups: tuple[ScaleGroup, ...] = ()
     rotation: Rotation | None = None
     fused: tuple[tuple[str, ...], ...] = ()
+    unsupported: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
+        reasons = dict(self.unsupported)
+        for part in PARTS:
+            if bool(getattr(self, part)) and part in reasons:
+                raise ValueError(f"family {self.name!r} has {part} and a reason it is "
+                                 "unsupported: give one")
+            if not getattr(self, part) and part not in reasons:
+                raise ValueError(f"family {self.name!r} has no {part} and no reason why: add "
+                                 f"('{part}', why) to unsupported")
+        unknown = set(reasons) - set(PARTS)
+        if unknown or len(reasons) != len(self.unsupported):
+            raise ValueError(f"family {self.name!r}: unsupported names {sorted(unknown)} or a "
+                             f"part twice; parts are {PARTS}")
         if not self.model_types:
             raise ValueError(f"family {self.name!r} covers no model type")
         if self.norm not in NORM_KINDS:
@@ -136,6 +179,10 @@ class Family:
     @property
     def plus_one_norm(self) -> bool:
         return self.norm == "rmsnorm_plus_one"
+
+    def why_not(self, part: str) -> str | None:
+        """The reason ``part`` (one of :data:`PARTS`) is not supported; None when it is."""
+        return dict(self.unsupported).get(part)
 
 
 class FamilyRegistry:

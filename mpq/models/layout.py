@@ -124,10 +124,12 @@ def describe_layers(model: nn.Module, layout: ModelLayout) -> tuple[list[LayerIn
                                     block=block_index(name, layout), protected=True))
         elif is_linear(module):
             n_out, n_in = weight_of(module).shape
+            bases = tuple(cls.__name__ for cls in type(module).__mro__[1:]
+                          if issubclass(cls, nn.Module) and cls is not nn.Module)
             layers.append(LayerInfo(name=name, class_name=type(module).__name__,
                                     shape=(int(n_out), int(n_in)),
                                     block=block_index(name, layout),
-                                    protected=name == layout.head_name))
+                                    protected=name == layout.head_name, bases=bases))
         elif name and not list(module.children()):
             others[name] = type(module).__name__
     return layers, others

@@ -24,7 +24,9 @@ weights carry them); the online R4 must be rebuilt at load time, so it must be a
 All arithmetic is float64, then cast back to the model's dtype.
 Supported: families whose record (mpq.models.families) has a ``rotation`` part, which names the
 norms and the linears they feed, the residual writers and the final norm; R2 uses the record's
-attention v/o projections and R4 its ``mlp_down``.
+attention v/o projections (with q/k/v fused, as Phi-3 stores them: the last kv_heads·head_dim
+rows of the fused projection, q, k and v being concatenated in that order) and R4 its
+``mlp_down``.
 """
 from __future__ import annotations
 
@@ -59,7 +61,9 @@ def check_supported(model: nn.Module) -> Family:
     if family is None or family.rotation is None:
         model_type = getattr(model.config, "model_type", None)
         supported = [t for t, f in FAMILIES.model_types().items() if f.rotation is not None]
-        raise ModelError(f"QuaRot rotation does not support model type '{model_type}'",
+        why = (f" (family '{family.name}'): {family.why_not('rotation')}" if family is not None
+               else ": no family record names its norms and residual-stream readers/writers")
+        raise ModelError(f"QuaRot rotation does not support model type '{model_type}'{why}",
                          hint=f"supported: {', '.join(supported)}; remove rotation:")
     return family
 
@@ -129,8 +133,9 @@ def apply_quarot(model: nn.Module, layout: ModelLayout, args: QuaRotArgs) -> dic
             if linear.bias is not None:
                 _set(linear.bias, linear.bias.detach().double() @ q1)
         if "r2" in specs:
-            _rotate_heads(_linear(block, attention.v_proj), _linear(block, attention.o_proj),
-                          specs["r2"])
+            v_proj = attention.qkv_proj if attention.fused else attention.v_proj
+            _rotate_heads(_linear(block, v_proj), _linear(block, attention.o_proj),
+                          specs["r2"], v_rows(model.config) if attention.fused else None)
         if "r4" in specs:
             down = _linear(block, family.mlp_down)
             _set(down.weight, down.weight.detach().double() @ specs["r4"].matrix(torch.float64))
@@ -143,14 +148,27 @@ def apply_quarot(model: nn.Module, layout: ModelLayout, args: QuaRotArgs) -> dic
             "online": {family.mlp_down: "r4"} if "r4" in specs else {}}
 
 
-def _rotate_heads(v: nn.Linear, o: nn.Linear, spec: RotationSpec) -> None:
+def v_rows(config) -> int:
+    """How many rows of a fused q/k/v projection are v's: the last kv_heads·head_dim."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return heads * head_dim_of(config)
+
+
+def _rotate_heads(v: nn.Linear, o: nn.Linear, spec: RotationSpec, last: int | None = None
+                  ) -> None:
+    """R2: each v head's rows (of ``v``, or its last ``last`` rows when q/k/v are fused) → Qᵀ·W,
+    each query head's o_proj columns → W·Q."""
     q = spec.matrix(torch.float64)
     hd = spec.n
-    w = v.weight.detach().double()  # [kv_heads·hd, hidden]
-    _set(v.weight, torch.einsum("ji,hjk->hik", q, w.reshape(-1, hd, w.shape[1]))
-         .reshape(w.shape))
+    weight = v.weight.detach().double()  # [(q + k +) kv_heads·hd, hidden]
+    rows = slice(weight.shape[0] - (last or weight.shape[0]), weight.shape[0])
+    w = weight[rows]
+    weight[rows] = torch.einsum("ji,hjk->hik", q, w.reshape(-1, hd, w.shape[1])).reshape(w.shape)
+    _set(v.weight, weight)
     if v.bias is not None:
-        _set(v.bias, (v.bias.detach().double().reshape(-1, hd) @ q).reshape(-1))
+        bias = v.bias.detach().double()
+        bias[rows] = (bias[rows].reshape(-1, hd) @ q).reshape(-1)
+        _set(v.bias, bias)
     w = o.weight.detach().double()  # [hidden, heads·hd]
     _set(o.weight, (w.reshape(w.shape[0], -1, hd) @ q).reshape(w.shape))
 

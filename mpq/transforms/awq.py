@@ -15,8 +15,8 @@ linear's input, the per-channel mean |x| and the second moments H = (2/T)·Σ x 
    attention); here the group's own outputs are scored, exactly and over every token.
 2. **Clip search** (``clip``), for each quantized linear whose number format allows it
    (``awq_clip``: int, nf4) with channel or group scales, except the attention's q/k
-   projections (the family record's ``q_proj``/``k_proj``; as in the reference: their error
-   acts through the attention scores):
+   projections (the family record's ``q_proj``/``k_proj``, or a fused ``qkv_proj``; as in the
+   reference: their error acts through the attention scores):
    each scale group's weight range is shrunk by the factor in 1, 0.95, …, 0.55 that minimises
    that group's share of the output error, d_g H_gg d_gᵀ (d = W − Q(clamped W)); the weights are
    clamped to the chosen range, so every quantizer that runs afterwards (RTN, GPTQ) sees them.
@@ -128,12 +128,13 @@ def _clippable(name: str, args: WeightArgs, no_clip: set[str]) -> bool:
 
 
 def _score_projections(ctx: BlockContext) -> set[str]:
-    """Full names of the block's attention q/k projections (never clipped)."""
+    """Full names of the block's attention q/k projections, or its fused q/k/v projection
+    (never clipped)."""
     family = family_of(ctx.model)
     attention = family.attention if family is not None else None
     if attention is None:
         return set()
-    return {ctx.prefix + attention.q_proj, ctx.prefix + attention.k_proj}
+    return {ctx.prefix + path for path in attention.scores}
 
 
 class AWQ:
@@ -152,6 +153,9 @@ class AWQ:
         for key in ("duo_scaling", "clip"):
             if not isinstance(options.get(key, DEFAULTS[key]), bool):
                 raise SchemeError(f"awq {key} must be true or false")
+
+    def select_groups(self, groups: list, options: Mapping[str, Any]) -> list:
+        return list(groups)
 
     def apply(self, ctx: BlockContext, options: Mapping[str, Any]) -> dict[str, Any]:
         opts = {**DEFAULTS, **options}

@@ -1,7 +1,9 @@
 """The transform contract and registry.
 
 A transform is looked up by the recipe's ``type`` and gets the recipe's other keys as options.
-``check(options)`` runs at plan time and raises SchemeError for unknown or bad options.
+``check(options)`` runs at plan time and raises SchemeError for unknown or bad options;
+``select_groups(groups, options)`` says which of a block's exact scale groups it would use, so
+a plan on a model that gives it none is refused instead of running as a no-op.
 ``apply(ctx, options)`` runs once per decoder block, before that block's layers are quantized,
 on the block's calibration inputs; it edits the block's weights in place and returns a JSON-able
 record of what it did, which goes into the run log (``log.transforms[i]``) and the artifact.
@@ -45,6 +47,11 @@ class BlockTransform(Protocol):
     needs_calibration: bool
 
     def check(self, options: Mapping[str, Any]) -> None: ...
+
+    def select_groups(self, groups: list, options: Mapping[str, Any]) -> list:
+        """The scale groups (mpq.models.family.ScaleGroup) of a block this transform folds
+        with ``options``; the plan is refused when a model gives it none."""
+        ...
 
     def apply(self, ctx: BlockContext, options: Mapping[str, Any]) -> dict[str, Any]: ...
 

@@ -21,17 +21,21 @@ Paths in a :class:`ScaleGroup` are relative to one decoder block (the family's `
 :func:`scale_groups` picks the groups that are exact for one block instance (it drops v→o under
 grouped-query attention, and groups whose ``requires`` fail, e.g. the norm groups of post-LN
 OPT); :func:`fold_scales` applies one.
-Parameters get new memory (``param.data = ...``); the old storage, which may be pages of a
-read-only memory-mapped checkpoint, is never written to.
+Linears may be GPT-2's ``Conv1D`` (weight stored [in, out]): channels are taken on the matching
+axis.  Parameters get new memory (``param.data = ...``); the old storage, which may be pages of
+a read-only memory-mapped checkpoint, is never written to.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from transformers.pytorch_utils import Conv1D
+
 from mpq.errors import ModelError, SchemeError
 from mpq.models.families import family_of
 from mpq.models.family import ScaleGroup
+from mpq.models.layout import weight_of
 
 _FIX_HINT = "fix the family's scale groups in mpq.models.families"
 
@@ -49,7 +53,7 @@ def _module(block: nn.Module, path: str, group: ScaleGroup) -> nn.Module:
 
 
 def _in_features(block: nn.Module, group: ScaleGroup) -> int:
-    sizes = {_module(block, path, group).weight.shape[1] for path in group.linears}
+    sizes = {weight_of(_module(block, path, group)).shape[1] for path in group.linears}
     if len(sizes) != 1:
         raise ModelError(f"scale group '{group}': the linears have different input sizes "
                          f"{sorted(sizes)}", hint=_FIX_HINT)
@@ -59,7 +63,7 @@ def _in_features(block: nn.Module, group: ScaleGroup) -> int:
 def _prev_size(prev: nn.Module, kind: str) -> int | None:
     """Number of output channels of ``prev`` that can carry a scale, or None if it can't."""
     if kind == "linear":
-        return prev.weight.shape[0]
+        return weight_of(prev).shape[0]
     weight = getattr(prev, "weight", None)
     if weight is None:  # e.g. nn.LayerNorm(elementwise_affine=False)
         return None
@@ -76,14 +80,20 @@ def scale_groups(model_or_config, block: nn.Module) -> list[ScaleGroup]:
     through a non-ReLU activation), a group whose ``prev`` output size differs from the linears'
     input size (v_proj → o_proj under grouped-query attention, where several query heads read
     the same v channel) and a norm group without an affine weight.
-    Raises ModelError for a model_type whose family records no scale groups (or no family).
+    Raises ModelError for a model_type whose family records no scale groups (naming the
+    record's reason) or that has no family record.
     """
     config = _config_of(model_or_config)
     model_type = getattr(config, "model_type", None)
     family = family_of(config)
-    if family is None or not family.scale_groups:
+    if family is None:
         raise ModelError(f"no scale-folding data for model_type '{model_type}'",
                          hint="add its scale groups to its family record in mpq.models.families")
+    if not family.scale_groups:
+        raise ModelError(f"scale folding (SmoothQuant, AWQ) is not supported for model type "
+                         f"'{model_type}' (family '{family.name}'): "
+                         f"{family.why_not('scale_groups')}",
+                         hint="remove the smoothquant/awq transform from the recipe")
     kept = []
     for group in family.scale_groups:
         if not all(condition.holds(config) for condition in group.requires):
@@ -128,22 +138,24 @@ def fold_scales(block: nn.Module, group: ScaleGroup, scales: torch.Tensor) -> No
         w = prev.weight.float()
         if group.prev_kind == "rmsnorm_plus_one":
             _replace(prev.weight, (1.0 + w) / s - 1.0)
-        elif group.prev_kind == "linear":
-            _replace(prev.weight, w / s[:, None])
+        elif group.prev_kind == "linear":  # output channels: rows ([in, out] Conv1D: columns)
+            _replace(prev.weight, w / (s[None, :] if isinstance(prev, Conv1D) else s[:, None]))
         else:  # rmsnorm, layernorm
             _replace(prev.weight, w / s)
         bias = getattr(prev, "bias", None)
         if bias is not None and group.prev_kind in ("layernorm", "linear"):
             _replace(bias, bias.float() / s)
         for path in group.linears:
-            weight = block.get_submodule(path).weight
-            _replace(weight, weight.float() * s.to(weight.device))
+            linear = block.get_submodule(path)
+            weight, cols = linear.weight, s.to(linear.weight.device)
+            _replace(weight, weight.float() * (cols[:, None] if isinstance(linear, Conv1D)
+                                               else cols))
 
 
 def group_weight_absmax(block: nn.Module, group: ScaleGroup) -> torch.Tensor:
     """Per-input-channel max |W[:, j]| over all linears of ``group``, as float32 [K]."""
     _in_features(block, group)  # checks the linears agree on K
-    maxima = [block.get_submodule(path).weight.detach().abs().amax(dim=0).float()
+    maxima = [weight_of(block.get_submodule(path)).detach().abs().amax(dim=0).float()
               for path in group.linears]
     result = maxima[0]
     for m in maxima[1:]:

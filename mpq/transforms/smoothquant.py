@@ -60,11 +60,14 @@ class SmoothQuant:
             if not isinstance(options.get(key, False), bool):
                 raise SchemeError(f"smoothquant {key} must be true or false")
 
+    def select_groups(self, groups: list, options: Mapping[str, Any]) -> list:
+        """Norm → linears groups; linear → linear pairs too with ``pairs``."""
+        return [g for g in groups if g.prev_kind != "linear" or options.get("pairs", False)]
+
     def apply(self, ctx: BlockContext, options: Mapping[str, Any]) -> dict[str, Any]:
         alpha = float(options.get("alpha", DEFAULTS["alpha"]))
-        groups = [g for g in scale_groups(ctx.model, ctx.block)
-                  if (g.prev_kind != "linear" or options.get("pairs", False))
-                  and any(_quantizes_inputs(ctx, ctx.prefix + name) for name in g.linears)]
+        groups = [g for g in self.select_groups(scale_groups(ctx.model, ctx.block), options)
+                  if any(_quantizes_inputs(ctx, ctx.prefix + name) for name in g.linears)]
         record: dict[str, Any] = {"block": ctx.index, "groups": []}
         if not groups:
             return record

@@ -492,6 +492,12 @@ def _compressed_tensors_model(env: Env) -> Path:
 R_UNKNOWN_KEY = "rules:\n  - targets: Linear\n    weights: {bitz: 4}\n"
 R_WRONG_TYPE = "rules:\n  - targets: Linear\n    weights: {bits: four}\n"
 
+def _olmo2(env: Env) -> Path:
+    """A tiny OLMo 2 (post-norms only) in the case's folder."""
+    save_tiny_model("olmo2", env.tmp / "olmo2")
+    return env.tmp / "olmo2"
+
+
 def _moe_model(env: Env) -> Path:
     """A tiny Qwen3-MoE (fused 3-D expert tensors) in the case's folder."""
     save_tiny_model("qwen3_moe", env.tmp / "moe")
@@ -894,6 +900,18 @@ CASES: list[Case] = [
              "experts: {min_tokens: 8}\nrules:\n  - targets: [Linear]\n"
              "    weights: {bits: 4, group_size: 32}\n")], RecipeError,
          ("has no fused mixture-of-experts experts", "remove the experts: section")),
+    # what a model family cannot do (mpq.models.families)
+    Case("family-smoothquant-post-norm", "w8a8-int8 (SmoothQuant) on OLMo 2, whose norms all "
+         "follow their sublayers: no norm feeds a linear, so there is nothing to smooth",
+         lambda e: e.quantize(_olmo2(e), "--calib", _calib(e, "c.txt", "a b c " * 200),
+                              recipe="w8a8-int8"), ModelError,
+         ("smoothquant has nothing to fold", "'olmo2'", "no norm feeds a linear",
+          "pairs: true")),
+    Case("family-ct-conv1d", "--format compressed-tensors for GPT-2, whose Conv1D layers "
+         "compressed-tensors does not quantize (transformers would read them as float)",
+         lambda e: e.quantize(_gpt2(e), "--format", "compressed-tensors"), FormatError,
+         ("cannot express 8 layer(s)", "transformer.h.0.attn.c_attn: a Conv1D",
+          "compressed-tensors does not quantize")),
 ]
 
 

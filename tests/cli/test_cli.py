@@ -43,6 +43,10 @@ def test_list_json_names_every_kind(runner):
     assert "mpq" in entries["formats"]
     assert {"text", "jsonl", "parquet", "disk", "hub"} <= set(entries["calibration loaders"])
     assert {"w8a16", "w4a16", "w4a16-asym", "w3a16", "fp8-weights", "nf4"} <= set(entries["presets"])
+    architectures = entries["architectures"]
+    assert architectures["gemma3_text"] == ("family gemma3: blocks model.layers; KV cache yes, "
+                                            "scale groups yes, QuaRot no")
+    assert architectures["mistral"].startswith("family llama:")
 
 
 def test_plan_json_and_table(runner, artifact):

@@ -32,9 +32,14 @@ for _arch in ARCHITECTURES + RECORD_ARCHITECTURES + MOE_ARCHITECTURES:
 MODEL_TYPES = tuple(FAMILIES.model_types())
 
 
+_NONE = (("attention", "a"), ("scale_groups", "s"), ("rotation", "r"))
+
+
 def _record(name="fam", **fields) -> Family:
+    """A record; the optional parts it does not give are refused with a placeholder reason."""
+    unsupported = tuple((part, why) for part, why in _NONE if not fields.get(part))
     return Family(**{"name": name, "model_types": (name,), "blocks": "layers",
-                     "norm": "rmsnorm", **fields})
+                     "norm": "rmsnorm", "unsupported": unsupported, **fields})
 
 
 def _first_block(model):
@@ -78,6 +83,32 @@ def test_a_record_that_contradicts_itself_is_refused():
         _record(rotation=Rotation(readers=(), writers=(), final_norm="norm"))
     with pytest.raises(ValueError, match="not inside attention"):
         Attention(path="attn", q_proj="attn.q", k_proj="attn.k", v_proj="v", o_proj="attn.o")
+    with pytest.raises(ValueError, match="either q_proj, k_proj and v_proj or one fused"):
+        Attention(path="attn", q_proj="attn.q", qkv_proj="attn.qkv", o_proj="attn.o")
+    with pytest.raises(ValueError, match="either q_proj, k_proj and v_proj or one fused"):
+        Attention(path="attn", q_proj="attn.q", k_proj="attn.k", o_proj="attn.o")
+    fused = Attention(path="attn", qkv_proj="attn.qkv", o_proj="attn.o")
+    assert fused.projections == ("attn.qkv", "attn.o") and fused.scores == ("attn.qkv",)
+    with pytest.raises(ValueError, match="has no rotation and no reason why"):
+        _record(unsupported=_NONE[:2])
+    with pytest.raises(ValueError, match="has scale_groups and a reason"):
+        _record(scale_groups=(ScaleGroup("ln", ("fc",), "rmsnorm"),), unsupported=_NONE)
+    with pytest.raises(ValueError, match="unsupported names \\['kv'\\]"):
+        _record(unsupported=_NONE + (("kv", "?"),))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES), ids=lambda f: f.name)
+def test_every_family_has_each_part_or_says_why_not(family):
+    """The issue's list of families is covered, and every part a record lacks has a reason."""
+    for part in ("attention", "scale_groups", "rotation"):
+        assert bool(getattr(family, part)) != bool(family.why_not(part)), part
+        assert family.why_not(part) is None or len(family.why_not(part)) > 20
+
+
+def test_the_families_users_quantize_have_records():
+    wanted = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma", "gemma2",
+              "gemma3_text", "phi3", "olmo2", "granite", "gpt2", "opt", "falcon", "gpt_neox"}
+    assert wanted <= set(MODEL_TYPES)
 
 
 def test_requires_reads_the_config_with_a_default():
@@ -117,8 +148,7 @@ def test_every_path_of_the_record_exists(model_type):
     if family.mlp_down is not None:
         _linear(block, family.mlp_down)
     if family.attention is not None:
-        attention = family.attention
-        for path in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj):
+        for path in family.attention.projections:
             _linear(block, path)
     if family.rotation is not None:
         for norm, readers in family.rotation.readers:
@@ -135,14 +165,20 @@ def test_every_path_of_the_record_exists(model_type):
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_attention_record_agrees_with_generic_discovery(model_type):
-    """The record names the module the old guess (k_proj + v_proj + a cache argument) found,
-    and a record without attention is a block where the guess finds none."""
+    """The record names the module the old guess (k_proj + v_proj + a cache argument) found;
+    with q/k/v fused into one linear the guess finds nothing and the record names the module
+    holding the fused projection."""
     model = tiny_model(TINY_FOR_TYPE[model_type])
     block = _first_block(model)
     guessed = discover_attention(block)
     recorded = attention_modules(model, block)
-    assert [(n, id(m)) for n, m in recorded] == [(n, id(m)) for n, m in guessed]
-    assert bool(recorded) == (family_of(model).attention is not None)
+    attention = family_of(model).attention
+    assert bool(recorded) == (attention is not None)
+    if attention is not None and attention.fused:
+        assert guessed == [] and recorded == [(attention.path, block.get_submodule(attention.path))]
+        assert block.get_submodule(attention.qkv_proj) in list(recorded[0][1].modules())
+    else:
+        assert [(n, id(m)) for n, m in recorded] == [(n, id(m)) for n, m in guessed]
 
 
 def test_a_record_whose_attention_does_not_fit_the_block_is_an_error():

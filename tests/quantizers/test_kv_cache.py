@@ -17,8 +17,8 @@ from mpq.calibration import CalibrationOptions
 from mpq.engine.spec import RunOptions
 from mpq.quantize import quantize
 from mpq.config.recipe import parse_recipe
-from tests.tiny_models import (ARCHITECTURES, RECORD_ARCHITECTURES, save_tiny_model, tiny_config,
-                               tiny_model)
+from tests.tiny_models import (ARCHITECTURES, RECORD_ARCHITECTURES, model_from_config,
+                               save_tiny_model, tiny_config, tiny_model)
 
 # every tiny model whose family records where its attention keeps the KV cache
 KV_ARCHS = tuple(a for a in ARCHITECTURES + RECORD_ARCHITECTURES
@@ -115,9 +115,13 @@ def test_bad_kv_inputs_are_refused(tmp_path, calib_text):
     save_tiny_model("llama", tmp_path / "src")
     with pytest.raises(CalibrationError, match="kv_cache"):
         quantize(tmp_path / "src", recipe(), tmp_path / "x")
-    save_tiny_model("gpt2", tmp_path / "gpt2")
-    with pytest.raises(ModelError, match="kv_cache"):
-        quantize(tmp_path / "gpt2", recipe(), tmp_path / "y", RunOptions(calibration=calibration(calib_text)))
+    # CodeGen has no family record and fuses q/k/v (qkv_proj): discovery finds no attention
+    codegen = transformers.CodeGenConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+                                         vocab_size=256, n_positions=128, bos_token_id=0,
+                                         eos_token_id=1)
+    model_from_config(codegen).save_pretrained(tmp_path / "codegen")
+    with pytest.raises(ModelError, match="kv_cache: no attention module with k_proj/v_proj"):
+        quantize(tmp_path / "codegen", recipe(), tmp_path / "y", RunOptions(calibration=calibration(calib_text)))
     with pytest.raises(FormatError, match="KV-cache"):
         quantize(tmp_path / "src", recipe(), tmp_path / "z", RunOptions(calibration=calibration(calib_text), output_format="gptq"))
 

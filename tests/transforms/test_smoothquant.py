@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 import mpq
 from mpq.errors import ArtifactError, CalibrationError, ModelError, RecipeError
@@ -16,7 +17,7 @@ from mpq.config.recipe import parse_recipe
 from mpq.numerics.args import ActivationArgs
 from mpq.transforms.smoothquant import smoothing_scales
 from tests.helpers import logits_error, outlier_model, samples_of
-from tests.tiny_models import tiny_model
+from tests.tiny_models import model_from_config, tiny_model
 
 W8 = "{format: int, bits: 8, granularity: channel}"
 
@@ -117,9 +118,13 @@ def test_smoothquant_needs_calibration_and_a_known_architecture(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "llama")
     with pytest.raises(CalibrationError, match="needs calibration data"):
         quantize(tmp_path / "llama", recipe(smooth="{type: smoothquant}"), tmp_path / "out")
-    tiny_model("gpt2").save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ModelError, match="gpt2"):
-        quantize(tmp_path / "gpt2", recipe(smooth="{type: smoothquant}"), tmp_path / "out2")
+    config = transformers.Starcoder2Config(hidden_size=64, intermediate_size=128,
+                                           num_attention_heads=4, num_key_value_heads=2,
+                                           vocab_size=256, num_hidden_layers=2)
+    model_from_config(config).save_pretrained(tmp_path / "starcoder2")  # no family record
+    with pytest.raises(ModelError, match="starcoder2"):
+        quantize(tmp_path / "starcoder2", recipe(smooth="{type: smoothquant}"),
+                 tmp_path / "out2")
 
 
 def test_alpha_search_picks_per_group_and_beats_a_bad_fixed_alpha(tmp_path, calib_text):
