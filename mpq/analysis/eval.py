@@ -95,7 +95,9 @@ def perplexity(model, ids: torch.Tensor, *, window: int = 512, num_windows: int 
     stride = body if stride is None else stride
     if not isinstance(stride, int) or not 1 <= stride <= body:
         what = f"window - 1 = {body} (the window holds a BOS)" if prefix else f"window={window}"
-        raise CalibrationError(f"stride must be an integer in 1..{what}, got {stride!r}")
+        raise CalibrationError(f"stride must be an integer in 1..{what}, got {stride!r}",
+                               hint=f"use a stride of {body} or less" + (
+                                   ", or windows without BOS" if prefix else ""))
     starts = _window_starts(len(ids), window, stride, num_windows, body)
     nll_sum, count = 0.0, 0
     with _evaluating(model):
