@@ -112,10 +112,11 @@ def check_same_vocabulary(model, model_path: str, reference, reference_path: str
 @click.option("--num-windows", default=None, type=click.IntRange(min=1),
               help="Score only the first N windows (default: all).")
 @click.option("--stride", default=None, type=click.IntRange(min=1),
-              help="Sliding-window stride (default: the window, non-overlapping).")
+              help="Sliding-window stride (default: the window's text tokens, "
+                   "non-overlapping: the window, or the window - 1 after a BOS).")
 @click.option("--bos/--no-bos", "bos", default=None,
               help="Begin each window with the tokenizer's BOS token, or not (default: as the "
-                   "model's tokenizer does, see mpq.calibration.conventions).")
+                   "model's tokenizer does when it encodes a text).")
 @click.option("--max-ppl-delta", default=None,
               help="Gate: fail (exit 10) if ppl exceeds the reference's by more than this "
                    "(absolute, or relative with %, e.g. 2%).")
@@ -129,8 +130,8 @@ def command(model, data, reference, window, num_windows, stride, bos, max_ppl_de
             dequantize, no_verify, as_json):
     """Perplexity of MODEL (an mpq artifact or a model folder) on DATA.
 
-    Each window begins with the BOS token where MODEL's tokenizer adds one (``--bos/--no-bos``
-    override it); the protocol used (window, stride, BOS) is printed with the figures.
+    Each window begins with the BOS token where MODEL's tokenizer adds one (--bos/--no-bos
+    override that); the protocol used (window, stride, BOS) is printed with the figures.
     """
     from mpq.analysis.eval import compare, load_eval_ids, perplexity
     from mpq.calibration.conventions import eval_bos
