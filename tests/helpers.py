@@ -26,6 +26,25 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<0>", eos_token="<1>")
 
 
+BOS_ID = 2  # the BOS of bos_tokenizer
+
+
+def bos_tokenizer(appends_eos: bool = False):
+    """byte_tokenizer's vocabulary (256), but it adds a BOS (id 2, ``<2>``) in front of every
+    text through a template post-processor, as Llama's, Gemma's and Mistral's tokenizers do
+    (``appends_eos``: it also ends every text with its EOS, id 1)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = byte_tokenizer().backend_tokenizer
+    single = "<2> $A" + (" <1>" if appends_eos else "")
+    special = [("<2>", BOS_ID)] + ([("<1>", 1)] if appends_eos else [])
+    tok.post_processor = processors.TemplateProcessing(single=single, pair=single + " $B",
+                                                       special_tokens=special)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<0>", eos_token="<1>",
+                                   bos_token="<2>")
+
+
 def register_recording_quantizer(monkeypatch) -> dict:
     """Register 'recording': int RTN that keeps each call's input_absmax (call index → tensor)."""
     from mpq.numerics.base import NUMBER_FORMATS

@@ -1,14 +1,22 @@
 """Evaluation of causal LMs on a token stream: perplexity and divergence from a reference model.
 
-Windows: window k covers ids[k*stride : k*stride + window]; only full windows are used (the tail
-shorter than ``window`` is dropped) and ``num_windows`` keeps the first ones.  Within a window the
-token at position p is scored from the tokens before it in the same window, so the first token of a
-window is never scored.
+Windows without BOS (``bos_id`` None): window k covers ids[k*stride : k*stride + window]; only
+full windows are used (the tail shorter than ``window`` is dropped) and ``num_windows`` keeps the
+first ones.  Within a window the token at position p is scored from the tokens before it in the
+same window, so the first token of a window is never scored.
 
 - Non-overlapping (``stride == window``, the default): each window scores ``window - 1`` tokens.
 - Sliding (``stride < window``): the first window scores ``window - 1`` tokens, each later one only
   the ``stride`` tokens that the previous window did not score (each with >= window-stride tokens of
   context).
+
+Windows with BOS (``bos_id`` set; mpq.calibration.conventions: where the model's tokenizer adds
+one, as lm-eval's rolling windows and llama.cpp's perplexity do): window k is the BOS followed by
+the ``window - 1`` text tokens ids[k*stride : k*stride + window - 1] (``stride`` at most
+``window - 1``, the default ``window - 1``).  The BOS is never a target: its position predicts the
+window's first text token, so non-overlapping windows score every text token they hold
+(``window - 1``), the text is scored without gaps, and sliding windows score, after the first, the
+``stride`` text tokens the previous window did not.
 
 Perplexity = exp(mean NLL over all scored tokens).  Models run in eval mode under
 ``torch.inference_mode()`` with batch size 1 and ``use_cache=False``; their train/eval mode is
@@ -64,7 +72,8 @@ class CompareResult:
 
 
 def load_eval_ids(path, tokenizer) -> torch.Tensor:
-    """The whole UTF-8 file tokenized as one text without special tokens: LongTensor [T]."""
+    """The whole UTF-8 file tokenized as one text without special tokens: LongTensor [T] (a
+    BOS is put in front of each window by :func:`perplexity` and :func:`compare`)."""
     text = read_text_file(path)
     if not text.strip():
         raise CalibrationError(f"evaluation file {path} contains no text",
@@ -77,18 +86,25 @@ def load_eval_ids(path, tokenizer) -> torch.Tensor:
 
 
 def perplexity(model, ids: torch.Tensor, *, window: int = 512, num_windows: int | None = None,
-               stride: int | None = None, progress: Progress | None = None) -> PerplexityResult:
-    """Perplexity of ``model`` on ``ids`` ([T] or [1, T]); see the module docstring for windows."""
+               stride: int | None = None, bos_id: int | None = None,
+               progress: Progress | None = None) -> PerplexityResult:
+    """Perplexity of ``model`` on ``ids`` ([T] or [1, T]); see the module docstring for windows
+    (``bos_id``: the BOS each window begins with, None for none)."""
     ids = _flat_ids(ids)
-    stride = window if stride is None else stride
-    if not isinstance(stride, int) or not 1 <= stride <= window:
-        raise CalibrationError(f"stride must be an integer in 1..window={window}, got {stride!r}")
-    starts = _window_starts(len(ids), window, stride, num_windows)
+    prefix, body = _window_body(window, bos_id)
+    stride = body if stride is None else stride
+    if not isinstance(stride, int) or not 1 <= stride <= body:
+        what = f"window - 1 = {body} (the window holds a BOS)" if prefix else f"window={window}"
+        raise CalibrationError(f"stride must be an integer in 1..{what}, got {stride!r}",
+                               hint=f"use a stride of {body} or less" + (
+                                   ", or windows without BOS" if prefix else ""))
+    starts = _window_starts(len(ids), window, stride, num_windows, body)
     nll_sum, count = 0.0, 0
     with _evaluating(model):
         for k, start in enumerate(starts):
-            first = 1 if k == 0 else max(1, window - stride)  # first scored position in window
-            chunk = ids[start:start + window]
+            # first scored position in the window: 1, or past what the previous window scored
+            first = 1 if k == 0 else max(1, len(prefix) + body - stride)
+            chunk = _window(ids, start, body, prefix)
             logits = _logits(model, chunk)[first - 1:-1].float()
             targets = chunk[first:].to(logits.device)
             nll_sum += F.cross_entropy(logits, targets, reduction="sum").double().item()
@@ -101,19 +117,22 @@ def perplexity(model, ids: torch.Tensor, *, window: int = 512, num_windows: int 
 
 
 def compare(model, reference, ids: torch.Tensor, *, window: int = 512,
-            num_windows: int | None = None, progress: Progress | None = None) -> CompareResult:
+            num_windows: int | None = None, bos_id: int | None = None,
+            progress: Progress | None = None) -> CompareResult:
     """KL(P_ref || P_model) and top-1 agreement of next-token distributions, window by window.
 
-    Non-overlapping windows; in each, the ``window - 1`` positions that have a next token in the
-    window are compared (the same tokens :func:`perplexity` scores).  Log-softmax in float32.
+    Non-overlapping windows (with ``bos_id``: each the BOS and ``window - 1`` text tokens, module
+    docstring); in each, the ``window - 1`` positions that have a next token in the window are
+    compared (the same tokens :func:`perplexity` scores).  Log-softmax in float32.
     """
     ids = _flat_ids(ids)
-    starts = _window_starts(len(ids), window, window, num_windows)
+    prefix, body = _window_body(window, bos_id)
+    starts = _window_starts(len(ids), window, body, num_windows, body)
     kl_sum = nll_sum = ref_nll_sum = 0.0
     agree = count = 0
     with _evaluating(model), _evaluating(reference):
         for k, start in enumerate(starts):
-            chunk = ids[start:start + window]
+            chunk = _window(ids, start, body, prefix)
             logp = torch.log_softmax(_logits(model, chunk)[:-1].float(), dim=-1)
             ref_logp = torch.log_softmax(_logits(reference, chunk)[:-1].float(), dim=-1)
             ref_logp = ref_logp.to(logp.device)
@@ -145,15 +164,32 @@ def _flat_ids(ids: torch.Tensor) -> torch.Tensor:
     return ids
 
 
-def _window_starts(n_tokens: int, window: int, stride: int, num_windows: int | None) -> list[int]:
+def _window_body(window: int, bos_id: int | None) -> tuple[list[int], int]:
+    """([BOS] or [], the text tokens a window holds)."""
     if not isinstance(window, int) or window < 2:
         raise CalibrationError(f"window must be an integer >= 2, got {window!r}")
+    prefix = [] if bos_id is None else [bos_id]
+    return prefix, window - len(prefix)
+
+
+def _window(ids: torch.Tensor, start: int, body: int, prefix: list[int]) -> torch.Tensor:
+    """One window's ids: ``prefix`` then ids[start:start + body]."""
+    chunk = ids[start:start + body]
+    if not prefix:
+        return chunk
+    return torch.cat([torch.tensor(prefix, dtype=ids.dtype), chunk])
+
+
+def _window_starts(n_tokens: int, window: int, stride: int, num_windows: int | None,
+                   body: int) -> list[int]:
+    """Start (in the text) of each window of ``body`` text tokens."""
     if num_windows is not None and (not isinstance(num_windows, int) or num_windows < 1):
         raise CalibrationError(f"num_windows must be a positive integer, got {num_windows!r}")
-    starts = list(range(0, n_tokens - window + 1, stride))
+    starts = list(range(0, n_tokens - body + 1, stride))
     if not starts:
+        held = f"{window}" if body == window else f"{window} (BOS + {body} text tokens)"
         raise CalibrationError(f"evaluation text has {n_tokens} tokens, fewer than one window of "
-                               f"{window}", hint="pass a longer text or a smaller window")
+                               f"{held}", hint="pass a longer text or a smaller window")
     if num_windows is not None:
         if num_windows > len(starts):
             logger.warning("only %d windows of %d tokens available, %d requested", len(starts),

@@ -12,6 +12,14 @@ Two modes:
   fewer than ``min(min_doc_tokens, seq_len)`` tokens (default 16) are dropped.  Samples have shape
   [1, L] with L <= seq_len.
 
+BOS (mpq.calibration.conventions): when the model's tokenizer adds a BOS token, every sample is
+that BOS followed by ``seq_len - 1`` text tokens (concat: the stream is cut into chunks of
+``seq_len - 1``; document: each document is truncated to ``seq_len - 1`` and the floor counts its
+text tokens), so samples keep their shapes and begin as the model's training sequences did.  The
+separators between documents stay as above (EOS between records, ``"\\n\\n"`` between
+paragraphs).  A tokenizer that adds none (GPT-2, SmolLM2) gives exactly the samples it gave
+before.
+
 Reading budget: a source is read and tokenized incrementally, only until the candidates' tokens
 (concat: the stream's length; document: the kept documents' lengths, each at most seq_len, so
 at least budget / seq_len candidates) reach
@@ -35,7 +43,7 @@ seed only).  With fewer candidates than requested, all are used and a warning is
 CalibrationError.
 
 The hash (:func:`token_sha256`) is SHA-256 over, for each sample in order, its shape as two int64
-little-endian values (1, L) followed by its L token ids as int64 little-endian.
+little-endian values (1, L) followed by its L token ids as int64 little-endian (a BOS included).
 """
 from __future__ import annotations
 
@@ -47,6 +55,7 @@ from typing import Any, Sequence
 
 import torch
 
+from mpq.calibration.conventions import token_conventions
 from mpq.calibration.options import CalibrationOptions
 from mpq.calibration.sources import SOURCES, detect_source
 from mpq.calibration.stream import read_budget, tokenize_source
@@ -66,7 +75,8 @@ class CalibrationSet:
     ``provenance`` keys: source, loader, field, split, mode, seq_len, seed, requested_samples,
     num_samples, documents (read), corpus_tokens (tokens the part read yielded, separators
     included in concat mode), total_tokens (in the samples), tokenizer (name_or_path), sha256
-    (:func:`token_sha256`).  Only when the reading budget cut the source (module docstring):
+    (:func:`token_sha256`); ``bos_token_id`` only when every sample begins with that BOS (the
+    tokenizer adds one; its absence means no BOS, as in artifacts written before).  Only when the reading budget cut the source (module docstring):
     read_to_end (False), read_budget_tokens and read_characters (of the documents read); their
     absence means the source was read to its end (so the provenance, and the artifact, of such a
     source are those of a whole-file read).  All values are JSON-serialisable.
@@ -119,16 +129,19 @@ def build_calibration_set(options: CalibrationOptions, tokenizer, *,
         extra = {} if paragraphs is None else {"paragraphs": paragraphs}
         return iter(read(location, field=field, split=split, **extra))
 
+    prefix = token_conventions(tokenizer).prefix  # [BOS] where the tokenizer adds one
+    body = seq_len - len(prefix)  # text tokens per sample
     budget = read_budget(num_samples, seq_len)
-    floor = min(min_doc_tokens, seq_len)
-    got = tokenize_source(open_items, tokenizer, mode=mode, seq_len=seq_len, budget=budget,
+    floor = min(min_doc_tokens, body)
+    got = tokenize_source(open_items, tokenizer, mode=mode, seq_len=body, budget=budget,
                           separator=_separator(tokenizer, use_eos=loader != "text"), floor=floor)
     if not got.documents:
         raise CalibrationError(f"calibration source {spec} contains no text",
                                hint="pass a file with at least one non-empty document")
     corpus_tokens = got.corpus_tokens
     if mode == "concat":
-        short = f"{corpus_tokens} tokens, fewer than one sample of seq_len={seq_len}"
+        short = f"{corpus_tokens} tokens, fewer than one sample of seq_len={seq_len}" + (
+            f" (BOS + {body} text tokens)" if prefix else "")
     else:
         short = f"no document with at least {floor} tokens"
     if not len(got):
@@ -140,7 +153,8 @@ def build_calibration_set(options: CalibrationOptions, tokenizer, *,
         logger.warning("calibration source %s gives only %d samples of %d requested (mode=%s, "
                        "seq_len=%d); using %d", spec, len(got), num_samples, mode, seq_len,
                        len(picked))
-    samples = [torch.tensor(got.candidate(i), dtype=torch.long).unsqueeze(0) for i in picked]
+    samples = [torch.tensor(prefix + got.candidate(i), dtype=torch.long).unsqueeze(0)
+               for i in picked]
     provenance = {
         "source": spec, "loader": loader, "field": field if loader in _FIELD_LOADERS else None,
         "split": split, "mode": mode, "seq_len": seq_len, "seed": seed,
@@ -149,6 +163,8 @@ def build_calibration_set(options: CalibrationOptions, tokenizer, *,
         "tokenizer": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
         "sha256": token_sha256(samples),
     }
+    if prefix:  # recorded only when used: artifacts of tokenizers without BOS keep their bytes
+        provenance["bos_token_id"] = prefix[0]
     if not got.complete:
         provenance.update(read_to_end=False, read_budget_tokens=budget,
                           read_characters=got.characters)

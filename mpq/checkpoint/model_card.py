@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from mpq import __version__
+from mpq.calibration.conventions import bos_note
 from mpq.config.plan import Plan
 
 
@@ -40,7 +41,7 @@ def render_model_card(*, source: dict, recipe_name: str, plan: Plan, calibration
     if calibration:
         lines.append(f"- calibration: `{calibration.get('source')}`, {calibration.get('num_samples')}"
                      f" samples × {calibration.get('seq_len')} tokens, seed {calibration.get('seed')},"
-                     f" sha256 `{calibration.get('sha256')}`")
+                     f" sha256 `{calibration.get('sha256')}`" + bos_note(calibration))
     else:
         lines.append("- calibration: none")
     lines += ["", "The full recipe, per-layer plan and errors are in the safetensors header "

@@ -82,9 +82,11 @@ class ProgressEvents:
         elif kind == "warning":
             self.progress.console.print(f"[yellow]warning:[/yellow] {data['message']}")
         elif kind == "calibration":
+            from mpq.calibration.conventions import bos_note
             self.progress.console.print(
                 f"calibration: {data.get('num_samples')} × {data.get('seq_len')} tokens "
-                f"from {data.get('source')} (sha256 {str(data.get('sha256'))[:12]}…)")
+                f"from {data.get('source')} (sha256 {str(data.get('sha256'))[:12]}…)"
+                + bos_note(data))
 
 
 def human_bytes(n: float) -> str:

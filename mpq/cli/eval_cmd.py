@@ -74,6 +74,19 @@ def gate_hint(failures: list[str]) -> str:
     return "loosen the gate, or quantize with a more precise recipe"
 
 
+def eval_protocol(window: int, stride: int | None, bos_id: int | None) -> dict:
+    """How the windows were made (mpq.analysis.eval): window, stride, BOS."""
+    body = window - (bos_id is not None)
+    return {"window": window, "stride": body if stride is None else stride,
+            "bos": bos_id is not None, "bos_token_id": bos_id}
+
+
+def describe_protocol(protocol: dict) -> str:
+    bos = (f"BOS id {protocol['bos_token_id']} + {protocol['window'] - 1} text tokens"
+           if protocol["bos"] else "no BOS")
+    return f"protocol: window {protocol['window']} ({bos}), stride {protocol['stride']}"
+
+
 def vocabulary_size(model) -> int | None:
     size = getattr(getattr(model, "config", None), "vocab_size", None)
     return size if isinstance(size, int) else None
@@ -99,7 +112,11 @@ def check_same_vocabulary(model, model_path: str, reference, reference_path: str
 @click.option("--num-windows", default=None, type=click.IntRange(min=1),
               help="Score only the first N windows (default: all).")
 @click.option("--stride", default=None, type=click.IntRange(min=1),
-              help="Sliding-window stride (default: the window, non-overlapping).")
+              help="Sliding-window stride (default: the window's text tokens, "
+                   "non-overlapping: the window, or the window - 1 after a BOS).")
+@click.option("--bos/--no-bos", "bos", default=None,
+              help="Begin each window with the tokenizer's BOS token, or not (default: as the "
+                   "model's tokenizer does when it encodes a text).")
 @click.option("--max-ppl-delta", default=None,
               help="Gate: fail (exit 10) if ppl exceeds the reference's by more than this "
                    "(absolute, or relative with %, e.g. 2%).")
@@ -109,10 +126,15 @@ def check_same_vocabulary(model, model_path: str, reference, reference_path: str
               help="Skip checking the artifact's files against their recorded sha256 and "
                    "for unrecorded files (done by default before loading).")
 @json_option
-def command(model, data, reference, window, num_windows, stride, max_ppl_delta, max_kl,
+def command(model, data, reference, window, num_windows, stride, bos, max_ppl_delta, max_kl,
             dequantize, no_verify, as_json):
-    """Perplexity of MODEL (an mpq artifact or a model folder) on DATA."""
+    """Perplexity of MODEL (an mpq artifact or a model folder) on DATA.
+
+    Each window begins with the BOS token where MODEL's tokenizer adds one (--bos/--no-bos
+    override that); the protocol used (window, stride, BOS) is printed with the figures.
+    """
     from mpq.analysis.eval import compare, load_eval_ids, perplexity
+    from mpq.calibration.conventions import eval_bos
     from mpq.models.source import max_positions
 
     ppl_delta = parse_ppl_delta(max_ppl_delta)
@@ -123,18 +145,21 @@ def command(model, data, reference, window, num_windows, stride, max_ppl_delta, 
     if limit is not None and window > limit:
         raise OptionError(f"--window {window} exceeds the model's maximum of {limit} "
                           "positions", hint=f"use --window {limit} or less")
+    bos_id = eval_bos(tokenizer, bos, where=f"the tokenizer of '{model}'")
     ids = load_eval_ids(data, tokenizer)
     if reference is None:
         result = perplexity(quantized, ids, window=window, num_windows=num_windows,
-                            stride=stride).to_dict()
+                            stride=stride, bos_id=bos_id).to_dict()
     else:
         if stride is not None:
             raise click.UsageError("--stride is not supported together with --reference")
         ref_model, _ = load_for_eval(reference, False)
         check_same_vocabulary(quantized, model, ref_model, reference)
-        result = compare(quantized, ref_model, ids, window=window,
-                         num_windows=num_windows).to_dict()
-    result = {"model": model, "data": data, "reference": reference, **result}
+        result = compare(quantized, ref_model, ids, window=window, num_windows=num_windows,
+                         bos_id=bos_id).to_dict()
+    protocol = eval_protocol(window, stride, bos_id)
+    result = {"model": model, "data": data, "reference": reference, **result,
+              "protocol": protocol}
     failures = check_gates(result, ppl_delta, max_kl) if reference else []
     result["gates_failed"] = failures
     if as_json:
@@ -145,5 +170,6 @@ def command(model, data, reference, window, num_windows, stride, max_ppl_delta, 
             f" (reference {result['ref_ppl']:.4f}, Δ {result['ppl'] - result['ref_ppl']:+.4f}); "
             f"mean KL {result['kl_mean']:.5f}; top-1 agreement {result['top1_agreement']:.4f}"
             if reference else ""))
+        console.print(describe_protocol(protocol), highlight=False)
     if failures:
         raise EvalGateError(f"gate failed: {'; '.join(failures)}", hint=gate_hint(failures))

@@ -95,8 +95,9 @@ def command(artifact, as_json):
     recipe = info["recipe"] or {}
     console.print(f"recipe: {recipe.get('name')} ({recipe.get('source')})")
     if calib:
+        from mpq.calibration.conventions import bos_note
         console.print(f"calibration: {calib.get('source')}, {calib.get('num_samples')} × "
                       f"{calib.get('seq_len')} tokens, seed {calib.get('seed')}, "
-                      f"sha256 {calib.get('sha256')}")
+                      f"sha256 {calib.get('sha256')}" + bos_note(calib))
     else:
         console.print("calibration: none")

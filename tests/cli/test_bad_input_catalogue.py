@@ -504,6 +504,15 @@ def _moe_model(env: Env) -> Path:
     return env.tmp / "moe"
 
 
+def _bos_model(env: Env) -> Path:
+    """A tiny Llama whose tokenizer adds a BOS token (tests.helpers.bos_tokenizer)."""
+    from tests.helpers import bos_tokenizer
+
+    save_tiny_model("llama", env.tmp / "bos")
+    bos_tokenizer().save_pretrained(env.tmp / "bos")
+    return env.tmp / "bos"
+
+
 CASES: list[Case] = [
     # the source model
     Case("model-missing", "model path does not exist",
@@ -912,6 +921,16 @@ CASES: list[Case] = [
          lambda e: e.quantize(_gpt2(e), "--format", "compressed-tensors"), FormatError,
          ("cannot express 8 layer(s)", "transformer.h.0.attn.c_attn: a Conv1D",
           "compressed-tensors does not quantize")),
+    Case("bos-eval-forced-without-bos-token", "mpq eval --bos on a model whose tokenizer has no "
+         "BOS token",
+         lambda e: ["eval", e.art, "--data", e.write("eval.txt", "hello world " * 100), "--bos"],
+         OptionError, ("--bos", "the tokenizer of '{art}' has no BOS token", "--no-bos")),
+    Case("bos-eval-stride-over-text-window", "mpq eval --stride equal to --window on a model "
+         "whose tokenizer adds BOS (a window holds window - 1 text tokens: a stride of window "
+         "would skip one)",
+         lambda e: ["eval", _bos_model(e), "--data", e.write("eval.txt", "hello world " * 100),
+                    "--window", 64, "--stride", 64], CalibrationError,
+         ("stride must be an integer in 1..window - 1 = 63", "holds a BOS", "got 64")),
 ]
 
 
