@@ -127,3 +127,14 @@ def did_you_mean(word: str, choices) -> str | None:
 
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f"did you mean '{close[0]}'?" if close else None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's text (library errors can run to paragraphs)."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def corrupt_weights(path, exc: BaseException) -> ModelError:
+    """The one error for weight files of ``path`` that cannot be read (raise it ``from exc``)."""
+    return ModelError(f"{path}: weight files are unreadable or corrupt: {first_line(exc)}",
+                      hint="re-download or re-save the model")

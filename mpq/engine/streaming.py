@@ -30,11 +30,10 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from mpq.models.layout import ModelLayout, blocks_of
-from mpq.errors import ModelError
+from mpq.errors import ModelError, corrupt_weights
 from mpq.checkpoint.lazy import LazyTensors
 from mpq.checkpoint.state import ArtifactState, hf_config, weight_keys
-from mpq.models.source import (build_skeleton, corrupt_weights, load_config, read_config,
-                               source_weight_map)
+from mpq.models.source import (build_skeleton, load_config, read_config, source_weight_map)
 from mpq.config.plan import Plan
 from mpq.config.run_log import RunLog
 from mpq.numerics.base import QuantizedWeight

@@ -17,7 +17,7 @@ from torch import nn
 
 from safetensors import SafetensorError, safe_open
 
-from mpq.errors import ModelError
+from mpq.errors import ModelError, corrupt_weights, first_line
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +47,6 @@ def side_files(path: Path) -> tuple[dict[str, Path], list[str]]:
         else:
             skipped.append(name)
     return files, skipped
-
-
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's text (library errors can run to paragraphs)."""
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-
-
-def corrupt_weights(path, exc: BaseException) -> ModelError:
-    """The one error for weight files of ``path`` that cannot be read (raise it ``from exc``)."""
-    return ModelError(f"{path}: weight files are unreadable or corrupt: {first_line(exc)}",
-                      hint="re-download or re-save the model")
 
 
 def load_tokenizer(path: str | Path):

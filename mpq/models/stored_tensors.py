@@ -21,8 +21,7 @@ from typing import Iterable, Mapping
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from mpq.errors import ModelError
-from mpq.models.source import corrupt_weights
+from mpq.errors import ModelError, corrupt_weights
 
 # Buffers that older checkpoints stored: transformers skips the first two whatever the class
 # says; GPT-2 fine-tunes saved by old transformers versions keep the constant attn.masked_bias.
