@@ -149,3 +149,22 @@ def run_engine(model, recipe, samples, *, batch_tokens: int = 2048, **run_option
     run_blocks(run, samples, batch_tokens=batch_tokens,
                hooks=[TransformHook(), KVCalibrationHook()])
     return run
+
+
+def disk_full_at_block(monkeypatch, block: int = 1) -> None:
+    """Make saving work-directory block ``block`` fail as a full disk does: safetensors raises
+    its own SafetensorError after part of the file was written (earlier blocks save normally)."""
+    from safetensors import SafetensorError
+
+    import mpq.engine.resume as resume
+
+    save_file = resume.save_file
+
+    def save_block_file(tensors, path, *args, **kwargs):
+        if f"block-{block:05d}" in str(path):
+            Path(path).write_bytes(b"\0" * 64)  # what got written before the disk filled
+            raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                                  "(os error 28)")
+        return save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(resume, "save_file", save_block_file)

@@ -37,7 +37,7 @@ from mpq.errors import (ArtifactError, CalibrationError, EvalGateError, FormatEr
                         MpqError, OptionError, OutputError, RecipeError, ResourceError,
                         ResumeError)
 from tests.tiny_models import save_tiny_model
-from tests.helpers import REPO
+from tests.helpers import REPO, disk_full_at_block
 
 DOC = REPO / "docs" / "bad-inputs.md"
 
@@ -349,20 +349,7 @@ MLP_UP = "model.layers.1.mlp.up_proj.weight"
 def _workdir_disk_full(env: Env) -> list:
     """safetensors' save raises its own SafetensorError when the disk fills up while block 1 is
     written into the work directory (block 0 is finished and kept)."""
-    from safetensors import SafetensorError
-
-    import mpq.engine.resume as resume
-
-    save_file = resume.save_file
-
-    def save_block_file(tensors, path, *args, **kwargs):
-        if "block-00001" in str(path):
-            Path(path).write_bytes(b"\0" * 64)  # what got written before the disk filled
-            raise SafetensorError("Error while serializing: I/O error: No space left on device "
-                                  "(os error 28)")
-        return save_file(tensors, path, *args, **kwargs)
-
-    env.monkeypatch.setattr(resume, "save_file", save_block_file)
+    disk_full_at_block(env.monkeypatch, 1)
     return env.quantize(env.src)
 
 

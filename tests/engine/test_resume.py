@@ -18,7 +18,8 @@ from mpq.calibration import CalibrationOptions
 from mpq.engine.spec import RunOptions
 from mpq.quantize import quantize
 from mpq.engine.resume import Checkpoint, work_dir_for
-from tests.helpers import KV, REPO, TRANSFORMS, byte_tokenizer, folder_bytes, resume_recipe
+from tests.helpers import (KV, REPO, TRANSFORMS, byte_tokenizer, disk_full_at_block, folder_bytes,
+                           resume_recipe)
 from tests.tiny_models import model_from_config
 
 LAYERS = 6
@@ -179,22 +180,12 @@ def test_killed_process_resumes_to_identical_artifact(sig, tmp_path, cli_case):
 def test_a_full_disk_while_saving_a_block_keeps_the_finished_ones(tmp_path, monkeypatch):
     """safetensors reports a failed write as its own SafetensorError: one OutputError, the
     partial block file removed, the finished blocks kept; a rerun resumes to the same bytes."""
-    from safetensors import SafetensorError
-
     import mpq.engine.resume as resume
 
     save_deep_model(tmp_path / "src", layers=3)
     quantize(tmp_path / "src", "w4a16", tmp_path / "whole")
     save_file = resume.save_file
-
-    def disk_full_at_block_1(tensors, path, *args, **kwargs):
-        if "block-00001" in str(path):
-            Path(path).write_bytes(b"\0" * 100)  # what got written before the disk filled
-            raise SafetensorError("Error while serializing: I/O error: No space left on "
-                                  "device (os error 28)")
-        return save_file(tensors, path, *args, **kwargs)
-
-    monkeypatch.setattr(resume, "save_file", disk_full_at_block_1)
+    disk_full_at_block(monkeypatch, 1)
     with pytest.raises(OutputError, match=r"cannot save block 1 .*No space left") as info:
         quantize(tmp_path / "src", "w4a16", tmp_path / "out")
     assert "free disk space" in info.value.one_line()
