@@ -191,7 +191,7 @@ def perplexity(model, ids: torch.Tensor, *, window: int = 512, num_windows: int 
                 b = min(a + SCORE_CHUNK, len(chunk))
                 nll = F.cross_entropy(logits[a - 1:b - 1].float(), targets[a:b],
                                       reduction="none")
-                nll_sum += nll.sum().double().item()
+                nll_sum += nll.double().sum().item()
                 buckets.add(torch.arange(a, b) - len(prefix), nll=nll)
             count += len(chunk) - first
             del logits
@@ -236,10 +236,10 @@ def compare(model, reference, ids: torch.Tensor, *, window: int = 512,
                 same = logp.argmax(-1) == ref_logp.argmax(-1)
                 nll = -logp.gather(-1, target)[:, 0]
                 ref_nll = -ref_logp.gather(-1, target)[:, 0]
-                kl_sum += kl.sum().double().item()
+                kl_sum += kl.double().sum().item()
                 agree += int(same.sum())
-                nll_sum += nll.sum().double().item()
-                ref_nll_sum += ref_nll.sum().double().item()
+                nll_sum += nll.double().sum().item()
+                ref_nll_sum += ref_nll.double().sum().item()
                 buckets.add(torch.arange(a, b) - len(prefix), nll=nll, kl=kl, agree=same,
                             ref_nll=ref_nll)
             count += len(chunk) - 1

@@ -179,8 +179,8 @@ def command(model, data, reference, window, num_windows, stride, bos, max_ppl_de
             f" (reference {result['ref_ppl']:.4f}, Δ {result['ppl'] - result['ref_ppl']:+.4f}); "
             f"mean KL {result['kl_mean']:.5f}; top-1 agreement {result['top1_agreement']:.4f}"
             if reference else ""))
-        console.print(describe_protocol(protocol), highlight=False)
         console.print(position_table(result))
+        console.print(describe_protocol(protocol), highlight=False)
         if plot_path is not None:
             console.print(f"wrote {plot_path}")
     if failures:
