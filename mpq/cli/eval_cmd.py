@@ -1,4 +1,4 @@
-"""``mpq eval MODEL --data FILE [--reference REF]``: perplexity, KL and CI gates."""
+"""``mpq eval MODEL --data FILE [--reference REF]``: perplexity, KL, by position, CI gates."""
 from __future__ import annotations
 
 import math
