@@ -18,6 +18,14 @@ window's first text token, so non-overlapping windows score every text token the
 (``window - 1``), the text is scored without gaps, and sliding windows score, after the first, the
 ``stride`` text tokens the previous window did not.
 
+Per-position accounting: each scored token also counts in the bucket of its text position in
+its window (0 for the first text token; the BOS has none), buckets [0, 512), [512, 2048),
+[2048, 4096), [4096, 8192) and, for longer windows, doubling ones beyond (``POSITION_EDGES``).
+Only the buckets the window's text reaches are reported (``by_position``); their tokens and sums
+add up to the totals.  Scores are computed from the logits in chunks of ``SCORE_CHUNK``
+positions, so log-softmax copies of a long window's [T, vocab] logits are never held at once
+(the model's own forward still returns the window's logits in one tensor).
+
 Perplexity = exp(mean NLL over all scored tokens).  Models run in eval mode under
 ``torch.inference_mode()`` with batch size 1 and ``use_cache=False``; their train/eval mode is
 restored afterwards.  NLL and KL sums are accumulated in float64.
@@ -40,6 +48,70 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 
+POSITION_EDGES = (0, 512, 2048, 4096, 8192)
+SCORE_CHUNK = 1024
+
+
+@dataclass(frozen=True)
+class PositionBucket:
+    """Scored tokens whose text position in their window is in [start, end)."""
+
+    start: int
+    end: int
+    tokens: int
+    nll_mean: float
+    ppl: float
+    kl_mean: float | None = None
+    top1_agreement: float | None = None
+    ref_ppl: float | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items()
+                if v is not None or k in ("start", "end", "tokens", "nll_mean", "ppl")}
+
+
+def position_buckets(body: int, edges=POSITION_EDGES) -> list[tuple[int, int]]:
+    """[start, end) text-position buckets that a window of ``body`` text tokens reaches: the
+    given ``edges`` (ascending, from 0), then doubling past the last one."""
+    edges = list(edges)
+    while edges[-1] < body:
+        edges.append(edges[-1] * 2 if edges[-1] > 0 else 1)
+    return [(a, b) for a, b in zip(edges, edges[1:]) if a < body]
+
+
+class _Buckets:
+    """Float64 sums per bucket (tokens, NLL, and for compare KL, agreement, reference NLL)."""
+
+    def __init__(self, body: int, edges):
+        self.ranges = position_buckets(body, edges)
+        self.bounds = torch.tensor([b for _, b in self.ranges[:-1]], dtype=torch.long)
+        n = len(self.ranges)
+        self.tokens = torch.zeros(n, dtype=torch.long)
+        self.sums = {key: torch.zeros(n, dtype=torch.float64)
+                     for key in ("nll", "kl", "agree", "ref_nll")}
+
+    def add(self, positions: torch.Tensor, **values: torch.Tensor) -> None:
+        index = torch.bucketize(positions, self.bounds, right=True)
+        self.tokens += torch.bincount(index, minlength=len(self.ranges))
+        for key, value in values.items():
+            self.sums[key].index_add_(0, index, value.detach().to("cpu", torch.float64))
+
+    def results(self, compared: bool) -> list[PositionBucket]:
+        out = []
+        for i, (start, end) in enumerate(self.ranges):
+            n = int(self.tokens[i])
+            if n == 0:
+                continue
+            nll = float(self.sums["nll"][i]) / n
+            extra = {}
+            if compared:
+                extra = {"kl_mean": float(self.sums["kl"][i]) / n,
+                         "top1_agreement": float(self.sums["agree"][i]) / n,
+                         "ref_ppl": math.exp(float(self.sums["ref_nll"][i]) / n)}
+            out.append(PositionBucket(start=start, end=end, tokens=n, nll_mean=nll,
+                                      ppl=math.exp(nll), **extra))
+        return out
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -49,9 +121,12 @@ class PerplexityResult:
     nll_mean: float
     tokens_scored: int
     windows: int
+    by_position: tuple[PositionBucket, ...] = ()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["by_position"] = [b.to_dict() for b in self.by_position]
+        return out
 
 
 @dataclass(frozen=True)
@@ -66,9 +141,12 @@ class CompareResult:
     ppl: float
     ref_ppl: float
     tokens: int
+    by_position: tuple[PositionBucket, ...] = ()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["by_position"] = [b.to_dict() for b in self.by_position]
+        return out
 
 
 def load_eval_ids(path, tokenizer) -> torch.Tensor:
@@ -87,9 +165,10 @@ def load_eval_ids(path, tokenizer) -> torch.Tensor:
 
 def perplexity(model, ids: torch.Tensor, *, window: int = 512, num_windows: int | None = None,
                stride: int | None = None, bos_id: int | None = None,
-               progress: Progress | None = None) -> PerplexityResult:
+               progress: Progress | None = None, edges=POSITION_EDGES) -> PerplexityResult:
     """Perplexity of ``model`` on ``ids`` ([T] or [1, T]); see the module docstring for windows
-    (``bos_id``: the BOS each window begins with, None for none)."""
+    (``bos_id``: the BOS each window begins with, None for none) and ``edges`` (position
+    buckets)."""
     ids = _flat_ids(ids)
     prefix, body = _window_body(window, bos_id)
     stride = body if stride is None else stride
@@ -99,26 +178,33 @@ def perplexity(model, ids: torch.Tensor, *, window: int = 512, num_windows: int 
                                hint=f"use a stride of {body} or less" + (
                                    ", or windows without BOS" if prefix else ""))
     starts = _window_starts(len(ids), window, stride, num_windows, body)
+    buckets = _Buckets(body, edges)
     nll_sum, count = 0.0, 0
     with _evaluating(model):
         for k, start in enumerate(starts):
             # first scored position in the window: 1, or past what the previous window scored
             first = 1 if k == 0 else max(1, len(prefix) + body - stride)
             chunk = _window(ids, start, body, prefix)
-            logits = _logits(model, chunk)[first - 1:-1].float()
-            targets = chunk[first:].to(logits.device)
-            nll_sum += F.cross_entropy(logits, targets, reduction="sum").double().item()
-            count += targets.numel()
+            logits = _logits(model, chunk)
+            targets = chunk.to(logits.device)
+            for a in range(first, len(chunk), SCORE_CHUNK):
+                b = min(a + SCORE_CHUNK, len(chunk))
+                nll = F.cross_entropy(logits[a - 1:b - 1].float(), targets[a:b],
+                                      reduction="none")
+                nll_sum += nll.double().sum().item()
+                buckets.add(torch.arange(a, b) - len(prefix), nll=nll)
+            count += len(chunk) - first
+            del logits
             if progress is not None:
                 progress(k + 1, len(starts))
     nll_mean = nll_sum / count
     return PerplexityResult(ppl=math.exp(nll_mean), nll_mean=nll_mean, tokens_scored=count,
-                            windows=len(starts))
+                            windows=len(starts), by_position=tuple(buckets.results(False)))
 
 
 def compare(model, reference, ids: torch.Tensor, *, window: int = 512,
             num_windows: int | None = None, bos_id: int | None = None,
-            progress: Progress | None = None) -> CompareResult:
+            progress: Progress | None = None, edges=POSITION_EDGES) -> CompareResult:
     """KL(P_ref || P_model) and top-1 agreement of next-token distributions, window by window.
 
     Non-overlapping windows (with ``bos_id``: each the BOS and ``window - 1`` text tokens, module
@@ -128,29 +214,41 @@ def compare(model, reference, ids: torch.Tensor, *, window: int = 512,
     ids = _flat_ids(ids)
     prefix, body = _window_body(window, bos_id)
     starts = _window_starts(len(ids), window, body, num_windows, body)
+    buckets = _Buckets(body, edges)
     kl_sum = nll_sum = ref_nll_sum = 0.0
     agree = count = 0
     with _evaluating(model), _evaluating(reference):
         for k, start in enumerate(starts):
             chunk = _window(ids, start, body, prefix)
-            logp = torch.log_softmax(_logits(model, chunk)[:-1].float(), dim=-1)
-            ref_logp = torch.log_softmax(_logits(reference, chunk)[:-1].float(), dim=-1)
-            ref_logp = ref_logp.to(logp.device)
-            if logp.shape != ref_logp.shape:
+            logits = _logits(model, chunk)
+            ref_logits = _logits(reference, chunk).to(logits.device)
+            if logits.shape != ref_logits.shape:
                 raise ModelError(f"model and reference disagree on vocabulary size: "
-                                 f"{logp.shape[-1]} vs {ref_logp.shape[-1]}",
+                                 f"{logits.shape[-1]} vs {ref_logits.shape[-1]}",
                                  hint="compare models that share one tokenizer")
-            targets = chunk[1:].to(logp.device).unsqueeze(-1)
-            kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum().double().item()
-            agree += int((logp.argmax(-1) == ref_logp.argmax(-1)).sum())
-            nll_sum -= logp.gather(-1, targets).sum().double().item()
-            ref_nll_sum -= ref_logp.gather(-1, targets).sum().double().item()
-            count += targets.shape[0]
+            targets = chunk.to(logits.device)
+            for a in range(1, len(chunk), SCORE_CHUNK):
+                b = min(a + SCORE_CHUNK, len(chunk))
+                logp = torch.log_softmax(logits[a - 1:b - 1].float(), dim=-1)
+                ref_logp = torch.log_softmax(ref_logits[a - 1:b - 1].float(), dim=-1)
+                target = targets[a:b].unsqueeze(-1)
+                kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+                same = logp.argmax(-1) == ref_logp.argmax(-1)
+                nll = -logp.gather(-1, target)[:, 0]
+                ref_nll = -ref_logp.gather(-1, target)[:, 0]
+                kl_sum += kl.double().sum().item()
+                agree += int(same.sum())
+                nll_sum += nll.double().sum().item()
+                ref_nll_sum += ref_nll.double().sum().item()
+                buckets.add(torch.arange(a, b) - len(prefix), nll=nll, kl=kl, agree=same,
+                            ref_nll=ref_nll)
+            count += len(chunk) - 1
+            del logits, ref_logits
             if progress is not None:
                 progress(k + 1, len(starts))
     return CompareResult(kl_mean=kl_sum / count, top1_agreement=agree / count,
                          ppl=math.exp(nll_sum / count), ref_ppl=math.exp(ref_nll_sum / count),
-                         tokens=count)
+                         tokens=count, by_position=tuple(buckets.results(True)))
 
 
 def _flat_ids(ids: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""``mpq eval MODEL --data FILE [--reference REF]``: perplexity, KL and CI gates."""
+"""``mpq eval MODEL --data FILE [--reference REF]``: perplexity, KL, by position, CI gates."""
 from __future__ import annotations
 
 import math
@@ -125,21 +125,28 @@ def check_same_vocabulary(model, model_path: str, reference, reference_path: str
 @click.option("--no-verify", "no_verify", is_flag=True,
               help="Skip checking the artifact's files against their recorded sha256 and "
                    "for unrecorded files (done by default before loading).")
+@click.option("--plot", "plot_path", type=click.Path(path_type=str), default=None,
+              help="Write a PNG of mean NLL (and KL with --reference) by position in the "
+                   "window (needs matplotlib).")
 @json_option
 def command(model, data, reference, window, num_windows, stride, bos, max_ppl_delta, max_kl,
-            dequantize, no_verify, as_json):
+            dequantize, no_verify, plot_path, as_json):
     """Perplexity of MODEL (an mpq artifact or a model folder) on DATA.
 
     Each window begins with the BOS token where MODEL's tokenizer adds one (--bos/--no-bos
-    override that); the protocol used (window, stride, BOS) is printed with the figures.
+    override that); the protocol used (window, stride, BOS) is printed with the figures, and the
+    figures by text position in the window (0–512, 512–2k, 2k–4k, 4k–8k, ...).
     """
     from mpq.analysis.eval import compare, load_eval_ids, perplexity
+    from mpq.cli.eval_report import plot_positions, position_table, require_matplotlib
     from mpq.calibration.conventions import eval_bos
     from mpq.models.source import max_positions
 
     ppl_delta = parse_ppl_delta(max_ppl_delta)
     if (ppl_delta is not None or max_kl is not None) and reference is None:
         raise click.UsageError("--max-ppl-delta and --max-kl need --reference")
+    if plot_path is not None:
+        require_matplotlib()  # before any model is read
     quantized, tokenizer = load_for_eval(model, dequantize, verify=not no_verify)
     limit = max_positions(quantized)
     if limit is not None and window > limit:
@@ -162,6 +169,8 @@ def command(model, data, reference, window, num_windows, stride, bos, max_ppl_de
               "protocol": protocol}
     failures = check_gates(result, ppl_delta, max_kl) if reference else []
     result["gates_failed"] = failures
+    if plot_path is not None:
+        plot_positions(result, plot_path)
     if as_json:
         emit_json(result)
     else:
@@ -170,6 +179,9 @@ def command(model, data, reference, window, num_windows, stride, bos, max_ppl_de
             f" (reference {result['ref_ppl']:.4f}, Δ {result['ppl'] - result['ref_ppl']:+.4f}); "
             f"mean KL {result['kl_mean']:.5f}; top-1 agreement {result['top1_agreement']:.4f}"
             if reference else ""))
+        console.print(position_table(result))
         console.print(describe_protocol(protocol), highlight=False)
+        if plot_path is not None:
+            console.print(f"wrote {plot_path}")
     if failures:
         raise EvalGateError(f"gate failed: {'; '.join(failures)}", hint=gate_hint(failures))

@@ -48,7 +48,10 @@ def test_uniform_model_has_perplexity_vocab_size(ids):
     assert r.ppl == pytest.approx(VOCAB, rel=1e-6)
     assert r.nll_mean == pytest.approx(math.log(VOCAB), rel=1e-6)
     assert (r.windows, r.tokens_scored) == (6, 6 * 7)  # 50 // 8 full windows, tail dropped
-    assert r.to_dict() == {"ppl": r.ppl, "nll_mean": r.nll_mean, "tokens_scored": 42, "windows": 6}
+    bucket = r.by_position[0].to_dict()
+    assert r.to_dict() == {"ppl": r.ppl, "nll_mean": r.nll_mean, "tokens_scored": 42, "windows": 6,
+                           "by_position": [bucket]}
+    assert (bucket["start"], bucket["end"], bucket["tokens"]) == (0, 512, 42)
 
 
 def test_non_overlapping_matches_manual_and_num_windows(model, ids):
@@ -95,7 +98,8 @@ def test_compare_with_itself(model, ids):
     assert abs(r.kl_mean) < 1e-7 and r.top1_agreement == 1.0
     assert r.tokens == 5 * 9
     assert r.ppl == pytest.approx(r.ref_ppl) == pytest.approx(perplexity(model, ids, window=10).ppl)
-    assert set(r.to_dict()) == {"kl_mean", "top1_agreement", "ppl", "ref_ppl", "tokens"}
+    assert set(r.to_dict()) == {"kl_mean", "top1_agreement", "ppl", "ref_ppl", "tokens",
+                                "by_position"}
 
 
 def test_compare_against_other_models(model, ids):
