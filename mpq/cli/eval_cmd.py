@@ -138,7 +138,8 @@ def command(model, data, reference, window, num_windows, stride, bos, max_ppl_de
     figures by text position in the window (0–512, 512–2k, 2k–4k, 4k–8k, ...).
     """
     from mpq.analysis.eval import compare, load_eval_ids, perplexity
-    from mpq.cli.eval_report import plot_positions, position_table, require_matplotlib
+    from mpq.cli.eval_report import plot_positions, position_table
+    from mpq.cli.plotting import require_matplotlib
     from mpq.calibration.conventions import eval_bos
     from mpq.models.source import max_positions
 

@@ -3,20 +3,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from mpq.errors import OutputError
-
-MATPLOTLIB_HINT = "pip install 'mpq[plot]' (or pip install matplotlib)"
-
-
-def require_matplotlib():
-    """The matplotlib module; OutputError (one line, with the pip command) when it is missing."""
-    try:
-        import matplotlib
-        return matplotlib
-    except ImportError:
-        raise OutputError("--plot needs matplotlib, which is not installed",
-                          hint=MATPLOTLIB_HINT) from None
-
+from mpq.cli.plotting import pyplot, save_figure
 
 def bucket_label(bucket: dict) -> str:
     return f"{_short(bucket['start'])}–{_short(bucket['end'])}"
@@ -44,10 +31,7 @@ def position_table(result: dict) -> Table:
 def plot_positions(result: dict, path: str) -> None:
     """PNG of mean NLL by position bucket (and the reference's, with mean KL on a second axis,
     when the result compares against a reference)."""
-    matplotlib = require_matplotlib()
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     buckets = result["by_position"]
     x = list(range(len(buckets)))
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -68,10 +52,4 @@ def plot_positions(result: dict, path: str) -> None:
     ax.set_title(f"{result['model']}: window {result['protocol']['window']}")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as exc:
-        raise OutputError(f"cannot write the plot {path}: {exc}") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

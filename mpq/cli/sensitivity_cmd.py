@@ -29,16 +29,9 @@ def sensitivity_table(table, limit: int | None = None) -> Table:
 
 def plot(table, path: str) -> None:
     """Damage per layer by depth (one marker line per candidate, log y) as a PNG."""
-    try:
-        import matplotlib
-    except ImportError:
-        from mpq.errors import OutputError
+    from mpq.cli.plotting import pyplot, save_figure
 
-        raise OutputError("--plot needs matplotlib, which is not installed",
-                          hint="pip install 'mpq[plot]' (or pip install matplotlib)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = sorted(table.layers, key=lambda r: (r.block, _order(r.name)))
     x = list(range(len(rows)))
     fig, ax = plt.subplots(figsize=(max(8, len(rows) / 12), 4.5))
@@ -53,15 +46,7 @@ def plot(table, path: str) -> None:
     ax.set_title(f"layer sensitivity: {table.model}")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as exc:
-        from mpq.errors import OutputError
-
-        raise OutputError(f"cannot write the plot {path}: {exc}") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 _KIND_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -140,13 +125,9 @@ def command(model, calib, candidates, recipe, measure, num_samples, seq_len, see
         raise CalibrationError("mpq sensitivity needs calibration data",
                                hint="pass --calib FILE (e.g. a .txt corpus)")
     if plot_path is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            from mpq.errors import OutputError
+        from mpq.cli.plotting import require_matplotlib
 
-            raise OutputError("--plot needs matplotlib, which is not installed",
-                              hint="pip install 'mpq[plot]' (or pip install matplotlib)") from None
+        require_matplotlib()  # before anything is read
     options = CalibrationOptions(source=calib, num_samples=num_samples, seq_len=seq_len,
                                  seed=seed, mode=calib_mode, field=calib_field, split=calib_split)
     if as_json:
