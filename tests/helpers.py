@@ -125,6 +125,15 @@ def run_cli(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], obj={})
 
 
+def eval_json(*args) -> dict:
+    """The result record of a successful ``mpq eval ARGS... --json`` (its last stdout line)."""
+    import json
+
+    result = run_cli("eval", *args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 WORDS = "the cat sat on a mat while dogs ran over green hills near old towns".split()
 
 

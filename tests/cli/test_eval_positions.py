@@ -1,13 +1,12 @@
 """mpq eval's per-position report: the table, by_position in --json, and --plot."""
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
 from transformers import LlamaConfig
 
-from tests.helpers import run_cli, write_tokenizer
+from tests.helpers import eval_json, run_cli, write_tokenizer
 from tests.tiny_models import model_from_config
 
 
@@ -23,12 +22,6 @@ def folder(tmp_path_factory):
     data = root / "data.txt"
     data.write_text("the quick brown fox jumps over the lazy dog. " * 112, encoding="utf-8")
     return root, data
-
-
-def eval_json(*args):
-    result = run_cli("eval", *args, "--json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_json_has_the_buckets_the_window_reaches(folder):

@@ -2,12 +2,11 @@
 --bos/--no-bos say otherwise; mpq quantize records the BOS next to the calibration hash."""
 from __future__ import annotations
 
-import json
 
 import pytest
 
 from mpq.checkpoint.native import open_artifact
-from tests.helpers import BOS_ID, bos_tokenizer, run_cli, write_tokenizer
+from tests.helpers import BOS_ID, bos_tokenizer, eval_json, run_cli, write_tokenizer
 from tests.tiny_models import save_tiny_model
 
 
@@ -22,12 +21,6 @@ def folders(tmp_path_factory):
     data = root / "data.txt"
     data.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
     return root, data
-
-
-def eval_json(*args):
-    result = run_cli("eval", *args, "--json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_eval_follows_the_tokenizer_and_states_the_protocol(folders):
