@@ -22,9 +22,11 @@ Per-position accounting: each scored token also counts in the bucket of its text
 its window (0 for the first text token; the BOS has none), buckets [0, 512), [512, 2048),
 [2048, 4096), [4096, 8192) and, for longer windows, doubling ones beyond (``POSITION_EDGES``).
 Only the buckets the window's text reaches are reported (``by_position``); their tokens and sums
-add up to the totals.  Scores are computed from the logits in chunks of ``SCORE_CHUNK``
-positions, so log-softmax copies of a long window's [T, vocab] logits are never held at once
-(the model's own forward still returns the window's logits in one tensor).
+add up to the totals.  Scores are computed in chunks of ``SCORE_CHUNK`` positions.  A window
+longer than one chunk runs the model's decoder once and its output head chunk by chunk
+(:class:`_WindowLogits`, through the model's own ``logits_to_keep``, so any logit scaling or
+soft-capping of the model applies), so a long window's [T, vocab] logits are never held at once;
+a model whose forward takes no ``logits_to_keep`` gets its logits in one tensor.
 
 Perplexity = exp(mean NLL over all scored tokens).  Models run in eval mode under
 ``torch.inference_mode()`` with batch size 1 and ``use_cache=False``; their train/eval mode is
@@ -32,6 +34,7 @@ restored afterwards.  NLL and KL sums are accumulated in float64.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from contextlib import contextmanager
@@ -185,11 +188,11 @@ def perplexity(model, ids: torch.Tensor, *, window: int = 512, num_windows: int 
             # first scored position in the window: 1, or past what the previous window scored
             first = 1 if k == 0 else max(1, len(prefix) + body - stride)
             chunk = _window(ids, start, body, prefix)
-            logits = _logits(model, chunk)
+            logits = _WindowLogits(model, chunk)
             targets = chunk.to(logits.device)
             for a in range(first, len(chunk), SCORE_CHUNK):
                 b = min(a + SCORE_CHUNK, len(chunk))
-                nll = F.cross_entropy(logits[a - 1:b - 1].float(), targets[a:b],
+                nll = F.cross_entropy(logits.rows(a - 1, b - 1).float(), targets[a:b],
                                       reduction="none")
                 nll_sum += nll.double().sum().item()
                 buckets.add(torch.arange(a, b) - len(prefix), nll=nll)
@@ -220,17 +223,18 @@ def compare(model, reference, ids: torch.Tensor, *, window: int = 512,
     with _evaluating(model), _evaluating(reference):
         for k, start in enumerate(starts):
             chunk = _window(ids, start, body, prefix)
-            logits = _logits(model, chunk)
-            ref_logits = _logits(reference, chunk).to(logits.device)
-            if logits.shape != ref_logits.shape:
-                raise ModelError(f"model and reference disagree on vocabulary size: "
-                                 f"{logits.shape[-1]} vs {ref_logits.shape[-1]}",
-                                 hint="compare models that share one tokenizer")
+            logits = _WindowLogits(model, chunk)
+            ref_logits = _WindowLogits(reference, chunk)
             targets = chunk.to(logits.device)
             for a in range(1, len(chunk), SCORE_CHUNK):
                 b = min(a + SCORE_CHUNK, len(chunk))
-                logp = torch.log_softmax(logits[a - 1:b - 1].float(), dim=-1)
-                ref_logp = torch.log_softmax(ref_logits[a - 1:b - 1].float(), dim=-1)
+                rows, ref_rows = logits.rows(a - 1, b - 1), ref_logits.rows(a - 1, b - 1)
+                if rows.shape != ref_rows.shape:
+                    raise ModelError(f"model and reference disagree on vocabulary size: "
+                                     f"{rows.shape[-1]} vs {ref_rows.shape[-1]}",
+                                     hint="compare models that share one tokenizer")
+                logp = torch.log_softmax(rows.float(), dim=-1)
+                ref_logp = torch.log_softmax(ref_rows.to(rows.device).float(), dim=-1)
                 target = targets[a:b].unsqueeze(-1)
                 kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
                 same = logp.argmax(-1) == ref_logp.argmax(-1)
@@ -296,12 +300,59 @@ def _window_starts(n_tokens: int, window: int, stride: int, num_windows: int | N
     return starts
 
 
-def _logits(model, chunk: torch.Tensor) -> torch.Tensor:
+def _logits(model, chunk: torch.Tensor, **kwargs) -> torch.Tensor:
     """Logits [L, V] for one window (batch size 1) on the model's device."""
     device = next(model.parameters()).device
-    out = model(input_ids=chunk.unsqueeze(0).to(device), use_cache=False)
+    out = model(input_ids=chunk.unsqueeze(0).to(device), use_cache=False, **kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
     return logits[0]
+
+
+class _WindowLogits:
+    """The logits of one window, row range by row range (:meth:`rows`).
+
+    A window of at most ``SCORE_CHUNK`` tokens, or a model without ``logits_to_keep`` or
+    ``get_decoder``, runs once and keeps its [L, V] logits.  A longer one runs the decoder once
+    and keeps its output; each :meth:`rows` call then runs the model's forward with that decoder
+    output replayed (the decoder's forward is replaced for the call) and ``logits_to_keep`` set
+    to the rows, so only the head, and whatever the model does to its logits, runs again.
+    """
+
+    def __init__(self, model, chunk: torch.Tensor):
+        self.model, self.chunk = model, chunk
+        self.device = next(model.parameters()).device
+        self.decoder = _decoder_of(model) if len(chunk) > SCORE_CHUNK else None
+        if self.decoder is None:
+            self.full = _logits(model, chunk)
+        else:
+            self.full = None
+            self.decoded = self.decoder(input_ids=chunk.unsqueeze(0).to(self.device),
+                                        use_cache=False)
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        """Logits [b - a, V] of window positions a..b-1."""
+        if self.full is not None:
+            return self.full[a:b]
+        decoded = self.decoded
+        self.decoder.forward = lambda *args, **kwargs: decoded
+        try:
+            return _logits(self.model, self.chunk,
+                           logits_to_keep=torch.arange(a, b, device=self.device))
+        finally:
+            del self.decoder.forward
+
+
+def _decoder_of(model):
+    """The model's decoder (``get_decoder()``) when its forward takes ``logits_to_keep`` and
+    the decoder returns its hidden states as ``last_hidden_state``; else None."""
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if not isinstance(decoder, torch.nn.Module) or decoder is model:
+        return None
+    if "forward" in vars(decoder):  # already replaced by someone else: do not stack
+        return None
+    return decoder
 
 
 @contextmanager
