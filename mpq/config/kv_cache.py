@@ -41,8 +41,8 @@ class KVCacheArgs:
         allowed = KV_GRANULARITIES[self.format]
         if self.granularity not in allowed:
             other = [f for f, g in KV_GRANULARITIES.items() if self.granularity in g]
-            extra = f" ({self.granularity} is for {', '.join(other)})" if other else ""
-            raise SchemeError(f"kv_cache granularity '{self.granularity}' does not apply to "
+            extra = f"; it is for {', '.join(other)}" if other else ""
+            raise SchemeError(f"granularity '{self.granularity}' does not apply to "
                               f"{self.format}{extra}", hint=f"use one of {', '.join(allowed)}")
         if self.format in FP8_FORMATS and self.dynamic:
             raise SchemeError(f"{self.format} KV scales are static (calibrated); dynamic is for "
@@ -50,11 +50,11 @@ class KVCacheArgs:
         if self.granularity == "group":
             if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) \
                     or self.group_size < 1:
-                raise SchemeError(f"kv_cache granularity group needs a positive group_size, got "
+                raise SchemeError(f"granularity group needs a positive group_size, got "
                                   f"{self.group_size!r}",
                                   hint="e.g. group_size: 32 (it must divide head_dim)")
         elif self.group_size is not None:
-            raise SchemeError(f"kv_cache group_size only applies to granularity group, not "
+            raise SchemeError(f"group_size only applies to granularity group, not "
                               f"{self.granularity}",
                               hint="remove group_size: or set granularity: group")
 
@@ -78,7 +78,7 @@ class KVCacheArgs:
     def check_head_dim(self, head_dim: int) -> None:
         """SchemeError when group_size does not divide ``head_dim``."""
         if self.granularity == "group" and head_dim % self.group_size:
-            raise SchemeError(f"kv_cache group_size {self.group_size} does not divide the "
+            raise SchemeError(f"group_size {self.group_size} does not divide the "
                               f"model's head_dim {head_dim}",
                               hint="pick a divisor of head_dim, e.g. "
                                    f"{next(g for g in (32, 16, 8, 4, 2, 1) if head_dim % g == 0)}")
