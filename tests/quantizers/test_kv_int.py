@@ -246,3 +246,32 @@ def test_describe_and_dict_round_trip():
     fp8 = kv_recipe("{format: fp8_e4m3}").kv_cache
     assert fp8.to_dict() == {"format": "fp8_e4m3", "granularity": "tensor"}  # as before
     assert type(args)(**args.to_dict()) == args
+
+
+def test_plan_and_inspect_describe_the_scheme(tmp_path):
+    from tests.helpers import run_cli
+
+    save_tiny_model("llama", tmp_path / "src")
+    recipe = tmp_path / "kv.yaml"
+    recipe.write_text("mpq_recipe: 1\nkv_cache: {format: int4, granularity: group, group_size: 8,"
+                      " dynamic: true}\nrules:\n  - {targets: Linear, skip: true}\n")
+    line = "kv cache: int4 asymmetric per group of 8 channels, dynamic"
+    result = run_cli("plan", tmp_path / "src", "-r", recipe)
+    assert result.exit_code == 0 and line in result.output, result.output
+    quantize(tmp_path / "src", str(recipe), tmp_path / "kv")
+    result = run_cli("inspect", tmp_path / "kv")
+    assert result.exit_code == 0 and line in result.output, result.output
+
+
+def test_validate_judges_an_int_cache_by_its_own_ranges():
+    from mpq.analysis.ranges import RangeStats
+    from mpq.analysis.validate import judge
+    from mpq.config.recipe import PrecisionPolicy
+
+    policy = PrecisionPolicy(kv_cache="int4").to_dict()
+    op = judge("model.layers.0.self_attn", "kv_key", RangeStats(absmax=1e3, count=1, nonzero=1),
+               policy)
+    assert op.verdict == "ok" and op.dtype == "int4 (own ranges)"  # clips, never overflows
+    bad = judge("model.layers.0.self_attn", "kv_key",
+                RangeStats(absmax=1.0, count=1, nonzero=1, nonfinite=1), policy)
+    assert bad.verdict == "unsafe"
