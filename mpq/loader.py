@@ -20,10 +20,10 @@ from mpq.checkpoint.verify import require_intact
 from mpq.checkpoint.native_codec import decode, split_layer_tensors
 from mpq.rotation.hadamard import RotationSpec
 from mpq.rotation.quarot import install_online, online_site
-from mpq.quantizers.kv_cache import SCALE_NAMES, attach_kv_quantization
+from mpq.quantizers.kv_cache import attach_kv_quantization, tensor_names, tensor_shape
 from mpq.config.kv_cache import KVCacheArgs
 from mpq.config.run_log import RunLog
-from mpq.models.attention import attention_modules
+from mpq.models.attention import attention_modules, kv_geometry
 from mpq.models.source import build_skeleton, first_line
 from mpq.models.experts import is_fused_experts, routers, split_slice, unsupported_layout
 from mpq.runtime.qexperts import QuantExperts
@@ -138,27 +138,31 @@ def _input_scale(name: str, scale: torch.Tensor | None, acts) -> torch.Tensor | 
 
 def _attach_kv_cache(model: nn.Module, args: KVCacheArgs, tensors: dict[str, torch.Tensor]
                      ) -> None:
-    """Take each attention module's stored k_scale/v_scale out of ``tensors`` (checked) and make
-    the module fake-quantize its cached keys and values with them."""
+    """Take each attention module's stored KV tensors (mpq.quantizers.kv_cache.tensor_names:
+    k_scale/v_scale, plus k_zero/v_zero for int; none for a dynamic scheme) out of ``tensors``
+    (checked) and make the module fake-quantize its cached keys and values with them."""
     layout = layout_of(model)
+    head_dim = kv_geometry(model.config)[1]
     for index, block in enumerate(blocks_of(model, layout)):
         for local, module in attention_modules(model, block):
             name = f"{layout.blocks_path}.{index}.{local}"
-            scales = {}
-            for scale_name in SCALE_NAMES:
-                key = f"{name}.{scale_name}"
-                scale = tensors.pop(key, None)
-                if scale is None:
+            found = {}
+            for tensor_name in tensor_names(args):
+                key = f"{name}.{tensor_name}"
+                tensor = tensors.pop(key, None)
+                if tensor is None:
                     raise ArtifactError(f"missing tensor '{key}' (the plan quantizes the KV cache)",
                                         hint="the artifact is incomplete; re-run mpq quantize")
-                heads = scale.shape[0] if scale.dim() == 3 else 1
-                expected = (1,) if args.granularity == "tensor" else (heads, 1, 1)
-                if tuple(scale.shape) != expected or scale.dtype != torch.float32 or not bool(
-                        torch.isfinite(scale).all() and (scale > 0).all()):
-                    raise ArtifactError(f"tensor '{key}' must be positive finite fp32 of shape "
-                                        f"{expected}, got {tuple(scale.shape)} {scale.dtype}")
-                scales[scale_name] = scale
-            attach_kv_quantization(module, scales, granularity=args.granularity)
+                heads = tensor.shape[0] if tensor.dim() == 3 else 1  # as the family's module has
+                expected = tensor_shape(args, heads, head_dim)
+                positive = tensor_name.endswith("scale")
+                if tuple(tensor.shape) != expected or tensor.dtype != torch.float32 or not bool(
+                        torch.isfinite(tensor).all() and (not positive or (tensor > 0).all())):
+                    kind = "positive finite" if positive else "finite"
+                    raise ArtifactError(f"tensor '{key}' must be {kind} fp32 of shape "
+                                        f"{expected}, got {tuple(tensor.shape)} {tensor.dtype}")
+                found[tensor_name] = tensor
+            attach_kv_quantization(module, args, found)
 
 
 def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | None = None,

@@ -6,7 +6,8 @@ Each op kind is governed by one policy part (:data:`mpq.analysis.ranges.KINDS`):
 inputs/outputs and MLP intermediates → ``activations``, cached K/V → ``kv_cache`` (when the
 artifact carries calibrated ``k_scale``/``v_scale``, FP8 is scaled: the representable range is
 448 × scale, and values beyond it are clipped: a warning, not an overflow, when more than
-:data:`KV_CLIP_TOLERANCE` (10 %) beyond it).  ``rope`` is not
+:data:`KV_CLIP_TOLERANCE` (10 %) beyond it; an int8/int4 cache quantizes to its own ranges,
+calibrated or per token, and cannot overflow).  ``rope`` is not
 checked: its tables are cos/sin in [-1, 1].
 
 Verdicts per op:
@@ -34,7 +35,7 @@ from typing import Any, Sequence
 from mpq.errors import CalibrationError, PrecisionPolicyError, RecipeError, did_you_mean
 from mpq.analysis.ranges import (BF16_MAX, DTYPE_MAX, FP8_E4M3_MAX, FP16_MAX, FP16_MIN_NORMAL,
                         FP16_MIN_SUBNORMAL, KINDS, RangeProfiler, RangeStats)
-from mpq.config.recipe import FLOAT_DTYPES, KV_CACHE_DTYPES, PrecisionPolicy
+from mpq.config.recipe import FLOAT_DTYPES, KV_CACHE_DTYPES, KV_INT_DTYPES, PrecisionPolicy
 
 UNDERFLOW_WARNING = 0.01  # fraction of nonzero values below FP16's smallest normal
 FP16_SQUARE_MAX = FP16_MAX ** 0.5  # ≈ 255.9: a norm's x² overflows fp16 above it
@@ -107,7 +108,12 @@ def judge(name: str, kind: str, stats: RangeStats, policy: dict[str, str],
     op = OpVerdict(name, kind, part, dtype, stats)
     levels = []
     absmax = stats.absmax
-    if part == "kv_cache" and kv_scale is not None and dtype.startswith("fp8"):
+    if part == "kv_cache" and dtype in KV_INT_DTYPES:
+        op.dtype = f"{dtype} (own ranges)"  # asymmetric int grids clip, they do not overflow
+        if stats.nonfinite:
+            levels.append("unsafe")
+            op.issues.append(f"{stats.nonfinite} non-finite values even in fp32")
+    elif part == "kv_cache" and kv_scale is not None and dtype.startswith("fp8"):
         op.kv_scale = kv_scale
         op.dtype = f"{dtype} (scaled)"
         op.limit = FP8_E4M3_MAX * kv_scale

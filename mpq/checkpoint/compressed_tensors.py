@@ -22,6 +22,7 @@ Per quantized Linear ``<p>``, the per-layer format is the one compressed-tensors
 - static input activations: ``input_scale`` [1].
 - KV cache (``kv_cache_scheme``, static fp8 per tensor or ``attn_head``): ``k_scale`` and
   ``v_scale`` fp32 ([1] or [kv_heads, 1, 1]) on each attention module, as mpq stores them.
+  int8/int4 asymmetric KV caches are refused (:func:`kv_unsupported`: native only).
 
 Int and fp8 scales are stored in the model's dtype (compressed-tensors' default ``scale_dtype``); for an
 fp32 model the stored state is exactly mpq's.  One config group per distinct scheme; its targets
@@ -135,6 +136,21 @@ def _scheme_key(layer: LayerPlan) -> str:
                        activation_args(acts) if acts else None], sort_keys=True)
 
 
+def kv_unsupported(kv_cache: KVCacheArgs | None) -> str | None:
+    """Why ``kv_cache`` cannot be written as a ``kv_cache_scheme`` (None: it can).
+
+    int8/int4 asymmetric KV: QuantizationArgs could name int asymmetric ``attn_head``/``group``
+    args, but no loader runs them as mpq does: vLLM's compressed-tensors KV method takes only
+    symmetric 8-bit float scales, and compressed-tensors itself computes zero points from a range
+    widened to include 0 (and warns that asymmetric KV is unsupported by vLLM), so a loaded
+    artifact would quantize its cache differently from the one mpq measured."""
+    if kv_cache is None or not kv_cache.is_int:
+        return None
+    return (f"{kv_cache.format} asymmetric KV cache (vLLM reads only symmetric fp8 KV scales "
+            "from kv_cache_scheme, and compressed-tensors' own int zero points differ from "
+            "mpq's): native format (mpq) only")
+
+
 def kv_cache_scheme(kv_cache: KVCacheArgs | None) -> dict | None:
     """The KV-cache QuantizationArgs: static fp8 per tensor or per attention head."""
     if kv_cache is None:
@@ -235,9 +251,10 @@ class CompressedTensorsWriter:
                  '"path/to/this/folder")')
 
     def unsupported(self, plan: Plan) -> list[str]:
+        kv = [f"kv_cache: {why}"] if (why := kv_unsupported(plan.kv_cache)) else []
         return moe_problems(plan, MOE_REASON) + [
             f"{layer.name}: {why}" for layer in plan.quantized()
-            if layer.expert is None and (why := why_unsupported(layer)) is not None]
+            if layer.expert is None and (why := why_unsupported(layer)) is not None] + kv
 
     def preflight(self, plan: Plan) -> list[str]:
         return [f"vLLM int kernels: {problem}" for problem in vllm_int_kernel_problems(plan)]

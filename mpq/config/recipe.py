@@ -20,8 +20,13 @@ Format, version 1::
       - {type: smoothquant, alpha: 0.5}
     rotation:                # optional: QuaRot, applied to the whole model before calibration
       {type: quarot, r1: hadamard, r2: true, r4: true, seed: 0}   # r1: hadamard | random
-    kv_cache:                # optional: calibrated static FP8 scales for the cached keys/values
-      {format: fp8_e4m3, granularity: tensor}   # granularity tensor | head
+    kv_cache:                # optional: quantize the cached keys (after RoPE) and values
+      {format: int8, granularity: group, group_size: 32, dynamic: false}
+      # fp8_e4m3: symmetric static scales, granularity tensor (default) | head
+      # int8 | int4: asymmetric (scale + zero point), granularity head (default; one range per
+      #   kv head) | group (group_size consecutive channels of a head; must divide head_dim);
+      #   dynamic: false (default) calibrates the ranges, true takes one per token at run time
+      #   (no calibration needed for it); mpq.config.kv_cache
     experts:                 # optional (models with fused MoE experts): an expert routed fewer
       {min_tokens: 32}       # calibration tokens is quantized with rtn (0: only unreached ones)
     precision_policy:        # optional; these are the defaults
@@ -30,7 +35,8 @@ Format, version 1::
       residual: fp32
       rope: fp32
       activations: bf16
-      kv_cache: bf16         # fp32|bf16|fp16|fp8_e4m3|fp8_e5m2
+      kv_cache: bf16         # fp32|bf16|fp16|fp8_e4m3|fp8_e5m2; a kv_cache section sets it to
+                             # its format (a different value here is an error)
 
 Weights of a rule = WeightArgs defaults, overlaid key-wise by ``defaults.weights``, then by the
 rule's ``weights``.  A level that sets ``format`` but not ``bits`` gets the format's bits
@@ -58,7 +64,7 @@ from mpq.config.schema import (YamlPath, check_keys, expect, finish_weights, loa
                                parse_experts, parse_kv_cache, parse_options, parse_rotation, parse_transforms,
                                parse_weight_overlay)
 from mpq.config.experts import ExpertArgs
-from mpq.config.kv_cache import KVCacheArgs
+from mpq.config.kv_cache import INT_FORMATS, KVCacheArgs
 from mpq.config.rotation import QuaRotArgs
 from mpq.numerics.args import ActivationArgs, WeightArgs
 from mpq.config.scheme import LayerScheme
@@ -67,16 +73,18 @@ RECIPE_VERSION = 1
 REGEX_PREFIX = "re:"
 FLOAT_DTYPES = ("fp32", "bf16", "fp16")
 KV_CACHE_DTYPES = FLOAT_DTYPES + ("fp8_e4m3", "fp8_e5m2")
+KV_INT_DTYPES = tuple(INT_FORMATS)  # only with a kv_cache section that has this format
 _TOP_KEYS = ("mpq_recipe", "name", "description", "defaults", "rules", "transforms",
              "kv_cache", "rotation", "precision_policy", "experts")
 _DEFAULT_KEYS = ("algorithm", "weights", "options", "input_activations")
 _RULE_KEYS = ("targets", "skip") + _DEFAULT_KEYS
 
 
-def precision_problem(part: str, value: Any) -> SchemeError | None:
-    """The error for an invalid dtype of one precision_policy entry, or None when it is valid."""
+def precision_problem(part: str, value: Any, kv_int: bool = False) -> SchemeError | None:
+    """The error for an invalid dtype of one precision_policy entry, or None when it is valid.
+    ``kv_int``: the kv_cache part may also be int8/int4 (set by a kv_cache section)."""
     choices = KV_CACHE_DTYPES if part == "kv_cache" else FLOAT_DTYPES
-    if value in choices:
+    if value in choices or (kv_int and part == "kv_cache" and value in KV_INT_DTYPES):
         return None
     close = did_you_mean(value, choices)
     return SchemeError(f"unknown dtype '{value}' for {part}",
@@ -96,7 +104,7 @@ class PrecisionPolicy:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            problem = precision_problem(f.name, getattr(self, f.name))
+            problem = precision_problem(f.name, getattr(self, f.name), kv_int=True)
             if problem is not None:
                 raise problem
 
@@ -191,7 +199,8 @@ def parse_recipe(text: str, source: str,
         raise root.key("rotation").error(
             "rotation cannot be combined with transforms yet (their scale folds would cross "
             "the online rotation)", hint="remove transforms: or rotation:")
-    policy = _parse_policy(data.get("precision_policy", {}), root.key("precision_policy"))
+    policy = _parse_policy(data.get("precision_policy", {}), root.key("precision_policy"),
+                           kv_cache)
     if kv_cache is not None:  # the cache's dtype follows the kv_cache section
         policy = replace(policy, kv_cache=kv_cache.format)
     return Recipe(version=version, name=name, description=description, rules=rules,
@@ -283,13 +292,25 @@ def _parse_targets(raw: Any, at: YamlPath) -> tuple[str, ...]:
     return tuple(items)
 
 
-def _parse_policy(raw: Any, at: YamlPath) -> PrecisionPolicy:
+def _parse_policy(raw: Any, at: YamlPath, kv_cache: KVCacheArgs | None) -> PrecisionPolicy:
+    """The precision_policy section; its kv_cache entry, when given beside a kv_cache section,
+    must name that section's format (the section sets it otherwise), and int8/int4 need one."""
     expect(raw, dict, at, example="{kv_cache: fp8_e4m3}")
     names = [f.name for f in fields(PrecisionPolicy)]
     check_keys(raw, names, at)
     for key, value in raw.items():
         expect(value, str, at.key(key), example=f"{key}: fp32")
-        problem = precision_problem(key, value)
+        if key == "kv_cache" and kv_cache is not None and value != kv_cache.format:
+            raise at.key(key).error(f"'{value}' disagrees with kv_cache.format "
+                                    f"'{kv_cache.format}'",
+                                    hint="drop precision_policy.kv_cache (the kv_cache section "
+                                         "sets it) or make the two agree")
+        if key == "kv_cache" and kv_cache is None and value in KV_INT_DTYPES:
+            raise at.key(key).error(f"an {value} KV cache needs the kv_cache section (its "
+                                    "scales and zero points)",
+                                    hint=f"add kv_cache: {{format: {value}, granularity: head}} "
+                                         "and drop this entry")
+        problem = precision_problem(key, value, kv_int=kv_cache is not None)
         if problem is not None:
             raise at.key(key).error(problem.message, hint=problem.hint)
     return PrecisionPolicy(**raw)

@@ -212,19 +212,24 @@ def parse_transforms(value: Any, at: YamlPath) -> tuple[tuple[str, tuple], ...]:
     return tuple(out)
 
 
-KV_CACHE_KEYS = ("format", "granularity")
+KV_CACHE_KEYS = ("format", "granularity", "group_size", "dynamic")
+_KV_TYPES = {"format": str, "granularity": str, "group_size": int, "dynamic": bool}
+_KV_EXAMPLES = {"format": "format: int8", "granularity": "granularity: group",
+                "group_size": "group_size: 32", "dynamic": "dynamic: true"}
 
 
 def parse_kv_cache(value: Any, at: YamlPath):
-    """``kv_cache:``: null/absent (off) or ``{format: fp8_e4m3, granularity: tensor|head}``."""
+    """``kv_cache:``: null/absent (off), ``{format: fp8_e4m3, granularity: tensor|head}`` or
+    ``{format: int8|int4, granularity: head|group, group_size: N, dynamic: true|false}``
+    (mpq.config.kv_cache)."""
     from mpq.config.kv_cache import KVCacheArgs
 
     if value is None:
         return None
-    expect(value, dict, at, example="{format: fp8_e4m3, granularity: tensor}")
+    expect(value, dict, at, example="{format: int8, granularity: head}")
     check_keys(value, KV_CACHE_KEYS, at)
     for key, item in value.items():
-        expect(item, str, at.key(key))
+        expect(item, _KV_TYPES[key], at.key(key), example=_KV_EXAMPLES[key])
     try:
         return KVCacheArgs(**value)
     except SchemeError as exc:

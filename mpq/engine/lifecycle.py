@@ -42,8 +42,9 @@ def no_events(kind: str, **data: Any) -> None:
 
 def calibration_pass_needed(plan: Plan, needs: Mapping[str, frozenset[str]]) -> bool:
     """Whether a run of ``plan`` runs calibration data through the blocks: some layer needs
-    statistics, or the plan has transforms or KV-cache scales to calibrate."""
-    return bool(needs or plan.transforms or plan.kv_cache)
+    statistics, or the plan has transforms or KV-cache scales to calibrate (a dynamic KV scheme
+    has none)."""
+    return bool(needs or plan.transforms or (plan.kv_cache and plan.kv_cache.calibrated))
 
 
 @dataclass

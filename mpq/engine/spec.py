@@ -26,7 +26,7 @@ from mpq.engine.distributed import rank_device
 from mpq.engine.lifecycle import calibration_pass_needed
 from mpq.engine.streaming import build_streamed, streaming_blocker
 from mpq.errors import CalibrationError, ModelError, RecipeError, SchemeError, did_you_mean
-from mpq.models.attention import attention_modules
+from mpq.models.attention import attention_modules, kv_geometry
 from mpq.models.coverage import STRICT_DEFAULT, CoverageAccount, account
 from mpq.models.experts import routers
 from mpq.models.families import family_of
@@ -130,9 +130,10 @@ class RunSpec:
         if self.plan.transforms:
             raise CalibrationError(f"transform '{self.plan.transforms[0].type}' needs "
                                    "calibration data", hint="pass --calib FILE")
-        if self.plan.kv_cache:
+        if self.plan.kv_cache and self.plan.kv_cache.calibrated:
             raise CalibrationError("kv_cache quantization needs calibration data for its "
-                                   "scales", hint="pass --calib FILE")
+                                   "scales", hint="pass --calib FILE (or use an int8/int4 "
+                                   "kv_cache with dynamic: true, which calibrates nothing)")
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -214,6 +215,11 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
                f"cache argument found in {type(model).__name__}'s blocks")
         raise ModelError(f"{recipe.source}: kv_cache: {why}",
                          hint="remove kv_cache: this architecture's cache is not supported yet")
+    if plan.kv_cache:
+        try:
+            plan.kv_cache.check_head_dim(kv_geometry(model.config)[1])
+        except SchemeError as exc:
+            raise SchemeError(f"{recipe.source}: kv_cache: {exc.message}", hint=exc.hint) from None
     return layout, plan
 
 

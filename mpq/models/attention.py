@@ -47,6 +47,17 @@ def attention_modules(model_or_config, block: nn.Module) -> list[tuple[str, nn.M
     return [(path, module)]
 
 
+def kv_geometry(config) -> tuple[int, int]:
+    """(kv heads, head_dim) of a model config: ``num_key_value_heads`` (``num_kv_heads``,
+    else ``num_attention_heads``) and ``head_dim`` (else hidden_size / heads)."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    heads = text.num_attention_heads
+    kv_heads = (getattr(text, "num_key_value_heads", None) or getattr(text, "num_kv_heads", None)
+                or heads)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return int(kv_heads), int(head_dim)
+
+
 def discover_attention(block: nn.Module) -> list[tuple[str, nn.Module]]:
     """Generic discovery for model types without a record: (local name, module) of each
     module in ``block`` that has k_proj and v_proj and whose forward takes the cache argument."""

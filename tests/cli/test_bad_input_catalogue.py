@@ -35,7 +35,7 @@ from click.testing import CliRunner
 from mpq.cli.main import cli
 from mpq.errors import (ArtifactError, CalibrationError, EvalGateError, FormatError, ModelError,
                         MpqError, OptionError, OutputError, RecipeError, ResourceError,
-                        ResumeError)
+                        ResumeError, SchemeError)
 from tests.tiny_models import save_tiny_model
 from tests.helpers import REPO, disk_full_at_block
 
@@ -478,6 +478,7 @@ def _compressed_tensors_model(env: Env) -> Path:
 
 R_UNKNOWN_KEY = "rules:\n  - targets: Linear\n    weights: {bitz: 4}\n"
 R_WRONG_TYPE = "rules:\n  - targets: Linear\n    weights: {bits: four}\n"
+R_KV_ONLY = "kv_cache: {}\nrules:\n  - {{targets: Linear, skip: true}}\n"  # .format(kv mapping)
 
 def _olmo2(env: Env) -> Path:
     """A tiny OLMo 2 (post-norms only) in the case's folder."""
@@ -918,6 +919,36 @@ CASES: list[Case] = [
          lambda e: ["eval", _bos_model(e), "--data", e.write("eval.txt", "hello world " * 100),
                     "--window", 64, "--stride", 64], CalibrationError,
          ("stride must be an integer in 1..window - 1 = 63", "holds a BOS", "got 64")),
+    # int8/int4 KV caches (mpq.config.kv_cache)
+    Case("kv-int-group-size", "kv_cache int4 per group of 6 channels on the tiny Llama, whose "
+         "head_dim 16 is not a multiple of 6",
+         lambda e: ["plan", e.src, "-r", e.recipe(R_KV_ONLY.format(
+             "{format: int4, granularity: group, group_size: 6}"))], SchemeError,
+         ("kv_cache: group_size 6 does not divide the model's head_dim 16",
+          "pick a divisor")),
+    Case("kv-int-tensor-granularity", "kv_cache int4 with granularity tensor (an fp8-only "
+         "setting)",
+         lambda e: ["plan", e.src, "-r", e.recipe(R_KV_ONLY.format(
+             "{format: int4, granularity: tensor}"))], RecipeError,
+         ("kv_cache: granularity 'tensor' does not apply to int4; it is for fp8_e4m3",
+          "use one of head, group")),
+    Case("kv-fp8-dynamic", "kv_cache fp8_e4m3 with dynamic: true (fp8 KV scales are static)",
+         lambda e: ["plan", e.src, "-r", e.recipe(R_KV_ONLY.format(
+             "{format: fp8_e4m3, dynamic: true}"))], RecipeError,
+         ("fp8_e4m3 KV scales are static", "format: int8")),
+    Case("kv-int-policy-disagrees", "kv_cache int8 beside precision_policy {kv_cache: bf16}",
+         lambda e: ["plan", e.src, "-r", e.recipe(R_KV_ONLY.format("{format: int8}")
+                                                  + "precision_policy: {kv_cache: bf16}\n")],
+         RecipeError, ("precision_policy.kv_cache: 'bf16' disagrees with kv_cache.format 'int8'",
+                       "drop precision_policy.kv_cache")),
+    Case("kv-int-static-no-calib", "a static int8 KV cache (calibrated ranges) without --calib",
+         lambda e: e.quantize(e.src, recipe=e.recipe(R_KV_ONLY.format("{format: int8}"))),
+         CalibrationError, ("kv_cache quantization needs calibration data", "dynamic: true")),
+    Case("kv-int-compressed-tensors", "--format compressed-tensors with a dynamic int8 KV cache "
+         "(no compressed-tensors loader runs asymmetric int KV)",
+         lambda e: e.quantize(e.src, "--format", "compressed-tensors", recipe=e.recipe(
+             R_KV_ONLY.format("{format: int8, dynamic: true}"))), FormatError,
+         ("kv_cache: int8 asymmetric KV cache", "native format (mpq) only")),
 ]
 
 

@@ -302,9 +302,12 @@ def test_duplicate_yaml_key_is_an_error():
 
 
 def test_bad_precision_value():
-    err = error_of("mpq_recipe: 1\nrules: [{targets: Linear}]\nprecision_policy: {kv_cache: int4}")
-    assert "recipe.yaml: precision_policy.kv_cache: unknown dtype 'int4'" in str(err)
+    err = error_of("mpq_recipe: 1\nrules: [{targets: Linear}]\nprecision_policy: {kv_cache: int3}")
+    assert "recipe.yaml: precision_policy.kv_cache: unknown dtype 'int3'" in str(err)
     assert "fp8_e4m3" in err.hint
+    err = error_of("mpq_recipe: 1\nrules: [{targets: Linear}]\nprecision_policy: {kv_cache: int4}")
+    assert "precision_policy.kv_cache: an int4 KV cache needs the kv_cache section" in str(err)
+    assert "format: int4" in err.hint
     err = error_of("mpq_recipe: 1\nrules: [{targets: Linear}]\n"
                    "precision_policy: {norms: fp8_e4m3}")
     assert "precision_policy.norms: unknown dtype 'fp8_e4m3'" in str(err)

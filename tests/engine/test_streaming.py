@@ -28,7 +28,9 @@ def sharded(tmp_path_factory):
 
 
 CASES = {"rtn": ("", "rtn"), "gptq": ("", "gptq"), "awq": (TRANSFORMS, "rtn"),
-         "kv": (KV, "gptq")}
+         "kv": (KV, "gptq"),
+         "kv-int4-group": ("kv_cache: {format: int4, granularity: group, group_size: 8}\n", "gptq"),
+         "kv-int8-dynamic": ("kv_cache: {format: int8, dynamic: true}\n", "gptq")}
 
 
 @pytest.mark.parametrize("case", list(CASES))

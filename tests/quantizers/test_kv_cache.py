@@ -88,7 +88,7 @@ def test_scale_is_the_calibration_absmax_over_448():
     key[1, 2, 4, 0] = -896.0
     key[0, 0, 0, 1] = 44.8
     observer(key, key.clone())
-    scales = observer.scales()
+    scales = observer.tensors()
     assert torch.equal(scales["k_scale"].reshape(-1)[[0, 2]], torch.tensor([0.1, 2.0]))
     x = torch.tensor([[[[0.1 * 17, 1000.0]]]])
     assert torch.equal(fake_quantize_kv(x, torch.tensor([0.1])),
@@ -109,7 +109,7 @@ def test_generation_with_a_real_cache_runs_through_the_tap(tmp_path, calib_text)
 
 def test_bad_kv_inputs_are_refused(tmp_path, calib_text):
     with pytest.raises(RecipeError, match="kv_cache"):
-        recipe(kv="{format: int8}")
+        recipe(kv="{format: int2}")
     with pytest.raises(RecipeError, match="granularity"):
         recipe(kv="{format: fp8_e4m3, granularity: channel}")
     save_tiny_model("llama", tmp_path / "src")
