@@ -130,6 +130,9 @@ def command(model, recipe, strict, max_unquantized, as_json):
         console.print(f"recipe {plan.recipe_name}: {description}")
     kept = len(plan.layers) - len(plan.quantized())
     console.print(f"{len(plan.quantized())} layers quantized, {kept} kept")
+    if plan.storage_dtype is not None:
+        console.print(f"float tensors kept (embeddings, norms, biases, ...) stored in "
+                      f"{plan.storage_dtype}")
     for line in summary_lines(plan):
         console.print(line)
     for line in routing_lines(plan, log):

@@ -151,3 +151,14 @@ def test_source_dtype_comes_from_the_stored_tensors_over_config_json(tmp_path):
 def test_bad_storage_dtype_is_a_recipe_error(value):
     with pytest.raises(RecipeError, match="storage_dtype"):
         recipe(f"storage_dtype: {value}\n")
+
+
+def test_mpq_plan_shows_the_resolved_storage_dtype(tmp_path):
+    from tests.helpers import run_cli
+
+    save_source(tmp_path / "src", torch.bfloat16)
+    shown = run_cli("plan", tmp_path / "src", "-r", "w4a16")
+    assert shown.exit_code == 0, shown.output
+    assert "stored in bf16" in shown.stdout
+    data = run_cli("plan", tmp_path / "src", "-r", "w4a16", "--json")
+    assert json.loads(data.stdout)["storage_dtype"] == "bf16"
