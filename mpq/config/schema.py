@@ -141,7 +141,7 @@ def overlay_weights(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict
     When the level sets ``format``, fields it leaves out follow the format
     (``NumberFormat.implied_weights``): fp8_* → 8 bits, symmetric, per-channel instead of group;
     nf4, mxfp4, mxfp8, nvfp4 → their bits, symmetric, group of their fixed size (64, 32, 32, 16);
-    any format other than nf4 → no double_quant; any format other than int → fp32 scales.
+    any format other than nf4 → no double_quant; formats without a scale_dtype (all but int and fp8) → fp32 scales.
     Fields the level gives are never changed, so conflicts still raise.
     """
     merged = {**base, **overlay}

@@ -41,7 +41,8 @@ class WeightArgs:
       per 128×128 tile; N and K need not be multiples of 128; fp8_e4m3).
     - ``symmetric``: asymmetric (int) adds a per-scale integer zero point.
     - ``double_quant``: nf4 only; the per-block absmax values are themselves quantized to 8 bits.
-    - ``scale_dtype``: ``fp32`` (default), ``fp16`` or ``bf16``; formats that take it (``int``)
+    - ``scale_dtype``: ``fp32`` (default), ``fp16`` or ``bf16``; formats that take it (``int``,
+      ``fp8_e4m3``/``fp8_e5m2``; the microscaled ones fix their own)
       round every scale to this dtype *before* the codes are computed, so the stored scales are
       exactly the ones the algorithm used (fp16 is what GPTQ v1 stores; bf16/fp16 what
       compressed-tensors stores for a bf16/fp16 model).  Left out of :meth:`to_dict` when fp32,

@@ -24,7 +24,7 @@ of an [N, k] slice so that GPTQ can call them group by group / column by column
 Native tensors (local keys; S = scale rows, 1 for tensor granularity, else N; G groups):
 ``qweight`` int32 [N, ceil(K·b/32)] = :func:`mpq.numerics.packing.pack_rows` of the unsigned
 codes; ``scale`` [S, G] in ``scale_dtype`` (fp32 unless the args say fp16/bf16:
-:func:`int_scale`); ``zero`` int32 [ceil(S·b/32), G] =
+:func:`rounded_scale`); ``zero`` int32 [ceil(S·b/32), G] =
 :func:`mpq.numerics.packing.pack_cols` of the unsigned zero points (asymmetric only); ``g_idx``
 int32 [K] (act-order only).  compressed-tensors stores int as ``pack-quantized`` (or
 ``int-quantized`` with quantized inputs), GPTQ v1 as its qweight/qzeros/scales.
@@ -78,11 +78,11 @@ def safe_scale(scale: torch.Tensor) -> torch.Tensor:
 SCALE_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def int_scale(raw: torch.Tensor, args: WeightArgs) -> torch.Tensor:
-    """The fp32 scales of ``raw`` (the formula's values) as the int grid uses and stores them:
+def rounded_scale(raw: torch.Tensor, args: WeightArgs) -> torch.Tensor:
+    """The fp32 scales of ``raw`` (the formula's values) as the grid uses and stores them:
     zero → eps (:func:`safe_scale`), then rounded to ``args.scale_dtype`` (fp16/bf16; values
-    below its smallest normal are raised to it, so no scale rounds to 0).  Every int scale
-    (min-max, clip search, GPTQ's groups) goes through here, so codes are always computed from
+    below its smallest normal are raised to it, so no scale rounds to 0).  Every int and fp8
+    scale (min-max, clip search, GPTQ's groups, fp8's absmax) goes through here, so codes are always computed from
     the scale that is stored.  SchemeError when a scale overflows the dtype (fp16: > 65504)."""
     scale = safe_scale(raw)
     if args.scale_dtype == "fp32":
@@ -120,10 +120,10 @@ def int_params(w: torch.Tensor, args: WeightArgs) -> tuple[torch.Tensor, torch.T
     v = _grouped(w.to(torch.float32), args)
     if args.symmetric:
         amax = v.abs().amax(dim=-1)
-        return int_scale(amax / ((qmax - qmin) / 2), args), None
+        return rounded_scale(amax / ((qmax - qmin) / 2), args), None
     lo = v.amin(dim=-1).clamp(max=0)
     hi = v.amax(dim=-1).clamp(min=0)
-    scale = int_scale((hi - lo) / (qmax - qmin), args)
+    scale = rounded_scale((hi - lo) / (qmax - qmin), args)
     zero_q = torch.round(qmin - lo / scale).clamp(qmin, qmax)
     return scale, (zero_q + (1 << (args.bits - 1))).to(torch.int32)
 

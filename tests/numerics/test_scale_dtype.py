@@ -111,16 +111,29 @@ def test_gptq_with_fp16_scales_is_stored_exactly_by_the_gptq_format(options):
 def test_scale_dtype_is_for_int_only_and_checked():
     with pytest.raises(SchemeError, match="unknown scale_dtype"):
         WeightArgs(scale_dtype="fp8")
-    with pytest.raises(SchemeError, match="scale_dtype applies to int only"):
-        WeightArgs(format="fp8_e4m3", bits=8, granularity="channel", group_size=None,
-                   scale_dtype="fp16")
+    with pytest.raises(SchemeError, match="scale_dtype applies to int and fp8"):
+        WeightArgs(format="nf4", bits=4, group_size=64, scale_dtype="fp16")
     # a rule switching format drops an inherited int scale_dtype
     recipe = parse_recipe(
         "mpq_recipe: 1\ndefaults:\n  weights: {scale_dtype: fp16}\nrules:\n"
-        "  - targets: lm_head\n    weights: {format: fp8_e4m3}\n  - targets: Linear\n",
+        "  - targets: lm_head\n    weights: {format: nf4}\n  - targets: Linear\n",
         "r.yaml")
     assert recipe.rules[0].scheme.weights.scale_dtype == "fp32"
     assert recipe.rules[1].scheme.weights.scale_dtype == "fp16"
     with pytest.raises(RecipeError, match="scale_dtype"):
         parse_recipe("mpq_recipe: 1\nrules:\n  - targets: Linear\n    weights: {scale_dtype: 16}\n",
                      "r.yaml")
+
+
+@pytest.mark.parametrize("granularity", ["channel", "tensor", "block"])
+def test_fp8_scales_take_a_scale_dtype_too(granularity):
+    args = WeightArgs(format="fp8_e4m3", bits=8, granularity=granularity, group_size=None,
+                      scale_dtype="bf16")
+    w = weight(16, 64)
+    qw = NUMBER_FORMATS.get("fp8_e4m3").quantize(w, args)
+    assert representable(qw.scale, torch.bfloat16)
+    tensors = encode(qw)
+    assert tensors["scale"].dtype == torch.bfloat16
+    assert torch.equal(decode(tensors, args, qw.shape).dequantize(), qw.dequantize())
+    # within fp8's relative precision of the weights (the max element may saturate)
+    assert float((qw.dequantize() - w).abs().max()) <= 0.07 * float(w.abs().max())
