@@ -13,7 +13,7 @@ from mpq.checkpoint.native import open_artifact
 from mpq.checkpoint.storage import source_storage_dtype, stored_dense
 from mpq.config.recipe import parse_recipe
 from mpq.engine.spec import RunOptions
-from mpq.errors import RecipeError
+from mpq.errors import FormatError, RecipeError
 from mpq.models.source import source_weight_map
 from mpq.quantize import quantize
 from tests.helpers import byte_tokenizer
@@ -162,3 +162,27 @@ def test_mpq_plan_shows_the_resolved_storage_dtype(tmp_path):
     assert "stored in bf16" in shown.stdout
     data = run_cli("plan", tmp_path / "src", "-r", "w4a16", "--json")
     assert json.loads(data.stdout)["storage_dtype"] == "bf16"
+
+
+@pytest.mark.parametrize("fmt, source, scale_dtype, warned", [
+    ("gptq", torch.float32, "fp32", True), ("gptq", torch.float32, "bf16", True),
+    ("gptq", torch.bfloat16, "fp16", False),
+    ("compressed-tensors", torch.bfloat16, "fp32", True),
+    ("compressed-tensors", torch.bfloat16, "fp16", True),
+    ("compressed-tensors", torch.bfloat16, "bf16", False),
+    ("compressed-tensors", torch.float32, "fp32", False),
+    ("compressed-tensors", torch.float32, "fp16", False)])
+def test_writers_warn_when_they_would_round_the_scales(fmt, source, scale_dtype, warned,
+                                                       tmp_path):
+    from mpq.engine.spec import resolve_run
+
+    save_source(tmp_path / "src", source)
+    weights = "{format: int, bits: 4, group_size: 32, scale_dtype: %s}" % scale_dtype
+    spec = resolve_run(tmp_path / "src", recipe(weights=weights), RunOptions(output_format=fmt))
+    rounding = [w for w in spec.warnings if w.startswith("scales:")]
+    assert bool(rounding) == warned, spec.warnings
+    if warned:
+        assert "scale_dtype: " + ("fp16" if fmt == "gptq" else "bf16") in rounding[0]
+        with pytest.raises(FormatError, match="--strict"):
+            resolve_run(tmp_path / "src", recipe(weights=weights),
+                        RunOptions(output_format=fmt, strict=True))
