@@ -82,8 +82,9 @@ def rounded_scale(raw: torch.Tensor, args: WeightArgs) -> torch.Tensor:
     """The fp32 scales of ``raw`` (the formula's values) as the grid uses and stores them:
     zero → eps (:func:`safe_scale`), then rounded to ``args.scale_dtype`` (fp16/bf16; values
     below its smallest normal are raised to it, so no scale rounds to 0).  Every int and fp8
-    scale (min-max, clip search, GPTQ's groups, fp8's absmax) goes through here, so codes are always computed from
-    the scale that is stored.  SchemeError when a scale overflows the dtype (fp16: > 65504)."""
+    scale (min-max, clip search, GPTQ's groups, fp8's absmax) goes through here, so codes are
+    always computed from the scale that is stored.  SchemeError when a scale overflows the
+    dtype (fp16: > 65504)."""
     scale = safe_scale(raw)
     if args.scale_dtype == "fp32":
         return scale
