@@ -165,6 +165,19 @@ def _attach_kv_cache(model: nn.Module, args: KVCacheArgs, tensors: dict[str, tor
             attach_kv_quantization(module, args, found)
 
 
+def compute_dtype(config, tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """config.json's ``dtype`` (the dtype the quantizing run computed in; the artifact may
+    store its float tensors narrower, mpq.checkpoint.storage), else that of the first float
+    tensor stored, else float32."""
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(named, str):
+        named = getattr(torch, named.replace("torch.", ""), None)
+    if isinstance(named, torch.dtype) and named.is_floating_point:
+        return named
+    return next((t.dtype for t in tensors.values() if t.is_floating_point()
+                 and t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2)), torch.float32)
+
+
 def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | None = None,
          verify: bool = True) -> nn.Module:
     """Load the artifact at ``path`` on CPU in eval mode.
@@ -175,7 +188,8 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
     ArtifactError naming the first failure).
     ``dequantize=False`` keeps quantized layers packed (memory stays low, weights decoded per
     forward); ``True`` dequantizes every layer once up front (faster forwards).  ``dtype`` is the
-    compute dtype of unquantized tensors (default: the artifact's).
+    compute dtype of unquantized tensors (default: :func:`compute_dtype`, the dtype the run
+    computed in; tensors stored narrower, e.g. under ``storage_dtype: bf16``, are upcast).
     """
     from transformers import AutoConfig
 
@@ -185,8 +199,7 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
     config = AutoConfig.from_pretrained(artifact.path, local_files_only=True)
     tensors = read_tensors(artifact)
     if dtype is None:
-        dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()
-                      and t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2)), torch.float32)
+        dtype = compute_dtype(config, tensors)
     model = build_skeleton(config, dtype)
     gates = {name for name, _ in routers(model)}
     experts: dict[str, dict[str, dict[int, nn.Module]]] = {}  # module → projection → slices

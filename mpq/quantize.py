@@ -140,8 +140,11 @@ def quantize(model_path: str | Path, recipe, out_dir: str | Path,
     source = fingerprint(spec.source_dir)
     pipeline_options = {"true_sequential": options.true_sequential,
                         "batch_tokens": options.calibration.batch_tokens}
+    # storage_dtype only changes how the artifact is written: a rerun that changes it (e.g.
+    # after an fp16 overflow refusal) resumes the finished blocks
+    recipe_print = {k: v for k, v in recipe.to_dict().items() if k != "storage_dtype"}
     run_print = run_fingerprint(
-        model_sha256=source["sha256"], recipe=recipe.to_dict(),
+        model_sha256=source["sha256"], recipe=recipe_print,
         calibration_sha256=provenance["sha256"] if provenance else None,
         options={**pipeline_options, "dtype": str(model.dtype), "device": spec.device.type})
     with ExitStack() as held:

@@ -8,8 +8,11 @@ the output format's checks included), then models the run:
 tensors computed from its shape by its number format (``stored_bytes`` of the format object in
 mpq.numerics: the native layout, e.g. int codes packed in int32 words, fp32 scales, packed zero
 points, int32 g_idx under GPTQ act-order; compressed-tensors and GPTQ v1 with their own layouts,
-scales in the model's dtype / float16).  Every other tensor of the state dict (embeddings, norms,
-biases, an untied head) at the load dtype, tied tensors once.  The safetensors header (one JSON
+scales in the artifact's storage dtype / float16; int scales in their ``scale_dtype`` natively).
+Every other tensor of the state dict (embeddings, norms, biases, an untied head) in the
+artifact's storage dtype (the plan's ``storage_dtype``, mpq.checkpoint.storage), tied tensors
+once.  ``bits_per_weight`` is the tensor bytes × 8 over every weight of the model (quantized
+and kept), ``quantized_bits_per_weight`` the quantized layers' bytes over their weights.  The safetensors header (one JSON
 entry per tensor plus mpq's metadata, the plan being the largest) is estimated from the plan.
 
 **Peak memory** (bytes; the host's for ``--device cpu``), the largest of three phases:
@@ -104,6 +107,7 @@ from mpq.engine.spec import RunSpec
 from mpq.errors import CalibrationError
 from mpq.errors import ResourceError
 from mpq.models.source import read_config
+from mpq.checkpoint.storage import storage_bytes
 from mpq.config.plan import Plan
 from mpq.config.run_log import plan_record
 
@@ -304,6 +308,7 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
         pass
     wdtype = load_dtype(read_config(source_dir), options.dtype)
     elem = torch.empty(0, dtype=wdtype).element_size()
+    stored_elem = storage_bytes(plan.storage_dtype or "fp32")  # the artifact's float tensors
 
     # ---- the state dict: all weights, and what stays dense in the artifact
     quantized = {layer.name: layer for layer in plan.quantized()}
@@ -312,7 +317,7 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
             and skeleton.get_submodule(head).weight is getattr(
                 skeleton.get_input_embeddings(), "weight", None))
     seen: set[int] = set()
-    weight_bytes = dense_bytes = 0
+    weight_bytes = dense_bytes = dense_weights = 0
     block_weight_bytes: dict[int, int] = {}  # per decoder block
     blocks_prefix = layout.blocks_path + "."
     tensor_names: list[str] = []
@@ -326,12 +331,12 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
             index = int(name[len(blocks_prefix):].split(".", 1)[0])
             block_weight_bytes[index] = block_weight_bytes.get(index, 0) + size
         module = name.rsplit(".", 1)[0]
-        if name.endswith(".weight") and module in quantized:
-            if module == head and tied:  # untied: the embedding stays, the head is quantized
-                dense_bytes += size
-                tensor_names.append(name)
+        if name.endswith(".weight") and module in quantized \
+                and not (module == head and tied):  # untied: the embedding stays
             continue
-        dense_bytes += size
+        floating = tensor.is_floating_point()
+        dense_bytes += tensor.numel() * (stored_elem if floating else tensor.element_size())
+        dense_weights += tensor.numel() if floating else 0
         tensor_names.append(name)
 
     quantized_bytes = 0
@@ -340,7 +345,7 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
     largest_group = 0
     for layer in plan.quantized():
         n, k = layer.shape
-        quantized_bytes += layer.scheme.stored_bytes(layer.shape, output_format, elem)
+        quantized_bytes += layer.scheme.stored_bytes(layer.shape, output_format, stored_elem)
         native = layer.scheme.stored_bytes(layer.shape, "mpq", elem)
         codes = n * k + max(0, native - n * k * layer.scheme.weights.bits // 8)
         codes_bytes += codes
@@ -354,10 +359,17 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
             tensor_names.append(f"{layer.name}.input_scale")
     header = _header_bytes(plan, tensor_names, recipe.text or "")
     tensors_total = quantized_bytes + dense_bytes
+    quantized_weights = sum(l.shape[0] * l.shape[1] for l in plan.quantized())
+    total_weights = quantized_weights + dense_weights
     size = {"quantized_bytes": quantized_bytes, "dense_bytes": dense_bytes,
             "tensor_bytes": tensors_total, "header_bytes": header,
             "file_bytes": tensors_total + header + 8,
-            "quantized_weights": sum(l.shape[0] * l.shape[1] for l in plan.quantized())}
+            "quantized_weights": quantized_weights, "total_weights": total_weights,
+            "storage_dtype": plan.storage_dtype or "fp32",
+            "bits_per_weight": round(8 * tensors_total / total_weights, 4)
+            if total_weights else 0.0,
+            "quantized_bits_per_weight": round(8 * quantized_bytes / quantized_weights, 4)
+            if quantized_weights else 0.0}
 
     # ---- the calibration work
     wanted = spec.needs

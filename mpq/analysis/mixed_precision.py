@@ -217,7 +217,7 @@ def build_recipe(base: Recipe, table: SensitivityTable, choice: MixedChoice, mod
             "name": name or f"{base.name}-mixed-{label}",
             "description": choice.describe() + f"; base recipe {base.name}",
             "rules": rules, "precision_policy": base_dict["precision_policy"]}
-    for extra in ("transforms", "kv_cache", "rotation"):
+    for extra in ("transforms", "kv_cache", "rotation", "storage_dtype"):
         if extra in base_dict:
             data[extra] = base_dict[extra]
     # this header is part of the recipe stored in artifacts: its bytes stay as they were

@@ -24,8 +24,12 @@ Per quantized Linear ``<p>``, the per-layer format is the one compressed-tensors
   ``v_scale`` fp32 ([1] or [kv_heads, 1, 1]) on each attention module, as mpq stores them.
   int8/int4 asymmetric KV caches are refused (:func:`kv_unsupported`: native only).
 
-Int and fp8 scales are stored in the model's dtype (compressed-tensors' default ``scale_dtype``); for an
-fp32 model the stored state is exactly mpq's.  One config group per distinct scheme; its targets
+Int and fp8 scales are stored in the model's dtype (compressed-tensors' default ``scale_dtype``:
+its loader allocates them in the dtype of the weights), which is the artifact's storage dtype
+(the recipe's ``storage_dtype``, mpq.checkpoint.storage).  For fp32 storage the stored state is
+exactly mpq's; for bf16/fp16 storage it is exact when the plan's int scales have that
+``scale_dtype`` (the quantizer rounded them before computing the codes), and rounded otherwise:
+the pre-flight check warns about those layers (``--strict`` refuses them).  One config group per distinct scheme; its targets
 are ``["Linear"]`` when it covers every quantized layer, else the layers' exact names; unquantized
 Linears go to ``ignore``.  A mix of per-layer formats makes the top-level format
 ``mixed-precision``.  mpq's metadata stays out of the scheme args (which reject unknown keys): it
@@ -216,6 +220,25 @@ def layer_tensors(qw: QuantizedWeight, scheme: LayerScheme, dtype: torch.dtype
     return out
 
 
+def scale_rounding_problems(plan: Plan) -> list[str]:
+    """Layers whose scales (int, fp8: stored in the model's dtype, the artifact's
+    storage_dtype) that dtype cannot hold exactly: their scale_dtype is neither it nor wider
+    storage (fp32 storage holds every scale exactly)."""
+    storage = plan.storage_dtype
+    if storage in (None, "fp32"):
+        return []
+    rounded: dict[str, list[str]] = defaultdict(list)
+    for layer in plan.quantized():
+        mapping = NUMBER_FORMATS.get(layer.scheme.weights.format).compressed_tensors
+        if isinstance(mapping, CompressedTensorsMapping) and mapping.layout != "native" \
+                and layer.scheme.weights.scale_dtype != storage:
+            rounded[layer.scheme.weights.scale_dtype].append(layer.name)
+    return [f"scales: {len(names)} layer(s) with {scale_dtype} scales, e.g. "
+            f"{', '.join(names[:3])}, are rounded to {storage} (compressed-tensors keeps "
+            f"scales in the model's dtype); set weights scale_dtype: {storage} (int) so the "
+            "algorithm uses the scales that are stored" for scale_dtype, names in rounded.items()]
+
+
 def vllm_int_kernel_problems(plan: Plan) -> list[str]:
     """Layers vLLM's fast int kernels would not take (FORMATS.md), grouped by reason."""
     reasons: dict[str, list[str]] = defaultdict(list)
@@ -257,7 +280,8 @@ class CompressedTensorsWriter:
             if layer.expert is None and (why := why_unsupported(layer)) is not None] + kv
 
     def preflight(self, plan: Plan) -> list[str]:
-        return [f"vLLM int kernels: {problem}" for problem in vllm_int_kernel_problems(plan)]
+        return ([f"vLLM int kernels: {problem}" for problem in vllm_int_kernel_problems(plan)]
+                + scale_rounding_problems(plan))
 
     def contents(self, state: ArtifactState) -> FolderContents:
         dtype = state.dtype()

@@ -19,8 +19,11 @@ What v1 cannot express (refused): number formats whose ``gptq_v1`` record is
 differing bits/group/symmetry (one quantize_config), a decoder-block Linear left unquantized
 (loaders replace every one), a quantized layer outside the blocks (lm_head), and a zero point
 of 0 (stored −1, which v1 loaders misread).
-Scales are rounded to float16, the format's dtype: the converter reports the largest relative
-change (``mpq.gptq_scale_rounding`` in the header).
+Scales are float16, the format's dtype.  With ``scale_dtype: fp16`` in the weight args the
+quantizer already rounded them before computing the codes, so the stored model is exactly the
+one the algorithm produced (``mpq.gptq_scale_rounding`` in the header: 0).  Other scale dtypes
+are rounded when written: the pre-flight check warns (``--strict`` refuses) and the header's
+``mpq.gptq_scale_rounding`` gives the largest relative change.
 """
 from __future__ import annotations
 
@@ -138,7 +141,15 @@ class GptqV1Writer:
         return problems
 
     def preflight(self, plan: Plan) -> list[str]:
-        return []
+        """Layers whose scales are not fp16 (rounded to float16 when written)."""
+        rounded = [layer.name for layer in plan.quantized()
+                   if layer.scheme.weights.scale_dtype != "fp16"]
+        if not rounded:
+            return []
+        return [f"scales: {len(rounded)} layer(s), e.g. {', '.join(rounded[:3])}, have "
+                "non-fp16 scales, rounded to float16 (GPTQ v1's scale dtype) when written; "
+                "set weights scale_dtype: fp16 so the algorithm solves with the scales that "
+                "are stored"]
 
     def contents(self, state: ArtifactState) -> FolderContents:
         tensors = dense_group(state)

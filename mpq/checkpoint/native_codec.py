@@ -4,7 +4,8 @@ The writer prefixes the keys with ``<layer>.``; nothing here does I/O.  What the
 layer are is its number format's business (``encode`` / ``decode`` of the registered
 :class:`mpq.numerics.format.NumberFormat`; each format's module in mpq/numerics/ lists its keys,
 e.g. int: ``qweight`` int32 [N, ceil(K·b/32)], ``scale`` fp32 [S, G], ``zero`` (asymmetric),
-``g_idx`` (act-order)).  Scales are kept fp32 (or in the format's own exact scale dtype) so
+``g_idx`` (act-order)).  Scales are kept fp32, in the args' ``scale_dtype`` (int: fp16/bf16
+scales were rounded before the codes were computed) or in the format's own exact scale dtype, so
 decode(encode(qw)).dequantize() is bit-identical to qw.dequantize().
 :func:`decode` validates every key, shape and dtype and raises :class:`ArtifactError`.
 """

@@ -18,6 +18,7 @@ from torch import nn
 from mpq.errors import ArtifactError
 from mpq.checkpoint.native import open_artifact, read_tensors
 from mpq.checkpoint.native_codec import decode, split_layer_tensors
+from mpq.checkpoint.storage import STORAGE_TORCH
 from mpq.models.source import PASS_THROUGH
 from mpq.config.plan import Plan
 from mpq.config.run_log import RunLog
@@ -30,7 +31,8 @@ class ArtifactState:
     """What a writer needs.
 
     - ``dense``: every tensor that is not a quantized weight, under its state-dict name (biases
-      of quantized layers included; tied tensors once), in the model's dtype.
+      of quantized layers included; tied tensors once), in the run's dtype; writers store them
+      in ``plan.storage_dtype`` (mpq.checkpoint.storage, through writers.dense_group).
     - ``qweights``: the QuantizedWeight of each quantized layer, by module name.
     - ``config``: the Hugging Face config.json contents, without ``quantization_config`` and
       without mpq's own key (each writer adds its own).
@@ -57,7 +59,10 @@ class ArtifactState:
         return not (isinstance(self.qweights, dict) and isinstance(self.dense, dict))
 
     def dtype(self) -> torch.dtype:
-        """The model's floating dtype (that of its unquantized tensors)."""
+        """The dtype the artifact stores its float tensors in: the plan's storage dtype, else
+        (a plan without one: an older artifact) that of its unquantized tensors."""
+        if self.plan.storage_dtype is not None:
+            return STORAGE_TORCH[self.plan.storage_dtype]
         return next((t.dtype for t in self.dense.values() if t.is_floating_point()
                      and t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2)), torch.float32)
 

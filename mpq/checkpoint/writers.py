@@ -25,6 +25,8 @@ from mpq.errors import FormatError
 from mpq.checkpoint.lazy import LazyTensors, specs_of
 from mpq.checkpoint.native import FORMAT_VERSION, write_artifact
 from mpq.checkpoint.state import ArtifactState
+from mpq.checkpoint.sizes import entries_of, size_summary
+from mpq.checkpoint.storage import stored_dense
 from mpq.checkpoint.model_card import render_model_card
 from mpq.numerics.packing import PACKING_LAYOUT
 from mpq.config.plan import Plan
@@ -59,21 +61,24 @@ WRITERS: Registry[Writer] = Registry("output format")
 
 
 def dense_group(state: ArtifactState) -> LazyTensors:
-    """A LazyTensors holding ``state.dense``, to which a writer adds its layers' tensors with
-    ``LazyTensors.add`` (one group per layer).  For a state held in memory (plain dicts)
-    everything stays resident, as before; for a streamed state (mpq.engine.streaming: tensors decoded
-    from the resume work directory on access) each group is produced when needed, so the
-    writer holds one shard at a time."""
+    """A LazyTensors holding ``state.dense`` in the plan's storage dtype
+    (mpq.checkpoint.storage.stored_dense: RecipeError on overflow, raised here, before anything
+    is written), to which a writer adds its layers' tensors with ``LazyTensors.add`` (one group
+    per layer).  For a state held in memory (plain dicts) everything stays resident, as before;
+    for a streamed state (mpq.engine.streaming: tensors decoded from the resume work directory
+    on access) each group is produced when needed, so the writer holds one shard at a time."""
+    storage = state.plan.storage_dtype
     tensors = LazyTensors(resident=not state.streamed)
     if isinstance(state.dense, LazyTensors):
         for name in state.dense:
             if name in state.dense.resident_names():
-                tensors.add_tensor(name, state.dense[name])
+                tensors.add_tensor(name, stored_dense(name, state.dense[name], storage))
             else:
-                tensors.add(lambda name=name: {name: state.dense[name]})
+                tensors.add(lambda name=name: {
+                    name: stored_dense(name, state.dense[name], storage)})
     else:
         for name, tensor in state.dense.items():
-            tensors.add_tensor(name, tensor)
+            tensors.add_tensor(name, stored_dense(name, tensor, storage))
     return tensors
 
 
@@ -174,7 +179,9 @@ def mpq_config_key(state: ArtifactState, format_name: str) -> dict:
 
 def write_state(state: ArtifactState, out_dir: str | Path, writer: Writer, *,
                 force: bool = False) -> dict[str, int]:
-    """Write ``state`` with ``writer`` into ``out_dir`` (atomically); return the size report.
+    """Write ``state`` with ``writer`` into ``out_dir`` (atomically); return the size report
+    (:func:`size_report`, as the header records it, plus the whole-model figures of
+    mpq.checkpoint.sizes.size_summary).
     The caller has checked the plan with :func:`preflight`."""
     format_name = writer.name
     contents = writer.contents(state)
@@ -188,4 +195,4 @@ def write_state(state: ArtifactState, out_dir: str | Path, writer: Writer, *,
         load_hint=writer.load_hint)
     write_artifact(out_dir, contents.tensors, metadata, contents.config, extra_files=files,
                    force=force)
-    return sizes
+    return {**sizes, **size_summary(state.plan, entries_of(specs_of(contents.tensors)))}

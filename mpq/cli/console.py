@@ -95,3 +95,14 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def size_line(sizes: dict) -> str:
+    """Whole-model size figures (mpq.checkpoint.sizes) in one line, e.g. '4.52 bits/weight over
+    all 134.5 M weights (quantized layers alone: 4.25; other tensors 55.2 MiB)'."""
+    line = (f"{sizes['bits_per_weight']:.2f} bits/weight over all "
+            f"{sizes['total_weights'] / 1e6:.2f} M weights")
+    if sizes.get("quantized_bits_per_weight"):
+        line += (f" (quantized layers alone: {sizes['quantized_bits_per_weight']:.2f}; "
+                 f"other tensors {human_bytes(sizes['dense_bytes'])})")
+    return line

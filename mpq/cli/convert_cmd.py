@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from mpq.cli.console import emit_json, human_bytes, stderr_console, stdout_console
+from mpq.cli.console import emit_json, human_bytes, size_line, stderr_console, stdout_console
 from mpq.cli.options import json_option
 
 
@@ -36,4 +36,5 @@ def command(src, output, output_format, force, strict, no_verify, as_json):
     for warning in result.warnings:
         stderr_console().print(f"[yellow]warning:[/yellow] {output_format} pre-flight: {warning}")
     stdout_console().print(f"wrote {result.out_dir} ({output_format}): tensors "
-                           f"{human_bytes(result.sizes['stored_bytes'])}")
+                           f"{human_bytes(result.sizes['stored_bytes'])}, "
+                           f"{size_line(result.sizes)}")

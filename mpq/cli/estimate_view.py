@@ -58,7 +58,11 @@ def show(estimate, coverage=None) -> None:
     table.add_column("notes")
     table.add_row("artifact", human_bytes(size["file_bytes"]),
                   f"quantized {human_bytes(size['quantized_bytes'])}, other tensors "
-                  f"{human_bytes(size['dense_bytes'])}, header {human_bytes(size['header_bytes'])}")
+                  f"{human_bytes(size['dense_bytes'])} ({size['storage_dtype']}), header "
+                  f"{human_bytes(size['header_bytes'])}")
+    table.add_row("bits/weight", f"{size['bits_per_weight']:.2f}",
+                  f"over all {size['total_weights'] / 1e6:.2f} M weights; quantized layers "
+                  f"alone {size['quantized_bits_per_weight']:.2f}")
     where = "host" if estimate.device == "cpu" else estimate.device
     streamed = ("streamed: one block resident" if estimate.streaming is None
                 else f"whole model loaded ({estimate.streaming})")

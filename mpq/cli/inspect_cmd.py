@@ -6,7 +6,7 @@ from collections import defaultdict
 import click
 from rich.table import Table
 
-from mpq.cli.console import emit_json, human_bytes, stdout_console
+from mpq.cli.console import emit_json, human_bytes, size_line, stdout_console
 from mpq.cli.options import json_option
 
 
@@ -41,6 +41,7 @@ def command(artifact, as_json):
     """Show what ARTIFACT holds: per-layer scheme, sizes, provenance."""
     from mpq.cli.experts_view import ExpertGroup, plan_rows, routing_lines, transform_lines
     from mpq.checkpoint.native import open_artifact
+    from mpq.checkpoint.sizes import header_entries, size_summary
     from mpq.config.run_log import describe_rotation, describe_transforms, plan_record
 
     art = open_artifact(artifact)
@@ -50,7 +51,8 @@ def command(artifact, as_json):
         "tool_version": art.metadata.get("mpq.tool_version"),
         "packing": art.metadata.get("mpq.packing"), "recipe": art.json_field("recipe"),
         "source": art.json_field("source"), "calibration": art.json_field("calibration"),
-        "sizes": {**(art.json_field("sizes") or {}), "files_bytes": art.tensor_bytes()},
+        "sizes": {**(art.json_field("sizes") or {}), "files_bytes": art.tensor_bytes(),
+                  **size_summary(art.plan, header_entries(art.files))},
         "plan": plan_record(art.plan, art.log),
         "layer_bytes": per_layer,
     }
@@ -89,6 +91,7 @@ def command(artifact, as_json):
     console.print(f"tensor files: {human_bytes(sizes['files_bytes'])}; tensors "
                   f"{human_bytes(sizes.get('stored_bytes', 0))}, ideal "
                   f"{human_bytes(sizes.get('ideal_bytes', 0))}")
+    console.print(f"size: {size_line(sizes)}")
     source, calib = info["source"] or {}, info["calibration"]
     console.print(f"source: {source.get('path')} ({source.get('model_type')}), "
                   f"sha256 {source.get('sha256')}")

@@ -83,7 +83,7 @@ def command(model, recipe, strict, max_unquantized, as_json):
     from mpq.checkpoint.native import is_artifact, open_artifact
     from mpq.cli.coverage_view import kept_table, share_line
     from mpq.config.run_log import describe_rotation, describe_transforms, plan_record
-    from mpq.engine.spec import RunOptions, as_recipe, plan_model
+    from mpq.engine.spec import RunOptions, as_recipe, plan_model, with_storage_dtype
     from mpq.engine.streaming import build_streamed
     from mpq.models.coverage import account
     from mpq.models.source import check_model_dir
@@ -103,8 +103,10 @@ def command(model, recipe, strict, max_unquantized, as_json):
         raise click.UsageError(f"'{model}' is not an mpq artifact: pass --recipe to plan it")
     else:
         recipe = as_recipe(recipe)
-        skeleton, _ = build_streamed(check_model_dir(model))  # in the dtype a run loads
+        source_dir = check_model_dir(model)
+        skeleton, weight_map = build_streamed(source_dir)  # in the dtype a run loads
         layout, plan = plan_model(skeleton, recipe)
+        plan = with_storage_dtype(plan, recipe, source_dir, weight_map)
         coverage = account(skeleton, plan)
         architecture = architecture_report(skeleton, layout, plan)
         limits = RunOptions(strict=strict, max_unquantized=max_unquantized)
@@ -128,6 +130,9 @@ def command(model, recipe, strict, max_unquantized, as_json):
         console.print(f"recipe {plan.recipe_name}: {description}")
     kept = len(plan.layers) - len(plan.quantized())
     console.print(f"{len(plan.quantized())} layers quantized, {kept} kept")
+    if plan.storage_dtype is not None:
+        console.print(f"float tensors kept (embeddings, norms, biases, ...) stored in "
+                      f"{plan.storage_dtype}")
     for line in summary_lines(plan):
         console.print(line)
     for line in routing_lines(plan, log):

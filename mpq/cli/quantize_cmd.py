@@ -5,7 +5,8 @@ from contextlib import nullcontext
 
 import click
 
-from mpq.cli.console import JsonEvents, ProgressEvents, emit_json, human_bytes, stdout_console
+from mpq.cli.console import (JsonEvents, ProgressEvents, emit_json, human_bytes, size_line,
+                              stdout_console)
 from mpq.cli.coverage_view import coverage_line
 from mpq.cli.experts_view import routing_lines, transform_lines
 from mpq.cli.options import dtype_option, json_option, max_unquantized_option, torch_dtype
@@ -136,6 +137,7 @@ def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode
     console.print(f"wrote {result.out_dir} ({result.output_format}) in {result.seconds:.1f} s: "
                   f"{len(result.plan.quantized())} layers quantized, tensors "
                   f"{human_bytes(sizes['stored_bytes'])} (ideal {human_bytes(sizes['ideal_bytes'])})")
+    console.print(f"size: {size_line(sizes)}")
     if result.coverage is not None:
         console.print(coverage_line(result.coverage))
     for line in routing_lines(result.plan, result.log) + transform_lines(result.plan):

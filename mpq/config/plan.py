@@ -119,6 +119,11 @@ class Plan:
     kv_cache: KVCacheArgs | None = None
     rotation: QuaRotArgs | None = None
     experts: ExpertArgs | None = None  # the recipe's experts: section (None: defaults)
+    # dtype of the tensors the artifact keeps in float (fp32/bf16/fp16), resolved from the
+    # recipe's storage_dtype and the source (mpq.checkpoint.storage); None: as they are (an
+    # artifact written before the key, whose plan has none, keeps its stored dtypes).  Recorded
+    # only when not fp32, so fp32 artifacts are unchanged.
+    storage_dtype: str | None = None
 
     @property
     def min_expert_tokens(self) -> int:
@@ -158,6 +163,8 @@ class Plan:
             out["rotation"] = self.rotation.to_dict()
         if self.experts is not None:
             out["experts"] = self.experts.to_dict()
+        if self.storage_dtype not in (None, "fp32"):
+            out["storage_dtype"] = self.storage_dtype
         return out
 
     @classmethod
@@ -174,10 +181,17 @@ class Plan:
                        kv_cache=KVCacheArgs(**data["kv_cache"]) if data.get("kv_cache") else None,
                        rotation=QuaRotArgs(**{k: rotation[k] for k in QUAROT_FIELDS if k in rotation})
                        if rotation else None,
-                       experts=ExpertArgs(**data["experts"]) if data.get("experts") else None)
+                       experts=ExpertArgs(**data["experts"]) if data.get("experts") else None,
+                       storage_dtype=_storage_dtype(data.get("storage_dtype")))
         except (KeyError, TypeError, ValueError, AttributeError, SchemeError) as exc:
             hint = "the artifact metadata is damaged or was written by another tool"
             raise ArtifactError(f"malformed plan: {type(exc).__name__}: {exc}", hint=hint) from None
+
+
+def _storage_dtype(value: Any) -> str | None:
+    if value is not None and value not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown storage_dtype {value!r}")
+    return value
 
 
 REGEX_SECONDS = 1.0  # per layer name: a pathological pattern fails instead of hanging the run

@@ -29,6 +29,8 @@ Format, version 1::
       #   (no calibration needed for it); mpq.config.kv_cache
     experts:                 # optional (models with fused MoE experts): an expert routed fewer
       {min_tokens: 32}       # calibration tokens is quantized with rtn (0: only unreached ones)
+    storage_dtype: source    # optional: dtype of the tensors the artifact keeps in float
+                             # (embeddings, norms, biases, a kept head): source | fp32 | bf16 | fp16
     precision_policy:        # optional; these are the defaults
       norms: fp32            # norms, softmax, residual, rope, activations: fp32|bf16|fp16
       softmax: fp32
@@ -37,6 +39,16 @@ Format, version 1::
       activations: bf16
       kv_cache: bf16         # fp32|bf16|fp16|fp8_e4m3|fp8_e5m2; a kv_cache section sets it to
                              # its format (a different value here is an error)
+
+``storage_dtype: source`` (the default) stores them in the source checkpoint's dtype: that of
+the floating-point tensors in its safetensors files (the dtype holding most of their elements),
+which wins over config.json's ``torch_dtype``/``dtype`` (config.json only when the files hold no
+floating-point tensor); a bf16 model gives a bf16 artifact whatever ``--dtype`` the run computed
+in.  ``fp32``/``bf16``/``fp16`` force that dtype; a value the dtype cannot hold (fp16 beyond
+±65504) is refused when the artifact is written (RecipeError), never stored as inf.  The
+resolved dtype is recorded in the plan (``storage_dtype``, left out when fp32).  Quantized
+scales have their own dtype, ``weights: {scale_dtype: fp16}`` (int; see
+:class:`mpq.numerics.args.WeightArgs`).
 
 Weights of a rule = WeightArgs defaults, overlaid key-wise by ``defaults.weights``, then by the
 rule's ``weights``.  A level that sets ``format`` but not ``bits`` gets the format's bits
@@ -72,10 +84,11 @@ from mpq.config.scheme import LayerScheme
 RECIPE_VERSION = 1
 REGEX_PREFIX = "re:"
 FLOAT_DTYPES = ("fp32", "bf16", "fp16")
+STORAGE_DTYPES = ("source",) + FLOAT_DTYPES
 KV_CACHE_DTYPES = FLOAT_DTYPES + ("fp8_e4m3", "fp8_e5m2")
 KV_INT_DTYPES = tuple(INT_FORMATS)  # only with a kv_cache section that has this format
 _TOP_KEYS = ("mpq_recipe", "name", "description", "defaults", "rules", "transforms",
-             "kv_cache", "rotation", "precision_policy", "experts")
+             "kv_cache", "rotation", "precision_policy", "experts", "storage_dtype")
 _DEFAULT_KEYS = ("algorithm", "weights", "options", "input_activations")
 _RULE_KEYS = ("targets", "skip") + _DEFAULT_KEYS
 
@@ -142,6 +155,7 @@ class Recipe:
     kv_cache: KVCacheArgs | None = None
     rotation: QuaRotArgs | None = None
     experts: ExpertArgs | None = None
+    storage_dtype: str = "source"  # STORAGE_DTYPES
 
     def to_dict(self) -> dict[str, Any]:
         """Normalized, JSON-able recipe (every rule fully spelt out); parse_recipe reads it back."""
@@ -157,6 +171,8 @@ class Recipe:
             out["rotation"] = self.rotation.to_dict()
         if self.experts is not None:
             out["experts"] = self.experts.to_dict()
+        if self.storage_dtype != "source":
+            out["storage_dtype"] = self.storage_dtype
         return out
 
 
@@ -201,11 +217,19 @@ def parse_recipe(text: str, source: str,
             "the online rotation)", hint="remove transforms: or rotation:")
     policy = _parse_policy(data.get("precision_policy", {}), root.key("precision_policy"),
                            kv_cache)
+    storage_dtype = expect(data.get("storage_dtype", "source"), str, root.key("storage_dtype"),
+                           example="storage_dtype: bf16")
+    if storage_dtype not in STORAGE_DTYPES:
+        raise root.key("storage_dtype").error(
+            f"unknown storage dtype {storage_dtype!r}",
+            hint=did_you_mean(storage_dtype, STORAGE_DTYPES)
+            or f"use one of {', '.join(STORAGE_DTYPES)}")
     if kv_cache is not None:  # the cache's dtype follows the kv_cache section
         policy = replace(policy, kv_cache=kv_cache.format)
     return Recipe(version=version, name=name, description=description, rules=rules,
                   precision_policy=policy, source=source, text=text, transforms=transforms,
-                  kv_cache=kv_cache, rotation=rotation, experts=experts)
+                  kv_cache=kv_cache, rotation=rotation, experts=experts,
+                  storage_dtype=storage_dtype)
 
 
 def _parse_level(raw: dict, at: YamlPath, known: Collection[str] | None) -> dict[str, Any]:

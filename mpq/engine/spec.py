@@ -9,7 +9,7 @@ and whether the run can stream.  ``mpq quantize`` runs the :class:`RunSpec` it r
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mpq.calibration import CalibrationOptions
+from mpq.checkpoint.storage import resolve_storage_dtype
 from mpq.checkpoint.writers import Writer, preflight, writer_for
 from mpq.config.plan import Plan, resolve
 from mpq.config.recipe import Recipe, load_recipe
@@ -31,7 +32,7 @@ from mpq.models.coverage import STRICT_DEFAULT, CoverageAccount, account
 from mpq.models.experts import routers
 from mpq.models.families import family_of
 from mpq.models.layout import ModelLayout, blocks_of, describe_layers, layout_of
-from mpq.models.source import check_float_source, check_model_dir, max_positions
+from mpq.models.source import check_float_source, check_model_dir, max_positions, read_config
 from mpq.models.stored_tensors import check_stored_tensors
 from mpq.quantizers.base import QUANTIZERS
 from mpq.rotation.quarot import check_supported as check_rotation_supported
@@ -223,6 +224,14 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
     return layout, plan
 
 
+def with_storage_dtype(plan: Plan, recipe: Recipe, source_dir: Path,
+                       weight_map: Mapping[str, Path]) -> Plan:
+    """``plan`` with the recipe's storage_dtype resolved against the source checkpoint
+    (mpq.checkpoint.storage: ``source`` → the dtype its safetensors files hold)."""
+    return replace(plan, storage_dtype=resolve_storage_dtype(
+        recipe.storage_dtype, source_dir, weight_map, read_config(source_dir)))
+
+
 def check_moe_schemes(model: nn.Module, plan: Plan, recipe: Recipe) -> None:
     """RecipeError for input activation quantization of fused MoE experts or a router: an
     expert's down projection reads an activation inside the experts module, which the loaded
@@ -287,6 +296,7 @@ def resolve_run(model_path: str | Path, recipe: str | Recipe,
     check_stored_tensors(source_dir, skeleton, weight_map)
     check_sequence_length(skeleton, options.calibration)
     layout, plan = plan_model(skeleton, recipe)
+    plan = with_storage_dtype(plan, recipe, source_dir, weight_map)
     coverage = account(skeleton, plan)
     coverage.check(*options.unquantized_limit())
     if ranks is not None:

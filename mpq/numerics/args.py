@@ -16,6 +16,7 @@ from mpq.errors import SchemeError
 from mpq.numerics.format import NUMBER_FORMATS, NumberFormat, format_names
 
 GRANULARITIES = ("tensor", "channel", "group", "block")
+SCALE_DTYPES = ("fp32", "fp16", "bf16")  # WeightArgs.scale_dtype
 FP8_BLOCK = 128  # granularity "block": 128 output rows × 128 input columns
 
 
@@ -40,6 +41,12 @@ class WeightArgs:
       per 128×128 tile; N and K need not be multiples of 128; fp8_e4m3).
     - ``symmetric``: asymmetric (int) adds a per-scale integer zero point.
     - ``double_quant``: nf4 only; the per-block absmax values are themselves quantized to 8 bits.
+    - ``scale_dtype``: ``fp32`` (default), ``fp16`` or ``bf16``; formats that take it (``int``,
+      ``fp8_e4m3``/``fp8_e5m2``; the microscaled ones fix their own)
+      round every scale to this dtype *before* the codes are computed, so the stored scales are
+      exactly the ones the algorithm used (fp16 is what GPTQ v1 stores; bf16/fp16 what
+      compressed-tensors stores for a bf16/fp16 model).  Left out of :meth:`to_dict` when fp32,
+      so plans written before this key read back unchanged.
     """
 
     format: str = "int"
@@ -48,6 +55,7 @@ class WeightArgs:
     granularity: str = "group"
     group_size: int | None = 128
     double_quant: bool = False
+    scale_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("bits", "group_size"):
@@ -75,6 +83,13 @@ class WeightArgs:
         if self.double_quant and not fmt.double_quant:
             takers = " and ".join(format_names(lambda f: f.double_quant))
             raise SchemeError(f"double_quant applies to {takers} only", hint="remove double_quant")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise SchemeError(f"unknown scale_dtype {self.scale_dtype!r}",
+                              hint=f"use one of {', '.join(SCALE_DTYPES)}")
+        if self.scale_dtype != "fp32" and not fmt.scale_dtypes:
+            takers = " and ".join(format_names(lambda f: f.scale_dtypes))
+            raise SchemeError(f"scale_dtype applies to {takers} only ({self.format} stores "
+                              "its scales in its own dtype)", hint="remove scale_dtype")
 
     def check_shape(self, shape: tuple[int, int], where: str = "") -> None:
         """Raise SchemeError when these args cannot represent a weight of ``shape`` [N, K]."""
@@ -117,7 +132,10 @@ class WeightArgs:
         return f" {self.granularity}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.scale_dtype == "fp32":  # the default: absent, as before the key existed
+            del out["scale_dtype"]
+        return out
 
     def describe(self) -> str:
         """Short human label, e.g. 'int4 sym g64', 'fp8_e4m3 channel', 'fp8_e4m3 block128',

@@ -86,6 +86,7 @@ class NumberFormat(ABC):
     granularities: tuple[str, ...] = ("group",)
     symmetric_only: bool = True
     double_quant: bool = False
+    scale_dtypes: bool = False  # takes WeightArgs.scale_dtype (rounds its scales to fp16/bf16)
     awq_clip: bool = False
     activations: bool = False
     gptq_columns: type[ColumnGrid] | None = None
@@ -119,7 +120,8 @@ class NumberFormat(ABC):
     def implied_weights(self, merged: Mapping[str, Any]) -> dict[str, Any]:
         """Fields a recipe level that sets ``format: <name>`` implies where it leaves them out
         (``merged``: the level over its base): the fixed bits, symmetric, the fixed block or
-        channel instead of a group the format does not take, and no double_quant unless taken."""
+        channel instead of a group the format does not take, no double_quant unless taken and
+        fp32 scales unless the format takes a scale_dtype."""
         implied: dict[str, Any] = {}
         if self.bits is not None:
             implied["bits"] = self.bits
@@ -131,6 +133,8 @@ class NumberFormat(ABC):
             implied["granularity"] = "channel"
         if not self.double_quant:
             implied["double_quant"] = False
+        if not self.scale_dtypes:
+            implied["scale_dtype"] = "fp32"
         return implied
 
     # --- labels ----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mpq.numerics.base import QuantizedWeight
-from mpq.numerics.int_grid import prepare_weight, safe_scale
+from mpq.numerics.int_grid import SCALE_TORCH_DTYPES, prepare_weight, rounded_scale
 from mpq.numerics.args import FP8_BLOCK, WeightArgs
 from mpq.numerics.format import NumberFormat, ParamChooser
 from mpq.numerics.mappings import CompressedTensorsMapping, NotExpressible
@@ -60,7 +60,7 @@ def fp8_params(w: torch.Tensor, args: WeightArgs, dtype: torch.dtype) -> torch.T
     # divide by a tensor on amax's device: CUDA turns division by a Python number into a
     # multiplication by its reciprocal, one ulp away from compressed-tensors' true division
     fmax = torch.tensor(torch.finfo(dtype).max, dtype=torch.float32, device=amax.device)
-    return safe_scale(amax / fmax)
+    return rounded_scale(amax / fmax, args)  # in args.scale_dtype (fp32 by default)
 
 
 def fp8_codes(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -111,6 +111,7 @@ class Fp8Grid(NumberFormat):
     """One FP8 number format (stateless apart from its name and dtype)."""
 
     bits = 8
+    scale_dtypes = True
     gptq_columns = Fp8Columns
 
     def __init__(self, name: str, dtype: torch.dtype, granularities: tuple[str, ...],
@@ -141,7 +142,8 @@ class Fp8Grid(NumberFormat):
         return y.clamp_(-fmax, fmax).to(self.dtype).to(torch.float32)
 
     def encode(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-        return {"weight": qw.codes.contiguous(), "scale": qw.scale.to(torch.float32).contiguous()}
+        scale = qw.scale.to(SCALE_TORCH_DTYPES[qw.args.scale_dtype]).contiguous()
+        return {"weight": qw.codes.contiguous(), "scale": scale}
 
     def decode(self, tensors: Mapping[str, torch.Tensor], args: WeightArgs,
                shape: tuple[int, int], prefix: str = "") -> QuantizedWeight:
@@ -153,13 +155,14 @@ class Fp8Grid(NumberFormat):
                      act_order: bool = False) -> int:
         n, k = shape
         rows, groups = args.scale_shape(shape)
-        return n * k + 4 * rows * groups
+        return n * k + SCALE_TORCH_DTYPES[args.scale_dtype].itemsize * rows * groups
 
     def ideal_bits(self, args: WeightArgs, shape: tuple[int, int], *,
                    act_order: bool = False) -> float:
         n, k = shape
         rows, groups = args.scale_shape(shape)
-        return (8 * n * k + 32 * rows * groups + (32 * k if act_order else 0)) / (n * k)
+        scale_bits = 8 * SCALE_TORCH_DTYPES[args.scale_dtype].itemsize
+        return (8 * n * k + scale_bits * rows * groups + (32 * k if act_order else 0)) / (n * k)
 
 
 FP8_E4M3 = Fp8Grid("fp8_e4m3", torch.float8_e4m3fn, ("tensor", "channel", "block"),

@@ -23,7 +23,8 @@ of an [N, k] slice so that GPTQ can call them group by group / column by column
 
 Native tensors (local keys; S = scale rows, 1 for tensor granularity, else N; G groups):
 ``qweight`` int32 [N, ceil(K·b/32)] = :func:`mpq.numerics.packing.pack_rows` of the unsigned
-codes; ``scale`` fp32 [S, G]; ``zero`` int32 [ceil(S·b/32), G] =
+codes; ``scale`` [S, G] in ``scale_dtype`` (fp32 unless the args say fp16/bf16:
+:func:`rounded_scale`); ``zero`` int32 [ceil(S·b/32), G] =
 :func:`mpq.numerics.packing.pack_cols` of the unsigned zero points (asymmetric only); ``g_idx``
 int32 [K] (act-order only).  compressed-tensors stores int as ``pack-quantized`` (or
 ``int-quantized`` with quantized inputs), GPTQ v1 as its qweight/qzeros/scales.
@@ -74,6 +75,28 @@ def safe_scale(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale == 0, torch.full_like(scale, eps), scale)
 
 
+SCALE_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def rounded_scale(raw: torch.Tensor, args: WeightArgs) -> torch.Tensor:
+    """The fp32 scales of ``raw`` (the formula's values) as the grid uses and stores them:
+    zero → eps (:func:`safe_scale`), then rounded to ``args.scale_dtype`` (fp16/bf16; values
+    below its smallest normal are raised to it, so no scale rounds to 0).  Every int and fp8
+    scale (min-max, clip search, GPTQ's groups, fp8's absmax) goes through here, so codes are
+    always computed from the scale that is stored.  SchemeError when a scale overflows the
+    dtype (fp16: > 65504)."""
+    scale = safe_scale(raw)
+    if args.scale_dtype == "fp32":
+        return scale
+    dtype = SCALE_TORCH_DTYPES[args.scale_dtype]
+    rounded = scale.clamp(min=torch.finfo(dtype).tiny).to(dtype)
+    if not bool(torch.isfinite(rounded).all()):
+        raise SchemeError(f"a weight scale of {float(scale.max()):.6g} overflows "
+                          f"scale_dtype {args.scale_dtype} (largest "
+                          f"{torch.finfo(dtype).max:.6g})", hint="use scale_dtype: bf16 or fp32")
+    return rounded.to(torch.float32)
+
+
 def _grouped(w: torch.Tensor, args: WeightArgs) -> torch.Tensor:
     """View ``w`` [N, k] as [N or 1, G, g] following ``args.granularity``."""
     n, k = w.shape
@@ -98,10 +121,10 @@ def int_params(w: torch.Tensor, args: WeightArgs) -> tuple[torch.Tensor, torch.T
     v = _grouped(w.to(torch.float32), args)
     if args.symmetric:
         amax = v.abs().amax(dim=-1)
-        return safe_scale(amax / ((qmax - qmin) / 2)), None
+        return rounded_scale(amax / ((qmax - qmin) / 2), args), None
     lo = v.amin(dim=-1).clamp(max=0)
     hi = v.amax(dim=-1).clamp(min=0)
-    scale = safe_scale((hi - lo) / (qmax - qmin))
+    scale = rounded_scale((hi - lo) / (qmax - qmin), args)
     zero_q = torch.round(qmin - lo / scale).clamp(qmin, qmax)
     return scale, (zero_q + (1 << (args.bits - 1))).to(torch.int32)
 
@@ -210,6 +233,7 @@ class IntGrid(NumberFormat):
     """The ``int`` number format (stateless)."""
 
     name = "int"
+    scale_dtypes = True
     granularities = ("tensor", "channel", "group")
     symmetric_only = False
     awq_clip = True
@@ -258,7 +282,7 @@ class IntGrid(NumberFormat):
     def encode(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         bits = qw.args.bits
         out = {"qweight": pack_rows(qw.codes.to(torch.uint8), bits),
-               "scale": qw.scale.to(torch.float32).contiguous()}
+               "scale": qw.scale.to(SCALE_TORCH_DTYPES[qw.args.scale_dtype]).contiguous()}
         if qw.zero is not None:
             out["zero"] = pack_cols(qw.zero.to(torch.uint8), bits)
         if qw.g_idx is not None:
@@ -292,14 +316,16 @@ class IntGrid(NumberFormat):
         rows, groups = args.scale_shape(shape)
         zero_words = 0 if args.symmetric else packed_width(rows, args.bits) * groups
         g_idx = 4 * k if act_order else 0
-        return 4 * n * packed_width(k, args.bits) + 4 * rows * groups + 4 * zero_words + g_idx
+        scale_bytes = SCALE_TORCH_DTYPES[args.scale_dtype].itemsize
+        return (4 * n * packed_width(k, args.bits) + scale_bytes * rows * groups + 4 * zero_words
+                + g_idx)
 
     def ideal_bits(self, args: WeightArgs, shape: tuple[int, int], *,
                    act_order: bool = False) -> float:
         n, k = shape
         rows, groups = args.scale_shape(shape)
         scales = rows * groups
-        total = args.bits * n * k + 32 * scales
+        total = args.bits * n * k + 8 * SCALE_TORCH_DTYPES[args.scale_dtype].itemsize * scales
         if not args.symmetric:
             total += args.bits * scales
         if act_order:

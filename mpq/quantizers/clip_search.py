@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from mpq.numerics.int_grid import _grouped, int_range, safe_scale
+from mpq.numerics.int_grid import _grouped, int_range, rounded_scale
 from mpq.numerics.args import WeightArgs
 
 
@@ -22,8 +22,8 @@ def _params_at(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, factor: floa
     """(scale, signed zero as fp32 or None) for ranges [factor·lo, factor·hi]."""
     qmin, qmax = int_range(args.bits)
     if args.symmetric:
-        return safe_scale(hi * factor / ((qmax - qmin) / 2)), None
-    scale = safe_scale((hi - lo) * factor / (qmax - qmin))
+        return rounded_scale(hi * factor / ((qmax - qmin) / 2), args), None
+    scale = rounded_scale((hi - lo) * factor / (qmax - qmin), args)
     return scale, torch.round(qmin - lo * factor / scale).clamp(qmin, qmax)
 
 

@@ -501,6 +501,17 @@ def _bos_model(env: Env) -> Path:
     return env.tmp / "bos"
 
 
+def _huge_norm(env: Env) -> Path:
+    """The tiny Llama with one norm weight of 70000, beyond fp16's largest value 65504."""
+    model = env.model_copy()
+
+    def enlarge(tensors):
+        tensors["model.layers.1.post_attention_layernorm.weight"][5] = 70000.0
+
+    _rewrite_tensors(model / "model.safetensors", enlarge)
+    return model
+
+
 CASES: list[Case] = [
     # the source model
     Case("model-missing", "model path does not exist",
@@ -949,6 +960,21 @@ CASES: list[Case] = [
          lambda e: e.quantize(e.src, "--format", "compressed-tensors", recipe=e.recipe(
              R_KV_ONLY.format("{format: int8, dynamic: true}"))), FormatError,
          ("kv_cache: int8 asymmetric KV cache", "native format (mpq) only")),
+    # compact storage (mpq.checkpoint.storage)
+    Case("recipe-storage-dtype-unknown", "recipe with storage_dtype: float16 (the names are "
+         "source, fp32, bf16, fp16)",
+         lambda e: e.quantize(e.src, recipe=e.recipe(
+             "storage_dtype: float16\nrules:\n  - targets: [Linear]\n")), RecipeError,
+         ("{tmp}/r.yaml: storage_dtype", "unknown storage dtype 'float16'", "fp16")),
+    Case("storage-dtype-fp16-overflow", "storage_dtype: fp16 for a model with a norm weight of "
+         "70000, beyond fp16's largest value (refused when the artifact is written; the work "
+         "directory stays so that a rerun with bf16 resumes it)",
+         lambda e: e.quantize(_huge_norm(e), recipe=e.recipe(
+             "storage_dtype: fp16\nrules:\n  - targets: [Linear]\n"
+             "    weights: {bits: 4, group_size: 32}\n")), RecipeError,
+         ("storage_dtype fp16", "'model.layers.1.post_attention_layernorm.weight' holds 70000",
+          "65504", "storage_dtype: bf16"),
+         leaves=("out.mpq-work",)),
 ]
 
 

@@ -163,4 +163,4 @@ def test_rtn_keeps_zeros_and_signs(case):
 def test_every_weight_field_is_checked_by_the_formats():
     # a format object sees the whole WeightArgs: no field the formats do not know about
     assert [f.name for f in fields(WeightArgs)] == ["format", "bits", "symmetric", "granularity",
-                                                   "group_size", "double_quant"]
+                                                   "group_size", "double_quant", "scale_dtype"]
