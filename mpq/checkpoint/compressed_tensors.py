@@ -105,7 +105,14 @@ def layer_format(scheme: LayerScheme) -> str:
     return mapping_of(scheme.weights).layer_format(scheme.input_activations is not None)
 
 
+EMBEDDING_REASON = ("a quantized input embedding: compressed-tensors 0.20 lists nn.Embedding "
+                    "among its compressible modules, but mpq does not write one (loading it "
+                    "through transformers, tied head included, is not verified)")
+
+
 def why_unsupported(layer: LayerPlan) -> str | None:
+    if layer.embedding:
+        return EMBEDDING_REASON
     if layer.class_name == "Conv1D":  # compressed-tensors' targets match nn.Linear subclasses
         return ("a Conv1D (GPT-2's transposed linear), which compressed-tensors does not "
                 "quantize: transformers would read its packed weight as float")

@@ -119,7 +119,11 @@ class GptqV1Writer:
                                     "(v1 loaders replace every block Linear)")
                 continue
             args = layer.scheme.weights
-            if layer.block is None:
+            if layer.embedding:
+                problems.append(f"{layer.name}: a quantized input embedding (GPTQ v1 stores "
+                                "quantized Linear layers only; its loaders read an embedding "
+                                "as a float table)")
+            elif layer.block is None:
                 problems.append(f"{layer.name}: quantized outside the decoder blocks "
                                 "(GPTQ v1 has no quantized lm_head)")
             elif isinstance(mapping := NUMBER_FORMATS.get(args.format).gptq_v1, NotExpressible):
