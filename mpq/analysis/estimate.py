@@ -8,9 +8,13 @@ the output format's checks included), then models the run:
 tensors computed from its shape by its number format (``stored_bytes`` of the format object in
 mpq.numerics: the native layout, e.g. int codes packed in int32 words, fp32 scales, packed zero
 points, int32 g_idx under GPTQ act-order; compressed-tensors and GPTQ v1 with their own layouts,
-scales in the model's dtype / float16).  Every other tensor of the state dict (embeddings, norms,
-biases, an untied head) at the load dtype, tied tensors once.  The safetensors header (one JSON
-entry per tensor plus mpq's metadata, the plan being the largest) is estimated from the plan.
+scales in the model's dtype / float16), a quantized input embedding included.  Every other tensor
+of the state dict (embeddings, norms, biases, an untied head) at the load dtype, tied tensors
+once.  A tied embedding/head pair the plan quantizes (mpq.config.tying) is stored once when it
+stays tied (shared: the head adds nothing), else each side is counted on its own, and
+``size["tying"]`` gives the record with ``untie_bytes``, what the head's own copy costs.  The
+safetensors header (one JSON entry per tensor plus mpq's metadata, the plan being the largest) is
+estimated from the plan.
 
 **Peak memory** (bytes; the host's for ``--device cpu``), the largest of three phases:
 
@@ -338,9 +342,21 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
     codes_bytes = 0  # QuantizedWeights held in memory until writing: uint8 codes + fp32 params
     block_codes: dict[int, int] = {}  # per decoder block (streaming holds one block's)
     largest_group = 0
+    tying, untie_bytes = plan.tying, 0
+    if tying is not None and not tying.shared and tying.head not in quantized:
+        # the embedding is quantized: the head keeps a float copy of its own
+        untie_bytes = skeleton.get_submodule(tying.head).weight.numel() * elem
+        dense_bytes += untie_bytes
+        weight_bytes += untie_bytes
+        tensor_names.append(f"{tying.head}.weight")
     for layer in plan.quantized():
         n, k = layer.shape
-        quantized_bytes += layer.scheme.stored_bytes(layer.shape, output_format, elem)
+        if plan.shared_with(layer.name) is not None:
+            continue  # stored once, under the embedding's name
+        stored = layer.scheme.stored_bytes(layer.shape, output_format, elem)
+        if tying is not None and not tying.shared and layer.name == tying.head:
+            untie_bytes = stored
+        quantized_bytes += stored
         native = layer.scheme.stored_bytes(layer.shape, "mpq", elem)
         codes = n * k + max(0, native - n * k * layer.scheme.weights.bits // 8)
         codes_bytes += codes
@@ -358,6 +374,8 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
             "tensor_bytes": tensors_total, "header_bytes": header,
             "file_bytes": tensors_total + header + 8,
             "quantized_weights": sum(l.shape[0] * l.shape[1] for l in plan.quantized())}
+    if tying is not None:
+        size["tying"] = {**tying.to_dict(), "untie_bytes": untie_bytes}
 
     # ---- the calibration work
     wanted = spec.needs

@@ -59,6 +59,11 @@ def show(estimate, coverage=None) -> None:
     table.add_row("artifact", human_bytes(size["file_bytes"]),
                   f"quantized {human_bytes(size['quantized_bytes'])}, other tensors "
                   f"{human_bytes(size['dense_bytes'])}, header {human_bytes(size['header_bytes'])}")
+    tying = size.get("tying")
+    if tying is not None:
+        table.add_row("  tied embedding/head", human_bytes(tying["untie_bytes"]),
+                      "kept tied: stored once" if tying["shared"]
+                      else f"untied: the head's own copy ({tying['reason']})")
     where = "host" if estimate.device == "cpu" else estimate.device
     streamed = ("streamed: one block resident" if estimate.streaming is None
                 else f"whole model loaded ({estimate.streaming})")
