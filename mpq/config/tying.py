@@ -54,11 +54,11 @@ def decide_tying(embedding: str, head: str, embedding_scheme, head_scheme, *,
                                 "copy of its own")
     if rotated:
         reason = "the rotation rewrites the embedding and the head differently"
+    elif head_scheme.algorithm not in SHARED_ALGORITHMS:
+        reason = (f"the head's algorithm {head_scheme.algorithm} solves its codes from its "
+                  "inputs, unlike the embedding's")
     elif embedding_scheme != head_scheme:
         reason = "the embedding and the head have different schemes"
-    elif embedding_scheme.algorithm not in SHARED_ALGORITHMS:
-        reason = (f"algorithm {embedding_scheme.algorithm} is not "
-                  f"{' or '.join(SHARED_ALGORITHMS)}: the head's codes would depend on its inputs")
     elif embedding_scheme.input_activations is not None:
         reason = "the head quantizes its input activations"
     else:
