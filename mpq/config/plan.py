@@ -311,7 +311,7 @@ def _no_match_hint(rule: Rule, layers: Sequence[LayerInfo],
         close = did_you_mean(target, choices) if not target.startswith(REGEX_PREFIX) else None
         if close:
             return close
-    examples = ", ".join(layer.name for layer in layers[:3])
+    examples = ", ".join([layer.name for layer in layers if not layer.embedding][:3])
     return f"layer names look like: {examples}" if examples else "the model has no layers"
 
 
