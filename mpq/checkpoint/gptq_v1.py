@@ -17,7 +17,8 @@ What v1 cannot express (refused): number formats whose ``gptq_v1`` record is
 :class:`~mpq.numerics.mappings.NotExpressible` (all but int; the record gives the reason),
 3/5/6/7 bits (their v1 packing differs), input activation or KV-cache quantization, layers with
 differing bits/group/symmetry (one quantize_config), a decoder-block Linear left unquantized
-(loaders replace every one), a quantized layer outside the blocks (lm_head), and a zero point
+(loaders replace every one), a quantized layer outside the blocks (lm_head, the input
+embedding: v1 loaders replace Linear layers only), and a zero point
 of 0 (stored −1, which v1 loaders misread).
 Scales are rounded to float16, the format's dtype: the converter reports the largest relative
 change (``mpq.gptq_scale_rounding`` in the header).
