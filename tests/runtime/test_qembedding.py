@@ -112,6 +112,9 @@ def test_one_scheme_keeps_the_pair_tied_and_stored_once(arch, scheme, tmp_path, 
     assert torch.equal(got, dense(ids).logits)
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
     assert result.log.result("lm_head")["shared_with"] == "model.embed_tokens"
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Tied `model.embed_tokens` / `lm_head`: kept tied" in card
+    assert "the input embedding is quantized" in card
 
 
 def test_different_schemes_untie_and_both_sides_are_stored(tmp_path, ids):
