@@ -2,8 +2,10 @@
 
 The model skeleton is built from config.json with parameters on the meta device (no random init,
 no full-size allocation); quantized layers become :class:`QuantLinear` modules holding their packed
-tensors (or plain ``nn.Linear`` with dequantized weights when ``dequantize=True``); everything
-else is assigned from the checkpoint.  Missing or unexpected tensors and shape mismatches are
+tensors (or plain ``nn.Linear`` with dequantized weights when ``dequantize=True``), a quantized
+input embedding a :class:`QuantEmbedding` (or its own module with the dequantized table), and a
+tied head that shares the embedding's quantized tensor (mpq.config.tying) uses the very same
+tensors; everything else is assigned from the checkpoint.  Missing or unexpected tensors and shape mismatches are
 :class:`ArtifactError`.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from mpq.config.run_log import RunLog
 from mpq.models.attention import attention_modules, kv_geometry
 from mpq.models.source import build_skeleton, first_line
 from mpq.models.experts import is_fused_experts, routers, split_slice, unsupported_layout
+from mpq.runtime.qembedding import QuantEmbedding
 from mpq.runtime.qexperts import QuantExperts
 from mpq.runtime.qlinear import QuantLinear, quantize_inputs_hook
 
@@ -56,6 +59,42 @@ def _quantized_module(name: str, layer, local: dict[str, torch.Tensor], existing
     if acts is not None:
         linear.register_forward_pre_hook(quantize_inputs_hook(acts, input_scale))
     return linear
+
+
+def _embedding_module(name: str, layer, local: dict[str, torch.Tensor], existing: nn.Module,
+                      dequantize: bool, dtype: torch.dtype) -> nn.Module:
+    """The quantized input embedding: a QuantEmbedding, or (``dequantize``) the model's own
+    embedding module holding the dequantized table."""
+    if not isinstance(existing, nn.Embedding):
+        raise ArtifactError(f"artifact quantizes the embedding '{name}' but the model built from "
+                            f"config.json has a {type(existing).__name__} there",
+                            hint="config.json does not match the tensors; re-run mpq quantize")
+    if tuple(existing.weight.shape) != tuple(layer.shape):
+        raise ArtifactError(f"'{name}': artifact shape {tuple(layer.shape)} does not match the "
+                            f"model's {tuple(existing.weight.shape)}",
+                            hint="config.json and tensors disagree")
+    qw = decode(local, layer.scheme.weights, tuple(layer.shape), prefix=f"{name}.")
+    if dequantize:
+        existing.weight = nn.Parameter(qw.dequantize(dtype), requires_grad=False)
+        return existing
+    return QuantEmbedding(existing, layer.scheme.weights, tuple(layer.shape), local, dtype)
+
+
+def _share_head(model: nn.Module, head: str, source: str, dequantize: bool) -> None:
+    """Give the tied head ``head`` the quantized table of the embedding ``source``."""
+    embedding = model.get_submodule(source)
+    existing = model.get_submodule(head)
+    if not is_linear(existing) or tuple(weight_of(existing).shape) != (
+            embedding.num_embeddings, embedding.embedding_dim):
+        raise ArtifactError(f"'{head}' shares the quantized table of '{source}', but the model "
+                            "built from config.json has no matching linear there",
+                            hint="config.json does not match the tensors; re-run mpq quantize")
+    if dequantize:
+        existing.weight = embedding.weight  # tied, as in the source model
+        return
+    model.set_submodule(head, QuantLinear(embedding.args, (embedding.num_embeddings,
+                                                           embedding.embedding_dim),
+                                          embedding.encoded()))
 
 
 def _load_moe_layer(model: nn.Module, layer, local: dict[str, torch.Tensor],
@@ -203,7 +242,11 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
     model = build_skeleton(config, dtype)
     gates = {name for name, _ in routers(model)}
     experts: dict[str, dict[str, dict[int, nn.Module]]] = {}  # module → projection → slices
+    shared: dict[str, str] = {}  # a tied head → the embedding whose tensor it uses
     for layer in artifact.plan.quantized():
+        if (source := artifact.plan.shared_with(layer.name)) is not None:
+            shared[layer.name] = source
+            continue
         local = split_layer_tensors(tensors, layer.name)
         if layer.expert is not None or layer.name in gates:
             try:
@@ -216,11 +259,22 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
         except AttributeError:
             raise ArtifactError(f"artifact quantizes '{layer.name}', which the model built from "
                                 "config.json does not have") from None
+        build = _embedding_module if layer.embedding else _quantized_module
         try:
-            module = _quantized_module(layer.name, layer, local, existing, dequantize, dtype)
+            module = build(layer.name, layer, local, existing, dequantize, dtype)
         except ArtifactError as exc:  # name the artifact too
             raise ArtifactError(f"{artifact.path}: {exc.message}", hint=exc.hint) from None
         model.set_submodule(layer.name, module)
+    for head, source in shared.items():
+        plan_source = artifact.plan.get(source)
+        if plan_source is None or plan_source.scheme is None or not plan_source.embedding:
+            raise ArtifactError(f"{artifact.path}: {head} shares the quantized tensor of "
+                                f"{source}, which the plan does not quantize as an embedding",
+                                hint="the artifact metadata is damaged")
+        try:
+            _share_head(model, head, source, dequantize)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{artifact.path}: {exc.message}", hint=exc.hint) from None
     try:
         _install_experts(model, experts, dequantize)
     except ArtifactError as exc:
@@ -239,8 +293,8 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
         raise ArtifactError(f"{artifact.path}: unexpected tensors "
                             f"{', '.join(result.unexpected_keys[:5])}",
                             hint="the artifact does not match its config.json")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
+    if getattr(config, "tie_word_embeddings", False) and artifact.plan.tying is None:
+        model.tie_weights()  # (a quantized tied pair was handled above)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ArtifactError(f"{artifact.path}: missing tensor(s) {', '.join(missing[:5])}",

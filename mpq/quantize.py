@@ -160,7 +160,10 @@ def quantize(model_path: str | Path, recipe, out_dir: str | Path,
             log.rotation = apply_quarot(model, layout, recipe.rotation)
             release_free_memory()
         head = plan.get(layout.head_name) if layout.head_name else None
-        untied = head is not None and head.scheme is not None and untie_head(model)
+        if plan.tying is not None:  # a tied pair the plan quantizes (mpq.config.tying)
+            untied = not plan.tying.shared and untie_head(model)
+        else:
+            untied = head is not None and head.scheme is not None and untie_head(model)
         run = RunState(model=model, layout=layout, plan=plan, log=log, needs=spec.needs,
                        device=spec.device, events=events, ranks=ranks,
                        true_sequential=options.true_sequential,

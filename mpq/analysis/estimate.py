@@ -14,6 +14,10 @@ artifact's storage dtype (the plan's ``storage_dtype``, mpq.checkpoint.storage),
 once.  ``bits_per_weight`` is the tensor bytes × 8 over every weight of the model (quantized
 and kept), ``quantized_bits_per_weight`` the quantized layers' bytes over their weights.  The safetensors header (one JSON
 entry per tensor plus mpq's metadata, the plan being the largest) is estimated from the plan.
+A quantized input embedding counts as a quantized layer.  A tied embedding/head pair the plan
+quantizes (mpq.config.tying) is stored once when it stays tied (shared: the head adds nothing and
+its weights count once), else each side is counted on its own, and ``size["tying"]`` gives the
+record with ``untie_bytes``, what the head's own copy costs.
 
 **Peak memory** (bytes; the host's for ``--device cpu``), the largest of three phases:
 
@@ -343,9 +347,23 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
     codes_bytes = 0  # QuantizedWeights held in memory until writing: uint8 codes + fp32 params
     block_codes: dict[int, int] = {}  # per decoder block (streaming holds one block's)
     largest_group = 0
+    tying, untie_bytes = plan.tying, 0
+    if tying is not None and not tying.shared and tying.head not in quantized:
+        # the embedding is quantized: the head keeps a float copy of its own
+        head_weights = skeleton.get_submodule(tying.head).weight.numel()
+        untie_bytes = head_weights * stored_elem
+        dense_bytes += untie_bytes
+        dense_weights += head_weights
+        weight_bytes += head_weights * elem
+        tensor_names.append(f"{tying.head}.weight")
     for layer in plan.quantized():
         n, k = layer.shape
-        quantized_bytes += layer.scheme.stored_bytes(layer.shape, output_format, stored_elem)
+        if plan.shared_with(layer.name) is not None:
+            continue  # stored once, under the embedding's name
+        stored = layer.scheme.stored_bytes(layer.shape, output_format, stored_elem)
+        if tying is not None and not tying.shared and layer.name == tying.head:
+            untie_bytes = stored
+        quantized_bytes += stored
         native = layer.scheme.stored_bytes(layer.shape, "mpq", elem)
         codes = n * k + max(0, native - n * k * layer.scheme.weights.bits // 8)
         codes_bytes += codes
@@ -359,7 +377,8 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
             tensor_names.append(f"{layer.name}.input_scale")
     header = _header_bytes(plan, tensor_names, recipe.text or "")
     tensors_total = quantized_bytes + dense_bytes
-    quantized_weights = sum(l.shape[0] * l.shape[1] for l in plan.quantized())
+    quantized_weights = sum(l.shape[0] * l.shape[1] for l in plan.quantized()
+                            if plan.shared_with(l.name) is None)  # a shared head once
     total_weights = quantized_weights + dense_weights
     size = {"quantized_bytes": quantized_bytes, "dense_bytes": dense_bytes,
             "tensor_bytes": tensors_total, "header_bytes": header,
@@ -370,6 +389,8 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
             if total_weights else 0.0,
             "quantized_bits_per_weight": round(8 * quantized_bytes / quantized_weights, 4)
             if quantized_weights else 0.0}
+    if tying is not None:
+        size["tying"] = {**tying.to_dict(), "untie_bytes": untie_bytes}
 
     # ---- the calibration work
     wanted = spec.needs

@@ -41,8 +41,10 @@ its type, layout (``int``, ``float`` or its ``native`` tensors renamed), per-lay
 strategy and scale dtype; or :class:`~mpq.numerics.mappings.NotExpressible` with the reason.  Not
 expressible (refused, layer by layer): formats without a mapping (nf4, fp8_e5m2, ...), asymmetric
 zero points at a granularity the mapping does not store them (per-tensor int), quantized inputs
-where the mapping has no such format (mxfp4, mxfp8, nvfp4), and act-order without static groups
-(compressed-tensors ≥ 0.20 stores no g_idx).
+where the mapping has no such format (mxfp4, mxfp8, nvfp4), act-order without static groups
+(compressed-tensors ≥ 0.20 stores no g_idx), and a quantized input embedding (the package lists
+nn.Embedding as compressible, but mpq does not write it: transformers' load of it, with a tied
+head, is not verified).
 """
 from __future__ import annotations
 
@@ -110,7 +112,14 @@ def layer_format(scheme: LayerScheme) -> str:
     return mapping_of(scheme.weights).layer_format(scheme.input_activations is not None)
 
 
+EMBEDDING_REASON = ("a quantized input embedding: compressed-tensors 0.20 lists nn.Embedding "
+                    "among its compressible modules, but mpq does not write one (loading it "
+                    "through transformers, tied head included, is not verified)")
+
+
 def why_unsupported(layer: LayerPlan) -> str | None:
+    if layer.embedding:
+        return EMBEDDING_REASON
     if layer.class_name == "Conv1D":  # compressed-tensors' targets match nn.Linear subclasses
         return ("a Conv1D (GPT-2's transposed linear), which compressed-tensors does not "
                 "quantize: transformers would read its packed weight as float")

@@ -17,7 +17,8 @@ What v1 cannot express (refused): number formats whose ``gptq_v1`` record is
 :class:`~mpq.numerics.mappings.NotExpressible` (all but int; the record gives the reason),
 3/5/6/7 bits (their v1 packing differs), input activation or KV-cache quantization, layers with
 differing bits/group/symmetry (one quantize_config), a decoder-block Linear left unquantized
-(loaders replace every one), a quantized layer outside the blocks (lm_head), and a zero point
+(loaders replace every one), a quantized layer outside the blocks (lm_head, the input
+embedding: v1 loaders replace Linear layers only), and a zero point
 of 0 (stored −1, which v1 loaders misread).
 Scales are float16, the format's dtype.  With ``scale_dtype: fp16`` in the weight args the
 quantizer already rounded them before computing the codes, so the stored model is exactly the
@@ -122,7 +123,11 @@ class GptqV1Writer:
                                     "(v1 loaders replace every block Linear)")
                 continue
             args = layer.scheme.weights
-            if layer.block is None:
+            if layer.embedding:
+                problems.append(f"{layer.name}: a quantized input embedding (GPTQ v1 stores "
+                                "quantized Linear layers only; its loaders read an embedding "
+                                "as a float table)")
+            elif layer.block is None:
                 problems.append(f"{layer.name}: quantized outside the decoder blocks "
                                 "(GPTQ v1 has no quantized lm_head)")
             elif isinstance(mapping := NUMBER_FORMATS.get(args.format).gptq_v1, NotExpressible):

@@ -26,13 +26,21 @@ def render_model_card(*, source: dict, recipe_name: str, plan: Plan, calibration
     summary = plan.summary()
     for row in summary.rows:
         lines.append(f"| {row.label} | {row.layers} | {row.weights:,} |")
+    embedding = any(layer.embedding for layer in plan.quantized())
     lines += [
         "",
         f"{summary.kept} linear layer(s) kept in the original dtype "
-        "(embeddings and norms are never quantized).",
+        + ("(norms are never quantized; the input embedding is quantized as above)."
+           if embedding else "(embeddings and norms are never quantized)."),
         "",
         f"Tensor bytes on disk: {sizes['stored_bytes']:,} (ideal {sizes['ideal_bytes']:,}).",
         "",
+    ]
+    if plan.tying is not None:  # a tied embedding/head pair the plan quantizes
+        state = "kept tied" if plan.tying.shared else "untied"
+        lines += [f"Tied `{plan.tying.embedding}` / `{plan.tying.head}`: {state} "
+                  f"({plan.tying.reason}).", ""]
+    lines += [
         "## Provenance",
         "",
         f"- source model: `{source.get('path')}` ({source.get('model_type')}), "

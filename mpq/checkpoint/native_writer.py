@@ -14,9 +14,13 @@ from mpq.config.plan import Plan
 def native_tensors(state: ArtifactState) -> LazyTensors:
     """The dense tensors, each quantized weight's codec tensors under ``<layer>.``, and
     ``<layer>.input_scale`` (fp32 [1]) for layers with static input activation scales
-    (produced layer by layer for a streamed state, mpq.checkpoint.writers.dense_group)."""
+    (produced layer by layer for a streamed state, mpq.checkpoint.writers.dense_group).  A
+    tied head that shares the embedding's quantized tensor (mpq.config.tying) has none of its
+    own: the embedding's are stored once."""
     tensors = dense_group(state)
     for name in state.qweights:
+        if state.plan.shared_with(name) is not None:
+            continue
         tensors.add(lambda name=name: {f"{name}.{local}": tensor
                                        for local, tensor in encode(state.qweights[name]).items()})
     for layer in state.plan.quantized():

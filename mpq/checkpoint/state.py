@@ -107,7 +107,11 @@ def state_from_artifact(path: str | Path) -> ArtifactState:
     artifact = open_artifact(path)
     tensors = read_tensors(artifact)
     qweights = {}
+    shared = {}  # a tied head → the embedding whose stored tensor it uses
     for layer in artifact.plan.quantized():
+        if (source := artifact.plan.shared_with(layer.name)) is not None:
+            shared[layer.name] = source
+            continue
         local = split_layer_tensors(tensors, layer.name)
         if "bias" in local:  # stays a dense tensor
             tensors[f"{layer.name}.bias"] = local.pop("bias")
@@ -117,6 +121,12 @@ def state_from_artifact(path: str | Path) -> ArtifactState:
                                           prefix=layer.name + ".")
         except ArtifactError as exc:  # name the artifact too
             raise ArtifactError(f"{artifact.path}: {exc.message}", hint=exc.hint) from None
+    for head, source in shared.items():
+        if source not in qweights:
+            raise ArtifactError(f"{artifact.path}: {head} shares the quantized tensor of "
+                                f"{source}, which the plan does not quantize",
+                                hint="the artifact metadata is damaged")
+        qweights[head] = qweights[source]
     config = dict(artifact.config)
     config.pop("mpq", None)
     config.pop("quantization_config", None)

@@ -39,3 +39,16 @@ def coverage_line(data: dict[str, Any]) -> str:
     kept = ", ".join(f"{g['category']} {100 * g['share']:.1f}%" for g in data["kept"])
     return (f"unquantized: {100 * data['unquantized_share']:.1f}% of the weight bytes"
             + (f" (kept: {kept})" if kept else ""))
+
+
+def tying_line(tying: dict[str, Any] | None) -> str | None:
+    """The tie record of a plan (mpq.config.tying; with ``untied_bytes`` when it comes from a
+    coverage summary) as one line, or None without one."""
+    if not tying:
+        return None
+    pair = f"{tying['embedding']} / {tying['head']}"
+    if tying["shared"]:
+        return f"tied {pair}: kept tied ({tying['reason']})"
+    cost = (f", +{human_bytes(tying['untied_bytes'])} for the second copy before quantization"
+            if tying.get("untied_bytes") else "")
+    return f"tied {pair}: untied ({tying['reason']}{cost})"

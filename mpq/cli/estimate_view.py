@@ -63,6 +63,11 @@ def show(estimate, coverage=None) -> None:
     table.add_row("bits/weight", f"{size['bits_per_weight']:.2f}",
                   f"over all {size['total_weights'] / 1e6:.2f} M weights; quantized layers "
                   f"alone {size['quantized_bits_per_weight']:.2f}")
+    tying = size.get("tying")
+    if tying is not None:
+        table.add_row("  tied embedding/head", human_bytes(tying["untie_bytes"]),
+                      "kept tied: stored once" if tying["shared"]
+                      else f"untied: the head's own copy ({tying['reason']})")
     where = "host" if estimate.device == "cpu" else estimate.device
     streamed = ("streamed: one block resident" if estimate.streaming is None
                 else f"whole model loaded ({estimate.streaming})")

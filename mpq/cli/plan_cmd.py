@@ -81,7 +81,7 @@ def command(model, recipe, strict, max_unquantized, as_json):
     architecture lines say where each part the pipelines use comes from: the model family's
     record, generic discovery (a model type without a record), or nowhere, and why."""
     from mpq.checkpoint.native import is_artifact, open_artifact
-    from mpq.cli.coverage_view import kept_table, share_line
+    from mpq.cli.coverage_view import kept_table, share_line, tying_line
     from mpq.config.run_log import describe_rotation, describe_transforms, plan_record
     from mpq.engine.spec import RunOptions, as_recipe, plan_model, with_storage_dtype
     from mpq.engine.streaming import build_streamed
@@ -145,6 +145,10 @@ def command(model, recipe, strict, max_unquantized, as_json):
             console.print(line)
     if coverage is not None:
         console.print(share_line(coverage))
+    tying = coverage.summary().get("tying") if coverage is not None else (
+        plan.tying.to_dict() if plan.tying is not None else None)
+    if (line := tying_line(tying)) is not None:
+        console.print(line)
     if architecture is not None:
         for line in architecture.lines():
             console.print(line, markup=False, highlight=False)

@@ -7,7 +7,7 @@ import click
 
 from mpq.cli.console import (JsonEvents, ProgressEvents, emit_json, human_bytes, size_line,
                               stdout_console)
-from mpq.cli.coverage_view import coverage_line
+from mpq.cli.coverage_view import coverage_line, tying_line
 from mpq.cli.experts_view import routing_lines, transform_lines
 from mpq.cli.options import dtype_option, json_option, max_unquantized_option, torch_dtype
 
@@ -142,5 +142,8 @@ def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode
         console.print(coverage_line(result.coverage))
     for line in routing_lines(result.plan, result.log) + transform_lines(result.plan):
         console.print(line)  # fused MoE experts: routed tokens, fallbacks, no smoothing
-    if result.untied_head:
+    tying = (result.coverage or {}).get("tying")
+    if tying is not None:
+        console.print(f"note: {tying_line(tying)}")
+    elif result.untied_head:
         console.print("note: the output head was untied from the input embedding to quantize it")

@@ -4,7 +4,11 @@ Matching (first rule wins, per layer): a target is an exact module name, ``re:<r
 ``re.match`` semantics against the full module name, as in compressed-tensors; matched with the
 regex module under a time limit) or a module class name such as
 ``Linear`` / ``Conv1D`` (which also matches its subclasses, e.g. Falcon's ``FalconLinear``).
-A *protected* layer (the output head) is only matched by a target equal to its exact name.
+A *protected* layer (the output head, a MoE router) is only matched by a target equal to its
+exact name.  The input embedding is protected too, and also matched by the class target
+``Embedding`` (``nn.Embedding`` and its subclasses) or its own class name; a ``Linear`` rule or a
+broad regex never catches it.  An embedding no rule matches is left out of the plan (it stays
+float by policy, as the coverage account says), so plans that do not target it are unchanged.
 A rule whose targets match no layer is an error, as is a scheme that cannot represent a
 layer's weight shape.  Nothing here touches weights: layers are described by
 :class:`LayerInfo`, which the caller builds from the model.
@@ -23,6 +27,7 @@ from mpq.config.kv_cache import KVCacheArgs
 from mpq.config.recipe import REGEX_PREFIX, Recipe, Rule
 from mpq.config.rotation import QuaRotArgs
 from mpq.config.scheme import LayerScheme
+from mpq.config.tying import TieRecord, decide_tying
 
 log = logging.getLogger(__name__)
 QUAROT_FIELDS = tuple(f.name for f in fields(QuaRotArgs))
@@ -41,6 +46,7 @@ class LayerInfo:
     # the module classes it derives from (e.g. Falcon's FalconLinear: Linear); a class target
     # matches any of them, as compressed-tensors' targets do
     bases: tuple[str, ...] = ()
+    embedding: bool = False  # the input embedding (a lookup table [vocab, hidden])
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,7 @@ class LayerPlan:
     rule: int | None
     reason: str
     expert: int | None = None  # expert index of a fused-experts slice (mpq.models.experts)
+    embedding: bool = False  # the input embedding: weight [vocab, hidden] treated as [N, K]
 
     @property
     def weight_key(self) -> str:
@@ -74,6 +81,8 @@ class LayerPlan:
                "rule": self.rule, "reason": self.reason}
         if self.expert is not None:
             out["expert"] = self.expert
+        if self.embedding:
+            out["embedding"] = True
         return out
 
     @classmethod
@@ -82,7 +91,8 @@ class LayerPlan:
         return cls(name=data["name"], class_name=data["class_name"], shape=tuple(data["shape"]),
                    block=data["block"],
                    scheme=LayerScheme.from_dict(scheme) if scheme is not None else None,
-                   rule=data["rule"], reason=data["reason"], expert=data.get("expert"))
+                   rule=data["rule"], reason=data["reason"], expert=data.get("expert"),
+                   embedding=bool(data.get("embedding", False)))
 
 
 @dataclass(frozen=True)
@@ -124,6 +134,7 @@ class Plan:
     # artifact written before the key, whose plan has none, keeps its stored dtypes).  Recorded
     # only when not fp32, so fp32 artifacts are unchanged.
     storage_dtype: str | None = None
+    tying: TieRecord | None = None  # a tied embedding/head pair the plan quantizes (config.tying)
 
     @property
     def min_expert_tokens(self) -> int:
@@ -136,6 +147,14 @@ class Plan:
     def get(self, name: str) -> LayerPlan | None:
         """The plan of layer ``name``, or None when the layer is not in the plan."""
         return next((layer for layer in self.layers if layer.name == name), None)
+
+    def shared_with(self, name: str) -> str | None:
+        """The layer whose quantized tensor layer ``name`` uses (the tied head, when it shares
+        the embedding's), or None when it has its own."""
+        tying = self.tying
+        if tying is not None and tying.shared and name == tying.head:
+            return tying.embedding
+        return None
 
     def describe_kv_cache(self) -> str | None:
         return self.kv_cache.describe() if self.kv_cache is not None else None
@@ -165,6 +184,8 @@ class Plan:
             out["experts"] = self.experts.to_dict()
         if self.storage_dtype not in (None, "fp32"):
             out["storage_dtype"] = self.storage_dtype
+        if self.tying is not None:
+            out["tying"] = self.tying.to_dict()
         return out
 
     @classmethod
@@ -182,7 +203,8 @@ class Plan:
                        rotation=QuaRotArgs(**{k: rotation[k] for k in QUAROT_FIELDS if k in rotation})
                        if rotation else None,
                        experts=ExpertArgs(**data["experts"]) if data.get("experts") else None,
-                       storage_dtype=_storage_dtype(data.get("storage_dtype")))
+                       storage_dtype=_storage_dtype(data.get("storage_dtype")),
+                       tying=TieRecord.from_dict(data["tying"]) if data.get("tying") else None)
         except (KeyError, TypeError, ValueError, AttributeError, SchemeError) as exc:
             hint = "the artifact metadata is damaged or was written by another tool"
             raise ArtifactError(f"malformed plan: {type(exc).__name__}: {exc}", hint=hint) from None
@@ -200,6 +222,8 @@ REGEX_SECONDS = 1.0  # per layer name: a pathological pattern fails instead of h
 def _matches(target: str, layer: LayerInfo) -> bool:
     if target == layer.name:
         return True
+    if layer.embedding:  # by its class (Embedding, or a subclass's own name), never by accident
+        return target == layer.class_name or target in layer.bases
     if layer.protected:
         return False
     if target.startswith(REGEX_PREFIX):
@@ -224,11 +248,14 @@ def _rule_matches(rule: Rule, layer: LayerInfo) -> str | None:
 
 
 def resolve(recipe: Recipe, layers: Sequence[LayerInfo],
-            other_modules: Mapping[str, str] | None = None) -> Plan:
+            other_modules: Mapping[str, str] | None = None, *,
+            tied: tuple[str, str] | None = None) -> Plan:
     """Assign each layer the first rule that matches it.
 
-    ``other_modules`` maps names of modules that cannot be quantized (embeddings, norms) to their
-    class names; it only sharpens the error for a rule that targets one of them.
+    ``other_modules`` maps names of modules that cannot be quantized (norms, ...) to their
+    class names; it only sharpens the error for a rule that targets one of them.  ``tied``:
+    the (input embedding, output head) names when the model ties their weights; the plan then
+    records what happens to the pair (mpq.config.tying).
     """
     matched = [0] * len(recipe.rules)  # layers each rule matches, decided or not
     plans: list[LayerPlan] = []
@@ -243,7 +270,10 @@ def resolve(recipe: Recipe, layers: Sequence[LayerInfo],
                 reason = (f"skip by rule {rule.index}" if rule.scheme is None
                           else f"rule {rule.index} ({target})")
                 decided = LayerPlan(layer.name, layer.class_name, tuple(layer.shape), layer.block,
-                                    rule.scheme, rule.index, reason, layer.expert)
+                                    rule.scheme, rule.index, reason, layer.expert,
+                                    layer.embedding)
+        if decided is None and layer.embedding:
+            continue  # kept by policy, outside the plan (the module docstring)
         if decided is None:
             reason = ("protected (name it exactly to quantize)" if layer.protected
                       else "no rule matched")
@@ -261,8 +291,13 @@ def resolve(recipe: Recipe, layers: Sequence[LayerInfo],
     _check_shapes(recipe, plans)
     _check_whole_experts(recipe, plans)
     transforms = tuple(TransformSpec(name, dict(options)) for name, options in recipe.transforms)
+    tying = None
+    if tied is not None:
+        schemes = {plan.name: plan.scheme for plan in plans}
+        tying = decide_tying(*tied, schemes.get(tied[0]), schemes.get(tied[1]),
+                             rotated=recipe.rotation is not None)
     return Plan(recipe.name, tuple(plans), recipe.precision_policy.to_dict(), transforms,
-                recipe.kv_cache, recipe.rotation, recipe.experts)
+                recipe.kv_cache, recipe.rotation, recipe.experts, tying)
 
 
 def _no_match_error(recipe: Recipe, rule: Rule, layers: Sequence[LayerInfo],
@@ -277,17 +312,20 @@ def _no_match_hint(rule: Rule, layers: Sequence[LayerInfo],
         other = LayerInfo(name, class_name, (0, 0))
         if _rule_matches(rule, other):
             return (f"'{name}' is a{'n' if class_name[:1] in 'AEIOU' else ''} {class_name}; "
-                    f"only Linear/Conv1D layers can be quantized")
+                    f"only Linear/Conv1D layers and the input embedding can be quantized")
     for layer in layers:
         if layer.protected and _rule_matches(rule, LayerInfo(layer.name, layer.class_name,
                                                              layer.shape)):
+            if layer.embedding:
+                return (f"'{layer.name}' is the input embedding, which only its exact name or "
+                        f"the class target Embedding selects")
             return f"'{layer.name}' is protected: target it by its exact name '{layer.name}'"
     choices = _unique([layer.name for layer in layers] + [layer.class_name for layer in layers])
     for target in rule.targets:
         close = did_you_mean(target, choices) if not target.startswith(REGEX_PREFIX) else None
         if close:
             return close
-    examples = ", ".join(layer.name for layer in layers[:3])
+    examples = ", ".join([layer.name for layer in layers if not layer.embedding][:3])
     return f"layer names look like: {examples}" if examples else "the model has no layers"
 
 

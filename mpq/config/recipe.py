@@ -15,6 +15,8 @@ Format, version 1::
         weights: {bits: 8, granularity: channel}  # "re:<regex>" (re.match on the full name)
       - targets: lm_head                     # or a module class name such as Linear / Conv1D
         skip: true           # keep in the original dtype; excludes algorithm/weights/options
+      - targets: [Embedding]                 # the input embedding: class Embedding or its name
+        weights: {bits: 8, granularity: channel}  # rtn; int per row / group, fp8_e4m3 per row
       - targets: Linear
     transforms:              # optional, applied per decoder block before its layers are quantized
       - {type: smoothquant, alpha: 0.5}
@@ -60,6 +62,16 @@ duplicate keys, wrong types, bad regexes and invalid schemes raise
 :class:`~mpq.errors.RecipeError` naming ``<file>: <yaml path>`` (``<file>:<line>:<col>`` for YAML
 syntax errors).  Algorithm names are only checked when ``known_algorithms`` is given (the caller
 passes the quantizer registry).
+
+The output head and the input embedding are *protected* (mpq.config.plan): the head is matched
+only by its exact name, the input embedding only by its exact name (``model.embed_tokens``) or the
+class target ``Embedding`` (``nn.Embedding`` and subclasses, or the subclass's own name), never
+by ``Linear`` or a regex.  The embedding's table [vocab, hidden] is quantized as a weight
+[N=vocab, K=hidden]: ``granularity: channel`` is one scale per vocabulary row, ``group`` groups
+along the hidden size; int (any bits, sym/asym) per channel or group and fp8_e4m3 per channel,
+algorithm ``rtn`` only (mpq.engine.spec.check_embedding_schemes refuses the rest with the rule's
+path).  A tied embedding/head pair given one rtn scheme stays one stored tensor; otherwise it is
+untied (mpq.config.tying).
 """
 from __future__ import annotations
 

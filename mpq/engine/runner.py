@@ -3,7 +3,11 @@
 For each decoder block in order: collect the statistics its layers' quantizers declare they need
 (hooks on the block's linears while the block runs on the calibration inputs), quantize every
 planned layer, write the dequantized weights back (so the error propagates), and re-run the block
-to produce the next block's inputs.  Only one block's activations are held at a time.  When no
+to produce the next block's inputs.  Only one block's activations are held at a time.  A
+quantized input embedding (RTN only: a table needs no statistics) is quantized first, so the
+calibration inputs of block 0 already carry its error; the output head last, with the whole
+model run for its statistics when it needs some (a tied head sharing the embedding's scheme
+reuses the embedding's quantized tensor: mpq.config.tying).  When no
 planned quantizer needs statistics, no calibration forward pass runs at all.  Streaming,
 resume, transforms, KV-cache calibration and stopping on signals attach to the lifecycle
 events of mpq.engine.lifecycle as hooks.
@@ -94,10 +98,14 @@ def run_blocks(run: RunState, samples: list[torch.Tensor] | None, *,
     events("start", blocks=len(blocks), layers=len(plan.quantized()),
            calibration_passes=bool(run.needs), streaming=run.streamed)
     started = time.perf_counter()
-    outside = by_block.get(None, [])
+    outside = [layer for layer in by_block.get(None, []) if not layer.embedding]
+    embeddings = [layer for layer in by_block.get(None, []) if layer.embedding]
     if any(layer.name in run.needs for layer in outside):  # the whole model runs for them
         run.keep_dequantized = True
     with torch.inference_mode():
+        for layer in embeddings:  # before block 0's inputs are captured
+            run.qweights[layer.name] = quantize_layer(run, layer, {})
+            events("layer", name=layer.name, block=None, **run.log.result(layer.name))
         inputs = None
         if run.needs_calibration_pass:
             batches = batch_samples(samples, batch_tokens)
@@ -222,6 +230,11 @@ def _quantize_outside_blocks(run: RunState, layers: list[LayerPlan], samples):
         stats = results(collectors, run.ranks)
     qweights = {}
     for layer in layers:
-        qweights[layer.name] = quantize_layer(run, layer, stats.get(layer.name, {}))
+        source = run.plan.shared_with(layer.name)
+        if source is not None:  # the tied head: the embedding's tensor, already in the model
+            qweights[layer.name] = run.qweights[source]
+            run.log.result(layer.name).update({**run.log.result(source), "shared_with": source})
+        else:
+            qweights[layer.name] = quantize_layer(run, layer, stats.get(layer.name, {}))
         run.events("layer", name=layer.name, block=None, **run.log.result(layer.name))
     return qweights

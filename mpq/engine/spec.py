@@ -31,7 +31,7 @@ from mpq.models.attention import attention_modules, kv_geometry
 from mpq.models.coverage import STRICT_DEFAULT, CoverageAccount, account
 from mpq.models.experts import routers
 from mpq.models.families import family_of
-from mpq.models.layout import ModelLayout, blocks_of, describe_layers, layout_of
+from mpq.models.layout import ModelLayout, blocks_of, describe_layers, layout_of, tied_pair
 from mpq.models.source import check_float_source, check_model_dir, max_positions, read_config
 from mpq.models.stored_tensors import check_stored_tensors
 from mpq.quantizers.base import QUANTIZERS
@@ -178,7 +178,8 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
     what the plan asks of the algorithms, transforms, rotation and KV cache."""
     layout = layout_of(model)
     layers, others = describe_layers(model, layout)
-    plan = resolve(recipe, layers, others)
+    plan = resolve(recipe, layers, others, tied=tied_pair(model, layout))
+    check_embedding_schemes(plan, recipe)
     for layer in plan.quantized():
         try:
             QUANTIZERS.get(layer.scheme.algorithm).check(layer.scheme)
@@ -230,6 +231,37 @@ def with_storage_dtype(plan: Plan, recipe: Recipe, source_dir: Path,
     (mpq.checkpoint.storage: ``source`` → the dtype its safetensors files hold)."""
     return replace(plan, storage_dtype=resolve_storage_dtype(
         recipe.storage_dtype, source_dir, weight_map, read_config(source_dir)))
+
+
+EMBEDDING_FORMATS = {"int": ("channel", "group"), "fp8_e4m3": ("channel",)}
+
+
+def check_embedding_schemes(plan: Plan, recipe: Recipe) -> None:
+    """RecipeError for a scheme a quantized input embedding cannot take: an algorithm that
+    needs activation statistics (a lookup table has no input to collect them from), input
+    activations, or a number format other than int per row / per group along the hidden size
+    and fp8_e4m3 per row (the runtime decodes only the looked-up rows: mpq.runtime.qembedding)."""
+    for layer in plan.quantized():
+        if not layer.embedding:
+            continue
+        scheme, where = layer.scheme, f"{recipe.source}: rules[{layer.rule}] ({layer.name})"
+        needs = QUANTIZERS.get(scheme.algorithm).needs
+        if needs:
+            raise RecipeError(f"{where}: algorithm '{scheme.algorithm}' needs activation "
+                              f"statistics ({', '.join(sorted(needs))}), which an input "
+                              "embedding (a table lookup) does not have",
+                              hint="use algorithm: rtn in the rule for the embedding")
+        if scheme.input_activations is not None:
+            raise RecipeError(f"{where}: an input embedding has no input activations to "
+                              "quantize", hint="remove input_activations from that rule")
+        args = scheme.weights
+        granularities = EMBEDDING_FORMATS.get(args.format, ())
+        if args.granularity not in granularities:
+            allowed = "; ".join(f"{fmt} per {' or '.join(g)}"
+                                for fmt, g in EMBEDDING_FORMATS.items())
+            raise RecipeError(f"{where}: {args.format} weights per {args.granularity} are not "
+                              f"supported for an input embedding (allowed: {allowed})",
+                              hint="e.g. weights: {bits: 8, granularity: channel}")
 
 
 def check_moe_schemes(model: nn.Module, plan: Plan, recipe: Recipe) -> None:

@@ -3,9 +3,10 @@
 Contract: :func:`account` walks a model (parameters may be on the meta device: no weight is read)
 and puts every parameter tensor in exactly one entry, each tensor once even when tied:
 
-* ``quantized`` — the weight of a layer the plan quantizes;
+* ``quantized`` — the weight of a layer the plan quantizes (the input embedding too, when a
+  rule targets it);
 * or kept in the source dtype, with a category and the reason:
-  ``embedding`` and ``norm`` (kept by policy), ``bias`` (travels with its quantized layer),
+  ``embedding`` (kept by policy unless a rule targets it) and ``norm`` (kept by policy), ``bias`` (travels with its quantized layer),
   ``head`` (the protected output head), ``router`` (a mixture-of-experts gate, kept by policy for
   routing stability), ``moe-experts`` (fused 3-D expert tensors in a layout mpq cannot plan),
   ``no-rule`` (a Linear no rule matched), ``skipped`` (a rule keeps it) and ``other`` (any other
@@ -13,8 +14,11 @@ and puts every parameter tensor in exactly one entry, each tensor once even when
 
 An entry's bytes are numel × the tensor's dtype size (the dtype the run loads the model in).  The
 entries sum to :attr:`CoverageAccount.total_bytes`: the model's parameter bytes, a tied tensor
-counted once — unless the plan quantizes one of its users, which the run unties (the output head
-from the input embedding), so the other user keeps a copy of its own and is counted too.
+counted once — unless the plan quantizes one of its users and the plan's tie record
+(mpq.config.tying) says the pair is untied: then each user has a copy of its own and is counted
+(quantized or kept), the extra copy's reason saying so; its bytes are
+:attr:`CoverageAccount.untie_bytes` (``untied_bytes`` in the summary, with the tie record).  A
+pair that stays tied under one shared scheme is one quantized entry with the head in ``tied``.
 
 :meth:`CoverageAccount.check` is the ``--max-unquantized`` / ``--strict`` gate: a RecipeError
 when more than a given share of the bytes would stay unquantized.
@@ -90,6 +94,8 @@ class CoverageAccount:
     """Every parameter tensor of a model under a plan (see the module docstring)."""
 
     entries: tuple[TensorEntry, ...]
+    tying: dict[str, Any] | None = None  # the plan's tie record (mpq.config.tying), if any
+    untie_bytes: int = 0  # bytes the untied copy adds (in the load dtype, before quantizing)
 
     @property
     def total_bytes(self) -> int:
@@ -130,9 +136,12 @@ class CoverageAccount:
 
     def summary(self) -> dict[str, Any]:
         """The shares and the kept groups (what ``mpq quantize`` reports)."""
-        return {"total_bytes": self.total_bytes, "unquantized_bytes": self.unquantized_bytes,
-                "unquantized_share": self.unquantized_share,
-                "kept": [group.to_dict() for group in self.groups()]}
+        out = {"total_bytes": self.total_bytes, "unquantized_bytes": self.unquantized_bytes,
+               "unquantized_share": self.unquantized_share,
+               "kept": [group.to_dict() for group in self.groups()]}
+        if self.tying is not None:
+            out["tying"] = {**self.tying, "untied_bytes": self.untie_bytes}
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """:meth:`summary` plus every kept tensor (what ``mpq plan --json`` shows)."""
@@ -185,7 +194,9 @@ def account(model: nn.Module, plan: Plan) -> CoverageAccount:
     layers = {layer.name: layer for layer in plan.layers}
     modules = dict(model.named_modules())
     embeddings = {id(m) for m in (_input_embeddings(model),) if m is not None}
+    shared = plan.tying is not None and plan.tying.shared
     entries: list[TensorEntry] = []
+    untie_bytes = 0
     for users in _tensors(model):
         param = users[0][1]
         size = param.numel() * param.element_size()
@@ -193,17 +204,20 @@ def account(model: nn.Module, plan: Plan) -> CoverageAccount:
         decided = [(name, _classify(name, param, modules, layers, embeddings))
                    for name, _ in users]
         quantized = [(name, c) for name, c in decided if c[0] == QUANTIZED]
-        if quantized:  # the run unties the tensor: each kept user keeps a copy of its own
-            name, (category, reason, layer) = quantized[0]
-            entries.append(TensorEntry(name, shape, size, category, reason, layer))
-            for name, (category, reason, layer) in decided:
-                if category != QUANTIZED:
-                    entries.append(TensorEntry(name, shape, size, category, reason, layer))
+        if quantized and not shared:  # the run unties the tensor: each user has its own copy
+            first = quantized[0][0]
+            for name, (category, reason, layer) in [quantized[0]] + [
+                    item for item in decided if item[0] != first]:
+                if name != first:
+                    reason = f"{reason}; untied from {first}: a copy of its own"
+                    untie_bytes += size
+                entries.append(TensorEntry(name, shape, size, category, reason, layer))
             continue
-        name, (category, reason, layer) = decided[0]
-        tied = tuple(other for other, _ in decided[1:])
+        name, (category, reason, layer) = (quantized or decided)[0]
+        tied = tuple(other for other, _ in decided if other != name)
         entries.append(TensorEntry(name, shape, size, category, reason, layer, tied))
-    return CoverageAccount(tuple(entries))
+    tying = plan.tying.to_dict() if plan.tying is not None else None
+    return CoverageAccount(tuple(entries), tying, untie_bytes)
 
 
 def _tensors(model: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
@@ -246,7 +260,8 @@ def _classify(name: str, param: nn.Parameter, modules: dict[str, nn.Module],
     is_router = "router" in class_name.lower() or _is_gate(module_name, modules)
     if layer is not None and is_router and layer.scheme is None and layer.rule is None:
         return "router", POLICY_REASONS["router"], module_name
-    if layer is not None and (isinstance(module, LINEAR_CLASSES) or is_router):
+    if layer is not None and (isinstance(module, LINEAR_CLASSES) or is_router
+                              or layer.embedding):
         return _layer_category(layer, module_name, bias=attr != "weight")
     if isinstance(module, nn.Embedding) or id(module) in embeddings:
         return "embedding", POLICY_REASONS["embedding"], None

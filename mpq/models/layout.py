@@ -1,8 +1,9 @@
 """Architecture facts as data, and the generic discovery that finds them.
 
-The engine needs three things from a causal LM: the list of decoder blocks, the quantizable
-linear layers (``nn.Linear`` and GPT-2's transposed ``Conv1D``), and which layer is the output
-head.  A model type with a family record (mpq.models.families) gives the path of its block list;
+The engine needs four things from a causal LM: the list of decoder blocks, the quantizable
+linear layers (``nn.Linear`` and GPT-2's transposed ``Conv1D``), which layer is the output
+head and which the input embedding (a protected layer too, its weight [vocab, hidden] planned
+like a linear's [N, K]; whether the two share one tensor: :func:`tied_pair`).  A model type with a family record (mpq.models.families) gives the path of its block list;
 any other model falls back to the largest ``ModuleList`` of identical blocks, which is tested
 against the records.
 """
@@ -30,6 +31,7 @@ class ModelLayout:
     blocks_path: str
     num_blocks: int
     head_name: str | None
+    embed_name: str | None = None  # the input embedding (get_input_embeddings)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -53,13 +55,38 @@ def set_weight(module: nn.Module, weight_out_in: torch.Tensor) -> None:
 
 def untie_head(model: nn.Module) -> bool:
     """Give an output head tied to the input embedding its own copy of the weight (and say so
-    in the config); False when it is not tied."""
+    in the config); False when it is not tied.  The run does this when the plan's tie record
+    says the pair is untied (mpq.config.tying), and before a rotation."""
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     if head is None or embed is None or head.weight is not embed.weight:
         return False
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     model.config.tie_word_embeddings = False
     return True
+
+
+def tied_pair(model: nn.Module, layout: ModelLayout) -> tuple[str, str] | None:
+    """(input embedding, output head) module names when their weights are one tensor — the
+    same Parameter, or tied by the model's ``all_tied_weights_keys`` (a meta skeleton) — else
+    None."""
+    embed, head = layout.embed_name, layout.head_name
+    if embed is None or head is None:
+        return None
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    if tied.get(f"{head}.weight") == f"{embed}.weight":
+        return embed, head
+    same = model.get_submodule(head).weight is model.get_submodule(embed).weight
+    return (embed, head) if same else None
+
+
+def input_embedding(model: nn.Module) -> nn.Module | None:
+    """The model's input embedding module when it is an nn.Embedding (else None)."""
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        embed = getter() if getter is not None else None
+    except NotImplementedError:
+        return None
+    return embed if isinstance(embed, nn.Embedding) else None
 
 
 def discover_blocks_path(model: nn.Module) -> str:
@@ -92,7 +119,11 @@ def layout_of(model: nn.Module) -> ModelLayout:
                               "mpq.models.families") from None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_name = next((n for n, m in model.named_modules() if m is head), None) if head else None
-    return ModelLayout(blocks_path=path, num_blocks=len(blocks), head_name=head_name)
+    embed = input_embedding(model)
+    embed_name = next((n for n, m in model.named_modules() if m is embed), None) if embed \
+        else None
+    return ModelLayout(blocks_path=path, num_blocks=len(blocks), head_name=head_name,
+                       embed_name=embed_name)
 
 
 def blocks_of(model: nn.Module, layout: ModelLayout) -> nn.ModuleList:
@@ -110,7 +141,8 @@ def describe_layers(model: nn.Module, layout: ModelLayout) -> tuple[list[LayerIn
     """Quantizable layers as LayerInfo, plus the other leaf modules (name → class) for hints.
 
     Fused MoE experts give one layer per expert and projection, and their router a protected
-    layer (mpq.models.experts)."""
+    layer (mpq.models.experts); the input embedding is a protected layer with ``embedding``
+    set."""
     layers, others = [], {}
     experts = {fused.name: fused for fused in fused_experts(model)}
     gates = {name for name, _ in routers(model)}
@@ -122,17 +154,26 @@ def describe_layers(model: nn.Module, layout: ModelLayout) -> tuple[list[LayerIn
             layers.append(LayerInfo(name=name, class_name=type(module).__name__,
                                     shape=(int(n_out), int(n_in)),
                                     block=block_index(name, layout), protected=True))
+        elif name == layout.embed_name and name:
+            vocab, hidden = module.weight.shape
+            layers.append(LayerInfo(name=name, class_name=type(module).__name__,
+                                    shape=(int(vocab), int(hidden)), protected=True,
+                                    bases=_bases(module), embedding=True))
         elif is_linear(module):
             n_out, n_in = weight_of(module).shape
-            bases = tuple(cls.__name__ for cls in type(module).__mro__[1:]
-                          if issubclass(cls, nn.Module) and cls is not nn.Module)
             layers.append(LayerInfo(name=name, class_name=type(module).__name__,
                                     shape=(int(n_out), int(n_in)),
                                     block=block_index(name, layout),
-                                    protected=name == layout.head_name, bases=bases))
+                                    protected=name == layout.head_name, bases=_bases(module)))
         elif name and not list(module.children()):
             others[name] = type(module).__name__
     return layers, others
+
+
+def _bases(module: nn.Module) -> tuple[str, ...]:
+    """Names of the module classes ``module``'s class derives from (nn.Module excluded)."""
+    return tuple(cls.__name__ for cls in type(module).__mro__[1:]
+                 if issubclass(cls, nn.Module) and cls is not nn.Module)
 
 
 def _expert_layers(fused: FusedExperts, block: int | None) -> list[LayerInfo]:

@@ -188,3 +188,30 @@ def test_calibration_reading_is_bounded_by_the_budget_not_the_source(models, tmp
     assert more.memory["calibration_reading"] - parts["calibration_reading"] >= 4 * (
         read_budget(4096, 512) - read_budget(4, 32))
     assert more.peak_phase == "calibration"
+
+
+EMBEDDING_RECIPES = {
+    "shared": "  - targets: [Embedding, lm_head]\n    weights: {format: int, bits: 8, "
+              "granularity: channel}\n",
+    "embedding only": "  - targets: [Embedding]\n    weights: {format: int, bits: 4, "
+                      "symmetric: false, granularity: group, group_size: 32}\n",
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama_tied"])
+@pytest.mark.parametrize("case", sorted(EMBEDDING_RECIPES))
+def test_size_estimate_counts_the_quantized_embedding_and_the_tie(models, tmp_path, arch, case):
+    recipe = parse_recipe("mpq_recipe: 1\ndefaults: {algorithm: rtn}\nrules:\n"
+                          + EMBEDDING_RECIPES[case] + "  - targets: [Linear]\n"
+                          "    weights: {bits: 4, group_size: 32}\n", "emb.yaml")
+    est = estimate_run(resolve_run(models / arch, recipe), probe=False)
+    result = quantize(models / arch, recipe, tmp_path / "out")
+    stored = result.sizes["stored_bytes"]
+    assert abs(est.size["tensor_bytes"] - stored) <= 0.02 * stored
+    tying = est.size.get("tying")
+    if arch == "llama":
+        assert tying is None
+    elif case == "shared":
+        assert tying["shared"] and tying["untie_bytes"] == 0
+    else:  # the head keeps its float copy: 256 × 64 fp32
+        assert not tying["shared"] and tying["untie_bytes"] == 256 * 64 * 4

@@ -463,6 +463,26 @@ def _recipe_in_output(env: Env) -> list:
     return ["quantize", env.src, "-r", recipe, "-o", recipe.parent, "--force"]
 
 
+EMBEDDING_INT8 = ("  - targets: [Embedding]\n"
+                  "    weights: {format: int, bits: 8, granularity: channel}\n")
+BODY_INT4 = "  - targets: [Linear]\n    weights: {bits: 4, group_size: 32}\n"
+
+
+def _embedding_recipe(env: Env, algorithm: str = "rtn") -> Path:
+    """A recipe quantizing the input embedding int8 per row (with ``algorithm``) and the
+    linears int4 RTN."""
+    return env.recipe(f"rules:\n{EMBEDDING_INT8}    algorithm: {algorithm}\n"
+                      f"{BODY_INT4}    algorithm: rtn\n")
+
+
+def _embedding_artifact(env: Env) -> Path:
+    """The tiny Llama quantized with its input embedding int8 per row (native format)."""
+    from mpq.quantize import quantize
+
+    quantize(env.src, str(_embedding_recipe(env)), env.tmp / "emb")
+    return env.tmp / "emb"
+
+
 def _compressed_tensors_model(env: Env) -> Path:
     """A compressed-tensors checkpoint as another tool writes it (no mpq record)."""
     from mpq.checkpoint.convert import convert
@@ -975,6 +995,38 @@ CASES: list[Case] = [
          ("storage_dtype fp16", "'model.layers.1.post_attention_layernorm.weight' holds 70000",
           "65504", "storage_dtype: bf16"),
          leaves=("out.mpq-work",)),
+    # the input embedding as a quantization target (mpq.engine.spec.check_embedding_schemes)
+    Case("embedding-gptq", "a recipe solving the input embedding with gptq (a table lookup has "
+         "no activation statistics)",
+         lambda e: e.quantize(e.src, recipe=_embedding_recipe(e, "gptq")), RecipeError,
+         ("rules[0] (model.embed_tokens)", "algorithm 'gptq' needs activation statistics",
+          "use algorithm: rtn")),
+    Case("embedding-regex-only", "a rule whose only target is a regex for the input embedding "
+         "(regexes never select it: its exact name or the class Embedding do)",
+         lambda e: ["plan", e.src, "-r", e.recipe("rules:\n  - targets: ['re:model\\.embed.*']\n"
+                                                  "    weights: {bits: 8, granularity: channel}\n"
+                                                  + BODY_INT4)], RecipeError,
+         ("rules[0] targets", "match no layer", "the class target Embedding")),
+    Case("embedding-nf4", "nf4 weights for the input embedding (int per row or group, fp8_e4m3 "
+         "per row only)",
+         lambda e: ["plan", e.src, "-r", e.recipe("rules:\n  - targets: [Embedding]\n"
+                                                  "    weights: {format: nf4}\n" + BODY_INT4)],
+         RecipeError, ("nf4 weights per group are not supported for an input embedding",)),
+    Case("embedding-compressed-tensors", "mpq quantize --format compressed-tensors with the "
+         "input embedding quantized (mpq does not write it in that format)",
+         lambda e: e.quantize(e.src, "--format", "compressed-tensors",
+                              recipe=_embedding_recipe(e)), FormatError,
+         ("model.embed_tokens: a quantized input embedding", "--format mpq")),
+    Case("embedding-gptq-format", "mpq quantize --format gptq with the input embedding "
+         "quantized (GPTQ v1 stores quantized Linear layers only)",
+         lambda e: e.quantize(e.src, "--format", "gptq", recipe=_embedding_recipe(e)),
+         FormatError, ("model.embed_tokens: a quantized input embedding",
+                       "GPTQ v1 stores quantized Linear layers only")),
+    Case("embedding-convert", "mpq convert --format compressed-tensors of an artifact whose "
+         "input embedding is quantized",
+         lambda e: ["convert", _embedding_artifact(e), "-o", e.out, "--format",
+                    "compressed-tensors"], FormatError,
+         ("model.embed_tokens: a quantized input embedding", "mpq does not write one")),
 ]
 
 

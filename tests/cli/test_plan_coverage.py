@@ -110,3 +110,33 @@ def test_dry_run_shows_the_share(saved, tmp_path):
     assert f"unquantized: {100 * shares['mixtral']:.1f}% of the weight bytes" in text.stdout
     assert invoke(*args, "--strict").exit_code == 0  # its experts are quantized
     assert invoke(*args, "--max-unquantized", 0.05).exit_code == RecipeError.exit_code
+
+
+TIED_EMBEDDING = """\
+mpq_recipe: 1
+defaults: {algorithm: rtn}
+rules:
+  - targets: [Embedding]
+    weights: {format: int, bits: 8, symmetric: true, granularity: channel}
+  - targets: [Linear]
+    weights: {bits: 4, group_size: 32}
+"""
+
+
+def test_plan_shows_the_quantized_embedding_and_the_untying(saved, tmp_path):
+    root, _ = saved
+    save_tiny_model("llama_tied", tmp_path / "tied")
+    (tmp_path / "r.yaml").write_text(TIED_EMBEDDING)
+    shown = invoke("plan", tmp_path / "tied", "-r", tmp_path / "r.yaml")
+    assert shown.exit_code == 0, shown.output
+    assert "model.embed_tokens" in shown.stdout and "rule 0 (Embedding)" in shown.stdout
+    assert ("tied model.embed_tokens / lm_head: untied (only model.embed_tokens is quantized"
+            in " ".join(shown.stdout.split()))
+    data = json.loads(invoke("plan", tmp_path / "tied", "-r", tmp_path / "r.yaml",
+                             "--json").stdout)
+    layer = next(item for item in data["layers"] if item["name"] == "model.embed_tokens")
+    assert layer["embedding"] is True and layer["scheme"]["weights"]["bits"] == 8
+    assert data["tying"]["shared"] is False
+    assert data["coverage"]["tying"]["untied_bytes"] == 256 * 64 * 4
+    kept = {t["name"]: t for t in data["coverage"]["kept_tensors"]}
+    assert "model.embed_tokens.weight" not in kept and "lm_head.weight" in kept

@@ -149,8 +149,8 @@ def test_rule_matching_nothing_suggests_a_name():
 def test_rule_matching_only_other_modules_explains_why():
     err = resolve_error("mpq_recipe: 1\nrules: [{targets: model.embed_tokens}]")
     assert "rules[0]" in str(err) and "match no layer" in str(err)
-    assert err.hint == ("'model.embed_tokens' is an Embedding; only Linear/Conv1D layers can be "
-                        "quantized")
+    assert err.hint == ("'model.embed_tokens' is an Embedding; only Linear/Conv1D layers and "
+                        "the input embedding can be quantized")
     err = resolve_error("mpq_recipe: 1\nrules: [{targets: 're:.*norm'}]")
     assert err.hint.startswith("'model.norm' is a LlamaRMSNorm")
 

@@ -174,3 +174,52 @@ def test_name_pattern_replaces_indices():
     assert name_pattern("model.layers.12.mlp.experts.3.w1.weight") == \
         "model.layers.*.mlp.experts.*.w1.weight"
     assert name_pattern("lm_head.weight") == "lm_head.weight"
+
+
+EMBEDDING = """\
+mpq_recipe: 1
+defaults: {algorithm: rtn}
+rules:
+  - targets: [Embedding]
+    weights: {format: int, bits: 8, symmetric: true, granularity: channel}
+"""
+HEAD_INT4 = """\
+  - targets: [lm_head]
+    weights: {format: int, bits: 4, symmetric: true, granularity: group, group_size: 32}
+"""
+LINEARS = """\
+  - targets: [Linear]
+    weights: {format: int, bits: 4, symmetric: true, granularity: group, group_size: 32}
+"""
+
+
+def test_a_targeted_embedding_counts_as_quantized():
+    _, _, coverage = planned("llama", EMBEDDING + LINEARS)
+    entries = {e.name: e for e in coverage.entries}
+    embedding = entries["model.embed_tokens.weight"]
+    assert not embedding.kept and embedding.layer == "model.embed_tokens"
+    assert coverage.tying is None and "tying" not in coverage.summary()
+
+
+@pytest.mark.parametrize("rules, shared, untied", [
+    (EMBEDDING.replace("[Embedding]", "[Embedding, lm_head]") + LINEARS, True, 0),
+    (EMBEDDING + LINEARS, False, 256 * 64 * 4),  # the head keeps a float copy
+    (EMBEDDING + HEAD_INT4 + LINEARS, False, 256 * 64 * 4),  # both quantized, apart
+])
+def test_tied_pair_is_one_entry_when_shared_else_two(rules, shared, untied):
+    real = tiny_model("llama_tied")
+    _, _, coverage = planned("llama_tied", rules)
+    embed_bytes = real.model.embed_tokens.weight.numel() * 4
+    assert coverage.total_bytes == unique_bytes(real.parameters()) + untied
+    assert coverage.untie_bytes == untied
+    summary = coverage.summary()["tying"]
+    assert summary["shared"] is shared and summary["untied_bytes"] == untied
+    entries = {e.name: e for e in coverage.entries}
+    assert not entries["model.embed_tokens.weight"].kept
+    if shared:
+        assert entries["model.embed_tokens.weight"].tied == ("lm_head.weight",)
+        assert "lm_head.weight" not in entries
+    else:
+        head = entries["lm_head.weight"]
+        assert "untied from model.embed_tokens.weight" in head.reason
+        assert head.kept == (rules.count("lm_head") == 0) and head.bytes == embed_bytes
