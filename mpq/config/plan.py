@@ -297,7 +297,7 @@ def resolve(recipe: Recipe, layers: Sequence[LayerInfo],
         tying = decide_tying(*tied, schemes.get(tied[0]), schemes.get(tied[1]),
                              rotated=recipe.rotation is not None)
     return Plan(recipe.name, tuple(plans), recipe.precision_policy.to_dict(), transforms,
-                recipe.kv_cache, recipe.rotation, recipe.experts, tying)
+                recipe.kv_cache, recipe.rotation, recipe.experts, tying=tying)
 
 
 def _no_match_error(recipe: Recipe, rule: Rule, layers: Sequence[LayerInfo],
