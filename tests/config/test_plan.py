@@ -40,8 +40,16 @@ def resolve_error(text: str, layers=None) -> RecipeError:
 @pytest.mark.parametrize("name", sorted(list_presets()))
 def test_every_preset_resolves_on_a_llama(name):
     plan = resolve(load_recipe(name), llama_layers(), OTHER)
-    assert len(plan.quantized()) == 14 and plan.recipe_name == name
     head = plan.get("lm_head")
+    assert plan.recipe_name == name
+    if name.endswith("-compact"):  # the whole model: the head int8 per row, by its exact name
+        assert len(plan.quantized()) == 15
+        assert head.scheme.algorithm == "rtn" and head.scheme.weights.bits == 8
+        assert head.scheme.weights.granularity == "channel"
+        assert {p.reason for p in plan.quantized() if p.name != "lm_head"} == {
+            "rule 1 (Linear)"}
+        return
+    assert len(plan.quantized()) == 14
     assert head.scheme is None and head.rule is None
     assert head.reason == "protected (name it exactly to quantize)"
     assert {p.reason for p in plan.quantized()} == {"rule 0 (Linear)"}

@@ -12,7 +12,7 @@ from mpq.numerics.args import WeightArgs
 
 PRESETS = ("w8a16", "w4a16", "w4a16-asym", "w4a16-channel", "w3a16", "fp8-weights", "nf4",
            "nf4-dq", "w4a16-gptq", "w4a16-channel-gptq", "w3a16-gptq", "w8a8-int8", "w8a8-fp8",
-           "w4a16-awq")
+           "w4a16-awq", "w4a16-gptq-compact", "w4a16-gptq-g32-compact", "w5a16-gptq-compact")
 
 
 def parse(text: str, **kwargs) -> Recipe:
@@ -126,13 +126,20 @@ def test_microscaled_format_over_other_defaults():
 def test_every_preset_loads(name):
     recipe = load_recipe(name)
     assert recipe.name == name and recipe.source == f"preset:{name}"
-    assert len(recipe.rules) == 1 and recipe.rules[0].targets == ("Linear", "Conv1D")
-    expected = "gptq" if name.endswith("-gptq") else "rtn"
-    assert recipe.rules[0].scheme.algorithm == expected and recipe.description
+    body = recipe.rules[-1]
+    if name.endswith("-compact"):  # the input embedding and the head int8 per row (RTN) first
+        assert len(recipe.rules) == 2 and recipe.rules[0].targets == ("Embedding", "lm_head")
+        assert recipe.rules[0].scheme.algorithm == "rtn"
+        assert body.scheme.weights.scale_dtype == "fp16"
+    else:
+        assert len(recipe.rules) == 1
+    assert body.targets == ("Linear", "Conv1D")
+    expected = "gptq" if "-gptq" in name else "rtn"
+    assert body.scheme.algorithm == expected and recipe.description
 
 
 def test_preset_schemes_and_descriptions():
-    labels = {name: load_recipe(name).rules[0].scheme.describe() for name in PRESETS}
+    labels = {name: load_recipe(name).rules[-1].scheme.describe() for name in PRESETS}
     assert labels == {"w8a16": "int8 sym channel", "w4a16": "int4 sym g64",
                       "w4a16-asym": "int4 asym g64", "w4a16-channel": "int4 sym channel",
                       "w3a16": "int3 sym g64", "fp8-weights": "fp8_e4m3 channel",
@@ -140,7 +147,10 @@ def test_preset_schemes_and_descriptions():
                       "w4a16-channel-gptq": "int4 sym channel", "w3a16-gptq": "int3 sym g64",
                       "w8a8-int8": "int8 sym channel, inputs int8 dynamic token",
                       "w8a8-fp8": "fp8_e4m3 channel, inputs fp8_e4m3 dynamic token",
-                      "w4a16-awq": "int4 asym g64"}
+                      "w4a16-awq": "int4 asym g64",
+                      "w4a16-gptq-compact": "int4 sym g64",
+                      "w4a16-gptq-g32-compact": "int4 asym g32",
+                      "w5a16-gptq-compact": "int5 sym g64"}
     presets = list_presets()
     assert set(presets) == set(PRESETS)
     assert "128" in presets["w4a16"] and "576" in presets["w4a16"]
