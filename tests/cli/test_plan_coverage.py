@@ -12,6 +12,7 @@ from mpq.cli.main import cli
 from mpq.errors import RecipeError
 from tests.models.test_coverage import ALL_LAYERS, DENSE, expected_kept, unique_bytes
 from tests.tiny_models import MOE_ARCHITECTURES, save_tiny_model
+from tests.models.test_coverage import EMBEDDING, LINEARS
 
 
 @pytest.fixture(scope="module")
@@ -112,15 +113,7 @@ def test_dry_run_shows_the_share(saved, tmp_path):
     assert invoke(*args, "--max-unquantized", 0.05).exit_code == RecipeError.exit_code
 
 
-TIED_EMBEDDING = """\
-mpq_recipe: 1
-defaults: {algorithm: rtn}
-rules:
-  - targets: [Embedding]
-    weights: {format: int, bits: 8, symmetric: true, granularity: channel}
-  - targets: [Linear]
-    weights: {bits: 4, group_size: 32}
-"""
+TIED_EMBEDDING = EMBEDDING + LINEARS  # the embedding int8 per row: the tied head unties
 
 
 def test_plan_shows_the_quantized_embedding_and_the_untying(saved, tmp_path):
