@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -27,15 +28,8 @@ def parameter_count(model: Path) -> int:
     for path in sorted(model.glob("*.safetensors")):
         with safe_open(path, "pt") as handle:
             for name in handle.keys():
-                total += _numel(handle.get_slice(name).get_shape())
+                total += math.prod(handle.get_slice(name).get_shape())
     return total
-
-
-def _numel(shape) -> int:
-    out = 1
-    for dim in shape:
-        out *= int(dim)
-    return out
 
 
 def presets(mpq: str) -> list[str]:
