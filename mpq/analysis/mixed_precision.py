@@ -147,23 +147,24 @@ def choose(table: SensitivityTable, *, target_bits: float | None = None,
         raise RecipeError(f"the sensitivity table has no candidate {', '.join(missing)}",
                           hint=f"it has {', '.join(table.candidates)}; re-run mpq sensitivity")
     rows = [table.row(name) for name in names]
+    options = [r.options(cands) for r in rows]  # an edge row adds its float candidate
     weights = sum(r.shape[0] * r.shape[1] for r in rows)
-    damage = [[r.damage[c] for c in cands] for r in rows]
+    damage = [[r.damage[c] for c in opts] for r, opts in zip(rows, options)]
     if target_bits is not None:
         if not target_bits > 0:
             raise RecipeError(f"--target-bits must be positive, got {target_bits}")
-        cost = [[_total_bits(table, r.name, c) for c in cands] for r in rows]
+        cost = [[_total_bits(table, r.name, c) for c in opts] for r, opts in zip(rows, options)]
         budget = math.floor(target_bits * weights + 1e-6)
         target = f"{target_bits:g} bits/weight"
     else:
-        cost = [[layer_cost(r.scheme(c), r.shape, output_format)[1] for c in cands] for r in rows]
+        cost = [[r.cost_bytes(c, output_format) for c in opts] for r, opts in zip(rows, options)]
         budget = int(target_bytes) - int(fixed_bytes)
         target = f"{int(target_bytes)} bytes"
     picks = solve_mckp(damage, cost, budget)
     if picks is None:
-        cheapest = [min(range(len(cands)), key=lambda j: cost_row[j]) for cost_row in cost]
+        cheapest = [min(range(len(cost_row)), key=lambda j: cost_row[j]) for cost_row in cost]
         low = sum(row[j] for row, j in zip(cost, cheapest))
-        used = sorted({cands[j] for j in cheapest})
+        used = sorted({opts[j] for opts, j in zip(options, cheapest)})
         if target_bits is not None:
             minimum = f"{low / weights:.4f} bits/weight"
         else:
@@ -171,10 +172,9 @@ def choose(table: SensitivityTable, *, target_bits: float | None = None,
         raise RecipeError(f"target {target} is below what the candidates can reach: the minimum "
                           f"achievable is {minimum} (every layer {', '.join(used)})",
                           hint="raise the target, or add a cheaper candidate (--candidates)")
-    chosen = {r.name: cands[j] for r, j in zip(rows, picks)}
+    chosen = {r.name: opts[j] for r, opts, j in zip(rows, options, picks)}
     bits = sum(_total_bits(table, r.name, chosen[r.name]) for r in rows) / weights
-    layer_bytes = sum(layer_cost(r.scheme(chosen[r.name]), r.shape, output_format)[1]
-                      for r in rows)
+    layer_bytes = sum(r.cost_bytes(chosen[r.name], output_format) for r in rows)
     return MixedChoice(target=target, picks=chosen, bits_per_weight=bits,
                        predicted_damage=sum(r.damage[chosen[r.name]] for r in rows),
                        layer_bytes=layer_bytes,
@@ -200,14 +200,16 @@ def build_recipe(base: Recipe, table: SensitivityTable, choice: MixedChoice, mod
     groups: dict[str, list[str]] = {}
     schemes: dict[str, dict] = {}
     for layer_name, candidate in choice.picks.items():
-        scheme = table.row(layer_name).schemes[candidate]
+        row = table.row(layer_name)
+        scheme = row.schemes[candidate]
+        scheme = scheme if scheme is not None else {"skip": True}  # an edge kept in float
         key = json.dumps(scheme, sort_keys=True)
         schemes[key] = scheme
-        groups.setdefault(key, []).append(layer_name)
+        groups.setdefault(key, []).extend(row.names)  # a tied pair: both sides, one scheme
     rules = []
     for key, names in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         rules.append({"targets": names, **schemes[key]})
-    chosen = set(choice.picks)
+    chosen = {name for layer_name in choice.picks for name in table.row(layer_name).names}
     keep = {layer.rule for layer in base_plan.layers
             if layer.name not in chosen and layer.rule is not None}
     rules.extend(rule.to_dict() for rule in base.rules if rule.index in keep)
@@ -282,6 +284,7 @@ def auto_recipe(model_path: str | Path, base: str | Recipe, target: MixedTarget,
     from mpq.models.source import check_model_dir, load_skeleton
     from mpq.engine.spec import as_recipe
     from mpq.analysis.candidates import DEFAULT_CANDIDATES, expand, load_candidates
+    from mpq.analysis.edge_candidates import storage_dtype_of
     from mpq.analysis.sensitivity import sensitivity, target_layers
 
     if (target_bits is None) == (target_size is None):
@@ -294,6 +297,7 @@ def auto_recipe(model_path: str | Path, base: str | Recipe, target: MixedTarget,
     target_bytes = parse_size(target_size) if target_size is not None else None
     source_dir = check_model_dir(model_path)
     skeleton = load_skeleton(source_dir)
+    storage = storage_dtype_of(source_dir, base_recipe)
     if sensitivity_table is None:
         if calibration is None or calibration.source is None:
             raise CalibrationError("--target-bits/--target-size measure layer sensitivity on "
@@ -301,7 +305,7 @@ def auto_recipe(model_path: str | Path, base: str | Recipe, target: MixedTarget,
                                    "from `mpq sensitivity -o` with --sensitivity")
         names = expand(candidates or DEFAULT_CANDIDATES, skeleton)
         cands = load_candidates(names)
-        layers = target_layers(skeleton, cands, base_recipe)
+        layers = target_layers(skeleton, cands, base_recipe, storage=storage)
         kwargs = {"progress": progress} if progress is not None else {}
         table = sensitivity(source_dir, names, calibration, measure=measure, base=base_recipe,
                             **kwargs)
@@ -311,9 +315,10 @@ def auto_recipe(model_path: str | Path, base: str | Recipe, target: MixedTarget,
                  else SensitivityTable.load(sensitivity_table))
         source = str(sensitivity_table) if not isinstance(sensitivity_table,
                                                           SensitivityTable) else "table"
-        names = expand(candidates, skeleton) if candidates else list(table.candidates)
+        names = (expand(candidates, skeleton) if candidates
+                 else table.measured_candidates())
         cands = load_candidates(names)
-        layers = target_layers(skeleton, cands, base_recipe)
+        layers = target_layers(skeleton, cands, base_recipe, storage=storage)
     check_table(table, layers, names, source)
     fixed = 0
     if target_bytes is not None:
@@ -332,15 +337,18 @@ def auto_recipe(model_path: str | Path, base: str | Recipe, target: MixedTarget,
 
 def fixed_bytes(model_path, base: Recipe, layers, output_format: str) -> int:
     """Expected artifact bytes outside the chosen layers: mpq.analysis.estimate's file size for the base
-    recipe minus the base's bytes of those layers, plus the header growth of a recipe that names
-    every chosen layer (stored twice, JSON-escaped)."""
+    recipe minus the base's bytes of those layers (an edge item: what it takes in the base's
+    artifact, mpq.analysis.edge_candidates), plus the header growth of a recipe that names every
+    chosen layer (stored twice, JSON-escaped)."""
+    from mpq.analysis.edge_candidates import base_item_bytes
     from mpq.analysis.estimate import estimate_run
     from mpq.engine.spec import RunOptions, resolve_run
 
     spec = resolve_run(model_path, base, RunOptions(output_format=output_format))
     size = estimate_run(spec, probe=False).size["file_bytes"]
     plan = spec.plan
-    chosen = sum(layer_cost(plan.get(layer.name).scheme, layer.shape, output_format)[1]
+    chosen = sum(base_item_bytes(plan, layer, output_format) if layer.block is None
+                 else layer_cost(plan.get(layer.name).scheme, layer.shape, output_format)[1]
                  for layer in layers)
     names = sum(len(layer.name) + 6 for layer in layers)
     return size - chosen + int(2.3 * names) + 2000

@@ -60,16 +60,26 @@ def _no_progress(stage: str, done: int, total: int) -> None:
 
 @dataclass(frozen=True)
 class TargetLayer:
+    """A knapsack item: a decoder-block layer, or an edge tensor (the input embedding, the output
+    head or a tied pair of both: mpq.analysis.edge_candidates) with ``block`` None, its ``role``,
+    the head it is ``tied_with`` and the ``storage`` dtype of its ``float`` candidate (None)."""
+
     name: str
     shape: tuple[int, int]
-    block: int
-    schemes: dict[str, LayerScheme]  # candidate name → scheme for this layer
+    block: int | None
+    schemes: dict[str, LayerScheme | None]  # candidate name → scheme for this layer
+    role: str | None = None
+    tied_with: str | None = None
+    storage: str = "fp32"
 
 
 def target_layers(model: nn.Module, candidates: Sequence[Candidate],
-                  base: Recipe | None = None) -> list[TargetLayer]:
+                  base: Recipe | None = None, *, storage: str = "fp32") -> list[TargetLayer]:
     """The decoder-block layers that every candidate (and ``base``, when given) quantizes, with
-    each candidate's scheme for them.  RecipeError when there is none."""
+    each candidate's scheme for them, then the input embedding / output head when ``base``
+    quantizes them (mpq.analysis.edge_candidates; ``storage``: the dtype ``base`` keeps float
+    tensors in).  RecipeError when there is no block layer."""
+    from mpq.analysis.edge_candidates import edge_layers
     from mpq.engine.spec import plan_model
 
     plans = {}
@@ -96,6 +106,8 @@ def target_layers(model: nn.Module, candidates: Sequence[Candidate],
         raise RecipeError("no decoder-block layer is quantized by every candidate"
                           + (" and the base recipe" if base is not None else ""),
                           hint="check the candidates with `mpq plan MODEL -r CANDIDATE`")
+    if base_plan is not None:
+        out.extend(edge_layers(model, candidates, plans, base_plan, storage))
     return out
 
 
@@ -105,37 +117,88 @@ def layer_cost(scheme: LayerScheme, shape: tuple[int, int], output_format: str =
     return scheme.ideal_bits(shape), scheme.stored_bytes(shape, output_format)
 
 
+def target_cost(layer: TargetLayer, candidate: str, output_format: str = "mpq"
+                ) -> tuple[float, int]:
+    """:func:`layer_cost` of ``layer`` under ``candidate`` (a float edge candidate: its dtype's)."""
+    from mpq.analysis.edge_candidates import float_cost
+
+    scheme = layer.schemes[candidate]
+    if scheme is None:
+        return float_cost(layer.shape, layer.storage)
+    return layer_cost(scheme, layer.shape, output_format)
+
+
 # --- the table --------------------------------------------------------------------------------------
 
 @dataclass
 class LayerRow:
+    """One item of the table: a block layer, or an edge tensor (``block`` None, ``role`` and
+    ``tied_with`` as in :class:`TargetLayer`; its ``float`` candidate has no scheme)."""
+
     name: str
     shape: tuple[int, int]
-    block: int
+    block: int | None
     damage: dict[str, float]
     bits: dict[str, float]
     bytes: dict[str, int]
-    schemes: dict[str, dict[str, Any]]
+    schemes: dict[str, dict[str, Any] | None]
+    role: str | None = None
+    tied_with: str | None = None
 
     @property
     def kind(self) -> str:
         return self.name.rsplit(".", 1)[-1]
 
-    def scheme(self, candidate: str) -> LayerScheme:
-        return LayerScheme.from_dict(self.schemes[candidate])
+    @property
+    def depth(self) -> float:
+        """Position in the model: the block, the embedding before block 0, the head last."""
+        if self.block is not None:
+            return float(self.block)
+        return math.inf if self.role == "head" else -1.0
+
+    @property
+    def names(self) -> list[str]:
+        """The modules this row decides (a tied pair: both)."""
+        return [self.name] + ([self.tied_with] if self.tied_with else [])
+
+    def options(self, candidates: Sequence[str]) -> list[str]:
+        """The ``candidates`` this row has, and its float candidate when it has one."""
+        from mpq.analysis.edge_candidates import FLOAT
+
+        out = [c for c in candidates if c in self.damage]
+        return out + [FLOAT] if FLOAT in self.damage and FLOAT not in out else out
+
+    def scheme(self, candidate: str) -> LayerScheme | None:
+        data = self.schemes[candidate]
+        return LayerScheme.from_dict(data) if data is not None else None
+
+    def cost_bytes(self, candidate: str, output_format: str = "mpq") -> int:
+        """Stored bytes under ``candidate`` in ``output_format``."""
+        scheme = self.scheme(candidate)
+        if scheme is None:
+            return self.bytes[candidate]
+        return layer_cost(scheme, self.shape, output_format)[1]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "block": self.block,
-                "damage": self.damage, "bits": self.bits, "bytes": self.bytes,
-                "schemes": self.schemes}
+        out = {"name": self.name, "shape": list(self.shape), "block": self.block,
+               "damage": self.damage, "bits": self.bits, "bytes": self.bytes,
+               "schemes": self.schemes}
+        if self.role is not None:
+            out["role"] = self.role
+        if self.tied_with is not None:
+            out["tied_with"] = self.tied_with
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LayerRow":
-        return cls(name=data["name"], shape=tuple(data["shape"]), block=int(data["block"]),
+        block = data["block"]
+        return cls(name=data["name"], shape=tuple(data["shape"]),
+                   block=int(block) if block is not None else None,
                    damage={k: float(v) for k, v in data["damage"].items()},
                    bits={k: float(v) for k, v in data["bits"].items()},
                    bytes={k: int(v) for k, v in data["bytes"].items()},
-                   schemes=dict(data["schemes"]))
+                   schemes=dict(data["schemes"]), role=data.get("role"),
+                   tied_with=data.get("tied_with"))
 
 
 @dataclass
@@ -153,13 +216,21 @@ class SensitivityTable:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def cheapest(self) -> str:
-        """The candidate with the fewest total bytes."""
-        return min(self.candidates, key=lambda c: sum(row.bytes[c] for row in self.layers))
+        """The candidate every row has with the fewest total bytes."""
+        common = [c for c in self.candidates if all(c in row.bytes for row in self.layers)]
+        return min(common or self.candidates,
+                   key=lambda c: sum(row.bytes.get(c, 0) for row in self.layers))
 
     def ranked(self, candidate: str | None = None) -> list[LayerRow]:
         """Layers by decreasing damage under ``candidate`` (default: the cheapest)."""
         candidate = candidate or self.cheapest()
-        return sorted(self.layers, key=lambda row: -row.damage[candidate])
+        return sorted(self.layers, key=lambda row: -row.damage.get(candidate, 0.0))
+
+    def measured_candidates(self) -> list[str]:
+        """The candidates as named on the command line (without the edges' float one)."""
+        from mpq.analysis.edge_candidates import FLOAT
+
+        return [c for c in self.candidates if c != FLOAT]
 
     def row(self, name: str) -> LayerRow:
         return next(row for row in self.layers if row.name == name)
@@ -344,7 +415,12 @@ def measure_damage(model: nn.Module, layers: Sequence[TargetLayer], samples: Seq
                    progress: Progress = _no_progress) -> dict[str, dict[str, float]]:
     """layer name → candidate → damage (mean per-token KL, nats) of quantizing that layer alone
     with RTN on the candidate's grid."""
+    from mpq.analysis.edge_candidates import float_error, replay_start
     from mpq.models.layout import weight_of
+
+    def error(layer: TargetLayer, weight: torch.Tensor, scheme: LayerScheme | None):
+        return (float_error(weight, layer.storage) if scheme is None
+                else rtn_error(weight, scheme))
 
     if measure not in MEASURES:
         from mpq.errors import did_you_mean
@@ -361,7 +437,7 @@ def measure_damage(model: nn.Module, layers: Sequence[TargetLayer], samples: Seq
                                  progress=progress)
         for layer in layers:
             weight = weight_of(model.get_submodule(layer.name))
-            out[layer.name] = {c: fisher_damage(fisher[layer.name], rtn_error(weight, scheme))
+            out[layer.name] = {c: fisher_damage(fisher[layer.name], error(layer, weight, scheme))
                                for c, scheme in layer.schemes.items()}
             del fisher[layer.name]
             done += len(layer.schemes)
@@ -372,9 +448,12 @@ def measure_damage(model: nn.Module, layers: Sequence[TargetLayer], samples: Seq
         module = model.get_submodule(layer.name)
         weight = weight_of(module)
         out[layer.name] = {}
+        start = (layer.block if layer.block is not None
+                 else replay_start(layer, len(replay.blocks)))
         for c, scheme in layer.schemes.items():
-            quantized = _weight_out_in(module, weight.detach().float() + rtn_error(weight, scheme))
-            out[layer.name][c] = replay.kl(layer.block, {module: quantized})
+            quantized = _weight_out_in(module, weight.detach().float()
+                                       + error(layer, weight, scheme))
+            out[layer.name][c] = replay.kl(start, {module: quantized})
             done += 1
             progress("kl", done, total)
     return out
@@ -384,13 +463,20 @@ def build_table(model_path: str, layers: Sequence[TargetLayer],
                 damage: dict[str, dict[str, float]], *, measure: str,
                 candidates: Sequence[str], calibration: dict | None = None,
                 model_sha256: str | None = None, seconds: float = 0.0) -> SensitivityTable:
+    from mpq.analysis.edge_candidates import FLOAT
+
     rows = []
     for layer in layers:
-        costs = {c: layer_cost(s, layer.shape) for c, s in layer.schemes.items()}
+        costs = {c: target_cost(layer, c) for c in layer.schemes}
         rows.append(LayerRow(name=layer.name, shape=layer.shape, block=layer.block,
                              damage=damage[layer.name], bits={c: v[0] for c, v in costs.items()},
                              bytes={c: v[1] for c, v in costs.items()},
-                             schemes={c: s.to_dict() for c, s in layer.schemes.items()}))
+                             schemes={c: s.to_dict() if s is not None else None
+                                      for c, s in layer.schemes.items()},
+                             role=layer.role, tied_with=layer.tied_with))
+    candidates = list(candidates)
+    if any(FLOAT in layer.schemes for layer in layers) and FLOAT not in candidates:
+        candidates.append(FLOAT)
     return SensitivityTable(model=str(model_path), measure=measure, candidates=list(candidates),
                             layers=rows, calibration=calibration, model_sha256=model_sha256,
                             seconds=seconds)
@@ -402,7 +488,9 @@ def sensitivity(model_path: str | Path, candidates: str | Sequence[str], calibra
                 layer_filter: Callable[[str], bool] | None = None) -> SensitivityTable:
     """The sensitivity table of the model folder ``model_path`` (fp32) for ``candidates``
     measured on ``calibration`` (mpq.quantize.CalibrationOptions; its source is required).
-    ``base``: only the layers this recipe quantizes.  ``layer_filter``: a subset of layers."""
+    ``base``: only the layers this recipe quantizes, and the input embedding / output head when
+    it quantizes them (mpq.analysis.edge_candidates).  ``layer_filter``: a subset of layers."""
+    from mpq.analysis.edge_candidates import storage_dtype_of
     from mpq.calibration import build_calibration_set
     from mpq.models.source import check_model_dir, fingerprint, load_model, load_tokenizer
     from mpq.engine.spec import as_recipe
@@ -419,7 +507,8 @@ def sensitivity(model_path: str | Path, candidates: str | Sequence[str], calibra
     if model is None:
         model = load_model(source_dir, dtype=torch.float32)
     cands = load_candidates(expand(candidates, model))
-    layers = target_layers(model, cands, base_recipe)
+    storage = storage_dtype_of(source_dir, base_recipe) if base_recipe is not None else "fp32"
+    layers = target_layers(model, cands, base_recipe, storage=storage)
     if layer_filter is not None:
         layers = [layer for layer in layers if layer_filter(layer.name)]
     calib = build_calibration_set(calibration, load_tokenizer(source_dir))

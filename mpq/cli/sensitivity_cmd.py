@@ -21,6 +21,9 @@ def sensitivity_table(table, limit: int | None = None) -> Table:
     for row in rows[:limit] if limit else rows:
         cells = [row.name, f"{row.shape[0]}×{row.shape[1]}"]
         for candidate in table.candidates:
+            if candidate not in row.damage:  # a scheme this layer cannot take, float for a block
+                cells += ["—", "—"]
+                continue
             cells.append(f"{row.damage[candidate]:.3e}")
             cells.append(f"{row.bits[candidate]:.2f} · {human_bytes(row.bytes[candidate])}")
         out.add_row(*cells)
@@ -32,15 +35,17 @@ def plot(table, path: str) -> None:
     from mpq.cli.plotting import pyplot, save_figure
 
     plt = pyplot()
-    rows = sorted(table.layers, key=lambda r: (r.block, _order(r.name)))
+    rows = sorted(table.layers, key=lambda r: (r.depth, _order(r.name)))
     x = list(range(len(rows)))
     fig, ax = plt.subplots(figsize=(max(8, len(rows) / 12), 4.5))
     for candidate in table.candidates:
-        ys = [max(r.damage[candidate], 1e-12) for r in rows]
+        ys = [max(r.damage[candidate], 1e-12) if candidate in r.damage else float("nan")
+              for r in rows]
         ax.plot(x, ys, marker="o", markersize=3, linewidth=0.8, label=candidate)
     ax.set_yscale("log")
-    ticks = [i for i, r in enumerate(rows) if i == 0 or rows[i - 1].block != r.block]
-    ax.set_xticks(ticks, [str(rows[i].block) for i in ticks], fontsize=7)
+    ticks = [i for i, r in enumerate(rows) if i == 0 or rows[i - 1].depth != r.depth]
+    ax.set_xticks(ticks, [str(rows[i].block) if rows[i].block is not None
+                          else (rows[i].role or "") for i in ticks], fontsize=7)
     ax.set_xlabel("decoder block (layers in execution order within a block)")
     ax.set_ylabel(f"damage ({table.measure}, nats/token)")
     ax.set_title(f"layer sensitivity: {table.model}")
@@ -92,7 +97,8 @@ class _Bars:
                    "weight scheme per layer (rounded to nearest for the measurement).")
 @click.option("-r", "--recipe", default=None,
               help="Only the layers this recipe quantizes (default: every decoder-block layer "
-                   "all candidates quantize).")
+                   "all candidates quantize); when it quantizes the input embedding or the "
+                   "output head, they are measured too, with a float candidate.")
 @click.option("--measure", type=click.Choice(["fisher", "kl"]), default="fisher",
               show_default=True, help="fisher: diagonal-Fisher proxy of the KL (one backward per "
                                       "sample); kl: the exact KL (one partial forward per layer "
