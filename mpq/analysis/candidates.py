@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import reduce
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +26,7 @@ from torch import nn
 
 from mpq.errors import RecipeError
 from mpq.config.recipe import Recipe, parse_recipe
+from mpq.config.scheme import LayerScheme
 
 LADDER = "ladder"
 DEFAULT_CANDIDATES = LADDER
@@ -88,6 +89,40 @@ def load_candidates(spec: str | Sequence[str]) -> list[Candidate]:
                               hint="use a recipe with rules only (e.g. w4a16)")
         out.append(Candidate(name, recipe))
     return out
+
+
+def on_base(candidate: LayerScheme, base: LayerScheme | None, where: str = "") -> LayerScheme:
+    """The scheme a mixed recipe gives a layer for which a candidate offers ``candidate``: the
+    candidate's grid (its weight args, with the scale dtype of ``base``'s when its format takes
+    one) under the base recipe's algorithm, options and input activations for that layer, so a
+    GPTQ base quantizes every chosen grid with GPTQ.  ``static_groups`` (meaningful for groups
+    only) is dropped for a per-channel grid.  RecipeError when the base's algorithm cannot
+    produce the grid (``where``: the candidate and layer, for the message)."""
+    from mpq.errors import SchemeError
+    from mpq.quantizers.base import QUANTIZERS
+
+    if base is None:
+        return candidate
+    weights = candidate.weights
+    if weights.scale_dtype != base.weights.scale_dtype:
+        try:
+            weights = replace(weights, scale_dtype=base.weights.scale_dtype)
+        except SchemeError:  # a format with a scale dtype of its own (nf4, mx...)
+            pass
+    options = dict(base.options)
+    if weights.granularity != "group":
+        options.pop("static_groups", None)
+    scheme = LayerScheme(algorithm=base.algorithm, weights=weights,
+                         options=tuple(sorted(options.items())),
+                         input_activations=base.input_activations)
+    try:
+        QUANTIZERS.get(base.algorithm).check(scheme)
+    except SchemeError as exc:
+        raise RecipeError(f"{where}: the base recipe's algorithm {base.algorithm} cannot "
+                          f"quantize this candidate's grid: {exc.message}",
+                          hint="drop that candidate (--candidates) or change the base "
+                               "recipe") from None
+    return scheme
 
 
 def check_names(spec: str | Sequence[str]) -> None:

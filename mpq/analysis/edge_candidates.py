@@ -80,6 +80,7 @@ def edge_layers(model: nn.Module, candidates: Sequence["Candidate"], plans: dict
     """The edge items of ``model`` (weights may be on meta) that ``base_plan`` quantizes, each
     with the schemes of the ``candidates`` that apply (``plans``: each candidate's plan) and
     :data:`FLOAT` (None)."""
+    from mpq.analysis.candidates import on_base
     from mpq.analysis.sensitivity import TargetLayer
     from mpq.models.layout import layout_of, tied_pair
 
@@ -95,11 +96,14 @@ def edge_layers(model: nn.Module, candidates: Sequence["Candidate"], plans: dict
     out = []
     for name, role, partner in items:
         shape = tuple(model.get_submodule(name).weight.shape)
+        base = next(layer.scheme for layer in base_plan.quantized()
+                    if layer.name in (name, partner))
         schemes: dict[str, LayerScheme | None] = {}
         for candidate in candidates:
             scheme = _candidate_scheme(candidate, plans[candidate.name], name)
-            if scheme is not None and _fits(scheme, shape):
-                schemes[candidate.name] = scheme
+            if scheme is not None and _fits(scheme, shape):  # with the base's scale dtype
+                schemes[candidate.name] = on_base(scheme, base, f"candidate '{candidate.name}' "
+                                                                f"on {name}")
         schemes[FLOAT] = None
         out.append(TargetLayer(name, shape, None, schemes, role=role, tied_with=partner,
                                storage=storage))

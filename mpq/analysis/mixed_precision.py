@@ -244,7 +244,8 @@ def check_table(table: SensitivityTable, layers, candidates: Sequence[str], sour
     if missing:
         raise RecipeError(f"{source} has no row for {len(missing)} layer(s), e.g. {missing[0]}",
                           hint="it was measured on another model or recipe: re-run "
-                               "mpq sensitivity on this model")
+                               "mpq sensitivity on this model (with -r BASE when BASE "
+                               "quantizes the input embedding or the output head)")
     for layer in layers:
         row = table.row(layer.name)
         if tuple(row.shape) != tuple(layer.shape):
@@ -320,6 +321,7 @@ def auto_recipe(model_path: str | Path, base: str | Recipe, target: MixedTarget,
         cands = load_candidates(names)
         layers = target_layers(skeleton, cands, base_recipe, storage=storage)
     check_table(table, layers, names, source)
+    table = table.costed_for(layers)  # this base's algorithm, scale and storage dtypes
     fixed = 0
     if target_bytes is not None:
         fixed = fixed_bytes(source_dir, base_recipe, layers, output_format)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpq.analysis.candidates import Candidate, check_names, expand, load_candidates
+from mpq.analysis.candidates import Candidate, check_names, expand, load_candidates, on_base
 from mpq.errors import CalibrationError, RecipeError
 from mpq.config.recipe import Recipe
 from mpq.config.scheme import LayerScheme
@@ -76,7 +76,7 @@ class TargetLayer:
 def target_layers(model: nn.Module, candidates: Sequence[Candidate],
                   base: Recipe | None = None, *, storage: str = "fp32") -> list[TargetLayer]:
     """The decoder-block layers that every candidate (and ``base``, when given) quantizes, with
-    each candidate's scheme for them, then the input embedding / output head when ``base``
+    each candidate's scheme for them (under ``base``'s algorithm: candidates.on_base), then the input embedding / output head when ``base``
     quantizes them (mpq.analysis.edge_candidates; ``storage``: the dtype ``base`` keeps float
     tensors in).  RecipeError when there is no block layer."""
     from mpq.analysis.edge_candidates import edge_layers
@@ -101,6 +101,10 @@ def target_layers(model: nn.Module, candidates: Sequence[Candidate],
         schemes = {c.name: plans[c.name].get(layer.name).scheme for c in candidates}
         if any(s is None for s in schemes.values()):
             continue
+        if base_plan is not None:  # the candidates' grids under the base's algorithm
+            base_scheme = base_plan.get(layer.name).scheme
+            schemes = {c: on_base(s, base_scheme, f"candidate '{c}' on {layer.name}")
+                       for c, s in schemes.items()}
         out.append(TargetLayer(layer.name, tuple(layer.shape), layer.block, schemes))
     if not out:
         raise RecipeError("no decoder-block layer is quantized by every candidate"
@@ -225,6 +229,30 @@ class SensitivityTable:
         """Layers by decreasing damage under ``candidate`` (default: the cheapest)."""
         candidate = candidate or self.cheapest()
         return sorted(self.layers, key=lambda row: -row.damage.get(candidate, 0.0))
+
+    def costed_for(self, layers: Sequence[TargetLayer]) -> "SensitivityTable":
+        """This table with the schemes, bits and bytes of ``layers`` (resolved against the base
+        recipe of the run at hand: its algorithm, scale dtype, storage dtype) and the measured
+        damage, so a table measured under one base serves another (the damage is RTN's on the
+        same grid either way).  Rows of other layers are kept as they are."""
+        by_name = {layer.name: layer for layer in layers}
+        rows = []
+        for row in self.layers:
+            layer = by_name.get(row.name)
+            if layer is None:
+                rows.append(row)
+                continue
+            kept = [c for c in layer.schemes if c in row.damage]
+            costs = {c: target_cost(layer, c) for c in kept}
+            rows.append(LayerRow(name=row.name, shape=row.shape, block=row.block,
+                                 damage={c: row.damage[c] for c in kept},
+                                 bits={c: v[0] for c, v in costs.items()},
+                                 bytes={c: v[1] for c, v in costs.items()},
+                                 schemes={c: layer.schemes[c].to_dict()
+                                          if layer.schemes[c] is not None else None
+                                          for c in kept},
+                                 role=layer.role, tied_with=layer.tied_with))
+        return replace(self, layers=rows)
 
     def measured_candidates(self) -> list[str]:
         """The candidates as named on the command line (without the edges' float one)."""

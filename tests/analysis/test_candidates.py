@@ -46,3 +46,24 @@ def test_sensitivity_measures_the_ladder_by_default(tmp_path):
                     "--num-samples", 2, "--seq-len", 32, "--json")
     assert result.exit_code == 0, result.output
     assert f'"candidates": {json.dumps(ladder(tiny_model("llama")))}' in result.stdout
+
+
+def test_a_gptq_base_quantizes_every_chosen_grid_with_gptq_and_its_scale_dtype():
+    from mpq.analysis.candidates import on_base
+    from mpq.analysis.sensitivity import target_layers
+    from mpq.engine.spec import as_recipe
+
+    model = tiny_model("llama_tied")
+    base = as_recipe("w4a16-gptq-compact")  # GPTQ g64 fp16 scales; embedding/head int8 RTN
+    layers = target_layers(model, load_candidates("int8,int3-g32"), base)
+    body = next(layer for layer in layers if layer.block is not None)
+    base_scheme = base.rules[1].scheme
+    for name, scheme in body.schemes.items():
+        assert scheme.algorithm == "gptq" and scheme.weights.scale_dtype == "fp16"
+        assert dict(scheme.options)["damp"] == dict(base_scheme.options)["damp"]
+    assert "static_groups" not in dict(body.schemes["int8"].options)  # per channel: no groups
+    assert dict(body.schemes["int3-g32"].options)["static_groups"] is True
+    (edge,) = [layer for layer in layers if layer.block is None]
+    assert edge.schemes["int3-g32"].algorithm == "rtn"  # the embedding's base rule is RTN
+    assert edge.schemes["int3-g32"].weights.scale_dtype == "fp16"
+    assert on_base(body.schemes["int8"], None) is body.schemes["int8"]

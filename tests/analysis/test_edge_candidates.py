@@ -184,3 +184,22 @@ def test_quantize_target_size_quantizes_the_tied_embedding_to_fit(tied_folder, t
     assert sum(f.stat().st_size for f in out.glob("*.safetensors")) <= target
     plan = open_artifact(out).plan
     assert plan.tying is not None and plan.tying.shared
+
+
+def test_a_table_measured_under_one_base_is_costed_for_another():
+    from mpq.engine.spec import as_recipe
+
+    model = tiny_model("llama_tied")
+    cands = load_candidates(CANDIDATES)
+    compact = target_layers(model, cands, as_recipe("w4a16-gptq-compact"))
+    table = build_table("m", compact, measure_damage(model, compact, _samples(2), "fisher"),
+                        measure="fisher", candidates=CANDIDATES.split(","))
+    plain = target_layers(model, cands, as_recipe("w4a16-gptq"))  # fp32 scales, no edges
+    costed = table.costed_for(plain)
+    name = plain[0].name
+    before, after = table.row(name), costed.row(name)
+    assert after.damage == before.damage
+    assert after.scheme("int4-g32").weights.scale_dtype == "fp32"
+    assert before.scheme("int4-g32").weights.scale_dtype == "fp16"
+    assert after.bytes["int4-g32"] > before.bytes["int4-g32"]  # fp32 scales cost more
+    assert costed.row("model.embed_tokens") == table.row("model.embed_tokens")  # not in plain
