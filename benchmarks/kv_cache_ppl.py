@@ -71,6 +71,10 @@ def score(model, ids, window: int, windows: int) -> dict:
             "by_position": [b.to_dict() for b in result.by_position]}
 
 
+def save(path: Path, settings: dict, rows: list) -> None:
+    path.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, required=True)
@@ -96,6 +100,11 @@ def main() -> None:
     if unknown or rows[0] != "none":
         parser.error(f"--rows: start with none, then any of {', '.join(VARIANTS)}")
     results = []
+    settings = {"calib_samples": args.calib_samples, "windows": args.windows,
+                "long_window": args.long_window, "long_windows": args.long_windows,
+                "torch": torch.__version__, "machine": platform.platform(),
+                "threads": torch.get_num_threads()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for label, make in weights:
         model = make()
         base = {}
@@ -114,6 +123,7 @@ def main() -> None:
                      "long_delta": long["ppl"] / base["long"] - 1 if base else None,
                      "seconds": time.perf_counter() - started}
             results.append(entry)
+            save(args.out, settings, results)  # after every row: a long run keeps what it did
             print(json.dumps({k: entry[k] for k in ("weights", "kv", "short_delta",
                                                      "long_delta")}
                              | {"ppl512": short["ppl"], f"ppl{args.long_window}": long["ppl"]}),
@@ -128,13 +138,6 @@ def main() -> None:
         print(f"{r['weights']:12} {r['kv']:18} {r['short']['ppl']:9.3f} {delta(r['short_delta'])} "
               f"{r['long']['ppl']:9.3f} {delta(r['long_delta'])} "
               + " ".join(f"{b['ppl']:10.3f}" for b in r["long"]["by_position"]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "settings": {"calib_samples": args.calib_samples, "windows": args.windows,
-                     "long_window": args.long_window, "long_windows": args.long_windows,
-                     "torch": torch.__version__, "machine": platform.platform(),
-                     "threads": torch.get_num_threads()},
-        "rows": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
