@@ -30,7 +30,8 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PEER_METHODS = {"minmax": "llm-compressor gptq", "mse": "llm-compressor gptq mse"}
+PEER_METHODS = {"minmax": "llm-compressor gptq", "mse": "llm-compressor gptq mse",
+                "imatrix_mse": "llm-compressor gptq imatrix-mse"}
 SCHEMES = {  # name → (bits, group size or None for per-channel)
     "int4-g64": (4, 64),
     "int4-channel": (4, None),
@@ -84,8 +85,14 @@ def main() -> None:
     parser.add_argument("--no-clip-search", dest="clip_search", action="store_false",
                         help="mpq GPTQ with min-max scales (default: clip_search, as its presets)")
     parser.add_argument("--peer-observers", nargs="*", default=["minmax", "mse"],
-                        choices=["minmax", "mse"],
+                        choices=["minmax", "mse", "imatrix_mse"],
                         help="llm-compressor weight observers to run (default: both)")
+    parser.add_argument("--peer-rtn-observers", nargs="*", default=[],
+                        choices=["minmax", "mse", "imatrix_mse"],
+                        help="also llm-compressor's RTN (QuantizationModifier) with these "
+                             "observers (default: none)")
+    parser.add_argument("--skip-mpq", action="store_true",
+                        help="llm-compressor rows only (the mpq rows of an earlier run stand)")
     parser.add_argument("--out", default=str(HERE / "results" / "gptq_vs_llmcompressor.json"))
     args = parser.parse_args()
     import torch
@@ -116,7 +123,7 @@ def main() -> None:
         peer_python = setup.stdout.strip().splitlines()[-1]
     for scheme in args.schemes:
         bits, group = SCHEMES[scheme]
-        for algorithm in ("rtn", "gptq"):
+        for algorithm in ("rtn", "gptq") if not args.skip_mpq else ():
             recipe = work / f"{algorithm}-{scheme}.yaml"
             recipe.write_text(recipe_text(algorithm, bits, group, args.act_order,
                                           args.clip_search))
@@ -130,14 +137,18 @@ def main() -> None:
                          "quant_s": stats["pipeline_s"], "total_s": stats["total_s"],
                          "peak_rss_mib": stats["peak_rss_kib"] / 1024,
                          "rss_quant_mib": stats["peak_rss_quant_kib"] / 1024})
-        for observer in args.peer_observers if peer_python else []:
-            out = work / f"llmc-{scheme}-{observer}"
+        peer_runs = [("gptq", o) for o in args.peer_observers]
+        peer_runs += [("rtn", o) for o in args.peer_rtn_observers]
+        for algorithm, observer in peer_runs if peer_python else []:
+            out = work / f"llmc-{algorithm}-{scheme}-{observer}"
             stats = run_json([peer_python, str(HERE / "peers" / "llmcompressor_gptq.py"),
                               "--model", model, "--calib-ids", str(calib_ids), "--out", str(out),
                               "--scheme", scheme, "--damp", "0.01", "--block-size", "128",
                               "--actorder", "static" if args.act_order else "none",
-                              "--observer", observer], env=env)
-            rows.append({"scheme": scheme, "method": PEER_METHODS[observer],
+                              "--observer", observer, "--algorithm", algorithm], env=env)
+            method = (PEER_METHODS[observer] if algorithm == "gptq"
+                      else f"llm-compressor rtn {observer}")
+            rows.append({"scheme": scheme, "method": method,
                          "ppl": perplexity_of(out, ids, args.num_windows),
                          "quant_s": stats["quant_s"], "total_s": stats.get("total_s"),
                          "peak_rss_mib": stats["peak_rss_kib"] / 1024,

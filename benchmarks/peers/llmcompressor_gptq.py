@@ -18,7 +18,10 @@ Runs inside llm-compressor's own venv (benchmarks/peers/setup_llmcompressor.sh);
   --observer picks how: "minmax" (llm-compressor's default for weights, memoryless min-max:
   scale = absmax / ((qmax - qmin) / 2), int4 codes in [-8, 7]) or "mse" (its memoryless MSE
   observer: each range shrunk by the factor, down to 0.8 on a 100-point grid, that minimises the
-  unweighted |w - q|^2.4 of the weights; llm-compressor's counterpart of mpq's clip_search).
+  unweighted |w - q|^2.4 of the weights; llm-compressor's counterpart of mpq's clip_search) or
+  "imatrix_mse" (its importance-weighted MSE observer: the same range search with each input
+  column's error weighted by E[x²] of that column over the calibration inputs, llama.cpp's
+  importance matrix; it makes the calibration pass collect those statistics).
 - Output: a plain fp32 HF folder (no quantization_config) holding the dequantized GPTQ weights,
   loadable by transformers.AutoModelForCausalLM.from_pretrained anywhere.
 - Prints one JSON line on stdout (all logs go to stderr): quant_s (model loaded -> GPTQ done, save
@@ -51,16 +54,19 @@ SCHEMES = {  # name -> (bits, group size; None = per output channel)
 
 
 def build_recipe(bits: int, group: int | None, damp: float, block_size: int,
-                 actorder: str | None, observer: str):
-    """GPTQModifier for symmetric int weights on all Linear layers but lm_head."""
+                 actorder: str | None, observer: str, algorithm: str = "gptq"):
+    """GPTQModifier (or, for ``algorithm`` rtn, QuantizationModifier: scales from the observer,
+    weights rounded to nearest) for symmetric int weights on all Linear layers but lm_head."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     weights = QuantizationArgs(
         num_bits=bits, type="int", symmetric=True,
         strategy="group" if group else "channel", group_size=group,
-        actorder=actorder, observer=observer)
+        actorder=actorder if algorithm == "gptq" else None, observer=observer)
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
+    if algorithm == "rtn":
+        return QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
     return GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"],
                         dampening_frac=damp, block_size=block_size, actorder=actorder)
 
@@ -138,8 +144,10 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--actorder", choices=["none", "static"], default="static",
                         help="column order of the solve (default: llm-compressor's own, static)")
-    parser.add_argument("--observer", choices=["minmax", "mse"], default="minmax",
+    parser.add_argument("--observer", choices=["minmax", "mse", "imatrix_mse"], default="minmax",
                         help="how weight scales are chosen (default: llm-compressor's own, minmax)")
+    parser.add_argument("--algorithm", choices=["gptq", "rtn"], default="gptq",
+                        help="rtn: llm-compressor's QuantizationModifier (no GPTQ solve)")
     args = parser.parse_args()
     actorder = None if args.actorder == "none" else args.actorder
     bits, group = SCHEMES[args.scheme]
@@ -159,7 +167,8 @@ def main() -> None:
     loader, calib_shape = calibration_loader(args.calib_ids)
     quantized = oneshot(model=model, dataset=loader, recipe=build_recipe(bits, group, args.damp,
                                                                        args.block_size, actorder,
-                                                                       args.observer),
+                                                                       args.observer,
+                                                                       args.algorithm),
                         pipeline="sequential", num_calibration_samples=calib_shape[0],
                         max_seq_length=calib_shape[1], shuffle_calibration_samples=False)
     quant_s = time.perf_counter() - t0  # GPTQ done
@@ -176,7 +185,7 @@ def main() -> None:
         "transformers_version": version("transformers"), "torch_version": torch.__version__,
         "scheme": args.scheme, "bits": bits, "group_size": group, "symmetric": True,
         "damp": args.damp, "block_size": args.block_size, "actorder": actorder,
-        "observer": args.observer,
+        "observer": args.observer, "algorithm": args.algorithm,
         "pipeline": "sequential", "calib_shape": list(calib_shape),
         "quantized_linears": num_quantized, "threads": torch.get_num_threads(),
         "quant_s": quant_s, "total_s": time.perf_counter() - STARTED,
