@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--long-window", type=int, default=4096)
     parser.add_argument("--long-windows", type=int, default=4)
     parser.add_argument("--rows", default=",".join(VARIANTS), help="comma-separated row names")
+    parser.add_argument("--weights", default="fp32,artifact",
+                        help="which weights, in this order: fp32 and/or artifact")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kv_cache_ppl.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -92,9 +94,13 @@ def main() -> None:
     test_ids = load_eval_ids(args.corpora / "enwiki_excerpt.test.txt", tokenizer)
     train_ids = load_eval_ids(args.corpora / "enwiki_excerpt.train.txt", tokenizer)
     calib = [train_ids[k * 512:(k + 1) * 512] for k in range(args.calib_samples)]
-    weights = [("fp32", lambda: load_model(str(args.model), dtype=torch.float32))]
+    makers = {"fp32": ("fp32", lambda: load_model(str(args.model), dtype=torch.float32))}
     if args.artifact:
-        weights.append((args.artifact.name, lambda: mpq.load(args.artifact)))
+        makers["artifact"] = (args.artifact.name, lambda: mpq.load(args.artifact))
+    picked = [w for w in args.weights.split(",") if w]
+    if not picked or any(w not in makers for w in picked):
+        parser.error(f"--weights: any of {', '.join(makers)} (artifact needs --artifact)")
+    weights = [makers[w] for w in picked]
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in VARIANTS]
     if unknown or rows[0] != "none":
