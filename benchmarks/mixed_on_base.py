@@ -8,7 +8,7 @@ budget.
 One sensitivity table (``mpq sensitivity -r w4a16-gptq-compact``: the ladder, diagonal-Fisher
 proxy on 16 × 512 tokens of enwiki_excerpt.train.txt; the compact base quantizes the tied
 embedding/head, so the table has their row too) serves every row: ``mpq quantize`` re-costs it
-for each base (mpq.analysis.sensitivity.SensitivityTable.costed_for).  Every artifact is made by
+for each base (mpq.analysis.sensitivity_table.SensitivityTable.costed_for).  Every artifact is made by
 ``mpq quantize`` (calibration 128 × 512 tokens of enwiki_excerpt.train.txt, the default) and
 scored by ``mpq eval --reference`` on the first 40 × 512-token windows of
 enwiki_excerpt.test.txt (ppl, KL to the float model).  Rows:

@@ -99,7 +99,7 @@ def main() -> None:
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if args.table:
-        from mpq.analysis.sensitivity import SensitivityTable
+        from mpq.analysis.sensitivity_table import SensitivityTable
 
         table = SensitivityTable.load(args.table)
         by_stem = {Path(c).stem: c for c in table.candidates}

@@ -29,14 +29,13 @@ from torch import nn
 
 from mpq.config.scheme import LayerScheme
 
+from mpq.analysis.sensitivity_table import FLOAT, TargetLayer, float_cost
+
 if TYPE_CHECKING:
     from mpq.analysis.candidates import Candidate
-    from mpq.analysis.sensitivity import TargetLayer
     from mpq.config.plan import Plan
 
-FLOAT = "float"  # the candidate that keeps the tensor in the artifact's storage dtype
 EMBEDDING, HEAD, TIED = "embedding", "head", "tied"  # roles of an edge item
-_STORAGE_BITS = {"fp32": 32, "bf16": 16, "fp16": 16}
 
 
 def storage_dtype_of(source_dir: Path, base) -> str:
@@ -76,12 +75,11 @@ def _fits(scheme: LayerScheme, shape: tuple[int, int]) -> bool:
 
 
 def edge_layers(model: nn.Module, candidates: Sequence["Candidate"], plans: dict[str, "Plan"],
-                base_plan: "Plan", storage: str) -> list["TargetLayer"]:
+                base_plan: "Plan", storage: str) -> list[TargetLayer]:
     """The edge items of ``model`` (weights may be on meta) that ``base_plan`` quantizes, each
     with the schemes of the ``candidates`` that apply (``plans``: each candidate's plan) and
     :data:`FLOAT` (None)."""
     from mpq.analysis.candidates import on_base
-    from mpq.analysis.sensitivity import TargetLayer
     from mpq.models.layout import layout_of, tied_pair
 
     layout = layout_of(model)
@@ -110,12 +108,6 @@ def edge_layers(model: nn.Module, candidates: Sequence["Candidate"], plans: dict
     return out
 
 
-def float_cost(shape: tuple[int, int], storage: str) -> tuple[float, int]:
-    """(bits per weight, bytes) of a [rows, cols] tensor kept in ``storage``."""
-    bits = _STORAGE_BITS[storage]
-    return float(bits), shape[0] * shape[1] * bits // 8
-
-
 def float_error(weight: torch.Tensor, storage: str) -> torch.Tensor:
     """What storing ``weight`` in ``storage`` changes (fp32)."""
     from mpq.checkpoint.storage import STORAGE_TORCH
@@ -124,7 +116,7 @@ def float_error(weight: torch.Tensor, storage: str) -> torch.Tensor:
     return w.to(STORAGE_TORCH[storage]).float() - w
 
 
-def base_item_bytes(plan: "Plan", layer: "TargetLayer", output_format: str) -> int:
+def base_item_bytes(plan: "Plan", layer: TargetLayer, output_format: str) -> int:
     """The bytes edge item ``layer`` takes in ``plan``'s artifact: one shared tensor, or each
     side of an untied pair (quantized, or a float copy in the storage dtype)."""
     float_bytes = float_cost(layer.shape, layer.storage)[1]
@@ -143,7 +135,7 @@ def base_item_bytes(plan: "Plan", layer: "TargetLayer", output_format: str) -> i
     return side(layer.name) + side(layer.tied_with)
 
 
-def replay_start(layer: "TargetLayer", num_blocks: int) -> int:
+def replay_start(layer: TargetLayer, num_blocks: int) -> int:
     """The first block the exact KL must run for edge item ``layer``: the head alone needs none
     (every block replays), the embedding (or a tied pair) all of them."""
     return num_blocks if layer.role == HEAD else 0

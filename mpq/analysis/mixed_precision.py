@@ -34,7 +34,7 @@ import numpy as np
 
 from mpq.errors import RecipeError
 from mpq.config.recipe import Recipe, parse_recipe
-from mpq.analysis.sensitivity import SensitivityTable, layer_cost
+from mpq.analysis.sensitivity_table import SensitivityTable, layer_cost
 
 RESOLUTION = 200_000
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

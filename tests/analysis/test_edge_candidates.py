@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from mpq.analysis.candidates import load_candidates
-from mpq.analysis.edge_candidates import FLOAT
+from mpq.analysis.sensitivity_table import FLOAT
 from mpq.analysis.mixed_precision import build_recipe, choose
-from mpq.analysis.sensitivity import ExactKL, build_table, measure_damage, rtn_error, target_layers
+from mpq.analysis.sensitivity import ExactKL, measure_damage, rtn_error, target_layers
+from mpq.analysis.sensitivity_table import SensitivityTable, build_table
 from mpq.config.recipe import parse_recipe
 from tests.helpers import WORDS, run_cli
 from tests.tiny_models import save_tiny_model, tiny_model
@@ -118,8 +119,6 @@ def _table(model):
 
 
 def test_the_table_keeps_edge_rows_through_json_and_lists_float_last():
-    from mpq.analysis.sensitivity import SensitivityTable
-
     model = tiny_model("llama_tied")
     _, table = _table(model)
     assert table.candidates == CANDIDATES.split(",") + [FLOAT]

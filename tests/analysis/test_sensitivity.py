@@ -13,8 +13,8 @@ from mpq.errors import RecipeError
 from mpq.analysis.mixed_precision import build_recipe, choose, parse_size, solve_mckp
 from mpq.config.recipe import load_recipe, parse_recipe
 from mpq.analysis.candidates import load_candidates
-from mpq.analysis.sensitivity import (ExactKL, SensitivityTable, build_table, measure_damage,
-                             rtn_error, spearman, target_layers)
+from mpq.analysis.sensitivity import ExactKL, measure_damage, rtn_error, spearman, target_layers
+from mpq.analysis.sensitivity_table import SensitivityTable, build_table
 from tests.helpers import WORDS, run_cli
 from tests.tiny_models import save_tiny_model, tiny_model
 
