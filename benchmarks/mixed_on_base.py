@@ -49,6 +49,26 @@ def run(command: list[str]) -> str:
     return done.stdout
 
 
+def choice_of(artifact: Path) -> dict:
+    """The figures of a mixed artifact's choice, read back from its plan (a reused artifact)."""
+    from mpq.checkpoint.native import open_artifact
+    from mpq.checkpoint.native_codec import ideal_bits
+
+    plan = open_artifact(artifact).plan
+    layers = [layer for layer in plan.quantized() if plan.shared_with(layer.name) is None]
+    weights = sum(layer.shape[0] * layer.shape[1] for layer in layers)
+    bits = sum(ideal_bits(layer.scheme.weights, layer.shape) * layer.shape[0] * layer.shape[1]
+               for layer in layers) / weights
+    counts: dict[str, int] = {}
+    for layer in layers:
+        key = layer.scheme.weights.describe()
+        counts[key] = counts.get(key, 0) + 1
+    embed = plan.get("model.embed_tokens")
+    return {"bits_per_weight": bits, "counts": counts,
+            "picks": {"model.embed_tokens": embed.scheme.weights.describe()
+                      if embed is not None and embed.scheme is not None else "float"}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, required=True)
@@ -57,6 +77,8 @@ def main() -> None:
     parser.add_argument("--mpq", default="mpq", help="the mpq command (e.g. 'python -m mpq')")
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--compact-size", default="85800000")
+    parser.add_argument("--reuse", action="store_true",
+                        help="score an artifact already in --work instead of quantizing again")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/mixed_on_base.json"))
     args = parser.parse_args()
     mpq = shlex.split(args.mpq)
@@ -84,12 +106,17 @@ def main() -> None:
             flag, value = target
             command += [flag, value or args.compact_size, "--sensitivity", str(table)]
         started = time.perf_counter()
-        events = [json.loads(line) for line in run(command).splitlines() if line.startswith("{")]
-        seconds = time.perf_counter() - started
+        reused = args.reuse and (out / "mpq-manifest.json").exists()
+        events = ([] if reused else [json.loads(line) for line in run(command).splitlines()
+                                     if line.startswith("{")])
+        seconds = None if reused else time.perf_counter() - started
         chosen = next((e for e in events if e.get("event") == "mixed_precision"), None)
+        if chosen is None and target is not None:
+            chosen = choice_of(out)
         scored = json.loads(run([*mpq, "eval", str(out), "--data",
                                  str(args.corpora / "enwiki_excerpt.test.txt"), "--reference",
-                                 str(args.model), "--num-windows", "40", "--json"]))
+                                 str(args.model), "--num-windows", "40", "--dequantize",
+                                 "--json"]))
         files = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         row = {"row": name, "base": base, "target": " ".join(t for t in target if t)
                if target else None, "ppl": scored["ppl"], "kl": scored["kl_mean"],
