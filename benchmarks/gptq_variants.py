@@ -2,7 +2,8 @@
 (GPTAQ) against their baselines, int4 and int3 symmetric g64.  Prints a table; writes JSON and
 markdown under benchmarks/results/ (the JSON after every row, so an interrupted run keeps them).
 
-    python benchmarks/gptq_variants.py --model .cache/SmolLM2-135M --corpora /work/shared/corpora
+    PYTHONPATH=. python benchmarks/gptq_variants.py --model .cache/SmolLM2-135M \
+        --corpora ../shared/corpora [--runs "4:gptq error_feedback" ...] [--fp32-ppl 26.813 --append]
 
 Rows (weights int b-bit symmetric, group 64, every Linear; GPTQ: damp 0.01, block 128, act-order
 with static groups, true-sequential, like the w4a16-gptq / w3a16-gptq presets):
@@ -79,8 +80,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=".cache/SmolLM2-135M")
     parser.add_argument("--corpora", default="../shared/corpora")
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--bits", nargs="*", type=int, default=[4, 3])
+    parser.add_argument("--runs", nargs="*",
+                        default=[f"{b}:{v}" for b in (4, 3) for v in VARIANTS],
+                        help="BITS:VARIANT pairs, in order (default: every variant at 4 bits, "
+                             "then at 3)")
+    parser.add_argument("--fp32-ppl", type=float, default=None,
+                        help="the float model's perplexity, when known (skips measuring it)")
+    parser.add_argument("--append", action="store_true",
+                        help="add the rows to those already in --out")
     parser.add_argument("--num-windows", type=int, default=40)
     parser.add_argument("--num-samples", type=int, default=128,
                         help="calibration samples of 512 tokens")
@@ -91,31 +98,42 @@ def main() -> None:
     corpora = Path(args.corpora)
     ids = load_eval_ids(corpora / "enwiki_excerpt.test.txt",
                         AutoTokenizer.from_pretrained(args.model))
-    base = perplexity(load_model(args.model), ids, window=512, num_windows=args.num_windows).ppl
-    print(f"fp32: {base:.3f}", flush=True)
-    rows = [{"scheme": "fp32", "method": "original", "ppl": base}]
+    runs = []
+    for run in args.runs:
+        bits, _, name = run.partition(":")
+        if not bits.isdigit() or name not in VARIANTS:
+            parser.error(f"--runs {run!r}: expected BITS:VARIANT, variants: "
+                         f"{', '.join(VARIANTS)}")
+        runs.append((int(bits), name))
     out_json = Path(args.out)
+    rows = json.loads(out_json.read_text())["rows"] if args.append and out_json.exists() else []
+    base = args.fp32_ppl
+    if base is None:
+        base = perplexity(load_model(args.model), ids, window=512,
+                          num_windows=args.num_windows).ppl
+        print(f"fp32: {base:.3f}", flush=True)
+    if not any(row["scheme"] == "fp32" for row in rows):
+        rows.insert(0, {"scheme": "fp32", "method": "original", "ppl": base})
     work = Path(tempfile.mkdtemp(prefix="mpq-gptq-variants-"))
     try:
-        for bits in args.bits:
-            for name in args.variants:
-                out = work / "artifact"
-                t0 = time.perf_counter()
-                result = quantize(args.model, recipe_for(name, bits), out, RunOptions(
-                    calibration=CalibrationOptions(
-                        source=str(corpora / "enwiki_excerpt.train.txt"),
-                        num_samples=args.num_samples, seq_len=512)), force=True)
-                quantize_s = time.perf_counter() - t0
-                ppl = perplexity(mpq.load(out, dequantize=True), ids, window=512,
-                                 num_windows=args.num_windows).ppl
-                rows.append({"scheme": f"int{bits} g64 sym", "method": name, "ppl": ppl,
-                             "quantize_s": quantize_s,
-                             "peak_rss_mib": resource.getrusage(
-                                 resource.RUSAGE_SELF).ru_maxrss // 1024,
-                             "calib_sha256": result.calibration["sha256"]})
-                print(f"int{bits} {name}: {ppl:.3f} ({quantize_s:.0f} s)", flush=True)
-                shutil.rmtree(out)
-                _write(out_json, args, rows)
+        for bits, name in runs:
+            out = work / "artifact"
+            t0 = time.perf_counter()
+            result = quantize(args.model, recipe_for(name, bits), out, RunOptions(
+                calibration=CalibrationOptions(
+                    source=str(corpora / "enwiki_excerpt.train.txt"),
+                    num_samples=args.num_samples, seq_len=512)), force=True)
+            quantize_s = time.perf_counter() - t0
+            ppl = perplexity(mpq.load(out, dequantize=True), ids, window=512,
+                             num_windows=args.num_windows).ppl
+            rows.append({"scheme": f"int{bits} g64 sym", "method": name, "ppl": ppl,
+                         "quantize_s": quantize_s,
+                         "peak_rss_mib": resource.getrusage(
+                             resource.RUSAGE_SELF).ru_maxrss // 1024,
+                         "calib_sha256": result.calibration["sha256"]})
+            print(f"int{bits} {name}: {ppl:.3f} ({quantize_s:.0f} s)", flush=True)
+            shutil.rmtree(out)
+            _write(out_json, args, rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     lines = [f"{'scheme':<14}{'method':<40}{'ppl':>9}{'Δ vs fp32':>11}{'quant s':>9}"]
