@@ -48,8 +48,8 @@ def check_paired(plan: Plan, needs) -> None:
         if layer.block is None or layer.expert is not None:
             where = "outside the decoder blocks" if layer.block is None else "a fused expert"
             raise SchemeError(f"{name}: error feedback needs the float model's inputs of the "
-                              f"layer, which are carried inside the decoder blocks only and "
-                              f"not for {where}",
+                              "layer, which are carried for the linears inside the decoder "
+                              f"blocks only (this layer is {where})",
                               hint=f"give {name} a rule without error_feedback")
 
 
