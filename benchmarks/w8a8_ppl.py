@@ -50,6 +50,10 @@ VARIANTS = {
     "w8a8 fp8 token (preset w8a8-fp8)": (FP8_W, FP8_TOKEN, None),
     "w8a8 int8 token, smoothquant 0.5, gptq weights": (INT8_W, INT8_TOKEN, "{alpha: 0.5}",
                                                         "gptq"),
+    "w8a8 int8 token, smoothquant 0.5, activation-weighted weight scales": (
+        INT8_W, INT8_TOKEN, "{alpha: 0.5}", "rtn-activations"),
+    "w8a8 int8 token, smoothquant 0.5 +pairs, activation-weighted weight scales": (
+        INT8_W, INT8_TOKEN, "{alpha: 0.5, pairs: true}", "rtn-activations"),
     "w8a8 int8 token, smoothquant searched +pairs, gptq weights": (
         INT8_W, INT8_TOKEN, "{search: true, pairs: true}", "gptq"),
 }
@@ -60,6 +64,8 @@ def recipe_for(name: str, weights: str, acts: str | None, smooth: str | None,
     text = f"mpq_recipe: 1\nname: bench\ndefaults:\n  algorithm: {algorithm}\n"
     if algorithm == "gptq":
         text += "  options: {act_order: true, static_groups: true}\n"
+    if algorithm == "rtn-activations":  # rtn with the activation-weighted scale search
+        text = text.replace(algorithm, "rtn") + "  options: {scale_search: activations}\n"
     if acts:
         text += f"  input_activations: {acts}\n"
     if smooth:

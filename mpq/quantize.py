@@ -26,6 +26,7 @@ from mpq.engine.interrupt import stop_at_safe_points
 from mpq.engine.resume import Checkpoint, run_fingerprint, work_dir_for
 from mpq.engine.block_transforms import TransformHook
 from mpq.engine.interrupt import StopHook
+from mpq.engine.float_stream import float_stream_hooks
 from mpq.engine.kv_calibration import KVCalibrationHook
 from mpq.engine.lifecycle import Events, RunState, no_events
 from mpq.engine.resume import ResumeHook
@@ -170,8 +171,10 @@ def quantize(model_path: str | Path, recipe, out_dir: str | Path,
                        offload_activations=options.offload_activations, keep_dequantized=False,
                        streamed=streamer is not None)
         with stop_at_safe_points() as stop:
+            float_before, float_after = float_stream_hooks(run.needs)
             hooks = [StopHook(stop, run.layout.num_blocks), *([streamer] if streamer else []),
-                     ResumeHook(checkpoint, ranks), TransformHook(), KVCalibrationHook()]
+                     *float_before, ResumeHook(checkpoint, ranks), TransformHook(),
+                     *float_after, KVCalibrationHook()]
             try:
                 qweights = run_blocks(run, calib.samples if calib else None,
                                       batch_tokens=options.calibration.batch_tokens, hooks=hooks)

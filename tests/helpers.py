@@ -147,6 +147,7 @@ def run_engine(model, recipe, samples, *, batch_tokens: int = 2048, **run_option
     RunState's other fields from ``run_options`` (reuse, keep_dequantized, ...); returns it."""
     from mpq.config.run_log import RunLog
     from mpq.engine.block_transforms import TransformHook
+    from mpq.engine.float_stream import float_stream_hooks
     from mpq.engine.kv_calibration import KVCalibrationHook
     from mpq.engine.lifecycle import RunState
     from mpq.engine.runner import run_blocks
@@ -155,8 +156,9 @@ def run_engine(model, recipe, samples, *, batch_tokens: int = 2048, **run_option
     layout, plan = plan_model(model, recipe)
     run = RunState(model=model, layout=layout, plan=plan, log=RunLog.for_plan(plan),
                    needs=needed_stats(plan), **run_options)
+    float_before, float_after = float_stream_hooks(run.needs)
     run_blocks(run, samples, batch_tokens=batch_tokens,
-               hooks=[TransformHook(), KVCalibrationHook()])
+               hooks=[*float_before, TransformHook(), *float_after, KVCalibrationHook()])
     return run
 
 

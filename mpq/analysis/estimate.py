@@ -61,7 +61,11 @@ The parts, and the assumptions behind them:
   inputs.  None when no layer needs statistics and the recipe has no transform or KV cache
   (round to nearest runs no forward at all).  On CUDA they live on the device (and briefly on the
   host while captured); with ``--offload-activations`` they stay on the host and the device holds
-  one batch's (its inputs, outputs and replay records).
+  one batch's (its inputs, outputs and replay records).  GPTQ's ``error_feedback`` adds the
+  float stream (mpq.engine.float_stream): the float model's block inputs, its next block inputs
+  and the recorded inputs of the layers that need them (one per group of layers sharing an
+  input, guessed as for the Hessians below), per token ``2 × hidden`` + the sum of those
+  groups' K values; and a K×K cross term (fp64 sum, fp32 result) beside each Hessian.
 - ``statistics``: the largest step's statistics.  GPTQ: one fp32 K×K Hessian per group of layers
   sharing an input (mpq.engine.collect), one group per true-sequential step, so the largest K (the
   MLP's down projection); :data:`HESSIAN_COPIES` = 5 K×K fp32 live at the worst moment (the
@@ -108,6 +112,7 @@ from mpq.calibration import reading
 from mpq.calibration.sources import detect_source
 from mpq.calibration.stream import read_budget
 from mpq.engine.spec import RunSpec
+from mpq.engine.float_stream import paired_layers
 from mpq.errors import CalibrationError
 from mpq.errors import ResourceError
 from mpq.models.source import read_config
@@ -414,6 +419,10 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
     per_token_inputs = hidden + 2 * head_dim + 8 // elem + 1
     per_token_replay = (hidden + intermediate) if true_sequential else 0
     activations = tokens * (per_token_inputs + per_token_replay) * elem
+    paired = set(paired_layers(wanted))
+    recorded = {(l.name.rsplit(".", 1)[0], l.shape[1]) for l in block0 if l.name in paired}
+    if forward and recorded:  # the float stream beside the quantized one
+        activations += tokens * (2 * hidden + sum(k for _, k in recorded)) * elem
 
     hessian_layers = [l for l in plan.quantized() if "hessian" in wanted.get(l.name, ())]
     transform_types = {spec.type for spec in plan.transforms}
@@ -427,6 +436,8 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
         kmax = max(l.shape[1] for l in hessian_layers)
         held = kmax * kmax if true_sequential else all_groups_k2
         statistics = 4 * (held + (HESSIAN_COPIES - 1) * kmax * kmax)
+        if paired:  # the cross term's fp64 sum and fp32 result beside each Hessian
+            statistics += 12 * kmax * kmax
     if forward and "awq" in transform_types:
         statistics = max(statistics, 4 * 2 * all_groups_k2)
     if forward and "smoothquant" in transform_types:

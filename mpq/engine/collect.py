@@ -10,7 +10,7 @@ A collection pass stops the block's forward as soon as the last layer it needs h
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -131,14 +131,17 @@ def input_groups(block: nn.Module, names: dict[str, str], sample: tuple[tuple, d
 
 @contextmanager
 def collecting(block: nn.Module, prefix: str, wanted: dict[str, frozenset[str]],
-               groups: Sequence[Sequence[str]], stop_after: str | None = None
+               groups: Sequence[Sequence[str]], stop_after: str | None = None,
+               reference: Mapping[str, list[torch.Tensor]] | None = None
                ) -> Iterator[dict[str, dict]]:
     """Attach collectors for ``wanted`` (full layer name → stat names) to layers of ``block``.
 
     Layers in one group share collectors: the group's first wanted layer feeds them.  Yields
     full name → {stat → collector}; raises StopForward once ``stop_after`` has been fed, that
     is at its group's first wanted layer (the others read the same input, so running them
-    would be wasted work).
+    would be wasted work).  ``reference``: full name → the float model's inputs of that layer,
+    one per forward call in order (mpq.engine.float_stream), for paired statistics; a paired
+    statistic without them raises CalibrationError.
     """
     collectors: dict[str, dict] = {}
     handles = []
@@ -151,8 +154,17 @@ def collecting(block: nn.Module, prefix: str, wanted: dict[str, frozenset[str]],
         for name in members:
             collectors[name] = {stat: shared[stat] for stat in wanted[name]}
         leader = members[0]
+        refs = None
+        if any(getattr(collector, "paired", False) for collector in shared.values()):
+            refs = next((reference[name] for name in group if reference and name in reference),
+                        None)
+            if refs is None:
+                raise CalibrationError(f"layer {leader} needs the float model's inputs, which "
+                                       "this run does not carry",
+                                       hint="error feedback works on the layers inside the "
+                                            "decoder blocks of an mpq quantize run")
         handles.append(_module(block, prefix, leader).register_forward_pre_hook(
-            _feeder(list(shared.values()), stop=stop_after in members)))
+            _feeder(list(shared.values()), stop=stop_after in members, reference=refs)))
     try:
         yield collectors
     finally:
@@ -164,10 +176,22 @@ def _module(block: nn.Module, prefix: str, full_name: str) -> nn.Module:
     return block.get_submodule(full_name[len(prefix):])
 
 
-def _feeder(collectors: list, stop: bool):
+def _feeder(collectors: list, stop: bool, reference: list[torch.Tensor] | None = None):
+    calls = [0]
+
     def hook(module, args):
+        ref = None
+        if reference is not None:
+            if calls[0] >= len(reference):
+                raise CalibrationError("a layer ran on more calibration batches than the float "
+                                       "stream holds",
+                                       hint="this is a bug in the float stream; please report it")
+            ref, calls[0] = reference[calls[0]], calls[0] + 1
         for collector in collectors:
-            collector.add(args[0])
+            if getattr(collector, "paired", False):
+                collector.add(args[0], ref)
+            else:
+                collector.add(args[0])
         if stop:
             raise StopForward
     return hook

@@ -72,6 +72,9 @@ class RunState:
     keep_dequantized: bool = True
     streamed: bool = False  # blocks are read from the source files in turn (mpq.engine.streaming)
     qweights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    # layer → the float model's inputs of the current block's layer, per calibration batch
+    # (mpq.engine.float_stream; only for layers whose statistics compare with the float model)
+    reference_inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     @property
     def needs_calibration_pass(self) -> bool:

@@ -209,8 +209,8 @@ def _block_steps(run: RunState, turn: BlockTurn, replay: BlockReplay | None):
             last = [n for n in step if n in step_wanted][-1]
             with (replay.calibration_pass(block.get_submodule(last[len(prefix):]))
                   if replay else nullcontext()):
-                with collecting(block, prefix, step_wanted, groups,
-                                stop_after=last) as collectors:
+                with collecting(block, prefix, step_wanted, groups, stop_after=last,
+                                reference=run.reference_inputs) as collectors:
                     run_block(block, inputs, keep_outputs=False)
             stats = results(collectors, run.ranks)
             release_free_memory()  # the pass's temporaries

@@ -7,6 +7,8 @@ multi-process run each process solves its share of a step and installs the other
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from mpq.config.plan import LayerPlan
@@ -26,12 +28,14 @@ def quantize_layer(run: RunState, layer: LayerPlan, stats: dict[str, torch.Tenso
     weight = layer_weight(run.model, layer.name, layer.expert).detach().float()
     quantizer = QUANTIZERS.get(layer.scheme.algorithm)
     result = run.log.result(layer.name)
+    scheme = layer.scheme
     fallback = fallback_reason(run, layer)
-    if fallback is not None:  # a starved expert: RTN on the scheme's grid
+    if fallback is not None:  # a starved expert: plain RTN on the scheme's grid
         quantizer, stats = QUANTIZERS.get("rtn"), {}
+        scheme = replace(scheme, algorithm="rtn", options=())
         result["fallback"] = fallback
     try:
-        qw = quantizer.quantize(weight, layer.scheme, stats)
+        qw = quantizer.quantize(weight, scheme, stats)
     except SchemeError as exc:
         raise SchemeError(f"{layer.name}: {exc.message}", hint=exc.hint) from exc
     acts = layer.scheme.input_activations

@@ -24,6 +24,7 @@ from mpq.config.recipe import Recipe, load_recipe
 from mpq.engine.distributed import current as current_ranks
 from mpq.engine.distributed import check_supported as check_distributed_support
 from mpq.engine.distributed import rank_device
+from mpq.engine.float_stream import check_paired
 from mpq.engine.lifecycle import calibration_pass_needed
 from mpq.engine.streaming import build_streamed, streaming_blocker
 from mpq.errors import CalibrationError, ModelError, RecipeError, SchemeError, did_you_mean
@@ -34,7 +35,7 @@ from mpq.models.families import family_of
 from mpq.models.layout import ModelLayout, blocks_of, describe_layers, layout_of, tied_pair
 from mpq.models.source import check_float_source, check_model_dir, max_positions, read_config
 from mpq.models.stored_tensors import check_stored_tensors
-from mpq.quantizers.base import QUANTIZERS
+from mpq.quantizers.base import QUANTIZERS, scheme_needs
 from mpq.rotation.quarot import check_supported as check_rotation_supported
 from mpq.rotation.quarot import rotation_specs
 from mpq.transforms.base import TRANSFORMS
@@ -164,7 +165,7 @@ def needed_stats(plan: Plan) -> dict[str, frozenset[str]]:
     ``input_absmax`` when its input activations get a static (calibrated) scale."""
     needs = {}
     for layer in plan.quantized():
-        layer_needs = set(QUANTIZERS.get(layer.scheme.algorithm).needs)
+        layer_needs = set(scheme_needs(QUANTIZERS.get(layer.scheme.algorithm), layer.scheme))
         acts = layer.scheme.input_activations
         if acts is not None and not acts.dynamic:
             layer_needs.add("input_absmax")
@@ -187,6 +188,10 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
             rule = f"rules[{layer.rule}]" if layer.rule is not None else "recipe"
             raise RecipeError(f"{recipe.source}: {rule} ({layer.name}): {exc.message}",
                               hint=exc.hint) from None
+    try:
+        check_paired(plan, needed_stats(plan))
+    except SchemeError as exc:
+        raise RecipeError(f"{recipe.source}: {exc.message}", hint=exc.hint) from None
     check_moe_schemes(model, plan, recipe)
     if recipe.experts is not None and not any(layer.expert is not None for layer in plan.layers):
         raise RecipeError(f"{recipe.source}: experts: {type(model).__name__} has no fused "
@@ -245,7 +250,7 @@ def check_embedding_schemes(plan: Plan, recipe: Recipe) -> None:
         if not layer.embedding:
             continue
         scheme, where = layer.scheme, f"{recipe.source}: rules[{layer.rule}] ({layer.name})"
-        needs = QUANTIZERS.get(scheme.algorithm).needs
+        needs = scheme_needs(QUANTIZERS.get(scheme.algorithm), scheme)
         if needs:
             raise RecipeError(f"{where}: algorithm '{scheme.algorithm}' needs activation "
                               f"statistics ({', '.join(sorted(needs))}), which an input "

@@ -13,10 +13,15 @@ from typing import Protocol
 
 import torch
 
+from mpq.errors import CalibrationError
 from mpq.registry import Registry
 
 
 class StatCollector(Protocol):
+    """``paired`` collectors (class attribute true) compare a layer's inputs with the float
+    model's inputs of the same layer on the same tokens: they get ``add(x, reference)`` with the
+    float inputs from the engine's float stream (mpq.engine.float_stream)."""
+
     count: int  # calibration tokens seen so far
 
     def add(self, x: torch.Tensor) -> None: ...
@@ -74,6 +79,29 @@ class InputAbsMean:
     def add(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1]).abs().float()
         total = flat.sum(dim=0).double()
+        self.total = total if self.total is None else self.total + total
+        self.count += flat.shape[0]
+
+    def reduce(self, ranks) -> None:
+        self.total, self.count = _reduce_tensor(ranks, self.total, self.count, ranks.all_sum)
+
+    def result(self) -> torch.Tensor:
+        return (self.total / max(self.count, 1)).float()
+
+
+@STATS.register("input_sqmean")
+class InputSqMean:
+    """Per-input-channel mean x² over all calibration tokens (fp32 [K]): the diagonal of GPTQ's
+    Hessian up to its factor 2, without the [K, K] work; the importance of each input column
+    (an "importance matrix" in llama.cpp's words)."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        total = flat.square().sum(dim=0).double()
         self.total = total if self.total is None else self.total + total
         self.count += flat.shape[0]
 
@@ -150,3 +178,36 @@ class Hessian:
     def result(self) -> torch.Tensor:
         upper = torch.triu(self.total)
         return ((upper + torch.triu(upper, diagonal=1).t()) * (2.0 / max(self.count, 1))).float()
+
+
+@STATS.register("float_cross")
+class FloatCross:
+    """GPTAQ's cross term (2/T)·Σ_t (x̃_t − x_t) x_tᵀ (fp32 [K, K]), x̃ the float model's input
+    of the layer and x its input in the partially quantized model, on the same token; scaled
+    like :class:`Hessian`, so the two combine without a factor.  Sums are fp64 (module
+    docstring)."""
+
+    paired = True
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor, reference: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        ref = reference.detach().to(flat.device).reshape(-1, x.shape[-1]).float()
+        if ref.shape != flat.shape:
+            raise CalibrationError(f"the float model's inputs ({tuple(ref.shape)}) do not match "
+                                   f"the quantized model's ({tuple(flat.shape)}) for a layer",
+                                   hint="this is a bug in the float stream; please report it")
+        cross = (ref - flat).t() @ flat
+        if self.total is None:
+            self.total = torch.zeros_like(cross, dtype=torch.float64)
+        self.total += cross
+        self.count += flat.shape[0]
+
+    def reduce(self, ranks) -> None:
+        self.total, self.count = _reduce_tensor(ranks, self.total, self.count, ranks.all_sum)
+
+    def result(self) -> torch.Tensor:
+        return (self.total * (2.0 / max(self.count, 1))).float()

@@ -15,7 +15,9 @@ class Quantizer(Protocol):
     """An algorithm producing a QuantizedWeight from a float weight [N, K] and statistics.
 
     ``check(scheme)`` runs at plan time, before any weight is touched: it raises SchemeError for
-    options the algorithm does not know or weight args it cannot produce.
+    options the algorithm does not know or weight args it cannot produce.  ``needs`` are the
+    statistics every scheme of the algorithm needs; one whose options ask for more also defines
+    ``needs_for(scheme)`` (read through :func:`scheme_needs`).
     """
 
     name: str
@@ -28,3 +30,10 @@ class Quantizer(Protocol):
 
 
 QUANTIZERS: Registry[Quantizer] = Registry("quantizer")
+
+
+def scheme_needs(quantizer: Quantizer, scheme: LayerScheme) -> frozenset[str]:
+    """The statistics ``quantizer`` needs for ``scheme``: ``needs_for(scheme)`` where the
+    quantizer defines it (options that ask for statistics), else its ``needs``."""
+    needs_for = getattr(quantizer, "needs_for", None)
+    return frozenset(needs_for(scheme)) if needs_for is not None else quantizer.needs

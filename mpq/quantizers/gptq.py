@@ -15,7 +15,11 @@ mean diagonal of H added to it), ``block_size`` (int ≥ 1, default 128, lazy-up
 default false: group params from the original weights up front; needs granularity group),
 ``max_damp`` (float ≥ damp, default 1.0: ceiling of the damping retries), ``clip_search`` (bool,
 default false, int only: scales from :func:`mpq.quantizers.clip_search.searched_int_params`
-weighted by diag H instead of min-max).
+weighted by diag H instead of min-max), ``error_feedback`` (bool, default false: GPTAQ, target
+the float model's layer output instead of this layer's own; needs the statistic ``float_cross``,
+whose float-model inputs the engine then carries beside the quantized ones, doubling the
+activation memory) and ``feedback_alpha`` (float ≥ 0, default 0.25, with error_feedback only: the
+weight of the inherited error; see :mod:`mpq.quantizers.gptq_solve`).
 
 ``QuantizedWeight.info`` gets ``gptq_loss`` (Σ over the matrix of (w − q)²/d²/2, d the diagonal of
 the upper Cholesky factor of the damped H⁻¹, in permuted order under act_order: the reference's
@@ -46,6 +50,11 @@ class GPTQQuantizer:
         opts = GPTQOptions.from_scheme(scheme)
         check_supported(scheme.weights, opts.act_order, opts.static_groups, opts.clip_search)
 
+    def needs_for(self, scheme: LayerScheme) -> frozenset[str]:
+        if GPTQOptions.from_scheme(scheme).error_feedback:
+            return self.needs | {"float_cross"}
+        return self.needs
+
     def quantize(self, weight: torch.Tensor, scheme: LayerScheme,
                  stats: Mapping[str, torch.Tensor]) -> QuantizedWeight:
         opts = GPTQOptions.from_scheme(scheme)
@@ -54,10 +63,18 @@ class GPTQQuantizer:
         if hessian is None:
             raise SchemeError("gptq needs the 'hessian' calibration statistic",
                               hint="run gptq with calibration data")
+        cross = None
+        if opts.error_feedback:
+            cross = stats.get("float_cross")
+            if cross is None:
+                raise SchemeError("gptq error_feedback needs the 'float_cross' calibration "
+                                  "statistic", hint="run gptq with calibration data")
         w = prepare_weight(weight, args, args.format)
-        res = gptq_solve(w, hessian, args, opts)
+        res = gptq_solve(w, hessian, args, opts, cross=cross)
         info = {"gptq_loss": res.loss, "damp": res.damp, "damp_retries": res.damp_retries,
                 "act_order": opts.act_order}
+        if opts.error_feedback:
+            info["feedback_shift"] = res.feedback_shift
         return QuantizedWeight(args=args, shape=tuple(w.shape), codes=res.codes, scale=res.scale,
                                zero=res.zero, g_idx=res.g_idx, info=info)
 

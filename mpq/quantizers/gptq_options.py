@@ -32,6 +32,8 @@ class GPTQOptions:
     static_groups: bool = False
     max_damp: float = 1.0
     clip_search: bool = False
+    error_feedback: bool = False
+    feedback_alpha: float = 0.25
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -57,6 +59,12 @@ class GPTQOptions:
         if opts.max_damp < opts.damp or opts.max_damp <= 0:
             raise SchemeError(f"gptq max_damp ({opts.max_damp}) must be > 0 and ≥ damp "
                               f"({opts.damp})", hint="raise max_damp or lower damp")
+        if opts.feedback_alpha < 0:
+            raise SchemeError(f"gptq feedback_alpha must be ≥ 0, got {opts.feedback_alpha}",
+                              hint="e.g. feedback_alpha: 0.25")
+        if "feedback_alpha" in values and not opts.error_feedback:
+            raise SchemeError("gptq feedback_alpha only applies with error_feedback: true",
+                              hint="add error_feedback: true or remove feedback_alpha")
         if opts.block_size < 1:
             raise SchemeError(f"gptq block_size must be ≥ 1, got {opts.block_size}",
                               hint="e.g. block_size: 128")

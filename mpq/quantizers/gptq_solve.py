@@ -15,6 +15,18 @@ Algorithm (the IST-DASLab reference ``fasterquant``, re-derived):
    batch update).  The reported loss is Σ e²/2 = Σ (w − q)²/U[i, i]²/2 over the whole matrix,
    the reference's ``Losses`` sum.
 
+Error feedback (GPTAQ, Li et al., "GPTQv2: Efficient Finetuning-Free Quantization with
+Asymmetric Calibration", ICML 2025): the target becomes the float model's layer output,
+||W X̃ − Q X||² with X̃ the layer's inputs in the float model and X those in the partially
+quantized one; = ||(W − Q) X + W ΔX||², ΔX = X̃ − X.  With D = (2/T)·ΔX Xᵀ (the ``cross``
+argument, scaled like H) and U from step 3, the closed form lets the columns processed after
+column i compensate w_i's share of the inherited error: W ← W + α·W·triu₁(D Uᵀ)·U, triu₁ the
+strictly upper triangle in processing order (act-order permutes D like H).  It is applied once,
+before step 4, with the float weights W (the paper's reference code applies the same terms
+column by column with the running weights; the difference is of second order), and dead
+columns get none of it.  Without the mask and with α = 1 the shift would move W to the plain
+least-squares optimum W X̃ Xᵀ H⁻¹; the paper's α (0.25 by default) damps the correction.
+
 Grids: the number format's ``gptq_columns`` (a :class:`mpq.numerics.format.ColumnGrid`; formats
 without one are refused).  All arithmetic is fp32 on the weight's device; codes are exactly those
 chosen in the solve and ``QuantizedWeight.dequantize()`` reproduces Q bit for bit.  The built-in
@@ -71,6 +83,7 @@ class GPTQResult:
     loss: float
     damp: float
     damp_retries: int
+    feedback_shift: float | None = None  # ‖shift‖/‖W‖ of the error feedback, when applied
 
 
 def _formats(option: str) -> str:
@@ -173,13 +186,43 @@ def _current_cols(wt: torch.Tensor, hinv: torch.Tensor, err: torch.Tensor,
     return torch.cat([wt[p0:i2], tail]).t()
 
 
-def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args: WeightArgs,
-               options: GPTQOptions = GPTQOptions()) -> GPTQResult:
-    """Quantize ``weight`` [N, K] on the grid of ``args`` minimising tr((W−Q) H (W−Q)ᵀ) by GPTQ,
-    with ``options`` (damping, block size, act-order, static groups, clip search).
+def feedback_shift(w: torch.Tensor, cross: torch.Tensor, upper: torch.Tensor,
+                   perm: torch.Tensor | None, dead: torch.Tensor, alpha: float) -> torch.Tensor:
+    """GPTAQ's shift α·W·triu₁(D Uᵀ)·U of ``w`` [N, K] (module docstring), in w's column order;
+    ``upper`` is U in processing order (``perm``), ``cross`` D [K, K] in the original order."""
+    k = w.shape[1]
+    if tuple(cross.shape) != (k, k):
+        raise SchemeError(f"gptq: float_cross shape {tuple(cross.shape)} does not match the "
+                          f"weight's input dimension {k}")
+    d = cross.detach().to(device=w.device, dtype=torch.float32, copy=True)
+    if not bool(torch.isfinite(d).all()):
+        raise SchemeError("gptq: the float_cross statistic has NaN/inf values",
+                          hint="check the calibration inputs for NaN/inf (e.g. overflow in fp16)")
+    d[dead, :] = 0
+    d[:, dead] = 0
+    wp = w
+    if perm is not None:
+        d, wp = d[perm][:, perm], w[:, perm]
+    shift = (wp @ torch.triu(d @ upper.t(), diagonal=1)) @ upper
+    shift.mul_(alpha)
+    if perm is None:
+        return shift
+    out = torch.empty_like(shift)
+    out[:, perm] = shift
+    return out
 
-    ``hessian`` [K, K] (e.g. (2/T)·Σ x xᵀ) is not modified.  Raises SchemeError for shape
-    mismatches, unsupported combinations and a Hessian that cannot be made positive definite.
+
+def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args: WeightArgs,
+               options: GPTQOptions = GPTQOptions(), cross: torch.Tensor | None = None
+               ) -> GPTQResult:
+    """Quantize ``weight`` [N, K] on the grid of ``args`` minimising tr((W−Q) H (W−Q)ᵀ) by GPTQ,
+    with ``options`` (damping, block size, act-order, static groups, clip search).  With
+    ``cross`` = D [K, K] (needed when ``options.error_feedback``) the target is the float
+    model's output instead (error feedback, module docstring).
+
+    ``hessian`` [K, K] (e.g. (2/T)·Σ x xᵀ) and ``cross`` are not modified.  Raises SchemeError
+    for shape mismatches, unsupported combinations and a Hessian that cannot be made positive
+    definite.
     """
     damp, block_size, act_order = options.damp, options.block_size, options.act_order
     static_groups, max_damp, clip_search = (options.static_groups, options.max_damp,
@@ -190,7 +233,9 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args: WeightArgs,
         raise SchemeError(f"gptq block_size must be ≥ 1, got {block_size}")
     w = weight.detach().to(torch.float32).clone()
     n, k = w.shape
-    h, _ = prepare_hessian(hessian, w)
+    h, dead = prepare_hessian(hessian, w)
+    if options.error_feedback and cross is None:
+        raise SchemeError("gptq error_feedback needs the float_cross statistic")
     diag = h.diagonal().clone() if clip_search else None
 
     perm = None
@@ -198,6 +243,12 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args: WeightArgs,
         perm = torch.sort(h.diagonal(), descending=True, stable=True).indices
         h = h[perm][:, perm]
     hinv, damp_used, retries = inverse_cholesky(h, damp, max_damp)
+    shift_norm = None
+    if options.error_feedback:
+        shift = feedback_shift(w, cross, hinv, perm, dead, options.feedback_alpha)
+        shift_norm = float(shift.norm() / w.norm().clamp_min(1e-30))
+        w += shift
+        w[:, dead] = 0
 
     gs = args.group_size if args.granularity == "group" else None
     num_groups = k // gs if gs else 1
@@ -249,4 +300,5 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args: WeightArgs,
                 g_idx = g_idx[inv]  # column c was processed at position inv[c]
     scale, zero = grid.params()
     return GPTQResult(q=q_mat.contiguous(), codes=codes.contiguous(), scale=scale, zero=zero,
-                      g_idx=g_idx, loss=float(loss), damp=float(damp_used), damp_retries=retries)
+                      g_idx=g_idx, loss=float(loss), damp=float(damp_used), damp_retries=retries,
+                      feedback_shift=shift_norm)

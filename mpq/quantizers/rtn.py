@@ -1,31 +1,97 @@
-"""Round-to-nearest (RTN): quantize each weight on its number format's grid, no calibration data."""
+"""Round-to-nearest (RTN): quantize each weight on its number format's grid.
+
+Option (recipe ``options:``, optional): ``scale_search`` — ``none`` (default: min-max scales, no
+calibration data), ``mse`` (each scale's clipping range searched for the smallest squared
+rounding error, :func:`mpq.quantizers.clip_search.searched_int_params`; no calibration data) or
+``activations`` (the same search with each input column's error weighted by its importance,
+the mean x² of its calibration inputs, statistic ``input_sqmean``: llama.cpp's importance
+matrix, llm-compressor's imatrix-MSE observer; needs calibration data).  A search keeps min-max
+wherever no shrunk range is strictly better, so it is never worse than min-max on the error it
+measures.  Searches apply to the formats with a clipping search (int).
+"""
 from __future__ import annotations
 
 from typing import Mapping
 
 import torch
 
-from mpq.numerics.base import NUMBER_FORMATS, QuantizedWeight
-from mpq.quantizers.base import QUANTIZERS
-from mpq.errors import SchemeError
-from mpq.numerics.args import WeightArgs
 from mpq.config.scheme import LayerScheme
+from mpq.errors import SchemeError, did_you_mean
+from mpq.numerics.args import WeightArgs
+from mpq.numerics.base import NUMBER_FORMATS, QuantizedWeight
+from mpq.numerics.format import format_names
+from mpq.numerics.int_grid import int_quantize_codes, prepare_weight
+from mpq.quantizers.base import QUANTIZERS
+from mpq.quantizers.clip_search import searched_int_params
+
+SCALE_SEARCHES = ("none", "mse", "activations")
+IMPORTANCE = "input_sqmean"
+
+
+def _searchable(fmt: str) -> bool:
+    columns = NUMBER_FORMATS.get(fmt).gptq_columns
+    return columns is not None and bool(columns.clip_search)
+
+
+def scale_search_of(scheme: LayerScheme) -> str:
+    """The scheme's validated ``scale_search`` (SchemeError for unknown options or values)."""
+    options = dict(scheme.options)
+    for name in options:
+        if name != "scale_search":
+            raise SchemeError(f"unknown rtn option '{name}'",
+                              hint=did_you_mean(name, ["scale_search"]) or "known: scale_search")
+    search = options.get("scale_search", "none")
+    if search not in SCALE_SEARCHES:
+        raise SchemeError(f"rtn scale_search must be one of {', '.join(SCALE_SEARCHES)}, got "
+                          f"{search!r}", hint="e.g. scale_search: activations")
+    if search != "none" and not _searchable(scheme.weights.format):
+        names = ", ".join(format_names(lambda f: f.gptq_columns is not None
+                                       and bool(f.gptq_columns.clip_search)))
+        raise SchemeError(f"rtn scale_search supports the {names} format only, not "
+                          f"{scheme.weights.format}", hint="remove scale_search")
+    return search
 
 
 class RTNQuantizer:
-    """Delegates to ``NUMBER_FORMATS[scheme.weights.format].quantize``; needs no statistics."""
+    """Delegates to ``NUMBER_FORMATS[scheme.weights.format].quantize``, or searches the int
+    scales (module docstring); needs ``input_sqmean`` only with ``scale_search: activations``."""
 
     name = "rtn"
     needs: frozenset[str] = frozenset()
 
     def check(self, scheme: LayerScheme) -> None:
-        if scheme.options:
-            names = ", ".join(name for name, _ in scheme.options)
-            raise SchemeError(f"rtn takes no options, got: {names}", hint="remove options")
+        scale_search_of(scheme)
+
+    def needs_for(self, scheme: LayerScheme) -> frozenset[str]:
+        return frozenset({IMPORTANCE}) if scale_search_of(scheme) == "activations" else self.needs
 
     def quantize(self, weight: torch.Tensor, scheme: LayerScheme,
                  stats: Mapping[str, torch.Tensor]) -> QuantizedWeight:
-        return NUMBER_FORMATS.get(scheme.weights.format).quantize(weight, scheme.weights)
+        search = scale_search_of(scheme)
+        if search == "none":
+            return NUMBER_FORMATS.get(scheme.weights.format).quantize(weight, scheme.weights)
+        importance = None
+        if search == "activations":
+            importance = stats.get(IMPORTANCE)
+            if importance is None:
+                raise SchemeError(f"rtn scale_search: activations needs the '{IMPORTANCE}' "
+                                  "calibration statistic", hint="run with calibration data")
+        return searched_rtn(weight, scheme.weights, importance)
+
+
+def searched_rtn(weight: torch.Tensor, args: WeightArgs,
+                 importance: torch.Tensor | None) -> QuantizedWeight:
+    """``weight`` [N, K] rounded to nearest on int scales searched against the rounding error,
+    each input column's error weighted by ``importance`` [K] (None: all 1)."""
+    w = prepare_weight(weight, args, args.format)
+    if importance is not None and tuple(importance.shape) != (w.shape[1],):
+        raise SchemeError(f"rtn: importance shape {tuple(importance.shape)} does not match the "
+                          f"weight's input dimension {w.shape[1]}")
+    scale, zero = searched_int_params(w, args, importance)
+    codes = int_quantize_codes(w, scale, zero, args.bits)
+    return QuantizedWeight(args=args, shape=tuple(w.shape), codes=codes, scale=scale, zero=zero,
+                           info={"scale_search": "activations" if importance is not None
+                                 else "mse"})
 
 
 RTN = QUANTIZERS.register("rtn")(RTNQuantizer())

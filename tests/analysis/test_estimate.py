@@ -215,3 +215,17 @@ def test_size_estimate_counts_the_quantized_embedding_and_the_tie(models, tmp_pa
         assert tying["shared"] and tying["untie_bytes"] == 0
     else:  # the head keeps its float copy: 256 × 64 fp32
         assert not tying["shared"] and tying["untie_bytes"] == 256 * 64 * 4
+
+
+def test_error_feedback_adds_the_float_stream(models, tmp_path):
+    recipe = tmp_path / "ef.yaml"
+    recipe.write_text("mpq_recipe: 1\ndefaults:\n  algorithm: gptq\n"
+                      "  options: {error_feedback: true}\nrules:\n  - targets: [Linear]\n"
+                      "    weights: {bits: 4, group_size: 32}\n")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(recipe.read_text().replace("{error_feedback: true}", "{}"))
+    runs = {name: estimate_run(resolve_run(models / "llama", str(path),
+                                           RunOptions(calibration=_calib(models))), probe=False)
+            for name, path in (("plain", plain), ("feedback", recipe))}
+    for part in ("activations", "statistics"):
+        assert runs["feedback"].memory[part] > runs["plain"].memory[part], part

@@ -1027,6 +1027,41 @@ CASES: list[Case] = [
          lambda e: ["convert", _embedding_artifact(e), "-o", e.out, "--format",
                     "compressed-tensors"], FormatError,
          ("model.embed_tokens: a quantized input embedding", "mpq does not write one")),
+    # rtn scale_search and gptq error feedback (mpq.quantizers.rtn, mpq.quantizers.gptq)
+    Case("rtn-scale-search-unknown", "rtn with scale_search: hessian (none, mse or activations)",
+         lambda e: ["plan", e.src, "-r", e.recipe(
+             "defaults:\n  options: {scale_search: hessian}\n" + "rules:\n" + BODY_INT4)],
+         RecipeError, ("rules[0] (model.layers.0.self_attn.q_proj)",
+                       "rtn scale_search must be one of none, mse, activations")),
+    Case("rtn-scale-search-nf4", "rtn scale_search: activations with nf4 weights (the search "
+         "is for int scales)",
+         lambda e: ["plan", e.src, "-r", e.recipe(
+             "defaults:\n  options: {scale_search: activations}\nrules:\n"
+             "  - targets: [Linear]\n    weights: {format: nf4}\n")],
+         RecipeError, ("rtn scale_search supports the int format only, not nf4",
+                       "remove scale_search")),
+    Case("rtn-scale-search-no-calib", "rtn scale_search: activations without --calib (the "
+         "importance comes from calibration inputs)",
+         lambda e: e.quantize(e.src, recipe=e.recipe(
+             "defaults:\n  options: {scale_search: activations}\nrules:\n" + BODY_INT4)),
+         CalibrationError, ("needs calibration statistics (input_sqmean)", "--calib")),
+    Case("gptq-feedback-alpha-alone", "gptq feedback_alpha without error_feedback: true",
+         lambda e: ["plan", e.src, "-r", e.recipe(
+             "defaults:\n  algorithm: gptq\n  options: {feedback_alpha: 0.5}\nrules:\n"
+             + BODY_INT4)],
+         RecipeError, ("gptq feedback_alpha only applies with error_feedback: true",)),
+    Case("gptq-feedback-alpha-negative", "gptq error_feedback with feedback_alpha: -1",
+         lambda e: ["plan", e.src, "-r", e.recipe(
+             "defaults:\n  algorithm: gptq\n  options: {error_feedback: true, "
+             "feedback_alpha: -1.0}\nrules:\n" + BODY_INT4)],
+         RecipeError, ("gptq feedback_alpha must be ≥ 0",)),
+    Case("gptq-error-feedback-head", "gptq error_feedback for the output head (the float "
+         "model's inputs are carried inside the decoder blocks only)",
+         lambda e: ["plan", e.src, "-r", e.recipe(
+             "defaults:\n  algorithm: gptq\n  options: {error_feedback: true}\nrules:\n"
+             "  - targets: [lm_head]\n    weights: {bits: 4, group_size: 32}\n")],
+         RecipeError, ("lm_head: error feedback needs the float model's inputs",
+                       "give lm_head a rule without error_feedback")),
 ]
 
 
