@@ -21,6 +21,7 @@ from mpq.checkpoint.storage import resolve_storage_dtype
 from mpq.checkpoint.writers import Writer, preflight, writer_for
 from mpq.config.plan import Plan, resolve
 from mpq.config.recipe import Recipe, load_recipe
+from mpq.engine.block_tuning import check_plan as check_tuned_layers
 from mpq.engine.distributed import current as current_ranks
 from mpq.engine.distributed import check_supported as check_distributed_support
 from mpq.engine.distributed import rank_device
@@ -187,6 +188,10 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
             rule = f"rules[{layer.rule}]" if layer.rule is not None else "recipe"
             raise RecipeError(f"{recipe.source}: {rule} ({layer.name}): {exc.message}",
                               hint=exc.hint) from None
+    try:
+        check_tuned_layers(plan)
+    except SchemeError as exc:
+        raise RecipeError(f"{recipe.source}: {exc.message}", hint=exc.hint) from None
     check_moe_schemes(model, plan, recipe)
     if recipe.experts is not None and not any(layer.expert is not None for layer in plan.layers):
         raise RecipeError(f"{recipe.source}: experts: {type(model).__name__} has no fused "
