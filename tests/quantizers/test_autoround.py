@@ -71,7 +71,7 @@ def test_gradients_reach_offsets_and_clipping_factors():
 
 def test_effort_settings_and_overrides():
     light = AutoRoundOptions.from_scheme(scheme({"effort": "light"}))
-    assert (light.iters, light.batch_size, light.lr, light.minmax_lr) == (50, 2, 5e-3, 5e-3)
+    assert (light.iters, light.batch_size, light.lr, light.minmax_lr) == (30, 1, 1e-2, 1e-2)
     default = AutoRoundOptions.from_scheme(scheme())
     assert default.effort == "default" and default.lr == pytest.approx(1 / 200)
     best3 = AutoRoundOptions.from_scheme(scheme({"effort": "best"}, bits=3))
@@ -80,7 +80,7 @@ def test_effort_settings_and_overrides():
     assert best4.lr == pytest.approx(1 / 1000)
     mine = AutoRoundOptions.from_scheme(scheme({"effort": "light", "iters": 10, "minmax_lr": 0.1,
                                                 "clip": False, "seed": 3}))
-    assert (mine.iters, mine.lr, mine.minmax_lr, mine.clip, mine.seed) == (10, 5e-3, 0.1,
+    assert (mine.iters, mine.lr, mine.minmax_lr, mine.clip, mine.seed) == (10, 1e-2, 0.1,
                                                                            False, 3)
 
 
