@@ -34,9 +34,11 @@ from mpq.errors import SchemeError
 
 
 def paired_layers(needs) -> list[str]:
-    """The layers (of ``needs``: layer → statistic names) that need a paired statistic."""
+    """The layers (of ``needs``: layer → statistic names) that need a paired statistic (a
+    block-level algorithm's need, e.g. autoround's block outputs, is no collected statistic)."""
     return [name for name, stats in needs.items()
-            if any(getattr(STATS.get(stat), "paired", False) for stat in stats)]
+            if any(stat in STATS and getattr(STATS.get(stat), "paired", False)
+                   for stat in stats)]
 
 
 def check_paired(plan: Plan, needs) -> None:

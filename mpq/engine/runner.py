@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack, nullcontext
+from dataclasses import replace
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from mpq.config.plan import LayerPlan
+from mpq.engine.block_tuning import tune_block, tuned_layers
 from mpq.engine.collect import StopForward, collecting, input_groups, results, run_block, to_device
 from mpq.engine.expert_steps import expert_steps
 from mpq.engine.lifecycle import BlockTurn, RunHook, RunState
@@ -137,9 +139,14 @@ def _run_block_turn(run: RunState, turn: BlockTurn, hooks: Sequence[RunHook]):
         turn.module.to(run.device)
         for hook in hooks:
             hook.block_start(run, turn)
-        replay = (BlockReplay.probe(turn.module, turn.inputs)
-                  if turn.inputs is not None and run.true_sequential and run.reuse else None)
-        _quantize_block(run, turn, replay)
+        tuned = tuned_layers(turn.layers)  # block-level quantizers: mpq.engine.block_tuning
+        replay = (BlockReplay.probe(turn.module, turn.inputs) if turn.inputs is not None
+                  and run.true_sequential and run.reuse and not tuned else None)
+        if tuned:
+            rest = replace(turn, layers=[l for l in turn.layers if l not in tuned])
+            tune_block(run, turn, tuned, lambda: _quantize_block(run, rest, None))
+        else:
+            _quantize_block(run, turn, replay)
     inputs = _next_inputs(run, turn, replay, hooks)
     _finish_block(run, turn)
     for hook in reversed(hooks):

@@ -21,6 +21,7 @@ from mpq.checkpoint.storage import resolve_storage_dtype
 from mpq.checkpoint.writers import Writer, preflight, writer_for
 from mpq.config.plan import Plan, resolve
 from mpq.config.recipe import Recipe, load_recipe
+from mpq.engine.block_tuning import check_plan as check_tuned_layers
 from mpq.engine.distributed import current as current_ranks
 from mpq.engine.distributed import check_supported as check_distributed_support
 from mpq.engine.distributed import rank_device
@@ -190,6 +191,7 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
                               hint=exc.hint) from None
     try:
         check_paired(plan, needed_stats(plan))
+        check_tuned_layers(plan)
     except SchemeError as exc:
         raise RecipeError(f"{recipe.source}: {exc.message}", hint=exc.hint) from None
     check_moe_schemes(model, plan, recipe)

@@ -1,2 +1,3 @@
-"""Quantization algorithms; importing this package registers the built-in ones (rtn, gptq)."""
-from mpq.quantizers import gptq, rtn  # noqa: F401  (registration side effects)
+"""Quantization algorithms; importing this package registers the built-in ones (rtn, gptq,
+autoround)."""
+from mpq.quantizers import autoround, gptq, rtn  # noqa: F401  (registration side effects)

@@ -1062,6 +1062,26 @@ CASES: list[Case] = [
              "  - targets: [lm_head]\n    weights: {bits: 4, group_size: 32}\n")],
          RecipeError, ("lm_head: error feedback needs the float model's inputs",
                        "give lm_head a rule without error_feedback")),
+    Case("autoround-mxfp4", "algorithm autoround with mxfp4 weights (tuned rounding is "
+         "implemented for the int grid only)",
+         lambda e: e.quantize(e.src, recipe=e.recipe(
+             "defaults: {algorithm: autoround}\nrules:\n  - targets: [Linear]\n"
+             "    weights: {format: mxfp4}\n")), RecipeError,
+         ("{tmp}/r.yaml: rules[0]", "autoround supports the int grid only, not mxfp4")),
+    Case("autoround-head", "algorithm autoround for the output head (it tunes decoder blocks)",
+         lambda e: e.quantize(e.src, recipe=e.recipe(
+             "defaults: {algorithm: autoround}\nrules:\n  - targets: [lm_head]\n"
+             "    weights: {bits: 4, group_size: 32}\n" + BODY_INT4)), RecipeError,
+         ("{tmp}/r.yaml", "lm_head: autoround tunes decoder blocks", "algorithm: rtn or gptq")),
+    Case("autoround-bad-effort", "autoround options: {effort: heavy}",
+         lambda e: e.quantize(e.src, recipe=e.recipe(
+             "defaults: {algorithm: autoround, options: {effort: heavy}}\nrules:\n"
+             + BODY_INT4)), RecipeError,
+         ("{tmp}/r.yaml: rules[0]", "effort must be one of light, default, best")),
+    Case("autoround-no-calib", "algorithm autoround without --calib",
+         lambda e: e.quantize(e.src, recipe=e.recipe(
+             "defaults: {algorithm: autoround}\nrules:\n" + BODY_INT4)), CalibrationError,
+         ("needs calibration statistics (block_output)", "--calib")),
 ]
 
 

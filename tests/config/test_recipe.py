@@ -12,7 +12,8 @@ from mpq.numerics.args import WeightArgs
 
 PRESETS = ("w8a16", "w4a16", "w4a16-asym", "w4a16-channel", "w3a16", "fp8-weights", "nf4",
            "nf4-dq", "w4a16-gptq", "w4a16-channel-gptq", "w3a16-gptq", "w8a8-int8", "w8a8-fp8",
-           "w4a16-awq", "w4a16-gptq-compact", "w4a16-gptq-g32-compact", "w5a16-gptq-compact")
+           "w4a16-awq", "w4a16-gptq-compact", "w4a16-gptq-g32-compact", "w5a16-gptq-compact",
+           "w4a16-tuned", "w3a16-tuned")
 
 
 def parse(text: str, **kwargs) -> Recipe:
@@ -134,7 +135,7 @@ def test_every_preset_loads(name):
     else:
         assert len(recipe.rules) == 1
     assert body.targets == ("Linear", "Conv1D")
-    expected = "gptq" if "-gptq" in name else "rtn"
+    expected = "gptq" if "-gptq" in name or "-tuned" in name else "rtn"
     assert body.scheme.algorithm == expected and recipe.description
 
 
@@ -150,7 +151,8 @@ def test_preset_schemes_and_descriptions():
                       "w4a16-awq": "int4 asym g64",
                       "w4a16-gptq-compact": "int4 sym g64",
                       "w4a16-gptq-g32-compact": "int4 asym g32",
-                      "w5a16-gptq-compact": "int5 sym g64"}
+                      "w5a16-gptq-compact": "int5 sym g64",
+                      "w4a16-tuned": "int4 sym g64", "w3a16-tuned": "int3 sym g64"}
     presets = list_presets()
     assert set(presets) == set(PRESETS)
     assert "128" in presets["w4a16"] and "576" in presets["w4a16"]
