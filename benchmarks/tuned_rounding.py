@@ -1,4 +1,5 @@
-"""Tuned rounding (autoround) against RTN and GPTQ on SmolLM2-135M: perplexity, time, peak memory.
+"""Tuned rounding (autoround) against RTN, GPTQ and the ``*-tuned`` presets (GPTQ with error
+feedback) on SmolLM2-135M: perplexity, time, peak memory.
 
     python benchmarks/tuned_rounding.py --model .cache/SmolLM2-135M --corpora ../shared/corpora \\
         --work /tmp/tuned [--variants w4a16,w4a16-gptq,w4a16-tuned,...] [--mpq mpq]
@@ -25,11 +26,14 @@ BODY = ("rules:\n  - targets: [Linear, Conv1D]\n    weights: {{format: int, bits
         "symmetric: true, granularity: group, group_size: 64}}\n")
 RECIPES = {  # name -> (algorithm, options, bits)
     "w2a16-g64-gptq": ("gptq", "{act_order: true, static_groups: true, clip_search: true}", 2),
-    "w2a16-g64-tuned": ("autoround", "{effort: light}", 2),
+    "w4a16-autoround-light": ("autoround", "{effort: light}", 4),
+    "w3a16-autoround-light": ("autoround", "{effort: light}", 3),
+    "w2a16-g64-autoround-light": ("autoround", "{effort: light}", 2),
     "w4a16-tuned-default": ("autoround", "{effort: default}", 4),
     "w3a16-tuned-default": ("autoround", "{effort: default}", 3),
 }
-DEFAULT = "w4a16,w4a16-gptq,w4a16-tuned,w3a16-gptq,w3a16-tuned,w2a16-g64-gptq,w2a16-g64-tuned"
+DEFAULT = ("w4a16,w4a16-gptq,w4a16-autoround-light,w4a16-tuned,w3a16-gptq,w3a16-autoround-light,"
+           "w3a16-tuned,w2a16-g64-gptq,w2a16-g64-autoround-light")
 
 
 def recipe_argument(name: str, work: Path) -> str:
