@@ -1063,7 +1063,7 @@ CASES: list[Case] = [
                                      recipe=e.recipe(R_GGUF_Q4_0.replace(
                                          "Linear", "[Linear, Conv1D]"))),
          FormatError, ("model type 'gpt2' (format 'gguf' writes llama, mistral, qwen2, qwen3)",)),
-    Case("gguf-q4_1-symmetric", "q4_1 weights with symmetric: true (q4_1 has a float16 min per "
+    Case("gguf-q4-1-symmetric", "q4_1 weights with symmetric: true (q4_1 has a float16 min per "
          "block)", lambda e: e.quantize(_bpe_model(e), recipe=e.recipe(
              "rules:\n  - targets: Linear\n    weights: {format: q4_1, symmetric: true}\n")),
          RecipeError, ("q4_1 is asymmetric", "symmetric: false")),
