@@ -205,8 +205,8 @@ class GgufWriter:
             arch = arch_of(state.config)
             writer = gguf.GGUFWriter(str(tmp / GGUF_FILE), arch.arch)
             source = state.provenance.get("source") or {}
-            add_arch_metadata(writer, state.config,
-                              str(source.get("path") or state.plan.recipe_name or "model"))
+            name = Path(str(source["path"])).name if source.get("path") else "model"
+            add_arch_metadata(writer, state.config, name)
             writer.add_file_type(int(gguf.LlamaFileType[FILE_TYPES[self._main_type(tensors)]]))
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             add_tokenizer(writer, state.files, int(state.config["vocab_size"]))

@@ -56,7 +56,9 @@ def _fp16(t: torch.Tensor, what: str) -> torch.Tensor:
 
 
 class GgufLegacyGrid(NumberFormat):
-    """One legacy GGUF block type: ``bits`` 4, 5 or 8, with (``_1``) or without a min."""
+    """A llama.cpp (GGUF) block type: 32 inputs share a float16 step (the _1 types also a min).
+
+    One object per type: ``bits`` 4, 5 or 8, with (``_1``) or without a min."""
 
     block = GGUF_BLOCK
     awq_clip = False
