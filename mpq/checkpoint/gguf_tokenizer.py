@@ -48,6 +48,9 @@ def tokenizer_problems(files: Mapping[str, Path | str]) -> list[str]:
     kind = (data.get("model") or {}).get("type")
     if kind != "BPE":
         return [f"a {kind} tokenizer (format 'gguf' writes byte-level BPE tokenizers only)"]
+    if not _has(data.get("pre_tokenizer"), "ByteLevel"):
+        return ["a BPE tokenizer without byte-level pre-tokenization (SentencePiece-style; "
+                "format 'gguf' writes byte-level BPE tokenizers only)"]
     return []
 
 
