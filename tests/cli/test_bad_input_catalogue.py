@@ -721,8 +721,8 @@ CASES: list[Case] = [
          leaves=("out.mpq-work",)),
     # the output format
     Case("format-unknown", "--format names no writer",
-         lambda e: e.quantize(e.src, "--format", "gguf"), FormatError,
-         ("'gguf'", "known: ")),
+         lambda e: e.quantize(e.src, "--format", "onnx"), FormatError,
+         ("'onnx'", "known: ")),
     Case("format-cannot-express", "--format gptq with an nf4 recipe",
          lambda e: e.quantize(e.src, "--format", "gptq", recipe="nf4"), FormatError,
          ("format 'gptq'", "nf4")),
