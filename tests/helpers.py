@@ -26,6 +26,28 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<0>", eos_token="<1>")
 
 
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer with the tiny models' vocabulary size (256): 248 byte symbols,
+    five merges and three special tokens, a ChatML-like chat template, no BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())[:248]
+    vocab = {c: i for i, c in enumerate(chars)}
+    merges = [("t", "h"), ("th", "e"), ("a", "n"), ("i", "n"), ("e", "r")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>"
+                          "{% endfor %}")
+    return fast
+
+
 BOS_ID = 2  # the BOS of bos_tokenizer
 
 

@@ -40,7 +40,8 @@ def convert(src: str | Path, out_dir: str | Path, output_format: str, *, force: 
     if verify:
         require_intact(src, without_manifest_ok=True)
     state = state_from_artifact(src)
-    warnings = preflight(writer, state.plan, strict)  # the checks `mpq quantize --format` runs
+    warnings = preflight(writer, state.plan, strict,  # the checks `mpq quantize --format` runs
+                         source=(state.config, state.files))
     sizes = write_state(state, out_dir, writer, force=force)
     return ConvertResult(out_dir=out_dir, output_format=output_format, sizes=sizes,
                          warnings=warnings)

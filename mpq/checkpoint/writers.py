@@ -1,6 +1,7 @@
 """The writer contract, the shared folder writer, and the registry of output formats.
 
-A :class:`Writer` turns an :class:`~mpq.checkpoint.state.ArtifactState` into a checkpoint folder.
+A :class:`Writer` turns an :class:`~mpq.checkpoint.state.ArtifactState` into a checkpoint folder
+(its ``contents``; a writer of another container, GGUF, writes the folder itself: ``write``).
 ``unsupported(plan)`` runs before any quantization (``mpq quantize --format X``) and before any
 conversion: it lists every layer the format cannot express, with the reason, and writing such a
 plan raises :class:`~mpq.errors.FormatError`.  ``preflight(plan)`` lists layers that the format
@@ -110,9 +111,14 @@ def moe_problems(plan: Plan, why: str) -> list[str]:
     return problems
 
 
-def check_expressible(writer: Writer, plan: Plan) -> None:
-    """Raise FormatError listing the layers ``writer`` cannot store."""
+def check_expressible(writer: Writer, plan: Plan, source: tuple[dict, dict] | None = None
+                      ) -> None:
+    """Raise FormatError listing the layers ``writer`` cannot store (and, given the model's
+    ``source`` (config, side files), what of the model itself it cannot, for writers that say:
+    ``source_problems``)."""
     problems = writer.unsupported(plan)
+    if source is not None and hasattr(writer, "source_problems"):
+        problems = writer.source_problems(*source) + problems
     if plan.rotation is not None and plan.rotation.r4 and not writer.online_rotations:
         problems.append(f"rotation r4 is applied online to down_proj inputs, which format "
                         f"'{writer.name}' cannot express; use r4: false")
@@ -124,11 +130,15 @@ def check_expressible(writer: Writer, plan: Plan) -> None:
                                             "native format (--format mpq)")
 
 
-def preflight(writer: Writer, plan: Plan, strict: bool) -> list[str]:
+def preflight(writer: Writer, plan: Plan, strict: bool,
+              source: tuple[dict, dict] | None = None) -> list[str]:
     """Check that ``writer`` can store ``plan`` (FormatError if not) and return its run-time
-    pre-flight warnings; with ``strict``, any warning is a FormatError."""
-    check_expressible(writer, plan)
+    pre-flight warnings; with ``strict``, any warning is a FormatError.  ``source``: the
+    model's config and side files (name → path), for writers that check them too."""
+    check_expressible(writer, plan, source)
     warnings = writer.preflight(plan)
+    if source is not None and hasattr(writer, "source_warnings"):
+        warnings = warnings + writer.source_warnings(*source)
     if warnings and strict:
         shown = "; ".join(warnings[:6]) + (f"; … {len(warnings) - 6} more"
                                            if len(warnings) > 6 else "")
@@ -182,7 +192,10 @@ def write_state(state: ArtifactState, out_dir: str | Path, writer: Writer, *,
     """Write ``state`` with ``writer`` into ``out_dir`` (atomically); return the size report
     (:func:`size_report`, as the header records it, plus the whole-model figures of
     mpq.checkpoint.sizes.size_summary).
-    The caller has checked the plan with :func:`preflight`."""
+    The caller has checked the plan with :func:`preflight`.  A writer whose output is not a
+    safetensors folder (gguf) writes it itself (``write``)."""
+    if hasattr(writer, "write"):
+        return writer.write(state, out_dir, force=force)
     format_name = writer.name
     contents = writer.contents(state)
     sizes = size_report(state.plan, contents.tensors, contents.code_keys)

@@ -12,7 +12,7 @@ from mpq.cli.options import json_option
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str),
               help="Folder to create (written atomically).")
 @click.option("--format", "output_format", required=True,
-              help="Target format: compressed-tensors, gptq or mpq (`mpq list` shows them).")
+              help="Target format: compressed-tensors, gptq, gguf or mpq (`mpq list` shows them).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--strict", is_flag=True,
               help="Refuse (exit 9) when layers fail the target's runtime pre-flight checks.")

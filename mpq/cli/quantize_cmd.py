@@ -41,8 +41,9 @@ from mpq.cli.options import dtype_option, json_option, max_unquantized_option, t
               help="Inside a block, quantize layers in execution order, each seeing inputs from "
                    "already-quantized predecessors.")
 @click.option("--format", "output_format", default="mpq", show_default=True,
-              help="Output format: mpq (native), compressed-tensors (vLLM, transformers) or "
-                   "gptq (GPTQ v1); `mpq list` shows them. Checked before quantizing.")
+              help="Output format: mpq (native), compressed-tensors (vLLM, transformers), "
+                   "gptq (GPTQ v1) or gguf (llama.cpp: OUT/model.gguf); `mpq list` shows them. "
+                   "Checked before quantizing.")
 @click.option("--strict", is_flag=True,
               help="Refuse (exit 9) instead of warning when layers fail the format's runtime "
                    "pre-flight checks (e.g. vLLM's fast int kernels), and (exit 3) when more "

@@ -34,8 +34,10 @@ from mpq.models.coverage import STRICT_DEFAULT, CoverageAccount, account
 from mpq.models.experts import routers
 from mpq.models.families import family_of
 from mpq.models.layout import ModelLayout, blocks_of, describe_layers, layout_of, tied_pair
-from mpq.models.source import check_float_source, check_model_dir, max_positions, read_config
+from mpq.models.source import (check_float_source, check_model_dir, max_positions, read_config,
+                               side_files)
 from mpq.models.stored_tensors import check_stored_tensors
+from mpq.numerics.gguf_legacy import GGUF_LEGACY
 from mpq.quantizers.base import QUANTIZERS, scheme_needs
 from mpq.rotation.quarot import check_supported as check_rotation_supported
 from mpq.rotation.quarot import rotation_specs
@@ -240,7 +242,8 @@ def with_storage_dtype(plan: Plan, recipe: Recipe, source_dir: Path,
         recipe.storage_dtype, source_dir, weight_map, read_config(source_dir)))
 
 
-EMBEDDING_FORMATS = {"int": ("channel", "group"), "fp8_e4m3": ("channel",)}
+EMBEDDING_FORMATS = {"int": ("channel", "group"), "fp8_e4m3": ("channel",),
+                     **{fmt.name: ("group",) for fmt in GGUF_LEGACY}}  # GGUF blocks: by row
 
 
 def check_embedding_schemes(plan: Plan, recipe: Recipe) -> None:
@@ -340,7 +343,8 @@ def resolve_run(model_path: str | Path, recipe: str | Recipe,
     coverage.check(*options.unquantized_limit())
     if ranks is not None:
         check_distributed_support(plan)
-    warnings = preflight(writer, plan, options.strict)
+    warnings = preflight(writer, plan, options.strict,
+                         source=(read_config(source_dir), side_files(source_dir)[0]))
     needs = needed_stats(plan)
     not_streamed = "--no-stream"
     if options.stream:

@@ -88,6 +88,7 @@ class NumberFormat(ABC):
     double_quant: bool = False
     scale_dtypes: bool = False  # takes WeightArgs.scale_dtype (rounds its scales to fp16/bf16)
     awq_clip: bool = False
+    holds_zero: bool = True  # 0 is a grid value of every scale (not so with a float block min)
     activations: bool = False
     gptq_columns: type[ColumnGrid] | None = None
     compressed_tensors: CompressedTensorsMapping | NotExpressible

@@ -3,7 +3,7 @@
 :class:`QuantEmbedding` replaces the model's input embedding (``nn.Embedding`` or a subclass such
 as Gemma's scaled embedding) in a loaded model.  It holds the native format's encoded tensors as
 buffers under their artifact names (``qweight``, ``scale``, ``zero`` for int; ``weight``,
-``scale`` for fp8_e4m3), the table being a weight [N=vocab, K=hidden].  A forward takes the
+``scale`` for fp8_e4m3, ``blocks`` for the GGUF grids), the table being a weight [N=vocab, K=hidden].  A forward takes the
 distinct ids it is given, slices their rows out of the encoded tensors (zero points are packed
 across rows, so they are kept unpacked as well), decodes that [rows, K] piece with the number
 format's own decode, and runs the original module's own forward on it with the ids renumbered
@@ -22,7 +22,7 @@ from mpq.checkpoint.native_codec import decode
 from mpq.numerics.args import WeightArgs
 from mpq.numerics.packing import pack_cols, unpack_cols
 
-ROW_KEYS = ("qweight", "weight", "scale")  # the encoded tensors with one row per table row
+ROW_KEYS = ("qweight", "weight", "scale", "blocks")  # encoded tensors with a row per table row
 
 
 class QuantEmbedding(nn.Module):

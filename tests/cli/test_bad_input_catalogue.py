@@ -532,6 +532,19 @@ def _huge_norm(env: Env) -> Path:
     return model
 
 
+def _bpe_model(env: Env, arch: str = "llama") -> Path:
+    """A tiny model of ``arch`` with a byte-level BPE tokenizer (tests.helpers.bpe_tokenizer),
+    which format 'gguf' can write."""
+    from tests.helpers import bpe_tokenizer
+
+    save_tiny_model(arch, env.tmp / arch)
+    bpe_tokenizer().save_pretrained(env.tmp / arch)
+    return env.tmp / arch
+
+
+R_GGUF_Q4_0 = "rules:\n  - targets: Linear\n    weights: {format: q4_0}\n"
+
+
 CASES: list[Case] = [
     # the source model
     Case("model-missing", "model path does not exist",
@@ -708,8 +721,8 @@ CASES: list[Case] = [
          leaves=("out.mpq-work",)),
     # the output format
     Case("format-unknown", "--format names no writer",
-         lambda e: e.quantize(e.src, "--format", "gguf"), FormatError,
-         ("'gguf'", "known: ")),
+         lambda e: e.quantize(e.src, "--format", "onnx"), FormatError,
+         ("'onnx'", "known: ")),
     Case("format-cannot-express", "--format gptq with an nf4 recipe",
          lambda e: e.quantize(e.src, "--format", "gptq", recipe="nf4"), FormatError,
          ("format 'gptq'", "nf4")),
@@ -1082,6 +1095,33 @@ CASES: list[Case] = [
          lambda e: e.quantize(e.src, recipe=e.recipe(
              "defaults: {algorithm: autoround}\nrules:\n" + BODY_INT4)), CalibrationError,
          ("needs calibration statistics (block_output)", "--calib")),
+    # GGUF
+    Case("gguf-no-exact-type", "mpq quantize --format gguf with int4 sym g64 fp32-scale weights "
+         "(GGUF's blocks are 32 wide with float16 steps)",
+         lambda e: e.quantize(_bpe_model(e), "--format", "gguf"), FormatError,
+         ("format 'gguf' cannot express",
+          "model.layers.0.self_attn.q_proj: int4 sym g64 fp32 scales has no exact GGUF type")),
+    Case("gguf-convert-no-exact-type", "mpq convert --format gguf of the w4a16 artifact (int4 "
+         "g64, byte-level WordLevel tokenizer)",
+         lambda e: ["convert", e.art, "-o", e.out, "--format", "gguf"], FormatError,
+         ("a WordLevel tokenizer (format 'gguf' writes byte-level BPE tokenizers only)",
+          "model.layers.0.self_attn.q_proj: int4 sym g64 fp32 scales has no exact GGUF type")),
+    Case("gguf-act-order", "--format gguf with int4 g32 fp16-scale GPTQ act-order without static "
+         "groups (columns grouped out of order)",
+         lambda e: e.quantize(_bpe_model(e), "--format", "gguf", recipe=e.recipe(
+             "rules:\n  - targets: Linear\n    algorithm: gptq\n"
+             "    options: {act_order: true}\n    weights: {format: int, bits: 4, "
+             "group_size: 32, scale_dtype: fp16}\n")), FormatError,
+         ("with act_order and no static_groups (GGUF blocks are consecutive columns)",)),
+    Case("gguf-model-type", "--format gguf for GPT-2, a model type it has no llama.cpp record "
+         "for", lambda e: e.quantize(_bpe_model(e, "gpt2"), "--format", "gguf",
+                                     recipe=e.recipe(R_GGUF_Q4_0.replace(
+                                         "Linear", "[Linear, Conv1D]"))),
+         FormatError, ("model type 'gpt2' (format 'gguf' writes llama, mistral, qwen2, qwen3)",)),
+    Case("gguf-q4-1-symmetric", "q4_1 weights with symmetric: true (q4_1 has a float16 min per "
+         "block)", lambda e: e.quantize(_bpe_model(e), recipe=e.recipe(
+             "rules:\n  - targets: Linear\n    weights: {format: q4_1, symmetric: true}\n")),
+         RecipeError, ("q4_1 is asymmetric", "symmetric: false")),
 ]
 
 

@@ -42,10 +42,12 @@ def test_every_preset_resolves_on_a_llama(name):
     plan = resolve(load_recipe(name), llama_layers(), OTHER)
     head = plan.get("lm_head")
     assert plan.recipe_name == name
-    if name.endswith("-compact"):  # the whole model: the head int8 per row, by its exact name
+    if name.endswith("-compact") or name.startswith("gguf-"):
+        # the whole model: the head int8 per row (GGUF: q8_0), by its exact name
         assert len(plan.quantized()) == 15
         assert head.scheme.algorithm == "rtn" and head.scheme.weights.bits == 8
-        assert head.scheme.weights.granularity == "channel"
+        assert head.scheme.weights.granularity == ("group" if name.startswith("gguf-")
+                                                   else "channel")
         assert {p.reason for p in plan.quantized() if p.name != "lm_head"} == {
             "rule 1 (Linear)"}
         return

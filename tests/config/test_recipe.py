@@ -13,7 +13,7 @@ from mpq.numerics.args import WeightArgs
 PRESETS = ("w8a16", "w4a16", "w4a16-asym", "w4a16-channel", "w3a16", "fp8-weights", "nf4",
            "nf4-dq", "w4a16-gptq", "w4a16-channel-gptq", "w3a16-gptq", "w8a8-int8", "w8a8-fp8",
            "w4a16-awq", "w4a16-gptq-compact", "w4a16-gptq-g32-compact", "w5a16-gptq-compact",
-           "w4a16-tuned", "w3a16-tuned")
+           "w4a16-tuned", "w3a16-tuned", "gguf-q4_0-gptq")
 
 
 def parse(text: str, **kwargs) -> Recipe:
@@ -128,10 +128,12 @@ def test_every_preset_loads(name):
     recipe = load_recipe(name)
     assert recipe.name == name and recipe.source == f"preset:{name}"
     body = recipe.rules[-1]
-    if name.endswith("-compact"):  # the input embedding and the head int8 per row (RTN) first
+    if name.endswith("-compact") or name.startswith("gguf-"):
+        # the input embedding and the head (int8 per row, GGUF q8_0) by RTN first
         assert len(recipe.rules) == 2 and recipe.rules[0].targets == ("Embedding", "lm_head")
         assert recipe.rules[0].scheme.algorithm == "rtn"
-        assert body.scheme.weights.scale_dtype == "fp16"
+        if name.endswith("-compact"):
+            assert body.scheme.weights.scale_dtype == "fp16"
     else:
         assert len(recipe.rules) == 1
     assert body.targets == ("Linear", "Conv1D")
@@ -152,7 +154,8 @@ def test_preset_schemes_and_descriptions():
                       "w4a16-gptq-compact": "int4 sym g64",
                       "w4a16-gptq-g32-compact": "int4 asym g32",
                       "w5a16-gptq-compact": "int5 sym g64",
-                      "w4a16-tuned": "int4 sym g64", "w3a16-tuned": "int3 sym g64"}
+                      "w4a16-tuned": "int4 sym g64", "w3a16-tuned": "int3 sym g64",
+                      "gguf-q4_0-gptq": "q4_0"}
     presets = list_presets()
     assert set(presets) == set(PRESETS)
     assert "128" in presets["w4a16"] and "576" in presets["w4a16"]
