@@ -22,21 +22,19 @@ routers, online rotations, model types outside the records, RoPE scaling, non-BP
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mpq.errors import FormatError, OutputError
+from mpq.errors import FormatError
 from mpq.checkpoint.gguf_arch import (add_arch_metadata, arch_of, config_problems, permute_rows,
                                       qk_heads, tensor_name)
 from mpq.checkpoint.gguf_tokenizer import (add_tokenizer, pre_tokenizer_name,
                                            read_tokenizer_json, tokenizer_problems)
 from mpq.checkpoint.manifest import write_manifest
 from mpq.checkpoint.model_card import render_model_card
-from mpq.checkpoint.native import _swap_into_place, check_output_free
+from mpq.checkpoint.native import check_output_free, write_folder
 from mpq.checkpoint.sizes import Entry, size_summary
 from mpq.checkpoint.state import ArtifactState
 from mpq.checkpoint.storage import stored_dense
@@ -194,14 +192,8 @@ class GgufWriter:
                               hint="write the native format (--format mpq)")
         tensors = self.tensors(state)
         sizes = self._sizes(state, tensors)
-        try:
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create '{out_dir.parent}': {exc}") from exc
-        tmp = out_dir.parent / f".{out_dir.name}.mpq-tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            tmp.mkdir()
+
+        def fill(tmp: Path) -> None:
             arch = arch_of(state.config)
             writer = gguf.GGUFWriter(str(tmp / GGUF_FILE), arch.arch)
             source = state.provenance.get("source") or {}
@@ -224,12 +216,8 @@ class GgufWriter:
                 calibration=state.provenance.get("calibration"), sizes=sizes,
                 format_name=self.name, load_hint=self.load_hint), encoding="utf-8")
             write_manifest(tmp)
-            _swap_into_place(tmp, out_dir, force)
-        except OSError as exc:
-            raise OutputError(f"cannot write '{out_dir}': {exc}",
-                              hint="check free disk space and permissions") from exc
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        write_folder(out_dir, force, fill)
         return sizes
 
     @staticmethod

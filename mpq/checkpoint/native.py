@@ -146,6 +146,14 @@ def write_artifact(out_dir: str | Path, tensors: Mapping[str, torch.Tensor],
     a source path (copied) or to text (written).  ``tensors`` may be a LazyTensors: the shards
     are planned from its sizes and each tensor is produced only when its turn comes in the file
     (mpq.checkpoint.safetensors_writer), so at most one group of tensors is in memory."""
+    return write_folder(out_dir, force, lambda tmp: _write_contents(
+        tmp, tensors, metadata, config, extra_files or {}, max_shard_bytes))
+
+
+def write_folder(out_dir: str | Path, force: bool, fill: Callable[[Path], object]) -> Path:
+    """Write an artifact folder atomically: ``fill(tmp)`` writes every file into a temporary
+    sibling folder, which then takes ``out_dir``'s place (an existing one only with ``force``).
+    An OS error becomes OutputError; nothing half-written is left at ``out_dir``."""
     out_dir = Path(out_dir)
     check_output_free(out_dir, force)
     try:
@@ -156,7 +164,7 @@ def write_artifact(out_dir: str | Path, tensors: Mapping[str, torch.Tensor],
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        _write_contents(tmp, tensors, metadata, config, extra_files or {}, max_shard_bytes)
+        fill(tmp)
         _swap_into_place(tmp, out_dir, force)
     except OSError as exc:
         raise OutputError(f"cannot write '{out_dir}': {exc}",
