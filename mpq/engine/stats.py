@@ -68,16 +68,19 @@ class InputAbsMax:
         return self.value
 
 
-@STATS.register("input_absmean")
-class InputAbsMean:
-    """Per-input-channel mean |x| over all calibration tokens (fp32 [K])."""
+class _ChannelMean:
+    """Per-input-channel mean of ``value(x)`` over all calibration tokens (fp32 [K])."""
+
+    @staticmethod
+    def value(x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def __init__(self) -> None:
         self.total: torch.Tensor | None = None
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1]).abs().float()
+        flat = self.value(x.detach().reshape(-1, x.shape[-1]).float())
         total = flat.sum(dim=0).double()
         self.total = total if self.total is None else self.total + total
         self.count += flat.shape[0]
@@ -89,27 +92,20 @@ class InputAbsMean:
         return (self.total / max(self.count, 1)).float()
 
 
+@STATS.register("input_absmean")
+class InputAbsMean(_ChannelMean):
+    """Per-input-channel mean |x| over all calibration tokens (fp32 [K])."""
+
+    value = staticmethod(torch.abs)
+
+
 @STATS.register("input_sqmean")
-class InputSqMean:
+class InputSqMean(_ChannelMean):
     """Per-input-channel mean x² over all calibration tokens (fp32 [K]): the diagonal of GPTQ's
     Hessian up to its factor 2, without the [K, K] work; the importance of each input column
     (an "importance matrix" in llama.cpp's words)."""
 
-    def __init__(self) -> None:
-        self.total: torch.Tensor | None = None
-        self.count = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1]).float()
-        total = flat.square().sum(dim=0).double()
-        self.total = total if self.total is None else self.total + total
-        self.count += flat.shape[0]
-
-    def reduce(self, ranks) -> None:
-        self.total, self.count = _reduce_tensor(ranks, self.total, self.count, ranks.all_sum)
-
-    def result(self) -> torch.Tensor:
-        return (self.total / max(self.count, 1)).float()
+    value = staticmethod(torch.square)
 
 
 @STATS.register("input_sample")
