@@ -38,7 +38,7 @@ from mpq.models.source import (check_float_source, check_model_dir, max_position
                                side_files)
 from mpq.models.stored_tensors import check_stored_tensors
 from mpq.numerics.gguf_legacy import GGUF_LEGACY
-from mpq.quantizers.base import QUANTIZERS, scheme_needs
+from mpq.quantizers.base import QUANTIZERS, scheme_needs, scheme_wants
 from mpq.rotation.quarot import check_supported as check_rotation_supported
 from mpq.rotation.quarot import rotation_specs
 from mpq.transforms.base import TRANSFORMS
@@ -163,12 +163,17 @@ def as_recipe(recipe: str | Recipe) -> Recipe:
     return load_recipe(recipe, known_algorithms=list(QUANTIZERS))
 
 
-def needed_stats(plan: Plan) -> dict[str, frozenset[str]]:
+def needed_stats(plan: Plan, calibrated: bool = False) -> dict[str, frozenset[str]]:
     """Layer name → the statistics it needs (only layers that need some): its quantizer's, plus
-    ``input_absmax`` when its input activations get a static (calibrated) scale."""
+    ``input_absmax`` when its input activations get a static (calibrated) scale; with
+    ``calibrated`` (the run has calibration data) also those its quantizer uses when they are
+    there (``scheme_wants``; not for an input embedding, which has no input to measure)."""
     needs = {}
     for layer in plan.quantized():
-        layer_needs = set(scheme_needs(QUANTIZERS.get(layer.scheme.algorithm), layer.scheme))
+        quantizer = QUANTIZERS.get(layer.scheme.algorithm)
+        layer_needs = set(scheme_needs(quantizer, layer.scheme))
+        if calibrated and not layer.embedding:
+            layer_needs |= scheme_wants(quantizer, layer.scheme)
         acts = layer.scheme.input_activations
         if acts is not None and not acts.dynamic:
             layer_needs.add("input_absmax")
@@ -345,7 +350,7 @@ def resolve_run(model_path: str | Path, recipe: str | Recipe,
         check_distributed_support(plan)
     warnings = preflight(writer, plan, options.strict,
                          source=(read_config(source_dir), side_files(source_dir)[0]))
-    needs = needed_stats(plan)
+    needs = needed_stats(plan, calibrated=options.calibration.source is not None)
     not_streamed = "--no-stream"
     if options.stream:
         not_streamed = streaming_blocker(skeleton, weight_map, layout, plan, recipe, needs)

@@ -17,7 +17,9 @@ class Quantizer(Protocol):
     ``check(scheme)`` runs at plan time, before any weight is touched: it raises SchemeError for
     options the algorithm does not know or weight args it cannot produce.  ``needs`` are the
     statistics every scheme of the algorithm needs; one whose options ask for more also defines
-    ``needs_for(scheme)`` (read through :func:`scheme_needs`).
+    ``needs_for(scheme)`` (read through :func:`scheme_needs`).  Statistics a scheme uses only
+    when the run has calibration data (and does without otherwise) come from an optional
+    ``wants_for(scheme)`` (read through :func:`scheme_wants`).
     """
 
     name: str
@@ -37,3 +39,10 @@ def scheme_needs(quantizer: Quantizer, scheme: LayerScheme) -> frozenset[str]:
     quantizer defines it (options that ask for statistics), else its ``needs``."""
     needs_for = getattr(quantizer, "needs_for", None)
     return frozenset(needs_for(scheme)) if needs_for is not None else quantizer.needs
+
+
+def scheme_wants(quantizer: Quantizer, scheme: LayerScheme) -> frozenset[str]:
+    """The statistics ``quantizer`` uses for ``scheme`` when the run has calibration data and
+    does without when it has none (``wants_for(scheme)`` where defined, else none)."""
+    wants_for = getattr(quantizer, "wants_for", None)
+    return frozenset(wants_for(scheme)) if wants_for is not None else frozenset()

@@ -1,7 +1,8 @@
 """Round-to-nearest (RTN): quantize each weight on its number format's grid.
 
 Option (recipe ``options:``, optional): ``scale_search`` — ``none`` (default: min-max scales, no
-calibration data), ``mse`` (each scale's clipping range searched for the smallest squared
+calibration data), ``auto`` (``activations`` when the run has calibration data, else ``none``:
+the RTN presets' setting, so ``--calib`` is all it takes to get the better scales), ``mse`` (each scale's clipping range searched for the smallest squared
 rounding error, :func:`mpq.quantizers.clip_search.searched_int_params`; no calibration data) or
 ``activations`` (the same search with each input column's error weighted by its importance,
 the mean x² of its calibration inputs, statistic ``input_sqmean``: llama.cpp's importance
@@ -24,7 +25,7 @@ from mpq.numerics.int_grid import int_quantize_codes, prepare_weight
 from mpq.quantizers.base import QUANTIZERS
 from mpq.quantizers.clip_search import searched_int_params
 
-SCALE_SEARCHES = ("none", "mse", "activations")
+SCALE_SEARCHES = ("none", "auto", "mse", "activations")
 IMPORTANCE = "input_sqmean"
 
 
@@ -44,7 +45,7 @@ def scale_search_of(scheme: LayerScheme) -> str:
     if search not in SCALE_SEARCHES:
         raise SchemeError(f"rtn scale_search must be one of {', '.join(SCALE_SEARCHES)}, got "
                           f"{search!r}", hint="e.g. scale_search: activations")
-    if search != "none" and not _searchable(scheme.weights.format):
+    if search not in ("none", "auto") and not _searchable(scheme.weights.format):
         names = ", ".join(format_names(lambda f: f.gptq_columns is not None
                                        and bool(f.gptq_columns.clip_search)))
         raise SchemeError(f"rtn scale_search supports the {names} format only, not "
@@ -54,7 +55,8 @@ def scale_search_of(scheme: LayerScheme) -> str:
 
 class RTNQuantizer:
     """Delegates to ``NUMBER_FORMATS[scheme.weights.format].quantize``, or searches the int
-    scales (module docstring); needs ``input_sqmean`` only with ``scale_search: activations``."""
+    scales (module docstring); needs ``input_sqmean`` only with ``scale_search: activations``,
+    and uses it with ``auto`` when the run has calibration data."""
 
     name = "rtn"
     needs: frozenset[str] = frozenset()
@@ -65,9 +67,16 @@ class RTNQuantizer:
     def needs_for(self, scheme: LayerScheme) -> frozenset[str]:
         return frozenset({IMPORTANCE}) if scale_search_of(scheme) == "activations" else self.needs
 
+    def wants_for(self, scheme: LayerScheme) -> frozenset[str]:
+        auto = scale_search_of(scheme) == "auto" and _searchable(scheme.weights.format)
+        return frozenset({IMPORTANCE}) if auto else frozenset()
+
     def quantize(self, weight: torch.Tensor, scheme: LayerScheme,
                  stats: Mapping[str, torch.Tensor]) -> QuantizedWeight:
         search = scale_search_of(scheme)
+        if search == "auto":  # the statistic is there when the run has calibration data
+            usable = _searchable(scheme.weights.format) and IMPORTANCE in stats
+            search = "activations" if usable else "none"
         if search == "none":
             return NUMBER_FORMATS.get(scheme.weights.format).quantize(weight, scheme.weights)
         importance = None

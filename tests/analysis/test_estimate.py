@@ -18,6 +18,10 @@ from mpq.config.recipe import parse_recipe
 from tests.helpers import write_tokenizer
 from tests.tiny_models import save_tiny_model
 
+# w4a16 with min-max scales: RTN that reads --calib but runs no calibration pass
+W4A16_MINMAX = parse_recipe("mpq_recipe: 1\ndefaults: {algorithm: rtn}\nrules:\n"
+                            "  - targets: [Linear, Conv1D]\n    weights: {bits: 4, "
+                            "granularity: group, group_size: 64}\n", "w4a16-minmax.yaml")
 TEXT = "The quick brown fox jumps over the lazy dog, and then some more words follow. " * 200
 
 
@@ -170,11 +174,11 @@ def test_calibration_reading_is_bounded_by_the_budget_not_the_source(models, tmp
 
     big = tmp_path / "big.txt"
     big.write_bytes(b"word " * 8_000_000)
-    spec = resolve_run(models / "llama", "w4a16", RunOptions(calibration=_calib(models)))
+    spec = resolve_run(models / "llama", W4A16_MINMAX, RunOptions(calibration=_calib(models)))
     small_est = estimate_run(spec, probe=False)
-    big_est = estimate_run(resolve_run(models / "llama", "w4a16", RunOptions(
+    big_est = estimate_run(resolve_run(models / "llama", W4A16_MINMAX, RunOptions(
         calibration=CalibrationOptions(source=str(big), num_samples=4, seq_len=32))), probe=False)
-    none_est = estimate_run(resolve_run(models / "llama", "w4a16", RunOptions()), probe=False)
+    none_est = estimate_run(resolve_run(models / "llama", W4A16_MINMAX, RunOptions()), probe=False)
     assert small_est.memory == big_est.memory
     assert small_est.memory["tokenizer"] > 0 and small_est.memory["calibration_reading"] > 0
     assert none_est.memory["tokenizer"] == none_est.memory["calibration_reading"] == 0
@@ -183,7 +187,7 @@ def test_calibration_reading_is_bounded_by_the_budget_not_the_source(models, tmp
     parts = big_est.memory
     assert big_est.peak_bytes >= (parts["overhead"] + parts["tokenizer"]
                                   + parts["calibration_reading"])
-    more = estimate_run(resolve_run(models / "llama", "w4a16", RunOptions(
+    more = estimate_run(resolve_run(models / "llama", W4A16_MINMAX, RunOptions(
         calibration=_calib(models, num_samples=4096, seq_len=512))), probe=False)
     assert more.memory["calibration_reading"] - parts["calibration_reading"] >= 4 * (
         read_budget(4096, 512) - read_budget(4, 32))

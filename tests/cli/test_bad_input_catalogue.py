@@ -1041,11 +1041,11 @@ CASES: list[Case] = [
                     "compressed-tensors"], FormatError,
          ("model.embed_tokens: a quantized input embedding", "mpq does not write one")),
     # rtn scale_search and gptq error feedback (mpq.quantizers.rtn, mpq.quantizers.gptq)
-    Case("rtn-scale-search-unknown", "rtn with scale_search: hessian (none, mse or activations)",
+    Case("rtn-scale-search-unknown", "rtn with scale_search: hessian (none, auto, mse or activations)",
          lambda e: ["plan", e.src, "-r", e.recipe(
              "defaults:\n  options: {scale_search: hessian}\n" + "rules:\n" + BODY_INT4)],
          RecipeError, ("rules[0] (model.layers.0.self_attn.q_proj)",
-                       "rtn scale_search must be one of none, mse, activations")),
+                       "rtn scale_search must be one of none, auto, mse, activations")),
     Case("rtn-scale-search-nf4", "rtn scale_search: activations with nf4 weights (the search "
          "is for int scales)",
          lambda e: ["plan", e.src, "-r", e.recipe(

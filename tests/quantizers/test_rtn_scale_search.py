@@ -71,7 +71,7 @@ def test_none_is_min_max_and_needs_follow_the_option():
     (LayerScheme("rtn", WeightArgs(bits=4, group_size=32), (("scale_serch", "mse"),)),
      "did you mean 'scale_search'"),
     (LayerScheme("rtn", WeightArgs(bits=4, group_size=32), (("scale_search", "hessian"),)),
-     "must be one of none, mse, activations"),
+     "must be one of none, auto, mse, activations"),
     (LayerScheme("rtn", WeightArgs(format="nf4", bits=4, group_size=64),
                  (("scale_search", "activations"),)), "supports the int format only, not nf4"),
 ])
