@@ -182,21 +182,32 @@ def test_transformers_runs_the_gguf_like_the_native_artifact(written):
     assert torch.allclose(a, b, atol=1e-5, rtol=0), float((a - b).abs().max())
 
 
-def test_quantize_writes_gguf_directly(tmp_path):
-    """``mpq quantize --format gguf`` (GPTQ onto q4_0 through the preset) writes the same kind
-    of file; the untied model's head and embedding are q8_0 tensors of their own."""
-    src = model_dir(tmp_path, "llama")
+# preset, model → GGUF types of (attn_q, attn_v, ffn_down of blocks 0 and 1, output, token_embd)
+PRESET_TYPES = [
+    ("gguf-q4_0-gptq", "llama", ("Q4_0", "Q4_0", "Q4_0", "Q4_0", "Q8_0", "Q8_0")),
+    # 256 divides every input: llama.cpp's Q4_K_M mix (blocks 0 and 1 are "first eighth")
+    ("gguf-q4_k_m-gptq", "llama_wide", ("Q4_K", "Q6_K", "Q6_K", "Q6_K", "Q6_K", "Q6_K")),
+    # 64 inputs: every K-quant falls back (q4_k → q5_0, q6_k → q8_0)
+    ("gguf-q4_k_m-gptq", "llama", ("Q5_0", "Q8_0", "Q8_0", "Q8_0", "Q8_0", "Q8_0")),
+]
+
+
+@pytest.mark.parametrize("preset, arch, types", PRESET_TYPES)
+def test_quantize_writes_gguf_directly(tmp_path, preset, arch, types):
+    """``mpq quantize --format gguf`` (GPTQ through the preset) writes the same kind of file;
+    the untied model's head and embedding are tensors of their own, in the preset's types
+    (K-quants where 256 divides the inputs, their fallbacks elsewhere)."""
+    src = model_dir(tmp_path, arch)
     out = tmp_path / "out"
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(["the cat sat on the mat and ran in the sun"] * 300))
-    result = run_cli("quantize", src, "--recipe", "gguf-q4_0-gptq", "--calib", calib,
+    result = run_cli("quantize", src, "--recipe", preset, "--calib", calib,
                      "--num-samples", "4", "--seq-len", "64", "-o", out, "--format", "gguf")
     assert result.exit_code == 0, result.output
     tensors = {t.name: t for t in reader(out).tensors}
-    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q4_0"
-    assert tensors["blk.1.ffn_down.weight"].tensor_type.name == "Q4_0"
-    assert tensors["output.weight"].tensor_type.name == "Q8_0"
-    assert tensors["token_embd.weight"].tensor_type.name == "Q8_0"
+    names = ("blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.0.ffn_down.weight",
+             "blk.1.ffn_down.weight", "output.weight", "token_embd.weight")
+    assert tuple(tensors[n].tensor_type.name for n in names) == types
     assert tensors["output_norm.weight"].tensor_type.name == "F32"
 
 
