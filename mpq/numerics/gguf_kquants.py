@@ -53,8 +53,9 @@ class KQuantGrid(NumberFormat):
     awq_clip = False
 
     def __init__(self, name: str, bits: int, sub: int, with_min: bool, type_size: int,
-                 packer: Callable, unpacker: Callable, scale_neg: int = 0):
+                 packer: Callable, unpacker: Callable, fallback: str, scale_neg: int = 0):
         self.name, self.bits, self.sub, self.with_min = name, bits, sub, with_min
+        self.fallback_format = fallback  # llama.cpp's, for rows 256 does not divide
         self.type_size, self.packer, self.unpacker = type_size, packer, unpacker
         self.scale_neg = scale_neg
         self.subs = QK // sub
@@ -228,8 +229,12 @@ class KQuantColumns:
         return self.scale.transpose(0, 1).contiguous(), zero
 
 
-Q4_K = KQuantGrid("q4_k", 4, 32, True, 144, pack.pack_q4_k, pack.unpack_q4_k)
-Q5_K = KQuantGrid("q5_k", 5, 32, True, 176, pack.pack_q5_k, pack.unpack_q5_k)
-Q6_K = KQuantGrid("q6_k", 6, 16, False, 210, pack.pack_q6_k, pack.unpack_q6_k, scale_neg=128)
-Q3_K = KQuantGrid("q3_k", 3, 16, False, 110, pack.pack_q3_k, pack.unpack_q3_k, scale_neg=32)
+# llama.cpp's fallbacks: q4_k → q5_0, q5_k → q5_1, q6_k → q8_0; q3_k → iq4_nl, which mpq does
+# not have: q4_0 (the same size, 4.5 bits, a uniform grid)
+Q4_K = KQuantGrid("q4_k", 4, 32, True, 144, pack.pack_q4_k, pack.unpack_q4_k, "q5_0")
+Q5_K = KQuantGrid("q5_k", 5, 32, True, 176, pack.pack_q5_k, pack.unpack_q5_k, "q5_1")
+Q6_K = KQuantGrid("q6_k", 6, 16, False, 210, pack.pack_q6_k, pack.unpack_q6_k, "q8_0",
+                  scale_neg=128)
+Q3_K = KQuantGrid("q3_k", 3, 16, False, 110, pack.pack_q3_k, pack.unpack_q3_k, "q4_0",
+                  scale_neg=32)
 GGUF_KQUANTS = (Q4_K, Q5_K, Q6_K, Q3_K)
