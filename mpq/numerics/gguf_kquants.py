@@ -9,11 +9,11 @@ sub-blocks whose own steps are d times a small integer:
 - ``q6_k``: 16 sub-blocks of 16, int8 scales sc; q ∈ [−32, 31], x̂ = (d·sc)·q;
 - ``q3_k``: 16 sub-blocks of 16, 6-bit signed scales sc ∈ [−32, 31]; q ∈ [−4, 3], x̂ = (d·sc)·q.
 
-Parameter choice (:mod:`mpq.numerics.gguf_kquant_params`: min-max per sub-block, simpler than
-llama.cpp's iterative search) puts each sub-block's extremes on the grid, quantizes the
-sub-block steps (and mins) to integers against the super-block's float16 d (and dmin), then
-computes every code for the stored, quantized steps — so the codes are the nearest ones for
-what llama.cpp will use.  Dequantization is the ``gguf`` package's to the bit: fp32 d·sc, then
+Parameter choice (:mod:`mpq.numerics.gguf_kquant_params`, simpler than llama.cpp's search):
+min-max per sub-block, the sub-block steps (and mins) quantized to integers against the
+super-block's float16 d (and dmin), then a few integer moves per sub-block tried for the least
+squared error; every code is computed for the stored, quantized steps — so the codes are the
+nearest ones for what llama.cpp will use.  Dequantization is the ``gguf`` package's to the bit: fp32 d·sc, then
 times q (minus the fp32 dmin·m).
 
 ``QuantizedWeight``: ``codes`` uint8 [N, K] unsigned codes u (q6_k: q + 32, q3_k: q + 4);

@@ -89,11 +89,32 @@ def test_every_code_and_scale_value_survives_the_bytes(name):
     assert gguf_dequant(name, rows).tobytes() == expect.reshape(n, -1).numpy().tobytes()
 
 
+def _sub_errors(fmt, w, qw) -> torch.Tensor:
+    """Σ (x̂ − x)² per sub-block."""
+    n, k = w.shape
+    return (qw.dequantize() - w).square().reshape(n, k // 256, fmt.subs, fmt.sub).sum(-1)
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_parameters_are_the_documented_min_max_choice(name):
+def test_parameters_are_the_documented_choice(name, monkeypatch):
+    """Min-max integers against the float16 d, then the search: no sub-block's error grows and
+    the total drops; the integers stay within the moves of the min-max ones."""
+    from mpq.numerics import gguf_kquant_params as params
+
     fmt = NUMBER_FORMATS.get(name)
     w = weight(1)
     qw = fmt.quantize(w, args_of(name))
+    for moves in ("MOVES_SCALE", "MOVES_MIN", "MOVES_SYM"):
+        monkeypatch.setattr(params, moves, torch.zeros(1))
+    minmax = fmt.quantize(w, args_of(name))
+    monkeypatch.undo()
+    assert torch.equal(qw.scale[..., 0], minmax.scale[..., 0])  # the same float16 d
+    moved = qw.scale[..., 1:] - minmax.scale[..., 1:]
+    assert bool((moved >= -3).all() and (moved <= 2).all()) and bool((moved != 0).any())
+    ours, base = _sub_errors(fmt, w, qw), _sub_errors(fmt, w, minmax)
+    assert bool((ours <= base * (1 + 1e-6) + 1e-12).all())
+    assert float(ours.sum()) < 0.95 * float(base.sum())
+
     lo, hi = RANGES[name]
     slo, shi = SCALES[name]
     sc = qw.scale[..., 1:]
@@ -103,20 +124,35 @@ def test_parameters_are_the_documented_min_max_choice(name):
     assert torch.equal(deq[0, :256], torch.zeros(256))  # all-zero super-block → exactly 0
     assert torch.equal(qw.scale[0, 0], torch.zeros(1 + fmt.subs))
     sub = w.reshape(24, 2, fmt.subs, fmt.sub)
-    if fmt.with_min:  # step (max − min(min, 0))/L against the float16 d: sc ≈ that / d
+    if fmt.with_min:  # min-max: step (max − min(min, 0))/L against the float16 d, nearest
         rng = sub.amax(-1) - sub.amin(-1).clamp(max=0)
-        step = qw.scale[..., :1] * sc
-        ok = qw.scale[..., :1] > 0
-        rel = ((step - rng / hi).abs() / qw.scale[..., :1].clamp_min(1e-30))[ok.expand_as(sc)]
-        assert float(rel.max()) <= 0.5 + 1e-3  # sc is the nearest integer
+        d = minmax.scale[..., :1]
+        rel = ((d * minmax.scale[..., 1:] - rng / hi).abs() / d.clamp_min(1e-30))
+        assert float(rel[(d > 0).expand_as(rel)].max()) <= 0.5 + 1e-3
         assert bool((qw.zero[..., 1:] >= 0).all() and (qw.zero[..., 1:] <= 63).all())
-        # a sub-block of one value, all positive: its min offset is 0, the value is on the grid
+        # a sub-block of one value, all positive: its min offset is 0, the value on the grid
         assert float((deq[3, 96:128] - 0.25).abs().max()) < 0.25 * 0.03
-    else:  # the extreme of a sub-block is (up to float16 / integer-scale rounding) on the grid
-        assert abs(float(deq[1, 300]) + 0.9) < 0.9 * 0.01
-        assert abs(float(deq[2, 70]) - 0.9) < 0.9 * 0.01
+    else:  # min-max: a sub-block's extreme is on the grid (up to float16 / integer rounding;
+        # the search may clip it where that lowers the sub-block's error)
+        base_deq = minmax.dequantize()
+        assert abs(float(base_deq[1, 300]) + 0.9) < 0.9 * 0.01
+        assert abs(float(base_deq[2, 70]) - 0.9) < 0.9 * 0.01
     err = float(((deq - w) ** 2).sum() / (w ** 2).sum())
     assert err < {"q4_k": 0.01, "q5_k": 0.003, "q6_k": 0.001, "q3_k": 0.04}[name]
+
+
+def test_search_is_chunked_without_changing_the_result(monkeypatch):
+    from mpq.numerics import gguf_kquant_params as params
+
+    w = weight(6, (40, 512))
+    for name in NAMES:
+        fmt = NUMBER_FORMATS.get(name)
+        whole = fmt.quantize(w, args_of(name))
+        monkeypatch.setattr(params, "ROW_CHUNK", 7)
+        chunked = fmt.quantize(w, args_of(name))
+        monkeypatch.undo()
+        assert torch.equal(whole.codes, chunked.codes)
+        assert torch.equal(whole.scale, chunked.scale)
 
 
 @pytest.mark.parametrize("name", NAMES)
