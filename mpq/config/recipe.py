@@ -73,8 +73,9 @@ by ``Linear`` or a regex.  The embedding's table [vocab, hidden] is quantized as
 [N=vocab, K=hidden]: ``granularity: channel`` is one scale per vocabulary row, ``group`` groups
 along the hidden size; int (any bits, sym/asym) per channel or group, fp8_e4m3 per channel and
 the GGUF grids (blocks along each row), algorithm ``rtn`` only
-(mpq.engine.spec.check_embedding_schemes refuses the rest with the rule's path).  A tied embedding/head pair given one rtn scheme stays one stored tensor; otherwise it is
-untied (mpq.config.tying).
+(mpq.engine.spec.check_embedding_schemes refuses the rest with the rule's path).  A tied
+embedding/head pair given one rtn scheme stays one stored tensor; otherwise it is untied
+(mpq.config.tying).
 """
 from __future__ import annotations
 
