@@ -13,8 +13,8 @@ Parameter choice (:mod:`mpq.numerics.gguf_kquant_params`, simpler than llama.cpp
 min-max per sub-block, the sub-block steps (and mins) quantized to integers against the
 super-block's float16 d (and dmin), then a few integer moves per sub-block tried for the least
 squared error; every code is computed for the stored, quantized steps — so the codes are the
-nearest ones for what llama.cpp will use.  Dequantization is the ``gguf`` package's to the bit: fp32 d·sc, then
-times q (minus the fp32 dmin·m).
+nearest ones for what llama.cpp will use.  Dequantization is the ``gguf`` package's to the bit:
+fp32 d·sc, then times q (minus the fp32 dmin·m).
 
 ``QuantizedWeight``: ``codes`` uint8 [N, K] unsigned codes u (q6_k: q + 32, q3_k: q + 4);
 ``scale`` fp32 [N, K/256, 1 + S]: [..., 0] the float16 d, [..., 1:] the integer sub-block scales;
@@ -45,9 +45,11 @@ QK = pack.QK
 
 
 class KQuantGrid(NumberFormat):
-    """One K-quant type: ``bits`` per code, ``sub`` columns per sub-block, with (q4_k, q5_k) or
-    without a min; ``scale_neg``: the sub-block scales' range is [−scale_neg, scale_neg − 1]
-    (symmetric types) or [0, 63] (with a min)."""
+    """A llama.cpp (GGUF) K-quant type: 256 inputs share a float16 scale times small integers.
+
+    ``bits`` per code, ``sub`` columns per sub-block, with (q4_k, q5_k) or without a min;
+    ``scale_neg``: the sub-block scales' range is [−scale_neg, scale_neg − 1] (symmetric types)
+    or [0, 63] (with a min); ``fallback``: llama.cpp's type for rows 256 does not divide."""
 
     block = QK
     awq_clip = False
