@@ -92,14 +92,24 @@ def _moe_configs() -> dict[str, transformers.PretrainedConfig]:
     }
 
 
+def _wide_configs() -> dict[str, transformers.PretrainedConfig]:
+    """Models whose linears take multiples of 256 inputs (GGUF's K-quant super-blocks)."""
+    return {
+        "llama_wide": transformers.LlamaConfig(hidden_size=256, intermediate_size=512,
+                                               num_attention_heads=4, num_key_value_heads=2,
+                                               **COMMON),
+    }
+
+
 ARCHITECTURES = tuple(_configs())  # the pipeline tests run on each of these
 RECORD_ARCHITECTURES = tuple(_record_configs())
 MOE_ARCHITECTURES = tuple(_moe_configs())
 
 
 def tiny_config(arch: str) -> transformers.PretrainedConfig:
-    """The config of ``arch``, one of ARCHITECTURES, RECORD_ARCHITECTURES or MOE_ARCHITECTURES."""
-    return {**_configs(), **_record_configs(), **_moe_configs()}[arch]
+    """The config of ``arch``, one of ARCHITECTURES, RECORD_ARCHITECTURES, MOE_ARCHITECTURES or
+    the wide ones ("llama_wide")."""
+    return {**_configs(), **_record_configs(), **_moe_configs(), **_wide_configs()}[arch]
 
 
 def tiny_model(arch: str, seed: int = 0) -> transformers.PreTrainedModel:

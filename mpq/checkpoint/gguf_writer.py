@@ -7,7 +7,8 @@ one ``model.gguf``, its model card and manifest.
   qwen2, qwen3; the llama family's Q/K rows permuted to llama.cpp's RoPE layout);
 - the tokenizer (mpq.checkpoint.gguf_tokenizer: byte-level BPE);
 - quantized layers in the GGUF block type that holds their weights exactly: the GGUF grids
-  (``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``: the native block bytes as they are), and
+  (``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1`` and the K-quants ``q4_k``, ``q5_k``,
+  ``q6_k``, ``q3_k``: the native block bytes as they are), and
   ``int`` 4/5-bit symmetric weights in groups of 32 with ``scale_dtype: fp16`` (without act-order
   unless with static groups), which are q4_0/q5_0 blocks with d = the scale.  Any other scheme
   is refused before work (exit 9), naming the layer;
@@ -42,19 +43,24 @@ from mpq.checkpoint.writers import WRITERS, header_metadata, moe_problems
 from mpq.config.plan import Plan
 from mpq.numerics.args import WeightArgs
 from mpq.numerics.base import NUMBER_FORMATS, QuantizedWeight
-from mpq.numerics.gguf_legacy import GGUF_BLOCK, GGUF_LEGACY, GgufLegacyGrid
+from mpq.numerics.format import NumberFormat
+from mpq.numerics.gguf_kquants import GGUF_KQUANTS
+from mpq.numerics.gguf_legacy import GGUF_BLOCK, GGUF_LEGACY
 
 FORMAT_NAME = "gguf"
 GGUF_FILE = "model.gguf"
-GRID_NAMES = tuple(f.name for f in GGUF_LEGACY)
+GRID_NAMES = tuple(f.name for f in (*GGUF_LEGACY, *GGUF_KQUANTS))
 INT_AS_GGUF = {4: "q4_0", 5: "q5_0"}  # int b-bit sym g32 fp16 scales ≡ these blocks
 FLOAT_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16",
               "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1",
-              "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1"}
+              "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1",
+              # llama.cpp names its K-quant files by mix; the medium one where it has several
+              "q4_k": "MOSTLY_Q4_K_M", "q5_k": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K",
+              "q3_k": "MOSTLY_Q3_K_M"}
 
 
-def gguf_grid(args: WeightArgs, options: dict) -> GgufLegacyGrid | str:
+def gguf_grid(args: WeightArgs, options: dict) -> NumberFormat | str:
     """The GGUF grid that stores weights quantized with ``args`` (and GPTQ ``options``) exactly,
     or why none does."""
     if args.format in GRID_NAMES:
@@ -71,8 +77,8 @@ def gguf_grid(args: WeightArgs, options: dict) -> GgufLegacyGrid | str:
             "symmetric g32 with scale_dtype fp16 are q4_0/q5_0)")
 
 
-def block_rows(qw: QuantizedWeight, grid: GgufLegacyGrid, name: str) -> torch.Tensor:
-    """uint8 GGUF rows [N, K/32 · type size] of ``qw`` on ``grid``."""
+def block_rows(qw: QuantizedWeight, grid: NumberFormat, name: str) -> torch.Tensor:
+    """uint8 GGUF rows [N, K/block · type size] of ``qw`` on ``grid`` (a GGUF grid)."""
     if qw.args.format == grid.name:
         return grid.to_blocks(qw)
     k = qw.shape[1]
@@ -123,9 +129,9 @@ class GgufWriter:
             grid = gguf_grid(layer.scheme.weights, dict(layer.scheme.options))
             if isinstance(grid, str):
                 problems.append(f"{layer.name}: {grid}")
-            elif layer.shape[1] % GGUF_BLOCK:
+            elif layer.shape[1] % grid.block:
                 problems.append(f"{layer.name}: {layer.shape[1]} inputs, not a multiple of "
-                                f"GGUF's block of {GGUF_BLOCK}")
+                                f"{grid.name}'s block of {grid.block}")
             if layer.scheme.input_activations is not None:
                 problems.append(f"{layer.name}: input activation quantization (GGUF is "
                                 "weight-only)")

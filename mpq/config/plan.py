@@ -10,8 +10,10 @@ exact name.  The input embedding is protected too, and also matched by the class
 broad regex never catches it.  An embedding no rule matches is left out of the plan (it stays
 float by policy, as the coverage account says), so plans that do not target it are unchanged.
 A rule whose targets match no layer is an error, as is a scheme that cannot represent a
-layer's weight shape.  Nothing here touches weights: layers are described by
-:class:`LayerInfo`, which the caller builds from the model.
+layer's weight shape — unless the rule has a ``fallback:`` (weights overlaid on its own), which
+then applies to the layers its weights cannot take (the reason says ``fallback:`` and why).
+Nothing here touches weights: layers are described by :class:`LayerInfo`, which the caller
+builds from the model.
 """
 from __future__ import annotations
 
@@ -247,6 +249,18 @@ def _rule_matches(rule: Rule, layer: LayerInfo) -> str | None:
     return next((t for t in rule.targets if _matches(t, layer)), None)
 
 
+def _unfit(rule: Rule, shape: tuple[int, int]) -> str | None:
+    """Why the weights of ``rule`` (one with a fallback) cannot take a weight of ``shape``, or
+    None when they can (or the rule has no fallback)."""
+    if rule.fallback is None:
+        return None
+    try:
+        rule.scheme.weights.check_shape(tuple(shape))
+    except SchemeError as exc:
+        return exc.message
+    return None
+
+
 def resolve(recipe: Recipe, layers: Sequence[LayerInfo],
             other_modules: Mapping[str, str] | None = None, *,
             tied: tuple[str, str] | None = None) -> Plan:
@@ -269,9 +283,12 @@ def resolve(recipe: Recipe, layers: Sequence[LayerInfo],
             if decided is None:
                 reason = (f"skip by rule {rule.index}" if rule.scheme is None
                           else f"rule {rule.index} ({target})")
+                scheme = rule.scheme
+                unfit = _unfit(rule, layer.shape)
+                if unfit is not None:
+                    scheme, reason = rule.fallback, f"{reason} fallback: {unfit}"
                 decided = LayerPlan(layer.name, layer.class_name, tuple(layer.shape), layer.block,
-                                    rule.scheme, rule.index, reason, layer.expert,
-                                    layer.embedding)
+                                    scheme, rule.index, reason, layer.expert, layer.embedding)
         if decided is None and layer.embedding:
             continue  # kept by policy, outside the plan (the module docstring)
         if decided is None:

@@ -18,6 +18,9 @@ Format, version 1::
       - targets: [Embedding]                 # the input embedding: class Embedding or its name
         weights: {bits: 8, granularity: channel}  # rtn; int per row / group, fp8_e4m3 per row
       - targets: Linear
+        weights: {format: q4_k}  # GGUF's K-quants take rows of a multiple of 256 inputs;
+        fallback: {format: q5_0}  # optional: weights overlaid on the rule's for the layers
+                                 # whose shape the rule's weights cannot take (as llama.cpp)
     transforms:              # optional, applied per decoder block before its layers are quantized
       - {type: smoothquant, alpha: 0.5}
     rotation:                # optional: QuaRot, applied to the whole model before calibration
@@ -68,10 +71,11 @@ only by its exact name, the input embedding only by its exact name (``model.embe
 class target ``Embedding`` (``nn.Embedding`` and subclasses, or the subclass's own name), never
 by ``Linear`` or a regex.  The embedding's table [vocab, hidden] is quantized as a weight
 [N=vocab, K=hidden]: ``granularity: channel`` is one scale per vocabulary row, ``group`` groups
-along the hidden size; int (any bits, sym/asym) per channel or group and fp8_e4m3 per channel,
-algorithm ``rtn`` only (mpq.engine.spec.check_embedding_schemes refuses the rest with the rule's
-path).  A tied embedding/head pair given one rtn scheme stays one stored tensor; otherwise it is
-untied (mpq.config.tying).
+along the hidden size; int (any bits, sym/asym) per channel or group, fp8_e4m3 per channel and
+the GGUF grids (blocks along each row), algorithm ``rtn`` only
+(mpq.engine.spec.check_embedding_schemes refuses the rest with the rule's path).  A tied
+embedding/head pair given one rtn scheme stays one stored tensor; otherwise it is untied
+(mpq.config.tying).
 """
 from __future__ import annotations
 
@@ -102,7 +106,7 @@ KV_INT_DTYPES = tuple(INT_FORMATS)  # only with a kv_cache section that has this
 _TOP_KEYS = ("mpq_recipe", "name", "description", "defaults", "rules", "transforms",
              "kv_cache", "rotation", "precision_policy", "experts", "storage_dtype")
 _DEFAULT_KEYS = ("algorithm", "weights", "options", "input_activations")
-_RULE_KEYS = ("targets", "skip") + _DEFAULT_KEYS
+_RULE_KEYS = ("targets", "skip", "fallback") + _DEFAULT_KEYS
 
 
 def precision_problem(part: str, value: Any, kv_int: bool = False) -> SchemeError | None:
@@ -139,17 +143,23 @@ class PrecisionPolicy:
 
 @dataclass(frozen=True)
 class Rule:
-    """One resolved rule: its targets and the scheme it applies (None = skip, keep the dtype)."""
+    """One resolved rule: its targets and the scheme it applies (None = skip, keep the dtype);
+    ``fallback``: the scheme (the rule's, with its ``fallback:`` weights) for the layers whose
+    weight shape the rule's weights cannot take, or None."""
 
     targets: tuple[str, ...]
     scheme: LayerScheme | None
     index: int
     source: str  # YAML path, e.g. "rules[1]"
+    fallback: LayerScheme | None = None
 
     def to_dict(self) -> dict[str, Any]:
         if self.scheme is None:
             return {"targets": list(self.targets), "skip": True}
-        return {"targets": list(self.targets), **self.scheme.to_dict()}
+        out = {"targets": list(self.targets), **self.scheme.to_dict()}
+        if self.fallback is not None:  # every field, so it reads back over any rule weights
+            out["fallback"] = asdict(self.fallback.weights)
+        return out
 
 
 @dataclass(frozen=True)
@@ -271,7 +281,7 @@ def _parse_rule(raw: Any, index: int, at: YamlPath, base: dict[str, Any],
     source = at.path
     skip = expect(raw.get("skip", False), bool, at.key("skip"), example="skip: true")
     if skip:
-        extra = [k for k in _DEFAULT_KEYS if k in raw]
+        extra = [k for k in _DEFAULT_KEYS + ("fallback",) if k in raw]
         if extra:
             raise at.error(f"skip: true cannot be combined with {', '.join(extra)}",
                            hint=f"remove {', '.join(extra)}, or set skip: false")
@@ -290,7 +300,16 @@ def _parse_rule(raw: Any, index: int, at: YamlPath, base: dict[str, Any],
     scheme = LayerScheme(algorithm=level.get("algorithm", base.get("algorithm", "rtn")),
                          weights=weights, options=tuple(sorted(options.items())),
                          input_activations=_activations(base, level, at, source))
-    return Rule(targets=targets, scheme=scheme, index=index, source=source)
+    fallback = None
+    if "fallback" in raw:
+        at_fallback = at.key("fallback")
+        overlay = parse_weight_overlay(raw["fallback"], at_fallback)
+        try:
+            fallback_weights = WeightArgs(**finish_weights(overlay_weights(merged, overlay)))
+        except SchemeError as exc:
+            raise at_fallback.error(exc.message, hint=exc.hint) from None
+        fallback = replace(scheme, weights=fallback_weights)
+    return Rule(targets=targets, scheme=scheme, index=index, source=source, fallback=fallback)
 
 
 def _activations(base: dict[str, Any], level: dict[str, Any], at: YamlPath,

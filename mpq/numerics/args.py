@@ -99,10 +99,13 @@ class WeightArgs:
         k = shape[1]
         if self.granularity == "group" and k % self.group_size:
             message = f"{where}group_size {self.group_size} does not divide the input dimension {k}"
-            if NUMBER_FORMATS.get(self.format).block is not None:
+            fmt = NUMBER_FORMATS.get(self.format)
+            if fmt.block is not None:
+                fallback = (f"give the rule fallback: {{format: {fmt.fallback_format}}}, "
+                            if fmt.fallback_format else "")
                 raise SchemeError(message, hint=f"{self.format} needs a multiple of "
-                                  f"{self.group_size} inputs: skip this layer (skip: true) or "
-                                  "use another format")
+                                  f"{self.group_size} inputs: {fallback}skip this layer "
+                                  "(skip: true) or use another format")
             divisors = [g for g in (32, 64, 128) if k % g == 0]
             raise SchemeError(message, hint=f"use group_size {divisors[-1]}" if divisors
                               else "use granularity: channel")

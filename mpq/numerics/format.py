@@ -91,6 +91,8 @@ class NumberFormat(ABC):
     holds_zero: bool = True  # 0 is a grid value of every scale (not so with a float block min)
     activations: bool = False
     gptq_columns: type[ColumnGrid] | None = None
+    # the format to suggest for rows its fixed block does not divide (a rule's fallback:)
+    fallback_format: str | None = None
     compressed_tensors: CompressedTensorsMapping | NotExpressible
     gptq_v1: GptqV1Mapping | NotExpressible
 

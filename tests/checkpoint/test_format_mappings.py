@@ -13,7 +13,7 @@ from mpq.config.scheme import LayerScheme
 from mpq.numerics.args import ActivationArgs, WeightArgs
 from mpq.numerics.format import NUMBER_FORMATS, format_names
 from mpq.numerics.mappings import CompressedTensorsMapping, GptqV1Mapping, NotExpressible
-from tests.numerics.test_formats import CASES, SHAPES, _id
+from tests.numerics.test_formats import CASES, SHAPES, _id, fitting
 
 INPUTS = ActivationArgs(format="int", bits=8)
 
@@ -34,6 +34,7 @@ def test_compressed_tensors_bytes_are_what_the_writer_stores(case, shape):
     name, args = case
     fmt = NUMBER_FORMATS.get(name)
     mapping = fmt.compressed_tensors
+    shape = fitting(name, shape)
     qw = fmt.quantize(torch.randn(*shape, generator=torch.Generator().manual_seed(0)), args)
     for inputs in (None, INPUTS):
         scheme = LayerScheme(weights=args, input_activations=inputs)
@@ -58,6 +59,7 @@ def test_compressed_tensors_bytes_are_what_the_writer_stores(case, shape):
 def test_gptq_v1_bytes_are_what_the_writer_stores(case, shape):
     name, args = case
     fmt = NUMBER_FORMATS.get(name)
+    shape = fitting(name, shape)
     problems = gptq_v1.GPTQ_V1.unsupported(_plan(LayerScheme(weights=args), shape))
     if isinstance(fmt.gptq_v1, NotExpressible):
         assert problems == [f"model.layers.0.mlp.up_proj: {fmt.gptq_v1.reason}"]

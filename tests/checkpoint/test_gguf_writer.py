@@ -43,6 +43,29 @@ rules:
 """
 TYPES = {"q_proj": "Q8_0", "k_proj": "Q4_0", "v_proj": "Q4_1", "o_proj": "Q5_0",
          "gate_proj": "Q5_1", "up_proj": "Q4_0", "down_proj": "Q5_0"}
+# the K-quants on a model whose linears take multiples of 256 inputs: embedding q4_k, head q6_k
+K_MIXED = """mpq_recipe: 1
+defaults: {algorithm: rtn}
+rules:
+  - targets: ["re:.*q_proj"]
+    weights: {format: q5_k}
+  - targets: ["re:.*k_proj"]
+    weights: {format: q3_k}
+  - targets: ["re:.*(v_proj|down_proj)"]
+    weights: {format: q6_k}
+  - targets: ["re:.*(o_proj|gate_proj|up_proj)"]
+    weights: {format: q4_k}
+  - targets: [model.embed_tokens]
+    weights: {format: q4_k}
+  - targets: [lm_head]
+    weights: {format: q6_k}
+"""
+K_TYPES = {"q_proj": "Q5_K", "k_proj": "Q3_K", "v_proj": "Q6_K", "o_proj": "Q4_K",
+           "gate_proj": "Q4_K", "up_proj": "Q4_K", "down_proj": "Q6_K"}
+# per model: (recipe, linear types, embedding type, head type, general.file_type)
+WRITTEN = {"llama_tied": (MIXED, TYPES, "Q8_0", "Q8_0", "MOSTLY_Q8_0"),
+           "qwen2": (MIXED, TYPES, "Q8_0", "Q8_0", "MOSTLY_Q8_0"),
+           "llama_wide": (K_MIXED, K_TYPES, "Q4_K", "Q6_K", "MOSTLY_Q4_K_M")}
 
 
 def model_dir(tmp_path, arch: str):
@@ -52,13 +75,13 @@ def model_dir(tmp_path, arch: str):
     return path
 
 
-@pytest.fixture(scope="module", params=["llama_tied", "qwen2"])
+@pytest.fixture(scope="module", params=list(WRITTEN))
 def written(request, tmp_path_factory):
     """(source, native artifact, gguf folder) of the mixed recipe, the gguf by ``mpq convert``."""
     tmp = tmp_path_factory.mktemp(f"gguf-{request.param}")
     src = model_dir(tmp, request.param)
     recipe = tmp / "mixed.yaml"
-    recipe.write_text(MIXED)
+    recipe.write_text(WRITTEN[request.param][0])
     art, out = tmp / "native", tmp / "gguf"
     result = run_cli("quantize", src, "--recipe", recipe, "-o", art)
     assert result.exit_code == 0, result.output
@@ -77,6 +100,7 @@ def field(r, key):
 
 def test_every_quantized_layer_dequantizes_bit_for_bit(written):
     arch, _, art, out = written
+    _, types, embedding, head, _ = WRITTEN[arch]
     state = state_from_artifact(art)
     tensors = {t.name: t for t in reader(out).tensors}
     config = state.config
@@ -86,11 +110,12 @@ def test_every_quantized_layer_dequantizes_bit_for_bit(written):
             assert "output.weight" not in tensors  # the tied head reuses token_embd
             continue
         if layer.embedding or layer.name == "lm_head":
-            name, kind = ("token_embd" if layer.embedding else "output") + ".weight", "Q8_0"
+            name, kind = ("token_embd.weight", embedding) if layer.embedding else \
+                ("output.weight", head)
         else:
             block = layer.name.split(".")[2]
             short = layer.name.rsplit(".", 1)[1]
-            kind = TYPES[short]
+            kind = types[short]
             name = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
                     "o_proj": "attn_output", "gate_proj": "ffn_gate", "up_proj": "ffn_up",
                     "down_proj": "ffn_down"}[short]
@@ -106,7 +131,7 @@ def test_every_quantized_layer_dequantizes_bit_for_bit(written):
         assert theirs.shape == tuple(ours.shape)
         assert theirs.tobytes() == ours.numpy().tobytes(), name
         seen.add(kind)
-    assert seen == {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"}
+    assert seen == {*types.values(), embedding, head}
     for name in ("output_norm.weight", "blk.0.attn_norm.weight", "blk.1.ffn_norm.weight"):
         assert tensors[name].tensor_type.name == "F32"
 
@@ -120,7 +145,7 @@ def test_metadata_and_tokenizer_read_back(written):
     assert field(r, f"{name}.block_count") == config["num_hidden_layers"]
     assert field(r, f"{name}.embedding_length") == config["hidden_size"]
     assert field(r, f"{name}.attention.head_count_kv") == config["num_key_value_heads"]
-    assert field(r, "general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    assert field(r, "general.file_type") == int(gguf.LlamaFileType[WRITTEN[arch][4]])
     tok = bpe_tokenizer()
     assert field(r, "tokenizer.ggml.model") == "gpt2"
     assert field(r, "tokenizer.ggml.pre") == "gpt-2"
@@ -157,21 +182,32 @@ def test_transformers_runs_the_gguf_like_the_native_artifact(written):
     assert torch.allclose(a, b, atol=1e-5, rtol=0), float((a - b).abs().max())
 
 
-def test_quantize_writes_gguf_directly(tmp_path):
-    """``mpq quantize --format gguf`` (GPTQ onto q4_0 through the preset) writes the same kind
-    of file; the untied model's head and embedding are q8_0 tensors of their own."""
-    src = model_dir(tmp_path, "llama")
+# preset, model → GGUF types of (attn_q, attn_v, ffn_down of blocks 0 and 1, output, token_embd)
+PRESET_TYPES = [
+    ("gguf-q4_0-gptq", "llama", ("Q4_0", "Q4_0", "Q4_0", "Q4_0", "Q8_0", "Q8_0")),
+    # 256 divides every input: llama.cpp's Q4_K_M mix (blocks 0 and 1 are "first eighth")
+    ("gguf-q4_k_m-gptq", "llama_wide", ("Q4_K", "Q6_K", "Q6_K", "Q6_K", "Q6_K", "Q6_K")),
+    # 64 inputs: every K-quant falls back (q4_k → q5_0, q6_k → q8_0)
+    ("gguf-q4_k_m-gptq", "llama", ("Q5_0", "Q8_0", "Q8_0", "Q8_0", "Q8_0", "Q8_0")),
+]
+
+
+@pytest.mark.parametrize("preset, arch, types", PRESET_TYPES)
+def test_quantize_writes_gguf_directly(tmp_path, preset, arch, types):
+    """``mpq quantize --format gguf`` (GPTQ through the preset) writes the same kind of file;
+    the untied model's head and embedding are tensors of their own, in the preset's types
+    (K-quants where 256 divides the inputs, their fallbacks elsewhere)."""
+    src = model_dir(tmp_path, arch)
     out = tmp_path / "out"
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(["the cat sat on the mat and ran in the sun"] * 300))
-    result = run_cli("quantize", src, "--recipe", "gguf-q4_0-gptq", "--calib", calib,
+    result = run_cli("quantize", src, "--recipe", preset, "--calib", calib,
                      "--num-samples", "4", "--seq-len", "64", "-o", out, "--format", "gguf")
     assert result.exit_code == 0, result.output
     tensors = {t.name: t for t in reader(out).tensors}
-    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q4_0"
-    assert tensors["blk.1.ffn_down.weight"].tensor_type.name == "Q4_0"
-    assert tensors["output.weight"].tensor_type.name == "Q8_0"
-    assert tensors["token_embd.weight"].tensor_type.name == "Q8_0"
+    names = ("blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.0.ffn_down.weight",
+             "blk.1.ffn_down.weight", "output.weight", "token_embd.weight")
+    assert tuple(tensors[n].tensor_type.name for n in names) == types
     assert tensors["output_norm.weight"].tensor_type.name == "F32"
 
 

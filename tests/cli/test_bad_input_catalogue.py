@@ -1122,6 +1122,13 @@ CASES: list[Case] = [
          "block)", lambda e: e.quantize(_bpe_model(e), recipe=e.recipe(
              "rules:\n  - targets: Linear\n    weights: {format: q4_1, symmetric: true}\n")),
          RecipeError, ("q4_1 is asymmetric", "symmetric: false")),
+    Case("gguf-k-quant-row-length", "q4_k weights on the tiny Llama, whose linears take 64 or "
+         "128 inputs (K-quant super-blocks are 256 wide)",
+         lambda e: e.quantize(_bpe_model(e), "--format", "gguf", recipe=e.recipe(
+             "rules:\n  - targets: Linear\n    weights: {format: q4_k}\n")), RecipeError,
+         ("{tmp}/r.yaml: model.layers.0.self_attn.q_proj (rules[0])",
+          "group_size 256 does not divide the input dimension 64", "(and 13 more layers)",
+          "q4_k needs a multiple of 256 inputs: give the rule fallback: {{format: q5_0}}")),
 ]
 
 

@@ -48,6 +48,12 @@ def test_every_preset_resolves_on_a_llama(name):
         assert head.scheme.algorithm == "rtn" and head.scheme.weights.bits == 8
         assert head.scheme.weights.granularity == ("group" if name.startswith("gguf-")
                                                    else "channel")
+        if name == "gguf-q4_k_m-gptq":  # q4_k/q6_k where 256 divides the inputs (down_proj)
+            formats = {p.name.split(".")[-1]: p.scheme.weights.format for p in plan.quantized()}
+            assert formats == {"q_proj": "q5_0", "k_proj": "q5_0", "v_proj": "q8_0",
+                               "o_proj": "q5_0", "gate_proj": "q5_0", "up_proj": "q5_0",
+                               "down_proj": "q6_k", "lm_head": "q8_0"}
+            return
         assert {p.reason for p in plan.quantized() if p.name != "lm_head"} == {
             "rule 1 (Linear)"}
         return
@@ -188,6 +194,54 @@ def test_group_size_not_dividing_k_suggests_one():
                                "group_size 128 does not divide the input dimension 576")
     assert "(and 11 more layers)" in str(err)  # down_proj has K=1536 = 12·128
     assert err.hint == "use group_size 64"
+
+
+def test_fallback_weights_take_the_layers_the_rule_cannot():
+    plan = resolve(recipe("""
+        mpq_recipe: 1
+        rules:
+          - targets: Linear
+            algorithm: gptq
+            weights: {format: q4_k}
+            fallback: {format: q5_0}
+    """), llama_layers())
+    for layer in plan.quantized():
+        assert layer.rule == 0 and layer.scheme.algorithm == "gptq"
+        if layer.name.endswith("down_proj"):  # 1536 = 6·256 inputs
+            assert layer.scheme.weights.format == "q4_k" and layer.reason == "rule 0 (Linear)"
+        else:  # 576 inputs
+            assert layer.scheme.weights.format == "q5_0"
+            assert layer.scheme.weights.group_size == 32
+            assert layer.reason == ("rule 0 (Linear) fallback: group_size 256 does not divide "
+                                    "the input dimension 576")
+    # a fallback that does not fit either is the usual shape error, naming the layer
+    err = resolve_error("""
+        mpq_recipe: 1
+        rules:
+          - targets: Linear
+            weights: {format: q6_k}
+            fallback: {format: int, group_size: 128}
+    """)
+    assert str(err).startswith("recipe.yaml: model.layers.0.self_attn.q_proj (rules[0]): "
+                               "group_size 128 does not divide the input dimension 576")
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's choice of the layers whose attn_v and ffn_down get more bits."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def test_q4_k_m_preset_picks_llama_cpps_q6_k_layers_for_30_blocks():
+    plan = resolve(load_recipe("gguf-q4_k_m-gptq"), llama_layers(30), OTHER)
+    wide = {layer.block for layer in plan.quantized()
+            if layer.name.endswith("down_proj") and layer.scheme.weights.format == "q6_k"}
+    assert wide == {i for i in range(30) if _use_more_bits(i, 30)}
+    narrow = {layer.block for layer in plan.quantized()
+              if layer.name.endswith("down_proj") and layer.scheme.weights.format == "q4_k"}
+    assert narrow == set(range(30)) - wide
+    v_proj = {layer.block for layer in plan.quantized()  # 576 inputs: q6_k falls back to q8_0
+              if layer.name.endswith("v_proj") and layer.scheme.weights.format == "q8_0"}
+    assert v_proj == wide
 
 
 def test_layer_plan_defaults():

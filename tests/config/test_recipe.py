@@ -13,7 +13,7 @@ from mpq.numerics.args import WeightArgs
 PRESETS = ("w8a16", "w4a16", "w4a16-asym", "w4a16-channel", "w3a16", "fp8-weights", "nf4",
            "nf4-dq", "w4a16-gptq", "w4a16-channel-gptq", "w3a16-gptq", "w8a8-int8", "w8a8-fp8",
            "w4a16-awq", "w4a16-gptq-compact", "w4a16-gptq-g32-compact", "w5a16-gptq-compact",
-           "w4a16-tuned", "w3a16-tuned", "gguf-q4_0-gptq")
+           "w4a16-tuned", "w3a16-tuned", "gguf-q4_0-gptq", "gguf-q4_k_m-gptq")
 
 
 def parse(text: str, **kwargs) -> Recipe:
@@ -129,8 +129,10 @@ def test_every_preset_loads(name):
     assert recipe.name == name and recipe.source == f"preset:{name}"
     body = recipe.rules[-1]
     if name.endswith("-compact") or name.startswith("gguf-"):
-        # the input embedding and the head (int8 per row, GGUF q8_0) by RTN first
-        assert len(recipe.rules) == 2 and recipe.rules[0].targets == ("Embedding", "lm_head")
+        # the input embedding and the head (int8 per row, GGUF q8_0 or q6_k) by RTN first;
+        # llama.cpp's Q4_K_M mix has a q6_k rule for some v_proj and down_proj in between
+        assert len(recipe.rules) == (3 if name == "gguf-q4_k_m-gptq" else 2)
+        assert recipe.rules[0].targets == ("Embedding", "lm_head")
         assert recipe.rules[0].scheme.algorithm == "rtn"
         if name.endswith("-compact"):
             assert body.scheme.weights.scale_dtype == "fp16"
@@ -155,7 +157,7 @@ def test_preset_schemes_and_descriptions():
                       "w4a16-gptq-g32-compact": "int4 asym g32",
                       "w5a16-gptq-compact": "int5 sym g64",
                       "w4a16-tuned": "int4 sym g64", "w3a16-tuned": "int3 sym g64",
-                      "gguf-q4_0-gptq": "q4_0"}
+                      "gguf-q4_0-gptq": "q4_0", "gguf-q4_k_m-gptq": "q4_k"}
     presets = list_presets()
     assert set(presets) == set(PRESETS)
     assert "128" in presets["w4a16"] and "576" in presets["w4a16"]
@@ -299,6 +301,39 @@ def test_scheme_error_gets_the_yaml_path():
 def test_skip_excludes_scheme_keys():
     err = error_of("mpq_recipe: 1\nrules: [{targets: lm_head, skip: true, weights: {bits: 8}}]")
     assert "rules[0]: skip: true cannot be combined with weights" in str(err)
+    err = error_of("mpq_recipe: 1\nrules: [{targets: lm_head, skip: true, "
+                   "fallback: {bits: 8}}]")
+    assert "rules[0]: skip: true cannot be combined with fallback" in str(err)
+
+
+def test_fallback_overlays_the_rules_weights_and_reads_back():
+    recipe = parse("""
+        mpq_recipe: 1
+        defaults: {weights: {scale_dtype: fp16}}
+        rules:
+          - targets: Linear
+            algorithm: gptq
+            options: {damp: 0.1}
+            weights: {bits: 4, group_size: 256}
+            fallback: {bits: 8, granularity: channel}
+          - targets: lm_head
+            weights: {format: q6_k}
+            fallback: {format: q8_0}
+    """)
+    rule, head = recipe.rules
+    assert rule.fallback.weights == WeightArgs(bits=8, granularity="channel", group_size=None,
+                                               scale_dtype="fp16")
+    assert rule.fallback.algorithm == "gptq" and rule.fallback.options == (("damp", 0.1),)
+    assert head.fallback.weights.describe() == "q8_0" and head.scheme.weights.describe() == "q6_k"
+    again = parse_recipe(json.dumps(recipe.to_dict()), "again.yaml")
+    assert again.rules == recipe.rules
+    plain = parse("mpq_recipe: 1\nrules: [{targets: Linear}]")
+    assert "fallback" not in plain.to_dict()["rules"][0]
+    err = error_of("mpq_recipe: 1\nrules: [{targets: Linear, weights: {format: q4_k}, "
+                   "fallback: {format: q4_0, symmetric: false}}]")
+    assert "rules[0].fallback: q4_0 is symmetric only" in str(err)
+    err = error_of("mpq_recipe: 1\nrules: [{targets: Linear, fallback: {bitz: 8}}]")
+    assert "rules[0].fallback" in str(err) and "bitz" in str(err)
 
 
 def test_yaml_syntax_error_has_file_and_line():

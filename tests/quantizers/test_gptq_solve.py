@@ -13,7 +13,7 @@ from mpq.quantizers.gptq_solve import gptq_solve
 from mpq.numerics.int_grid import int_dequantize_codes, int_params, int_quantize_codes
 from mpq.numerics.args import WeightArgs
 from mpq.numerics.format import format_names
-from tests.numerics.test_formats import default_args
+from tests.numerics.test_formats import default_args, fitting
 
 INT4_G32 = WeightArgs(bits=4, group_size=32)
 INT3_ASYM_CH = WeightArgs(bits=3, symmetric=False, granularity="channel", group_size=None)
@@ -221,14 +221,15 @@ def test_every_registered_grid_with_identity_hessian_equals_rtn(name):
     """Whatever format has a GPTQ grid (its ``gptq_columns``) reproduces its own RTN when no
     error feedback happens; the others are refused, naming those that have one."""
     args = default_args(name)
-    w = torch.randn(16, 128, generator=gen(4))
+    n, k = fitting(name, (16, 128))
+    w = torch.randn(n, k, generator=gen(4))
     if name not in GRID_FORMATS:
         with pytest.raises(SchemeError) as exc:
-            gptq_solve(w, torch.eye(128), args)
+            gptq_solve(w, torch.eye(k), args)
         assert exc.value.message == (f"gptq does not support the {name} format (it supports "
                                      f"{', '.join(GRID_FORMATS)})")
         return
-    res = gptq_solve(w, torch.eye(128), args)
+    res = gptq_solve(w, torch.eye(k), args)
     ref = rtn(w, args)
     assert torch.equal(res.codes.view(torch.uint8), ref.codes.view(torch.uint8))
     assert res.scale.dtype == ref.scale.dtype and torch.equal(res.scale, ref.scale)
