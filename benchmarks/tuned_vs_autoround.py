@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
                 "calibration_sha256": calib_sha}
     previous = json.loads(args.out.read_text()) if args.reuse and args.out.exists() else {}
     done = reusable(previous, settings)
+    if previous and not done:
+        print(f"--reuse: {args.out} was measured with other settings; rerunning every row",
+              file=sys.stderr)
     work = args.work or Path(tempfile.mkdtemp(prefix="mpq-tuned-vs-ar-"))
     work.mkdir(parents=True, exist_ok=True)
     calib_ids = work / "calib_ids.pt"
