@@ -9,16 +9,16 @@ Runs inside the package's own venv (benchmarks/peers/setup_autoround.sh); never 
 - Calibration: the first --nsamples rows of the LongTensor [num_samples, seq_len] in --calib-ids
   (written by the mpq side from its own calibration builder), each cut to --seqlen tokens, are
   handed to ``AutoRound(dataset=...)`` as a list of LongTensors [1, seqlen] in file order: the
-  package feeds each one through the model as is (no tokenizer, no shuffling).  Given tensors,
+  package feeds each one through the model as is (not re-tokenized, not shuffled).  Given tensors,
   the package builds the attention mask itself: all ones except the last position of each row
   (its guard against models that turn an all-ones mask into None) and any trailing run of
   repeated tokens, and tokens equal to the tokenizer's pad id (the package needs the tokenizer
   of a model object; their count is reported as pad_tokens_masked, 0 for SmolLM2 on enwiki).
 - Algorithm: the package's SignRound with its own defaults except those set here: weights only
   (act_bits 16), int --bits, group --group-size, symmetric unless --asym, --iters iterations per
-  block --lr (default: the package's, 1/iters), mini-batches of
-  --batch-size samples, seed --seed, device cpu (the package's ``SignRoundConfig`` and
-  ``AutoRound`` arguments).  Its symmetric int grid is "full range": per
+  block at learning rate --lr (default: the package's, 1/iters), mini-batches of --batch-size
+  samples, seed --seed, device cpu (the package's ``SignRoundConfig`` and ``AutoRound``
+  arguments).  Its symmetric int grid is "full range": per
   group s = ±absmax / 2^(bits-1), codes in [-2^(bits-1), 2^(bits-1) - 1] (the sign of s puts the
   largest magnitude on the -2^(bits-1) end); scales are stored as float16 (the package's default
   scale_dtype).  Min-max (clipping) tuning is on (its default); lm_head is not quantized (its
