@@ -10,10 +10,11 @@ Runs inside the package's own venv (benchmarks/peers/setup_autoround.sh); never 
   (written by the mpq side from its own calibration builder), each cut to --seqlen tokens, are
   handed to ``AutoRound(dataset=...)`` as a list of LongTensors [1, seqlen] in file order: the
   package feeds each one through the model as is (not re-tokenized, not shuffled).  Given tensors,
-  the package builds the attention mask itself: all ones except the last position of each row
-  (its guard against models that turn an all-ones mask into None) and any trailing run of
-  repeated tokens, and tokens equal to the tokenizer's pad id (the package needs the tokenizer
-  of a model object; their count is reported as pad_tokens_masked, 0 for SmolLM2 on enwiki).
+  the package builds the attention mask itself: ones except tokens equal to the tokenizer's pad
+  id (the package needs the tokenizer of a model object; their count is reported as
+  pad_tokens_masked, 0 for SmolLM2 on enwiki) and the last position of each row (its guard
+  against models that turn an all-ones mask into None); those positions are also left out of its
+  block-output loss.
 - Algorithm: the package's SignRound with its own defaults except those set here: weights only
   (act_bits 16), int --bits, group --group-size, symmetric unless --asym, --iters iterations per
   block at learning rate --lr (default: the package's, 1/iters), mini-batches of --batch-size
