@@ -235,6 +235,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not (args.corpora / "enwiki_excerpt.train.txt").is_file():
+        parser.error(f"no enwiki_excerpt.train.txt in --corpora {args.corpora}")
+    if not (args.model / "config.json").is_file():
+        parser.error(f"--model {args.model} is not a model folder (no config.json)")
     if args.out is None:
         args.out = HERE / "results" / f"tuned_vs_autoround_int{args.bits}.json"
     args.model, args.corpora = args.model.resolve(), args.corpora.resolve()

@@ -34,13 +34,21 @@ def test_select_rows_refuses(names, bits, message):
         bench.select_rows(names, bits)
 
 
-def test_parse_args_errors_are_usage_errors(capsys):
-    for argv in (["--rows", "nope"], ["--num-samples", "0"], ["--bits", "5"]):
+def test_parse_args_errors_are_usage_errors(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "enwiki_excerpt.train.txt").write_text("text")
+    paths = ["--model", str(tmp_path), "--corpora", str(tmp_path)]
+    missing = str(tmp_path / "missing")
+    for argv, message in ((["--rows", "nope"], "unknown row"),
+                          (["--num-samples", "0"], "--num-samples must be at least 1"),
+                          (["--bits", "5"], "invalid choice"),
+                          (["--corpora", missing], "no enwiki_excerpt.train.txt"),
+                          (["--model", missing], "not a model folder")):
         with pytest.raises(SystemExit) as exit_info:
-            bench.parse_args(argv)
+            bench.parse_args(paths + argv)
         assert exit_info.value.code == 2
-    assert "error:" in capsys.readouterr().err
-    args = bench.parse_args(["--bits", "3"])
+        assert message in capsys.readouterr().err
+    args = bench.parse_args(paths + ["--bits", "3"])
     assert args.out.name == "tuned_vs_autoround_int3.json"
     assert args.row_names[-1] == "auto-round-default"
 
