@@ -14,7 +14,10 @@ with static groups, true-sequential, like the w4a16-gptq / w3a16-gptq presets):
 - ``gptq``: min-max group scales (clip_search false);
 - ``gptq clip_search`` (the weighted initialisation: diag H weights the clipping search; this is
   the w4a16-gptq / w3a16-gptq preset);
-- ``gptq error_feedback`` (α 0.25, the paper's default, and α 1) with and without clip_search.
+- ``gptq error_feedback`` (α 0.25, the paper's default, and α 1) with and without clip_search;
+- ``... + quarot`` the w4a16-tuned recipe on a QuaRot-rotated model (R1 Hadamard, R2; ``r4``:
+  also the online Hadamard on the down_proj inputs, native format only), ``dynamic groups``
+  with the group scales set as GPTQ reaches them (act-order's columns then store a g_idx).
 
 Every row is an artifact written by ``mpq quantize`` and loaded back with ``mpq.load``.
 Calibration: enwiki_excerpt.train.txt, 128 × 512 tokens.  Evaluation: perplexity over the first
@@ -42,7 +45,9 @@ from mpq.models.source import load_model
 from mpq.quantize import quantize
 
 GPTQ = "damp: 0.01, block_size: 128, act_order: true, static_groups: true"
-# name → (algorithm, options)
+TUNED = f"{GPTQ}, clip_search: true, error_feedback: true"
+ROTATION = "rotation: {{type: quarot, r1: hadamard, r2: true, r4: {r4}, seed: 0}}\n"
+# name → (algorithm, options[, rotation's r4])
 VARIANTS = {
     "rtn": ("rtn", ""),
     "rtn scale_search=activations": ("rtn", "scale_search: activations"),
@@ -53,12 +58,17 @@ VARIANTS = {
         "gptq", f"{GPTQ}, clip_search: true, error_feedback: true"),
     "gptq clip_search + error_feedback a=1": (
         "gptq", f"{GPTQ}, clip_search: true, error_feedback: true, feedback_alpha: 1.0"),
+    "gptq clip_search + error_feedback + quarot": ("gptq", TUNED, "false"),
+    "gptq clip_search + error_feedback + quarot r4": ("gptq", TUNED, "true"),
+    "gptq clip_search + error_feedback + quarot r4, dynamic groups": (
+        "gptq", TUNED.replace("static_groups: true", "static_groups: false"), "true"),
 }
 
 
 def recipe_for(name: str, bits: int):
-    algorithm, options = VARIANTS[name]
-    text = f"mpq_recipe: 1\nname: bench\ndefaults:\n  algorithm: {algorithm}\n"
+    algorithm, options, *r4 = VARIANTS[name]
+    text = f"mpq_recipe: 1\nname: bench\n" + (ROTATION.format(r4=r4[0]) if r4 else "")
+    text += f"defaults:\n  algorithm: {algorithm}\n"
     if options:
         text += f"  options: {{{options}}}\n"
     text += ("rules:\n  - targets: [Linear]\n    weights: {format: int, bits: "
