@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from mpq.calibration.coverage import BINS_PER_OCTAVE, LOG2_MAX, LOG2_MIN
 from mpq.errors import CalibrationError
 from mpq.registry import Registry
 
@@ -207,3 +208,60 @@ class FloatCross:
 
     def result(self) -> torch.Tensor:
         return (self.total * (2.0 / max(self.count, 1))).float()
+
+
+@STATS.register("input_outliers")
+class InputOutliers:
+    """Outlier statistics of a layer's input over all its elements (every channel of every
+    calibration token), for the calibration coverage report (mpq.calibration.coverage):
+    ``result`` is fp64 [tokens, max|x|, p99 |x|, p99.9 |x|, kurtosis].  The percentiles come from
+    a histogram of log2|x| (coverage.BINS_PER_OCTAVE bins per octave; a bin's upper edge, capped
+    at max|x|); the kurtosis (Pearson's, 3 for a Gaussian) from fp64 sums of x, x², x³, x⁴."""
+
+    def __init__(self) -> None:
+        self.low, self.high = LOG2_MIN, LOG2_MAX
+        self.bins = (LOG2_MAX - LOG2_MIN) * BINS_PER_OCTAVE
+        self.sums: torch.Tensor | None = None  # [elements, Σx, Σx², Σx³, Σx⁴, histogram...]
+        self.absmax: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1).float()
+        magnitude = flat.abs()
+        log2 = torch.log2(magnitude.clamp_min(2.0 ** self.low)).clamp_(self.low, self.high)
+        histogram = torch.histc(log2, bins=self.bins, min=self.low, max=self.high).double()
+        wide = flat.double()
+        square = wide * wide
+        moments = torch.stack([torch.tensor(float(flat.numel()), dtype=torch.float64,
+                                            device=flat.device),
+                               wide.sum(), square.sum(), (square * wide).sum(),
+                               (square * square).sum()])
+        sums = torch.cat([moments, histogram])
+        batch_max = magnitude.amax().reshape(1)
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.absmax = batch_max if self.absmax is None else torch.maximum(self.absmax, batch_max)
+        self.count += x.numel() // x.shape[-1]
+
+    def reduce(self, ranks) -> None:
+        tokens = self.count
+        self.sums, self.count = _reduce_tensor(ranks, self.sums, tokens, ranks.all_sum)
+        self.absmax, _ = _reduce_tensor(ranks, self.absmax, tokens, ranks.all_max)
+
+    def result(self) -> torch.Tensor:
+        n, s1, s2, s3, s4 = self.sums[:5].tolist()
+        histogram = self.sums[5:]
+        absmax = float(self.absmax.item())
+        mean = s1 / n
+        variance = s2 / n - mean * mean
+        fourth = s4 / n - 4 * mean * s3 / n + 6 * mean * mean * s2 / n - 3 * mean ** 4
+        kurtosis = fourth / (variance * variance) if variance > 0 else 0.0
+        cumulative = torch.cumsum(histogram, 0)
+        width = (self.high - self.low) / self.bins
+
+        def percentile(q: float) -> float:
+            index = int(torch.searchsorted(cumulative, torch.tensor(q * n, dtype=torch.float64,
+                                                                    device=cumulative.device)))
+            return min(2.0 ** (self.low + (index + 1) * width), absmax)
+
+        return torch.tensor([self.count, absmax, percentile(0.99), percentile(0.999), kurtosis],
+                            dtype=torch.float64)
