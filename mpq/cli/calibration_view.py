@@ -106,6 +106,6 @@ def short_calibration_warning(path: str | Path, window: int) -> str | None:
     longest = longest_sample(coverage, calibration)
     if longest is None or longest >= window:
         return None
-    return (f"{path} was calibrated on samples of at most {longest} tokens, shorter than the "
-            f"evaluation window of {window} tokens: its activation statistics and static "
-            "scales never saw the later positions")
+    return (f"calibrated on samples of at most {longest} tokens, shorter than the evaluation "
+            f"window of {window} tokens: its calibration statistics and static scales never saw "
+            f"positions past {longest}")

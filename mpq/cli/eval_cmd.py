@@ -158,7 +158,7 @@ def command(model, data, reference, window, num_windows, stride, bos, max_ppl_de
     bos_id = eval_bos(tokenizer, bos, where=f"the tokenizer of '{model}'")
     warnings = [w for w in (short_calibration_warning(model, window),) if w is not None]
     for warning in warnings:  # stderr, --json or not (also in the JSON result)
-        stderr_console().print(f"[yellow]warning:[/yellow] {warning}")
+        stderr_console().print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     ids = load_eval_ids(data, tokenizer)
     if reference is None:
         result = perplexity(quantized, ids, window=window, num_windows=num_windows,
