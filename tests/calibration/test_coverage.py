@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from mpq.calibration import CalibrationOptions, build_calibration_set
 from mpq.calibration.coverage import (char_script, concat_cuts, longest_sample, script_mix,
                                       vocabulary_seen)
 from mpq.engine.stats import InputOutliers
-from tests.calibration.test_dataset import corpus, doc, make_tokenizer  # noqa: F401 (fixture)
+from tests.calibration.test_dataset import doc, make_tokenizer
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """20 documents of 30 words (= 30 tokens) and 5 of 4 words, blank-line separated."""
+    docs = [doc(i, 30) for i in range(20)] + [doc(i, 4) for i in range(5)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return str(path)
 
 
 def test_script_mix_of_latin_cyrillic_and_han():
@@ -31,7 +41,7 @@ def test_vocabulary_share():
     assert seen == {"distinct_tokens": 4, "vocab_size": 10, "share": 0.4}
 
 
-def test_report_of_a_calibration_set(corpus):  # noqa: F811
+def test_report_of_a_calibration_set(corpus):
     tok = make_tokenizer()
     cs = build_calibration_set(CalibrationOptions(source=corpus, num_samples=8, seq_len=16), tok)
     report = cs.coverage
@@ -50,7 +60,7 @@ def test_report_of_a_calibration_set(corpus):  # noqa: F811
     json.dumps(report)
 
 
-def test_documents_cut_in_concat_mode(corpus):  # noqa: F811
+def test_documents_cut_in_concat_mode(corpus):
     # 20 documents of 30 tokens then 5 of 4, abutting (the word-level tokenizer drops "\n\n"):
     # 38 chunks of 16 tokens cover tokens 0..607, i.e. the 20 long documents (each spans two
     # or three chunks) and the short ones at 600 and 604 (inside chunk 37)
@@ -69,7 +79,7 @@ def test_concat_cuts_leave_the_separator_out():
     assert concat_cuts([0, 8, 16], 23, 1, 4, [1]) == {"in_samples": 1, "cut": 1}
 
 
-def test_documents_cut_in_document_mode(corpus):  # noqa: F811
+def test_documents_cut_in_document_mode(corpus):
     options = dict(source=corpus, num_samples=50, mode="document")
     short = build_calibration_set(CalibrationOptions(seq_len=24, **options), make_tokenizer())
     assert short.coverage["documents"] == {"in_samples": 20, "cut": 20}  # 30 tokens > 24
