@@ -32,8 +32,9 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     share = vocab.get("share")
     lines.append(f"  vocabulary seen: {vocab.get('distinct_tokens')} of {vocab.get('vocab_size')} "
                  f"token ids" + (f" ({_percent(share)})" if share is not None else ""))
-    scripts = report.get("scripts") or {}
-    shown = [f"{name} {_percent(share)}" for name, share in list(scripts.items())[:SCRIPTS_SHOWN]]
+    # largest first (the header stores JSON with sorted keys)
+    scripts = sorted((report.get("scripts") or {}).items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = [f"{name} {_percent(share)}" for name, share in scripts[:SCRIPTS_SHOWN]]
     more = len(scripts) - SCRIPTS_SHOWN
     lines.append(f"  scripts ({report.get('characters')} characters): "
                  + (", ".join(shown) if shown else "none")

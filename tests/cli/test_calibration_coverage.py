@@ -62,6 +62,10 @@ def test_report_is_in_the_artifact_and_in_inspect_json(calibrated):
     text = invoke("inspect", root / "g")
     assert "calibration coverage: 6 samples × 32 tokens" in text.stdout
     assert "layer inputs (14 layers)" in text.stdout
+    scripts = sorted(report["scripts"].items(), key=lambda kv: -kv[1])
+    shown = ", ".join(f"{name} {100 * share:.1f}%" for name, share in scripts)
+    assert f"characters): {shown}" in text.stdout  # largest first, as mpq quantize prints them
+    assert f"characters): {shown}" in quantize_output
     assert "calibration coverage: 6 samples × 32 tokens" in quantize_output
     assert "vocabulary seen:" in quantize_output and "scripts (" in quantize_output
 
