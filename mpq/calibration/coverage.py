@@ -19,10 +19,10 @@ provenance; it carries its own ``version`` (:data:`COVERAGE_VERSION`).  Keys:
   (punctuation and symbols), ``other``; ``characters`` counts them.  From ``unicodedata`` only;
 - ``activations`` (only where a calibration pass collected statistics): per quantized layer
   inside the decoder blocks, statistics of its input over every element of every calibration
-  token: ``tokens``, ``absmax``, ``p99`` and ``p99_9`` of |x| (from a histogram of log2|x|,
-  :data:`BINS_PER_OCTAVE` bins per octave: a bin's upper edge, at most ``absmax``; about 4 %
-  resolution) and ``kurtosis`` (Pearson's, E[(x-μ)⁴]/σ⁴: 3 for a Gaussian, far more with
-  outliers);
+  token: ``tokens``, ``absmax``, ``p99`` and ``p99_9`` of |x| (from a histogram with 16 bins
+  per octave, mpq.engine.stats.InputOutliers: a bin's upper edge, at most 6.25 % above the exact
+  percentile, at most ``absmax``) and ``kurtosis`` (Pearson's, E[(x-μ)⁴]/σ⁴: 3 for a Gaussian,
+  far more with outliers);
 - ``experts`` (fused MoE experts whose statistics were collected): per experts module, the
   routed calibration tokens of each expert (the engine's counts, mpq.engine.expert_steps).
 """
@@ -37,8 +37,6 @@ import torch
 
 COVERAGE_VERSION = 1
 OUTLIER_STAT = "input_outliers"  # the statistic (mpq.engine.stats) behind ``activations``
-BINS_PER_OCTAVE = 16
-LOG2_MIN, LOG2_MAX = -24, 24  # |x| below 2^-24 counts in the lowest bin, above 2^24 the highest
 
 _SCRIPTS = (("CJK", "Han"), ("LATIN", "Latin"), ("CYRILLIC", "Cyrillic"), ("GREEK", "Greek"),
             ("ARABIC", "Arabic"), ("HEBREW", "Hebrew"), ("DEVANAGARI", "Devanagari"),
