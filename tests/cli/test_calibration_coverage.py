@@ -112,3 +112,16 @@ def test_no_report_without_calibration(calibrated, tmp_path):
     assert "calibration: none" in text.stdout and "calibration coverage" not in text.stdout
     quiet = invoke("eval", tmp_path / "rtn", "--data", root / "eval.txt", "--window", 64)
     assert quiet.exit_code == 0 and "warning:" not in quiet.stderr
+
+
+def test_convert_keeps_the_report(calibrated, tmp_path):
+    from mpq.cli.calibration_view import recorded_calibration, short_calibration_warning
+
+    root, _ = calibrated
+    result = invoke("convert", root / "g", "-o", tmp_path / "ct", "--format", "compressed-tensors")
+    assert result.exit_code == 0, result.output
+    coverage, calibration = recorded_calibration(tmp_path / "ct")
+    assert coverage == open_artifact(root / "g").json_field("calibration_coverage")
+    assert calibration["seq_len"] == SEQ_LEN
+    assert "at most 32 tokens" in short_calibration_warning(tmp_path / "ct", 64)
+    assert short_calibration_warning(tmp_path / "ct", SEQ_LEN) is None
