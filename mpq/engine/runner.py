@@ -3,9 +3,8 @@
 For each decoder block in order: collect the statistics its layers' quantizers declare they need
 (hooks on the block's linears while the block runs on the calibration inputs; the same passes
 feed the input outlier statistics of the calibration coverage report, kept in the run log under
-``input_outliers``), quantize every
-planned layer, write the dequantized weights back (so the error propagates), and re-run the block
-to produce the next block's inputs.  Only one block's activations are held at a time.  A
+``input_outliers``), quantize every planned layer, write the dequantized weights back (so the
+error propagates), and re-run the block to produce the next block's inputs.  Only one block's activations are held at a time.  A
 quantized input embedding (RTN only: a table needs no statistics) is quantized first, so the
 calibration inputs of block 0 already carry its error; the output head last, with the whole
 model run for its statistics when it needs some (a tied head sharing the embedding's scheme
