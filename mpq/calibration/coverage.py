@@ -71,7 +71,7 @@ def script_mix(texts: Iterable[str]) -> tuple[dict[str, float], int]:
         if script is not None:
             by_script[script] += n
     total = sum(by_script.values())
-    shares = {script: round(n / total, 4)
+    shares = {script: round(n / total, 6)
               for script, n in sorted(by_script.items(), key=lambda kv: (-kv[1], kv[0]))}
     return shares, total
 
@@ -79,7 +79,7 @@ def script_mix(texts: Iterable[str]) -> tuple[dict[str, float], int]:
 def vocabulary_seen(samples: Sequence[torch.Tensor], vocab_size: int) -> dict[str, Any]:
     distinct = int(torch.unique(torch.cat([s.reshape(-1) for s in samples])).numel())
     return {"distinct_tokens": distinct, "vocab_size": vocab_size,
-            "share": round(distinct / vocab_size, 4) if vocab_size else None}
+            "share": round(distinct / vocab_size, 6) if vocab_size else None}
 
 
 def concat_cuts(doc_starts: Sequence[int], stream_tokens: int, separator: int, seq_len: int,

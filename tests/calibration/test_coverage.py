@@ -27,9 +27,9 @@ def test_script_mix_of_latin_cyrillic_and_han():
     shares, characters = script_mix(["Hello мир 你好世界 42!", "ab\n\tЖ"])
     # Latin: Hello ab (7); Cyrillic: мир Ж (4); Han: 你好世界 (4); digits 2; punctuation 1
     assert characters == 18
-    assert shares == {"Latin": round(7 / 18, 4), "Cyrillic": round(4 / 18, 4),
-                      "Han": round(4 / 18, 4), "digits": round(2 / 18, 4),
-                      "punctuation": round(1 / 18, 4)}
+    assert shares == {"Latin": round(7 / 18, 6), "Cyrillic": round(4 / 18, 6),
+                      "Han": round(4 / 18, 6), "digits": round(2 / 18, 6),
+                      "punctuation": round(1 / 18, 6)}
     assert list(shares)[:1] == ["Latin"]  # largest first
     assert char_script(" ") is None and char_script("\u3000") is None
     assert char_script("ا") == "Arabic" and char_script("か") == "Kana"
@@ -47,15 +47,15 @@ def test_report_of_a_calibration_set(corpus):
     report = cs.coverage
     ids = set(torch.cat(cs.samples, dim=1)[0].tolist())
     assert report["vocabulary"] == {"distinct_tokens": len(ids), "vocab_size": len(tok),
-                                    "share": round(len(ids) / len(tok), 4)}
+                                    "share": round(len(ids) / len(tok), 6)}
     assert report["samples"] == 8 and report["mode"] == "concat" and report["seq_len"] == 16
     assert report["sample_tokens"] == {"min": 16, "median": 16, "max": 16, "total": 128}
     text = tok.batch_decode([s[0].tolist() for s in cs.samples])
     letters = sum(t.count("w") for t in text)  # every word is "w" and digits
     characters = sum(len(t.replace(" ", "")) for t in text)
     assert report["characters"] == characters
-    assert report["scripts"] == {"digits": round((characters - letters) / characters, 4),
-                                 "Latin": round(letters / characters, 4)}
+    assert report["scripts"] == {"digits": round((characters - letters) / characters, 6),
+                                 "Latin": round(letters / characters, 6)}
     assert report["version"] == 1
     json.dumps(report)
 
