@@ -125,3 +125,18 @@ def test_convert_keeps_the_report(calibrated, tmp_path):
     assert calibration["seq_len"] == SEQ_LEN
     assert "at most 32 tokens" in short_calibration_warning(tmp_path / "ct", 64)
     assert short_calibration_warning(tmp_path / "ct", SEQ_LEN) is None
+
+
+def test_quantize_json_result_holds_the_report(calibrated, tmp_path):
+    root, _ = calibrated
+    calib = tmp_path / "mixed.txt"
+    calib.write_text("Hello world, привет мир. " * 20, encoding="utf-8")
+    result = invoke("quantize", root / "src", "-r", "w4a16-gptq", "-o", tmp_path / "j", "--calib",
+                    calib, "--num-samples", 2, "--seq-len", 16, "--calib-mode", "document",
+                    "--json")
+    assert result.exit_code == 0, result.output
+    final = json.loads(result.stdout.splitlines()[-1])
+    report = final["calibration_coverage"]
+    assert report == open_artifact(tmp_path / "j").json_field("calibration_coverage")
+    # one document (no blank line: one line), truncated at 16 tokens
+    assert report["documents"] == {"in_samples": 1, "cut": 1} and report["mode"] == "document"
