@@ -16,6 +16,7 @@ from torch import nn
 
 from mpq.analysis.estimate import check_memory_budget
 from mpq.calibration import CalibrationSet, build_calibration_set
+from mpq.calibration.coverage import expert_routing, take_activation_records, with_run_records
 from mpq.checkpoint.native import check_output_apart, check_output_free, output_lock
 from mpq.checkpoint.state import state_from_model
 from mpq.checkpoint.writers import write_state
@@ -54,6 +55,7 @@ class QuantizeResult:
     warnings: list[str] = field(default_factory=list)
     written: bool = True  # False on the processes other than rank 0 of a torchrun run
     coverage: dict | None = None  # mpq.models.coverage.CoverageAccount.summary()
+    calibration_coverage: dict | None = None  # mpq.calibration.coverage (with --calib)
 
     def to_dict(self) -> dict:
         coverage = self.coverage or {}
@@ -63,7 +65,7 @@ class QuantizeResult:
                 "untied_head": self.untied_head, "format": self.output_format,
                 "warnings": self.warnings,
                 "unquantized_share": coverage.get("unquantized_share"),
-                "coverage": self.coverage}
+                "coverage": self.coverage, "calibration_coverage": self.calibration_coverage}
 
 
 def open_model(spec: RunSpec) -> tuple[nn.Module, BlockStreamer | None]:
@@ -85,6 +87,18 @@ def calibration_set(spec: RunSpec) -> CalibrationSet | None:
     calib = build_calibration_set(options, load_tokenizer(spec.source_dir))
     release_free_memory()  # the tokenizer and the text are gone
     return calib
+
+
+def calibration_coverage(calib: CalibrationSet | None, plan: Plan, log: RunLog) -> dict | None:
+    """The calibration coverage report of a run (mpq.calibration.coverage): the samples' own
+    figures, the input outlier statistics the run's calibration passes left in ``log`` (taken
+    out of it: the plan record does not carry them) and the routed tokens of fused experts.
+    None without calibration data."""
+    if calib is None or not calib.coverage:
+        return None
+    activations = take_activation_records(log.layers)
+    experts = expert_routing(log.layers, [l.name for l in plan.quantized() if l.expert is not None])
+    return with_run_records(calib.coverage, activations, experts)
 
 
 def quantize(model_path: str | Path, recipe, out_dir: str | Path,
@@ -188,14 +202,17 @@ def quantize(model_path: str | Path, recipe, out_dir: str | Path,
             if run.writer:
                 checkpoint.remove()
             raise
+        calib_coverage = calibration_coverage(calib, plan, log)
         state_args = dict(provenance={
             "recipe": {**recipe.to_dict(), "source": recipe.source, "text": recipe.text},
-            "calibration": provenance, "source": source, "pipeline": pipeline_options},
+            "calibration": provenance, "source": source, "pipeline": pipeline_options,
+            **({"calibration_coverage": calib_coverage} if calib_coverage else {})},
             files=side)
         result = QuantizeResult(out_dir=out_dir, plan=plan, log=log, sizes={},
                                 calibration=provenance, seconds=0.0, untied_head=untied,
                                 output_format=spec.writer.name, warnings=list(spec.warnings),
-                                coverage=spec.coverage.summary())
+                                coverage=spec.coverage.summary(),
+                                calibration_coverage=calib_coverage)
         if ranks is not None and not ranks.writer:  # rank 0 writes the artifact
             result.written = False
         else:

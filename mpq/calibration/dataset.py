@@ -56,6 +56,7 @@ from typing import Any, Sequence
 import torch
 
 from mpq.calibration.conventions import token_conventions
+from mpq.calibration.coverage import concat_cuts, data_coverage
 from mpq.calibration.options import CalibrationOptions
 from mpq.calibration.sources import SOURCES, detect_source
 from mpq.calibration.stream import read_budget, tokenize_source
@@ -80,10 +81,14 @@ class CalibrationSet:
     read_to_end (False), read_budget_tokens and read_characters (of the documents read); their
     absence means the source was read to its end (so the provenance, and the artifact, of such a
     source are those of a whole-file read).  All values are JSON-serialisable.
+
+    ``coverage``: what the samples cover (mpq.calibration.coverage.data_coverage: lengths,
+    documents cut, vocabulary share, script mix); empty for a set built by hand.
     """
 
     samples: list[torch.Tensor]
     provenance: dict[str, Any] = field(default_factory=dict)
+    coverage: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -133,8 +138,9 @@ def build_calibration_set(options: CalibrationOptions, tokenizer, *,
     body = seq_len - len(prefix)  # text tokens per sample
     budget = read_budget(num_samples, seq_len)
     floor = min(min_doc_tokens, body)
+    separator = _separator(tokenizer, use_eos=loader != "text")
     got = tokenize_source(open_items, tokenizer, mode=mode, seq_len=body, budget=budget,
-                          separator=_separator(tokenizer, use_eos=loader != "text"), floor=floor)
+                          separator=separator, floor=floor)
     if not got.documents:
         raise CalibrationError(f"calibration source {spec} contains no text",
                                hint="pass a file with at least one non-empty document")
@@ -168,7 +174,14 @@ def build_calibration_set(options: CalibrationOptions, tokenizer, *,
     if not got.complete:
         provenance.update(read_to_end=False, read_budget_tokens=budget,
                           read_characters=got.characters)
-    return CalibrationSet(samples=samples, provenance=provenance)
+    if mode == "concat":
+        cuts = concat_cuts(got.doc_starts, corpus_tokens, len(separator), body, picked)
+    else:
+        cuts = {"in_samples": len(picked), "cut": sum(got.truncated[i] for i in picked)}
+    texts = tokenizer.batch_decode([s[0].tolist() for s in samples], skip_special_tokens=True)
+    coverage = data_coverage(samples, texts, mode=mode, seq_len=seq_len,
+                             vocab_size=len(tokenizer), documents=cuts)
+    return CalibrationSet(samples=samples, provenance=provenance, coverage=coverage)
 
 
 def _separator(tokenizer, use_eos: bool) -> list[int]:

@@ -41,6 +41,11 @@ class Tokenized:
     corpus_tokens: int = 0  # tokens read: the stream's length (concat), the documents' (document)
     characters: int = 0  # characters of the documents read
     complete: bool = True  # the source was read to its end
+    # what cutting did to the documents (mpq.calibration.coverage): concat mode, the offset in
+    # ``stream`` of each document's first token; document mode, per kept document in ``docs``,
+    # whether it had text past seq_len tokens
+    doc_starts: array = field(default_factory=lambda: array("q"))
+    truncated: list[bool] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.stream) // self.seq_len if self.mode == "concat" else len(self.docs)
@@ -74,6 +79,7 @@ class _Reader:
         self.current = array("i")  # document mode: the ids of the document being read
         self.starts = True  # the next item starts a document
         self.joined = False  # concat: a document is in the stream (the next one needs a separator)
+        self.cut = False  # document mode: the document being read has text past seq_len tokens
 
     def read(self, items: Iterator[str]) -> Tokenized:
         for item in items:
@@ -85,6 +91,7 @@ class _Reader:
             if not starts and self.out.mode == "document":
                 self.flush()  # the ids so far tell whether this part is needed
                 if len(self.current) >= self.out.seq_len:
+                    self.cut = True  # text past seq_len tokens, read past untokenized
                     if ends:
                         self.end_document()
                     continue
@@ -112,12 +119,16 @@ class _Reader:
             if out.mode == "concat":
                 if starts and self.joined:
                     out.stream.extend(self.separator)
+                if starts:
+                    out.doc_starts.append(len(out.stream))
                 self.joined = True
                 out.stream.extend(ids)
                 out.corpus_tokens = len(out.stream)
             else:
                 out.corpus_tokens += len(ids)
-                self.current.extend(ids[:max(0, out.seq_len - len(self.current))])
+                room = max(0, out.seq_len - len(self.current))
+                self.cut = self.cut or len(ids) > room
+                self.current.extend(ids[:room])
                 if ends:
                     self.end_document()
         self.batch, self.chars = [], 0
@@ -125,8 +136,9 @@ class _Reader:
     def end_document(self) -> None:
         if len(self.current) >= self.floor:
             self.out.docs.append(self.current)
+            self.out.truncated.append(self.cut)
             self.kept += len(self.current)
-        self.current = array("i")
+        self.current, self.cut = array("i"), False
 
     def full(self) -> bool:
         if self.out.mode == "concat":
@@ -150,5 +162,6 @@ class _Reader:
                 kept += len(ids)
                 if kept >= self.budget:
                     del docs[n:]
+                    del self.out.truncated[n:]
                     break
         return self.out

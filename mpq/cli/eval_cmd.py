@@ -5,7 +5,8 @@ import math
 
 import click
 
-from mpq.cli.console import emit_json, stdout_console
+from mpq.cli.calibration_view import short_calibration_warning
+from mpq.cli.console import emit_json, stderr_console, stdout_console
 from mpq.cli.options import json_option
 from mpq.errors import EvalGateError, ModelError, OptionError
 
@@ -135,7 +136,8 @@ def command(model, data, reference, window, num_windows, stride, bos, max_ppl_de
 
     Each window begins with the BOS token where MODEL's tokenizer adds one (--bos/--no-bos
     override that); the protocol used (window, stride, BOS) is printed with the figures, and the
-    figures by text position in the window (0–512, 512–2k, 2k–4k, 4k–8k, ...).
+    figures by text position in the window (0–512, 512–2k, 2k–4k, 4k–8k, ...).  A warning
+    says when MODEL's calibration samples were shorter than the window.
     """
     from mpq.analysis.eval import compare, load_eval_ids, perplexity
     from mpq.cli.eval_report import plot_positions, position_table
@@ -154,6 +156,9 @@ def command(model, data, reference, window, num_windows, stride, bos, max_ppl_de
         raise OptionError(f"--window {window} exceeds the model's maximum of {limit} "
                           "positions", hint=f"use --window {limit} or less")
     bos_id = eval_bos(tokenizer, bos, where=f"the tokenizer of '{model}'")
+    warnings = [w for w in (short_calibration_warning(model, window),) if w is not None]
+    for warning in warnings:  # stderr, --json or not (also in the JSON result)
+        stderr_console().print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     ids = load_eval_ids(data, tokenizer)
     if reference is None:
         result = perplexity(quantized, ids, window=window, num_windows=num_windows,
@@ -170,6 +175,7 @@ def command(model, data, reference, window, num_windows, stride, bos, max_ppl_de
               "protocol": protocol}
     failures = check_gates(result, ppl_delta, max_kl) if reference else []
     result["gates_failed"] = failures
+    result["warnings"] = warnings
     if plot_path is not None:
         plot_positions(result, plot_path)
     if as_json:

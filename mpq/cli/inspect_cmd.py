@@ -6,6 +6,7 @@ from collections import defaultdict
 import click
 from rich.table import Table
 
+from mpq.cli.calibration_view import activation_lines, summary_lines
 from mpq.cli.console import emit_json, human_bytes, size_line, stdout_console
 from mpq.cli.options import json_option
 
@@ -38,7 +39,8 @@ def _dtype_bytes(dtype: str) -> int:
 @click.argument("artifact", type=click.Path(path_type=str))
 @json_option
 def command(artifact, as_json):
-    """Show what ARTIFACT holds: per-layer scheme, sizes, provenance."""
+    """Show what ARTIFACT holds: per-layer scheme, sizes, provenance, and what its calibration
+    covered (sample lengths, documents cut, vocabulary share, scripts, layer input outliers)."""
     from mpq.cli.experts_view import ExpertGroup, plan_rows, routing_lines, transform_lines
     from mpq.checkpoint.native import open_artifact
     from mpq.checkpoint.sizes import header_entries, size_summary
@@ -51,6 +53,7 @@ def command(artifact, as_json):
         "tool_version": art.metadata.get("mpq.tool_version"),
         "packing": art.metadata.get("mpq.packing"), "recipe": art.json_field("recipe"),
         "source": art.json_field("source"), "calibration": art.json_field("calibration"),
+        "calibration_coverage": art.json_field("calibration_coverage"),
         "sizes": {**(art.json_field("sizes") or {}), "files_bytes": art.tensor_bytes(),
                   **size_summary(art.plan, header_entries(art.files))},
         "plan": plan_record(art.plan, art.log),
@@ -102,5 +105,11 @@ def command(artifact, as_json):
         console.print(f"calibration: {calib.get('source')}, {calib.get('num_samples')} × "
                       f"{calib.get('seq_len')} tokens, seed {calib.get('seed')}, "
                       f"sha256 {calib.get('sha256')}" + bos_note(calib))
+        report = info["calibration_coverage"]
+        if report:
+            for line in summary_lines(report) + activation_lines(report):
+                console.print(line)
+        else:
+            console.print("calibration coverage: not recorded (written before mpq recorded it)")
     else:
         console.print("calibration: none")

@@ -7,6 +7,7 @@ import click
 
 from mpq.cli.console import (JsonEvents, ProgressEvents, emit_json, human_bytes, size_line,
                               stdout_console)
+from mpq.cli.calibration_view import summary_lines
 from mpq.cli.coverage_view import coverage_line, tying_line
 from mpq.cli.experts_view import routing_lines, transform_lines
 from mpq.cli.options import dtype_option, json_option, max_unquantized_option, torch_dtype
@@ -141,6 +142,9 @@ def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode
     console.print(f"size: {size_line(sizes)}")
     if result.coverage is not None:
         console.print(coverage_line(result.coverage))
+    if result.calibration_coverage:
+        for line in summary_lines(result.calibration_coverage):
+            console.print(line)
     for line in routing_lines(result.plan, result.log) + transform_lines(result.plan):
         console.print(line)  # fused MoE experts: routed tokens, fallbacks, no smoothing
     tying = (result.coverage or {}).get("tying")

@@ -1,9 +1,10 @@
 """The block engine: walks a model's decoder blocks and quantizes each one's layers.
 
 For each decoder block in order: collect the statistics its layers' quantizers declare they need
-(hooks on the block's linears while the block runs on the calibration inputs), quantize every
-planned layer, write the dequantized weights back (so the error propagates), and re-run the block
-to produce the next block's inputs.  Only one block's activations are held at a time.  A
+(hooks on the block's linears while the block runs on the calibration inputs; the same passes
+feed the input outlier statistics of the calibration coverage report, kept in the run log under
+``input_outliers``), quantize every planned layer, write the dequantized weights back (so the
+error propagates), and re-run the block to produce the next block's inputs.  Only one block's activations are held at a time.  A
 quantized input embedding (RTN only: a table needs no statistics) is quantized first, so the
 calibration inputs of block 0 already carry its error; the output head last, with the whole
 model run for its statistics when it needs some (a tied head sharing the embedding's scheme
@@ -22,6 +23,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from mpq.calibration.coverage import OUTLIER_STAT, outlier_record
 from mpq.config.plan import LayerPlan
 from mpq.engine.block_tuning import tune_block, tuned_layers
 from mpq.engine.collect import StopForward, collecting, input_groups, results, run_block, to_device
@@ -210,7 +212,8 @@ def _block_steps(run: RunState, turn: BlockTurn, replay: BlockReplay | None):
     groups = input_groups(block, {n[len(prefix):]: n for n in by_name}, inputs[0])
     steps = groups if run.true_sequential else [[n for g in groups for n in g]]
     for step in steps:
-        step_wanted = {n: block_wanted[n] for n in step if n in block_wanted}
+        # the calibration coverage report's outlier statistics ride on passes that run anyway
+        step_wanted = {n: block_wanted[n] | {OUTLIER_STAT} for n in step if n in block_wanted}
         stats = {}
         if step_wanted:
             last = [n for n in step if n in step_wanted][-1]
@@ -220,6 +223,8 @@ def _block_steps(run: RunState, turn: BlockTurn, replay: BlockReplay | None):
                                 reference=run.reference_inputs) as collectors:
                     run_block(block, inputs, keep_outputs=False)
             stats = results(collectors, run.ranks)
+            for name, per_stat in stats.items():  # kept in the log (resume, other processes)
+                run.log.result(name)[OUTLIER_STAT] = outlier_record(per_stat.pop(OUTLIER_STAT))
             release_free_memory()  # the pass's temporaries
         yield [by_name[n] for n in step], stats
     yield from expert_steps(run, turn, experts)

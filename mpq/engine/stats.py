@@ -207,3 +207,64 @@ class FloatCross:
 
     def result(self) -> torch.Tensor:
         return (self.total * (2.0 / max(self.count, 1))).float()
+
+
+@STATS.register("input_outliers")
+class InputOutliers:
+    """Outlier statistics of a layer's input over all its elements (every channel of every
+    calibration token), for the calibration coverage report (mpq.calibration.coverage):
+    ``result`` is fp64 [tokens, max|x|, p99 |x|, p99.9 |x|, kurtosis].
+
+    The percentiles come from a histogram of |x| over the float32 bit patterns: a bin is the
+    exponent and the top :data:`MANTISSA_BITS` mantissa bits (16 bins per octave, each at most
+    6.25 % wide), a percentile is its bin's upper edge, capped at max|x|.  The kurtosis
+    (Pearson's, 3 for a Gaussian) comes from the sums of x, x², x³, x⁴: float32 per batch, added
+    in float64 (as the other statistics, the module docstring)."""
+
+    MANTISSA_BITS = 4
+    SHIFT = 23 - MANTISSA_BITS
+    BINS = 1 << (31 - SHIFT)  # every non-negative float32 bit pattern, inf and NaN included
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None  # fp64 [elements, Σx, Σx², Σx³, Σx⁴, histogram...]
+        self.absmax: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1).float().contiguous()
+        bins = flat.view(torch.int32).bitwise_and(0x7FFFFFFF).bitwise_right_shift_(self.SHIFT)
+        histogram = torch.bincount(bins, minlength=self.BINS)
+        del bins
+        square = flat * flat
+        moments = torch.stack([flat.sum(), square.sum(), (square * flat).sum(),
+                               square.mul_(square).sum()])
+        elements = torch.full((1,), flat.numel(), dtype=torch.float64, device=flat.device)
+        sums = torch.cat([elements, moments.double(), histogram.double()])
+        batch_max = flat.abs().amax().reshape(1)
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.absmax = batch_max if self.absmax is None else torch.maximum(self.absmax, batch_max)
+        self.count += x.numel() // x.shape[-1]
+
+    def reduce(self, ranks) -> None:
+        tokens = self.count
+        self.sums, self.count = _reduce_tensor(ranks, self.sums, tokens, ranks.all_sum)
+        self.absmax, _ = _reduce_tensor(ranks, self.absmax, tokens, ranks.all_max)
+
+    def result(self) -> torch.Tensor:
+        n, s1, s2, s3, s4 = self.sums[:5].tolist()
+        absmax = float(self.absmax.item())
+        mean = s1 / n
+        variance = s2 / n - mean * mean
+        fourth = s4 / n - 4 * mean * s3 / n + 6 * mean * mean * s2 / n - 3 * mean ** 4
+        kurtosis = fourth / (variance * variance) if variance > 0 else 0.0
+        cumulative = torch.cumsum(self.sums[5:].cpu(), 0)
+
+        def percentile(q: float) -> float:
+            index = int(torch.searchsorted(cumulative, torch.tensor(q * n, dtype=torch.float64)))
+            if index + 1 >= self.BINS:
+                return absmax
+            edge = torch.tensor([(index + 1) << self.SHIFT], dtype=torch.int32)
+            return min(float(edge.view(torch.float32)), absmax)
+
+        return torch.tensor([self.count, absmax, percentile(0.99), percentile(0.999), kurtosis],
+                            dtype=torch.float64)

@@ -103,6 +103,13 @@ def test_routed_tokens_are_recorded_and_starved_experts_take_the_fallback(tmp_pa
                     assert "gptq_loss" not in record
                 else:
                     assert "fallback" not in record and record["gptq_loss"] >= 0
+    # the calibration coverage report: routed tokens per expert, outliers of the other layers
+    report = open_artifact(tmp_path / "out").json_field("calibration_coverage")
+    assert report["experts"] == {
+        f"model.layers.{block}.mlp.experts": {
+            str(e): log.layers[f"model.layers.{block}.mlp.experts.gate_up_proj.{e}"]["routed_tokens"]
+            for e in range(8)} for block in range(2)}
+    assert report["activations"] and not any(".experts." in name for name in report["activations"])
     fallen = {e for e in range(8)
               if "fallback" in log.layers[f"model.layers.0.mlp.experts.gate_up_proj.{e}"]}
     assert starved <= fallen
