@@ -67,7 +67,7 @@ VARIANTS = {
 
 def recipe_for(name: str, bits: int):
     algorithm, options, *r4 = VARIANTS[name]
-    text = f"mpq_recipe: 1\nname: bench\n" + (ROTATION.format(r4=r4[0]) if r4 else "")
+    text = "mpq_recipe: 1\nname: bench\n" + (ROTATION.format(r4=r4[0]) if r4 else "")
     text += f"defaults:\n  algorithm: {algorithm}\n"
     if options:
         text += f"  options: {{{options}}}\n"

@@ -220,7 +220,14 @@ def plan_model(model: nn.Module, recipe: Recipe) -> tuple[ModelLayout, Plan]:
     if plan.transforms:  # the architecture must be known to the scale folds (ModelError if not)
         check_scale_groups(model, layout, plan, recipe)
     if recipe.rotation is not None:
-        check_rotation_supported(model)
+        try:
+            check_rotation_supported(model)
+        except ModelError as exc:
+            if not recipe.source.startswith("preset:"):
+                raise
+            raise ModelError(f"{recipe.source}: {exc.message}", hint="this preset rotates the "
+                             "model; for this family use one without rotation, e.g. "
+                             "w4a16-gptq or w3a16-gptq") from None
         try:
             rotation_specs(model, recipe.rotation)
         except SchemeError as exc:

@@ -1129,6 +1129,12 @@ CASES: list[Case] = [
          ("{tmp}/r.yaml: model.layers.0.self_attn.q_proj (rules[0])",
           "group_size 256 does not divide the input dimension 64", "(and 13 more layers)",
           "q4_k needs a multiple of 256 inputs: give the rule fallback: {{format: q5_0}}")),
+    Case("family-tuned-preset-rotation", "w4a16-tuned (QuaRot rotation) on OLMo 2, whose "
+         "post-norms keep the residual stream from being rotated",
+         lambda e: e.quantize(_olmo2(e), "--calib", _calib(e, "c.txt", "a b c " * 200),
+                              recipe="w4a16-tuned"), ModelError,
+         ("preset:w4a16-tuned: QuaRot rotation does not support model type 'olmo2'",
+          "this preset rotates the model", "w4a16-gptq")),
 ]
 
 
