@@ -128,10 +128,6 @@ def expected_refusal(model_type: str, column: Column) -> tuple[int, str] | None:
     why = family.why_not(column.part)
     if why is not None:
         return 4, why
-    if column.recipe == "w8a8-int8" and all(g.prev_kind == "linear"
-                                            for g in family.scale_groups):
-        return 4, ("no norm feeds a linear in its blocks, and only linear → linear groups are "
-                   "exact")
     return None
 
 

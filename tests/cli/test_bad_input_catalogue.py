@@ -942,10 +942,13 @@ CASES: list[Case] = [
              "    weights: {bits: 4, group_size: 32}\n")], RecipeError,
          ("has no fused mixture-of-experts experts", "remove the experts: section")),
     # what a model family cannot do (mpq.models.families)
-    Case("family-smoothquant-post-norm", "w8a8-int8 (SmoothQuant) on OLMo 2, whose norms all "
+    Case("family-smoothquant-post-norm", "SmoothQuant without pairs on OLMo 2, whose norms all "
          "follow their sublayers: no norm feeds a linear, so there is nothing to smooth",
          lambda e: e.quantize(_olmo2(e), "--calib", _calib(e, "c.txt", "a b c " * 200),
-                              recipe="w8a8-int8"), ModelError,
+                              recipe=e.recipe("transforms:\n  - {type: smoothquant, alpha: 0.5}\n"
+                                              "rules:\n  - targets: [Linear]\n"
+                                              "    weights: {bits: 8, granularity: channel}\n")),
+         ModelError,
          ("smoothquant has nothing to fold", "'olmo2'", "no norm feeds a linear",
           "pairs: true")),
     Case("family-ct-conv1d", "--format compressed-tensors for GPT-2, whose Conv1D layers "
