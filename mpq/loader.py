@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mpq.models.layout import blocks_of, is_linear, layout_of, weight_of
-from mpq.errors import ArtifactError
+from mpq.errors import ArtifactError, OptionError
 from mpq.checkpoint.native import FORMAT_NAME, open_artifact, read_tensors, written_format
 from mpq.checkpoint.verify import require_intact
 from mpq.checkpoint.native_codec import decode, split_layer_tensors
@@ -234,10 +234,15 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
     kernels computes exactly up to float rounding — symmetric int ≤ 4 bits in groups of
     32/64/128/256, symmetric int ≤ 8 bits per channel, no act-order, no input quantization —
     are packed once and run that kernel in bf16 (mpq.runtime.kernels); the others decode as
-    usual.  :func:`mpq.runtime.kernels.layer_paths` lists the path of each layer.
+    usual.  Off by default: it changes an fp32 model's outputs by bf16 rounding (less than
+    running the model in bf16), and evaluation keeps the reference decode.  OptionError
+    together with ``dequantize=True``.  :func:`mpq.runtime.kernels.layer_paths` lists the path of each layer.
     """
     from transformers import AutoConfig
 
+    if kernels and dequantize:
+        raise OptionError("mpq.load: kernels=True and dequantize=True exclude each other",
+                          hint="kernels run on packed weights; dequantize=True makes them dense")
     if verify and written_format(path) == FORMAT_NAME:  # other folders: open_artifact says why
         require_intact(path)
     artifact = open_artifact(path)
