@@ -36,11 +36,15 @@ CONFIGS = {
     "mpq w4a16 kernels": {"kind": "mpq", "load": {"kernels": True}},
     "mpq w4a16 reference decode": {"kind": "mpq", "load": {}},
     "mpq w4a16 dequantized": {"kind": "mpq", "load": {"dequantize": True}},
+    # w4a16 leaves the tied embedding/head in fp32 (113 MB, a third of decode time); with
+    # --emb-artifact, an artifact that quantizes them too (int4 symmetric g64, kept tied)
+    "mpq w4a16 + int4 embedding/head, kernels": {"kind": "mpq", "load": {"kernels": True},
+                                                 "artifact": "emb"},
 }
 PROMPT, NEW_TOKENS, PREFILL = 32, 64, 512
 
 
-def _load(config: dict, model_dir: str, artifact: str):
+def _load(config: dict, model_dir: str, artifact: str, emb_artifact: str | None):
     import torch
 
     if config["kind"] == "hf":
@@ -51,7 +55,8 @@ def _load(config: dict, model_dir: str, artifact: str):
     import mpq
     from mpq.runtime.kernels import layer_paths
 
-    model = mpq.load(artifact, **config["load"])
+    model = mpq.load(emb_artifact if config.get("artifact") == "emb" else artifact,
+                     **config["load"])
     paths: dict[str, int] = {}
     for path in layer_paths(model).values():
         paths[path] = paths.get(path, 0) + 1
@@ -66,13 +71,14 @@ def _current_rss_mb() -> float:
     return float("nan")
 
 
-def child(name: str, model_dir: str, artifact: str, threads: int, repeats: int) -> dict:
+def child(name: str, model_dir: str, artifact: str, emb_artifact: str | None, threads: int,
+          repeats: int) -> dict:
     """Measure one configuration in this process; the row as a dict."""
     import torch
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    model, paths = _load(CONFIGS[name], model_dir, artifact)
+    model, paths = _load(CONFIGS[name], model_dir, artifact, emb_artifact)
     load_s = time.perf_counter() - start
     loaded_rss = _current_rss_mb()
     vocab = model.config.vocab_size
@@ -108,6 +114,9 @@ def main(argv=None) -> int:
     parser.add_argument("--artifact", default="/tmp/w4",
                         help="an mpq w4a16 artifact of --model (built with mpq quantize "
                              "-r w4a16 when missing)")
+    parser.add_argument("--emb-artifact",
+                        help="an artifact of --model that also quantizes the tied embedding/head "
+                             "(int4 symmetric g64); its configuration is skipped without it")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -115,8 +124,8 @@ def main(argv=None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.model, args.artifact, args.threads,
-                               args.repeats)))
+        print(json.dumps(child(args.child, args.model, args.artifact, args.emb_artifact,
+                               args.threads, args.repeats)))
         return 0
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -125,9 +134,14 @@ def main(argv=None) -> int:
                         "-o", args.artifact], check=True, env=env, cwd=ROOT)
     rows = []
     for name in args.configs:
+        extra = []
+        if CONFIGS[name].get("artifact") == "emb":
+            if not args.emb_artifact:
+                continue
+            extra = ["--emb-artifact", args.emb_artifact]
         done = subprocess.run([sys.executable, __file__, "--child", name, "--model", args.model,
                                "--artifact", args.artifact, "--threads", str(args.threads),
-                               "--repeats", str(args.repeats)],
+                               "--repeats", str(args.repeats), *extra],
                               check=True, env=env, capture_output=True, text=True)
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
@@ -143,7 +157,8 @@ def main(argv=None) -> int:
                      f"{r['peak_rss_mb']} | {r['rss_after_load_mb']} | {paths} |")
     table = "\n".join(lines)
     print(table)
-    meta = {"model": args.model, "artifact": args.artifact, "threads": args.threads,
+    meta = {"model": args.model, "artifact": args.artifact, "emb_artifact": args.emb_artifact,
+            "threads": args.threads,
             "repeats": args.repeats, "torch": torch.__version__, "machine": platform.machine(),
             "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "note": args.note}

@@ -27,14 +27,17 @@ the ints the scheme promises are what the matmul sees) — stays on the referenc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from torch import nn
 
-from mpq.numerics.base import QuantizedWeight
+from mpq.checkpoint.native_codec import decode
+from mpq.numerics.args import WeightArgs
 
 INT4_GROUPS = (32, 64, 128, 256)
 INT4_ROWS = 16  # the int4 packing works on blocks of 16 output rows
+PACK_ROWS = 1024  # rows packed at a time: a multiple of the int4 packing's 64-row blocks
 COMPUTE_DTYPE = torch.bfloat16
 DECODE = "decode"  # the reference path's name
 
@@ -47,20 +50,20 @@ def available() -> dict[str, bool]:
             "int8pack": hasattr(ops, "_weight_int8pack_mm")}
 
 
-def _trivial_order(qw: QuantizedWeight) -> bool:
-    if qw.g_idx is None:
+def _trivial_order(args: WeightArgs, k: int, g_idx: torch.Tensor | None) -> bool:
+    if g_idx is None:
         return True
-    if qw.args.granularity != "group":
+    if args.granularity != "group":
         return False
-    k = qw.shape[1]
-    expected = torch.arange(k, dtype=torch.int64) // qw.args.group_size
-    return bool(torch.equal(qw.g_idx.to(torch.int64), expected))
+    expected = torch.arange(k, dtype=torch.int64) // args.group_size
+    return bool(torch.equal(g_idx.to(torch.int64), expected))
 
 
-def select(qw: QuantizedWeight, input_args=None) -> tuple[str, str]:
-    """(path, reason): ``int4pack``/``int8pack`` when a kernel computes ``qw`` exactly up to
-    float rounding, else ``decode`` and the first reason it does not."""
-    args = qw.args
+def select(args: WeightArgs, shape: tuple[int, int], g_idx: torch.Tensor | None = None,
+           input_args=None) -> tuple[str, str]:
+    """(path, reason): ``int4pack``/``int8pack`` when a kernel computes the weight of ``shape``
+    [N, K] stored under ``args`` (with act-order ``g_idx``) exactly up to float rounding, else
+    ``decode`` and the first reason it does not."""
     have = available()
     if input_args is not None:
         return DECODE, "input activations are quantized"
@@ -68,9 +71,9 @@ def select(qw: QuantizedWeight, input_args=None) -> tuple[str, str]:
         return DECODE, f"format {args.format}"
     if not args.symmetric:
         return DECODE, "asymmetric (zero points)"
-    if not _trivial_order(qw):
+    n, k = shape
+    if not _trivial_order(args, k, g_idx):
         return DECODE, "act-order permutation (g_idx)"
-    n, k = qw.shape
     if args.granularity == "channel":
         if not have["int8pack"]:
             return DECODE, "no int8pack kernel in this torch"
@@ -112,20 +115,33 @@ class Int8Packed:
         return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
 
 
-def pack(qw: QuantizedWeight, path: str):
-    """The packed form of ``qw`` for ``path`` (as :func:`select` chose)."""
-    offset = 1 << (qw.args.bits - 1)  # the implicit symmetric zero point
-    signed = qw.codes.to(torch.int32) - offset
-    if path == "int4pack":
-        codes = (signed + 8).contiguous()
-        scale = qw.scale.to(torch.float32).t().contiguous()  # [G, N]
-        scales_and_zeros = torch.stack([scale, torch.zeros_like(scale)], dim=-1)
-        return Int4Packed(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
-                          scales_and_zeros.to(COMPUTE_DTYPE).contiguous(), qw.args.group_size)
+def pack(encoded: Mapping[str, torch.Tensor], args: WeightArgs, shape: tuple[int, int],
+         path: str):
+    """The packed form for ``path`` (as :func:`select` chose) of the weight stored as the
+    native tensors ``encoded``.  It is decoded and converted PACK_ROWS rows at a time (the int4
+    layout packs blocks of 64 rows independently; int8 rows are independent), so a large head
+    never needs a full-size copy of its codes."""
+    offset = 1 << (args.bits - 1)  # the implicit symmetric zero point
+    n, k = shape
+    weights, scales = [], []
+    for start in range(0, n, PACK_ROWS):
+        rows = min(PACK_ROWS, n - start)
+        local = {key: encoded[key][start:start + rows] for key in ("qweight", "scale")}
+        qw = decode(local, args, (rows, k))
+        if path == "int4pack":
+            codes = (qw.codes.to(torch.int32) + (8 - offset)).contiguous()
+            weights.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+        elif path == "int8pack":
+            weights.append((qw.codes.to(torch.int16) - offset).to(torch.int8))
+        else:
+            raise ValueError(f"no kernel named {path!r}")
+        scales.append(qw.scale)
+    weight, scale = torch.cat(weights).contiguous(), torch.cat(scales).to(torch.float32)
     if path == "int8pack":
-        return Int8Packed(signed.to(torch.int8).contiguous(),
-                          qw.scale.reshape(-1).to(COMPUTE_DTYPE).contiguous())
-    raise ValueError(f"no kernel named {path!r}")
+        return Int8Packed(weight, scale.reshape(-1).to(COMPUTE_DTYPE).contiguous())
+    scale = scale.t().contiguous()  # [G, N]
+    scales_and_zeros = torch.stack([scale, torch.zeros_like(scale)], dim=-1)
+    return Int4Packed(weight, scales_and_zeros.to(COMPUTE_DTYPE).contiguous(), args.group_size)
 
 
 def run(kernel, x: torch.Tensor) -> torch.Tensor:

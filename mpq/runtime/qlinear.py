@@ -42,10 +42,10 @@ class QuantLinear(nn.Module):
         self._kernel = None
         self.path, self.path_reason = packed_kernels.DECODE, "kernels off"
         if kernels:
-            qw = self.quantized_weight()
-            self.path, self.path_reason = packed_kernels.select(qw, input_args)
+            self.path, self.path_reason = packed_kernels.select(
+                args, shape, encoded.get("g_idx"), input_args)
             if self.path != packed_kernels.DECODE:
-                self._kernel = packed_kernels.pack(qw, self.path)
+                self._kernel = packed_kernels.pack(encoded, args, shape, self.path)
 
     def quantized_weight(self):
         tensors = {key: getattr(self, key) for key in self._keys}

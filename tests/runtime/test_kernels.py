@@ -52,9 +52,11 @@ def layer(qw: QuantizedWeight, kernels_on: bool, bias=None, input_args=None) -> 
                        kernels=kernels_on)
 
 
+@pytest.mark.parametrize("chunk", [1024, 64])  # 176 rows: one packing chunk, or 64 + 64 + 48
 @pytest.mark.parametrize("scheme", sorted(LAYER_SCHEMES))
-def test_kernel_layer_is_within_bf16_rounding_of_the_reference(scheme):
-    qw = quantized(LAYER_SCHEMES[scheme])
+def test_kernel_layer_is_within_bf16_rounding_of_the_reference(scheme, chunk, monkeypatch):
+    monkeypatch.setattr(kernels, "PACK_ROWS", chunk)
+    qw = quantized(LAYER_SCHEMES[scheme], n=176)
     bias = torch.randn(qw.shape[0], generator=torch.Generator().manual_seed(1))
     fast, slow = layer(qw, True, bias), layer(qw, False, bias)
     assert fast.path == ("int8pack" if "channel" in scheme else "int4pack")
@@ -97,13 +99,13 @@ def test_unsupported_weights_stay_on_the_reference_path():
 def test_act_order_permutation_stays_on_the_reference_path():
     qw = quantized(WeightArgs(bits=4, group_size=32))
     k = qw.shape[1]
-    trivial = QuantizedWeight(qw.args, qw.shape, qw.codes, qw.scale,
-                              g_idx=(torch.arange(k) // 32).to(torch.int32))
-    assert kernels.select(trivial) == ("int4pack", "int4 g32")
+    trivial = (torch.arange(k) // 32).to(torch.int32)
+    assert kernels.select(qw.args, qw.shape, trivial) == ("int4pack", "int4 g32")
     shuffled = torch.randperm(k, generator=torch.Generator().manual_seed(0))
     permuted = QuantizedWeight(qw.args, qw.shape, qw.codes, qw.scale,
                                g_idx=((shuffled // 32).to(torch.int32)))
-    assert kernels.select(permuted) == ("decode", "act-order permutation (g_idx)")
+    module = layer(permuted, True)
+    assert (module.path, module.path_reason) == ("decode", "act-order permutation (g_idx)")
 
 
 def test_kernels_off_decodes():
