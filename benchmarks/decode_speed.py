@@ -1,20 +1,21 @@
 """Decode and prefill speed and peak RSS of SmolLM2-135M: transformers fp32 and bf16 versus an
 mpq w4a16 artifact through ``mpq.load`` with packed kernels, with the reference per-forward
-decode, and dequantized once.
+decode, and dequantized once; with ``--emb-artifact``, also an artifact whose tied
+embedding/head is int4 too (w4a16 keeps it in fp32), with kernels.
 
 Each configuration runs in its own child process (so its peak RSS, ``ru_maxrss``, is its own)
 with ``--threads`` torch threads (peak RSS covers loading and the 512-token prefill, whose
 fp32 logits alone are 100 MB; the RSS right after loading is reported too):
 - decode: a 32-token prompt (fixed random ids, seed 0), 64 greedy tokens (``min_new_tokens`` so
   EOS cannot stop it early), batch 1, after a warm-up generate; tokens/s = 64 / the wall time of
-  ``generate`` (the 32-token prefill included, as in issue 23's figures);
+  ``generate`` (the 32-token prefill included);
 - prefill: one forward of 512 tokens (no cache), best of ``--repeats`` after a warm-up;
   tokens/s = 512 / that time.
 Prints a table and writes ``benchmarks/results/decode_speed.{json,md}``.
 
     python -m mpq quantize .cache/SmolLM2-135M -r w4a16 -o /tmp/w4
     OMP_NUM_THREADS=2 python benchmarks/decode_speed.py --model .cache/SmolLM2-135M \\
-        --artifact /tmp/w4 --threads 2
+        --artifact /tmp/w4 --emb-artifact /tmp/w4emb --threads 2
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +44,15 @@ CONFIGS = {
                                                  "artifact": "emb"},
 }
 PROMPT, NEW_TOKENS, PREFILL = 32, 64, 512
+EMB_RECIPE = """mpq_recipe: 1
+description: w4a16 with the tied embedding/head quantized too (int4 symmetric g64, kept tied)
+defaults: {algorithm: rtn}
+rules:
+  - targets: [Embedding, lm_head]
+    weights: {format: int, bits: 4, symmetric: true, granularity: group, group_size: 64}
+  - targets: [Linear, Conv1D]
+    weights: {format: int, bits: 4, symmetric: true, granularity: group, group_size: 64}
+"""
 
 
 def _load(config: dict, model_dir: str, artifact: str, emb_artifact: str | None):
@@ -116,7 +127,8 @@ def main(argv=None) -> int:
                              "-r w4a16 when missing)")
     parser.add_argument("--emb-artifact",
                         help="an artifact of --model that also quantizes the tied embedding/head "
-                             "(int4 symmetric g64); its configuration is skipped without it")
+                             "(EMB_RECIPE; built when missing); its configuration is skipped "
+                             "without it")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -132,6 +144,12 @@ def main(argv=None) -> int:
     if not Path(args.artifact, "config.json").is_file():
         subprocess.run([sys.executable, "-m", "mpq", "quantize", args.model, "-r", "w4a16",
                         "-o", args.artifact], check=True, env=env, cwd=ROOT)
+    if args.emb_artifact and not Path(args.emb_artifact, "config.json").is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            recipe = Path(tmp, "w4a16-emb.yaml")
+            recipe.write_text(EMB_RECIPE)
+            subprocess.run([sys.executable, "-m", "mpq", "quantize", args.model, "-r",
+                            str(recipe), "-o", args.emb_artifact], check=True, env=env, cwd=ROOT)
     rows = []
     for name in args.configs:
         extra = []
