@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mpq.models.layout import blocks_of, is_linear, layout_of, weight_of
-from mpq.errors import ArtifactError
+from mpq.errors import ArtifactError, OptionError
 from mpq.checkpoint.native import FORMAT_NAME, open_artifact, read_tensors, written_format
 from mpq.checkpoint.verify import require_intact
 from mpq.checkpoint.native_codec import decode, split_layer_tensors
@@ -34,7 +34,7 @@ from mpq.runtime.qlinear import QuantLinear, quantize_inputs_hook
 
 
 def _quantized_module(name: str, layer, local: dict[str, torch.Tensor], existing: nn.Module,
-                      dequantize: bool, dtype: torch.dtype) -> nn.Module:
+                      dequantize: bool, dtype: torch.dtype, kernels: bool) -> nn.Module:
     if not is_linear(existing):
         raise ArtifactError(f"artifact quantizes '{name}' but the model built from config.json "
                             f"has a {type(existing).__name__} there",
@@ -51,7 +51,7 @@ def _quantized_module(name: str, layer, local: dict[str, torch.Tensor], existing
     if not dequantize:
         return QuantLinear(layer.scheme.weights, tuple(layer.shape), local,
                            bias.to(dtype) if bias is not None else None,
-                           input_args=acts, input_scale=input_scale)
+                           input_args=acts, input_scale=input_scale, kernels=kernels)
     linear = nn.Linear(n_in, n_out, bias=bias is not None, device="meta")
     linear.weight = nn.Parameter(qw.dequantize(dtype), requires_grad=False)
     if bias is not None:
@@ -62,7 +62,7 @@ def _quantized_module(name: str, layer, local: dict[str, torch.Tensor], existing
 
 
 def _embedding_module(name: str, layer, local: dict[str, torch.Tensor], existing: nn.Module,
-                      dequantize: bool, dtype: torch.dtype) -> nn.Module:
+                      dequantize: bool, dtype: torch.dtype, kernels: bool) -> nn.Module:
     """The quantized input embedding: a QuantEmbedding, or (``dequantize``) the model's own
     embedding module holding the dequantized table."""
     if not isinstance(existing, nn.Embedding):
@@ -80,7 +80,8 @@ def _embedding_module(name: str, layer, local: dict[str, torch.Tensor], existing
     return QuantEmbedding(existing, layer.scheme.weights, tuple(layer.shape), local, dtype)
 
 
-def _share_head(model: nn.Module, head: str, source: str, dequantize: bool) -> None:
+def _share_head(model: nn.Module, head: str, source: str, dequantize: bool,
+                kernels: bool) -> None:
     """Give the tied head ``head`` the quantized table of the embedding ``source``."""
     embedding = model.get_submodule(source)
     existing = model.get_submodule(head)
@@ -94,7 +95,7 @@ def _share_head(model: nn.Module, head: str, source: str, dequantize: bool) -> N
         return
     model.set_submodule(head, QuantLinear(embedding.args, (embedding.num_embeddings,
                                                            embedding.embedding_dim),
-                                          embedding.encoded()))
+                                          embedding.encoded(), kernels=kernels))
 
 
 def _load_moe_layer(model: nn.Module, layer, local: dict[str, torch.Tensor],
@@ -218,7 +219,7 @@ def compute_dtype(config, tensors: dict[str, torch.Tensor]) -> torch.dtype:
 
 
 def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | None = None,
-         verify: bool = True) -> nn.Module:
+         verify: bool = True, kernels: bool = False) -> nn.Module:
     """Load the artifact at ``path`` on CPU in eval mode.
 
     ``verify``: first, before reading anything else, check every file of the folder against
@@ -229,9 +230,19 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
     forward); ``True`` dequantizes every layer once up front (faster forwards).  ``dtype`` is the
     compute dtype of unquantized tensors (default: :func:`compute_dtype`, the dtype the run
     computed in; tensors stored narrower, e.g. under ``storage_dtype: bf16``, are upcast).
+    ``kernels=True`` (with ``dequantize=False``): layers whose scheme one of torch's packed CPU
+    kernels computes exactly up to float rounding — symmetric int ≤ 4 bits in groups of
+    32/64/128/256, symmetric int ≤ 8 bits per channel, no act-order, no input quantization —
+    are packed once and run that kernel in bf16 (mpq.runtime.kernels); the others decode as
+    usual.  Off by default: it changes an fp32 model's outputs by bf16 rounding (less than
+    running the model in bf16), and evaluation keeps the reference decode.  OptionError
+    together with ``dequantize=True``.  :func:`mpq.runtime.kernels.layer_paths` lists the path of each layer.
     """
     from transformers import AutoConfig
 
+    if kernels and dequantize:
+        raise OptionError("mpq.load: kernels=True and dequantize=True exclude each other",
+                          hint="kernels run on packed weights; dequantize=True makes them dense")
     if verify and written_format(path) == FORMAT_NAME:  # other folders: open_artifact says why
         require_intact(path)
     artifact = open_artifact(path)
@@ -261,7 +272,7 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
                                 "config.json does not have") from None
         build = _embedding_module if layer.embedding else _quantized_module
         try:
-            module = build(layer.name, layer, local, existing, dequantize, dtype)
+            module = build(layer.name, layer, local, existing, dequantize, dtype, kernels)
         except ArtifactError as exc:  # name the artifact too
             raise ArtifactError(f"{artifact.path}: {exc.message}", hint=exc.hint) from None
         model.set_submodule(layer.name, module)
@@ -272,7 +283,7 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
                                 f"{source}, which the plan does not quantize as an embedding",
                                 hint="the artifact metadata is damaged")
         try:
-            _share_head(model, head, source, dequantize)
+            _share_head(model, head, source, dequantize, kernels)
         except ArtifactError as exc:
             raise ArtifactError(f"{artifact.path}: {exc.message}", hint=exc.hint) from None
     try:
