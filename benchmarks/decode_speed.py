@@ -64,7 +64,7 @@ def _load(config: dict, model_dir: str, artifact: str, emb_artifact: str | None)
         return AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=getattr(torch, config["dtype"]), local_files_only=True).eval(), {}
     import mpq
-    from mpq.runtime.kernels import layer_paths
+    from mpq.runtime.qlinear import layer_paths
 
     model = mpq.load(emb_artifact if config.get("artifact") == "emb" else artifact,
                      **config["load"])

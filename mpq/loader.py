@@ -236,7 +236,7 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
     are packed once and run that kernel in bf16 (mpq.runtime.kernels); the others decode as
     usual.  Off by default: it changes an fp32 model's outputs by bf16 rounding (less than
     running the model in bf16), and evaluation keeps the reference decode.  OptionError
-    together with ``dequantize=True``.  :func:`mpq.runtime.kernels.layer_paths` lists the path of each layer.
+    together with ``dequantize=True``.  :func:`mpq.runtime.qlinear.layer_paths` lists the path of each layer.
     """
     from transformers import AutoConfig
 

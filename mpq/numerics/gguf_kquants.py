@@ -27,24 +27,31 @@ column, as the legacy types' blocks); act-order is refused (GGUF has no column p
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, NamedTuple
 
 import torch
 
-from mpq.errors import SchemeError
 from mpq.numerics import gguf_kquant_pack as pack
 from mpq.numerics.args import WeightArgs
 from mpq.numerics.base import QuantizedWeight
-from mpq.numerics.format import NUMBER_FORMATS, NumberFormat, ParamChooser
+from mpq.numerics.format import NUMBER_FORMATS, ParamChooser
+from mpq.numerics.gguf_block import GgufBlockFormat
 from mpq.numerics.gguf_kquant_params import KParams, asym_params, sym_params
 from mpq.numerics.int_grid import prepare_weight
-from mpq.numerics.mappings import NotExpressible
-from mpq.numerics.stored import take
 
 QK = pack.QK
 
 
-class KQuantGrid(NumberFormat):
+class BlockLayout(NamedTuple):
+    """A K-quant type's bytes: ``type_size`` bytes per 256-wide block, and the functions that
+    pack codes and scales into them and unpack them (mpq.numerics.gguf_kquant_pack)."""
+
+    type_size: int
+    packer: Callable
+    unpacker: Callable
+
+
+class KQuantGrid(GgufBlockFormat):
     """A llama.cpp (GGUF) K-quant type: 256 inputs share a float16 scale times small integers.
 
     ``bits`` per code, ``sub`` columns per sub-block, with (q4_k, q5_k) or without a min;
@@ -52,39 +59,18 @@ class KQuantGrid(NumberFormat):
     or [0, 63] (with a min); ``fallback``: llama.cpp's type for rows 256 does not divide."""
 
     block = QK
-    awq_clip = False
+    kind = "GGUF K-quant type"
+    min_note = "6-bit mins per sub-block"
 
-    def __init__(self, name: str, bits: int, sub: int, with_min: bool, type_size: int,
-                 packer: Callable, unpacker: Callable, fallback: str, scale_neg: int = 0):
-        self.name, self.bits, self.sub, self.with_min = name, bits, sub, with_min
+    def __init__(self, name: str, bits: int, sub: int, with_min: bool, layout: "BlockLayout",
+                 fallback: str, scale_neg: int = 0):
+        self._init_type(name, bits, with_min)
+        self.sub = sub
         self.fallback_format = fallback  # llama.cpp's, for rows 256 does not divide
-        self.type_size, self.packer, self.unpacker = type_size, packer, unpacker
+        self.type_size, self.packer, self.unpacker = layout
         self.scale_neg = scale_neg
         self.subs = QK // sub
-        self.symmetric_only = not with_min
-        self.holds_zero = not with_min
-        self.offset = 0 if with_min else 1 << (bits - 1)
         self.gptq_columns = KQuantColumns
-        reason = f"{name} weights (a GGUF K-quant type; write --format gguf)"
-        self.compressed_tensors = NotExpressible(reason)
-        self.gptq_v1 = NotExpressible(reason)
-
-    # --- args ------------------------------------------------------------------------------
-
-    def check_weight_args(self, args: WeightArgs) -> None:
-        super().check_weight_args(args)
-        if self.with_min and args.symmetric:
-            raise SchemeError(f"{self.name} is asymmetric (6-bit mins per sub-block)",
-                              hint="set symmetric: false")
-
-    def implied_weights(self, merged):
-        implied = super().implied_weights(merged)
-        if self.with_min:
-            implied["symmetric"] = False
-        return implied
-
-    def describe(self, args: WeightArgs) -> str:
-        return self.name
 
     # --- the grid --------------------------------------------------------------------------
 
@@ -170,21 +156,6 @@ class KQuantGrid(NumberFormat):
     def encode(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         return {"blocks": self.to_blocks(qw)}
 
-    def decode(self, tensors: Mapping[str, torch.Tensor], args: WeightArgs,
-               shape: tuple[int, int], prefix: str = "") -> QuantizedWeight:
-        n, k = shape
-        rows = take(tensors, "blocks", (n, k // QK * self.type_size), (torch.uint8,), prefix)
-        return self.from_blocks(rows, args, shape)
-
-    def native_bytes(self, args: WeightArgs, shape: tuple[int, int], *,
-                     act_order: bool = False) -> int:
-        n, k = shape
-        return n * (k // QK) * self.type_size
-
-    def ideal_bits(self, args: WeightArgs, shape: tuple[int, int], *,
-                   act_order: bool = False) -> float:
-        return 8 * self.type_size / QK
-
 
 class KQuantColumns:
     """GPTQ on a K-quant grid (:class:`mpq.numerics.format.ColumnGrid`): a super-block's d,
@@ -233,10 +204,12 @@ class KQuantColumns:
 
 # llama.cpp's fallbacks: q4_k → q5_0, q5_k → q5_1, q6_k → q8_0; q3_k → iq4_nl, which mpq does
 # not have: q4_0 (the same size, 4.5 bits, a uniform grid)
-Q4_K = KQuantGrid("q4_k", 4, 32, True, 144, pack.pack_q4_k, pack.unpack_q4_k, "q5_0")
-Q5_K = KQuantGrid("q5_k", 5, 32, True, 176, pack.pack_q5_k, pack.unpack_q5_k, "q5_1")
-Q6_K = KQuantGrid("q6_k", 6, 16, False, 210, pack.pack_q6_k, pack.unpack_q6_k, "q8_0",
-                  scale_neg=128)
-Q3_K = KQuantGrid("q3_k", 3, 16, False, 110, pack.pack_q3_k, pack.unpack_q3_k, "q4_0",
-                  scale_neg=32)
+Q4_K = KQuantGrid("q4_k", 4, 32, True, BlockLayout(144, pack.pack_q4_k, pack.unpack_q4_k),
+                  "q5_0")
+Q5_K = KQuantGrid("q5_k", 5, 32, True, BlockLayout(176, pack.pack_q5_k, pack.unpack_q5_k),
+                  "q5_1")
+Q6_K = KQuantGrid("q6_k", 6, 16, False, BlockLayout(210, pack.pack_q6_k, pack.unpack_q6_k),
+                  "q8_0", scale_neg=128)
+Q3_K = KQuantGrid("q3_k", 3, 16, False, BlockLayout(110, pack.pack_q3_k, pack.unpack_q3_k),
+                  "q4_0", scale_neg=32)
 GGUF_KQUANTS = (Q4_K, Q5_K, Q6_K, Q3_K)

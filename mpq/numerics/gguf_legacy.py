@@ -29,17 +29,14 @@ its first column); act-order is refused (GGUF has no column permutation).
 """
 from __future__ import annotations
 
-from typing import Mapping
-
 import torch
 
 from mpq.errors import SchemeError
 from mpq.numerics.args import WeightArgs
 from mpq.numerics.base import QuantizedWeight
-from mpq.numerics.format import NUMBER_FORMATS, NumberFormat, ParamChooser
+from mpq.numerics.format import NUMBER_FORMATS, ParamChooser
+from mpq.numerics.gguf_block import GgufBlockFormat
 from mpq.numerics.int_grid import prepare_weight
-from mpq.numerics.mappings import NotExpressible
-from mpq.numerics.stored import take
 
 GGUF_BLOCK = 32
 FP16_MAX = torch.finfo(torch.float16).max
@@ -55,46 +52,22 @@ def _fp16(t: torch.Tensor, what: str) -> torch.Tensor:
     return rounded.to(torch.float32)
 
 
-class GgufLegacyGrid(NumberFormat):
+class GgufLegacyGrid(GgufBlockFormat):
     """A llama.cpp (GGUF) block type: 32 inputs share a float16 step (the _1 types also a min).
 
     One object per type: ``bits`` 4, 5 or 8, with (``_1``) or without a min."""
 
     block = GGUF_BLOCK
-    awq_clip = False
 
     def __init__(self, name: str, bits: int, with_min: bool):
-        self.name, self.bits, self.with_min = name, bits, with_min
-        self.symmetric_only = not with_min
-        self.holds_zero = not with_min
+        self._init_type(name, bits, with_min)
         self.levels = (1 << bits) - 1 if with_min else None
-        self.offset = 0 if with_min else 1 << (bits - 1)
         self.qmin = 0 if with_min else (-127 if bits == 8 else -(1 << (bits - 1)))
         self.qmax = self.levels if with_min else (1 << (bits - 1)) - 1
         # bytes per block: d, m, high bits (q5), codes
         self.type_size = 2 + 2 * with_min + (4 if bits == 5 else 0) + \
             (GGUF_BLOCK if bits == 8 else GGUF_BLOCK // 2)
         self.gptq_columns = GgufLegacyColumns
-        self.compressed_tensors = NotExpressible(
-            f"{name} weights (a GGUF block type; write --format gguf)")
-        self.gptq_v1 = NotExpressible(f"{name} weights (a GGUF block type; write --format gguf)")
-
-    # --- args ------------------------------------------------------------------------------
-
-    def check_weight_args(self, args: WeightArgs) -> None:
-        super().check_weight_args(args)
-        if self.with_min and args.symmetric:
-            raise SchemeError(f"{self.name} is asymmetric (a float16 min per block)",
-                              hint="set symmetric: false")
-
-    def implied_weights(self, merged):
-        implied = super().implied_weights(merged)
-        if self.with_min:
-            implied["symmetric"] = False
-        return implied
-
-    def describe(self, args: WeightArgs) -> str:
-        return self.name
 
     # --- the grid --------------------------------------------------------------------------
 
@@ -198,22 +171,6 @@ class GgufLegacyGrid(NumberFormat):
 
     def encode(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         return {"blocks": self.to_blocks(qw)}
-
-    def decode(self, tensors: Mapping[str, torch.Tensor], args: WeightArgs,
-               shape: tuple[int, int], prefix: str = "") -> QuantizedWeight:
-        n, k = shape
-        rows = take(tensors, "blocks", (n, k // GGUF_BLOCK * self.type_size), (torch.uint8,),
-                    prefix)
-        return self.from_blocks(rows, args, shape)
-
-    def native_bytes(self, args: WeightArgs, shape: tuple[int, int], *,
-                     act_order: bool = False) -> int:
-        n, k = shape
-        return n * (k // GGUF_BLOCK) * self.type_size
-
-    def ideal_bits(self, args: WeightArgs, shape: tuple[int, int], *,
-                   act_order: bool = False) -> float:
-        return 8 * self.type_size / GGUF_BLOCK
 
 
 class GgufLegacyColumns:

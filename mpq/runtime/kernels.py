@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-from torch import nn
 
 from mpq.checkpoint.native_codec import decode
 from mpq.numerics.args import WeightArgs
@@ -149,12 +148,3 @@ def run(kernel, x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE)
     out = kernel(flat)
     return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
-
-
-def layer_paths(model: nn.Module) -> dict[str, str]:
-    """Module name → the path its quantized matmul takes (``int4pack``, ``int8pack`` or
-    ``decode``) for every QuantLinear in ``model`` (MoE expert slices always decode)."""
-    from mpq.runtime.qlinear import QuantLinear
-
-    return {name: module.path for name, module in model.named_modules()
-            if isinstance(module, QuantLinear)}

@@ -76,3 +76,10 @@ def quantize_inputs_hook(args: ActivationArgs, scale: torch.Tensor | None):
     def hook(module, inputs):
         return (fake_quantize(inputs[0], args, scale), *inputs[1:])
     return hook
+
+
+def layer_paths(model: nn.Module) -> dict[str, str]:
+    """Module name → the path its quantized matmul takes (``int4pack``, ``int8pack`` or
+    ``decode``) for every QuantLinear in ``model`` (MoE expert slices always decode)."""
+    return {name: module.path for name, module in model.named_modules()
+            if isinstance(module, QuantLinear)}

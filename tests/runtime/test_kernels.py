@@ -23,7 +23,7 @@ from mpq.numerics.args import WeightArgs
 from mpq.numerics.base import NUMBER_FORMATS, QuantizedWeight
 from mpq.quantize import quantize
 from mpq.runtime import kernels
-from mpq.runtime.qlinear import QuantLinear
+from mpq.runtime.qlinear import QuantLinear, layer_paths
 from tests.tiny_models import save_tiny_model
 
 pytestmark = pytest.mark.skipif(not all(kernels.available().values()),
@@ -141,7 +141,7 @@ def artifact(tmp_path_factory):
 
 def test_load_records_the_path_of_each_layer(artifact):
     model = mpq.load(artifact, kernels=True)
-    paths = kernels.layer_paths(model)
+    paths = layer_paths(model)
     assert len(paths) == 2 * 7  # seven linears per block (the head is kept in float)
     expected = {"q_proj": "int4pack", "k_proj": "decode", "v_proj": "int8pack",
                 "o_proj": "decode", "gate_proj": "int4pack", "up_proj": "int4pack",
@@ -149,7 +149,7 @@ def test_load_records_the_path_of_each_layer(artifact):
     for name, path in paths.items():
         assert path == expected[name.rsplit(".", 1)[-1]], (name, path)
     assert "path=int8pack" in repr(model.get_submodule("model.layers.0.self_attn.v_proj"))
-    assert set(kernels.layer_paths(mpq.load(artifact)).values()) == {"decode"}
+    assert set(layer_paths(mpq.load(artifact)).values()) == {"decode"}
 
 
 def test_kernel_logits_differ_from_the_reference_by_less_than_bf16_compute(artifact):
@@ -188,7 +188,7 @@ def test_a_tied_quantized_head_runs_the_kernel(tmp_path):
                           f"  - targets: [Linear]\n    weights: {scheme}\n", "tied.yaml")
     quantize(tmp_path / "src", recipe, tmp_path / "out")
     model = mpq.load(tmp_path / "out", kernels=True)
-    assert kernels.layer_paths(model)["lm_head"] == "int4pack"
+    assert layer_paths(model)["lm_head"] == "int4pack"
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         fast, reference = model(ids).logits, mpq.load(tmp_path / "out")(ids).logits
