@@ -76,6 +76,18 @@ class ColumnGrid(Protocol):
     def params(self) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
+class InOrderColumns:
+    """Base of the column grids GPTQ walks in column order only, without a clipping search,
+    and that accept every args their format accepts (the GGUF types, mxint8, fp8)."""
+
+    act_order: ClassVar[bool] = False
+    clip_search: ClassVar[bool] = False
+
+    @classmethod
+    def check(cls, args: "WeightArgsT") -> None:
+        """Nothing to refuse: the format's own checks cover these grids."""
+
+
 class NumberFormat(ABC):
     """Base of the number formats: facts, the generic checks and byte counts (see the module
     docstring); subclasses give the grid and the native encoding."""

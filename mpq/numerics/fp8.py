@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from mpq.numerics.base import QuantizedWeight
 from mpq.numerics.int_grid import SCALE_TORCH_DTYPES, prepare_weight, rounded_scale
 from mpq.numerics.args import FP8_BLOCK, WeightArgs
-from mpq.numerics.format import NumberFormat, ParamChooser
+from mpq.numerics.format import InOrderColumns, NumberFormat, ParamChooser
 from mpq.numerics.mappings import CompressedTensorsMapping, NotExpressible
 from mpq.numerics.stored import FLOAT_SCALES, take
 
@@ -75,16 +75,9 @@ def _per_element(scale: torch.Tensor, args: WeightArgs, shape: tuple[int, int]) 
     return expand_blocks(scale, shape) if args.granularity == "block" else scale
 
 
-class Fp8Columns:
+class Fp8Columns(InOrderColumns):
     """GPTQ's fp8 grid (:class:`mpq.numerics.format.ColumnGrid`) with the scale fixed up front
     ([1, 1] tensor or [N, 1] channel)."""
-
-    act_order = False
-    clip_search = False
-
-    @classmethod
-    def check(cls, args: WeightArgs) -> None:
-        """Every tensor/channel fp8 args can be solved (block is refused before)."""
 
     def __init__(self, args: WeightArgs, w0: torch.Tensor, num_groups: int, dynamic: bool,
                  choose_params: ParamChooser | None = None):

@@ -34,7 +34,7 @@ import torch
 from mpq.numerics import gguf_kquant_pack as pack
 from mpq.numerics.args import WeightArgs
 from mpq.numerics.base import QuantizedWeight
-from mpq.numerics.format import NUMBER_FORMATS, ParamChooser
+from mpq.numerics.format import NUMBER_FORMATS, InOrderColumns, ParamChooser
 from mpq.numerics.gguf_block import GgufBlockFormat
 from mpq.numerics.gguf_kquant_params import KParams, asym_params, sym_params
 from mpq.numerics.int_grid import prepare_weight
@@ -157,17 +157,10 @@ class KQuantGrid(GgufBlockFormat):
         return {"blocks": self.to_blocks(qw)}
 
 
-class KQuantColumns:
+class KQuantColumns(InOrderColumns):
     """GPTQ on a K-quant grid (:class:`mpq.numerics.format.ColumnGrid`): a super-block's d,
     sub-block scales (and dmin, mins) from the current weights when the solve reaches its first
     column (static groups: from the original weights up front)."""
-
-    act_order = False
-    clip_search = False
-
-    @classmethod
-    def check(cls, args: WeightArgs) -> None:
-        """Every K-quant args can be solved (in column order)."""
 
     def __init__(self, args: WeightArgs, w0: torch.Tensor, num_groups: int, dynamic: bool,
                  choose_params: ParamChooser | None = None):

@@ -34,7 +34,7 @@ import torch
 from mpq.errors import SchemeError
 from mpq.numerics.args import WeightArgs
 from mpq.numerics.base import QuantizedWeight
-from mpq.numerics.format import NUMBER_FORMATS, ParamChooser
+from mpq.numerics.format import NUMBER_FORMATS, InOrderColumns, ParamChooser
 from mpq.numerics.gguf_block import GgufBlockFormat
 from mpq.numerics.int_grid import prepare_weight
 
@@ -173,17 +173,10 @@ class GgufLegacyGrid(GgufBlockFormat):
         return {"blocks": self.to_blocks(qw)}
 
 
-class GgufLegacyColumns:
+class GgufLegacyColumns(InOrderColumns):
     """GPTQ on a legacy GGUF grid (:class:`mpq.numerics.format.ColumnGrid`): a block's d (and m)
     from the current weights when the solve reaches its first column (static groups: from the
     original weights up front)."""
-
-    act_order = False
-    clip_search = False
-
-    @classmethod
-    def check(cls, args: WeightArgs) -> None:
-        """Every legacy GGUF args can be solved (in column order)."""
 
     def __init__(self, args: WeightArgs, w0: torch.Tensor, num_groups: int, dynamic: bool,
                  choose_params: ParamChooser | None = None):

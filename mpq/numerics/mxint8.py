@@ -26,7 +26,7 @@ import torch
 
 from mpq.numerics.args import WeightArgs
 from mpq.numerics.base import QuantizedWeight
-from mpq.numerics.format import NumberFormat, ParamChooser
+from mpq.numerics.format import InOrderColumns, NumberFormat, ParamChooser
 from mpq.numerics.int_grid import prepare_weight
 from mpq.numerics.mappings import NotExpressible
 from mpq.numerics.microscaling import (E8M0_BIAS, E8M0_NAN, MX_BLOCK, block_dequantize,
@@ -56,16 +56,9 @@ def element_values(codes: torch.Tensor) -> torch.Tensor:
     return codes.to(torch.float32) / ELEM_FRACTION
 
 
-class Mxint8Columns:
+class Mxint8Columns(InOrderColumns):
     """GPTQ's mxint8 grid (:class:`mpq.numerics.format.ColumnGrid`): a block's exponent is set
     at its first column (with static groups, from the original weights up front)."""
-
-    act_order = False
-    clip_search = False
-
-    @classmethod
-    def check(cls, args: WeightArgs) -> None:
-        """Every mxint8 args can be solved."""
 
     def __init__(self, args: WeightArgs, w0: torch.Tensor, num_groups: int, dynamic: bool,
                  choose_params: ParamChooser | None = None):
