@@ -156,9 +156,10 @@ def ladder(model: nn.Module) -> list[str]:
     return names
 
 
-def expand(spec: str | Sequence[str], model: nn.Module) -> list[str]:
-    """Candidate names with ``ladder`` replaced by :func:`ladder` of ``model``."""
+def expand(spec: str | Sequence[str], model: nn.Module, extra: Sequence[str] = ()) -> list[str]:
+    """Candidate names with ``ladder`` replaced by :func:`ladder` of ``model`` followed by
+    ``extra`` (a serving target's own rungs, mpq.checkpoint.serving)."""
     out: list[str] = []
     for name in split_names(spec):
-        out.extend(ladder(model) if name == LADDER else [name])
+        out.extend([*ladder(model), *extra] if name == LADDER else [name])
     return list(dict.fromkeys(out))

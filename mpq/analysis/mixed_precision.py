@@ -135,11 +135,13 @@ def _total_bits(table: SensitivityTable, name: str, candidate: str) -> int:
 def choose(table: SensitivityTable, *, target_bits: float | None = None,
            target_bytes: int | None = None, fixed_bytes: int = 0,
            candidates: Sequence[str] | None = None, output_format: str = "mpq",
-           layers: Sequence[str] | None = None) -> MixedChoice:
+           layers: Sequence[str] | None = None, items: Sequence | None = None) -> MixedChoice:
     """Pick one candidate per layer of ``table`` (or of ``layers``) minimising the summed damage
     with average bits per weight ≤ ``target_bits``, or ``fixed_bytes`` + the layers' bytes in
-    ``output_format`` ≤ ``target_bytes``.  RecipeError naming the minimum achievable when the
-    target is below the cheapest candidate."""
+    ``output_format`` ≤ ``target_bytes``.  ``items`` (mpq.analysis.target_items.Item: layers
+    chosen together and their open candidates; default: each layer alone with all its
+    candidates) is what a serving target leaves.  RecipeError naming the minimum achievable
+    when the target is below the cheapest candidate."""
     if (target_bits is None) == (target_bytes is None):
         raise RecipeError("give exactly one of --target-bits and --target-size")
     names = list(layers) if layers is not None else [row.name for row in table.layers]
@@ -148,18 +150,23 @@ def choose(table: SensitivityTable, *, target_bits: float | None = None,
     if missing:
         raise RecipeError(f"the sensitivity table has no candidate {', '.join(missing)}",
                           hint=f"it has {', '.join(table.candidates)}; re-run mpq sensitivity")
-    rows = [table.row(name) for name in names]
-    options = [r.options(cands) for r in rows]  # an edge row adds its float candidate
-    weights = sum(r.shape[0] * r.shape[1] for r in rows)
-    damage = [[r.damage[c] for c in opts] for r, opts in zip(rows, options)]
+    rows = {name: table.row(name) for name in names}
+    if items is None:  # an edge row adds its float candidate
+        items = [((name,), tuple(rows[name].options(cands))) for name in names]
+    weights = sum(r.shape[0] * r.shape[1] for r in rows.values())
+    options = [list(opts) for _, opts in items]
+    damage = [[sum(rows[n].damage[c] for n in members) for c in opts]
+              for members, opts in items]
     if target_bits is not None:
         if not target_bits > 0:
             raise RecipeError(f"--target-bits must be positive, got {target_bits}")
-        cost = [[_total_bits(table, r.name, c) for c in opts] for r, opts in zip(rows, options)]
+        cost = [[sum(_total_bits(table, n, c) for n in members) for c in opts]
+                for members, opts in items]
         budget = math.floor(target_bits * weights + 1e-6)
         target = f"{target_bits:g} bits/weight"
     else:
-        cost = [[r.cost_bytes(c, output_format) for c in opts] for r, opts in zip(rows, options)]
+        cost = [[sum(rows[n].cost_bytes(c, output_format) for n in members) for c in opts]
+                for members, opts in items]
         budget = int(target_bytes) - int(fixed_bytes)
         target = f"{int(target_bytes)} bytes"
     picks = solve_mckp(damage, cost, budget)
@@ -174,11 +181,12 @@ def choose(table: SensitivityTable, *, target_bits: float | None = None,
         raise RecipeError(f"target {target} is below what the candidates can reach: the minimum "
                           f"achievable is {minimum} (every layer {', '.join(used)})",
                           hint="raise the target, or add a cheaper candidate (--candidates)")
-    chosen = {r.name: opts[j] for r, opts, j in zip(rows, options, picks)}
-    bits = sum(_total_bits(table, r.name, chosen[r.name]) for r in rows) / weights
-    layer_bytes = sum(r.cost_bytes(chosen[r.name], output_format) for r in rows)
+    picked = {n: opts[j] for (members, _), opts, j in zip(items, options, picks) for n in members}
+    chosen = {name: picked[name] for name in names}
+    bits = sum(_total_bits(table, n, chosen[n]) for n in names) / weights
+    layer_bytes = sum(rows[n].cost_bytes(chosen[n], output_format) for n in names)
     return MixedChoice(target=target, picks=chosen, bits_per_weight=bits,
-                       predicted_damage=sum(r.damage[chosen[r.name]] for r in rows),
+                       predicted_damage=sum(rows[n].damage[chosen[n]] for n in names),
                        layer_bytes=layer_bytes,
                        fixed_bytes=int(fixed_bytes) if target_bytes is not None else None)
 
@@ -265,7 +273,9 @@ class MixedTarget:
     """What ``mpq quantize --target-bits/--target-size`` asks for: exactly one budget (``bits``
     per weight, or an artifact ``size`` such as 70MB), the ``candidates`` (default: the ladder,
     or a given table's), a ``sensitivity_table`` (path or SensitivityTable) to read instead of
-    measuring with ``measure``, and where to ``save_recipe`` the chosen one (YAML)."""
+    measuring with ``measure``, where to ``save_recipe`` the chosen one (YAML), and the
+    ``serving`` target (mpq.checkpoint.serving) whose schemes and fused groups the choice
+    keeps to."""
 
     bits: float | None = None
     size: str | int | None = None
@@ -273,6 +283,7 @@ class MixedTarget:
     sensitivity_table: Any = None
     save_recipe: str | Path | None = None
     measure: str = "fisher"
+    serving: str | None = None
 
 
 def auto_recipe(model_path: str | Path, base: str | Recipe, target: MixedTarget, *,
@@ -286,10 +297,13 @@ def auto_recipe(model_path: str | Path, base: str | Recipe, target: MixedTarget,
     from mpq.errors import CalibrationError, OutputError
     from mpq.models.source import check_model_dir, load_skeleton
     from mpq.engine.spec import as_recipe
-    from mpq.analysis.candidates import DEFAULT_CANDIDATES, expand, load_candidates
+    from mpq.analysis.candidates import DEFAULT_CANDIDATES, expand
     from mpq.analysis.edge_candidates import storage_dtype_of
-    from mpq.analysis.sensitivity import sensitivity, target_layers
+    from mpq.analysis.sensitivity import sensitivity
+    from mpq.analysis.target_items import items as target_items
+    from mpq.checkpoint.serving import DEFAULT_TARGET, serving_target
 
+    serving = serving_target(target.serving)
     if (target_bits is None) == (target_size is None):
         raise RecipeError("give exactly one of --target-bits and --target-size")
     base_recipe = as_recipe(base)
@@ -306,9 +320,8 @@ def auto_recipe(model_path: str | Path, base: str | Recipe, target: MixedTarget,
             raise CalibrationError("--target-bits/--target-size measure layer sensitivity on "
                                    "calibration data", hint="pass --calib FILE, or a table "
                                    "from `mpq sensitivity -o` with --sensitivity")
-        names = expand(candidates or DEFAULT_CANDIDATES, skeleton)
-        cands = load_candidates(names)
-        layers = target_layers(skeleton, cands, base_recipe, storage=storage)
+        names = expand(candidates or DEFAULT_CANDIDATES, skeleton, serving.ladder_extra)
+        names, layers = _for_target(serving, skeleton, names, base_recipe, storage)
         kwargs = {"progress": progress} if progress is not None else {}
         table = sensitivity(source_dir, names, calibration, measure=measure, base=base_recipe,
                             **kwargs)
@@ -318,19 +331,21 @@ def auto_recipe(model_path: str | Path, base: str | Recipe, target: MixedTarget,
                  else SensitivityTable.load(sensitivity_table))
         source = str(sensitivity_table) if not isinstance(sensitivity_table,
                                                           SensitivityTable) else "table"
-        names = (expand(candidates, skeleton) if candidates
+        names = (expand(candidates, skeleton, serving.ladder_extra) if candidates
                  else table.measured_candidates())
-        cands = load_candidates(names)
-        layers = target_layers(skeleton, cands, base_recipe, storage=storage)
+        names, layers = _for_target(serving, skeleton, names, base_recipe, storage)
     check_table(table, layers, names, source)
     table = table.costed_for(layers)  # this base's algorithm, scale and storage dtypes
+    items = (target_items(table, [layer.name for layer in layers], names, serving,
+                          getattr(skeleton.config, "model_type", None))
+             if serving.name != DEFAULT_TARGET else None)
     fixed = 0
     if target_bytes is not None:
         fixed = fixed_bytes(source_dir, base_recipe, layers, output_format)
     for _ in range(SIZE_PASSES):
         choice = choose(table, target_bits=target_bits, target_bytes=target_bytes,
                         fixed_bytes=fixed, candidates=names, output_format=output_format,
-                        layers=[layer.name for layer in layers])
+                        layers=[layer.name for layer in layers], items=items)
         text, recipe = build_recipe(base_recipe, table, choice, skeleton)
         over = (expected_bytes(source_dir, recipe, output_format) - target_bytes
                 if target_bytes is not None else 0)
@@ -346,6 +361,27 @@ def auto_recipe(model_path: str | Path, base: str | Recipe, target: MixedTarget,
         except OSError as exc:
             raise OutputError(f"cannot write the recipe {save_recipe}: {exc}") from None
     return recipe, choice, table
+
+
+def _for_target(serving, skeleton, names: list[str], base: Recipe, storage: str):
+    """The candidate names the ``serving`` target runs on some block layer (all for ``any``)
+    and the target layers under them (mpq.analysis.sensitivity.target_layers)."""
+    from mpq.analysis.candidates import load_candidates
+    from mpq.analysis.sensitivity import target_layers
+    from mpq.analysis.target_items import suited
+    from mpq.checkpoint.serving import DEFAULT_TARGET
+
+    layers = target_layers(skeleton, load_candidates(names), base, storage=storage)
+    if serving.name == DEFAULT_TARGET:
+        return names, layers
+    kept = suited(serving, layers, names)
+    if not kept:
+        raise RecipeError(f"--target {serving.name}: {serving.engine} runs none of the "
+                          f"candidates {', '.join(names)}",
+                          hint="give candidates it runs with --candidates (e.g. int4-g64, int8)")
+    if kept != names:
+        layers = target_layers(skeleton, load_candidates(kept), base, storage=storage)
+    return kept, layers
 
 
 def expected_bytes(model_path, recipe: Recipe, output_format: str) -> int:

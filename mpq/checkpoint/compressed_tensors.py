@@ -248,27 +248,42 @@ def scale_rounding_problems(plan: Plan) -> list[str]:
             "algorithm uses the scales that are stored" for scale_dtype, names in rounded.items()]
 
 
+def vllm_scheme_reasons(layer: LayerPlan) -> list[str]:
+    """Why vLLM's int kernels do not take ``layer``'s weight scheme at all (bits, symmetry,
+    scale granularity: FORMATS.md); empty for a scheme they take or a non-int format."""
+    args = layer.scheme.weights
+    mapping = NUMBER_FORMATS.get(args.format).compressed_tensors
+    if not isinstance(mapping, CompressedTensorsMapping) or mapping.layout != "int":
+        return []
+    reasons = []
+    if not args.symmetric:
+        reasons.append("asymmetric weights")
+    if args.bits not in VLLM_INT_BITS:
+        reasons.append(f"{args.bits}-bit weights (kernels take 4 or 8)")
+    group = args.group_size if args.granularity == "group" else None
+    if group not in VLLM_GROUPS or args.granularity == "tensor":
+        reasons.append("scale granularity (kernels take channel or group 32/64/128)")
+    return reasons
+
+
+def vllm_shape_reasons(layer: LayerPlan) -> list[str]:
+    """Why vLLM's fastest int kernels (Marlin) do not take ``layer``'s shape: a property of the
+    model, not of the scheme (other, slower kernels may)."""
+    args = layer.scheme.weights
+    mapping = NUMBER_FORMATS.get(args.format).compressed_tensors
+    if not isinstance(mapping, CompressedTensorsMapping) or mapping.layout != "int":
+        return []
+    n, k = layer.shape
+    return ((["input size K not a multiple of 128"] if k % 128 else [])
+            + (["output size N not a multiple of 64"] if n % 64 else []))
+
+
 def vllm_int_kernel_problems(plan: Plan) -> list[str]:
     """Layers vLLM's fast int kernels would not take (FORMATS.md), grouped by reason."""
     reasons: dict[str, list[str]] = defaultdict(list)
     for layer in plan.quantized():
-        args = layer.scheme.weights
-        mapping = NUMBER_FORMATS.get(args.format).compressed_tensors
-        if not isinstance(mapping, CompressedTensorsMapping) or mapping.layout != "int":
-            continue
-        n, k = layer.shape
-        if not args.symmetric:
-            reasons["asymmetric weights"].append(layer.name)
-        if args.bits not in VLLM_INT_BITS:
-            reasons[f"{args.bits}-bit weights (kernels take 4 or 8)"].append(layer.name)
-        group = args.group_size if args.granularity == "group" else None
-        if group not in VLLM_GROUPS or args.granularity == "tensor":
-            reasons["scale granularity (kernels take channel or group 32/64/128)"].append(
-                layer.name)
-        if k % 128:
-            reasons["input size K not a multiple of 128"].append(layer.name)
-        if n % 64:
-            reasons["output size N not a multiple of 64"].append(layer.name)
+        for why in vllm_scheme_reasons(layer) + vllm_shape_reasons(layer):
+            reasons[why].append(layer.name)
     return [f"{why}: {len(names)} layer(s), e.g. {', '.join(names[:3])}"
             for why, names in reasons.items()]
 

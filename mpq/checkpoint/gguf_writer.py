@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from mpq.errors import FormatError
+from mpq.checkpoint.gguf_folder import FORMAT_NAME, GGUF_FILE
 from mpq.checkpoint.gguf_arch import (add_arch_metadata, arch_of, config_problems, permute_rows,
                                       qk_heads, tensor_name)
 from mpq.checkpoint.gguf_tokenizer import (add_tokenizer, pre_tokenizer_name,
@@ -47,8 +48,6 @@ from mpq.numerics.format import NumberFormat
 from mpq.numerics.gguf_kquants import GGUF_KQUANTS
 from mpq.numerics.gguf_legacy import GGUF_BLOCK, GGUF_LEGACY
 
-FORMAT_NAME = "gguf"
-GGUF_FILE = "model.gguf"
 GRID_NAMES = tuple(f.name for f in (*GGUF_LEGACY, *GGUF_KQUANTS))
 INT_AS_GGUF = {4: "q4_0", 5: "q5_0"}  # int b-bit sym g32 fp16 scales ≡ these blocks
 FLOAT_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}

@@ -19,6 +19,11 @@ Checks, in order (each gives one :class:`Check`):
    the stored plan says) to finite values (so a NaN scale or zero point is caught), and every
    other floating-point tensor is finite.
 
+A GGUF folder (``model.gguf``, no config.json: mpq.checkpoint.gguf_folder) has no config entry:
+its manifest, its files as recorded and no other, the GGUF's ``mpq.*`` metadata (format, a
+version this mpq reads, a plan that parses), and every tensor dequantized by the ``gguf``
+package finite.
+
 Steps 1-4 are what :func:`require_intact` (mpq.load, mpq eval) checks before reading anything.
 Reading uses safetensors and JSON only (never unpickling).
 """
@@ -32,8 +37,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mpq.errors import ArtifactError
-from mpq.checkpoint.manifest import (MANIFEST_KEY, ManifestError, file_digest, folder_files,
-                                     read_manifest, safe_relative)
+from mpq.checkpoint.gguf_folder import GGUF_FILE, is_gguf_folder, open_gguf_folder
+from mpq.checkpoint.manifest import (MANIFEST_FILE, MANIFEST_KEY, ManifestError, file_digest,
+                                     folder_files, read_manifest, safe_relative)
 from mpq.checkpoint.native import FORMAT_NAME, TENSOR_FILES_KEY, version_problem
 
 
@@ -53,6 +59,8 @@ def verify_artifact(path: str | Path) -> list[Check]:
     if not path.is_dir():
         raise ArtifactError(f"artifact '{path}' does not exist or is not a directory",
                             hint="pass the folder written by mpq quantize or mpq convert")
+    if is_gguf_folder(path):
+        return _gguf_checks(path)
     entry, checks = _content_checks(path)
     if entry is None or not all(check.ok for check in checks):
         return checks  # a damaged file: its header and tensors are not worth reading
@@ -109,18 +117,69 @@ def _content_checks(path: Path) -> tuple[dict | None, list[Check]]:
             checks.append(Check(manifest_name, False, f"disagrees with config.json's "
                                 f"tensor_files about {', '.join(disagree)}"))
         recorded.update(manifest)
-    checks += [_file_check(path, name, expected) for name, expected in sorted(recorded.items())]
     if manifest is not None:
-        extra = [name for name in folder_files(path, documents=False)
-                 if name not in recorded and name != manifest_name]
-        rule = "not in the manifest, and a loader could read them"
-    else:  # without a manifest only tensor files can be told apart
-        extra = sorted(p.name for p in path.glob("*.safetensors") if p.name not in recorded)
-        rule = "not in tensor_files"
+        return entry, checks + _recorded_files(path, recorded, manifest_name)
+    checks += [_file_check(path, name, expected) for name, expected in sorted(recorded.items())]
+    # without a manifest only tensor files can be told apart
+    extra = sorted(p.name for p in path.glob("*.safetensors") if p.name not in recorded)
     if extra:
         shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-        checks.append(Check("unrecorded files", False, f"{shown}: {rule}"))
+        checks.append(Check("unrecorded files", False, f"{shown}: not in tensor_files"))
     return entry, checks
+
+
+def _recorded_files(path: Path, recorded: dict, manifest_name: str) -> list[Check]:
+    """Step 3 and 4: every recorded file as recorded, and no file beside them."""
+    checks = [_file_check(path, name, expected) for name, expected in sorted(recorded.items())]
+    extra = [name for name in folder_files(path, documents=False)
+             if name not in recorded and name != manifest_name]
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        checks.append(Check("unrecorded files", False, f"{shown}: not in the manifest, and a "
+                                                        "loader could read them"))
+    return checks
+
+
+def _gguf_checks(path: Path) -> list[Check]:
+    """A GGUF folder (mpq.checkpoint.gguf_folder): its manifest, every file as recorded and no
+    other, then the GGUF's mpq metadata and plan, then every tensor dequantizes (the ``gguf``
+    package's dequantizers) to finite values."""
+    manifest = path / MANIFEST_FILE
+    if not manifest.is_file():
+        return [Check(MANIFEST_FILE, False, "missing: a GGUF folder written by mpq records "
+                      "its files there")]
+    try:
+        records = read_manifest(manifest)
+    except ManifestError as exc:
+        return [Check(MANIFEST_FILE, False, str(exc))]
+    checks = [Check(MANIFEST_FILE, True, f"{len(records)} files recorded")]
+    checks += _recorded_files(path, records, MANIFEST_FILE)
+    if not all(check.ok for check in checks):
+        return checks
+    try:
+        folder = open_gguf_folder(path)
+    except ArtifactError as exc:
+        return checks + [Check(f"{GGUF_FILE} header", False, exc.one_line())]
+    checks.append(Check(f"{GGUF_FILE} header", True, f"{len(folder.tensors)} tensors, mpq "
+                        f"format {folder.metadata['mpq.format_version']}, plan of "
+                        f"{len(folder.plan.layers)} layers"))
+    return checks + [_gguf_tensor_check(folder.file)]
+
+
+def _gguf_tensor_check(file: Path) -> Check:
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(file))
+    bad = []
+    for tensor in reader.tensors:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        if not np.isfinite(values).all():
+            bad.append(tensor.name)
+    if bad:
+        return Check("tensors", False, f"NaN/Inf in {', '.join(bad[:5])}"
+                     + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+    return Check("tensors", True, f"{len(reader.tensors)} tensors dequantize to finite values")
 
 
 def _manifest(path: Path, entry: dict) -> tuple[str, dict | None, Check]:

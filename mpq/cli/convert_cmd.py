@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from mpq.cli.console import emit_json, human_bytes, size_line, stderr_console, stdout_console
-from mpq.cli.options import json_option
+from mpq.cli.options import json_option, serving_target_option
 
 
 @click.command("convert")
@@ -19,17 +19,19 @@ from mpq.cli.options import json_option
 @click.option("--no-verify", "no_verify", is_flag=True,
               help="Skip checking SRC's files against their recorded sha256 and for "
                    "unrecorded files (done by default before reading).")
+@serving_target_option
 @json_option
-def command(src, output, output_format, force, strict, no_verify, as_json):
+def command(src, output, output_format, force, strict, no_verify, serving_target, as_json):
     """Rewrite the native artifact SRC as OUTPUT in another format, without re-quantizing.
 
-    Exits 9 when the target cannot express some layers (the message names them and why), 7 when
+    Exits 9 when the target cannot express some layers, or the serving --target (default: the
+    one the artifact's plan records) cannot run them (the message names them and why), 7 when
     SRC's files do not match what it recorded (a changed artifact; --no-verify skips the check).
     """
     from mpq.checkpoint.convert import convert
 
     result = convert(src, output, output_format, force=force, strict=strict,
-                     verify=not no_verify)
+                     verify=not no_verify, serving_target=serving_target)
     if as_json:
         emit_json({"event": "result", **result.to_dict()})
         return

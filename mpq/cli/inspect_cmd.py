@@ -40,30 +40,42 @@ def _dtype_bytes(dtype: str) -> int:
 @json_option
 def command(artifact, as_json):
     """Show what ARTIFACT holds: per-layer scheme, sizes, provenance, and what its calibration
-    covered (sample lengths, documents cut, vocabulary share, scripts, layer input outliers)."""
+    covered (sample lengths, documents cut, vocabulary share, scripts, layer input outliers).
+    ARTIFACT is a native folder, or a GGUF folder mpq wrote (each layer's GGUF type shown)."""
     from mpq.cli.experts_view import ExpertGroup, plan_rows, routing_lines, transform_lines
     from mpq.checkpoint.native import open_artifact
     from mpq.checkpoint.sizes import header_entries, size_summary
     from mpq.config.run_log import describe_rotation, describe_transforms, plan_record
 
-    art = open_artifact(artifact)
-    per_layer = tensor_bytes_by_layer(art)
+    from mpq.checkpoint.gguf_folder import is_gguf_folder, open_gguf_folder
+
+    if is_gguf_folder(artifact):  # sizes as the writer recorded them; bytes from the GGUF
+        art = open_gguf_folder(artifact)
+        layer_tensors = art.layer_tensors()
+        per_layer = {name: nbytes for name, (_, nbytes) in layer_tensors.items()}
+        sizes = {**(art.json_field("sizes") or {}), "files_bytes": art.tensor_bytes()}
+    else:
+        art = open_artifact(artifact)
+        layer_tensors = None
+        per_layer = tensor_bytes_by_layer(art)
+        sizes = {**(art.json_field("sizes") or {}), "files_bytes": art.tensor_bytes(),
+                 **size_summary(art.plan, header_entries(art.files))}
     info = {
-        "path": str(art.path), "format_version": art.metadata.get("mpq.format_version"),
+        "path": str(art.path), "format": art.metadata.get("mpq.format", "mpq"),
+        "format_version": art.metadata.get("mpq.format_version"),
         "tool_version": art.metadata.get("mpq.tool_version"),
         "packing": art.metadata.get("mpq.packing"), "recipe": art.json_field("recipe"),
         "source": art.json_field("source"), "calibration": art.json_field("calibration"),
         "calibration_coverage": art.json_field("calibration_coverage"),
-        "sizes": {**(art.json_field("sizes") or {}), "files_bytes": art.tensor_bytes(),
-                  **size_summary(art.plan, header_entries(art.files))},
-        "plan": plan_record(art.plan, art.log),
-        "layer_bytes": per_layer,
+        "sizes": sizes, "plan": plan_record(art.plan, art.log), "layer_bytes": per_layer,
     }
+    if layer_tensors is not None:
+        info["gguf_types"] = {name: kind for name, (kind, _) in layer_tensors.items()}
     if as_json:
         emit_json(info)
         return
     console = stdout_console()
-    table = Table(title=f"{art.path} (mpq format {info['format_version']}, "
+    table = Table(title=f"{art.path} ({info['format']} format {info['format_version']}, "
                         f"written by mpq {info['tool_version']})")
     table.add_column("layer", no_wrap=True)
     for column in ("shape", "scheme", "algorithm", "rel. MSE", "bytes"):
@@ -75,7 +87,9 @@ def command(artifact, as_json):
         errors = [e for e in (art.log.result(n).get("rel_mse") for n in names) if e is not None]
         table.add_row(layer.label() if isinstance(layer, ExpertGroup) else layer.name,
                       f"{layer.shape[0]}×{layer.shape[1]}",
-                      layer.scheme.describe(), layer.scheme.algorithm,
+                      layer.scheme.describe() + (f" ({info['gguf_types'][names[0]]})"
+                                                 if names[0] in info.get("gguf_types", {})
+                                                 else ""), layer.scheme.algorithm,
                       f"{max(errors):.2e}" if errors else "",
                       human_bytes(sum(per_layer.get(n, 0) for n in names)))
     console.print(table)

@@ -10,7 +10,7 @@ from mpq.cli.console import emit_json, stderr_console
 
 
 def choose_recipe(model, recipe, options, *, target_bits, target_size, candidates, sensitivity,
-                  samples, output_format, save_recipe, dry_run, as_json):
+                  samples, output_format, save_recipe, dry_run, as_json, serving=None):
     """The mixed Recipe that ``mpq quantize`` then runs as usual."""
     from mpq.analysis.mixed_precision import MixedTarget, auto_recipe
 
@@ -21,7 +21,8 @@ def choose_recipe(model, recipe, options, *, target_bits, target_size, candidate
                                "pass a table from `mpq sensitivity -o` with --sensitivity")
     calibration = replace(options, num_samples=samples)
     target = MixedTarget(bits=target_bits, size=target_size, candidates=candidates,
-                         sensitivity_table=sensitivity, save_recipe=save_recipe)
+                         sensitivity_table=sensitivity, save_recipe=save_recipe,
+                         serving=serving)
     kwargs = dict(calibration=calibration, output_format=output_format)
     if as_json or sensitivity is not None:
         chosen, choice, table = auto_recipe(model, recipe, target, **kwargs)

@@ -21,3 +21,10 @@ def torch_dtype(name: str):
     import torch
 
     return "auto" if name == "auto" else getattr(torch, name)
+
+serving_target_option = click.option(
+    "--target", "serving_target", default=None, metavar="ENGINE",
+    help="The engine the artifact is for: vllm, llama.cpp, transformers or any (default). The "
+         "plan must suit it before any weight is read (vllm: fused q/k/v and gate/up share one "
+         "scheme, int weights 4/8-bit symmetric per channel or g32/64/128, ...; exit 9 if not); "
+         "--target-bits chooses within it. Recorded in the plan.")

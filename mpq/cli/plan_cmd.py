@@ -6,7 +6,7 @@ from rich.table import Table
 
 from mpq.cli.console import emit_json, stdout_console
 from mpq.cli.experts_view import ExpertGroup, plan_rows, routing_lines, transform_lines
-from mpq.cli.options import json_option, max_unquantized_option
+from mpq.cli.options import json_option, max_unquantized_option, serving_target_option
 
 
 def plan_table(plan, log=None) -> Table:
@@ -71,8 +71,9 @@ def summary_lines(plan) -> list[str]:
               help="Refuse (exit 3) when more than half of the model's weight bytes would stay "
                    "unquantized (--max-unquantized 0.5).")
 @max_unquantized_option
+@serving_target_option
 @json_option
-def command(model, recipe, strict, max_unquantized, as_json):
+def command(model, recipe, strict, max_unquantized, serving_target, as_json):
     """Print the per-layer plan RECIPE resolves to on MODEL, or the plan stored in an artifact.
 
     With RECIPE, every parameter tensor of MODEL is accounted for: quantized, or kept in the
@@ -83,7 +84,8 @@ def command(model, recipe, strict, max_unquantized, as_json):
     from mpq.checkpoint.native import is_artifact, open_artifact
     from mpq.cli.coverage_view import kept_table, share_line, tying_line
     from mpq.config.run_log import describe_rotation, describe_transforms, plan_record
-    from mpq.engine.spec import RunOptions, as_recipe, plan_model, with_storage_dtype
+    from mpq.engine.spec import (RunOptions, as_recipe, checked_for_target, plan_model,
+                                 with_storage_dtype)
     from mpq.engine.streaming import build_streamed
     from mpq.models.coverage import account
     from mpq.models.source import check_model_dir
@@ -98,6 +100,8 @@ def command(model, recipe, strict, max_unquantized, as_json):
                                    "model: pass --recipe")
         artifact = open_artifact(model)
         plan, log = artifact.plan, artifact.log
+        if serving_target is not None:  # check the stored plan against the engine
+            checked_for_target(plan, serving_target, artifact.config.get("model_type"))
         description = (artifact.json_field("recipe") or {}).get("description")
     elif recipe is None:
         raise click.UsageError(f"'{model}' is not an mpq artifact: pass --recipe to plan it")
@@ -111,6 +115,8 @@ def command(model, recipe, strict, max_unquantized, as_json):
         architecture = architecture_report(skeleton, layout, plan)
         limits = RunOptions(strict=strict, max_unquantized=max_unquantized)
         coverage.check(*limits.unquantized_limit())
+        plan = checked_for_target(plan, serving_target,
+                                  getattr(skeleton.config, "model_type", None))
     if as_json:
         data = plan_record(plan, log)
         if stored:

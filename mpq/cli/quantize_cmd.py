@@ -10,7 +10,8 @@ from mpq.cli.console import (JsonEvents, ProgressEvents, emit_json, human_bytes,
 from mpq.cli.calibration_view import summary_lines
 from mpq.cli.coverage_view import coverage_line, tying_line
 from mpq.cli.experts_view import routing_lines, transform_lines
-from mpq.cli.options import dtype_option, json_option, max_unquantized_option, torch_dtype
+from mpq.cli.options import (dtype_option, json_option, max_unquantized_option,
+                             serving_target_option, torch_dtype)
 
 
 @click.command("quantize")
@@ -51,6 +52,7 @@ from mpq.cli.options import dtype_option, json_option, max_unquantized_option, t
                    "than half of the weight bytes would stay unquantized (unless "
                    "--max-unquantized sets the share).")
 @max_unquantized_option
+@serving_target_option
 @click.option("--resume/--no-resume", default=None,
               help="Each finished block is kept in OUTPUT.mpq-work until the artifact is "
                    "written; a rerun continues from it when its inputs match (the default). "
@@ -89,9 +91,9 @@ from mpq.cli.options import dtype_option, json_option, max_unquantized_option, t
 @json_option
 def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode, calib_field,
             calib_split, calib_batch_tokens, force, device, offload_activations, true_sequential,
-            output_format, strict, max_unquantized, resume, dry_run, memory_check, stream,
-            target_bits, target_size, candidates, sensitivity_path, sensitivity_samples,
-            save_recipe, dtype, as_json):
+            output_format, strict, max_unquantized, serving_target, resume, dry_run,
+            memory_check, stream, target_bits, target_size, candidates, sensitivity_path,
+            sensitivity_samples, save_recipe, dtype, as_json):
     """Quantize MODEL (a local Hugging Face folder) with RECIPE into OUTPUT."""
     from mpq.calibration import CalibrationOptions
     from mpq.engine.lifecycle import no_events
@@ -104,7 +106,7 @@ def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode
     options = RunOptions(calibration=calibration, output_format=output_format, device=device,
                          dtype=torch_dtype(dtype), true_sequential=true_sequential,
                          strict=strict, stream=stream, offload_activations=offload_activations,
-                         max_unquantized=max_unquantized)
+                         max_unquantized=max_unquantized, serving_target=serving_target)
     if target_bits is not None or target_size is not None:
         from mpq.cli.mixed_view import choose_recipe
 
@@ -112,7 +114,7 @@ def command(model, recipe, output, calib, num_samples, seq_len, seed, calib_mode
                                target_size=target_size, candidates=candidates,
                                sensitivity=sensitivity_path, samples=sensitivity_samples,
                                output_format=output_format, save_recipe=save_recipe,
-                               dry_run=dry_run, as_json=as_json)
+                               dry_run=dry_run, as_json=as_json, serving=serving_target)
     elif any(v is not None for v in (candidates, sensitivity_path, save_recipe)):
         raise click.UsageError("--candidates, --sensitivity and --save-recipe go with "
                                "--target-bits or --target-size")

@@ -137,6 +137,8 @@ class Plan:
     # only when not fp32, so fp32 artifacts are unchanged.
     storage_dtype: str | None = None
     tying: TieRecord | None = None  # a tied embedding/head pair the plan quantizes (config.tying)
+    # the engine the plan was checked for (mpq.checkpoint.serving); None: any
+    serving_target: str | None = None
 
     @property
     def min_expert_tokens(self) -> int:
@@ -188,6 +190,8 @@ class Plan:
             out["storage_dtype"] = self.storage_dtype
         if self.tying is not None:
             out["tying"] = self.tying.to_dict()
+        if self.serving_target not in (None, "any"):
+            out["serving_target"] = self.serving_target
         return out
 
     @classmethod
@@ -206,7 +210,8 @@ class Plan:
                        if rotation else None,
                        experts=ExpertArgs(**data["experts"]) if data.get("experts") else None,
                        storage_dtype=_storage_dtype(data.get("storage_dtype")),
-                       tying=TieRecord.from_dict(data["tying"]) if data.get("tying") else None)
+                       tying=TieRecord.from_dict(data["tying"]) if data.get("tying") else None,
+                       serving_target=data.get("serving_target"))
         except (KeyError, TypeError, ValueError, AttributeError, SchemeError) as exc:
             hint = "the artifact metadata is damaged or was written by another tool"
             raise ArtifactError(f"malformed plan: {type(exc).__name__}: {exc}", hint=hint) from None

@@ -19,6 +19,7 @@ from torch import nn
 from mpq.calibration import CalibrationOptions
 from mpq.checkpoint.storage import resolve_storage_dtype
 from mpq.checkpoint.writers import Writer, preflight, writer_for
+from mpq.checkpoint.serving import DEFAULT_TARGET, check_target, serving_target
 from mpq.config.plan import Plan, resolve
 from mpq.config.recipe import Recipe, load_recipe
 from mpq.engine.block_tuning import check_plan as check_tuned_layers
@@ -55,7 +56,8 @@ class RunOptions:
     keep the calibration activations in host memory.  ``max_unquantized``: refuse
     (RecipeError) a plan that leaves more than this share of the weight bytes unquantized
     (mpq.models.coverage); ``strict`` also refuses the output format's pre-flight warnings
-    and, without ``max_unquantized``, a share above ``STRICT_DEFAULT``.
+    and, without ``max_unquantized``, a share above ``STRICT_DEFAULT``.  ``serving_target``:
+    the engine the plan must suit (mpq.checkpoint.serving; None: any), recorded in the plan.
     """
 
     calibration: CalibrationOptions = CalibrationOptions()
@@ -67,6 +69,7 @@ class RunOptions:
     stream: bool = True
     offload_activations: bool = False
     max_unquantized: float | None = None
+    serving_target: str | None = None
 
     def unquantized_limit(self) -> tuple[float | None, str]:
         """The share of weight bytes allowed to stay unquantized (None: no limit), and the
@@ -332,6 +335,15 @@ def check_sequence_length(model: nn.Module, calibration: CalibrationOptions) -> 
                                f"{limit} positions", hint=f"use --seq-len {limit} or less")
 
 
+def checked_for_target(plan: Plan, name: str | None, model_type: str | None) -> Plan:
+    """``plan`` recording the serving target ``name`` (mpq.checkpoint.serving), once it is
+    checked to suit it (FormatError if not; ``model_type`` names the family whose fused groups
+    apply); unchanged for ``any``."""
+    target = serving_target(name)
+    check_target(target, plan, model_type)
+    return plan if target.name == DEFAULT_TARGET else replace(plan, serving_target=target.name)
+
+
 def resolve_run(model_path: str | Path, recipe: str | Recipe,
                 options: RunOptions = RunOptions()) -> RunSpec:
     """Check and resolve a run without reading any weight (see the module docstring).
@@ -359,6 +371,8 @@ def resolve_run(model_path: str | Path, recipe: str | Recipe,
         check_distributed_support(plan)
     warnings = preflight(writer, plan, options.strict,
                          source=(read_config(source_dir), side_files(source_dir)[0]))
+    plan = checked_for_target(plan, options.serving_target,
+                              getattr(skeleton.config, "model_type", None))
     needs = needed_stats(plan, calibrated=options.calibration.source is not None)
     not_streamed = "--no-stream"
     if options.stream:

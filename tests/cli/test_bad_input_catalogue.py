@@ -1138,6 +1138,21 @@ CASES: list[Case] = [
                               recipe="w4a16-tuned"), ModelError,
          ("preset:w4a16-tuned: QuaRot rotation does not support model type 'olmo2'",
           "this preset rotates the model", "w4a16-gptq")),
+    Case("target-unknown", "--target vlm (a misspelt serving engine)",
+         lambda e: e.quantize(e.src, "--target", "vlm"), OptionError,
+         ("unknown serving target 'vlm'", "did you mean 'vllm'")),
+    Case("target-vllm-split-fused-group", "--target vllm with q_proj int8 per channel and "
+         "k/v_proj int4 g64 (vLLM runs q/k/v as one GEMM with one scheme)",
+         lambda e: e.quantize(e.src, "--target", "vllm", recipe=e.recipe(
+             "rules:\n  - targets: ['re:.*q_proj']\n    weights: {format: int, bits: 8, "
+             "granularity: channel}\n  - targets: Linear\n    weights: {format: int, "
+             "bits: 4, group_size: 64}\n")), FormatError,
+         ("--target vllm: 2 problem(s): fused group model.layers.0.self_attn.q_proj + "
+          "model.layers.0.self_attn.k_proj + model.layers.0.self_attn.v_proj has 2 schemes",
+          "give those layers a scheme vLLM runs")),
+    Case("target-vllm-int3", "--target vllm with w3a16 (vLLM's int kernels take 4 or 8 bits)",
+         lambda e: e.quantize(e.src, "--target", "vllm", recipe="w3a16"), FormatError,
+         ("model.layers.0.self_attn.q_proj: 3-bit weights (kernels take 4 or 8)",)),
 ]
 
 
