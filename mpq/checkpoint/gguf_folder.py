@@ -17,9 +17,9 @@ from pathlib import Path
 
 from mpq.errors import ArtifactError, FormatError
 from mpq.checkpoint.gguf_arch import arch_of, tensor_name
-from mpq.checkpoint.native import version_problem
+from mpq.checkpoint.native import header_plan
 from mpq.config.plan import Plan
-from mpq.config.run_log import RunLog, read_plan_record
+from mpq.config.run_log import RunLog
 
 GGUF_FILE = "model.gguf"  # the name the writer gives it (mpq.checkpoint.gguf_writer)
 FORMAT_NAME = "gguf"
@@ -106,13 +106,5 @@ def open_gguf_folder(path: str | Path) -> GgufFolder:
         raise ArtifactError(f"{path / GGUF_FILE} carries no mpq metadata (mpq.format "
                             f"{metadata.get('mpq.format')!r}): not written by mpq",
                             hint="pass a folder written by mpq quantize/convert --format gguf")
-    problem = version_problem(metadata.get("mpq.format_version"))
-    if problem:
-        raise ArtifactError(f"{path / GGUF_FILE}: {problem}",
-                            hint="use the mpq version that wrote it, or re-quantize")
-    try:
-        plan, log = read_plan_record(json.loads(metadata["mpq.plan"]))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ArtifactError(f"{path / GGUF_FILE}: mpq metadata is damaged ({exc})",
-                            hint="re-run mpq quantize") from None
+    plan, log = header_plan(metadata, path / GGUF_FILE)
     return GgufFolder(path=path, metadata=metadata, plan=plan, log=log, tensors=tensors)

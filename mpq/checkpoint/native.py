@@ -61,6 +61,21 @@ def version_problem(version: object) -> str | None:
     return None
 
 
+def header_plan(metadata: Mapping[str, str], where: Path) -> tuple[Plan, RunLog]:
+    """The plan and run log in mpq's header strings ``metadata`` (read from ``where``: a
+    tensor file, or a GGUF file's metadata); ArtifactError for a format version this mpq does
+    not read, or a missing or damaged plan."""
+    problem = version_problem(metadata.get("mpq.format_version"))
+    if problem:
+        raise ArtifactError(f"{where}: {problem}",
+                            hint="use the mpq version that wrote it, or re-quantize")
+    try:
+        return read_plan_record(json.loads(metadata["mpq.plan"]))
+    except (KeyError, ValueError, TypeError, ArtifactError) as exc:
+        raise ArtifactError(f"{where}: metadata is damaged ({exc})",
+                            hint="re-run mpq quantize") from exc
+
+
 def shard_tensors(tensors: Mapping[str, torch.Tensor], max_bytes: int
                   ) -> list[dict[str, torch.Tensor]]:
     """Split tensors, in name order, into shards of at most ``max_bytes`` (one tensor may exceed).
@@ -293,14 +308,10 @@ def open_artifact(path: str | Path) -> Artifact:
             metadata = dict(handle.metadata() or {})
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{files[0]} is unreadable or corrupt: {exc}") from exc
-    problem = version_problem(metadata.get("mpq.format_version"))
-    if problem:
-        raise ArtifactError(f"{files[0]}: {problem}",
-                            hint="use the mpq version that wrote it, or re-quantize")
+    plan, log = header_plan(metadata, files[0])
     try:
-        plan, log = read_plan_record(json.loads(metadata["mpq.plan"]))
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (KeyError, ValueError, TypeError, ArtifactError) as exc:
+    except (KeyError, ValueError, TypeError) as exc:
         raise ArtifactError(f"{path}: metadata is damaged ({exc})",
                             hint="re-run mpq quantize") from exc
     problem = version_problem(config["mpq"].get("format_version"))
