@@ -14,7 +14,12 @@ then llama.cpp (benchmarks/peers/llama_cpp_ppl.py in the setup script's venv) sc
 on the very token windows ``mpq eval`` used (tokenized here with the model's tokenizer,
 mpq.analysis.eval.load_eval_ids; no BOS for SmolLM2) and generates a few tokens.  ``float``
 writes the model unquantized (F32 GGUF); ``--llama-quantize`` also quantizes that float GGUF
-with llama.cpp's own quantizer (no importance matrix) and scores the result the same way.
+with llama.cpp's own quantizer (no importance matrix) and scores the result the same way.  With
+``--imatrix-tools BIN`` (the folder benchmarks/peers/setup_llama_cpp_tools.sh prints), llama.cpp
+also computes its importance matrix from the float GGUF on enwiki_excerpt.train.txt
+(``llama-imatrix``, ``--num-samples`` chunks of 512 tokens: the calibration budget mpq gets) and
+quantizes each ``--llama-quantize`` type with it (``llama-quantize --imatrix``); those rows are
+scored the same way.
 Recipes named ``<type>-rtn`` are RTN onto that GGUF grid for every Linear, embedding and head
 on q8_0 (as the preset).  Prints a table; writes JSON.
 """
@@ -68,6 +73,36 @@ def write_windows(model: Path, data: Path, path: Path) -> None:
     path.write_text(json.dumps([ids[k * WINDOW:(k + 1) * WINDOW] for k in range(WINDOWS)]))
 
 
+def imatrix_rows(args, windows: Path, llama_python: str) -> list[dict]:
+    """llama.cpp's own quantizer with its importance matrix (module docstring), one row per
+    ``--llama-quantize`` type; needs the float GGUF of this --work (the ``float`` recipe)."""
+    float_gguf = args.work / "float-gguf" / "model.gguf"
+    if not float_gguf.is_file():
+        raise SystemExit(f"--imatrix-tools needs {float_gguf}: run the recipe 'float' first")
+    imatrix = args.work / "imatrix.gguf"
+    subprocess.run([str(args.imatrix_tools / "llama-imatrix"), "-m", str(float_gguf), "-f",
+                    str(args.corpora / "enwiki_excerpt.train.txt"), "-o", str(imatrix),
+                    "--chunks", args.num_samples, "-c", str(WINDOW), "--no-ppl", "-t", "2"],
+                   check=True, capture_output=True, text=True)
+    rows = []
+    for kind in [k for k in args.llama_quantize.split(",") if k]:
+        out = args.work / f"llama-{kind}-imatrix.gguf"
+        subprocess.run([str(args.imatrix_tools / "llama-quantize"), "--imatrix", str(imatrix),
+                        str(float_gguf), str(out), kind, "2"], check=True, capture_output=True,
+                       text=True)
+        scored = json.loads(subprocess.run(
+            [llama_python, str(Path(__file__).parent / "peers" / "llama_cpp_ppl.py"),
+             "--windows", str(windows), "--gguf", str(out)], check=True, capture_output=True,
+            text=True).stdout.strip().splitlines()[-1])
+        row = {"recipe": f"llama.cpp quantizer {kind} (imatrix, {args.num_samples} x {WINDOW})",
+               "gguf_mb": out.stat().st_size / 1e6, "mpq_eval_ppl": None,
+               "llama_cpp_ppl": scored["ppl"], "rel_diff": None,
+               "generated": scored["generated"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, required=True)
@@ -80,6 +115,9 @@ def main() -> None:
                         help="keep native artifacts already in --work instead of re-quantizing")
     parser.add_argument("--llama-python", default=None,
                         help="python of the llama-cpp-python venv (default: run the setup script)")
+    parser.add_argument("--imatrix-tools", type=Path, default=None,
+                        help="folder of llama-imatrix/llama-quantize (setup_llama_cpp_tools.sh): "
+                             "also llama.cpp's quantizer with its importance matrix")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gguf_llama_cpp.json"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -129,6 +167,8 @@ def main() -> None:
                    "generated": extra["generated"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    if args.imatrix_tools is not None:
+        rows += imatrix_rows(args, windows, llama_python)
     print(f"\n{'GGUF':36} {'MB':>7} {'mpq eval':>9} {'llama.cpp':>9} {'diff':>8}")
     for row in rows:
         mpq_ppl = f"{row['mpq_eval_ppl']:9.3f}" if row["mpq_eval_ppl"] else f"{'-':>9}"
