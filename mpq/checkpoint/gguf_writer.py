@@ -4,7 +4,8 @@ one ``model.gguf``, its model card and manifest.
 ``model.gguf`` (through the ``gguf`` package's GGUFWriter) holds
 
 - llama.cpp's architecture metadata and tensor names (mpq.checkpoint.gguf_arch: llama/mistral,
-  qwen2, qwen3; the llama family's Q/K rows permuted to llama.cpp's RoPE layout);
+  qwen2, qwen3, gemma, gemma2; the llama family's Q/K rows permuted to llama.cpp's RoPE layout,
+  Gemma's norm weights stored as 1 + w);
 - the tokenizer (mpq.checkpoint.gguf_tokenizer: byte-level BPE);
 - quantized layers in the GGUF block type that holds their weights exactly: the GGUF grids
   (``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1`` and the K-quants ``q4_k``, ``q5_k``,
@@ -19,7 +20,10 @@ one ``model.gguf``, its model card and manifest.
   (format, versions, plan with per-layer results, recipe, calibration, source, pipeline, sizes).
 
 Not expressible (refused): input activation and KV-cache quantization, fused MoE experts and
-routers, online rotations, model types outside the records, RoPE scaling, non-BPE tokenizers.
+routers, online rotations, model types outside the records, RoPE scaling, configs departing from
+what llama.cpp's graph assumes (gguf_arch's requirements: untied Gemma heads, Gemma 2's
+query scale, soft-capping and layer pattern…), tokenizers other than byte-level BPE and
+SentencePiece-style BPE.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ import torch
 from mpq.errors import FormatError
 from mpq.checkpoint.gguf_folder import FORMAT_NAME, GGUF_FILE
 from mpq.checkpoint.gguf_arch import (add_arch_metadata, arch_of, config_problems, permute_rows,
-                                      qk_heads, tensor_name)
+                                      qk_heads, stored_norm, tensor_name)
 from mpq.checkpoint.gguf_tokenizer import (add_tokenizer, pre_tokenizer_name,
                                            read_tokenizer_json, tokenizer_problems)
 from mpq.checkpoint.manifest import write_manifest
@@ -179,7 +183,8 @@ class GgufWriter:
             out.append((tensor_name(key, arch, blocks), place(key, rows).numpy(),
                         grid.name, f"{layer.name}.blocks"))
         for name in state.dense:
-            array, kind = _dense_array(place(name, state.dense[name]), plan.storage_dtype, name)
+            tensor = stored_norm(name, place(name, state.dense[name]), arch)
+            array, kind = _dense_array(tensor, plan.storage_dtype, name)
             out.append((tensor_name(name, arch, blocks), array, kind, name))
         return sorted(out, key=lambda item: _order(item[0]))
 
