@@ -6,7 +6,7 @@ one ``model.gguf``, its model card and manifest.
 - llama.cpp's architecture metadata and tensor names (mpq.checkpoint.gguf_arch: llama/mistral,
   qwen2, qwen3, gemma, gemma2; the llama family's Q/K rows permuted to llama.cpp's RoPE layout,
   Gemma's norm weights stored as 1 + w);
-- the tokenizer (mpq.checkpoint.gguf_tokenizer: byte-level BPE);
+- the tokenizer (mpq.checkpoint.gguf_tokenizer: byte-level BPE, SentencePiece-style BPE);
 - quantized layers in the GGUF block type that holds their weights exactly: the GGUF grids
   (``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1`` and the K-quants ``q4_k``, ``q5_k``,
   ``q6_k``, ``q3_k``: the native block bytes as they are), and
@@ -37,7 +37,8 @@ from mpq.checkpoint.gguf_folder import FORMAT_NAME, GGUF_FILE
 from mpq.checkpoint.gguf_arch import (add_arch_metadata, arch_of, config_problems, permute_rows,
                                       qk_heads, stored_norm, tensor_name)
 from mpq.checkpoint.gguf_tokenizer import (add_tokenizer, pre_tokenizer_name,
-                                           read_tokenizer_json, tokenizer_problems)
+                                           read_tokenizer_json, tokenizer_model,
+                                           tokenizer_problems)
 from mpq.checkpoint.manifest import write_manifest
 from mpq.checkpoint.model_card import render_model_card
 from mpq.checkpoint.native import check_output_free, write_folder
@@ -151,7 +152,8 @@ class GgufWriter:
 
     def source_warnings(self, config: dict, files: dict) -> list[str]:
         data = read_tokenizer_json(files)
-        if data is not None and pre_tokenizer_name(data) is None:
+        if (data is not None and tokenizer_model(data) == "gpt2"
+                and pre_tokenizer_name(data) is None):
             return ["tokenizer: its pre-tokenizer is not one llama.cpp names here; written as "
                     "'default', so llama.cpp may split text differently from the source "
                     "tokenizer"]
