@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from mpq.calibration import CalibrationOptions, build_calibration_set
 from mpq.cli.main import cli
 from mpq.config.recipe import parse_recipe
-from tests.tiny_models import model_from_config, tiny_model
+from tests.tiny_models import model_from_config, tiny_config, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent  # the repository root
 
@@ -51,8 +51,8 @@ def bpe_tokenizer():
 # the pieces spm_tokenizer adds to its symbols, best first: "er" before "th" makes "ther"
 # "th" + "er" in this order, but "the" + "r" when merged left to right
 SPM_PIECES = ["er", "\u2581t", "he", "\u2581th", "in", "\u2581the", "an", "on", "\u2581a", "re",
-              "\u2581an", "\u2581and", "en", "at", "is", "\u2581s", "or", "th", "\u2581c", "\u2581cat",
-              "the", "\u2581is", "\u2581in"]
+              "\u2581an", "\u2581and", "en", "at", "is", "\u2581s", "or", "th", "\u2581c",
+              "\u2581cat", "the", "\u2581is", "\u2581in"]
 
 
 def spm_tokenizer():
@@ -84,6 +84,17 @@ def spm_tokenizer():
     fast.chat_template = ("{% for m in messages %}<start_of_turn>{{ m['content'] }}"
                           "<end_of_turn>{% endfor %}")
     return fast
+
+
+def gemma_dir(path, arch: str, **overrides):
+    """A tiny ``arch`` model (tests.tiny_models, with ``overrides`` set on its config) and
+    spm_tokenizer, saved at ``path``."""
+    config = tiny_config(arch)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model_from_config(config).save_pretrained(path)
+    spm_tokenizer().save_pretrained(path)
+    return path
 
 
 BOS_ID = 2  # the BOS of bos_tokenizer

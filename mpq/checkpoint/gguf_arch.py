@@ -72,7 +72,7 @@ def _gemma2_layer_types(value: Any, config: Mapping[str, Any]) -> bool:
 
 
 TIED_HEAD = Requirement("tie_word_embeddings", lambda v, c: v is None or bool(v),
-                        "reads the output head from token_embd (a separate head is lost)")
+                        "reads the output head from token_embd, so a separate head would be lost")
 NO_ATTENTION_BIAS = Requirement("attention_bias", lambda v, c: not v,
                                 "has no q/k/v/o biases")
 TANH_GELU = ("gelu_pytorch_tanh", "gelu_tanh")
