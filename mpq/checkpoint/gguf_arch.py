@@ -45,12 +45,14 @@ class Requirement:
 @dataclass(frozen=True)
 class GgufArch:
     """One family: llama.cpp's architecture name, whether Q/K rows are permuted, whether norm
-    weights are stored as 1 + w, extra metadata (GGUFWriter method, config key, type) and what
-    llama.cpp's graph assumes of the config."""
+    weights are stored as 1 + w, whether the output head can only be the embedding, extra
+    metadata (GGUFWriter method, config key, type) and what llama.cpp's graph assumes of the
+    config."""
 
     arch: str
     permute_qk: bool
     norm_plus_one: bool = False
+    head_from_embedding: bool = False  # llama.cpp's graph has no output tensor of its own
     extra_keys: tuple[tuple[str, str, type], ...] = ()
     requirements: tuple[Requirement, ...] = ()
 
@@ -71,8 +73,6 @@ def _gemma2_layer_types(value: Any, config: Mapping[str, Any]) -> bool:
         for i in range(int(config["num_hidden_layers"]))]
 
 
-TIED_HEAD = Requirement("tie_word_embeddings", lambda v, c: v is None or bool(v),
-                        "reads the output head from token_embd, so a separate head would be lost")
 NO_ATTENTION_BIAS = Requirement("attention_bias", lambda v, c: not v,
                                 "has no q/k/v/o biases")
 TANH_GELU = ("gelu_pytorch_tanh", "gelu_tanh")
@@ -84,7 +84,7 @@ def _gelu(key: str, legacy: tuple[str, ...] = ()) -> Requirement:
 
 
 GEMMA2_REQUIREMENTS = (
-    TIED_HEAD, NO_ATTENTION_BIAS, _gelu("hidden_activation"),
+    NO_ATTENTION_BIAS, _gelu("hidden_activation"),
     Requirement("attn_logit_softcapping", lambda v, c: v is not None,
                 "always soft-caps attention logits"),
     Requirement("final_logit_softcapping", lambda v, c: v is not None,
@@ -103,9 +103,9 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "qwen3": GgufArch("qwen3", permute_qk=False),
     "gemma": GgufArch("gemma", permute_qk=False, norm_plus_one=True,
                       # transformers reads Gemma's legacy hidden_act "gelu" as the tanh form
-                      requirements=(TIED_HEAD, NO_ATTENTION_BIAS,
-                                    _gelu("hidden_act", legacy=("gelu",)))),
-    "gemma2": GgufArch("gemma2", permute_qk=False, norm_plus_one=True,
+                      head_from_embedding=True,
+                      requirements=(NO_ATTENTION_BIAS, _gelu("hidden_act", legacy=("gelu",)))),
+    "gemma2": GgufArch("gemma2", permute_qk=False, norm_plus_one=True, head_from_embedding=True,
                        extra_keys=(("add_attn_logit_softcapping", "attn_logit_softcapping", float),
                                    ("add_final_logit_softcapping", "final_logit_softcapping",
                                     float),
@@ -124,8 +124,9 @@ def arch_of(config: Mapping[str, Any]) -> GgufArch:
     return GGUF_ARCHS[model_type]
 
 
-def config_problems(config: Mapping[str, Any]) -> list[str]:
-    """What in ``config`` the GGUF metadata written here cannot express."""
+def config_problems(config: Mapping[str, Any], tying: Any = None) -> list[str]:
+    """What in ``config`` the GGUF metadata written here cannot express; ``tying``: the plan's
+    record of the tied embedding/head pair (mpq.config.tying.TieRecord), if it has one."""
     problems = []
     if config.get("model_type") not in GGUF_ARCHS:
         problems.append(f"model type '{config.get('model_type')}' (format 'gguf' writes "
@@ -140,7 +141,23 @@ def config_problems(config: Mapping[str, Any]) -> list[str]:
     arch = GGUF_ARCHS[config["model_type"]]
     full = with_defaults(config)
     problems.extend(p for r in arch.requirements if (p := r.problem(full, arch.arch)))
+    if arch.head_from_embedding:
+        problems.extend(_head_problems(full, tying, arch.arch))
     return problems
+
+
+def _head_problems(config: Mapping[str, Any], tying: Any, arch: str) -> list[str]:
+    """A separate output head, which an architecture whose head is ``token_embd`` cannot hold:
+    the model's own (tie_word_embeddings false), or one the plan unties from the embedding."""
+    why = f"llama.cpp's {arch} reads the output head from token_embd"
+    if tying is not None:
+        if tying.shared:
+            return []
+        return [f"{tying.head}: untied from {tying.embedding} by the plan ({tying.reason}; "
+                f"{why}: quantize both with one scheme by rtn, or neither)"]
+    if config.get("tie_word_embeddings") is False:
+        return [f"tie_word_embeddings False (the model has its own output head; {why})"]
+    return []
 
 
 def with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:

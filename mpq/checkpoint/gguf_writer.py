@@ -143,9 +143,12 @@ class GgufWriter:
             problems.append("kv_cache scales (GGUF files store no KV-cache quantization)")
         return problems
 
-    def source_problems(self, config: dict, files: dict) -> list[str]:
-        """What of the model itself (config, tokenizer files) GGUF cannot express."""
-        return config_problems(config) + tokenizer_problems(files)
+    def source_problems(self, config: dict, files: dict, plan: Plan | None = None
+                        ) -> list[str]:
+        """What of the model itself (config, tokenizer files, and the plan's tied pair) GGUF
+        cannot express."""
+        tying = plan.tying if plan is not None else None
+        return config_problems(config, tying) + tokenizer_problems(files)
 
     def preflight(self, plan: Plan) -> list[str]:
         return []
@@ -198,7 +201,7 @@ class GgufWriter:
 
         out_dir = Path(out_dir)
         check_output_free(out_dir, force)
-        problems = self.source_problems(state.config, state.files)
+        problems = self.source_problems(state.config, state.files, state.plan)
         if problems:
             raise FormatError(f"format 'gguf' cannot express {'; '.join(problems)}",
                               hint="write the native format (--format mpq)")

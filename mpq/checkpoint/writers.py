@@ -115,14 +115,14 @@ def check_expressible(writer: Writer, plan: Plan, source: tuple[dict, dict] | No
                       ) -> None:
     """Raise FormatError listing the layers ``writer`` cannot store (and, given the model's
     ``source`` (config, side files), what of the model itself it cannot, for writers that say:
-    ``source_problems``)."""
+    ``source_problems(config, files, plan=)``)."""
     problems = writer.unsupported(plan)
     if plan.rotation is not None and plan.rotation.r4 and not writer.online_rotations:
         problems.append(f"rotation r4 is applied online to down_proj inputs, which format "
                         f"'{writer.name}' cannot express; use r4: false")
     model = []
     if source is not None and hasattr(writer, "source_problems"):
-        model = writer.source_problems(*source)
+        model = writer.source_problems(*source, plan=plan)
     if problems or model:
         counts = ([f"the model ({len(model)} problem(s))"] if model else []) + (
             [f"{len(problems)} layer(s)"] if problems else [])

@@ -203,7 +203,8 @@ REFUSED = [
      "layer_types ['full_attention', 'sliding_attention'] (llama.cpp's gemma2 makes even "
      "layers sliding-window and odd layers global)"),
     ("gemma", {"tie_word_embeddings": False},
-     "tie_word_embeddings False (llama.cpp's gemma reads the output head from token_embd"),
+     "tie_word_embeddings False (the model has its own output head; llama.cpp's gemma reads "
+     "the output head from token_embd)"),
     ("gemma", {"hidden_act": "gelu_new"}, "hidden_act 'gelu_new' (llama.cpp's gemma computes "
                                           "GELU's tanh approximation)"),
     ("gemma3", {}, "model type 'gemma3_text' (format 'gguf' writes gemma, gemma2, llama"),
@@ -223,3 +224,25 @@ def test_what_llama_cpp_cannot_express_is_refused_before_work(tmp_path, arch, ov
     assert "format 'gguf' cannot express" in result.output
     assert expect in result.output
     assert not out.exists()
+
+
+def test_a_head_the_plan_unties_is_refused_by_quantize_and_convert(tmp_path):
+    """Quantizing only the embedding gives the head a float copy of its own (mpq.config.tying),
+    which llama.cpp's gemma2 cannot hold: refused before work, and by convert."""
+    src = gemma_dir(tmp_path / "src", "gemma2", query_pre_attn_scalar=16)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("mpq_recipe: 1\ndefaults: {algorithm: rtn}\nrules:\n"
+                      "  - targets: [model.embed_tokens]\n    weights: {format: q8_0}\n")
+    expect = ("lm_head: untied from model.embed_tokens by the plan (only model.embed_tokens is "
+              "quantized")
+    result = run_cli("quantize", src, "--recipe", recipe, "-o", tmp_path / "out", "--format",
+                     "gguf")
+    assert result.exit_code == FormatError.exit_code, result.output
+    assert expect in result.output and "quantize both with one scheme by rtn" in result.output
+    assert not (tmp_path / "out").exists()
+    result = run_cli("quantize", src, "--recipe", recipe, "-o", tmp_path / "native")
+    assert result.exit_code == 0, result.output
+    result = run_cli("convert", tmp_path / "native", "-o", tmp_path / "gguf", "--format", "gguf")
+    assert result.exit_code == FormatError.exit_code, result.output
+    assert expect in result.output
+    assert not (tmp_path / "gguf").exists()

@@ -1186,7 +1186,8 @@ CASES: list[Case] = [
          "(llama.cpp's gemma reads the head from the embedding)",
          lambda e: e.quantize(_gemma_model(e, "gemma", tie_word_embeddings=False), "--format",
                               "gguf", recipe=e.recipe(R_GGUF_Q4_0)), FormatError,
-         ("tie_word_embeddings False (llama.cpp's gemma reads the output head from token_embd",)),
+         ("tie_word_embeddings False (the model has its own output head; llama.cpp's gemma "
+          "reads the output head from token_embd)",)),
     Case("gguf-gemma2-no-softcap", "--format gguf for a Gemma 2 without attention soft-capping "
          "(llama.cpp's gemma2 always soft-caps)",
          lambda e: e.quantize(_gemma_model(e, query_pre_attn_scalar=16,
