@@ -94,6 +94,8 @@ GEMMA2_REQUIREMENTS = (
                 "num_attention_heads) at 46 layers"),
     Requirement("layer_types", _gemma2_layer_types,
                 "makes even layers sliding-window and odd layers global"),
+    Requirement("sliding_window", lambda v, c: isinstance(v, int) and v > 0,
+                "always limits its even layers to a sliding window (4096 when not written)"),
 )
 
 GGUF_ARCHS: dict[str, GgufArch] = {
@@ -101,9 +103,8 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "mistral": GgufArch("llama", permute_qk=True),
     "qwen2": GgufArch("qwen2", permute_qk=False),
     "qwen3": GgufArch("qwen3", permute_qk=False),
-    "gemma": GgufArch("gemma", permute_qk=False, norm_plus_one=True,
+    "gemma": GgufArch("gemma", permute_qk=False, norm_plus_one=True, head_from_embedding=True,
                       # transformers reads Gemma's legacy hidden_act "gelu" as the tanh form
-                      head_from_embedding=True,
                       requirements=(NO_ATTENTION_BIAS, _gelu("hidden_act", legacy=("gelu",)))),
     "gemma2": GgufArch("gemma2", permute_qk=False, norm_plus_one=True, head_from_embedding=True,
                        extra_keys=(("add_attn_logit_softcapping", "attn_logit_softcapping", float),

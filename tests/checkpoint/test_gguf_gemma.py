@@ -202,6 +202,8 @@ REFUSED = [
                 "layer_types": ["full_attention", "sliding_attention"]},
      "layer_types ['full_attention', 'sliding_attention'] (llama.cpp's gemma2 makes even "
      "layers sliding-window and odd layers global)"),
+    ("gemma2", {"query_pre_attn_scalar": 16, "sliding_window": None},
+     "sliding_window None (llama.cpp's gemma2 always limits its even layers to a sliding window"),
     ("gemma", {"tie_word_embeddings": False},
      "tie_word_embeddings False (the model has its own output head; llama.cpp's gemma reads "
      "the output head from token_embd)"),
@@ -212,7 +214,7 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("arch, overrides, expect", REFUSED,
-                         ids=[f"{a}-{next(iter(o), 'default')}" for a, o, _ in REFUSED])
+                         ids=[f"{a}-{list(o)[-1] if o else 'default'}" for a, o, _ in REFUSED])
 def test_what_llama_cpp_cannot_express_is_refused_before_work(tmp_path, arch, overrides,
                                                               expect):
     src = gemma_dir(tmp_path / "src", arch, **overrides)
