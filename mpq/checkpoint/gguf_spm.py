@@ -92,6 +92,20 @@ def merge_scores(data: Mapping[str, Any]) -> dict[str, float]:
     return scores
 
 
+def merge_gaps(data: Mapping[str, Any]) -> list[str]:
+    """Tokens that two vocabulary entries join into without a merge rule for that pair: llama.cpp
+    merges any adjacent pair whose text is a token, the BPE model only its rules, so such a
+    token can split text differently there (none in a tokenizer converted from SentencePiece,
+    whose merges are every such pair)."""
+    model = data.get("model") or {}
+    vocab = model.get("vocab") or {}
+    rules = {tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
+             for m in model.get("merges") or []}
+    return [token for token in vocab
+            if any(token[:k] in vocab and token[k:] in vocab and (token[:k], token[k:]) not in rules
+                   for k in range(1, len(token)))]
+
+
 def spm_vocab(folder: Path, data: Mapping[str, Any], vocab_size: int
               ) -> tuple[list[bytes], list[float], list[int]]:
     """(tokens, scores, GGUF token types) of ids 0 … vocab_size - 1 of the tokenizer saved in

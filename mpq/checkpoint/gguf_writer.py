@@ -34,6 +34,7 @@ import torch
 
 from mpq.errors import FormatError
 from mpq.checkpoint.gguf_folder import FORMAT_NAME, GGUF_FILE
+from mpq.checkpoint.gguf_spm import merge_gaps
 from mpq.checkpoint.gguf_arch import (add_arch_metadata, arch_of, config_problems, permute_rows,
                                       qk_heads, stored_norm, tensor_name)
 from mpq.checkpoint.gguf_tokenizer import (add_tokenizer, pre_tokenizer_name,
@@ -155,11 +156,17 @@ class GgufWriter:
 
     def source_warnings(self, config: dict, files: dict) -> list[str]:
         data = read_tokenizer_json(files)
-        if (data is not None and tokenizer_model(data) == "gpt2"
-                and pre_tokenizer_name(data) is None):
+        model = tokenizer_model(data) if data is not None else None
+        if model == "gpt2" and pre_tokenizer_name(data) is None:
             return ["tokenizer: its pre-tokenizer is not one llama.cpp names here; written as "
                     "'default', so llama.cpp may split text differently from the source "
                     "tokenizer"]
+        gaps = merge_gaps(data) if model == "llama" else []
+        if gaps:
+            return [f"tokenizer: {len(gaps)} token(s) (e.g. {gaps[0]!r}) join two vocabulary "
+                    "entries without a merge rule for that pair; llama.cpp's SentencePiece "
+                    "tokenizer merges any such pair, so it may split text differently from the "
+                    "source tokenizer"]
         return []
 
     # --- writing -----------------------------------------------------------------------------

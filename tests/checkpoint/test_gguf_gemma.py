@@ -248,3 +248,22 @@ def test_a_head_the_plan_unties_is_refused_by_quantize_and_convert(tmp_path):
     assert result.exit_code == FormatError.exit_code, result.output
     assert expect in result.output
     assert not (tmp_path / "gguf").exists()
+
+
+def test_a_token_joined_without_a_merge_rule_is_warned_about(tmp_path):
+    """llama.cpp's SentencePiece tokenizer merges any pair whose text is a token: a tokenizer
+    lacking the rule for one such pair (here t + he → the) may split differently there."""
+    src = gemma_dir(tmp_path / "src", "gemma2", query_pre_attn_scalar=16)
+    path = src / "tokenizer.json"
+    data = json.loads(path.read_text())
+    merges = data["model"]["merges"]
+    assert ["t", "he"] in merges or "t he" in merges
+    data["model"]["merges"] = [m for m in merges if m not in (["t", "he"], "t he")]
+    path.write_text(json.dumps(data))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    result = run_cli("quantize", src, "--recipe", recipe, "-o", tmp_path / "out", "--format",
+                     "gguf")
+    assert result.exit_code == 0, result.output
+    assert "tokenizer: 1 token(s) (e.g. 'the') join two vocabulary entries" in " ".join(
+        result.output.split())

@@ -2,7 +2,7 @@
 prefix llama.cpp adds, and the merge-rank scores."""
 from __future__ import annotations
 
-from mpq.checkpoint.gguf_spm import adds_space_prefix, merge_scores, spm_problem
+from mpq.checkpoint.gguf_spm import adds_space_prefix, merge_gaps, merge_scores, spm_problem
 
 SPACE = "\u2581"
 REPLACE = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
@@ -43,3 +43,12 @@ def test_merge_scores_rank_the_first_merge_of_each_token():
     data = bpe(normalizer=REPLACE)
     data["model"]["merges"] = ["e r", ["t", "h"], "th e", "t he", "h e"]  # both spellings
     assert merge_scores(data) == {"er": 0.0, "th": -1.0, "the": -2.0, "he": -4.0}
+
+
+def test_merge_gaps_are_tokens_joined_without_a_rule():
+    data = bpe(normalizer=REPLACE)
+    data["model"]["vocab"] = {c: i for i, c in enumerate(["t", "h", "e", "th", "he", "the"])}
+    data["model"]["merges"] = ["t h", "th e", "h e"]
+    assert merge_gaps(data) == ["the"]  # t + he is no rule
+    data["model"]["merges"].append(["t", "he"])
+    assert merge_gaps(data) == []
