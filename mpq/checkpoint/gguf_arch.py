@@ -140,6 +140,8 @@ def config_problems(config: Mapping[str, Any], tying: Any = None) -> list[str]:
     if config.get("sliding_window") and config.get("use_sliding_window"):
         problems.append("sliding-window attention (not written to GGUF metadata here)")
     arch = GGUF_ARCHS[config["model_type"]]
+    if not arch.requirements and not arch.head_from_embedding:
+        return problems
     full = with_defaults(config)
     problems.extend(p for r in arch.requirements if (p := r.problem(full, arch.arch)))
     if arch.head_from_embedding:
