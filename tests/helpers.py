@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from mpq.calibration import CalibrationOptions, build_calibration_set
 from mpq.cli.main import cli
 from mpq.config.recipe import parse_recipe
-from tests.tiny_models import model_from_config, tiny_model
+from tests.tiny_models import model_from_config, tiny_config, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent  # the repository root
 
@@ -46,6 +46,55 @@ def bpe_tokenizer():
     fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>"
                           "{% endfor %}")
     return fast
+
+
+# the pieces spm_tokenizer adds to its symbols, best first: "er" before "th" makes "ther"
+# "th" + "er" in this order, but "the" + "r" when merged left to right
+SPM_PIECES = ["er", "\u2581t", "he", "\u2581th", "in", "\u2581the", "an", "on", "\u2581a", "re",
+              "\u2581an", "\u2581and", "en", "at", "is", "\u2581s", "or", "th", "\u2581c",
+              "\u2581cat", "the", "\u2581is", "\u2581in"]
+
+
+def spm_tokenizer():
+    """A SentencePiece-style BPE tokenizer as Gemma ships it in tokenizer.json (spaces as "▁"
+    by a Replace normalizer, byte fallback to ``<0x00>`` … ``<0x7F>``, a BOS in front of every
+    text): ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3, the 128 ASCII byte tokens,
+    "▁", a–z, ".", ",", then SPM_PIECES (184 ids), and two special turn markers."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    symbols = (["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(128)]
+               + ["\u2581"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + [".", ","])
+    vocab = {s: i for i, s in enumerate(symbols + SPM_PIECES)}
+    # as transformers converts a SentencePiece BPE model: every split of a piece into two
+    # vocabulary entries is a merge, ranked by the piece
+    merges = [(piece[:k], piece[k:]) for piece in SPM_PIECES for k in range(1, len(piece))
+              if piece[:k] in vocab and piece[k:] in vocab]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>",
+                               byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
+                                                       special_tokens=[("<bos>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>", pad_token="<pad>",
+                                   additional_special_tokens=["<start_of_turn>",
+                                                              "<end_of_turn>"])
+    fast.chat_template = ("{% for m in messages %}<start_of_turn>{{ m['content'] }}"
+                          "<end_of_turn>{% endfor %}")
+    return fast
+
+
+def gemma_dir(path, arch: str, **overrides):
+    """A tiny ``arch`` model (tests.tiny_models, with ``overrides`` set on its config) and
+    spm_tokenizer, saved at ``path``."""
+    config = tiny_config(arch)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model_from_config(config).save_pretrained(path)
+    spm_tokenizer().save_pretrained(path)
+    return path
 
 
 BOS_ID = 2  # the BOS of bos_tokenizer

@@ -1,16 +1,20 @@
-"""The model's tokenizer as GGUF ``tokenizer.ggml.*`` metadata, for byte-level BPE tokenizers
-(``tokenizer.json`` with a BPE model: GPT-2, Llama 3, Qwen2, SmolLM2 …), llama.cpp's ``gpt2``
-tokenizer model.
+"""The model's tokenizer as GGUF ``tokenizer.ggml.*`` metadata, from ``tokenizer.json``: byte-level
+BPE tokenizers (GPT-2, Llama 3, Qwen2, SmolLM2 …) as llama.cpp's ``gpt2`` tokenizer model, and
+SentencePiece-style BPE tokenizers (Gemma, Llama 2: byte fallback, spaces as "▁") as its
+``llama`` model (mpq.checkpoint.gguf_spm: tokens, scores, types, add_space_prefix).  Byte-level:
 
 - tokens: id → token string for every id below the config's ``vocab_size`` (ids the tokenizer
   lacks become ``[PAD<id>]``, type UNUSED), types CONTROL for special added tokens,
   USER_DEFINED for other added tokens, NORMAL otherwise (as llama.cpp's converter does);
-- merges, special token ids, add-BOS/EOS flags and the chat template through the ``gguf``
-  package's ``SpecialVocab``; whether the tokenizer puts a BOS first is then read from the
-  tokenizer itself (mpq.calibration.conventions), which overrides what its files claim;
+- merges through the ``gguf`` package's ``SpecialVocab``;
 - ``tokenizer.ggml.pre``, llama.cpp's pre-tokenizer, recognised from ``tokenizer.json``'s
   ``pre_tokenizer`` (:func:`pre_tokenizer_name`); an unrecognised one is written as ``default``
   and the writer's pre-flight warns that llama.cpp may split text differently.
+
+Both: special token ids, add-BOS/EOS flags and the chat template through ``SpecialVocab``;
+whether the tokenizer puts a BOS first is then read from the tokenizer itself
+(mpq.calibration.conventions), which overrides what its files claim.  Other tokenizers are
+refused.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+from mpq.checkpoint.gguf_spm import adds_space_prefix, spm_problem, spm_vocab
 from mpq.errors import FormatError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -39,18 +44,29 @@ def read_tokenizer_json(files: Mapping[str, Path | str]) -> dict[str, Any] | Non
         raise FormatError(f"tokenizer.json is not valid JSON ({exc})") from None
 
 
+WRITES = "byte-level and SentencePiece-style BPE tokenizers"
+
+
+def tokenizer_model(data: Mapping[str, Any]) -> str | None:
+    """llama.cpp's tokenizer model for ``tokenizer.json`` ``data``: ``gpt2`` (byte-level BPE),
+    ``llama`` (SentencePiece-style BPE) or None (neither)."""
+    if (data.get("model") or {}).get("type") != "BPE":
+        return None
+    if _has(data.get("pre_tokenizer"), "ByteLevel"):
+        return "gpt2"
+    return "llama" if spm_problem(data) is None else None
+
+
 def tokenizer_problems(files: Mapping[str, Path | str]) -> list[str]:
     """Why the tokenizer among ``files`` cannot be written as GGUF metadata (empty: it can)."""
     data = read_tokenizer_json(files)
     if data is None:
-        return ["no tokenizer.json (format 'gguf' writes byte-level BPE tokenizers from "
-                "tokenizer.json)"]
+        return [f"no tokenizer.json (format 'gguf' writes {WRITES} from tokenizer.json)"]
     kind = (data.get("model") or {}).get("type")
     if kind != "BPE":
-        return [f"a {kind} tokenizer (format 'gguf' writes byte-level BPE tokenizers only)"]
-    if not _has(data.get("pre_tokenizer"), "ByteLevel"):
-        return ["a BPE tokenizer without byte-level pre-tokenization (SentencePiece-style; "
-                "format 'gguf' writes byte-level BPE tokenizers only)"]
+        return [f"a {kind} tokenizer (format 'gguf' writes {WRITES} only)"]
+    if tokenizer_model(data) is None:
+        return [spm_problem(data)]
     return []
 
 
@@ -119,7 +135,32 @@ def add_tokenizer(writer, files: Mapping[str, Path | str], vocab_size: int) -> N
         folder = Path(tmp)
         _materialize(files, folder)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+        model = tokenizer_model(data)
+        if model == "llama":
+            tokens, scores, types = spm_vocab(folder, data, vocab_size)
+        special = gguf.SpecialVocab(folder, load_merges=model == "gpt2", n_vocab=vocab_size)
+    if model == "gpt2":
+        tokens, types = _byte_level_vocab(tokenizer, vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre_tokenizer_name(data) or "default")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+    else:
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(adds_space_prefix(data))
+    conventions = token_conventions(tokenizer)
+    special.add_special_token["bos"] = conventions.bos_id is not None
+    special.add_special_token["eos"] = conventions.appends_eos
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _byte_level_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    import gguf
+
     reverse = {i: t for t, i in tokenizer.get_vocab().items()}
     added = {t.content: t.special for t in tokenizer.added_tokens_decoder.values()}
     tokens, types = [], []
@@ -135,11 +176,4 @@ def add_tokenizer(writer, files: Mapping[str, Path | str], vocab_size: int) -> N
         else:
             tokens.append(token)
             types.append(gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(data) or "default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    conventions = token_conventions(tokenizer)
-    special.add_special_token["bos"] = conventions.bos_id is not None
-    special.add_special_token["eos"] = conventions.appends_eos
-    special.add_to_gguf(writer, quiet=True)
+    return tokens, types

@@ -4,8 +4,9 @@ one ``model.gguf``, its model card and manifest.
 ``model.gguf`` (through the ``gguf`` package's GGUFWriter) holds
 
 - llama.cpp's architecture metadata and tensor names (mpq.checkpoint.gguf_arch: llama/mistral,
-  qwen2, qwen3; the llama family's Q/K rows permuted to llama.cpp's RoPE layout);
-- the tokenizer (mpq.checkpoint.gguf_tokenizer: byte-level BPE);
+  qwen2, qwen3, gemma, gemma2; the llama family's Q/K rows permuted to llama.cpp's RoPE layout,
+  Gemma's norm weights stored as 1 + w);
+- the tokenizer (mpq.checkpoint.gguf_tokenizer: byte-level BPE, SentencePiece-style BPE);
 - quantized layers in the GGUF block type that holds their weights exactly: the GGUF grids
   (``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1`` and the K-quants ``q4_k``, ``q5_k``,
   ``q6_k``, ``q3_k``: the native block bytes as they are), and
@@ -19,7 +20,10 @@ one ``model.gguf``, its model card and manifest.
   (format, versions, plan with per-layer results, recipe, calibration, source, pipeline, sizes).
 
 Not expressible (refused): input activation and KV-cache quantization, fused MoE experts and
-routers, online rotations, model types outside the records, RoPE scaling, non-BPE tokenizers.
+routers, online rotations, model types outside the records, RoPE scaling, configs departing from
+what llama.cpp's graph assumes (gguf_arch's requirements: untied Gemma heads, Gemma 2's
+query scale, soft-capping and layer pattern…), tokenizers other than byte-level BPE and
+SentencePiece-style BPE.
 """
 from __future__ import annotations
 
@@ -30,10 +34,12 @@ import torch
 
 from mpq.errors import FormatError
 from mpq.checkpoint.gguf_folder import FORMAT_NAME, GGUF_FILE
+from mpq.checkpoint.gguf_spm import merge_gaps
 from mpq.checkpoint.gguf_arch import (add_arch_metadata, arch_of, config_problems, permute_rows,
-                                      qk_heads, tensor_name)
+                                      qk_heads, stored_norm, tensor_name)
 from mpq.checkpoint.gguf_tokenizer import (add_tokenizer, pre_tokenizer_name,
-                                           read_tokenizer_json, tokenizer_problems)
+                                           read_tokenizer_json, tokenizer_model,
+                                           tokenizer_problems)
 from mpq.checkpoint.manifest import write_manifest
 from mpq.checkpoint.model_card import render_model_card
 from mpq.checkpoint.native import check_output_free, write_folder
@@ -138,19 +144,29 @@ class GgufWriter:
             problems.append("kv_cache scales (GGUF files store no KV-cache quantization)")
         return problems
 
-    def source_problems(self, config: dict, files: dict) -> list[str]:
-        """What of the model itself (config, tokenizer files) GGUF cannot express."""
-        return config_problems(config) + tokenizer_problems(files)
+    def source_problems(self, config: dict, files: dict, plan: Plan | None = None
+                        ) -> list[str]:
+        """What of the model itself (config, tokenizer files, and the plan's tied pair) GGUF
+        cannot express."""
+        tying = plan.tying if plan is not None else None
+        return config_problems(config, tying) + tokenizer_problems(files)
 
     def preflight(self, plan: Plan) -> list[str]:
         return []
 
     def source_warnings(self, config: dict, files: dict) -> list[str]:
         data = read_tokenizer_json(files)
-        if data is not None and pre_tokenizer_name(data) is None:
+        model = tokenizer_model(data) if data is not None else None
+        if model == "gpt2" and pre_tokenizer_name(data) is None:
             return ["tokenizer: its pre-tokenizer is not one llama.cpp names here; written as "
                     "'default', so llama.cpp may split text differently from the source "
                     "tokenizer"]
+        gaps = merge_gaps(data) if model == "llama" else []
+        if gaps:
+            return [f"tokenizer: {len(gaps)} token(s) (e.g. {gaps[0]!r}) join two vocabulary "
+                    "entries without a merge rule for that pair; llama.cpp's SentencePiece "
+                    "tokenizer merges any such pair, so it may split text differently from the "
+                    "source tokenizer"]
         return []
 
     # --- writing -----------------------------------------------------------------------------
@@ -179,7 +195,8 @@ class GgufWriter:
             out.append((tensor_name(key, arch, blocks), place(key, rows).numpy(),
                         grid.name, f"{layer.name}.blocks"))
         for name in state.dense:
-            array, kind = _dense_array(place(name, state.dense[name]), plan.storage_dtype, name)
+            tensor = stored_norm(name, place(name, state.dense[name]), arch)
+            array, kind = _dense_array(tensor, plan.storage_dtype, name)
             out.append((tensor_name(name, arch, blocks), array, kind, name))
         return sorted(out, key=lambda item: _order(item[0]))
 
@@ -191,7 +208,7 @@ class GgufWriter:
 
         out_dir = Path(out_dir)
         check_output_free(out_dir, force)
-        problems = self.source_problems(state.config, state.files)
+        problems = self.source_problems(state.config, state.files, state.plan)
         if problems:
             raise FormatError(f"format 'gguf' cannot express {'; '.join(problems)}",
                               hint="write the native format (--format mpq)")

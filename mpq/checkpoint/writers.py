@@ -115,19 +115,24 @@ def check_expressible(writer: Writer, plan: Plan, source: tuple[dict, dict] | No
                       ) -> None:
     """Raise FormatError listing the layers ``writer`` cannot store (and, given the model's
     ``source`` (config, side files), what of the model itself it cannot, for writers that say:
-    ``source_problems``)."""
+    ``source_problems(config, files, plan=)``)."""
     problems = writer.unsupported(plan)
-    if source is not None and hasattr(writer, "source_problems"):
-        problems = writer.source_problems(*source) + problems
     if plan.rotation is not None and plan.rotation.r4 and not writer.online_rotations:
         problems.append(f"rotation r4 is applied online to down_proj inputs, which format "
                         f"'{writer.name}' cannot express; use r4: false")
-    if problems:
-        shown = "; ".join(problems[:6]) + (f"; … {len(problems) - 6} more"
-                                           if len(problems) > 6 else "")
-        raise FormatError(f"format '{writer.name}' cannot express {len(problems)} layer(s): "
-                          f"{shown}", hint="change the recipe for those layers, or write the "
-                                            "native format (--format mpq)")
+    model = []
+    if source is not None and hasattr(writer, "source_problems"):
+        model = writer.source_problems(*source, plan=plan)
+    if problems or model:
+        counts = ([f"the model ({len(model)} problem(s))"] if model else []) + (
+            [f"{len(problems)} layer(s)"] if problems else [])
+        listed = model + problems
+        shown = "; ".join(listed[:6]) + (f"; … {len(listed) - 6} more"
+                                         if len(listed) > 6 else "")
+        raise FormatError(f"format '{writer.name}' cannot express {' and '.join(counts)}: "
+                          f"{shown}", hint=("change the recipe for those layers, or write the "
+                                            "native format (--format mpq)") if problems else
+                          "write the native format (--format mpq)")
 
 
 def preflight(writer: Writer, plan: Plan, strict: bool,

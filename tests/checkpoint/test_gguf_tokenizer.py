@@ -1,9 +1,11 @@
-"""llama.cpp's pre-tokenizer names recognised from tokenizer.json, and what is refused."""
+"""llama.cpp's pre-tokenizer names and tokenizer models recognised from tokenizer.json, and what
+is refused."""
 from __future__ import annotations
 
 import json
 
-from mpq.checkpoint.gguf_tokenizer import pre_tokenizer_name, tokenizer_problems
+from mpq.checkpoint.gguf_tokenizer import (pre_tokenizer_name, tokenizer_model,
+                                           tokenizer_problems)
 
 LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
           r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -29,13 +31,27 @@ def test_pre_tokenizer_names():
 
 
 def test_tokenizer_problems(tmp_path):
-    assert tokenizer_problems({}) == ["no tokenizer.json (format 'gguf' writes byte-level BPE "
-                                      "tokenizers from tokenizer.json)"]
+    writes = "byte-level and SentencePiece-style BPE tokenizers"
+    assert tokenizer_problems({}) == [f"no tokenizer.json (format 'gguf' writes {writes} from "
+                                      "tokenizer.json)"]
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps({"model": {"type": "Unigram"}}))
     assert tokenizer_problems({"tokenizer.json": path}) == [
-        "a Unigram tokenizer (format 'gguf' writes byte-level BPE tokenizers only)"]
-    path.write_text(json.dumps({"model": {"type": "BPE"}, "pre_tokenizer": {"type": "Metaspace"}}))
-    assert "without byte-level pre-tokenization" in tokenizer_problems({"tokenizer.json": path})[0]
+        f"a Unigram tokenizer (format 'gguf' writes {writes} only)"]
+    path.write_text(json.dumps({"model": {"type": "BPE"}, "pre_tokenizer": {"type": "Metaspace"},
+                                "decoder": {"type": "Sequence"}}))
+    assert tokenizer_problems({"tokenizer.json": path}) == [
+        "a BPE tokenizer that is neither byte-level nor SentencePiece-style (it lacks "
+        f"byte_fallback; format 'gguf' writes {writes} only)"]
     path.write_text(json.dumps({"model": {"type": "BPE"}, "pre_tokenizer": BYTE_LEVEL}))
     assert tokenizer_problems({"tokenizer.json": path}) == []
+    assert tokenizer_model({"model": {"type": "BPE"}, "pre_tokenizer": BYTE_LEVEL}) == "gpt2"
+
+
+def test_sentencepiece_style_bpe_is_the_llama_model(tmp_path):
+    from tests.helpers import spm_tokenizer
+
+    spm_tokenizer().save_pretrained(tmp_path)
+    path = tmp_path / "tokenizer.json"
+    assert tokenizer_problems({"tokenizer.json": path}) == []
+    assert tokenizer_model(json.loads(path.read_text())) == "llama"

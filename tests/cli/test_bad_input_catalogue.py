@@ -545,6 +545,25 @@ def _bpe_model(env: Env, arch: str = "llama") -> Path:
 R_GGUF_Q4_0 = "rules:\n  - targets: Linear\n    weights: {format: q4_0}\n"
 
 
+def _gemma_model(env: Env, arch: str = "gemma2", **overrides) -> Path:
+    """A tiny Gemma-family model (its config with ``overrides``) with the SentencePiece-style
+    tokenizer (tests.helpers.spm_tokenizer)."""
+    from tests.helpers import gemma_dir
+
+    return gemma_dir(env.tmp / arch, arch, **overrides)
+
+
+def _no_byte_fallback(env: Env) -> Path:
+    """The tiny Gemma 2 (written the way llama.cpp assumes) whose SentencePiece-style tokenizer
+    has lost byte_fallback."""
+    model = _gemma_model(env, query_pre_attn_scalar=16)
+    path = model / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["model"]["byte_fallback"] = False
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return model
+
+
 CASES: list[Case] = [
     # the source model
     Case("model-missing", "model path does not exist",
@@ -1107,7 +1126,8 @@ CASES: list[Case] = [
     Case("gguf-convert-no-exact-type", "mpq convert --format gguf of the w4a16 artifact (int4 "
          "g64, byte-level WordLevel tokenizer)",
          lambda e: ["convert", e.art, "-o", e.out, "--format", "gguf"], FormatError,
-         ("a WordLevel tokenizer (format 'gguf' writes byte-level BPE tokenizers only)",
+         ("a WordLevel tokenizer (format 'gguf' writes byte-level and SentencePiece-style BPE "
+          "tokenizers only)",
           "model.layers.0.self_attn.q_proj: int4 sym g64 fp32 scales has no exact GGUF type")),
     Case("gguf-act-order", "--format gguf with int4 g32 fp16-scale GPTQ act-order without static "
          "groups (columns grouped out of order)",
@@ -1120,7 +1140,8 @@ CASES: list[Case] = [
          "for", lambda e: e.quantize(_bpe_model(e, "gpt2"), "--format", "gguf",
                                      recipe=e.recipe(R_GGUF_Q4_0.replace(
                                          "Linear", "[Linear, Conv1D]"))),
-         FormatError, ("model type 'gpt2' (format 'gguf' writes llama, mistral, qwen2, qwen3)",)),
+         FormatError, ("model type 'gpt2' (format 'gguf' writes gemma, gemma2, llama, mistral, "
+                      "qwen2, qwen3)",)),
     Case("gguf-q4-1-symmetric", "q4_1 weights with symmetric: true (q4_1 has a float16 min per "
          "block)", lambda e: e.quantize(_bpe_model(e), recipe=e.recipe(
              "rules:\n  - targets: Linear\n    weights: {format: q4_1, symmetric: true}\n")),
@@ -1153,6 +1174,32 @@ CASES: list[Case] = [
     Case("target-vllm-int3", "--target vllm with w3a16 (vLLM's int kernels take 4 or 8 bits)",
          lambda e: e.quantize(e.src, "--target", "vllm", recipe="w3a16"), FormatError,
          ("model.layers.0.self_attn.q_proj: 3-bit weights (kernels take 4 or 8)",)),
+    # GGUF, Gemma family
+    Case("gguf-gemma2-query-scale", "--format gguf for a Gemma 2 whose query_pre_attn_scalar "
+         "(256) is not its head_dim (16), which llama.cpp's gemma2 graph assumes",
+         lambda e: e.quantize(_gemma_model(e), "--format", "gguf", recipe=e.recipe(
+             R_GGUF_Q4_0)), FormatError,
+         ("format 'gguf' cannot express the model (1 problem(s))",
+          "query_pre_attn_scalar 256 (llama.cpp's gemma2 scales queries by 1/sqrt(head_dim)",
+          "write the native format (--format mpq)")),
+    Case("gguf-gemma-untied-head", "--format gguf for a Gemma with its own output head "
+         "(llama.cpp's gemma reads the head from the embedding)",
+         lambda e: e.quantize(_gemma_model(e, "gemma", tie_word_embeddings=False), "--format",
+                              "gguf", recipe=e.recipe(R_GGUF_Q4_0)), FormatError,
+         ("tie_word_embeddings False (the model has its own output head; llama.cpp's gemma "
+          "reads the output head from token_embd)",)),
+    Case("gguf-gemma2-no-softcap", "--format gguf for a Gemma 2 without attention soft-capping "
+         "(llama.cpp's gemma2 always soft-caps)",
+         lambda e: e.quantize(_gemma_model(e, query_pre_attn_scalar=16,
+                                           attn_logit_softcapping=None),
+                              "--format", "gguf", recipe=e.recipe(R_GGUF_Q4_0)), FormatError,
+         ("attn_logit_softcapping None (llama.cpp's gemma2 always soft-caps attention logits)",)),
+    Case("gguf-spm-no-byte-fallback", "--format gguf with a '▁'-space BPE tokenizer without "
+         "byte_fallback (neither byte-level nor SentencePiece-style)",
+         lambda e: e.quantize(_no_byte_fallback(e), "--format", "gguf",
+                              recipe=e.recipe(R_GGUF_Q4_0)), FormatError,
+         ("a BPE tokenizer that is neither byte-level nor SentencePiece-style (it lacks "
+          "byte_fallback;",)),
 ]
 
 
