@@ -11,6 +11,7 @@ import torch
 from mpq.checkpoint.gguf_writer import GGUF_FILE
 from mpq.checkpoint.state import state_from_artifact
 from mpq.errors import FormatError
+from tests.checkpoint.test_gguf_writer import field, reader
 from tests.helpers import gemma_dir, run_cli, spm_tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -46,14 +47,6 @@ def written(request, tmp_path_factory):
     result = run_cli("convert", art, "-o", out, "--format", "gguf")
     assert result.exit_code == 0, result.output
     return arch, src, art, out
-
-
-def reader(out):
-    return gguf.GGUFReader(str(out / GGUF_FILE))
-
-
-def field(r, key):
-    return r.fields[key].contents()
 
 
 def test_metadata_and_tensor_names(written):
