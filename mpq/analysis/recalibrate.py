@@ -1,15 +1,20 @@
-"""``mpq drift --recalibrate``: an artifact's static scales recomputed from new traffic.
+"""``mpq drift --recalibrate``: an artifact's static scales recomputed to cover new traffic.
 
-The rule is the pipeline's: a static input scale is
+The rule is the pipeline's, applied to both data sets: a static input scale is
 :func:`mpq.numerics.activations.static_scale` of the layer's input abs-max over every token
 (collected by the pipeline's own ``input_absmax`` statistic, mpq.engine.stats), and a KV
 cache's tensors are what :class:`mpq.quantizers.kv_cache.KVObserver` makes of the keys and
-values the attention modules cache.  As in the pipeline they are measured with the weights
-quantized and the activations and cache in float (``mpq.load(..., activations=False)``), in one
-pass over each traffic sample followed by its greedy continuation (the decode tokens
-:func:`mpq.analysis.drift.measure` generated), so decode positions are covered too.  (The
-pipeline measures block by block, with the earlier blocks' KV cache already quantized; the
-difference is that cache's rounding.)
+values the attention modules cache; the abs-max (KV int: min/max) starts from the range the
+artifact's scale covers (its calibration set's, recovered exactly from the scale), so a scale
+grows where the traffic goes beyond it and never shrinks: the new artifact serves the old
+calibration's data as before.  As in the pipeline the traffic's ranges are measured with the
+weights quantized and the activations and cache in float (``mpq.load(...,
+activations=False)``), in one pass over each traffic sample followed by its greedy
+continuation (the decode tokens :func:`mpq.analysis.drift.measure` generated), so decode
+positions are covered too.  (The pipeline measures block by block, with the earlier blocks' KV
+cache already quantized; and a served model quantizes the activations upstream of each layer,
+which moves its inputs by a rounding error: a value at a new abs-max can end a rounding error
+beyond it.)
 
 Everything else is kept: the artifact is read into its canonical state
 (mpq.checkpoint.state.state_from_artifact), only ``<layer>.input_scale`` (through the run log's
@@ -26,10 +31,10 @@ from typing import Any, Iterable
 
 import torch
 
-from mpq.numerics.activations import static_scale
+from mpq.numerics.activations import grid_half_range, static_scale
 
 
-def _observe(model, plan, samples: Iterable[torch.Tensor]):
+def _observe(model, plan, log, samples: Iterable[torch.Tensor]):
     """(layer → input abs-max collector, attention name → KVObserver) after running samples."""
     from mpq.engine.stats import STATS
     from mpq.models.attention import attention_modules, tap_kv
@@ -41,8 +46,11 @@ def _observe(model, plan, samples: Iterable[torch.Tensor]):
         acts = layer.scheme.input_activations
         if acts is None or acts.dynamic:
             continue
+        module = model.get_submodule(layer.name)
         collector = inputs[layer.name] = STATS.get("input_absmax")()
-        handles.append(model.get_submodule(layer.name).register_forward_pre_hook(
+        old = log.input_scale(layer.name) * grid_half_range(acts)  # the range it covers
+        collector.add(torch.full((1, module.in_features), old, dtype=torch.float32))
+        handles.append(module.register_forward_pre_hook(
             lambda module, args, collector=collector: collector.add(args[0])))
     args = plan.kv_cache
     if args is not None and not (args.is_int and args.dynamic):
@@ -50,6 +58,7 @@ def _observe(model, plan, samples: Iterable[torch.Tensor]):
         for index, block in enumerate(blocks_of(model, layout)):
             for local, module in attention_modules(model, block):
                 observer = kv[f"{layout.blocks_path}.{index}.{local}"] = KVObserver(args)
+                observer.stats = {which: _kv_range(module, which, args) for which in "kv"}
                 handles.append(tap_kv(module, observer))
     try:
         with torch.inference_mode():
@@ -61,15 +70,30 @@ def _observe(model, plan, samples: Iterable[torch.Tensor]):
     return inputs, kv
 
 
+def _kv_range(module, which: str, args) -> tuple[torch.Tensor, ...]:
+    """The range an attention module's stored KV scale covers, as KVObserver keeps it: the
+    abs-max (fp8: a scalar per tensor, [kv_heads] per head) or (min, max) [kv_heads, 1, G]."""
+    from mpq.numerics import kv_int
+    from mpq.numerics.activations import FP8_MAX
+
+    scale = getattr(module, f"{which}_scale").float()
+    if not args.is_int:
+        absmax = scale * FP8_MAX
+        return (absmax.reshape(()) if args.granularity == "tensor" else absmax.reshape(-1),)
+    zero = getattr(module, f"{which}_zero").float()
+    return -zero * scale, (kv_int.qmax_of(args.bits) - zero) * scale
+
+
 def new_scales(path: str | Path, samples: Iterable[torch.Tensor]
                ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """(layer → new static input scale, ``<attention>.<tensor>`` → new KV tensor) of the
-    artifact at ``path`` from ``samples`` (token ids, each one forward)."""
+    artifact at ``path``, covering its old ranges and those of ``samples`` (token ids, each
+    one forward)."""
     from mpq.loader import load
 
     model = load(path, activations=False)
     plan = model.mpq_artifact.plan
-    inputs, kv = _observe(model, plan, samples)
+    inputs, kv = _observe(model, plan, model.mpq_artifact.log, samples)
     scales = {}
     for name, collector in inputs.items():
         if collector.result() is None:
@@ -92,9 +116,10 @@ def recalibration_record(original: dict | None, traffic: dict, *, source_artifac
                          decode_tokens: int, tokens: int, input_scales: int,
                          kv_tensors: int) -> dict[str, Any]:
     """The ``mpq.recalibration`` header record: that the static scales were recalibrated, from
-    which artifact, the original calibration set (hash, source, counts) and the traffic's
-    (its full provenance), and how much was measured."""
+    which artifact, by which rule, the original calibration set (hash, source, counts) and the
+    traffic's (its full provenance), and how much was measured."""
     return {"recalibrated": True, "by": "mpq drift --recalibrate", "from_artifact": source_artifact,
+            "rule": "pipeline rule over the ranges of both sets (scales only grow)",
             "original_calibration": _calibration_summary(original), "calibration": dict(traffic),
             "decode_tokens": decode_tokens, "tokens_measured": tokens,
             "input_scales": input_scales, "kv_tensors": kv_tensors}

@@ -11,6 +11,11 @@ A *static scale* is fixed at quantization time from the calibration data:
   ``[−zero × scale, (2^b − 1 − zero) × scale]`` per kv head (or head × group).  A dynamic int
   cache has no static scale.
 
+A value counts as clipped only beyond the grid by more than float rounding
+(:data:`TOLERANCE`, relative): a scale computed from an abs-max reproduces it only to an ulp,
+and a value at the calibration abs-max itself lands on the grid's end (int: code q_max + ½
+rounds to the end code, an error of half a step like any rounding).
+
 Per scale and forward, :class:`ClipStats` counts the values seen, those clipped, those beyond
 FP16's largest finite value (65504: they would overflow an fp16 run), and keeps their range
 statistics (mpq.analysis.ranges.RangeStats: abs-max, non-finite values).  Counting is exact, on
@@ -29,6 +34,8 @@ from mpq.numerics import kv_int
 from mpq.numerics.activations import FP8_MAX, grid_half_range
 from mpq.numerics.args import ActivationArgs
 from mpq.config.kv_cache import KVCacheArgs
+
+TOLERANCE = 1e-6  # relative: beyond the grid by more than fp32 rounding of scale × range
 
 
 @dataclass
@@ -81,14 +88,15 @@ class StaticScale:
         xf = x.detach().float()
         if self.kind == "input":
             scale = self.module.input_scale.to(xf.device, torch.float32)
-            return xf.abs() > grid_half_range(self.args) * scale
+            return xf.abs() > grid_half_range(self.args) * scale * (1 + TOLERANCE)
         scale = getattr(self.module, f"{self.kind}_scale").to(xf.device, torch.float32)
         if not self.args.is_int:
-            return xf.abs() > FP8_MAX * scale
+            return xf.abs() > FP8_MAX * scale * (1 + TOLERANCE)
         zero = getattr(self.module, f"{self.kind}_zero").to(xf.device, torch.float32)
         codes = kv_int.grouped(xf, self.args.group_of(xf.shape[-1])) / scale.unsqueeze(-1) \
             + zero.unsqueeze(-1)
-        return (codes < 0) | (codes > kv_int.qmax_of(self.args.bits))
+        qmax = kv_int.qmax_of(self.args.bits)
+        return (codes < -qmax * TOLERANCE) | (codes > qmax * (1 + TOLERANCE))
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "tensor": self.key, "format": self.format,
