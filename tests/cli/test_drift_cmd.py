@@ -88,6 +88,9 @@ def test_recalibrate(outlier, tmp_path):
     assert recal["calibration"]["sha256"] != recal["original_calibration"]["sha256"]
     assert recal["input_scales"] == 14 and recal["kv_tensors"] == 4
     assert "mpq.recalibration" not in old
+    shown = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert "static scales recalibrated (mpq drift --recalibrate): 14 input scales, 4 KV " \
+           "tensors from" in shown.stdout.replace("\n", " ")
     # the recalibrated artifact loads (its manifest checks out) and no longer clips there
     model = mpq.load(out)
     from mpq.calibration import CalibrationOptions, build_calibration_set
