@@ -25,7 +25,7 @@ def no_static_scale_error(path: str, plan):
                               "checks activation ranges of any model")
 
 
-def reference_model(path: str, artifact, source: str | None):
+def reference_model(artifact, source: str | None):
     """(float reference model or None, its path, why KL is not measured)."""
     from mpq.cli.eval_cmd import load_for_eval
 
@@ -63,7 +63,9 @@ def gate_failures(report, max_clipped) -> list[dict]:
                    "values it sees, in prefill or decode.")
 @click.option("--recalibrate", "recalibrate_out", default=None, type=click.Path(path_type=str),
               metavar="OUT", help="Also write a new artifact at OUT whose static scales are "
-                                  "recomputed from this traffic (weights untouched).")
+                                  "recomputed to cover this traffic as well as the original "
+                                  "calibration (the pipeline's rule; weights untouched).  The "
+                                  "gate still judges ARTIFACT.")
 @click.option("--force", is_flag=True, help="With --recalibrate: replace an existing OUT.")
 @click.option("--top", default=20, show_default=True, type=click.IntRange(min=1),
               help="Scales shown in the table (--json lists all).")
@@ -100,7 +102,7 @@ def command(artifact, data, num_samples, seq_len, seed, decode_tokens, source, m
     traffic = build_calibration_set(CalibrationOptions(source=data, num_samples=num_samples,
                                                        seq_len=seq_len, seed=seed), tokenizer)
     model = load(artifact)
-    reference, source_path, kl_note = reference_model(artifact, opened, source)
+    reference, source_path, kl_note = reference_model(opened, source)
     if reference is not None:
         check_same_vocabulary(model, artifact, reference, source_path)
     report = measure(model, traffic.samples, decode_tokens=decode_tokens, reference=reference)
