@@ -61,6 +61,7 @@ def _quantized_module(name: str, layer, local: dict[str, torch.Tensor], existing
         linear.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
     if acts is not None:
         linear.register_forward_pre_hook(quantize_inputs_hook(acts, input_scale))
+        linear.input_args, linear.input_scale = acts, input_scale  # what the hook applies
     return linear
 
 

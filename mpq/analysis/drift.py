@@ -1,7 +1,8 @@
 """Scale drift: an artifact's static scales (mpq.analysis.static_scales) against new traffic.
 
-For each traffic sample (token ids [1, L]) the quantized model — loaded with :func:`mpq.load`, on
-the reference decode path — runs
+For each traffic sample (token ids [1, L]) the quantized model — loaded with :func:`mpq.load`
+(the reference path, no packed kernels; ``mpq drift`` dequantizes the weights once up front,
+which gives the same outputs as decoding them per forward) — runs
 
 - **prefill**: one forward of the whole prompt with a fresh KV cache (``use_cache=True``);
 - **decode**: ``decode_tokens`` greedy steps, each one forward of the single new token against
@@ -119,8 +120,9 @@ class _Meter:
         kv: dict[int, dict[str, StaticScale]] = {}
         for scale in self.scales:
             if scale.kind == "input":
-                handles.append(scale.module.register_forward_pre_hook(
-                    lambda module, args, scale=scale: self._count(scale, args[0])))
+                handles.append(scale.module.register_forward_pre_hook(  # before the loader's
+                    lambda module, args, scale=scale: self._count(scale, args[0]),  # own hook
+                    prepend=True))
             else:
                 kv.setdefault(id(scale.module), {"module": scale.module})[scale.kind] = scale
         for entry in kv.values():

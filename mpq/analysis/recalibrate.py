@@ -91,7 +91,7 @@ def new_scales(path: str | Path, samples: Iterable[torch.Tensor]
     one forward)."""
     from mpq.loader import load
 
-    model = load(path, activations=False)
+    model = load(path, activations=False, dequantize=True)
     plan = model.mpq_artifact.plan
     inputs, kv = _observe(model, plan, model.mpq_artifact.log, samples)
     scales = {}

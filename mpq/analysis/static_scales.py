@@ -113,8 +113,9 @@ def _kv_limit(module: nn.Module, which: str, args: KVCacheArgs) -> float:
 
 
 def static_scales(model: nn.Module) -> list[StaticScale]:
-    """Every static scale of a model loaded with :func:`mpq.load`, in module order: the inputs of
-    QuantLinears with static input activations, then each calibrated KV cache's k and v."""
+    """Every static scale of a model loaded with :func:`mpq.load` (packed or ``dequantize=True``),
+    in module order: the inputs of linears with static input activations (their ``input_args``
+    and ``input_scale``), then each calibrated KV cache's k and v."""
     from mpq.models.attention import attention_modules
     from mpq.models.layout import blocks_of, layout_of
     from mpq.runtime.qlinear import QuantLinear
@@ -122,7 +123,7 @@ def static_scales(model: nn.Module) -> list[StaticScale]:
     out = []
     for name, module in model.named_modules():
         args = getattr(module, "input_args", None)
-        if isinstance(module, QuantLinear) and args is not None and not args.dynamic:
+        if isinstance(module, (QuantLinear, nn.Linear)) and args is not None and not args.dynamic:
             fmt = f"{args.format}{args.bits}" if args.format == "int" else args.format
             out.append(StaticScale(name, "input", fmt, float(
                 grid_half_range(args) * module.input_scale.float().max()), module, args))
