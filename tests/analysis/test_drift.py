@@ -117,3 +117,24 @@ def test_kl_to_the_float_model(tiny_llama_dir, tmp_path, monkeypatch):
     assert kl["prefill"]["tokens"] == 48 and kl["decode"]["tokens"] == 6
     assert 0 < kl["prefill"]["kl_mean"] < 0.05 and 0 < kl["decode"]["kl_mean"] < 0.05
     assert static_scales(reference) == []  # a float model has none
+
+
+def test_load_without_activation_quantization(outlier):
+    """mpq.load(activations=False): what recalibration measures on: the stored scales are
+    checked and kept, nothing is fake-quantized but the weights."""
+    _, art = outlier
+    ids = prompts("ab " * 40, n=1)[0]
+    plain = mpq.load(art, activations=False)
+    served = mpq.load(art)
+    assert [s.kind for s in static_scales(plain)] == ["k", "v"] * 2  # buffers kept, not applied
+    assert len(static_scales(served)) == 18
+    attention = plain.get_submodule("model.layers.0.self_attn")
+    assert attention.k_scale.dtype == torch.float32 and not attention._forward_pre_hooks
+    with torch.no_grad():
+        weights_only = plain(ids).logits
+        # the served model clips token 0 at block 0's inputs: its hidden states differ
+        assert not torch.allclose(served.model(ids).last_hidden_state,
+                                  plain.model(ids).last_hidden_state)
+    dense = mpq.load(art, activations=False, dequantize=True)
+    with torch.no_grad():
+        assert torch.allclose(dense(ids).logits, weights_only, atol=1e-6)
