@@ -74,6 +74,13 @@ def worst_scales(result: dict, n: int = 8) -> list[dict]:
             if worst(r) > 0]
 
 
+def slim(result: dict) -> dict:
+    """A run without the rows of scales that clip nothing (the JSON stays small)."""
+    clipping = [r for r in result["scales"] if r["prefill"]["clipped"] or r["decode"]["clipped"]]
+    return {**{k: v for k, v in result.items() if k != "scales"}, "scales_total":
+            len(result["scales"]), "scales_clipping": clipping}
+
+
 def summary(result: dict) -> dict:
     out = {"exit_code": result["exit_code"], "seconds": result["seconds"],
            "gate_failed": len(result["gate_failed"])}
@@ -195,7 +202,8 @@ def main() -> None:
               "quantize_seconds": quantize_s and round(quantize_s, 1), "commands": commands,
               "summaries": {k: summary(v) for k, v in results.items()},
               "worst": {k: worst_scales(v) for k, v in results.items()},
-              "recalibration": results["shifted"]["recalibration"], "runs": results}
+              "recalibration": results["shifted"]["recalibration"],
+              "runs": {k: slim(v) for k, v in results.items()}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
