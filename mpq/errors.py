@@ -74,7 +74,7 @@ class FormatError(MpqError):
 
 
 class EvalGateError(MpqError):
-    """An evaluation gate (--max-ppl-delta, --max-kl) was exceeded."""
+    """An evaluation gate (eval --max-ppl-delta / --max-kl, drift --max-clipped) was exceeded."""
 
     exit_code = 10
 

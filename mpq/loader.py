@@ -34,7 +34,8 @@ from mpq.runtime.qlinear import QuantLinear, quantize_inputs_hook
 
 
 def _quantized_module(name: str, layer, local: dict[str, torch.Tensor], existing: nn.Module,
-                      dequantize: bool, dtype: torch.dtype, kernels: bool) -> nn.Module:
+                      dequantize: bool, dtype: torch.dtype, kernels: bool,
+                      activations: bool = True) -> nn.Module:
     if not is_linear(existing):
         raise ArtifactError(f"artifact quantizes '{name}' but the model built from config.json "
                             f"has a {type(existing).__name__} there",
@@ -47,6 +48,8 @@ def _quantized_module(name: str, layer, local: dict[str, torch.Tensor], existing
     bias = local.pop("bias", None)
     acts = layer.scheme.input_activations
     input_scale = _input_scale(name, local.pop("input_scale", None), acts)
+    if not activations:  # checked above, not applied
+        acts, input_scale = None, None
     qw = decode(local, layer.scheme.weights, tuple(layer.shape), prefix=f"{name}.")
     if not dequantize:
         return QuantLinear(layer.scheme.weights, tuple(layer.shape), local,
@@ -58,6 +61,7 @@ def _quantized_module(name: str, layer, local: dict[str, torch.Tensor], existing
         linear.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
     if acts is not None:
         linear.register_forward_pre_hook(quantize_inputs_hook(acts, input_scale))
+        linear.input_args, linear.input_scale = acts, input_scale  # what the hook applies
     return linear
 
 
@@ -176,11 +180,12 @@ def _input_scale(name: str, scale: torch.Tensor | None, acts) -> torch.Tensor | 
     return scale
 
 
-def _attach_kv_cache(model: nn.Module, args: KVCacheArgs, tensors: dict[str, torch.Tensor]
-                     ) -> None:
+def _attach_kv_cache(model: nn.Module, args: KVCacheArgs, tensors: dict[str, torch.Tensor],
+                     activations: bool = True) -> None:
     """Take each attention module's stored KV tensors (mpq.quantizers.kv_cache.tensor_names:
     k_scale/v_scale, plus k_zero/v_zero for int; none for a dynamic scheme) out of ``tensors``
-    (checked) and make the module fake-quantize its cached keys and values with them."""
+    (checked) and make the module fake-quantize its cached keys and values with them (without
+    ``activations``: only keep them as the module's buffers)."""
     layout = layout_of(model)
     head_dim = kv_geometry(model.config)[1]
     for index, block in enumerate(blocks_of(model, layout)):
@@ -202,7 +207,11 @@ def _attach_kv_cache(model: nn.Module, args: KVCacheArgs, tensors: dict[str, tor
                     raise ArtifactError(f"tensor '{key}' must be {kind} fp32 of shape "
                                         f"{expected}, got {tuple(tensor.shape)} {tensor.dtype}")
                 found[tensor_name] = tensor
-            attach_kv_quantization(module, args, found)
+            if activations:
+                attach_kv_quantization(module, args, found)
+            else:
+                for tensor_name, tensor in found.items():
+                    module.register_buffer(tensor_name, tensor.clone())
 
 
 def compute_dtype(config, tensors: dict[str, torch.Tensor]) -> torch.dtype:
@@ -219,7 +228,7 @@ def compute_dtype(config, tensors: dict[str, torch.Tensor]) -> torch.dtype:
 
 
 def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | None = None,
-         verify: bool = True, kernels: bool = False) -> nn.Module:
+         verify: bool = True, kernels: bool = False, activations: bool = True) -> nn.Module:
     """Load the artifact at ``path`` on CPU in eval mode.
 
     ``verify``: first, before reading anything else, check every file of the folder against
@@ -237,6 +246,10 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
     usual.  Off by default: it changes an fp32 model's outputs by bf16 rounding (less than
     running the model in bf16), and evaluation keeps the reference decode.  OptionError
     together with ``dequantize=True``.  :func:`mpq.runtime.qlinear.layer_paths` lists the path of each layer.
+    ``activations=False``: weights only: input activations and the KV cache are not
+    fake-quantized (their stored scales are still checked, and the KV scales kept as the
+    attention modules' buffers): the model on which the pipeline measures static scales
+    (mpq.analysis.recalibrate).
     """
     from transformers import AutoConfig
 
@@ -270,9 +283,11 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
         except AttributeError:
             raise ArtifactError(f"artifact quantizes '{layer.name}', which the model built from "
                                 "config.json does not have") from None
-        build = _embedding_module if layer.embedding else _quantized_module
         try:
-            module = build(layer.name, layer, local, existing, dequantize, dtype, kernels)
+            module = (_embedding_module(layer.name, layer, local, existing, dequantize, dtype,
+                                        kernels) if layer.embedding else
+                      _quantized_module(layer.name, layer, local, existing, dequantize, dtype,
+                                        kernels, activations))
         except ArtifactError as exc:  # name the artifact too
             raise ArtifactError(f"{artifact.path}: {exc.message}", hint=exc.hint) from None
         model.set_submodule(layer.name, module)
@@ -291,7 +306,7 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
     except ArtifactError as exc:
         raise ArtifactError(f"{artifact.path}: {exc.message}", hint=exc.hint) from None
     if artifact.plan.kv_cache is not None:
-        _attach_kv_cache(model, artifact.plan.kv_cache, tensors)
+        _attach_kv_cache(model, artifact.plan.kv_cache, tensors, activations)
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     _check_dense_shapes(model, tensors, artifact.path)
     try:

@@ -250,3 +250,35 @@ def disk_full_at_block(monkeypatch, block: int = 1) -> None:
         return save_file(tensors, path, *args, **kwargs)
 
     monkeypatch.setattr(resume, "save_file", save_block_file)
+
+
+STATIC_RECIPE = ("mpq_recipe: 1\nname: w8a8-static\ndefaults:\n  algorithm: rtn\n"
+                 "kv_cache: {format: fp8_e4m3}\nrules:\n  - targets: [Linear]\n"
+                 "    weights: {format: int, bits: 8, granularity: channel}\n"
+                 "    input_activations: {format: int, bits: 8, dynamic: false}\n")
+LETTERS = "".join(chr(97 + (i * 7) % 26) for i in range(6000))  # every letter, no byte < 33
+
+
+def outlier_artifact(root: Path) -> tuple[Path, Path]:
+    """(source folder, artifact) of a tiny Llama with the byte tokenizer whose token 0 (every
+    byte below 33, e.g. a space) embeds as one-hot channel 0, so that the input norm of block 0
+    makes it |8| on that channel; its head is zero, so greedy decoding always emits token 0.
+    Quantized with :data:`STATIC_RECIPE` (static int8 inputs, FP8 KV cache) on 4 × 32 tokens
+    of :data:`LETTERS`, which never hold token 0."""
+    from mpq.engine.spec import RunOptions
+    from mpq.quantize import quantize
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0] = 0.0
+        model.model.embed_tokens.weight[0, 0] = 1.0
+        model.lm_head.weight.zero_()
+    src, art = root / "src", root / "art"
+    model.save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    calib = root / "letters.txt"
+    calib.write_text(LETTERS)
+    quantize(src, parse_recipe(STATIC_RECIPE, "w8a8-static"), art,
+             RunOptions(calibration=CalibrationOptions(source=str(calib), num_samples=4,
+                                                       seq_len=32)))
+    return src, art

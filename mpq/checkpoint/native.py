@@ -9,7 +9,9 @@ safetensors readers), ``mpq.format_version`` (``MAJOR.MINOR``; a reader refuses 
 ``mpq.tool_version``, ``mpq.packing``, and JSON strings ``mpq.recipe``, ``mpq.plan``,
 ``mpq.calibration``, ``mpq.source``, and, in artifacts of calibrated runs,
 ``mpq.calibration_coverage`` (mpq.calibration.coverage; a key added within format 1.x, so its
-absence means "not recorded", and it carries its own ``version``).  ``config.json`` gains a top-level ``mpq`` key (format and
+absence means "not recorded", and it carries its own ``version``), and in artifacts whose static
+scales ``mpq drift --recalibrate`` rewrote, ``mpq.recalibration`` (mpq.analysis.recalibrate: both
+calibration sets).  ``config.json`` gains a top-level ``mpq`` key (format and
 version) so a folder can be recognised without opening a shard; it also records the sha256 and
 size of every tensor file (``tensor_files``) and the name of the manifest
 (mpq.checkpoint.manifest), written last, which records the sha256 and size of every other file of

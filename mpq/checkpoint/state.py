@@ -38,7 +38,8 @@ class ArtifactState:
       without mpq's own key (each writer adds its own).
     - ``provenance``: JSON-able records written into every format's metadata: ``recipe``,
       ``calibration``, ``source``, ``pipeline``; ``calibration_coverage``
-      (mpq.calibration.coverage) only when the run had calibration data.
+      (mpq.calibration.coverage) only when the run had calibration data; ``recalibration``
+      only when ``mpq drift --recalibrate`` rewrote the static scales (mpq.analysis.recalibrate).
     - ``files``: extra files of the folder (tokenizer, model card): name → source path or text.
     - ``log``: what the run produced (mpq.config.run_log): per-layer results, static input
       scales (``log.input_scale(name)``), transform records, applied rotations.
@@ -132,7 +133,8 @@ def state_from_artifact(path: str | Path) -> ArtifactState:
     config.pop("mpq", None)
     config.pop("quantization_config", None)
     provenance = {}
-    for key in ("recipe", "calibration", "source", "pipeline", "calibration_coverage"):
+    for key in ("recipe", "calibration", "source", "pipeline", "calibration_coverage",
+                "recalibration"):
         try:
             provenance[key] = artifact.json_field(key)
         except json.JSONDecodeError as exc:

@@ -182,9 +182,9 @@ def header_metadata(state: ArtifactState, format_name: str, sizes: dict) -> dict
            "mpq.plan": dump(plan_record(state.plan, state.log)), "mpq.sizes": dump(sizes)}
     for key in ("recipe", "calibration", "source", "pipeline"):
         out[f"mpq.{key}"] = dump(state.provenance.get(key))
-    coverage = state.provenance.get("calibration_coverage")
-    if coverage is not None:  # calibrated runs only (an optional key of format 1.x)
-        out["mpq.calibration_coverage"] = dump(coverage)
+    for key in ("calibration_coverage", "recalibration"):  # optional keys of format 1.x
+        if state.provenance.get(key) is not None:  # calibrated / recalibrated artifacts only
+            out[f"mpq.{key}"] = dump(state.provenance[key])
     return out
 
 

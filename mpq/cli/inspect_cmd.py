@@ -67,6 +67,7 @@ def command(artifact, as_json):
         "packing": art.metadata.get("mpq.packing"), "recipe": art.json_field("recipe"),
         "source": art.json_field("source"), "calibration": art.json_field("calibration"),
         "calibration_coverage": art.json_field("calibration_coverage"),
+        "recalibration": art.json_field("recalibration"),
         "sizes": sizes, "plan": plan_record(art.plan, art.log), "layer_bytes": per_layer,
     }
     if layer_tensors is not None:
@@ -127,3 +128,11 @@ def command(artifact, as_json):
             console.print("calibration coverage: not recorded (written before mpq recorded it)")
     else:
         console.print("calibration: none")
+    recal = info["recalibration"]
+    if recal:
+        traffic = recal.get("calibration") or {}
+        console.print(f"static scales recalibrated ({recal.get('by')}): {recal.get('input_scales')}"
+                      f" input scales, {recal.get('kv_tensors')} KV tensors from "
+                      f"{traffic.get('source')}, {traffic.get('num_samples')} × "
+                      f"{traffic.get('seq_len')} tokens + {recal.get('decode_tokens')} decode "
+                      f"tokens each, sha256 {traffic.get('sha256')}")

@@ -38,7 +38,7 @@ def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
 
     Exit codes: 0 ok, 1 internal error, 2 usage, 3 recipe, 4 model, 5 calibration data,
     6 output path, 7 artifact, 8 scheme, 9 output format cannot express
-    the plan (or --strict pre-flight failed), 10 eval gate failed, 11 would not fit in memory,
+    the plan (or --strict pre-flight failed), 10 eval or drift gate failed, 11 would not fit in memory,
     12 work directory of another run, 13 precision policy unsafe (validate),
     130/143 interrupted by SIGINT/SIGTERM (rerun resumes).
     """
@@ -71,6 +71,9 @@ def _register_commands() -> None:
     from mpq.cli import sensitivity_cmd
 
     cli.add_command(sensitivity_cmd.command)
+    from mpq.cli import drift_cmd
+
+    cli.add_command(drift_cmd.command)
 
 
 _register_commands()

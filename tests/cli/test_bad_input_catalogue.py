@@ -564,6 +564,26 @@ def _no_byte_fallback(env: Env) -> Path:
     return model
 
 
+def _static_artifact(env: Env) -> Path:
+    """The tiny Llama quantized with static int8 input scales and an FP8 KV cache."""
+    from mpq.calibration import CalibrationOptions
+    from mpq.config.recipe import parse_recipe
+    from mpq.engine.spec import RunOptions
+    from mpq.quantize import quantize
+    from tests.helpers import LETTERS, STATIC_RECIPE
+
+    calib = env.write("letters.txt", LETTERS)
+    quantize(env.src, parse_recipe(STATIC_RECIPE, "w8a8-static"), env.tmp / "static",
+             RunOptions(calibration=CalibrationOptions(source=str(calib), num_samples=2,
+                                                       seq_len=32)))
+    return env.tmp / "static"
+
+
+def _drift(env: Env, *extra) -> list:
+    return ["drift", _static_artifact(env), "--data", env.write("t.txt", "ab " * 200),
+            "--num-samples", "1", "--seq-len", "16", "--decode-tokens", "1", *extra]
+
+
 CASES: list[Case] = [
     # the source model
     Case("model-missing", "model path does not exist",
@@ -1200,6 +1220,24 @@ CASES: list[Case] = [
                               recipe=e.recipe(R_GGUF_Q4_0)), FormatError,
          ("a BPE tokenizer that is neither byte-level nor SentencePiece-style (it lacks "
           "byte_fallback;",)),
+    # mpq drift
+    Case("drift-no-static-scale", "mpq drift of the w4a16 artifact (weights only: no static "
+         "activation or KV scale)", lambda e: ["drift", e.art, "--data", e.write("t.txt", "ab")],
+         ArtifactError, ("{art}' has no static scale to check: it quantizes no input "
+                         "activations; its KV cache is not quantized",
+                         "`input_activations: {{dynamic: false}}`")),
+    Case("drift-model-folder", "mpq drift of a model folder instead of an artifact",
+         lambda e: ["drift", e.src, "--data", e.write("t.txt", "ab")], ArtifactError,
+         ("is not an mpq artifact",)),
+    Case("drift-missing-data", "mpq drift --data naming a file that does not exist",
+         lambda e: ["drift", _static_artifact(e), "--data", e.tmp / "nope.txt"],
+         CalibrationError, ("nope.txt",)),
+    Case("drift-recalibrate-exists", "mpq drift --recalibrate OUT where OUT exists (no --force)",
+         lambda e: (e.out.mkdir(), _drift(e, "--recalibrate", e.out))[1], OutputError,
+         ("{tmp}/out' already exists", "--force")),
+    Case("drift-recalibrate-inside", "mpq drift --recalibrate OUT inside the artifact folder",
+         lambda e: _drift(e, "--recalibrate", e.tmp / "static" / "re"), OutputError,
+         ("lies inside the input folder '{tmp}/static'",)),
 ]
 
 
