@@ -35,19 +35,38 @@ def _dtype_bytes(dtype: str) -> int:
     return max(int(digits) // 8, 1) if digits else 1
 
 
+def kernel_lines(paths) -> list[str]:
+    """The kernel paths in words: counts, then each reason a layer stays on the decode path."""
+    from mpq.runtime.planned_paths import decode_reasons, path_counts
+
+    if not paths:
+        return []
+    counts = ", ".join(f"{path} {count}" for path, count in path_counts(paths).items())
+    lines = [f"kernel paths under mpq.load(kernels=True): {counts}"]
+    for reason, names in decode_reasons(paths).items():
+        more = f", … {len(names) - 3} more" if len(names) > 3 else ""
+        lines.append(f"  decode ({len(names)}): {reason}: {', '.join(names[:3])}{more}")
+    return lines
+
+
 @click.command("inspect")
 @click.argument("artifact", type=click.Path(path_type=str))
 @json_option
 def command(artifact, as_json):
-    """Show what ARTIFACT holds: per-layer scheme, sizes, provenance, and what its calibration
-    covered (sample lengths, documents cut, vocabulary share, scripts, layer input outliers)."""
+    """Show what ARTIFACT holds: per-layer scheme, sizes, the kernel path each layer takes under
+    mpq.load(kernels=True) (and why a layer stays on the reference decode), provenance, and
+    what its calibration covered (sample lengths, documents cut, vocabulary share, scripts,
+    layer input outliers)."""
     from mpq.cli.experts_view import ExpertGroup, plan_rows, routing_lines, transform_lines
     from mpq.checkpoint.native import open_artifact
     from mpq.checkpoint.sizes import header_entries, size_summary
     from mpq.config.run_log import describe_rotation, describe_transforms, plan_record
 
+    from mpq.runtime.planned_paths import path_counts, planned_paths
+
     art = open_artifact(artifact)
     per_layer = tensor_bytes_by_layer(art)
+    paths = planned_paths(art)
     info = {
         "path": str(art.path), "format_version": art.metadata.get("mpq.format_version"),
         "tool_version": art.metadata.get("mpq.tool_version"),
@@ -58,6 +77,9 @@ def command(artifact, as_json):
                   **size_summary(art.plan, header_entries(art.files))},
         "plan": plan_record(art.plan, art.log),
         "layer_bytes": per_layer,
+        "kernel_paths": {"counts": path_counts(paths),
+                         "layers": {name: {"path": p.path, "reason": p.reason}
+                                    for name, p in paths.items()}},
     }
     if as_json:
         emit_json(info)
@@ -66,7 +88,7 @@ def command(artifact, as_json):
     table = Table(title=f"{art.path} (mpq format {info['format_version']}, "
                         f"written by mpq {info['tool_version']})")
     table.add_column("layer", no_wrap=True)
-    for column in ("shape", "scheme", "algorithm", "rel. MSE", "bytes"):
+    for column in ("shape", "scheme", "algorithm", "rel. MSE", "bytes", "kernel"):
         table.add_column(column, justify="right" if column in ("rel. MSE", "bytes") else "left")
     for layer in plan_rows(art.plan):  # fused experts: one row per group of slices
         if layer.scheme is None:
@@ -77,8 +99,11 @@ def command(artifact, as_json):
                       f"{layer.shape[0]}×{layer.shape[1]}",
                       layer.scheme.describe(), layer.scheme.algorithm,
                       f"{max(errors):.2e}" if errors else "",
-                      human_bytes(sum(per_layer.get(n, 0) for n in names)))
+                      human_bytes(sum(per_layer.get(n, 0) for n in names)),
+                      "/".join(sorted({paths[n].path for n in names if n in paths})))
     console.print(table)
+    for line in kernel_lines(paths):
+        console.print(line, soft_wrap=True)
     for line in routing_lines(art.plan, art.log):
         console.print(line)
     for line in transform_lines(art.plan):
