@@ -42,7 +42,7 @@ rules:
   - targets: [Linear, Conv1D]
     weights: {format: int, bits: 4, symmetric: true, granularity: group, group_size: 64}
 """
-CHOICES = ("kernels", "fp32", "bf16", "int8", "decode", "dequantize", "emb")
+CHOICES = ("kernels", "kernels-bf16", "fp32", "bf16", "int8", "decode", "dequantize", "emb")
 
 
 def configurations(args) -> tuple[list[Config], Path]:
@@ -53,6 +53,8 @@ def configurations(args) -> tuple[list[Config], Path]:
     target, named = rows[0], dict(zip(baselines, rows[1:]))
     art = Path(args.artifact).name
     extra = {"kernels": target,
+             "kernels-bf16": Config(f"{art} (kernels, bfloat16)", "mpq", args.artifact,
+                                    "bfloat16"),
              "decode": Config(f"{art} (reference decode)", "mpq", args.artifact, load="decode"),
              "dequantize": Config(f"{art} (dequantized)", "mpq", args.artifact,
                                   load="dequantize")}

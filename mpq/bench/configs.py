@@ -121,13 +121,17 @@ def recorded_source(artifact_path: Path) -> Path | None:
     return Path(source["path"]) if source.get("path") else None
 
 
-def plan(target: str, baselines: tuple[str, ...], source: str | None) -> tuple[
-        list[Config], Path | None]:
+def plan(target: str, baselines: tuple[str, ...], source: str | None,
+         dtype: str = "auto") -> tuple[list[Config], Path | None]:
     """The rows to measure (target first, then the baselines) and the float source they come
-    from (None without baselines).  Checks every input (paths exist and are what they claim)."""
+    from (None without baselines).  ``dtype``: the compute dtype of an artifact's unquantized
+    tensors (mpq.load's ``dtype``; ``auto`` = the one it records).  Checks every input (paths
+    exist and are what they claim)."""
     path = Path(target)
     kind = target_kind(path)
-    rows = [Config(f"{path.name} (kernels)" if kind == "mpq" else path.name, kind, str(path))]
+    label = f"{path.name} (kernels{'' if dtype == 'auto' else ', ' + dtype})"
+    rows = [Config(label if kind == "mpq" else path.name, kind, str(path),
+                   dtype if kind == "mpq" else "auto")]
     if not baselines:
         return rows, None
     if source is not None:

@@ -37,7 +37,8 @@ def load(config: Config, int8_path: str | None = None):
     from mpq.runtime.qlinear import layer_paths
 
     options = {"kernels": {"kernels": True}, "decode": {}, "dequantize": {"dequantize": True}}
-    model = mpq.load(int8_path if config.kind == "int8" else config.path,
+    dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
+    model = mpq.load(int8_path if config.kind == "int8" else config.path, dtype=dtype,
                      **options[config.load])
     counts: dict[str, int] = {}
     for path in layer_paths(model).values():

@@ -17,6 +17,10 @@ from mpq.cli.options import json_option
 @click.option("--source", type=click.Path(path_type=str), default=None,
               help="The float model the baselines come from (default: the artifact's recorded "
                    "source; a model folder is its own source).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto",
+              show_default=True,
+              help="Compute dtype of an artifact's unquantized tensors (embedding, norms, a "
+                   "float head), as mpq.load's dtype: auto = the dtype the artifact records.")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
               help="Torch (and llama.cpp) threads of each measurement.")
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=32, show_default=True,
@@ -30,7 +34,7 @@ from mpq.cli.options import json_option
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Prefill and time to first token: best of this many runs.")
 @json_option
-def command(target, baselines, source, threads, prompt_tokens, new_tokens, prefill_tokens,
+def command(target, baselines, source, dtype, threads, prompt_tokens, new_tokens, prefill_tokens,
             batch, repeats, as_json):
     """Measure MODEL_OR_ARTIFACT (a model folder, an mpq artifact run on mpq.load's packed
     kernels, or a .gguf file through llama.cpp's binding) and its baselines, each in its own
@@ -44,7 +48,7 @@ def command(target, baselines, source, threads, prompt_tokens, new_tokens, prefi
     settings = Settings(threads=threads, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                         prefill_tokens=prefill_tokens, batches=parse_batches(batch),
                         repeats=repeats)
-    rows, found = plan(target, parse_baselines(baselines), source)
+    rows, found = plan(target, parse_baselines(baselines), source, dtype)
     check_lengths(rows, settings)
     console = stderr_console()
     results = runner.run(rows, settings, found, progress=lambda message: console.print(message))
