@@ -5,7 +5,9 @@ no full-size allocation); quantized layers become :class:`QuantLinear` modules h
 tensors (or plain ``nn.Linear`` with dequantized weights when ``dequantize=True``), a quantized
 input embedding a :class:`QuantEmbedding` (or its own module with the dequantized table), and a
 tied head that shares the embedding's quantized tensor (mpq.config.tying) uses the very same
-tensors; everything else is assigned from the checkpoint.  Missing or unexpected tensors and shape mismatches are
+tensors; everything else is assigned from the checkpoint.  Tensors are views of the memory-mapped
+tensor files (mpq.checkpoint.mapped), not copies; with ``kernels=True`` the stored codes of the
+packed layers are paged out once packed (mpq.memory.page_out).  Missing or unexpected tensors and shape mismatches are
 :class:`ArtifactError`.
 """
 from __future__ import annotations
@@ -15,9 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mpq.memory import page_out, release_free_memory
 from mpq.models.layout import blocks_of, is_linear, layout_of, weight_of
 from mpq.errors import ArtifactError, OptionError
-from mpq.checkpoint.native import FORMAT_NAME, open_artifact, read_tensors, written_format
+from mpq.checkpoint.mapped import map_tensors
+from mpq.checkpoint.native import FORMAT_NAME, open_artifact, written_format
 from mpq.checkpoint.verify import require_intact
 from mpq.checkpoint.native_codec import decode, split_layer_tensors
 from mpq.rotation.hadamard import RotationSpec
@@ -30,7 +34,10 @@ from mpq.models.source import build_skeleton, first_line
 from mpq.models.experts import is_fused_experts, routers, split_slice, unsupported_layout
 from mpq.runtime.qembedding import QuantEmbedding
 from mpq.runtime.qexperts import QuantExperts
+from mpq.runtime.kernels import DECODE
 from mpq.runtime.qlinear import QuantLinear, quantize_inputs_hook
+
+CONVERT_BYTES = 8 << 20  # stored bytes converted to the compute dtype at a time
 
 
 def _quantized_module(name: str, layer, local: dict[str, torch.Tensor], existing: nn.Module,
@@ -260,7 +267,7 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
         require_intact(path)
     artifact = open_artifact(path)
     config = AutoConfig.from_pretrained(artifact.path, local_files_only=True)
-    tensors = read_tensors(artifact)
+    tensors = map_tensors(artifact)  # views of the mapped files (mpq.checkpoint.mapped)
     if dtype is None:
         dtype = compute_dtype(config, tensors)
     model = build_skeleton(config, dtype)
@@ -291,6 +298,9 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
         except ArtifactError as exc:  # name the artifact too
             raise ArtifactError(f"{artifact.path}: {exc.message}", hint=exc.hint) from None
         model.set_submodule(layer.name, module)
+        if kernels:  # now, before the next layer's codes are read and decoded
+            _page_out_packed(module)
+            release_free_memory()  # the decoded codes (glibc keeps freed pages otherwise)
     for head, source in shared.items():
         plan_source = artifact.plan.get(source)
         if plan_source is None or plan_source.scheme is None or not plan_source.embedding:
@@ -307,7 +317,7 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
         raise ArtifactError(f"{artifact.path}: {exc.message}", hint=exc.hint) from None
     if artifact.plan.kv_cache is not None:
         _attach_kv_cache(model, artifact.plan.kv_cache, tensors, activations)
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    tensors = _to_dtype(tensors, dtype)
     _check_dense_shapes(model, tensors, artifact.path)
     try:
         result = model.load_state_dict(tensors, strict=False, assign=True)
@@ -326,8 +336,38 @@ def load(path: str | Path, *, dequantize: bool = False, dtype: torch.dtype | Non
         raise ArtifactError(f"{artifact.path}: missing tensor(s) {', '.join(missing[:5])}",
                             hint="the artifact is incomplete; re-run mpq quantize")
     _install_online_rotations(model, artifact.log)
+    if kernels:
+        _page_out_packed(model)
+    release_free_memory()  # the transient buffers of decoding and packing
     model.mpq_artifact = artifact
     return model.eval()
+
+
+def _page_out_packed(model: nn.Module) -> None:
+    """The stored tensors of the layers packed for a kernel are not read again by forwards:
+    hand their file pages back (they stay buffers, read back from the file if ever used)."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.path != DECODE:
+            page_out(module.buffers(recurse=False))
+
+
+def _to_dtype(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Float tensors in ``dtype``.  A tensor that needs converting is copied CONVERT_BYTES at a
+    time, the file pages of each piece handed back once copied, so a large table never has its
+    stored and converted forms resident together."""
+    out = {}
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point() or tensor.dtype == dtype:
+            out[key] = tensor
+            continue
+        converted = torch.empty(tensor.shape, dtype=dtype)
+        flat_in, flat_out = tensor.reshape(-1), converted.view(-1)
+        step = max(CONVERT_BYTES // tensor.element_size(), 1)
+        for start in range(0, flat_in.numel(), step):
+            flat_out[start:start + step].copy_(flat_in[start:start + step])
+            page_out([flat_in[start:start + step]])
+        out[key] = converted
+    return out
 
 
 def _check_dense_shapes(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -35,31 +35,50 @@ def _dtype_bytes(dtype: str) -> int:
     return max(int(digits) // 8, 1) if digits else 1
 
 
+def kernel_lines(paths) -> list[str]:
+    """The kernel paths in words: counts, then each reason a layer stays on the decode path."""
+    from mpq.runtime.planned_paths import decode_reasons, path_counts
+
+    if not paths:
+        return []
+    counts = ", ".join(f"{path} {count}" for path, count in path_counts(paths).items())
+    lines = [f"kernel paths under mpq.load(kernels=True): {counts}"]
+    for reason, names in decode_reasons(paths).items():
+        more = f", … {len(names) - 3} more" if len(names) > 3 else ""
+        lines.append(f"  decode ({len(names)}): {reason}: {', '.join(names[:3])}{more}")
+    return lines
+
+
 @click.command("inspect")
 @click.argument("artifact", type=click.Path(path_type=str))
 @json_option
 def command(artifact, as_json):
-    """Show what ARTIFACT holds: per-layer scheme, sizes, provenance, and what its calibration
-    covered (sample lengths, documents cut, vocabulary share, scripts, layer input outliers).
-    ARTIFACT is a native folder, or a GGUF folder mpq wrote (each layer's GGUF type shown)."""
+    """Show what ARTIFACT holds: per-layer scheme, sizes, the kernel path each layer takes under
+    mpq.load(kernels=True) (and why a layer stays on the reference decode), provenance, and
+    what its calibration covered (sample lengths, documents cut, vocabulary share, scripts,
+    layer input outliers).  ARTIFACT is a native folder, or a GGUF folder mpq wrote (each
+    layer's GGUF type shown; mpq.load does not run GGUF, so no kernel paths)."""
     from mpq.cli.experts_view import ExpertGroup, plan_rows, routing_lines, transform_lines
     from mpq.checkpoint.native import open_artifact
     from mpq.checkpoint.sizes import header_entries, size_summary
     from mpq.config.run_log import describe_rotation, describe_transforms, plan_record
 
     from mpq.checkpoint.gguf_folder import is_gguf_folder, open_gguf_folder
+    from mpq.runtime.planned_paths import path_counts, planned_paths
 
     if is_gguf_folder(artifact):  # sizes as the writer recorded them; bytes from the GGUF
         art = open_gguf_folder(artifact)
         layer_tensors = art.layer_tensors()
         per_layer = {name: nbytes for name, (_, nbytes) in layer_tensors.items()}
         sizes = {**(art.json_field("sizes") or {}), "files_bytes": art.tensor_bytes()}
+        paths = None
     else:
         art = open_artifact(artifact)
         layer_tensors = None
         per_layer = tensor_bytes_by_layer(art)
         sizes = {**(art.json_field("sizes") or {}), "files_bytes": art.tensor_bytes(),
                  **size_summary(art.plan, header_entries(art.files))}
+        paths = planned_paths(art)
     info = {
         "path": str(art.path), "format": art.metadata.get("mpq.format", "mpq"),
         "format_version": art.metadata.get("mpq.format_version"),
@@ -69,6 +88,9 @@ def command(artifact, as_json):
         "calibration_coverage": art.json_field("calibration_coverage"),
         "recalibration": art.json_field("recalibration"),
         "sizes": sizes, "plan": plan_record(art.plan, art.log), "layer_bytes": per_layer,
+        "kernel_paths": None if paths is None else {
+            "counts": path_counts(paths),
+            "layers": {name: {"path": p.path, "reason": p.reason} for name, p in paths.items()}},
     }
     if layer_tensors is not None:
         info["gguf_types"] = {name: kind for name, (kind, _) in layer_tensors.items()}
@@ -79,7 +101,9 @@ def command(artifact, as_json):
     table = Table(title=f"{art.path} ({info['format']} format {info['format_version']}, "
                         f"written by mpq {info['tool_version']})")
     table.add_column("layer", no_wrap=True)
-    for column in ("shape", "scheme", "algorithm", "rel. MSE", "bytes"):
+    columns = ("shape", "scheme", "algorithm", "rel. MSE", "bytes") + (("kernel",) if paths
+                                                                         is not None else ())
+    for column in columns:
         table.add_column(column, justify="right" if column in ("rel. MSE", "bytes") else "left")
     for layer in plan_rows(art.plan):  # fused experts: one row per group of slices
         if layer.scheme is None:
@@ -92,8 +116,12 @@ def command(artifact, as_json):
                                                  if names[0] in info.get("gguf_types", {})
                                                  else ""), layer.scheme.algorithm,
                       f"{max(errors):.2e}" if errors else "",
-                      human_bytes(sum(per_layer.get(n, 0) for n in names)))
+                      human_bytes(sum(per_layer.get(n, 0) for n in names)),
+                      *(() if paths is None else
+                        ("/".join(sorted({paths[n].path for n in names if n in paths})),)))
     console.print(table)
+    for line in kernel_lines(paths) if paths is not None else ():
+        console.print(line, soft_wrap=True)
     for line in routing_lines(art.plan, art.log):
         console.print(line)
     for line in transform_lines(art.plan):

@@ -68,6 +68,9 @@ def _register_commands() -> None:
     from mpq.cli import validate_cmd
 
     cli.add_command(validate_cmd.command)
+    from mpq.cli import bench_cmd
+
+    cli.add_command(bench_cmd.command)
     from mpq.cli import sensitivity_cmd
 
     cli.add_command(sensitivity_cmd.command)

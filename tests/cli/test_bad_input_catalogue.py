@@ -133,6 +133,12 @@ def _gptq_artifact(env: Env) -> Path:
     return env.tmp / "gptq"
 
 
+def _llama_cpp_installed() -> str | None:
+    import importlib.util
+
+    return "llama_cpp is installed here" if importlib.util.find_spec("llama_cpp") else None
+
+
 def _optimum_installed() -> str | None:
     import importlib.util
 
@@ -1238,6 +1244,31 @@ CASES: list[Case] = [
     Case("drift-recalibrate-inside", "mpq drift --recalibrate OUT inside the artifact folder",
          lambda e: _drift(e, "--recalibrate", e.tmp / "static" / "re"), OutputError,
          ("lies inside the input folder '{tmp}/static'",)),
+    # mpq bench
+    Case("bench-missing-path", "mpq bench of a path that does not exist",
+         lambda e: ["bench", e.tmp / "nope"], ModelError, ("'{tmp}/nope' does not exist",)),
+    Case("bench-not-gguf-file", "mpq bench of a file that is not a .gguf file",
+         lambda e: ["bench", e.write("model.bin", "x")], ModelError,
+         ("'{tmp}/model.bin' is a file but not a .gguf file",)),
+    Case("bench-gguf-no-binding", "mpq bench of a .gguf file where llama.cpp's Python binding "
+         "is not installed", lambda e: ["bench", e.write("m.gguf", "GGUF")], ModelError,
+         ("llama.cpp's Python binding (llama_cpp) is not installed", "pip install "
+          "llama-cpp-python"), skip=lambda: _llama_cpp_installed()),
+    Case("bench-batch-not-integers", "mpq bench --batch 1,x",
+         lambda e: ["bench", e.art, "--batch", "1,x"], OptionError,
+         ("--batch '1,x' is not a comma-separated list of integers",)),
+    Case("bench-batch-repeated", "mpq bench --batch 8,0,8 (a zero and a repeat)",
+         lambda e: ["bench", e.art, "--batch", "8,0,8"], OptionError,
+         ("batch sizes must be distinct integers ≥ 1",)),
+    Case("bench-unknown-baseline", "mpq bench --baselines fp32,bf61",
+         lambda e: ["bench", e.art, "--baselines", "fp32,bf61"], OptionError,
+         ("unknown baseline 'bf61'", "did you mean 'bf16'?")),
+    Case("bench-source-missing", "mpq bench --source of a folder that does not exist",
+         lambda e: ["bench", e.art, "--source", e.tmp / "gone"], ModelError,
+         ("source model '{tmp}/gone' (from --source) does not exist",)),
+    Case("bench-prefill-too-long", "mpq bench --prefill-tokens beyond the model's positions",
+         lambda e: ["bench", e.art, "--baselines", "none", "--prefill-tokens", "4096"],
+         OptionError, ("has 128 positions; this run needs 4096",)),
 ]
 
 
