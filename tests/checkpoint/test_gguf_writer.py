@@ -62,9 +62,13 @@ rules:
 """
 K_TYPES = {"q_proj": "Q5_K", "k_proj": "Q3_K", "v_proj": "Q6_K", "o_proj": "Q4_K",
            "gate_proj": "Q4_K", "up_proj": "Q4_K", "down_proj": "Q6_K"}
+# the same on qwen2 with k_proj on iq4_nl (q4_0 stays covered by up_proj's int4)
+IQ_MIXED = MIXED.replace('["re:.*k_proj"]\n    weights: {format: q4_0}',
+                         '["re:.*k_proj"]\n    weights: {format: iq4_nl}')
+IQ_TYPES = {**TYPES, "k_proj": "IQ4_NL"}
 # per model: (recipe, linear types, embedding type, head type, general.file_type)
 WRITTEN = {"llama_tied": (MIXED, TYPES, "Q8_0", "Q8_0", "MOSTLY_Q8_0"),
-           "qwen2": (MIXED, TYPES, "Q8_0", "Q8_0", "MOSTLY_Q8_0"),
+           "qwen2": (IQ_MIXED, IQ_TYPES, "Q8_0", "Q8_0", "MOSTLY_Q8_0"),
            "llama_wide": (K_MIXED, K_TYPES, "Q4_K", "Q6_K", "MOSTLY_Q4_K_M")}
 
 
