@@ -9,7 +9,7 @@ one ``model.gguf``, its model card and manifest.
 - the tokenizer (mpq.checkpoint.gguf_tokenizer: byte-level BPE, SentencePiece-style BPE);
 - quantized layers in the GGUF block type that holds their weights exactly: the GGUF grids
   (``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1`` and the K-quants ``q4_k``, ``q5_k``,
-  ``q6_k``, ``q3_k``: the native block bytes as they are), and
+  ``q6_k``, ``q3_k`` and ``iq4_nl``: the native block bytes as they are), and
   ``int`` 4/5-bit symmetric weights in groups of 32 with ``scale_dtype: fp16`` (without act-order
   unless with static groups), which are q4_0/q5_0 blocks with d = the scale.  Any other scheme
   is refused before work (exit 9), naming the layer;
@@ -51,10 +51,11 @@ from mpq.config.plan import Plan
 from mpq.numerics.args import WeightArgs
 from mpq.numerics.base import NUMBER_FORMATS, QuantizedWeight
 from mpq.numerics.format import NumberFormat
+from mpq.numerics.gguf_iq4nl import IQ4_NL
 from mpq.numerics.gguf_kquants import GGUF_KQUANTS
 from mpq.numerics.gguf_legacy import GGUF_BLOCK, GGUF_LEGACY
 
-GRID_NAMES = tuple(f.name for f in (*GGUF_LEGACY, *GGUF_KQUANTS))
+GRID_NAMES = tuple(f.name for f in (*GGUF_LEGACY, *GGUF_KQUANTS, IQ4_NL))
 INT_AS_GGUF = {4: "q4_0", 5: "q5_0"}  # int b-bit sym g32 fp16 scales ≡ these blocks
 FLOAT_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16",
@@ -62,7 +63,7 @@ FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16",
               "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1",
               # llama.cpp names its K-quant files by mix; the medium one where it has several
               "q4_k": "MOSTLY_Q4_K_M", "q5_k": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K",
-              "q3_k": "MOSTLY_Q3_K_M"}
+              "q3_k": "MOSTLY_Q3_K_M", "iq4_nl": "MOSTLY_IQ4_NL"}
 
 
 def gguf_grid(args: WeightArgs, options: dict) -> NumberFormat | str:

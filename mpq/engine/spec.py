@@ -38,6 +38,7 @@ from mpq.models.layout import ModelLayout, blocks_of, describe_layers, layout_of
 from mpq.models.source import (check_float_source, check_model_dir, max_positions, read_config,
                                side_files)
 from mpq.models.stored_tensors import check_stored_tensors
+from mpq.numerics.gguf_iq4nl import IQ4_NL
 from mpq.numerics.gguf_kquants import GGUF_KQUANTS
 from mpq.numerics.gguf_legacy import GGUF_LEGACY
 from mpq.quantizers.base import QUANTIZERS, scheme_needs, scheme_wants
@@ -260,7 +261,7 @@ def with_storage_dtype(plan: Plan, recipe: Recipe, source_dir: Path,
 
 EMBEDDING_FORMATS = {"int": ("channel", "group"), "fp8_e4m3": ("channel",),
                      **{fmt.name: ("group",)  # GGUF blocks and super-blocks: by row
-                        for fmt in (*GGUF_LEGACY, *GGUF_KQUANTS)}}
+                        for fmt in (*GGUF_LEGACY, *GGUF_KQUANTS, IQ4_NL)}}
 
 
 def check_embedding_schemes(plan: Plan, recipe: Recipe) -> None:

@@ -195,8 +195,9 @@ class KQuantColumns(InOrderColumns):
         return self.scale.transpose(0, 1).contiguous(), zero
 
 
-# llama.cpp's fallbacks: q4_k → q5_0, q5_k → q5_1, q6_k → q8_0; q3_k → iq4_nl, which mpq does
-# not have: q4_0 (the same size, 4.5 bits, a uniform grid)
+# llama.cpp's fallbacks (src/llama-quant.cpp of llama-cpp-python 0.3.36's llama.cpp, and measured
+# on SmolLM2: benchmarks/results/llama_cpp_q3_k_m_types.md): q4_k → q5_0, q5_k → q5_1,
+# q6_k → q8_0, q3_k → q4_0 (iq4_nl is the fallback of its i-quants iq1–iq3 and iq4_xs)
 Q4_K = KQuantGrid("q4_k", 4, 32, True, BlockLayout(144, pack.pack_q4_k, pack.unpack_q4_k),
                   "q5_0")
 Q5_K = KQuantGrid("q5_k", 5, 32, True, BlockLayout(176, pack.pack_q5_k, pack.unpack_q5_k),

@@ -174,14 +174,15 @@ class GgufLegacyGrid(GgufBlockFormat):
 
 
 class GgufLegacyColumns(InOrderColumns):
-    """GPTQ on a legacy GGUF grid (:class:`mpq.numerics.format.ColumnGrid`): a block's d (and m)
-    from the current weights when the solve reaches its first column (static groups: from the
-    original weights up front)."""
+    """GPTQ on a 32-wide GGUF block grid, the legacy types and iq4_nl
+    (:class:`mpq.numerics.format.ColumnGrid`): a block's d (and m) from the current weights when
+    the solve reaches its first column (static groups: from the original weights up front); the
+    format gives ``block_params``, ``codes_of`` and ``values_of``."""
 
     def __init__(self, args: WeightArgs, w0: torch.Tensor, num_groups: int, dynamic: bool,
                  choose_params: ParamChooser | None = None):
         n, k = w0.shape
-        self.fmt: GgufLegacyGrid = NUMBER_FORMATS.get(args.format)
+        self.fmt = NUMBER_FORMATS.get(args.format)
         self.d = torch.zeros((num_groups, n), dtype=torch.float32, device=w0.device)
         self.m = torch.zeros_like(self.d) if self.fmt.with_min else None
         self.codes = torch.empty((k, n), dtype=torch.uint8, device=w0.device)

@@ -62,9 +62,13 @@ rules:
 """
 K_TYPES = {"q_proj": "Q5_K", "k_proj": "Q3_K", "v_proj": "Q6_K", "o_proj": "Q4_K",
            "gate_proj": "Q4_K", "up_proj": "Q4_K", "down_proj": "Q6_K"}
+# the same on qwen2 with k_proj on iq4_nl (q4_0 stays covered by up_proj's int4)
+IQ_MIXED = MIXED.replace('["re:.*k_proj"]\n    weights: {format: q4_0}',
+                         '["re:.*k_proj"]\n    weights: {format: iq4_nl}')
+IQ_TYPES = {**TYPES, "k_proj": "IQ4_NL"}
 # per model: (recipe, linear types, embedding type, head type, general.file_type)
 WRITTEN = {"llama_tied": (MIXED, TYPES, "Q8_0", "Q8_0", "MOSTLY_Q8_0"),
-           "qwen2": (MIXED, TYPES, "Q8_0", "Q8_0", "MOSTLY_Q8_0"),
+           "qwen2": (IQ_MIXED, IQ_TYPES, "Q8_0", "Q8_0", "MOSTLY_Q8_0"),
            "llama_wide": (K_MIXED, K_TYPES, "Q4_K", "Q6_K", "MOSTLY_Q4_K_M")}
 
 
@@ -182,13 +186,28 @@ def test_transformers_runs_the_gguf_like_the_native_artifact(written):
     assert torch.allclose(a, b, atol=1e-5, rtol=0), float((a - b).abs().max())
 
 
-# preset, model → GGUF types of (attn_q, attn_v, ffn_down of blocks 0 and 1, output, token_embd)
+IQ4_NL_GPTQ = """mpq_recipe: 1
+defaults: {algorithm: rtn}
+rules:
+  - targets: [Embedding, lm_head]
+    weights: {format: iq4_nl}
+  - targets: [Linear]
+    algorithm: gptq
+    weights: {format: iq4_nl}
+"""
+# preset (or recipe text), model → GGUF types of (attn_q, attn_v, ffn_down of blocks 0 and 1, output, token_embd)
 PRESET_TYPES = [
     ("gguf-q4_0-gptq", "llama", ("Q4_0", "Q4_0", "Q4_0", "Q4_0", "Q8_0", "Q8_0")),
     # 256 divides every input: llama.cpp's Q4_K_M mix (blocks 0 and 1 are "first eighth")
     ("gguf-q4_k_m-gptq", "llama_wide", ("Q4_K", "Q6_K", "Q6_K", "Q6_K", "Q6_K", "Q6_K")),
     # 64 inputs: every K-quant falls back (q4_k → q5_0, q6_k → q8_0)
     ("gguf-q4_k_m-gptq", "llama", ("Q5_0", "Q8_0", "Q8_0", "Q8_0", "Q8_0", "Q8_0")),
+    # llama.cpp's Q3_K_M mix: q3_k, q5_k for the first v_proj and down_proj, q4_k further on
+    ("gguf-q3_k_m-gptq", "llama_wide", ("Q3_K", "Q5_K", "Q5_K", "Q4_K", "Q6_K", "Q6_K")),
+    # 64 inputs: q3_k → q4_0, q5_k → q5_1, q4_k → q5_0, q6_k → q8_0
+    ("gguf-q3_k_m-gptq", "llama", ("Q4_0", "Q5_1", "Q5_1", "Q5_0", "Q8_0", "Q8_0")),
+    # a recipe file: GPTQ onto iq4_nl, embedding and head by RTN
+    (IQ4_NL_GPTQ, "llama", ("IQ4_NL",) * 6),
 ]
 
 
@@ -201,6 +220,9 @@ def test_quantize_writes_gguf_directly(tmp_path, preset, arch, types):
     out = tmp_path / "out"
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(["the cat sat on the mat and ran in the sun"] * 300))
+    if "\n" in preset:
+        (tmp_path / "r.yaml").write_text(preset)
+        preset = tmp_path / "r.yaml"
     result = run_cli("quantize", src, "--recipe", preset, "--calib", calib,
                      "--num-samples", "4", "--seq-len", "64", "-o", out, "--format", "gguf")
     assert result.exit_code == 0, result.output
@@ -209,6 +231,13 @@ def test_quantize_writes_gguf_directly(tmp_path, preset, arch, types):
              "blk.1.ffn_down.weight", "output.weight", "token_embd.weight")
     assert tuple(tensors[n].tensor_type.name for n in names) == types
     assert tensors["output_norm.weight"].tensor_type.name == "F32"
+    if types[0] == "IQ4_NL":  # llama.cpp's view of the weights is close to the source's
+        assert field(reader(out), "general.file_type") == int(gguf.LlamaFileType.MOSTLY_IQ4_NL)
+        from safetensors.torch import load_file
+        source = load_file(src / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+        t = tensors["blk.0.ffn_down.weight"]
+        theirs = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))
+        assert float((theirs - source).norm() / source.norm()) < 0.15
 
 
 @pytest.mark.parametrize("weights, expect", [

@@ -54,6 +54,19 @@ def test_every_preset_resolves_on_a_llama(name):
                                "o_proj": "q5_0", "gate_proj": "q5_0", "up_proj": "q5_0",
                                "down_proj": "q6_k", "lm_head": "q8_0"}
             return
+        if name == "gguf-q3_k_m-gptq":  # as llama.cpp's Q3_K_M of SmolLM2 (576 inputs)
+            formats = {p.name: p.scheme.weights.format for p in plan.quantized()}
+            assert formats.pop("lm_head") == "q8_0"
+            assert formats.pop("model.layers.0.mlp.down_proj") == "q5_k"
+            assert formats.pop("model.layers.1.mlp.down_proj") == "q4_k"
+            assert formats.pop("model.layers.0.self_attn.v_proj") == "q5_1"
+            assert formats.pop("model.layers.1.self_attn.v_proj") == "q5_1"
+            assert {n.split(".", 3)[-1]: f for n, f in formats.items()} == {
+                "self_attn.q_proj": "q4_0", "self_attn.k_proj": "q4_0",
+                "self_attn.o_proj": "q5_0", "mlp.gate_proj": "q4_0", "mlp.up_proj": "q4_0"}
+            assert {p.scheme.algorithm for p in plan.quantized() if p.name != "lm_head"} == {
+                "gptq"}
+            return
         assert {p.reason for p in plan.quantized() if p.name != "lm_head"} == {
             "rule 1 (Linear)"}
         return
@@ -242,6 +255,24 @@ def test_q4_k_m_preset_picks_llama_cpps_q6_k_layers_for_30_blocks():
     v_proj = {layer.block for layer in plan.quantized()  # 576 inputs: q6_k falls back to q8_0
               if layer.name.endswith("v_proj") and layer.scheme.weights.format == "q8_0"}
     assert v_proj == wide
+
+
+def test_q3_k_m_preset_is_llama_cpps_mix_for_30_blocks():
+    """The types llama.cpp's own Q3_K_M gives SmolLM2-135M
+    (benchmarks/results/llama_cpp_q3_k_m_types.md)."""
+    plan = resolve(load_recipe("gguf-q3_k_m-gptq"), llama_layers(30), OTHER)
+    types: dict[tuple[str, str], set[int]] = {}
+    for layer in plan.quantized():
+        if layer.block is not None:
+            kind = layer.name.rsplit(".", 1)[1]
+            types.setdefault((kind, layer.scheme.weights.format), set()).add(layer.block)
+    every = set(range(30))
+    assert types == {("q_proj", "q4_0"): every, ("k_proj", "q4_0"): every,
+                     ("gate_proj", "q4_0"): every, ("up_proj", "q4_0"): every,
+                     ("o_proj", "q5_0"): every, ("v_proj", "q5_1"): {0, 1},
+                     ("v_proj", "q5_0"): every - {0, 1}, ("down_proj", "q5_k"): {0},
+                     ("down_proj", "q4_k"): every - {0}}
+    assert plan.get("lm_head").scheme.weights.format == "q8_0"
 
 
 def test_layer_plan_defaults():

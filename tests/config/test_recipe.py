@@ -13,7 +13,8 @@ from mpq.numerics.args import WeightArgs
 PRESETS = ("w8a16", "w4a16", "w4a16-asym", "w4a16-channel", "w3a16", "fp8-weights", "nf4",
            "nf4-dq", "w4a16-gptq", "w4a16-channel-gptq", "w3a16-gptq", "w8a8-int8", "w8a8-fp8",
            "w4a16-awq", "w4a16-gptq-compact", "w4a16-gptq-g32-compact", "w5a16-gptq-compact",
-           "w4a16-tuned", "w3a16-tuned", "gguf-q4_0-gptq", "gguf-q4_k_m-gptq")
+           "w4a16-tuned", "w3a16-tuned", "gguf-q4_0-gptq", "gguf-q4_k_m-gptq",
+           "gguf-q3_k_m-gptq")
 
 
 def parse(text: str, **kwargs) -> Recipe:
@@ -130,8 +131,9 @@ def test_every_preset_loads(name):
     body = recipe.rules[-1]
     if name.endswith("-compact") or name.startswith("gguf-"):
         # the input embedding and the head (int8 per row, GGUF q8_0 or q6_k) by RTN first;
-        # llama.cpp's Q4_K_M mix has a q6_k rule for some v_proj and down_proj in between
-        assert len(recipe.rules) == (3 if name == "gguf-q4_k_m-gptq" else 2)
+        # llama.cpp's Q4_K_M mix has a q6_k rule for some v_proj and down_proj in between,
+        # its Q3_K_M mix a q5_k and a q4_k rule
+        assert len(recipe.rules) == {"gguf-q4_k_m-gptq": 3, "gguf-q3_k_m-gptq": 4}.get(name, 2)
         assert recipe.rules[0].targets == ("Embedding", "lm_head")
         assert recipe.rules[0].scheme.algorithm == "rtn"
         if name.endswith("-compact"):
@@ -157,7 +159,8 @@ def test_preset_schemes_and_descriptions():
                       "w4a16-gptq-g32-compact": "int4 asym g32",
                       "w5a16-gptq-compact": "int5 sym g64",
                       "w4a16-tuned": "int4 sym g64", "w3a16-tuned": "int3 sym g64",
-                      "gguf-q4_0-gptq": "q4_0", "gguf-q4_k_m-gptq": "q4_k"}
+                      "gguf-q4_0-gptq": "q4_0", "gguf-q4_k_m-gptq": "q4_k",
+                      "gguf-q3_k_m-gptq": "q3_k"}
     presets = list_presets()
     assert set(presets) == set(PRESETS)
     assert "128" in presets["w4a16"] and "576" in presets["w4a16"]
