@@ -57,6 +57,15 @@ class GgufBlockFormat(NumberFormat):
                     prefix)
         return self.from_blocks(rows, args, shape)
 
+    def split_blocks(self, rows: torch.Tensor, shape: tuple[int, int]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row bytes as blocks [N, K/block, type_size] and each block's leading float16 step
+        d as fp32 [N, K/block] (the blocks that start with one: the legacy types, iq4_nl)."""
+        n, k = shape
+        blocks = rows.reshape(n, k // self.block, self.type_size)
+        step = blocks[..., 0:2].contiguous().view(torch.float16).reshape(n, -1)
+        return blocks, step.to(torch.float32)
+
     def native_bytes(self, args: WeightArgs, shape: tuple[int, int], *,
                      act_order: bool = False) -> int:
         n, k = shape

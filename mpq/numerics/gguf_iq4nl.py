@@ -119,9 +119,7 @@ class Iq4NlGrid(GgufBlockFormat):
                     ) -> QuantizedWeight:
         """Inverse of :meth:`to_blocks`."""
         n, k = shape
-        nb = k // GGUF_BLOCK
-        b = rows.reshape(n, nb, self.type_size)
-        d = b[..., 0:2].contiguous().view(torch.float16).reshape(n, nb).to(torch.float32)
+        b, d = self.split_blocks(rows, shape)
         qs = b[..., 2:]
         codes = torch.cat([qs & 15, qs >> 4], dim=-1)
         return QuantizedWeight(args=args, shape=shape, codes=codes.reshape(n, k), scale=d)

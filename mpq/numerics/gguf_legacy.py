@@ -143,8 +143,7 @@ class GgufLegacyGrid(GgufBlockFormat):
         """Inverse of :func:`to_blocks`."""
         n, k = shape
         nb = k // GGUF_BLOCK
-        b = rows.reshape(n, nb, self.type_size)
-        d = b[..., 0:2].contiguous().view(torch.float16).reshape(n, nb).to(torch.float32)
+        b, d = self.split_blocks(rows, shape)
         pos = 2
         m = None
         if self.with_min:
