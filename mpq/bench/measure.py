@@ -10,7 +10,7 @@
 - prefill: one forward of ``prefill_tokens`` tokens without cache, best of ``repeats`` after a
   warm-up, computing the next-token logits only (``logits_to_keep=1``, as ``generate`` and
   serving engines do; all-position fp32 logits of a 512-token prompt alone are 100 MB);
-- peak RSS: ``ru_maxrss`` at the end (load, decode and prefill together).
+- peak RSS: VmHWM at the end (load, decode and prefill together; see mpq.bench.rss).
 """
 from __future__ import annotations
 
