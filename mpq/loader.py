@@ -84,11 +84,15 @@ def _embedding_module(name: str, layer, local: dict[str, torch.Tensor], existing
         raise ArtifactError(f"'{name}': artifact shape {tuple(layer.shape)} does not match the "
                             f"model's {tuple(existing.weight.shape)}",
                             hint="config.json and tensors disagree")
-    qw = decode(local, layer.scheme.weights, tuple(layer.shape), prefix=f"{name}.")
     if dequantize:
+        qw = decode(local, layer.scheme.weights, tuple(layer.shape), prefix=f"{name}.")
         existing.weight = nn.Parameter(qw.dequantize(dtype), requires_grad=False)
         return existing
-    return QuantEmbedding(existing, layer.scheme.weights, tuple(layer.shape), local, dtype)
+    module = QuantEmbedding(existing, layer.scheme.weights, tuple(layer.shape), local, dtype)
+    # checked on one row: the whole table decoded at once would hold its codes unpacked
+    # (several times the table's stored size) for nothing
+    module.check(prefix=f"{name}.")
+    return module
 
 
 def _share_head(model: nn.Module, head: str, source: str, dequantize: bool,

@@ -56,6 +56,17 @@ class QuantEmbedding(nn.Module):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` (1-D int) of the table, decoded to [len(ids), hidden]."""
+        qw = decode(self._piece(ids), self.args, (int(ids.numel()), self.embedding_dim))
+        return qw.dequantize(self.dtype)
+
+    def check(self, prefix: str = "") -> None:
+        """Raise what decoding raises (ArtifactError naming ``prefix`` + the key) when the stored
+        tensors do not decode; checked on one row, so loading never unpacks the whole table."""
+        decode(self._piece(torch.zeros(1, dtype=torch.long)), self.args,
+               (1, self.embedding_dim), prefix=prefix)
+
+    def _piece(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored tensors cut to rows ``ids``."""
         piece = {}
         for key in self._keys:
             tensor = getattr(self, key)
@@ -65,8 +76,7 @@ class QuantEmbedding(nn.Module):
                 piece[key] = pack_cols(self.zero_rows.index_select(0, ids), self.args.bits)
             else:  # one value for the whole table (a per-tensor scale)
                 piece[key] = tensor
-        qw = decode(piece, self.args, (int(ids.numel()), self.embedding_dim))
-        return qw.dequantize(self.dtype)
+        return piece
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.numel() and (int(input_ids.min()) < 0

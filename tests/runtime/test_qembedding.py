@@ -158,3 +158,31 @@ def test_the_embedding_class_own_scaling_is_kept():
         gemma.weight.copy_(qw.dequantize())
         assert torch.equal(module(ids), gemma(ids))
     assert not torch.equal(module(ids), qw.dequantize()[ids])  # the scale was applied
+
+
+def test_a_packed_load_decodes_rows_not_the_whole_table(tmp_path, monkeypatch):
+    """Decoding the whole table at load would hold its codes unpacked for nothing (a peak of
+    several times the stored table on a real vocabulary); one row checks the stored tensors."""
+    import mpq.loader as loader
+    from mpq.runtime import qembedding
+
+    save_tiny_model("llama_tied", tmp_path / "src")
+    quantize(tmp_path / "src", recipe(SCHEMES["int4 g32 asym"], together=True), tmp_path / "out")
+    decoded_rows = []
+    for module in (loader, qembedding):
+        real = module.decode
+        monkeypatch.setattr(module, "decode", lambda tensors, args, shape, prefix="", real=real:
+                            decoded_rows.append(shape[0]) or real(tensors, args, shape, prefix=prefix))
+    mpq.load(tmp_path / "out")
+    assert decoded_rows and 256 not in decoded_rows  # the table has 256 rows
+    monkeypatch.undo()
+    damaged = tmp_path / "out" / "model.safetensors"
+    tensors = {}
+    with safe_open(damaged, "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    tensors["model.embed_tokens.qweight"] = tensors["model.embed_tokens.qweight"][:, :-1].clone()
+    from safetensors.torch import save_file
+    save_file(tensors, damaged, metadata=metadata)
+    with pytest.raises(Exception, match="model.embed_tokens"):
+        mpq.load(tmp_path / "out", verify=False)
