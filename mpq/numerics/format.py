@@ -43,24 +43,37 @@ from mpq.registry import Registry
 WeightArgsT = Any
 QuantizedWeightT = Any
 
-# (columns [N, k], first, last processed position) -> (scale, zero): int params of a slice
-ParamChooser = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, "torch.Tensor | None"]]
+class ClipSearch(Protocol):
+    """GPTQ's clipping search as the grids that take it (``clip_search``) see it: the error
+    weights of the input columns (diag H) and the int grid's searched parameters.  Positions
+    are those the grid's parameters see: processing order for dynamic groups, else columns."""
+
+    def weights(self, lo: int, hi: int) -> torch.Tensor:
+        """Error weights (≥ 0) fp32 [hi − lo] of the columns at positions lo:hi."""
+
+    def int_params(self, cols: torch.Tensor, lo: int, hi: int
+                   ) -> tuple[torch.Tensor, "torch.Tensor | None"]:
+        """Searched int (scale, zero) of ``cols`` [N, hi − lo], the columns at lo:hi."""
 
 
 class ColumnGrid(Protocol):
     """A grid as GPTQ (mpq.quantizers.gptq_solve) walks it: one column at a time.
 
-    Built as ``cls(args, w0, num_groups, dynamic, choose_params)`` from the weight ``w0`` [N, K]
-    (dead columns zeroed).  With ``dynamic`` the solve calls :meth:`set_group` with a group's
-    current (error-updated) columns when it reaches the group's first column; otherwise the
-    constructor fixes every parameter from ``w0``.  ``choose_params`` (only where
-    ``clip_search``) replaces the min-max int parameters of a slice.  ``codes`` [K, N] holds the
-    codes in processing order; :meth:`params` returns scale and zero laid out as
-    :class:`~mpq.numerics.base.QuantizedWeight` wants them.
+    Built as ``cls(args, w0, num_groups, dynamic, clip)`` from the weight ``w0`` [N, K] (dead
+    columns zeroed).  With ``dynamic`` the solve calls :meth:`set_group` with a group's current
+    (error-updated) columns when it reaches the group's first column; otherwise the constructor
+    fixes every parameter from ``w0``.  ``clip`` (a :class:`ClipSearch`, only where
+    ``clip_search``) makes the parameters minimise the column-weighted error instead of
+    covering the min-max range.  ``codes`` [K, N] holds the codes in processing order;
+    :meth:`params` returns scale and zero laid out as :class:`~mpq.numerics.base.QuantizedWeight`
+    wants them.
     """
 
     act_order: ClassVar[bool]  # columns may be processed out of order (a g_idx is stored)
-    clip_search: ClassVar[bool]  # takes choose_params
+    # act-order with static groups only: every column keeps its place in its group, so the
+    # grid's groups stay consecutive columns and no g_idx is stored (the GGUF block types)
+    static_act_order: ClassVar[bool]
+    clip_search: ClassVar[bool]  # takes a ClipSearch
     codes: torch.Tensor
 
     @classmethod
@@ -69,18 +82,20 @@ class ColumnGrid(Protocol):
 
     def set_group(self, g: int, cols: torch.Tensor) -> None: ...
 
-    def column(self, p: int, g: int, w: torch.Tensor) -> torch.Tensor:
-        """Codes of processed column ``p`` (group row ``g``) of the current weights ``w`` [N];
-        returns their dequantized values (fp32 [N])."""
+    def column(self, p: int, c: int, g: int, w: torch.Tensor) -> torch.Tensor:
+        """Codes of the column processed at position ``p`` (column ``c`` of the weight, group
+        row ``g``) from its current weights ``w`` [N]; returns their dequantized values (fp32
+        [N])."""
 
     def params(self) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
 class InOrderColumns:
     """Base of the column grids GPTQ walks in column order only, without a clipping search,
-    and that accept every args their format accepts (the GGUF types, mxint8, fp8)."""
+    and that accept every args their format accepts (mxint8, fp8; the GGUF types override)."""
 
     act_order: ClassVar[bool] = False
+    static_act_order: ClassVar[bool] = False
     clip_search: ClassVar[bool] = False
 
     @classmethod
@@ -100,6 +115,10 @@ class NumberFormat(ABC):
     double_quant: bool = False
     scale_dtypes: bool = False  # takes WeightArgs.scale_dtype (rounds its scales to fp16/bf16)
     awq_clip: bool = False
+    # quantize(weight, args, col_weight=...) takes error weights of the input columns and
+    # chooses its block parameters for the least weighted error (the GGUF block types; the int
+    # grid's search is mpq.quantizers.clip_search)
+    weighted_params: bool = False
     holds_zero: bool = True  # 0 is a grid value of every scale (not so with a float block min)
     activations: bool = False
     gptq_columns: type[ColumnGrid] | None = None

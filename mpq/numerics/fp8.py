@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from mpq.numerics.base import QuantizedWeight
 from mpq.numerics.int_grid import SCALE_TORCH_DTYPES, prepare_weight, rounded_scale
 from mpq.numerics.args import FP8_BLOCK, WeightArgs
-from mpq.numerics.format import InOrderColumns, NumberFormat, ParamChooser
+from mpq.numerics.format import InOrderColumns, NumberFormat, ClipSearch
 from mpq.numerics.mappings import CompressedTensorsMapping, NotExpressible
 from mpq.numerics.stored import FLOAT_SCALES, take
 
@@ -80,7 +80,7 @@ class Fp8Columns(InOrderColumns):
     ([1, 1] tensor or [N, 1] channel)."""
 
     def __init__(self, args: WeightArgs, w0: torch.Tensor, num_groups: int, dynamic: bool,
-                 choose_params: ParamChooser | None = None):
+                 clip: ClipSearch | None = None):
         self.dtype = FP8_FORMATS[args.format].dtype
         self.fmax = torch.finfo(self.dtype).max
         self.scale = fp8_params(w0, args, self.dtype)
@@ -91,7 +91,7 @@ class Fp8Columns(InOrderColumns):
     def set_group(self, g: int, cols: torch.Tensor) -> None:
         """fp8 scales are never per group."""
 
-    def column(self, p: int, g: int, w: torch.Tensor) -> torch.Tensor:
+    def column(self, p: int, c: int, g: int, w: torch.Tensor) -> torch.Tensor:
         c = (w / self.s).clamp_(-self.fmax, self.fmax).to(self.dtype)
         self.codes[p] = c
         return c.to(torch.float32) * self.s

@@ -23,6 +23,7 @@ class GgufBlockFormat(NumberFormat):
     The native tensor (local key ``blocks``) holds each row's GGUF bytes."""
 
     awq_clip = False
+    weighted_params = True
     kind = "GGUF block type"
     min_note = "a float16 min per block"
 

@@ -10,7 +10,8 @@ Step choice (:meth:`Iq4NlGrid.block_params`): for each block a small set of cand
 puts the block's element of largest magnitude m on a table value near either end of the table,
 m / (v + t) for v ∈ {−127, 113} and t ∈ [−SEARCH, SEARCH]; each candidate's nearest indices are
 refitted by least squares (d = Σ q·x / Σ q²), the refit rounded to float16, the indices taken
-again for it, and the step with the least squared error kept (the first on ties).  Indices are
+again for it, and the step with the least squared error kept (the first on ties).  GPTQ's
+clipping search weights both the refit and the error by the columns' error weights (diag H).  Indices are
 always the nearest table values for the stored float16 d (ties to the larger value).  A step
 beyond float16's range is refused (SchemeError).
 
@@ -22,7 +23,7 @@ per block fp16 d, then 16 bytes qs[j] = q[j] | q[j + 16] << 4 (q4_0's nibble lay
 writer (mpq.checkpoint.gguf_writer) stores them as type IQ4_NL.  GPTQ:
 :class:`mpq.numerics.gguf_legacy.GgufLegacyColumns` (a block's d from the current weights when
 the solve reaches its first column, each column rounded to the nearest table value); act-order
-is refused (GGUF has no column permutation).
+only with static groups (GGUF has no column permutation).
 """
 from __future__ import annotations
 
@@ -60,8 +61,12 @@ class Iq4NlGrid(GgufBlockFormat):
     def _scaled(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         return torch.where(d == 0, torch.zeros_like(x), x / torch.where(d == 0, 1.0, d))
 
-    def block_params(self, blocks: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """(d, None): the float16 steps (as fp32) of ``blocks`` [..., 32] (module docstring)."""
+    def block_params(self, blocks: torch.Tensor, weight: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, None]:
+        """(d, None): the float16 steps (as fp32) of ``blocks`` [..., 32] (module docstring);
+        ``weight`` (≥ 0, broadcast to ``blocks``) weights each element's squared error in the
+        refit and the choice."""
+        c = torch.ones_like(blocks) if weight is None else weight.expand_as(blocks)
         table = self.table.to(blocks.device)
         idx = blocks.abs().argmax(dim=-1, keepdim=True)
         m = blocks.gather(-1, idx)  # [..., 1], signed
@@ -72,10 +77,11 @@ class Iq4NlGrid(GgufBlockFormat):
         for end in (KVALUES[0], KVALUES[-1]):
             for t in range(-SEARCH, SEARCH + 1):
                 q = table[self._nearest(self._scaled(blocks, m / (end + t)))]
-                d = (q * blocks).sum(-1) / (q * q).sum(-1)  # least squares for these indices
+                # least squares for these indices
+                d = (c * q * blocks).sum(-1) / (c * q * q).sum(-1)
                 d = d.to(torch.float16).to(torch.float32)  # inf (never kept) on overflow
                 q = table[self._nearest(self._scaled(blocks, d.unsqueeze(-1)))]
-                err = ((blocks - d.unsqueeze(-1) * q) ** 2).sum(-1)
+                err = (c * (blocks - d.unsqueeze(-1) * q) ** 2).sum(-1)
                 better = err < best_err
                 best_d = torch.where(better, d, best_d)
                 best_err = torch.where(better, err, best_err)
@@ -89,11 +95,14 @@ class Iq4NlGrid(GgufBlockFormat):
         """fp32 x̂ = d·KVALUES[codes] (the ``gguf`` package's arithmetic)."""
         return d * self.table.to(codes.device)[codes.long()]
 
-    def quantize(self, weight: torch.Tensor, args: WeightArgs) -> QuantizedWeight:
+    def quantize(self, weight: torch.Tensor, args: WeightArgs,
+                 col_weight: torch.Tensor | None = None) -> QuantizedWeight:
+        """RTN; with ``col_weight`` [K] (≥ 0) the steps by the weighted search."""
         w = prepare_weight(weight, args, self.name)
         n, k = w.shape
         blocks = w.reshape(n, k // GGUF_BLOCK, GGUF_BLOCK)
-        d, _ = self.block_params(blocks)
+        weight_of = None if col_weight is None else col_weight.to(w).reshape(-1, GGUF_BLOCK)
+        d, _ = self.block_params(blocks, weight_of)
         codes = self.codes_of(blocks, d.unsqueeze(-1))
         return QuantizedWeight(args=args, shape=(n, k), codes=codes.reshape(n, k), scale=d)
 

@@ -17,7 +17,9 @@ matrix); the codes are always the nearest ones for the stored parameters.
 - The search (d and dmin stay): each sub-block tries sc + {0, −1, −2, −3, +1} × m + {0, −1, +1,
   −2, +2} (with a min; 25 pairs) or sc + {0, −1, +1, −2, +2} (symmetric), clamped to their
   ranges, with the nearest codes for each, and keeps the pair of least Σ (x̂ − x)² — the min-max
-  choice unless another is strictly better, so no sub-block's error grows.  A smaller scale
+  choice unless another is strictly better, so no sub-block's error grows.  GPTQ's clipping
+  search weights each element's squared error by its column's error weight (diag H, what an
+  importance matrix gives llama.cpp's search).  A smaller scale
   clips a sub-block's extremes for finer steps elsewhere.
 
 Rounding is to nearest, ties to even (llama.cpp's ``nearest_int``).  A d or dmin of 0 (an
@@ -87,8 +89,15 @@ def _rows(sub: torch.Tensor, fn, *per_row: torch.Tensor) -> list[torch.Tensor]:
     return [torch.cat(parts).reshape(*lead, *parts[0].shape[1:]) for parts in zip(*outs)]
 
 
-def asym_params(sub: torch.Tensor, levels: int, name: str) -> KParams:
-    """Parameters of sub-blocks ``sub`` [..., S, n] on a grid of ``levels`` steps with a min."""
+def _weights(sub: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Error weights of the elements of ``sub`` [..., S, n] (1 without ``weight``)."""
+    return torch.ones_like(sub) if weight is None else weight.expand_as(sub).contiguous()
+
+
+def asym_params(sub: torch.Tensor, levels: int, name: str,
+                weight: torch.Tensor | None = None) -> KParams:
+    """Parameters of sub-blocks ``sub`` [..., S, n] on a grid of ``levels`` steps with a min;
+    ``weight`` (broadcast to ``sub``) weights each element's squared error in the search."""
     lo = sub.amin(dim=-1).clamp(max=0)
     s = (sub.amax(dim=-1) - lo) / levels
     o = -lo
@@ -97,19 +106,20 @@ def asym_params(sub: torch.Tensor, levels: int, name: str) -> KParams:
     sc = _ints(s, d, 0, SCALE_LEVELS)
     m = _ints(o, dmin, 0, SCALE_LEVELS)
 
-    def search(x, d, sc, dmin, m):  # x [R, S, n]; d, dmin [R]; sc, m [R, S]
+    def search(x, c, d, sc, dmin, m):  # x, c [R, S, n]; d, dmin [R]; sc, m [R, S]
         sc_c = (sc.unsqueeze(-1) + MOVES_SCALE).clamp(0, SCALE_LEVELS)  # [R, S, A]
         m_c = (m.unsqueeze(-1) + MOVES_MIN).clamp(0, SCALE_LEVELS)  # [R, S, B]
         step = (d[:, None, None] * sc_c)[..., :, None, None]  # [R, S, A, 1, 1]
         off = (dmin[:, None, None] * m_c)[..., None, :, None]  # [R, S, 1, B, 1]
         x = x[:, :, None, None, :]
-        err = (step * _codes(x + off, step, 0, levels) - off - x).square().sum(-1)
+        err = ((step * _codes(x + off, step, 0, levels) - off - x).square()
+               * c[:, :, None, None, :]).sum(-1)
         a, b = sc_c.shape[-1], m_c.shape[-1]
         pairs = (sc_c.unsqueeze(-1).expand(*sc_c.shape, b).flatten(-2),
                  m_c.unsqueeze(-2).expand(*m_c.shape[:-1], a, b).flatten(-2))
         return _pick(err.flatten(-2), *pairs)
 
-    sc, m = _rows(sub, search, d, sc, dmin, m)
+    sc, m = _rows(sub, search, _weights(sub, weight), d, sc, dmin, m)
     return KParams(d.unsqueeze(-1) * sc, dmin.unsqueeze(-1) * m, _stored(d, sc), _stored(dmin, m))
 
 
@@ -118,19 +128,20 @@ def _signed_max(x: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, x.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
 
 
-def sym_params(sub: torch.Tensor, qneg: int, scale_neg: int, name: str) -> KParams:
+def sym_params(sub: torch.Tensor, qneg: int, scale_neg: int, name: str,
+               weight: torch.Tensor | None = None) -> KParams:
     """Parameters of sub-blocks ``sub`` [..., S, n] on the grid [−qneg, qneg − 1] with integer
-    scales in [−scale_neg, scale_neg − 1]."""
+    scales in [−scale_neg, scale_neg − 1]; ``weight`` as :func:`asym_params`'."""
     s = _signed_max(sub) / -qneg
     d = _fp16(_signed_max(s) / -scale_neg, f"{name} scale")
     sc = _ints(s, d, -scale_neg, scale_neg - 1)
 
-    def search(x, d, sc):  # x [R, S, n]; d [R]; sc [R, S]
+    def search(x, c, d, sc):  # x, c [R, S, n]; d [R]; sc [R, S]
         sc_c = (sc.unsqueeze(-1) + MOVES_SYM).clamp(-scale_neg, scale_neg - 1)  # [R, S, A]
         step = (d[:, None, None] * sc_c).unsqueeze(-1)  # [R, S, A, 1]
         x = x.unsqueeze(-2)
-        err = (step * _codes(x, step, -qneg, qneg - 1) - x).square().sum(-1)
+        err = ((step * _codes(x, step, -qneg, qneg - 1) - x).square() * c.unsqueeze(-2)).sum(-1)
         return _pick(err, sc_c)
 
-    (sc,) = _rows(sub, search, d, sc)
+    (sc,) = _rows(sub, search, _weights(sub, weight), d, sc)
     return KParams(d.unsqueeze(-1) * sc, None, _stored(d, sc), None)

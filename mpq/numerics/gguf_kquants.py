@@ -23,7 +23,8 @@ fp32 d·sc, then times q (minus the fp32 dmin·m).
 Native tensor (local key): ``blocks`` uint8 [N, K/256 · type size], each row the GGUF row bytes
 exactly (:mod:`mpq.numerics.gguf_kquant_pack`); the GGUF writer stores them as they are.  GPTQ:
 :class:`KQuantColumns` (a super-block's parameters from the current weights at its first
-column, as the legacy types' blocks); act-order is refused (GGUF has no column permutation).
+column, as the legacy types' blocks); act-order only with static groups (GGUF has no column
+permutation); the clipping search weights the parameter search by the columns' diag H.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import torch
 from mpq.numerics import gguf_kquant_pack as pack
 from mpq.numerics.args import WeightArgs
 from mpq.numerics.base import QuantizedWeight
-from mpq.numerics.format import NUMBER_FORMATS, InOrderColumns, ParamChooser
+from mpq.numerics.format import NUMBER_FORMATS, InOrderColumns, ClipSearch
 from mpq.numerics.gguf_block import GgufBlockFormat
 from mpq.numerics.gguf_kquant_params import KParams, asym_params, sym_params
 from mpq.numerics.int_grid import prepare_weight
@@ -74,12 +75,16 @@ class KQuantGrid(GgufBlockFormat):
 
     # --- the grid --------------------------------------------------------------------------
 
-    def params(self, blocks: torch.Tensor) -> KParams:
-        """Parameters of super-blocks ``blocks`` [..., 256] (module docstring)."""
+    def params(self, blocks: torch.Tensor, weight: torch.Tensor | None = None) -> KParams:
+        """Parameters of super-blocks ``blocks`` [..., 256] (module docstring); ``weight``
+        [..., 256] (≥ 0, broadcast to ``blocks``) weights each column's squared error in the
+        search."""
         sub = blocks.reshape(*blocks.shape[:-1], self.subs, self.sub)
+        if weight is not None:
+            weight = weight.reshape(*weight.shape[:-1], self.subs, self.sub)
         if self.with_min:
-            return asym_params(sub, (1 << self.bits) - 1, self.name)
-        return sym_params(sub, 1 << (self.bits - 1), self.scale_neg, self.name)
+            return asym_params(sub, (1 << self.bits) - 1, self.name, weight)
+        return sym_params(sub, 1 << (self.bits - 1), self.scale_neg, self.name, weight)
 
     def codes_of(self, x: torch.Tensor, step: torch.Tensor, off: torch.Tensor | None
                  ) -> torch.Tensor:
@@ -107,10 +112,13 @@ class KQuantGrid(GgufBlockFormat):
         zero = qw.zero.to(torch.float32)
         return step, zero[..., :1] * zero[..., 1:]
 
-    def quantize(self, weight: torch.Tensor, args: WeightArgs) -> QuantizedWeight:
+    def quantize(self, weight: torch.Tensor, args: WeightArgs,
+                 col_weight: torch.Tensor | None = None) -> QuantizedWeight:
+        """RTN; with ``col_weight`` [K] (≥ 0) the search weighted by it."""
         w = prepare_weight(weight, args, self.name)
         n, k = w.shape
-        p = self.params(w.reshape(n, k // QK, QK))
+        weight_of = None if col_weight is None else col_weight.to(w).reshape(-1, QK)
+        p = self.params(w.reshape(n, k // QK, QK), weight_of)
         sub = w.reshape(n, k // QK, self.subs, self.sub)
         off = None if p.off is None else p.off.unsqueeze(-1)
         codes = self.codes_of(sub, p.step.unsqueeze(-1), off)
@@ -160,12 +168,17 @@ class KQuantGrid(GgufBlockFormat):
 class KQuantColumns(InOrderColumns):
     """GPTQ on a K-quant grid (:class:`mpq.numerics.format.ColumnGrid`): a super-block's d,
     sub-block scales (and dmin, mins) from the current weights when the solve reaches its first
-    column (static groups: from the original weights up front)."""
+    column (static groups: from the original weights up front, which also allows act-order);
+    with ``clip``, the search weighted by the columns' error weights."""
+
+    static_act_order = True
+    clip_search = True
 
     def __init__(self, args: WeightArgs, w0: torch.Tensor, num_groups: int, dynamic: bool,
-                 choose_params: ParamChooser | None = None):
+                 clip: ClipSearch | None = None):
         n, k = w0.shape
         self.fmt: KQuantGrid = NUMBER_FORMATS.get(args.format)
+        self.clip = clip
         subs, device = self.fmt.subs, w0.device
         self.step = torch.zeros((num_groups, n, subs), dtype=torch.float32, device=device)
         self.off = torch.zeros_like(self.step) if self.fmt.with_min else None
@@ -177,13 +190,16 @@ class KQuantColumns(InOrderColumns):
                 self.set_group(g, w0[:, g * QK:(g + 1) * QK])
 
     def set_group(self, g: int, cols: torch.Tensor) -> None:
-        p = self.fmt.params(cols)
+        weight = None
+        if self.clip is not None:
+            weight = self.clip.weights(g * QK, (g + 1) * QK).to(cols.device)
+        p = self.fmt.params(cols, weight)
         self.step[g], self.scale[g] = p.step, p.scale
         if p.off is not None:
             self.off[g], self.zero[g] = p.off, p.zero
 
-    def column(self, p: int, g: int, w: torch.Tensor) -> torch.Tensor:
-        j = (p % QK) // self.fmt.sub
+    def column(self, p: int, c: int, g: int, w: torch.Tensor) -> torch.Tensor:
+        j = (c % QK) // self.fmt.sub
         step = self.step[g, :, j]
         off = None if self.off is None else self.off[g, :, j]
         codes = self.fmt.codes_of(w, step, off)

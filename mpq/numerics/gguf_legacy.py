@@ -25,7 +25,15 @@ exactly (:func:`to_blocks`): fp16 d, [fp16 m], [q5: 4 bytes of high bits, bit j 
 little-endian uint32 is bit 4 of u[j]], then the low bits: q4/q5 byte j = u[j] & 15 | (u[j+16] &
 15) << 4 for j < 16, q8 the 32 int8 q.  The GGUF writer (mpq.checkpoint.gguf_writer) stores these
 bytes as they are.  GPTQ: :class:`GgufLegacyColumns` (a block's d, m from the current weights at
-its first column); act-order is refused (GGUF has no column permutation).
+its first column); act-order only with static groups (GGUF has no column permutation, but a
+column processed out of order still lands in its own block when the blocks' steps are fixed up
+front).
+
+Clipping search (GPTQ's ``clip_search``; :meth:`GgufLegacyGrid.block_params` with a weight): the
+range choice above is tried on the block shrunk by factors 1, 1 − step, …, 0.7 (16 of them), and
+per block the (d, m) of least Σ c_j·(x̂_j − x_j)² is kept, c the columns' error weights (diag H:
+the importance an importance matrix gives llama.cpp's quantizer); factor 1 first, replaced only
+when strictly better.
 """
 from __future__ import annotations
 
@@ -34,11 +42,13 @@ import torch
 from mpq.errors import SchemeError
 from mpq.numerics.args import WeightArgs
 from mpq.numerics.base import QuantizedWeight
-from mpq.numerics.format import NUMBER_FORMATS, InOrderColumns, ParamChooser
+from mpq.numerics.format import NUMBER_FORMATS, InOrderColumns, ClipSearch
 from mpq.numerics.gguf_block import GgufBlockFormat
 from mpq.numerics.int_grid import prepare_weight
 
 GGUF_BLOCK = 32
+# the clipping search: block ranges shrunk by factors 1, …, CLIP_MIN_SHRINK (CLIP_STEPS of them)
+CLIP_MIN_SHRINK, CLIP_STEPS = 0.7, 16
 FP16_MAX = torch.finfo(torch.float16).max
 
 
@@ -71,8 +81,27 @@ class GgufLegacyGrid(GgufBlockFormat):
 
     # --- the grid --------------------------------------------------------------------------
 
-    def block_params(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(d, m or None) fp32 (float16 values) of ``blocks`` [..., 32]."""
+    def block_params(self, blocks: torch.Tensor, weight: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(d, m or None) fp32 (float16 values) of ``blocks`` [..., 32].  With ``weight``
+        (≥ 0, broadcast to ``blocks``): the clipping search (module docstring)."""
+        d, m = self._range_params(blocks)
+        if weight is None:
+            return d, m
+        best = self._weighted_error(blocks, weight, d, m)
+        for i in range(1, CLIP_STEPS):
+            factor = 1.0 - (1.0 - CLIP_MIN_SHRINK) * i / (CLIP_STEPS - 1)
+            d_f, m_f = self._range_params(blocks * factor)
+            err = self._weighted_error(blocks, weight, d_f, m_f)
+            better = err < best
+            best = torch.where(better, err, best)
+            d = torch.where(better, d_f, d)
+            if m is not None:
+                m = torch.where(better, m_f, m)
+        return d, m
+
+    def _range_params(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(d, m or None) covering each block's range (llama.cpp's choice)."""
         if self.with_min:
             m = _fp16(blocks.amin(dim=-1), "min")
             d = _fp16((blocks.amax(dim=-1) - m).clamp(min=0) / self.levels, "step")
@@ -82,6 +111,13 @@ class GgufLegacyGrid(GgufBlockFormat):
         idx = blocks.abs().argmax(dim=-1, keepdim=True)
         v = blocks.gather(-1, idx).squeeze(-1)
         return _fp16(v / -(1 << (self.bits - 1)), "step"), None
+
+    def _weighted_error(self, blocks: torch.Tensor, weight: torch.Tensor, d: torch.Tensor,
+                        m: torch.Tensor | None) -> torch.Tensor:
+        """Σ weight·(x̂ − x)² per block, x̂ on the grid of (d, m)."""
+        d, m = d.unsqueeze(-1), None if m is None else m.unsqueeze(-1)
+        values = self.values_of(self.codes_of(blocks, d, m), d, m)
+        return ((values - blocks).square() * weight).sum(dim=-1)
 
     def codes_of(self, x: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
         """Unsigned codes uint8 of values ``x`` with (broadcast) ``d`` and ``m``."""
@@ -101,11 +137,14 @@ class GgufLegacyGrid(GgufBlockFormat):
             return d * (q - self.offset)
         return d * q + m
 
-    def quantize(self, weight: torch.Tensor, args: WeightArgs) -> QuantizedWeight:
+    def quantize(self, weight: torch.Tensor, args: WeightArgs,
+                 col_weight: torch.Tensor | None = None) -> QuantizedWeight:
+        """RTN; with ``col_weight`` [K] (≥ 0) each block's (d, m) by the clipping search."""
         w = prepare_weight(weight, args, self.name)
         n, k = w.shape
         blocks = w.reshape(n, k // GGUF_BLOCK, GGUF_BLOCK)
-        d, m = self.block_params(blocks)
+        weight_of = None if col_weight is None else col_weight.to(w).reshape(-1, GGUF_BLOCK)
+        d, m = self.block_params(blocks, weight_of)
         codes = self.codes_of(blocks, d.unsqueeze(-1), None if m is None else m.unsqueeze(-1))
         return QuantizedWeight(args=args, shape=(n, k), codes=codes.reshape(n, k), scale=d,
                                zero=m)
@@ -175,13 +214,19 @@ class GgufLegacyGrid(GgufBlockFormat):
 class GgufLegacyColumns(InOrderColumns):
     """GPTQ on a 32-wide GGUF block grid, the legacy types and iq4_nl
     (:class:`mpq.numerics.format.ColumnGrid`): a block's d (and m) from the current weights when
-    the solve reaches its first column (static groups: from the original weights up front); the
-    format gives ``block_params``, ``codes_of`` and ``values_of``."""
+    the solve reaches its first column (static groups: from the original weights up front, which
+    also allows act-order: every column stays in its block); with ``clip``, chosen by the
+    format's weighted search (``block_params(blocks, weight)``) with the columns' error weights.
+    The format gives ``block_params``, ``codes_of`` and ``values_of``."""
+
+    static_act_order = True
+    clip_search = True
 
     def __init__(self, args: WeightArgs, w0: torch.Tensor, num_groups: int, dynamic: bool,
-                 choose_params: ParamChooser | None = None):
+                 clip: ClipSearch | None = None):
         n, k = w0.shape
         self.fmt = NUMBER_FORMATS.get(args.format)
+        self.clip = clip
         self.d = torch.zeros((num_groups, n), dtype=torch.float32, device=w0.device)
         self.m = torch.zeros_like(self.d) if self.fmt.with_min else None
         self.codes = torch.empty((k, n), dtype=torch.uint8, device=w0.device)
@@ -190,12 +235,15 @@ class GgufLegacyColumns(InOrderColumns):
                 self.set_group(g, w0[:, g * GGUF_BLOCK:(g + 1) * GGUF_BLOCK])
 
     def set_group(self, g: int, cols: torch.Tensor) -> None:
-        d, m = self.fmt.block_params(cols)
+        weight = None
+        if self.clip is not None:
+            weight = self.clip.weights(g * GGUF_BLOCK, (g + 1) * GGUF_BLOCK).to(cols.device)
+        d, m = self.fmt.block_params(cols, weight)
         self.d[g] = d
         if m is not None:
             self.m[g] = m
 
-    def column(self, p: int, g: int, w: torch.Tensor) -> torch.Tensor:
+    def column(self, p: int, c: int, g: int, w: torch.Tensor) -> torch.Tensor:
         m = None if self.m is None else self.m[g]
         codes = self.fmt.codes_of(w, self.d[g], m)
         self.codes[p] = codes

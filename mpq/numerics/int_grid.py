@@ -41,7 +41,7 @@ import torch
 from mpq.errors import ArtifactError, SchemeError
 from mpq.numerics.base import QuantizedWeight
 from mpq.numerics.args import WeightArgs
-from mpq.numerics.format import NumberFormat, ParamChooser
+from mpq.numerics.format import NumberFormat, ClipSearch
 from mpq.numerics.mappings import CompressedTensorsMapping, GptqV1Mapping
 from mpq.numerics.packing import pack_cols, pack_rows, packed_width, unpack_cols, unpack_rows
 from mpq.numerics.stored import FLOAT_SCALES, take
@@ -172,10 +172,11 @@ def int_dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero_u: torch
 
 class IntColumns:
     """GPTQ's int grid, one column at a time (:class:`mpq.numerics.format.ColumnGrid`).  Params
-    are stored as rows [G, N] (transposed); ``choose_params`` (clip search) replaces
-    :func:`int_params` wherever params are computed."""
+    are stored as rows [G, N] (transposed); ``clip`` (clip search) replaces :func:`int_params`
+    with its searched parameters wherever params are computed."""
 
     act_order = True
+    static_act_order = True
     clip_search = True
 
     @classmethod
@@ -183,11 +184,11 @@ class IntColumns:
         """Every int args can be solved."""
 
     def __init__(self, args: WeightArgs, w0: torch.Tensor, num_groups: int, dynamic: bool,
-                 choose_params: ParamChooser | None = None):
+                 clip: ClipSearch | None = None):
         n, k = w0.shape
         self.args, self.off = args, 1 << (args.bits - 1)
         self.qmin, self.qmax = int_range(args.bits)
-        self.choose = choose_params
+        self.clip = clip
         self.codes = torch.empty((k, n), dtype=torch.uint8, device=w0.device)
         if dynamic:
             self.scale = torch.empty((num_groups, n), dtype=torch.float32, device=w0.device)
@@ -200,9 +201,9 @@ class IntColumns:
         self.zs = None if zero is None else (self.zero - self.off).to(torch.float32)
 
     def _params(self, cols: torch.Tensor, lo: int, hi: int):
-        if self.choose is None:
+        if self.clip is None:
             return int_params(cols, self.args)
-        return self.choose(cols, lo, hi)
+        return self.clip.int_params(cols, lo, hi)
 
     def set_group(self, g: int, cols: torch.Tensor) -> None:
         gs = cols.shape[1]
@@ -212,7 +213,7 @@ class IntColumns:
             self.zero[g] = zero[:, 0]
             self.zs[g] = (zero[:, 0] - self.off).to(torch.float32)
 
-    def column(self, p: int, g: int, w: torch.Tensor) -> torch.Tensor:
+    def column(self, p: int, c: int, g: int, w: torch.Tensor) -> torch.Tensor:
         s = self.scale[g]
         x = w / s
         if self.zs is None:  # same ops as int_quantize_codes / int_dequantize_codes

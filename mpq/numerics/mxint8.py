@@ -26,7 +26,7 @@ import torch
 
 from mpq.numerics.args import WeightArgs
 from mpq.numerics.base import QuantizedWeight
-from mpq.numerics.format import InOrderColumns, NumberFormat, ParamChooser
+from mpq.numerics.format import InOrderColumns, NumberFormat, ClipSearch
 from mpq.numerics.int_grid import prepare_weight
 from mpq.numerics.mappings import NotExpressible
 from mpq.numerics.microscaling import (E8M0_BIAS, E8M0_NAN, MX_BLOCK, block_dequantize,
@@ -61,7 +61,7 @@ class Mxint8Columns(InOrderColumns):
     at its first column (with static groups, from the original weights up front)."""
 
     def __init__(self, args: WeightArgs, w0: torch.Tensor, num_groups: int, dynamic: bool,
-                 choose_params: ParamChooser | None = None):
+                 clip: ClipSearch | None = None):
         n, k = w0.shape
         self.exp = torch.empty((num_groups, n), dtype=torch.uint8, device=w0.device)
         self.step = torch.empty((num_groups, n), dtype=torch.float32, device=w0.device)
@@ -74,7 +74,7 @@ class Mxint8Columns(InOrderColumns):
         self.exp[g] = shared_exponent(cols.abs().amax(dim=1))
         self.step[g] = e8m0_to_float(self.exp[g])
 
-    def column(self, p: int, g: int, w: torch.Tensor) -> torch.Tensor:
+    def column(self, p: int, c: int, g: int, w: torch.Tensor) -> torch.Tensor:
         q = element_codes(w / self.step[g])
         self.codes[p] = q
         return element_values(q) * self.step[g]

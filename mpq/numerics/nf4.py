@@ -31,7 +31,7 @@ from mpq.numerics.base import QuantizedWeight
 from mpq.errors import SchemeError
 from mpq.numerics.int_grid import int_params, int_quantize_codes, prepare_weight
 from mpq.numerics.args import WeightArgs
-from mpq.numerics.format import NumberFormat, ParamChooser
+from mpq.numerics.format import NumberFormat, ClipSearch
 from mpq.numerics.mappings import NotExpressible
 from mpq.numerics.packing import pack_rows, packed_width, unpack_rows
 from mpq.numerics.stored import FLOAT_SCALES, take
@@ -95,6 +95,7 @@ class Nf4Columns:
     block's first column (or, with static groups, from the original weights up front)."""
 
     act_order = False
+    static_act_order = False
     clip_search = False
 
     @classmethod
@@ -104,7 +105,7 @@ class Nf4Columns:
                               hint="set double_quant: false, or use algorithm rtn")
 
     def __init__(self, args: WeightArgs, w0: torch.Tensor, num_groups: int, dynamic: bool,
-                 choose_params: ParamChooser | None = None):
+                 clip: ClipSearch | None = None):
         n, k = w0.shape
         self.table = nf4_table(w0.device)
         self.mid = (self.table[1:] + self.table[:-1]) / 2
@@ -121,7 +122,7 @@ class Nf4Columns:
         self.absmax[g] = a
         self.div[g] = torch.where(a > 0, a, torch.ones_like(a))
 
-    def column(self, p: int, g: int, w: torch.Tensor) -> torch.Tensor:
+    def column(self, p: int, c: int, g: int, w: torch.Tensor) -> torch.Tensor:
         idx = torch.bucketize(w / self.div[g], self.mid, right=False)
         self.codes[p] = idx
         return self.table[idx] * self.absmax[g]

@@ -5,17 +5,19 @@ that fed the layer; it may be shared between layers and is never modified.
 
 Supported weight formats (see :mod:`mpq.quantizers.gptq_solve`): ``int`` 2–8 bits sym/asym with
 tensor/channel/group scales (with or without act_order / static_groups); ``fp8_e4m3`` and
-``fp8_e5m2`` tensor/channel; ``nf4`` without double_quant.  act_order with fp8 or nf4 and nf4 with
-double_quant are rejected by :meth:`GPTQQuantizer.check`, and so are mxfp4, mxfp8, nvfp4 and
-fp8 with granularity ``block`` (use rtn for those).
+``fp8_e5m2`` tensor/channel; ``nf4`` without double_quant; the GGUF block types (act_order only
+with static_groups).  act_order with fp8 or nf4 and nf4 with double_quant are rejected by
+:meth:`GPTQQuantizer.check`, and so are mxfp4, mxfp8, nvfp4 and fp8 with granularity ``block``
+(use rtn for those).
 
 Options (recipe ``options:``, all optional): ``damp`` (float ≥ 0, default 0.01, fraction of the
 mean diagonal of H added to it), ``block_size`` (int ≥ 1, default 128, lazy-update block),
 ``act_order`` (bool, default false: process columns by descending diag H), ``static_groups`` (bool,
 default false: group params from the original weights up front; needs granularity group),
 ``max_damp`` (float ≥ damp, default 1.0: ceiling of the damping retries), ``clip_search`` (bool,
-default false, int only: scales from :func:`mpq.quantizers.clip_search.searched_int_params`
-weighted by diag H instead of min-max), ``error_feedback`` (bool, default false: GPTAQ, target
+default false; int: scales from :func:`mpq.quantizers.clip_search.searched_int_params`
+weighted by diag H instead of min-max; the GGUF block types: their own parameter search weighted
+by diag H), ``error_feedback`` (bool, default false: GPTAQ, target
 the float model's layer output instead of this layer's own; needs the statistic ``float_cross``,
 whose float-model inputs the engine then carries beside the quantized ones, doubling the
 activation memory) and ``feedback_alpha`` (float ≥ 0, default 0.25, with error_feedback only: the

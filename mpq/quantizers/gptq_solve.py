@@ -48,11 +48,14 @@ grids:
   :func:`check_supported`.)
 - ``nf4`` (blocks of 64): each block's absmax from the current weights at its first column, like
   int groups; codes = nearest table entry.  Not with double_quant; nf4 and fp8 not with act_order.
+- the GGUF block types (legacy, K-quants, iq4_nl): a block's parameters from the current weights
+  at its first column, or all up front with static groups; act_order only with static groups
+  (their blocks are consecutive columns and no g_idx is stored); ``clip_search`` passes the
+  columns' diag H to the format's own weighted parameter search.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
@@ -109,8 +112,14 @@ def check_supported(args: WeightArgs, act_order: bool, static_groups: bool,
                           f"{args.format}", hint="set clip_search: false")
     grid.check(args)
     if act_order and not grid.act_order:
-        raise SchemeError(f"gptq act_order supports {_formats('act_order')} only, not "
-                          f"{args.format}", hint="set act_order: false")
+        if not grid.static_act_order:
+            raise SchemeError(f"gptq act_order supports {_formats('act_order')} and, with "
+                              f"static_groups, {_formats('static_act_order')} only, not "
+                              f"{args.format}", hint="set act_order: false")
+        if not static_groups:
+            raise SchemeError(f"gptq act_order on {args.format} needs static_groups: true (its "
+                              "blocks are consecutive columns; static groups keep every column "
+                              "in its block)", hint="add static_groups: true")
     if static_groups and args.granularity != "group":
         raise SchemeError("gptq static_groups needs granularity 'group'",
                           hint="remove static_groups")
@@ -165,10 +174,19 @@ def prepare_hessian(hessian: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tenso
     return h, dead
 
 
-def _searched(cols: torch.Tensor, lo: int, hi: int, *, args: WeightArgs,
-              col_weight: torch.Tensor):
-    """Clip-searched int params of ``cols``, the columns at positions lo:hi of ``col_weight``."""
-    return searched_int_params(cols, args, col_weight[lo:hi])
+@dataclass(frozen=True)
+class _ColumnWeights:
+    """The clipping search the grids get (:class:`mpq.numerics.format.ClipSearch`):
+    ``col_weight`` [K] the columns' diag H in the order the grid's parameters see them."""
+
+    args: WeightArgs
+    col_weight: torch.Tensor
+
+    def weights(self, lo: int, hi: int) -> torch.Tensor:
+        return self.col_weight[lo:hi]
+
+    def int_params(self, cols: torch.Tensor, lo: int, hi: int):
+        return searched_int_params(cols, self.args, self.col_weight[lo:hi])
 
 
 def _current_cols(wt: torch.Tensor, hinv: torch.Tensor, err: torch.Tensor,
@@ -253,11 +271,12 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args: WeightArgs,
     gs = args.group_size if args.granularity == "group" else None
     num_groups = k // gs if gs else 1
     dynamic = gs is not None and not static_groups
-    choose = None
+    clip = None
     if clip_search:  # error weights of the columns, in the order the params see them
-        col_weight = diag[perm] if dynamic and perm is not None else diag
-        choose = partial(_searched, args=args, col_weight=col_weight)
-    grid = NUMBER_FORMATS.get(args.format).gptq_columns(args, w, num_groups, dynamic, choose)
+        clip = _ColumnWeights(args, diag[perm] if dynamic and perm is not None else diag)
+    grid_cls = NUMBER_FORMATS.get(args.format).gptq_columns
+    grid = grid_cls(args, w, num_groups, dynamic, clip)
+    order = perm.tolist() if perm is not None else range(k)  # column processed at each p
     # group row used by the p-th processed column
     if gs is None:
         groups = [0] * k
@@ -278,7 +297,7 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args: WeightArgs,
             if dynamic and p % gs == 0:
                 grid.set_group(p // gs, _current_cols(wt, hinv, err, i1, p, p + gs, i2))
             w_p = wt[p]
-            q = grid.column(p, groups[p], w_p)
+            q = grid.column(p, order[p], groups[p], w_p)
             e = err[j]
             torch.sub(w_p, q, out=e)
             e.div_(hb[j, j])
@@ -294,7 +313,7 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args: WeightArgs,
     if perm is not None:
         inv = torch.argsort(perm)
         q_mat, codes = q_mat[:, inv], codes[:, inv]
-        if gs is not None:
+        if gs is not None and grid_cls.act_order:  # static-only grids keep consecutive groups
             g_idx = torch.arange(k, device=w.device, dtype=torch.int32) // gs
             if not static_groups:
                 g_idx = g_idx[inv]  # column c was processed at position inv[c]

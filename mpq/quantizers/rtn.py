@@ -8,7 +8,9 @@ rounding error, :func:`mpq.quantizers.clip_search.searched_int_params`; no calib
 the mean x² of its calibration inputs, statistic ``input_sqmean``: llama.cpp's importance
 matrix, llm-compressor's imatrix-MSE observer; needs calibration data).  A search keeps min-max
 wherever no shrunk range is strictly better, so it is never worse than min-max on the error it
-measures.  Searches apply to the formats with a clipping search (int).
+measures.  Searches apply to the int grid (its clipping search) and to the formats that choose
+their block parameters by a weighted error (``weighted_params``: the GGUF block types, whose
+own search then takes the importance; ``mse`` weights every column 1).
 """
 from __future__ import annotations
 
@@ -30,8 +32,7 @@ IMPORTANCE = "input_sqmean"
 
 
 def _searchable(fmt: str) -> bool:
-    columns = NUMBER_FORMATS.get(fmt).gptq_columns
-    return columns is not None and bool(columns.clip_search)
+    return fmt == "int" or NUMBER_FORMATS.get(fmt).weighted_params
 
 
 def scale_search_of(scheme: LayerScheme) -> str:
@@ -46,9 +47,8 @@ def scale_search_of(scheme: LayerScheme) -> str:
         raise SchemeError(f"rtn scale_search must be one of {', '.join(SCALE_SEARCHES)}, got "
                           f"{search!r}", hint="e.g. scale_search: activations")
     if search not in ("none", "auto") and not _searchable(scheme.weights.format):
-        names = ", ".join(format_names(lambda f: f.gptq_columns is not None
-                                       and bool(f.gptq_columns.clip_search)))
-        raise SchemeError(f"rtn scale_search supports the {names} format only, not "
+        names = ", ".join(format_names(lambda f: _searchable(f.name)))
+        raise SchemeError(f"rtn scale_search supports the {names} formats only, not "
                           f"{scheme.weights.format}", hint="remove scale_search")
     return search
 
@@ -90,17 +90,24 @@ class RTNQuantizer:
 
 def searched_rtn(weight: torch.Tensor, args: WeightArgs,
                  importance: torch.Tensor | None) -> QuantizedWeight:
-    """``weight`` [N, K] rounded to nearest on int scales searched against the rounding error,
+    """``weight`` [N, K] rounded to nearest on scales searched against the rounding error (int: the
+    clipping search; the GGUF block types: their weighted parameter search),
     each input column's error weighted by ``importance`` [K] (None: all 1)."""
     w = prepare_weight(weight, args, args.format)
     if importance is not None and tuple(importance.shape) != (w.shape[1],):
         raise SchemeError(f"rtn: importance shape {tuple(importance.shape)} does not match the "
                           f"weight's input dimension {w.shape[1]}")
+    info = {"scale_search": "activations" if importance is not None else "mse"}
+    fmt = NUMBER_FORMATS.get(args.format)
+    if fmt.weighted_params:
+        col_weight = importance if importance is not None else torch.ones(w.shape[1])
+        qw = fmt.quantize(w, args, col_weight=col_weight)
+        qw.info.update(info)
+        return qw
     scale, zero = searched_int_params(w, args, importance)
     codes = int_quantize_codes(w, scale, zero, args.bits)
     return QuantizedWeight(args=args, shape=tuple(w.shape), codes=codes, scale=scale, zero=zero,
-                           info={"scale_search": "activations" if importance is not None
-                                 else "mse"})
+                           info=info)
 
 
 RTN = QUANTIZERS.register("rtn")(RTNQuantizer())

@@ -97,8 +97,9 @@ def test_gptq_clip_search_lowers_the_output_error(args, options):
     assert torch.equal(qw.dequantize(), searched.q)  # the stored params are the searched ones
 
 
-def test_gptq_clip_search_needs_int():
+def test_gptq_clip_search_is_refused_where_the_grid_has_no_search():
     nf4 = WeightArgs(format="nf4", bits=4, group_size=64)
-    with pytest.raises(SchemeError, match="clip_search supports the int format") as exc:
+    with pytest.raises(SchemeError, match="clip_search supports the int, .*q4_k.* formats only, "
+                                          "not nf4") as exc:
         QUANTIZERS.get("gptq").check(LayerScheme("gptq", nf4, (("clip_search", True),)))
     assert exc.value.hint
