@@ -1095,11 +1095,12 @@ CASES: list[Case] = [
          RecipeError, ("rules[0] (model.layers.0.self_attn.q_proj)",
                        "rtn scale_search must be one of none, auto, mse, activations")),
     Case("rtn-scale-search-nf4", "rtn scale_search: activations with nf4 weights (the search "
-         "is for int scales)",
+         "is for int scales and the GGUF block types)",
          lambda e: ["plan", e.src, "-r", e.recipe(
              "defaults:\n  options: {scale_search: activations}\nrules:\n"
              "  - targets: [Linear]\n    weights: {format: nf4}\n")],
-         RecipeError, ("rtn scale_search supports the int format only, not nf4",
+         RecipeError, ("rtn scale_search supports the int, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, "
+                       "q5_k, q6_k, q3_k, iq4_nl formats only, not nf4",
                        "remove scale_search")),
     Case("rtn-scale-search-no-calib", "rtn scale_search: activations without --calib (the "
          "importance comes from calibration inputs)",
@@ -1269,6 +1270,13 @@ CASES: list[Case] = [
     Case("bench-prefill-too-long", "mpq bench --prefill-tokens beyond the model's positions",
          lambda e: ["bench", e.art, "--baselines", "none", "--prefill-tokens", "4096"],
          OptionError, ("has 128 positions; this run needs 4096",)),
+    Case("gptq-gguf-act-order-dynamic", "gptq act_order onto a GGUF block type without "
+         "static_groups (its blocks are consecutive columns)",
+         lambda e: ["plan", e.src, "-r", e.recipe(
+             "defaults:\n  algorithm: gptq\n  options: {act_order: true}\nrules:\n"
+             "  - targets: [Linear]\n    weights: {format: q4_0}\n")],
+         RecipeError, ("gptq act_order on q4_0 needs static_groups: true",
+                       "add static_groups: true")),
 ]
 
 
