@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import click
 
@@ -85,7 +86,10 @@ def eval_protocol(window: int, stride: int | None, bos_id: int | None) -> dict:
 def describe_protocol(protocol: dict) -> str:
     bos = (f"BOS id {protocol['bos_token_id']} + {protocol['window'] - 1} text tokens"
            if protocol["bos"] else "no BOS")
-    return f"protocol: window {protocol['window']} ({bos}), stride {protocol['stride']}"
+    numerics = ("; llama.cpp's 8-bit activation rounding"
+                if protocol.get("numerics") == "llama.cpp" else "")
+    return (f"protocol: window {protocol['window']} ({bos}), stride {protocol['stride']}"
+            f"{numerics}")
 
 
 def vocabulary_size(model) -> int | None:
@@ -129,9 +133,15 @@ def check_same_vocabulary(model, model_path: str, reference, reference_path: str
 @click.option("--plot", "plot_path", type=click.Path(path_type=str), default=None,
               help="Write a PNG of mean NLL (and KL with --reference) by position in the "
                    "window (needs matplotlib).")
+@click.option("--numerics", type=click.Choice(["mpq", "llama.cpp"]), default="mpq",
+              show_default=True,
+              help="llama.cpp: round every quantized matmul's inputs to 8 bits as llama.cpp does "
+                   "for the layer's GGUF type (q8_0 blocks of 32, q8_K blocks of 256), so the "
+                   "figures are those llama.cpp gives the artifact's --format gguf file; needs "
+                   "an artifact whose quantized layers all have a GGUF type.")
 @json_option
 def command(model, data, reference, window, num_windows, stride, bos, max_ppl_delta, max_kl,
-            dequantize, no_verify, plot_path, as_json):
+            dequantize, no_verify, plot_path, numerics, as_json):
     """Perplexity of MODEL (an mpq artifact or a model folder) on DATA.
 
     Each window begins with the BOS token where MODEL's tokenizer adds one (--bos/--no-bos
@@ -140,6 +150,7 @@ def command(model, data, reference, window, num_windows, stride, bos, max_ppl_de
     says when MODEL's calibration samples were shorter than the window.
     """
     from mpq.analysis.eval import compare, load_eval_ids, perplexity
+    from mpq.analysis.llama_cpp_numerics import llama_cpp_activations
     from mpq.cli.eval_report import plot_positions, position_table
     from mpq.cli.plotting import require_matplotlib
     from mpq.calibration.conventions import eval_bos
@@ -159,18 +170,20 @@ def command(model, data, reference, window, num_windows, stride, bos, max_ppl_de
     warnings = [w for w in (short_calibration_warning(model, window),) if w is not None]
     for warning in warnings:  # stderr, --json or not (also in the JSON result)
         stderr_console().print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
-    ids = load_eval_ids(data, tokenizer)
-    if reference is None:
-        result = perplexity(quantized, ids, window=window, num_windows=num_windows,
-                            stride=stride, bos_id=bos_id).to_dict()
-    else:
-        if stride is not None:
-            raise click.UsageError("--stride is not supported together with --reference")
-        ref_model, _ = load_for_eval(reference, False)
-        check_same_vocabulary(quantized, model, ref_model, reference)
-        result = compare(quantized, ref_model, ids, window=window, num_windows=num_windows,
-                         bos_id=bos_id).to_dict()
-    protocol = eval_protocol(window, stride, bos_id)
+    rounding = nullcontext() if numerics == "mpq" else llama_cpp_activations(quantized)
+    with rounding:  # refuses a model without GGUF types before the data is read
+        ids = load_eval_ids(data, tokenizer)
+        if reference is None:
+            result = perplexity(quantized, ids, window=window, num_windows=num_windows,
+                                stride=stride, bos_id=bos_id).to_dict()
+        else:
+            if stride is not None:
+                raise click.UsageError("--stride is not supported together with --reference")
+            ref_model, _ = load_for_eval(reference, False)
+            check_same_vocabulary(quantized, model, ref_model, reference)
+            result = compare(quantized, ref_model, ids, window=window, num_windows=num_windows,
+                             bos_id=bos_id).to_dict()
+    protocol = {**eval_protocol(window, stride, bos_id), "numerics": numerics}
     result = {"model": model, "data": data, "reference": reference, **result,
               "protocol": protocol}
     failures = check_gates(result, ppl_delta, max_kl) if reference else []

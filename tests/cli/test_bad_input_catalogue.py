@@ -1277,6 +1277,17 @@ CASES: list[Case] = [
              "  - targets: [Linear]\n    weights: {format: q4_0}\n")],
          RecipeError, ("gptq act_order on q4_0 needs static_groups: true",
                        "add static_groups: true")),
+    Case("eval-llama-cpp-numerics-not-gguf", "mpq eval --numerics llama.cpp of an artifact "
+         "whose layers have no GGUF type",
+         lambda e: ["eval", e.art, "--data", e.write("eval.txt", "hello world " * 100),
+                    "--numerics", "llama.cpp"],
+         OptionError, ("--numerics llama.cpp needs every quantized layer in a GGUF type",
+                       "quantize with a GGUF recipe")),
+    Case("eval-llama-cpp-numerics-plain-model", "mpq eval --numerics llama.cpp of a model "
+         "folder mpq did not write",
+         lambda e: ["eval", e.src, "--data", e.write("eval.txt", "hello world " * 100),
+                    "--numerics", "llama.cpp"],
+         OptionError, ("--numerics llama.cpp needs an mpq artifact",)),
 ]
 
 

@@ -27,15 +27,16 @@ def test_eval_follows_the_tokenizer_and_states_the_protocol(folders):
     root, data = folders
     with_bos = eval_json(root / "bos", "--data", data, "--window", 64)
     assert with_bos["protocol"] == {"window": 64, "stride": 63, "bos": True,
-                                    "bos_token_id": BOS_ID}
+                                    "bos_token_id": BOS_ID, "numerics": "mpq"}
     assert with_bos["windows"] == 1800 // 63 and with_bos["tokens_scored"] == 28 * 63
     without = eval_json(root / "bos", "--data", data, "--window", 64, "--no-bos")
     assert without["protocol"] == {"window": 64, "stride": 64, "bos": False,
-                                   "bos_token_id": None}
+                                   "bos_token_id": None, "numerics": "mpq"}
     assert (without["windows"], without["tokens_scored"]) == (28, 28 * 63)
     assert without["ppl"] != with_bos["ppl"]
     plain = eval_json(root / "plain", "--data", data, "--window", 64, "--stride", 32)
-    assert plain["protocol"] == {"window": 64, "stride": 32, "bos": False, "bos_token_id": None}
+    assert plain["protocol"] == {"window": 64, "stride": 32, "bos": False, "bos_token_id": None,
+                                 "numerics": "mpq"}
 
 
 def test_eval_protocol_in_human_output_and_with_a_reference(folders):

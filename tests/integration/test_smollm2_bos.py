@@ -36,6 +36,7 @@ def test_eval_windows_without_bos_by_convention(smollm2_dir, corpora):
                      "--json")
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout.strip().splitlines()[-1])
-    assert record["protocol"] == {"window": 128, "stride": 128, "bos": False, "bos_token_id": None}
+    assert record["protocol"] == {"window": 128, "stride": 128, "bos": False, "bos_token_id": None,
+                                  "numerics": "mpq"}
     assert record["ppl"] == before.ppl and record["tokens_scored"] == 2 * 127
     assert eval_bos(tokenizer, None) is None
