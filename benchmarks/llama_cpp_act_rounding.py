@@ -2,8 +2,9 @@
 CPU matmuls round each quantized weight's *activations* to 8 bits first (the weight type's
 ``vec_dot_type``), and keeps the KV cache in float16; ``mpq eval`` runs the same weights with
 float activations.  This script measures the artifact's perplexity on ``mpq eval``'s windows
-three ways — as ``mpq eval`` does, with llama.cpp's activation rounding emulated, and with the
-float16 KV cache too — to see how much of the gap that explains.
+three ways — as ``mpq eval`` does, with llama.cpp's activation rounding emulated (``mpq eval
+--numerics llama.cpp``'s, mpq.analysis.llama_cpp_numerics), and with the float16 KV cache too —
+to see how much of the gap that explains.
 
     python benchmarks/llama_cpp_act_rounding.py --artifact OUT-native --corpora ../shared/corpora \\
         [--num-windows 40] [--llama-cpp-ppl 27.427] [--out benchmarks/results/NAME.json]
@@ -35,48 +36,19 @@ sys.path.insert(0, str(ROOT))
 
 import mpq  # noqa: E402
 from mpq.analysis.eval import load_eval_ids, perplexity  # noqa: E402
-
-K_QUANTS = {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}
-Q8_0_BLOCK, Q8_K_BLOCK = 32, 256
-
-
-def q8_0(x: torch.Tensor) -> torch.Tensor:
-    """x [..., K] rounded as ggml's quantize_row_q8_0_ref, dequantized."""
-    shape = x.shape
-    b = x.float().reshape(*shape[:-1], -1, Q8_0_BLOCK)
-    d = b.abs().amax(-1, keepdim=True) / 127
-    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-    y = b * inv
-    q = torch.sign(y) * torch.floor(y.abs() + 0.5)  # roundf
-    return (d.to(torch.float16).float() * q).reshape(shape).to(x.dtype)
-
-
-def q8_k(x: torch.Tensor) -> torch.Tensor:
-    """x [..., K] rounded as ggml's quantize_row_q8_K_ref, dequantized."""
-    shape = x.shape
-    b = x.float().reshape(*shape[:-1], -1, Q8_K_BLOCK)
-    v = b.gather(-1, b.abs().argmax(-1, keepdim=True))
-    iscale = torch.where(v != 0, -127 / v, torch.zeros_like(v))
-    q = torch.round(iscale * b).clamp(max=127)  # nearest_int: half to even
-    scale = torch.where(iscale != 0, 1 / iscale, torch.zeros_like(iscale))
-    return (q * scale).reshape(shape).to(x.dtype)
-
+from mpq.analysis.llama_cpp_numerics import activation_rounding  # noqa: E402
 
 def emulate(model, kv_f16: bool) -> list:
-    """Forward hooks on every quantized linear (and the tied head) of the loaded artifact."""
-    plan, hooks = model.mpq_artifact.plan, []
-    for layer in plan.quantized():
-        source = plan.get(plan.shared_with(layer.name) or layer.name)
-        if layer.embedding:
-            continue  # a lookup: no matmul
-        fmt = source.scheme.weights.format
-        rounding = q8_k if fmt in K_QUANTS else q8_0
-        module = model.get_submodule(layer.name)
-        hooks.append(module.register_forward_pre_hook(
-            lambda mod, args, rounding=rounding: (rounding(args[0]),) + tuple(args[1:])))
-        if kv_f16 and layer.name.endswith(("k_proj", "v_proj")):
-            hooks.append(module.register_forward_hook(
-                lambda mod, args, out: out.to(torch.float16).to(out.dtype)))
+    """Forward hooks: llama.cpp's activation rounding on every quantized matmul (mpq's own, as
+    ``mpq eval --numerics llama.cpp`` applies it), and the float16 KV cache if asked."""
+    hooks = [model.get_submodule(name).register_forward_pre_hook(
+                 lambda module, args, fn=fn: (fn(args[0]), *args[1:]))
+             for name, fn in activation_rounding(model.mpq_artifact.plan).items()]
+    if kv_f16:
+        hooks += [module.register_forward_hook(
+                      lambda mod, args, out: out.to(torch.float16).to(out.dtype))
+                  for name, module in model.named_modules()
+                  if name.endswith(("k_proj", "v_proj"))]
     return hooks
 
 
