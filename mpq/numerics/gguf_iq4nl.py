@@ -31,18 +31,15 @@ import torch
 
 from mpq.numerics.args import WeightArgs
 from mpq.numerics.base import QuantizedWeight
-from mpq.numerics.gguf_block import GgufBlockFormat
-from mpq.numerics.gguf_legacy import GGUF_BLOCK, GgufLegacyColumns, _fp16
-from mpq.numerics.int_grid import prepare_weight
+from mpq.numerics.gguf_legacy import GGUF_BLOCK, Block32Format, GgufLegacyColumns, _fp16
 
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 SEARCH = 7  # candidate steps per table end: 2·SEARCH + 1
 
 
-class Iq4NlGrid(GgufBlockFormat):
+class Iq4NlGrid(Block32Format):
     """llama.cpp's IQ4_NL (GGUF): 32 inputs share a float16 step times a fixed 16-value table."""
 
-    block = GGUF_BLOCK
     type_size = 2 + GGUF_BLOCK // 2
 
     def __init__(self) -> None:
@@ -94,23 +91,6 @@ class Iq4NlGrid(GgufBlockFormat):
     def values_of(self, codes: torch.Tensor, d: torch.Tensor, m: None = None) -> torch.Tensor:
         """fp32 x̂ = d·KVALUES[codes] (the ``gguf`` package's arithmetic)."""
         return d * self.table.to(codes.device)[codes.long()]
-
-    def quantize(self, weight: torch.Tensor, args: WeightArgs,
-                 col_weight: torch.Tensor | None = None) -> QuantizedWeight:
-        """RTN; with ``col_weight`` [K] (≥ 0) the steps by the weighted search."""
-        w = prepare_weight(weight, args, self.name)
-        n, k = w.shape
-        blocks = w.reshape(n, k // GGUF_BLOCK, GGUF_BLOCK)
-        weight_of = None if col_weight is None else col_weight.to(w).reshape(-1, GGUF_BLOCK)
-        d, _ = self.block_params(blocks, weight_of)
-        codes = self.codes_of(blocks, d.unsqueeze(-1))
-        return QuantizedWeight(args=args, shape=(n, k), codes=codes.reshape(n, k), scale=d)
-
-    def dequantize(self, qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        n, k = qw.shape
-        codes = qw.codes.reshape(n, k // GGUF_BLOCK, GGUF_BLOCK)
-        out = self.values_of(codes, qw.scale.to(torch.float32).unsqueeze(-1))
-        return out.reshape(n, k).to(dtype)
 
     # --- GGUF bytes ------------------------------------------------------------------------
 

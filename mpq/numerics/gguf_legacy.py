@@ -62,12 +62,39 @@ def _fp16(t: torch.Tensor, what: str) -> torch.Tensor:
     return rounded.to(torch.float32)
 
 
-class GgufLegacyGrid(GgufBlockFormat):
+class Block32Format(GgufBlockFormat):
+    """The GGUF types whose blocks are 32 inputs with one float16 step d (and a min m for the
+    ``_1`` types): the legacy types and iq4_nl.  Subclasses give ``block_params(blocks,
+    weight)``, ``codes_of(x, d, m)`` and ``values_of(codes, d, m)``; RTN and dequantization are
+    shared."""
+
+    block = GGUF_BLOCK
+
+    def quantize(self, weight: torch.Tensor, args: WeightArgs,
+                 col_weight: torch.Tensor | None = None) -> QuantizedWeight:
+        """RTN; with ``col_weight`` [K] (≥ 0) each block's parameters by the format's weighted
+        search."""
+        w = prepare_weight(weight, args, self.name)
+        n, k = w.shape
+        blocks = w.reshape(n, k // GGUF_BLOCK, GGUF_BLOCK)
+        weight_of = None if col_weight is None else col_weight.to(w).reshape(-1, GGUF_BLOCK)
+        d, m = self.block_params(blocks, weight_of)
+        codes = self.codes_of(blocks, d.unsqueeze(-1), None if m is None else m.unsqueeze(-1))
+        return QuantizedWeight(args=args, shape=(n, k), codes=codes.reshape(n, k), scale=d,
+                               zero=m)
+
+    def dequantize(self, qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n, k = qw.shape
+        codes = qw.codes.reshape(n, k // GGUF_BLOCK, GGUF_BLOCK)
+        m = None if qw.zero is None else qw.zero.to(torch.float32).unsqueeze(-1)
+        out = self.values_of(codes, qw.scale.to(torch.float32).unsqueeze(-1), m)
+        return out.reshape(n, k).to(dtype)
+
+
+class GgufLegacyGrid(Block32Format):
     """A llama.cpp (GGUF) block type: 32 inputs share a float16 step (the _1 types also a min).
 
     One object per type: ``bits`` 4, 5 or 8, with (``_1``) or without a min."""
-
-    block = GGUF_BLOCK
 
     def __init__(self, name: str, bits: int, with_min: bool):
         self._init_type(name, bits, with_min)
@@ -136,25 +163,6 @@ class GgufLegacyGrid(GgufBlockFormat):
         if m is None:
             return d * (q - self.offset)
         return d * q + m
-
-    def quantize(self, weight: torch.Tensor, args: WeightArgs,
-                 col_weight: torch.Tensor | None = None) -> QuantizedWeight:
-        """RTN; with ``col_weight`` [K] (≥ 0) each block's (d, m) by the clipping search."""
-        w = prepare_weight(weight, args, self.name)
-        n, k = w.shape
-        blocks = w.reshape(n, k // GGUF_BLOCK, GGUF_BLOCK)
-        weight_of = None if col_weight is None else col_weight.to(w).reshape(-1, GGUF_BLOCK)
-        d, m = self.block_params(blocks, weight_of)
-        codes = self.codes_of(blocks, d.unsqueeze(-1), None if m is None else m.unsqueeze(-1))
-        return QuantizedWeight(args=args, shape=(n, k), codes=codes.reshape(n, k), scale=d,
-                               zero=m)
-
-    def dequantize(self, qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        n, k = qw.shape
-        codes = qw.codes.reshape(n, k // GGUF_BLOCK, GGUF_BLOCK)
-        m = None if qw.zero is None else qw.zero.to(torch.float32).unsqueeze(-1)
-        out = self.values_of(codes, qw.scale.to(torch.float32).unsqueeze(-1), m)
-        return out.reshape(n, k).to(dtype)
 
     # --- GGUF bytes ------------------------------------------------------------------------
 
