@@ -63,7 +63,7 @@ class Iq4NlGrid(Block32Format):
         """(d, None): the float16 steps (as fp32) of ``blocks`` [..., 32] (module docstring);
         ``weight`` (≥ 0, broadcast to ``blocks``) weights each element's squared error in the
         refit and the choice."""
-        c = torch.ones_like(blocks) if weight is None else weight.expand_as(blocks)
+        weigh = (lambda t: t) if weight is None else (lambda t: weight * t)  # noqa: E731
         table = self.table.to(blocks.device)
         idx = blocks.abs().argmax(dim=-1, keepdim=True)
         m = blocks.gather(-1, idx)  # [..., 1], signed
@@ -75,10 +75,10 @@ class Iq4NlGrid(Block32Format):
             for t in range(-SEARCH, SEARCH + 1):
                 q = table[self._nearest(self._scaled(blocks, m / (end + t)))]
                 # least squares for these indices
-                d = (c * q * blocks).sum(-1) / (c * q * q).sum(-1)
+                d = weigh(q * blocks).sum(-1) / weigh(q * q).sum(-1)
                 d = d.to(torch.float16).to(torch.float32)  # inf (never kept) on overflow
                 q = table[self._nearest(self._scaled(blocks, d.unsqueeze(-1)))]
-                err = (c * (blocks - d.unsqueeze(-1) * q) ** 2).sum(-1)
+                err = weigh((blocks - d.unsqueeze(-1) * q) ** 2).sum(-1)
                 better = err < best_err
                 best_d = torch.where(better, d, best_d)
                 best_err = torch.where(better, err, best_err)

@@ -89,9 +89,15 @@ def _rows(sub: torch.Tensor, fn, *per_row: torch.Tensor) -> list[torch.Tensor]:
     return [torch.cat(parts).reshape(*lead, *parts[0].shape[1:]) for parts in zip(*outs)]
 
 
-def _weights(sub: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    """Error weights of the elements of ``sub`` [..., S, n] (1 without ``weight``)."""
-    return torch.ones_like(sub) if weight is None else weight.expand_as(sub).contiguous()
+def _weights(sub: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The error weights of the elements of ``sub`` [..., S, n] as per-row arguments of the
+    search: none without ``weight`` (unweighted), else one tensor shaped like ``sub``."""
+    return () if weight is None else (weight.expand_as(sub).contiguous(),)
+
+
+def _weighted(err: torch.Tensor, c: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``err`` times the error weights ``c`` (broadcast), or ``err`` itself without them."""
+    return err * c[0] if c else err
 
 
 def asym_params(sub: torch.Tensor, levels: int, name: str,
@@ -106,20 +112,20 @@ def asym_params(sub: torch.Tensor, levels: int, name: str,
     sc = _ints(s, d, 0, SCALE_LEVELS)
     m = _ints(o, dmin, 0, SCALE_LEVELS)
 
-    def search(x, c, d, sc, dmin, m):  # x, c [R, S, n]; d, dmin [R]; sc, m [R, S]
+    def search(x, d, sc, dmin, m, *c):  # x, c [R, S, n]; d, dmin [R]; sc, m [R, S]
         sc_c = (sc.unsqueeze(-1) + MOVES_SCALE).clamp(0, SCALE_LEVELS)  # [R, S, A]
         m_c = (m.unsqueeze(-1) + MOVES_MIN).clamp(0, SCALE_LEVELS)  # [R, S, B]
         step = (d[:, None, None] * sc_c)[..., :, None, None]  # [R, S, A, 1, 1]
         off = (dmin[:, None, None] * m_c)[..., None, :, None]  # [R, S, 1, B, 1]
         x = x[:, :, None, None, :]
-        err = ((step * _codes(x + off, step, 0, levels) - off - x).square()
-               * c[:, :, None, None, :]).sum(-1)
+        c = tuple(t[:, :, None, None, :] for t in c)
+        err = _weighted((step * _codes(x + off, step, 0, levels) - off - x).square(), c).sum(-1)
         a, b = sc_c.shape[-1], m_c.shape[-1]
         pairs = (sc_c.unsqueeze(-1).expand(*sc_c.shape, b).flatten(-2),
                  m_c.unsqueeze(-2).expand(*m_c.shape[:-1], a, b).flatten(-2))
         return _pick(err.flatten(-2), *pairs)
 
-    sc, m = _rows(sub, search, _weights(sub, weight), d, sc, dmin, m)
+    sc, m = _rows(sub, search, d, sc, dmin, m, *_weights(sub, weight))
     return KParams(d.unsqueeze(-1) * sc, dmin.unsqueeze(-1) * m, _stored(d, sc), _stored(dmin, m))
 
 
@@ -136,12 +142,13 @@ def sym_params(sub: torch.Tensor, qneg: int, scale_neg: int, name: str,
     d = _fp16(_signed_max(s) / -scale_neg, f"{name} scale")
     sc = _ints(s, d, -scale_neg, scale_neg - 1)
 
-    def search(x, c, d, sc):  # x, c [R, S, n]; d [R]; sc [R, S]
+    def search(x, d, sc, *c):  # x, c [R, S, n]; d [R]; sc [R, S]
         sc_c = (sc.unsqueeze(-1) + MOVES_SYM).clamp(-scale_neg, scale_neg - 1)  # [R, S, A]
         step = (d[:, None, None] * sc_c).unsqueeze(-1)  # [R, S, A, 1]
         x = x.unsqueeze(-2)
-        err = ((step * _codes(x, step, -qneg, qneg - 1) - x).square() * c.unsqueeze(-2)).sum(-1)
+        c = tuple(t.unsqueeze(-2) for t in c)
+        err = _weighted((step * _codes(x, step, -qneg, qneg - 1) - x).square(), c).sum(-1)
         return _pick(err, sc_c)
 
-    (sc,) = _rows(sub, search, _weights(sub, weight), d, sc)
+    (sc,) = _rows(sub, search, d, sc, *_weights(sub, weight))
     return KParams(d.unsqueeze(-1) * sc, None, _stored(d, sc), None)
