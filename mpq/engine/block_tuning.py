@@ -4,7 +4,9 @@ layers that use one are tuned together against the float block's output.
 The runner calls :func:`tune_block` in place of its per-step quantization when a block has such
 layers (after the block's transforms, on rotated weights).  In order:
 
-1. the float block runs on the block's calibration inputs: its outputs are the targets;
+1. the float block runs on the block's calibration inputs: its outputs are the targets (with
+   ``error_feedback``, the float model's outputs of the block are, carried by the float stream
+   in ``RunState.reference_outputs``);
 2. ``quantize_rest`` quantizes the block's other planned layers the usual way (their weights are
    then fixed at their dequantized values);
 3. the tuned layers' rounding is learnt (mpq.quantizers.autoround_solve) on mini-batches of
@@ -29,7 +31,7 @@ from torch.func import functional_call
 from mpq.config.plan import LayerPlan, Plan
 from mpq.engine.collect import BlockInputs, module_device, run_block, to_device
 from mpq.engine.lifecycle import BlockTurn, RunState
-from mpq.errors import SchemeError
+from mpq.errors import CalibrationError, SchemeError
 from mpq.models.layout import Conv1D, install_layer_weight, layer_weight
 from mpq.quantizers.autoround import is_block_level
 from mpq.quantizers.autoround_grid import TunedIntWeight
@@ -70,9 +72,9 @@ def tune_block(run: RunState, turn: BlockTurn, tuned: list[LayerPlan],
         raise SchemeError(f"{tuned[0].scheme.algorithm} is not supported across several "
                           "processes yet", hint="run it in one process (without torchrun)")
     block, inputs = turn.module, turn.inputs
-    targets = run_block(block, inputs)  # the float block (its layers not quantized yet)
-    quantize_rest()
     opts = AutoRoundOptions.from_scheme(tuned[0].scheme)
+    targets = _targets(run, block, inputs, opts)
+    quantize_rest()
     units = _units(inputs, opts.batch_size)
     per_step = -(-opts.batch_size // max(len(rows) for _, rows in units))
     with torch.inference_mode(False), torch.enable_grad():
@@ -89,6 +91,20 @@ def tune_block(run: RunState, turn: BlockTurn, tuned: list[LayerPlan],
     del targets
     for layer, qw in zip(tuned, qweights):
         _install(run, turn, layer, qw)
+
+
+def _targets(run: RunState, block: nn.Module, inputs: BlockInputs,
+             opts: AutoRoundOptions) -> BlockInputs:
+    """The float block's outputs on the block's inputs (its layers are not quantized yet), or
+    with error feedback the float model's outputs of the block."""
+    if not opts.error_feedback:
+        return run_block(block, inputs)
+    targets = run.reference_outputs
+    if targets is None or len(targets) != len(inputs):
+        raise CalibrationError("autoround error_feedback needs the float model's outputs of "
+                               "the block, which this run does not carry",
+                               hint="run it with calibration data in an mpq quantize run")
+    return targets
 
 
 Unit = tuple[int, range]  # an input batch's index and some of its rows (samples)

@@ -7,7 +7,10 @@ this module keeps a second stream, the float model's, and before a block's layer
 it runs the *float* block on it, recording the inputs of every layer that needs them (one tensor
 per calibration batch, in ``RunState.reference_inputs``) and the float stream's next block inputs.
 That doubles the activation memory, so the hooks exist only when some layer needs a paired
-statistic (:func:`float_stream_hooks`).
+statistic (:func:`float_stream_hooks`) or the float block outputs themselves: tuned rounding
+with error feedback (mpq.quantizers.autoround) targets them, and for such a run the float
+block's outputs are kept in ``RunState.reference_outputs`` during the block's turn (the last
+block's too).
 
 Two hooks share one :class:`FloatStream` and sit at two places of the hook list:
 
@@ -31,6 +34,7 @@ from mpq.engine.collect import BlockInputs, inputs_device, run_block
 from mpq.engine.lifecycle import BlockTurn, RunHook, RunState
 from mpq.engine.stats import STATS
 from mpq.errors import SchemeError
+from mpq.quantizers.autoround import FLOAT_BLOCK_OUTPUT
 
 
 def paired_layers(needs) -> list[str]:
@@ -39,6 +43,11 @@ def paired_layers(needs) -> list[str]:
     return [name for name, stats in needs.items()
             if any(stat in STATS and getattr(STATS.get(stat), "paired", False)
                    for stat in stats)]
+
+
+def target_layers(needs) -> list[str]:
+    """The layers (of ``needs``) tuned against the float model's block outputs."""
+    return [name for name, stats in needs.items() if FLOAT_BLOCK_OUTPUT in stats]
 
 
 def check_paired(plan: Plan, needs) -> None:
@@ -67,10 +76,12 @@ def _copy(inputs: BlockInputs) -> BlockInputs:
 
 
 class FloatStream:
-    """The float model's inputs of the current block, and the layers that read them."""
+    """The float model's inputs of the current block, the layers that read them, and whether
+    the block's float outputs are the run's targets (``targets``)."""
 
-    def __init__(self, layers: list[str]) -> None:
+    def __init__(self, layers: list[str], targets: bool = False) -> None:
         self.layers = set(layers)
+        self.targets = targets
         self.inputs: BlockInputs | None = None
         self.next: BlockInputs | None = None
 
@@ -81,16 +92,19 @@ class FloatStream:
         if self.inputs is None:
             self.inputs = _copy(turn.inputs)
         turn.module.to(run.device)
+        keep = self.targets or not turn.last
         if run.plan.transforms:  # layers' inputs after the transforms: at block_start
-            self.next = None if turn.last else run_block(turn.module, self.inputs)
-            return
-        with self._recording(run, turn):
-            self.next = run_block(turn.module, self.inputs, in_place=True,
-                                  keep_outputs=not turn.last)
+            self.next = run_block(turn.module, self.inputs) if keep else None
+        else:
+            with self._recording(run, turn):
+                self.next = run_block(turn.module, self.inputs, in_place=True,
+                                      keep_outputs=keep)
+        if self.targets:
+            run.reference_outputs = self.next
 
     def record(self, run: RunState, turn: BlockTurn) -> None:
         """The layers' inputs from the (transformed) float block, before it is quantized."""
-        if turn.inputs is None or not run.plan.transforms:
+        if turn.inputs is None or not run.plan.transforms or not self.layers:
             return
         with self._recording(run, turn):
             run_block(turn.module, self.inputs, keep_outputs=False)
@@ -98,6 +112,7 @@ class FloatStream:
     def advance(self, run: RunState) -> None:
         self.inputs, self.next = self.next, None
         run.reference_inputs.clear()
+        run.reference_outputs = None
 
     def _recording(self, run: RunState, turn: BlockTurn):
         names = {name[len(turn.prefix):]: name for name in
@@ -158,9 +173,10 @@ class _After(RunHook):
 
 def float_stream_hooks(needs) -> tuple[list[RunHook], list[RunHook]]:
     """(hooks to put before the resume hook, hooks to put after the transform hook) carrying
-    the float stream; both empty when no layer of ``needs`` needs a paired statistic."""
-    layers = paired_layers(needs)
-    if not layers:
+    the float stream; both empty when no layer of ``needs`` needs a paired statistic or the
+    float block outputs."""
+    layers, targets = paired_layers(needs), bool(target_layers(needs))
+    if not layers and not targets:
         return [], []
-    stream = FloatStream(layers)
+    stream = FloatStream(layers, targets)
     return [_Before(stream)], [_After(stream)]

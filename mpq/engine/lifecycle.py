@@ -75,6 +75,9 @@ class RunState:
     # layer → the float model's inputs of the current block's layer, per calibration batch
     # (mpq.engine.float_stream; only for layers whose statistics compare with the float model)
     reference_inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    # the float model's outputs of the current block (its next inputs), when a block-level
+    # quantizer targets them (autoround's error_feedback; mpq.engine.float_stream)
+    reference_outputs: BlockInputs | None = None
 
     @property
     def needs_calibration_pass(self) -> bool:

@@ -8,8 +8,10 @@ rounding offset V ∈ [−½, ½] and every scale group clipping factors α ∈ 
 (mpq.quantizers.autoround_solve) on the mean squared error between the block's output with the
 quantized weights and the float block's output, over mini-batches of the calibration samples.
 The block sees the inputs of the partly quantized model (the previous blocks already
-quantized), like every mpq algorithm; its target is the float block on those same inputs (the
-published method targets the float model's own block outputs instead).  The engine's block
+quantized), like every mpq algorithm; its target is the float block on those same inputs, or
+with ``error_feedback: true`` the float model's own block outputs (the float block on the float
+model's inputs, carried by mpq.engine.float_stream), as in the published method: the tuning then
+also corrects the error the block inherits from the blocks quantized before it.  The engine's block
 step runs it (mpq.engine.block_tuning): it is a *block-level* quantizer (``block_level``), so
 the per-layer :meth:`AutoRoundQuantizer.quantize` is never called by a run.
 
@@ -22,7 +24,8 @@ Options (recipe ``options:``, all optional; mpq.quantizers.autoround_options):
 ``effort`` (``light`` | ``default`` | ``best``: iterations, samples per step and lr together),
 ``iters`` (int ≥ 0; 0 gives round-to-nearest), ``batch_size`` (samples per step, int ≥ 1),
 ``lr`` (rounding offsets' step, default 1/iters), ``minmax_lr`` (clipping factors' step,
-default lr), ``clip`` (bool, default true: tune the clipping factors), ``seed`` (int, default 0;
+default lr), ``clip`` (bool, default true: tune the clipping factors), ``error_feedback``
+(bool, default false: target the float model's block outputs, above), ``seed`` (int, default 0;
 the sample order of block i is seeded with seed and i, so a run is reproducible and a resumed
 run gives the same bytes).  Every autoround layer of one block must have the same options.
 
@@ -43,6 +46,8 @@ from mpq.quantizers.autoround_options import AutoRoundOptions
 from mpq.quantizers.base import QUANTIZERS
 
 BLOCK_OUTPUT = "block_output"
+# the float model's outputs of the block (error_feedback): carried by the engine's float stream
+FLOAT_BLOCK_OUTPUT = "float_block_output"
 
 
 class AutoRoundQuantizer:
@@ -62,6 +67,11 @@ class AutoRoundQuantizer:
         if scheme.input_activations is not None:
             raise SchemeError("autoround quantizes weights only, not input activations",
                               hint="remove input_activations, or use algorithm: gptq")
+
+    def needs_for(self, scheme: LayerScheme) -> frozenset[str]:
+        if AutoRoundOptions.from_scheme(scheme).error_feedback:
+            return self.needs | {FLOAT_BLOCK_OUTPUT}
+        return self.needs
 
     def quantize(self, weight: torch.Tensor, scheme: LayerScheme,
                  stats: Mapping[str, torch.Tensor]) -> QuantizedWeight:

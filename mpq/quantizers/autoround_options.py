@@ -40,6 +40,7 @@ class AutoRoundOptions:
     lr: float = 0.005
     minmax_lr: float = 0.005
     clip: bool = True
+    error_feedback: bool = False
     seed: int = 0
 
     @classmethod
@@ -62,9 +63,8 @@ class AutoRoundOptions:
         iters = _integer("iters", values.get("iters", 200), minimum=0)
         batch = _integer("batch_size", values.get("batch_size", 4), minimum=1)
         seed = _integer("seed", values.get("seed", 0), minimum=0)
-        clip = values.get("clip", True)
-        if not isinstance(clip, bool):
-            raise SchemeError(f"autoround option clip must be true or false, got {clip!r}")
+        clip = _flag("clip", values.get("clip", True))
+        feedback = _flag("error_feedback", values.get("error_feedback", False))
         lr = values.get("lr")
         if lr is None:
             low_bits = scheme.weights.bits <= 3 and effort == "best"
@@ -72,13 +72,20 @@ class AutoRoundOptions:
         lr = _positive("lr", lr)
         minmax_lr = _positive("minmax_lr", values.get("minmax_lr", lr))
         return cls(effort=effort, iters=iters, batch_size=batch, lr=lr, minmax_lr=minmax_lr,
-                   clip=clip, seed=seed)
+                   clip=clip, error_feedback=feedback, seed=seed)
 
 
 def _integer(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise SchemeError(f"autoround option {name} must be an integer ≥ {minimum}, "
                           f"got {value!r}", hint=f"e.g. {name}: {EFFORTS['light'].get(name, 0)}")
+    return value
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise SchemeError(f"autoround option {name} must be true or false, got {value!r}",
+                          hint=f"e.g. {name}: true")
     return value
 
 

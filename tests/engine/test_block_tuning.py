@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 import mpq
 from mpq.calibration import CalibrationOptions
 from mpq.checkpoint.native import open_artifact
 from mpq.config.recipe import parse_recipe
+from mpq.engine import block_tuning
+from mpq.engine.collect import run_block
 from mpq.engine.resume import Checkpoint, work_dir_for
 from mpq.engine.spec import RunOptions
 from mpq.errors import RecipeError
@@ -72,10 +75,16 @@ def test_reruns_write_the_same_bytes_and_the_seed_matters(tmp_path, calib_text):
     assert any(a[key] != c[key] for key in weights)
 
 
-@pytest.mark.parametrize("extra", ["", TRANSFORMS, ROTATION], ids=["plain", "awq", "quarot"])
-def test_resumed_run_writes_the_same_bytes(extra, tmp_path, calib_text, monkeypatch):
+FEEDBACK = "{iters: 8, batch_size: 2, error_feedback: true}"
+
+
+@pytest.mark.parametrize("extra, options", [("", FAST), (TRANSFORMS, FAST), (ROTATION, FAST),
+                                            ("", FEEDBACK), (ROTATION, FEEDBACK)],
+                         ids=["plain", "awq", "quarot", "feedback", "quarot-feedback"])
+def test_resumed_run_writes_the_same_bytes(extra, options, tmp_path, calib_text, monkeypatch):
     save_deep_model(tmp_path / "src", layers=3)
-    rec = recipe(extra=extra, weights="{bits: 4, symmetric: false, group_size: 32}")
+    rec = recipe(extra=extra, options=options,
+                 weights="{bits: 4, symmetric: false, group_size: 32}")
     options = calibration(calib_text)
     quantize(tmp_path / "src", rec, tmp_path / "whole", options)
     save_block = Checkpoint.save_block
@@ -95,6 +104,38 @@ def test_resumed_run_writes_the_same_bytes(extra, tmp_path, calib_text, monkeypa
              events=lambda kind, **data: events.append(kind))
     assert events.count("block_resumed") == 1
     assert folder_bytes(tmp_path / "resumed") == folder_bytes(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("extra", ["", TRANSFORMS], ids=["plain", "awq"])
+def test_error_feedback_targets_the_float_models_block_outputs(extra, tmp_path, calib_text,
+                                                               monkeypatch):
+    """Block i is tuned against the float blocks 0..i run on the float calibration inputs, not
+    against the float block i on the partly quantized model's inputs."""
+    save_deep_model(tmp_path / "src", layers=3)
+    seen = []  # per tuned block: (its inputs, the hidden states of its targets)
+    targets_of = block_tuning._targets
+
+    def spy(run, block, inputs, opts):
+        targets = targets_of(run, block, inputs, opts)
+        copies = [((args[0].clone(), *args[1:]), kwargs) for args, kwargs in inputs]
+        seen.append((copies, [args[0].clone() for args, _ in targets]))
+        return targets
+
+    monkeypatch.setattr(block_tuning, "_targets", spy)
+    quantize(tmp_path / "src", recipe(extra=extra, options=FEEDBACK), tmp_path / "out",
+             calibration(calib_text))
+    assert len(seen) == 3
+    blocks = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src").model.layers
+    float_inputs = seen[0][0]  # block 0's inputs are the float model's
+    for index, (inputs, targets) in enumerate(seen):
+        if index:  # later blocks see the quantized blocks' outputs, which differ
+            assert not torch.allclose(inputs[0][0][0], float_inputs[0][0][0], atol=1e-3)
+        with torch.inference_mode():
+            float_inputs = run_block(blocks[index], float_inputs)
+        expected = [args[0] for args, _ in float_inputs]
+        assert len(targets) == len(expected)
+        for target, want in zip(targets, expected):
+            torch.testing.assert_close(target, want, rtol=1e-4, atol=1e-4)
 
 
 def test_a_block_mixing_gptq_and_autoround(tmp_path, calib_text):

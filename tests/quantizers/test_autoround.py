@@ -93,6 +93,7 @@ def test_effort_settings_and_overrides():
     ({"lr": 0}, "lr must be a positive number"),
     ({"minmax_lr": float("nan")}, "minmax_lr must be a positive number"),
     ({"clip": "yes"}, "clip must be true or false"),
+    ({"error_feedback": 1}, "error_feedback must be true or false"),
 ])
 def test_bad_options_are_refused(options, message):
     with pytest.raises(SchemeError, match=message):
