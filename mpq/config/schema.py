@@ -19,10 +19,12 @@ ACTIVATION_KEYS = tuple(f.name for f in fields(ActivationArgs))
 _ACTIVATION_TYPES = {"format": str, "bits": int, "dynamic": bool, "granularity": str,
                      "symmetric": bool}
 _WEIGHT_TYPES = {"format": str, "bits": int, "symmetric": bool, "granularity": str,
-                 "group_size": (int, type(None)), "double_quant": bool, "scale_dtype": str}
+                 "group_size": (int, type(None)), "double_quant": bool, "scale_dtype": str,
+                 "full_range": bool}
 _WEIGHT_EXAMPLES = {"format": "format: int", "bits": "bits: 4", "symmetric": "symmetric: true",
                     "granularity": "granularity: group", "group_size": "group_size: 128",
-                    "double_quant": "double_quant: true", "scale_dtype": "scale_dtype: fp16"}
+                    "double_quant": "double_quant: true", "scale_dtype": "scale_dtype: fp16",
+                    "full_range": "full_range: true"}
 _SCALARS = (str, int, float, bool, type(None))
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean (true/false)",
                float: "a number", list: "a list", dict: "a mapping", type(None): "null"}
@@ -141,7 +143,7 @@ def overlay_weights(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict
     When the level sets ``format``, fields it leaves out follow the format
     (``NumberFormat.implied_weights``): fp8_* → 8 bits, symmetric, per-channel instead of group;
     nf4, mxfp4, mxfp8, nvfp4 → their bits, symmetric, group of their fixed size (64, 32, 32, 16);
-    any format other than nf4 → no double_quant; formats without a scale_dtype (all but int and fp8) → fp32 scales.
+    any format other than nf4 → no double_quant; formats without a scale_dtype (all but int and fp8) → fp32 scales; formats other than int → no full_range.
     Fields the level gives are never changed, so conflicts still raise.
     """
     merged = {**base, **overlay}

@@ -47,6 +47,11 @@ class WeightArgs:
       exactly the ones the algorithm used (fp16 is what GPTQ v1 stores; bf16/fp16 what
       compressed-tensors stores for a bf16/fp16 model).  Left out of :meth:`to_dict` when fp32,
       so plans written before this key read back unchanged.
+    - ``full_range``: symmetric ``int`` only: each scale is the group's extreme weight (the one
+      of largest magnitude, with its sign) over −2^(b−1), so that weight lands exactly on the
+      grid's lone extra level and all 2^b levels are used (llama.cpp's q4_0 convention; scales
+      may be negative).  Default false: absmax / (2^(b−1) − ½), compressed-tensors' formula.
+      Left out of :meth:`to_dict` when false.
     """
 
     format: str = "int"
@@ -56,6 +61,7 @@ class WeightArgs:
     group_size: int | None = 128
     double_quant: bool = False
     scale_dtype: str = "fp32"
+    full_range: bool = False
 
     def __post_init__(self) -> None:
         for name in ("bits", "group_size"):
@@ -86,6 +92,14 @@ class WeightArgs:
         if self.scale_dtype not in SCALE_DTYPES:
             raise SchemeError(f"unknown scale_dtype {self.scale_dtype!r}",
                               hint=f"use one of {', '.join(SCALE_DTYPES)}")
+        if self.full_range and not fmt.full_range:
+            takers = " and ".join(format_names(lambda f: f.full_range))
+            raise SchemeError(f"full_range applies to {takers} only, not {self.format}",
+                              hint="remove full_range")
+        if self.full_range and not self.symmetric:
+            raise SchemeError("full_range applies to symmetric scales only (an asymmetric grid "
+                              "already uses its whole range)",
+                              hint="remove full_range or symmetric: false")
         if self.scale_dtype != "fp32" and not fmt.scale_dtypes:
             takers = " and ".join(format_names(lambda f: f.scale_dtypes))
             raise SchemeError(f"scale_dtype applies to {takers} only ({self.format} stores "
@@ -136,8 +150,9 @@ class WeightArgs:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        if self.scale_dtype == "fp32":  # the default: absent, as before the key existed
-            del out["scale_dtype"]
+        for key, default in (("scale_dtype", "fp32"), ("full_range", False)):
+            if out[key] == default:  # the default: absent, as before the key existed
+                del out[key]
         return out
 
     def describe(self) -> str:

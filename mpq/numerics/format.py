@@ -114,6 +114,7 @@ class NumberFormat(ABC):
     symmetric_only: bool = True
     double_quant: bool = False
     scale_dtypes: bool = False  # takes WeightArgs.scale_dtype (rounds its scales to fp16/bf16)
+    full_range: bool = False  # takes WeightArgs.full_range (signed extreme scales: int)
     awq_clip: bool = False
     # quantize(weight, args, col_weight=...) takes error weights of the input columns and
     # chooses its block parameters for the least weighted error (the GGUF block types; the int
@@ -155,7 +156,7 @@ class NumberFormat(ABC):
         """Fields a recipe level that sets ``format: <name>`` implies where it leaves them out
         (``merged``: the level over its base): the fixed bits, symmetric, the fixed block or
         channel instead of a group the format does not take, no double_quant unless taken and
-        fp32 scales unless the format takes a scale_dtype."""
+        fp32 scales unless the format takes a scale_dtype, no full_range unless taken."""
         implied: dict[str, Any] = {}
         if self.bits is not None:
             implied["bits"] = self.bits
@@ -169,6 +170,8 @@ class NumberFormat(ABC):
             implied["double_quant"] = False
         if not self.scale_dtypes:
             implied["scale_dtype"] = "fp32"
+        if not self.full_range:
+            implied["full_range"] = False
         return implied
 
     # --- labels ----------------------------------------------------------------------------

@@ -4,7 +4,11 @@ Semantics are those of /work/shared/docs/FORMATS.md ("Integer math"), i.e. compr
 ``calculate_qparams`` / ``_quantize`` / ``_dequantize``:
 
 - signed range q ∈ [q_min, q_max] = [−2^(b−1), 2^(b−1)−1];
-- symmetric: scale = absmax / ((q_max − q_min)/2), zero 0;
+- symmetric: scale = absmax / ((q_max − q_min)/2), zero 0; with ``full_range`` (not
+  compressed-tensors' formula, but the same stored form) scale = e / q_min where e is the
+  group's extreme weight, the one of largest magnitude with its sign (ties: the positive one),
+  so e lands exactly on q_min and every level is used, as llama.cpp's q4_0 does; the scale is
+  negative where e is positive;
 - asymmetric: lo = min(x_min, 0), hi = max(x_max, 0), scale = (hi − lo)/(q_max − q_min),
   zero = round(q_min − lo/scale) (clamped to the range);
 - q = clamp(round(x/scale + zero)), torch.round (half to even); x̂ = (q − zero)·scale.
@@ -89,7 +93,8 @@ def rounded_scale(raw: torch.Tensor, args: WeightArgs) -> torch.Tensor:
     if args.scale_dtype == "fp32":
         return scale
     dtype = SCALE_TORCH_DTYPES[args.scale_dtype]
-    rounded = scale.clamp(min=torch.finfo(dtype).tiny).to(dtype)
+    tiny = torch.finfo(dtype).tiny  # full_range scales may be negative: their magnitude is raised
+    rounded = torch.where(scale < 0, scale.clamp(max=-tiny), scale.clamp(min=tiny)).to(dtype)
     if not bool(torch.isfinite(rounded).all()):
         raise SchemeError(f"a weight scale of {float(scale.max()):.6g} overflows "
                           f"scale_dtype {args.scale_dtype} (largest "
@@ -109,6 +114,14 @@ def _grouped(w: torch.Tensor, args: WeightArgs) -> torch.Tensor:
     return w.reshape(n, k // args.group_size, args.group_size)
 
 
+def signed_extreme(v: torch.Tensor) -> torch.Tensor:
+    """The element of largest magnitude along the last dim of ``v``, with its sign (the
+    positive one where ±max tie): the value ``full_range`` puts on q_min."""
+    hi = v.amax(dim=-1).clamp(min=0)
+    lo = v.amin(dim=-1).clamp(max=0)
+    return torch.where(hi >= -lo, hi, lo)
+
+
 def int_params(w: torch.Tensor, args: WeightArgs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero for the slice ``w`` [N, k] under ``args``.
 
@@ -120,6 +133,8 @@ def int_params(w: torch.Tensor, args: WeightArgs) -> tuple[torch.Tensor, torch.T
     qmin, qmax = int_range(args.bits)
     v = _grouped(w.to(torch.float32), args)
     if args.symmetric:
+        if args.full_range:
+            return rounded_scale(signed_extreme(v) / qmin, args), None
         amax = v.abs().amax(dim=-1)
         return rounded_scale(amax / ((qmax - qmin) / 2), args), None
     lo = v.amin(dim=-1).clamp(max=0)
@@ -235,6 +250,7 @@ class IntGrid(NumberFormat):
 
     name = "int"
     scale_dtypes = True
+    full_range = True
     granularities = ("tensor", "channel", "group")
     symmetric_only = False
     awq_clip = True
@@ -258,8 +274,8 @@ class IntGrid(NumberFormat):
         return f"int{bits}"
 
     def describe(self, args: WeightArgs) -> str:
-        return (f"{self.bits_label(args.bits)} {'sym' if args.symmetric else 'asym'}"
-                + args.granularity_label())
+        symmetry = ("sym full-range" if args.full_range else "sym") if args.symmetric else "asym"
+        return f"{self.bits_label(args.bits)} {symmetry}" + args.granularity_label()
 
     def quantize(self, weight: torch.Tensor, args: WeightArgs) -> QuantizedWeight:
         w = prepare_weight(weight, args, self.name)

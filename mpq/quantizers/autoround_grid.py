@@ -6,7 +6,8 @@ Gradient Descent for the Quantization of LLMs", arXiv:2309.05516), on mpq's int 
 
 - every weight has an offset V ∈ [−½, ½] added before rounding: q = clamp(round(W/s + V) [+ z]);
 - every scale group has clipping factors α ∈ [½, 1] that shrink its range before the scale and
-  zero point are computed: symmetric s = α·absmax / ((q_max − q_min)/2); asymmetric
+  zero point are computed: symmetric s = α·absmax / ((q_max − q_min)/2) (``full_range``:
+  α·e / q_min, e the group's signed extreme, as intel/auto-round's symmetric grid); asymmetric
   lo = α_lo·min(x_min, 0), hi = α_hi·max(x_max, 0), s = (hi − lo)/(q_max − q_min),
   z = clamp(round(q_min − lo/s)).
 
@@ -21,7 +22,7 @@ import torch
 
 from mpq.numerics.args import WeightArgs
 from mpq.numerics.base import QuantizedWeight
-from mpq.numerics.int_grid import _grouped, int_range, rounded_scale
+from mpq.numerics.int_grid import _grouped, int_range, rounded_scale, signed_extreme
 
 V_MAX = 0.5
 CLIP_MIN = 0.5
@@ -50,8 +51,8 @@ class TunedIntWeight:
         count = (1 if args.symmetric else 2) if clip else 0
         self.clipping = [torch.ones((rows, groups), device=self.w.device, requires_grad=True)
                          for _ in range(count)]
-        if args.symmetric:
-            self.amax = self.w.abs().amax(dim=-1)
+        if args.symmetric:  # the signed extreme with full_range (its scale is extreme / q_min)
+            self.amax = signed_extreme(self.w) if args.full_range else self.w.abs().amax(dim=-1)
         else:
             self.lo = self.w.amin(dim=-1).clamp(max=0)
             self.hi = self.w.amax(dim=-1).clamp(min=0)
@@ -65,7 +66,7 @@ class TunedIntWeight:
         ``ste``; without, the exact stored values (the same formulas as int_params)."""
         if self.args.symmetric:
             amax = self.amax * self.clipping[0] if self.clipping else self.amax
-            raw = amax / ((self.qmax - self.qmin) / 2)
+            raw = amax / (self.qmin if self.args.full_range else (self.qmax - self.qmin) / 2)
         else:
             lo, hi = self.lo, self.hi
             if self.clipping:

@@ -31,6 +31,8 @@ RECIPES = {  # name → (weights, input activations)
     "w4-g32-asym": ("{format: int, bits: 4, symmetric: false, granularity: group, "
                     "group_size: 32}", None),
     "w3-channel": ("{format: int, bits: 3, granularity: channel}", None),
+    "w2-g32-full-range": ("{format: int, bits: 2, full_range: true, granularity: group, "
+                          "group_size: 32}", None),
     "w8-channel": ("{format: int, bits: 8, granularity: channel}", None),
     "w8a8-int8-token": ("{format: int, bits: 8, granularity: channel}", INT8_TOKEN),
     "w8a8-int8-static": ("{format: int, bits: 8, granularity: channel}",

@@ -50,6 +50,11 @@ CASES = {
     "int8 channel": ("{format: int, bits: 8, granularity: channel}", None, "rtn"),
     "int2 asym g64": ("{format: int, bits: 2, symmetric: false, granularity: group, "
                       "group_size: 64}", None, "rtn"),
+    "int4 sym full-range g32": ("{format: int, bits: 4, full_range: true, granularity: group, "
+                                "group_size: 32}", None, "rtn"),
+    "int4 gptq full-range act-order": ("{format: int, bits: 4, full_range: true, "
+                                       "granularity: group, group_size: 32}",
+                                       "{act_order: true, clip_search: true}", "gptq"),
     "int4 gptq act-order": ("{format: int, bits: 4, granularity: group, group_size: 32}",
                             "{act_order: true}", "gptq"),
 }
