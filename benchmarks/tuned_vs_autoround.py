@@ -3,14 +3,16 @@ preset against Intel's auto-round package (light/default), same scheme, tokens a
 
     python benchmarks/tuned_vs_autoround.py --model .cache/SmolLM2-135M --corpora ../shared/corpora \\
         [--bits 4] [--rows mpq-autoround-light,auto-round-light,...] [--reuse] \\
-        [--num-samples 128] [--num-windows 40] [--iters N] [--work DIR] [--out FILE]
+        [--num-samples 128] [--num-windows 40] [--iters N] [--tuned-recipe FILE] [--work DIR] \\
+        [--out FILE]
 
 Rows (``--rows``, default all that apply to ``--bits``):
 - ``fp32``: the float model (reference perplexity).
 - ``mpq-autoround-light`` / ``mpq-autoround-default``: the recipe ``algorithm: autoround`` with
   ``options: {effort: light|default}`` on int ``--bits`` symmetric g64 (mpq's efforts: light 30
   iterations at lr 1e-2, one sample a step; default 200 at lr 1/iters, four samples a step).
-- ``mpq-tuned``: the ``w4a16-tuned`` / ``w3a16-tuned`` preset (none exists for 2 bits).
+- ``mpq-tuned``: the ``w4a16-tuned`` / ``w3a16-tuned`` preset, or the recipe ``--tuned-recipe``
+  (any bits; none is built in for 2 bits).
 - ``auto-round-light`` / ``auto-round-default``: the package's recipes, 50 iterations at lr 5e-3
   and 200 at its default lr 1/iters, eight samples a step (its default batch), int ``--bits``
   symmetric g64, float32, run by benchmarks/peers/autoround_peer.py in the package's own venv
@@ -24,7 +26,8 @@ enwiki_excerpt.test.txt) for every row.  Each quantization runs in its own proce
 benchmarks/mpq_run.py) so wall time and peak RSS (``ru_maxrss``) are the tool's own: ``quant_s`` is
 model loaded → quantization done (writing excluded), ``rss_quant`` is the peak when quantization
 was done.  Ratios (time, RSS at quantization, ppl) are to the auto-round row of the same effort;
-``mpq-tuned`` is compared with ``auto-round-default``.
+``mpq-tuned`` is compared with ``auto-round-default`` (``auto-round-light`` where the table has no
+default row).
 
 Every finished row is written to ``--out`` at once (JSON, and a markdown table beside it), so an
 interrupted run keeps its rows; ``--reuse`` keeps the rows of ``--out`` measured with the same
@@ -53,24 +56,28 @@ ROWS = {
     "auto-round-default": ("peer", "default"),
 }
 PEER_EFFORTS = {"light": (50, 5e-3), "default": (200, None)}  # iters, lr (None: 1/iters)
-PAIRS = {"mpq-autoround-light": "auto-round-light",
-         "mpq-autoround-default": "auto-round-default", "mpq-tuned": "auto-round-default"}
+PAIRS = {"mpq-autoround-light": ("auto-round-light",),  # row -> the peer rows it compares with
+         "mpq-autoround-default": ("auto-round-default",),
+         "mpq-tuned": ("auto-round-default", "auto-round-light")}
 TUNED_PRESETS = {4: "w4a16-tuned", 3: "w3a16-tuned"}
 
 
-def select_rows(names: str | None, bits: int) -> list[str]:
+def select_rows(names: str | None, bits: int, tuned_recipe: bool = False) -> list[str]:
     """The rows to run, in table order: the comma-separated ``names`` (None: all that exist at
-    ``bits``).  Raises ValueError for an unknown name or a row that ``bits`` lacks."""
+    ``bits``; ``mpq-tuned`` exists with a preset for ``bits`` or a ``tuned_recipe``).  Raises
+    ValueError for an unknown name or a row that ``bits`` lacks."""
+    has_tuned = bits in TUNED_PRESETS or tuned_recipe
     if names is None:
-        return [n for n in ROWS if ROWS[n][0] != "preset" or bits in TUNED_PRESETS]
+        return [n for n in ROWS if ROWS[n][0] != "preset" or has_tuned]
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     if not wanted:
         raise ValueError("--rows names no row")
     for name in wanted:
         if name not in ROWS:
             raise ValueError(f"unknown row '{name}' (rows: {', '.join(ROWS)})")
-        if ROWS[name][0] == "preset" and bits not in TUNED_PRESETS:
-            raise ValueError(f"row '{name}': no tuned preset for int{bits}")
+        if ROWS[name][0] == "preset" and not has_tuned:
+            raise ValueError(f"row '{name}': no tuned preset for int{bits} (give "
+                             "--tuned-recipe)")
     return [n for n in ROWS if n in wanted]
 
 
@@ -95,11 +102,12 @@ def add_ratios(rows: list[dict]) -> None:
     """Set time/RSS/ppl ratios of each paired row to its auto-round row, where both exist."""
     by_name = {r["row"]: r for r in rows}
     for row in rows:
-        peer = by_name.get(PAIRS.get(row["row"], ""))
-        for key in ("time_ratio", "rss_ratio", "ppl_ratio"):
+        peer = next((by_name[n] for n in PAIRS.get(row["row"], ()) if n in by_name), None)
+        for key in ("time_ratio", "rss_ratio", "ppl_ratio", "versus"):
             row.pop(key, None)
         if peer is None:
             continue
+        row["versus"] = peer["row"]
         row["time_ratio"] = row["quant_s"] / peer["quant_s"]
         row["rss_ratio"] = row["rss_quant_mib"] / peer["rss_quant_mib"]
         row["ppl_ratio"] = row["ppl"] / peer["ppl"]
@@ -118,7 +126,7 @@ def format_table(rows: list[dict]) -> str:
     for row in rows:
         cells = []
         for _, key, spec in COLUMNS:
-            value = PAIRS.get(row["row"]) if key == "versus" and "time_ratio" in row else row.get(key)
+            value = row.get(key)
             cells.append(format(value, spec) if value is not None else format("", spec.split(".")[0]))
         lines.append("".join(cells).rstrip())
     return "\n".join(lines)
@@ -192,7 +200,7 @@ def measure(name: str, args, calib_file: Path, calib_ids: Path, calib_sha: str, 
                  "batch_size": stats["batch_size"], "torch_compile": stats["torch_compile"]}
     else:
         if tool == "preset":
-            recipe = TUNED_PRESETS[args.bits]
+            recipe = args.tuned_recipe or TUNED_PRESETS[args.bits]
         else:
             recipe = work / f"{name}.yaml"
             recipe.write_text(recipe_text(args.bits, effort, args.iters))
@@ -202,7 +210,7 @@ def measure(name: str, args, calib_file: Path, calib_ids: Path, calib_sha: str, 
         if stats["calib_sha256"] != calib_sha:
             raise SystemExit("mpq drew different calibration tokens than the peer was given")
         stats["quant_s"] = stats["pipeline_s"]
-        extra = {"recipe": str(recipe) if tool == "preset" else recipe.read_text()}
+        extra = {"recipe": recipe if isinstance(recipe, str) else recipe.read_text()}
     return {"row": name, "ppl": evaluate(out, test_file, args.num_windows, env),
             "quant_s": stats["quant_s"], "total_s": stats["total_s"],
             "peak_rss_mib": stats["peak_rss_kib"] / 1024,
@@ -221,6 +229,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-windows", type=int, default=40)
     parser.add_argument("--iters", type=int, default=None,
                         help="override every tuned row's iterations (smoke runs)")
+    parser.add_argument("--tuned-recipe", type=Path, default=None,
+                        help="recipe file for the mpq-tuned row (default: the bits' preset)")
     parser.add_argument("--work", type=Path, default=None,
                         help="folder for the quantized models (default: a new temporary one)")
     parser.add_argument("--out", type=Path, default=None,
@@ -228,7 +238,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "BITS.json); a .md table is written beside it")
     args = parser.parse_args(argv)
     try:
-        args.row_names = select_rows(args.rows, args.bits)
+        args.row_names = select_rows(args.rows, args.bits, args.tuned_recipe is not None)
     except ValueError as err:
         parser.error(str(err))
     for name in ("num_samples", "num_windows", "iters"):
@@ -237,6 +247,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if not (args.corpora / "enwiki_excerpt.train.txt").is_file():
         parser.error(f"no enwiki_excerpt.train.txt in --corpora {args.corpora}")
+    if args.tuned_recipe is not None and not args.tuned_recipe.is_file():
+        parser.error(f"--tuned-recipe {args.tuned_recipe} is not a file")
     if not (args.model / "config.json").is_file():
         parser.error(f"--model {args.model} is not a model folder (no config.json)")
     if args.out is None:

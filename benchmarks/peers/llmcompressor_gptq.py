@@ -22,7 +22,8 @@ Runs inside llm-compressor's own venv (benchmarks/peers/setup_llmcompressor.sh);
   "imatrix_mse" (its importance-weighted MSE observer: the same range search with each input
   column's error weighted by E[x²] of that column over the calibration inputs, llama.cpp's
   importance matrix; it makes the calibration pass collect those statistics).
-- Output: a plain fp32 HF folder (no quantization_config) holding the dequantized GPTQ weights,
+- Output: a plain fp32 HF folder (no quantization_config) holding the dequantized weights (GPTQ's;
+  for rtn, compressed-tensors' fake quantization of the float weights with the observer's scales),
   loadable by transformers.AutoModelForCausalLM.from_pretrained anywhere.
 - Prints one JSON line on stdout (all logs go to stderr): quant_s (model loaded -> GPTQ done, save
   excluded), total_s (whole process), peak_rss_kib (ru_maxrss of this process at exit, KiB),
@@ -82,6 +83,25 @@ def calibration_loader(ids_file: str):
                          f"got {ids.dtype} {tuple(ids.shape)}")
     rows = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
     return DataLoader(rows, batch_size=1, shuffle=False), tuple(ids.shape)
+
+
+def apply_weight_quantization(model) -> None:
+    """Write each quantized Linear's fake-quantized weight into it (compressed-tensors'
+    ``fake_quantize`` with its scales): QuantizationModifier (rtn) leaves the float weights in
+    place and quantizes them in the forward only, so the dense copy needs this; GPTQ's weights
+    already are on the grid, where it changes nothing."""
+    import torch
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    for module in model.modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        scale = getattr(module, "weight_scale", None)
+        if not isinstance(module, torch.nn.Linear) or scheme is None or scale is None:
+            continue
+        with torch.no_grad():
+            module.weight.copy_(fake_quantize(module.weight, scale,
+                                              getattr(module, "weight_zero_point", None),
+                                              scheme.weights))
 
 
 def check_on_grid(model, bits: int) -> int:
@@ -173,6 +193,8 @@ def main() -> None:
                         max_seq_length=calib_shape[1], shuffle_calibration_samples=False)
     quant_s = time.perf_counter() - t0  # GPTQ done
     peak_quant = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args.algorithm == "rtn":
+        apply_weight_quantization(quantized)
     num_quantized = check_on_grid(quantized, bits)
 
     out = Path(args.out)

@@ -43,7 +43,9 @@ def test_parse_args_errors_are_usage_errors(tmp_path, capsys):
                           (["--num-samples", "0"], "--num-samples must be at least 1"),
                           (["--bits", "5"], "invalid choice"),
                           (["--corpora", missing], "no enwiki_excerpt.train.txt"),
-                          (["--model", missing], "not a model folder")):
+                          (["--model", missing], "not a model folder"),
+                          (["--tuned-recipe", missing], "--tuned-recipe"),
+                          (["--bits", "2", "--rows", "mpq-tuned"], "give --tuned-recipe")):
         with pytest.raises(SystemExit) as exit_info:
             bench.parse_args(paths + argv)
         assert exit_info.value.code == 2
@@ -87,6 +89,16 @@ def test_ratios_pair_each_row_with_the_same_effort():
     assert table[0].split()[:2] == ["row", "ppl"]
     assert "auto-round-light" in table[2] and "0.50" in table[2]
     assert table[1].split() == ["fp32", "26.800"]  # missing cells stay empty
+
+
+def test_a_tuned_recipe_makes_the_tuned_row_at_any_bits_and_it_falls_back_to_light():
+    assert "mpq-tuned" in bench.select_rows(None, 2, tuned_recipe=True)
+    assert bench.select_rows("mpq-tuned", 2, tuned_recipe=True) == ["mpq-tuned"]
+    rows = [_row("mpq-tuned", 120.0, 600.0, 2000.0), _row("auto-round-light", 140.0, 1200.0,
+                                                          2000.0)]
+    bench.add_ratios(rows)
+    assert rows[0]["versus"] == "auto-round-light" and rows[0]["time_ratio"] == 0.5
+    assert "auto-round-light" in bench.format_table(rows).splitlines()[1]
 
 
 def test_unpaired_row_has_no_ratio():
