@@ -1288,6 +1288,18 @@ CASES: list[Case] = [
          lambda e: ["eval", e.src, "--data", e.write("eval.txt", "hello world " * 100),
                     "--numerics", "llama.cpp"],
          OptionError, ("--numerics llama.cpp needs an mpq artifact",)),
+    Case("full-range-asymmetric", "weights full_range: true with symmetric: false (an "
+         "asymmetric grid has a zero point and no lone extra level)",
+         lambda e: ["plan", e.src, "-r", e.recipe(
+             "defaults: {algorithm: rtn}\nrules:\n  - targets: [Linear]\n    weights: {bits: 4, "
+             "group_size: 32, symmetric: false, full_range: true}\n")],
+         RecipeError, ("{tmp}/r.yaml: rules[0]", "full_range applies to symmetric scales only",
+                       "remove full_range or symmetric: false")),
+    Case("full-range-not-int", "weights full_range: true on nf4",
+         lambda e: ["plan", e.src, "-r", e.recipe(
+             "defaults: {algorithm: rtn}\nrules:\n  - targets: [Linear]\n    weights: "
+             "{format: nf4, full_range: true}\n")],
+         RecipeError, ("full_range applies to int only, not nf4", "remove full_range")),
 ]
 
 
