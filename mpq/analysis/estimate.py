@@ -61,9 +61,9 @@ The parts, and the assumptions behind them:
   inputs.  None when no layer needs statistics and the recipe has no transform or KV cache
   (round to nearest runs no forward at all).  On CUDA they live on the device (and briefly on the
   host while captured); with ``--offload-activations`` they stay on the host and the device holds
-  one batch's (its inputs, outputs and replay records).  GPTQ's ``error_feedback`` adds the
-  float stream (mpq.engine.float_stream): the float model's block inputs, its next block inputs
-  and the recorded inputs of the layers that need them (one per group of layers sharing an
+  one batch's (its inputs, outputs and replay records).  GPTQ's and autoround's
+  ``error_feedback`` add the float stream (mpq.engine.float_stream): the float model's block
+  inputs, its next block inputs and (GPTQ) the recorded inputs of the layers that need them (one per group of layers sharing an
   input, guessed as for the Hessians below), per token ``2 × hidden`` + the sum of those
   groups' K values; and a K×K cross term (fp64 sum, fp32 result) beside each Hessian.
 - ``statistics``: the largest step's statistics.  GPTQ: one fp32 K×K Hessian per group of layers
@@ -112,7 +112,7 @@ from mpq.calibration import reading
 from mpq.calibration.sources import detect_source
 from mpq.calibration.stream import read_budget
 from mpq.engine.spec import RunSpec
-from mpq.engine.float_stream import paired_layers
+from mpq.engine.float_stream import paired_layers, target_layers
 from mpq.errors import CalibrationError
 from mpq.errors import ResourceError
 from mpq.models.source import read_config
@@ -421,7 +421,7 @@ def estimate_run(spec: RunSpec, *, probe: bool = True) -> RunEstimate:
     activations = tokens * (per_token_inputs + per_token_replay) * elem
     paired = set(paired_layers(wanted))
     recorded = {(l.name.rsplit(".", 1)[0], l.shape[1]) for l in block0 if l.name in paired}
-    if forward and recorded:  # the float stream beside the quantized one
+    if forward and (recorded or target_layers(wanted)):  # the float stream beside the quantized one
         activations += tokens * (2 * hidden + sum(k for _, k in recorded)) * elem
 
     hessian_layers = [l for l in plan.quantized() if "hessian" in wanted.get(l.name, ())]

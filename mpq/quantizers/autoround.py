@@ -8,11 +8,11 @@ rounding offset V ∈ [−½, ½] and every scale group clipping factors α ∈ 
 (mpq.quantizers.autoround_solve) on the mean squared error between the block's output with the
 quantized weights and the float block's output, over mini-batches of the calibration samples.
 The block sees the inputs of the partly quantized model (the previous blocks already
-quantized), like every mpq algorithm; its target is the float block on those same inputs, or
-with ``error_feedback: true`` the float model's own block outputs (the float block on the float
-model's inputs, carried by mpq.engine.float_stream), as in the published method: the tuning then
-also corrects the error the block inherits from the blocks quantized before it.  The engine's block
-step runs it (mpq.engine.block_tuning): it is a *block-level* quantizer (``block_level``), so
+quantized), like every mpq algorithm; its target is, with ``error_feedback`` (the default), the
+float model's own block outputs (the float block on the float model's inputs, carried by
+mpq.engine.float_stream), as in the published method: the tuning then also corrects the error
+the block inherits from the blocks quantized before it; with ``error_feedback: false``, the
+float block on the block's own (partly quantized) inputs.  The engine's block step runs it (mpq.engine.block_tuning): it is a *block-level* quantizer (``block_level``), so
 the per-layer :meth:`AutoRoundQuantizer.quantize` is never called by a run.
 
 Weight grids: ``int`` 2–8 bits, symmetric or asymmetric, tensor/channel/group scales, any
@@ -25,7 +25,8 @@ Options (recipe ``options:``, all optional; mpq.quantizers.autoround_options):
 ``iters`` (int ≥ 0; 0 gives round-to-nearest), ``batch_size`` (samples per step, int ≥ 1),
 ``lr`` (rounding offsets' step, default 1/iters), ``minmax_lr`` (clipping factors' step,
 default lr), ``clip`` (bool, default true: tune the clipping factors), ``error_feedback``
-(bool, default false: target the float model's block outputs, above), ``seed`` (int, default 0;
+(bool, default true: target the float model's block outputs, above; on SmolLM2 int4 g64 light
+it takes ppl 35.99 to 31.82), ``seed`` (int, default 0;
 the sample order of block i is seeded with seed and i, so a run is reproducible and a resumed
 run gives the same bytes).  Every autoround layer of one block must have the same options.
 

@@ -40,7 +40,7 @@ class AutoRoundOptions:
     lr: float = 0.005
     minmax_lr: float = 0.005
     clip: bool = True
-    error_feedback: bool = False
+    error_feedback: bool = True
     seed: int = 0
 
     @classmethod
@@ -64,7 +64,7 @@ class AutoRoundOptions:
         batch = _integer("batch_size", values.get("batch_size", 4), minimum=1)
         seed = _integer("seed", values.get("seed", 0), minimum=0)
         clip = _flag("clip", values.get("clip", True))
-        feedback = _flag("error_feedback", values.get("error_feedback", False))
+        feedback = _flag("error_feedback", values.get("error_feedback", True))
         lr = values.get("lr")
         if lr is None:
             low_bits = scheme.weights.bits <= 3 and effort == "best"

@@ -1143,7 +1143,7 @@ CASES: list[Case] = [
     Case("autoround-no-calib", "algorithm autoround without --calib",
          lambda e: e.quantize(e.src, recipe=e.recipe(
              "defaults: {algorithm: autoround}\nrules:\n" + BODY_INT4)), CalibrationError,
-         ("needs calibration statistics (block_output)", "--calib")),
+         ("needs calibration statistics (block_output, float_block_output)", "--calib")),
     # GGUF
     Case("gguf-no-exact-type", "mpq quantize --format gguf with int4 sym g64 fp32-scale weights "
          "(GGUF's blocks are 32 wide with float16 steps)",

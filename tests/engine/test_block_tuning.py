@@ -75,12 +75,12 @@ def test_reruns_write_the_same_bytes_and_the_seed_matters(tmp_path, calib_text):
     assert any(a[key] != c[key] for key in weights)
 
 
-FEEDBACK = "{iters: 8, batch_size: 2, error_feedback: true}"
+NO_FEEDBACK = "{iters: 8, batch_size: 2, error_feedback: false}"
 
 
 @pytest.mark.parametrize("extra, options", [("", FAST), (TRANSFORMS, FAST), (ROTATION, FAST),
-                                            ("", FEEDBACK), (ROTATION, FEEDBACK)],
-                         ids=["plain", "awq", "quarot", "feedback", "quarot-feedback"])
+                                            ("", NO_FEEDBACK), (ROTATION, NO_FEEDBACK)],
+                         ids=["plain", "awq", "quarot", "no-feedback", "quarot-no-feedback"])
 def test_resumed_run_writes_the_same_bytes(extra, options, tmp_path, calib_text, monkeypatch):
     save_deep_model(tmp_path / "src", layers=3)
     rec = recipe(extra=extra, options=options,
@@ -106,13 +106,11 @@ def test_resumed_run_writes_the_same_bytes(extra, options, tmp_path, calib_text,
     assert folder_bytes(tmp_path / "resumed") == folder_bytes(tmp_path / "whole")
 
 
-@pytest.mark.parametrize("extra", ["", TRANSFORMS], ids=["plain", "awq"])
-def test_error_feedback_targets_the_float_models_block_outputs(extra, tmp_path, calib_text,
-                                                               monkeypatch):
-    """Block i is tuned against the float blocks 0..i run on the float calibration inputs, not
-    against the float block i on the partly quantized model's inputs."""
+def tuned_targets(tmp_path, calib_text, monkeypatch, extra: str, options: str):
+    """Quantize a 3-block model; per tuned block (its inputs, the hidden states of its
+    targets), and the float model's blocks."""
     save_deep_model(tmp_path / "src", layers=3)
-    seen = []  # per tuned block: (its inputs, the hidden states of its targets)
+    seen = []
     targets_of = block_tuning._targets
 
     def spy(run, block, inputs, opts):
@@ -122,10 +120,23 @@ def test_error_feedback_targets_the_float_models_block_outputs(extra, tmp_path, 
         return targets
 
     monkeypatch.setattr(block_tuning, "_targets", spy)
-    quantize(tmp_path / "src", recipe(extra=extra, options=FEEDBACK), tmp_path / "out",
+    quantize(tmp_path / "src", recipe(extra=extra, options=options), tmp_path / "out",
              calibration(calib_text))
     assert len(seen) == 3
-    blocks = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src").model.layers
+    return seen, transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src").model.layers
+
+
+def hidden_after(block, inputs) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return [args[0] for args, _ in run_block(block, inputs)]
+
+
+@pytest.mark.parametrize("extra", ["", TRANSFORMS], ids=["plain", "awq"])
+def test_error_feedback_targets_the_float_models_block_outputs(extra, tmp_path, calib_text,
+                                                               monkeypatch):
+    """By default block i is tuned against the float blocks 0..i run on the float calibration
+    inputs, not against the float block i on the partly quantized model's inputs."""
+    seen, blocks = tuned_targets(tmp_path, calib_text, monkeypatch, extra, FAST)
     float_inputs = seen[0][0]  # block 0's inputs are the float model's
     for index, (inputs, targets) in enumerate(seen):
         if index:  # later blocks see the quantized blocks' outputs, which differ
@@ -135,6 +146,14 @@ def test_error_feedback_targets_the_float_models_block_outputs(extra, tmp_path, 
         expected = [args[0] for args, _ in float_inputs]
         assert len(targets) == len(expected)
         for target, want in zip(targets, expected):
+            torch.testing.assert_close(target, want, rtol=1e-4, atol=1e-4)
+
+
+def test_without_error_feedback_the_target_is_the_float_block_on_its_own_inputs(
+        tmp_path, calib_text, monkeypatch):
+    seen, blocks = tuned_targets(tmp_path, calib_text, monkeypatch, "", NO_FEEDBACK)
+    for index, (inputs, targets) in enumerate(seen):
+        for target, want in zip(targets, hidden_after(blocks[index], inputs)):
             torch.testing.assert_close(target, want, rtol=1e-4, atol=1e-4)
 
 
