@@ -10,7 +10,8 @@ Rows (``--rows``, default all that apply to ``--bits``):
 - ``fp32``: the float model (reference perplexity).
 - ``mpq-autoround-light`` / ``mpq-autoround-default``: the recipe ``algorithm: autoround`` with
   ``options: {effort: light|default}`` on int ``--bits`` symmetric g64 (mpq's efforts: light 30
-  iterations at lr 1e-2, one sample a step; default 200 at lr 1/iters, four samples a step).
+  iterations at lr 1e-2, one sample a step; default 200 at lr 1/iters, four samples a step; both
+  with autoround's default error feedback, the float model's block outputs as targets).
 - ``mpq-tuned``: the ``w4a16-tuned`` / ``w3a16-tuned`` preset, or the recipe ``--tuned-recipe``
   (any bits; none is built in for 2 bits).
 - ``auto-round-light`` / ``auto-round-default``: the package's recipes, 50 iterations at lr 5e-3
