@@ -42,6 +42,8 @@ def variants(name: str) -> list[WeightArgs]:
                     out.append(args)
     if fmt.double_quant:
         out.append(WeightArgs(**{**asdict(base), "double_quant": True}))
+    if fmt.full_range:
+        out.append(WeightArgs(**{**asdict(base), "symmetric": True, "full_range": True}))
     return out
 
 
@@ -177,4 +179,5 @@ def test_rtn_keeps_zeros_and_signs(case):
 def test_every_weight_field_is_checked_by_the_formats():
     # a format object sees the whole WeightArgs: no field the formats do not know about
     assert [f.name for f in fields(WeightArgs)] == ["format", "bits", "symmetric", "granularity",
-                                                   "group_size", "double_quant", "scale_dtype"]
+                                                   "group_size", "double_quant", "scale_dtype",
+                                                   "full_range"]
