@@ -63,9 +63,10 @@ The parts, and the assumptions behind them:
   host while captured); with ``--offload-activations`` they stay on the host and the device holds
   one batch's (its inputs, outputs and replay records).  GPTQ's and autoround's
   ``error_feedback`` add the float stream (mpq.engine.float_stream): the float model's block
-  inputs, its next block inputs and (GPTQ) the recorded inputs of the layers that need them (one per group of layers sharing an
-  input, guessed as for the Hessians below), per token ``2 × hidden`` + the sum of those
-  groups' K values; and a K×K cross term (fp64 sum, fp32 result) beside each Hessian.
+  inputs, its next block inputs and (GPTQ) the recorded inputs of the layers that need them
+  (one per group of layers sharing an input, guessed as for the Hessians below), per token
+  ``2 × hidden`` + the sum of those groups' K values; and (GPTQ) a K×K cross term (fp64 sum,
+  fp32 result) beside each Hessian.
 - ``statistics``: the largest step's statistics.  GPTQ: one fp32 K×K Hessian per group of layers
   sharing an input (mpq.engine.collect), one group per true-sequential step, so the largest K (the
   MLP's down projection); :data:`HESSIAN_COPIES` = 5 K×K fp32 live at the worst moment (the
