@@ -122,6 +122,19 @@ def signed_extreme(v: torch.Tensor) -> torch.Tensor:
     return torch.where(hi >= -lo, hi, lo)
 
 
+def symmetric_extent(v: torch.Tensor, args: WeightArgs) -> torch.Tensor:
+    """What a symmetric scale divides, per group along the last dim of ``v``: the absmax, or
+    with ``full_range`` the signed extreme (scale = extent · shrink / :func:`symmetric_divisor`;
+    every symmetric int scale — min-max, clip search, tuned rounding — is made this way)."""
+    return signed_extreme(v) if args.full_range else v.abs().amax(dim=-1)
+
+
+def symmetric_divisor(args: WeightArgs) -> float:
+    """(q_max − q_min)/2, or with ``full_range`` q_min (the extreme lands on it)."""
+    qmin, qmax = int_range(args.bits)
+    return float(qmin) if args.full_range else (qmax - qmin) / 2
+
+
 def int_params(w: torch.Tensor, args: WeightArgs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero for the slice ``w`` [N, k] under ``args``.
 
@@ -133,10 +146,7 @@ def int_params(w: torch.Tensor, args: WeightArgs) -> tuple[torch.Tensor, torch.T
     qmin, qmax = int_range(args.bits)
     v = _grouped(w.to(torch.float32), args)
     if args.symmetric:
-        if args.full_range:
-            return rounded_scale(signed_extreme(v) / qmin, args), None
-        amax = v.abs().amax(dim=-1)
-        return rounded_scale(amax / ((qmax - qmin) / 2), args), None
+        return rounded_scale(symmetric_extent(v, args) / symmetric_divisor(args), args), None
     lo = v.amin(dim=-1).clamp(max=0)
     hi = v.amax(dim=-1).clamp(min=0)
     scale = rounded_scale((hi - lo) / (qmax - qmin), args)

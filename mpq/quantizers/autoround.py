@@ -12,7 +12,8 @@ quantized), like every mpq algorithm; its target is, with ``error_feedback`` (th
 float model's own block outputs (the float block on the float model's inputs, carried by
 mpq.engine.float_stream), as in the published method: the tuning then also corrects the error
 the block inherits from the blocks quantized before it; with ``error_feedback: false``, the
-float block on the block's own (partly quantized) inputs.  The engine's block step runs it (mpq.engine.block_tuning): it is a *block-level* quantizer (``block_level``), so
+float block on the block's own (partly quantized) inputs.  The engine's block step runs it
+(mpq.engine.block_tuning): it is a *block-level* quantizer (``block_level``), so
 the per-layer :meth:`AutoRoundQuantizer.quantize` is never called by a run.
 
 Weight grids: ``int`` 2–8 bits, symmetric or asymmetric, tensor/channel/group scales, any

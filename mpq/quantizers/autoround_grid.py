@@ -22,7 +22,8 @@ import torch
 
 from mpq.numerics.args import WeightArgs
 from mpq.numerics.base import QuantizedWeight
-from mpq.numerics.int_grid import _grouped, int_range, rounded_scale, signed_extreme
+from mpq.numerics.int_grid import (_grouped, int_range, rounded_scale, symmetric_divisor,
+                                     symmetric_extent)
 
 V_MAX = 0.5
 CLIP_MIN = 0.5
@@ -51,8 +52,8 @@ class TunedIntWeight:
         count = (1 if args.symmetric else 2) if clip else 0
         self.clipping = [torch.ones((rows, groups), device=self.w.device, requires_grad=True)
                          for _ in range(count)]
-        if args.symmetric:  # the signed extreme with full_range (its scale is extreme / q_min)
-            self.amax = signed_extreme(self.w) if args.full_range else self.w.abs().amax(dim=-1)
+        if args.symmetric:  # absmax, or full_range's signed extreme
+            self.amax = symmetric_extent(self.w, args)
         else:
             self.lo = self.w.amin(dim=-1).clamp(max=0)
             self.hi = self.w.amax(dim=-1).clamp(min=0)
@@ -66,7 +67,7 @@ class TunedIntWeight:
         ``ste``; without, the exact stored values (the same formulas as int_params)."""
         if self.args.symmetric:
             amax = self.amax * self.clipping[0] if self.clipping else self.amax
-            raw = amax / (self.qmin if self.args.full_range else (self.qmax - self.qmin) / 2)
+            raw = amax / symmetric_divisor(self.args)
         else:
             lo, hi = self.lo, self.hi
             if self.clipping:

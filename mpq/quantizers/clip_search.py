@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from mpq.numerics.int_grid import _grouped, int_range, rounded_scale, signed_extreme
+from mpq.numerics.int_grid import (_grouped, int_range, rounded_scale, symmetric_divisor,
+                                     symmetric_extent)
 from mpq.numerics.args import WeightArgs
 
 
@@ -21,9 +22,8 @@ def _params_at(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, factor: floa
                args: WeightArgs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(scale, signed zero as fp32 or None) for ranges [factor·lo, factor·hi]."""
     qmin, qmax = int_range(args.bits)
-    if args.symmetric:  # hi: absmax, or with full_range the signed extreme
-        half = qmin if args.full_range else (qmax - qmin) / 2
-        return rounded_scale(hi * factor / half, args), None
+    if args.symmetric:  # hi: the symmetric extent (absmax, or full_range's signed extreme)
+        return rounded_scale(hi * factor / symmetric_divisor(args), args), None
     scale = rounded_scale((hi - lo) * factor / (qmax - qmin), args)
     return scale, torch.round(qmin - lo * factor / scale).clamp(qmin, qmax)
 
@@ -60,7 +60,7 @@ def searched_int_params(w: torch.Tensor, args: WeightArgs, col_weight: torch.Ten
         c = col_weight.to(device=w.device, dtype=torch.float32).reshape(1, k)
         c = _grouped(c.expand(n, k) if args.granularity == "tensor" else c, args)
     if args.symmetric:
-        lo, hi = None, signed_extreme(v) if args.full_range else v.abs().amax(dim=-1)
+        lo, hi = None, symmetric_extent(v, args)
     else:
         lo, hi = v.amin(dim=-1).clamp(max=0), v.amax(dim=-1).clamp(min=0)
     best_s, best_z = _params_at(v, lo, hi, 1.0, args)
