@@ -7,8 +7,10 @@ budget.
 
 One sensitivity table (``mpq sensitivity -r w4a16-gptq-compact``: the ladder, diagonal-Fisher
 proxy on 16 × 512 tokens of enwiki_excerpt.train.txt; the compact base quantizes the tied
-embedding/head, so the table has their row too) serves every row: ``mpq quantize`` re-costs it
-for each base (mpq.analysis.sensitivity_table.SensitivityTable.costed_for).  Every artifact is made by
+embedding/head, so the table has their row too) serves every GPTQ row: ``mpq quantize`` re-costs
+it for each base (mpq.analysis.sensitivity_table.SensitivityTable.costed_for).  The tuned rows'
+bases rotate (QuaRot), so each is measured under its own base (``-r w4a16-tuned`` /
+``-r w3a16-tuned``: the rotated model, w3a16-tuned's full-range scales).  Every artifact is made by
 ``mpq quantize`` (calibration 128 × 512 tokens of enwiki_excerpt.train.txt, the default) and
 scored by ``mpq eval --reference`` on the first 40 × 512-token windows of
 enwiki_excerpt.test.txt (ppl, KL to the float model).  Rows:
@@ -18,9 +20,12 @@ enwiki_excerpt.test.txt (ppl, KL to the float model).  Rows:
 - ``compact@size``: base w4a16-gptq-compact at ``--compact-size`` bytes (default: the uniform
   compact artifact's tensor file, 85.8 MB): the knapsack may move bytes between the int8
   embedding/head and the GPTQ body;
-- ``uniform-w4``, ``uniform-w3``, ``uniform-compact``: the three presets as they are.
+- ``tuned@4.5`` / ``tuned@3.5``: base w4a16-tuned / w3a16-tuned (QuaRot, then GPTQ with error
+  feedback and clip search) at their own 4.5 / 3.5 bits per weight;
+- ``uniform-w4``, ``uniform-w3``, ``uniform-compact``, ``uniform-tuned-w4``,
+  ``uniform-tuned-w3``: the presets as they are.
 
-Prints a table; writes JSON after every row.
+Prints a table; writes JSON after every row (rows of ``--out`` not run this time are kept).
 """
 from __future__ import annotations
 
@@ -31,15 +36,19 @@ import subprocess
 import time
 from pathlib import Path
 
-ROWS = {  # name → (base recipe, target flag and value, or None for the uniform preset)
-    "gptq@4.5": ("w4a16-gptq", ("--target-bits", "4.5")),
-    "gptq@3.5": ("w3a16-gptq", ("--target-bits", "3.5")),
-    "compact@size": ("w4a16-gptq-compact", ("--target-size", None)),
-    "uniform-w4": ("w4a16-gptq", None),
-    "uniform-w3": ("w3a16-gptq", None),
-    "uniform-compact": ("w4a16-gptq-compact", None),
+TABLE_BASE = "w4a16-gptq-compact"  # the table of the unrotated rows
+ROWS = {  # name → (base recipe, target flag and value or None (the uniform preset), table base)
+    "gptq@4.5": ("w4a16-gptq", ("--target-bits", "4.5"), TABLE_BASE),
+    "gptq@3.5": ("w3a16-gptq", ("--target-bits", "3.5"), TABLE_BASE),
+    "compact@size": ("w4a16-gptq-compact", ("--target-size", None), TABLE_BASE),
+    "tuned@4.5": ("w4a16-tuned", ("--target-bits", "4.5"), "w4a16-tuned"),
+    "tuned@3.5": ("w3a16-tuned", ("--target-bits", "3.5"), "w3a16-tuned"),
+    "uniform-w4": ("w4a16-gptq", None, None),
+    "uniform-w3": ("w3a16-gptq", None, None),
+    "uniform-compact": ("w4a16-gptq-compact", None, None),
+    "uniform-tuned-w4": ("w4a16-tuned", None, None),
+    "uniform-tuned-w3": ("w3a16-tuned", None, None),
 }
-TABLE_BASE = "w4a16-gptq-compact"
 
 
 def run(command: list[str]) -> str:
@@ -47,6 +56,26 @@ def run(command: list[str]) -> str:
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return done.stdout
+
+
+def table_path(work: Path, table_base: str) -> Path:
+    """The sensitivity table measured under ``table_base`` (the GPTQ rows' keeps its old name)."""
+    return work / ("sensitivity.json" if table_base == TABLE_BASE
+                   else f"sensitivity-{table_base}.json")
+
+
+def previous_result(path: Path) -> dict:
+    """``path``'s tables and rows (a file of the older one-table layout is converted), or none."""
+    if not path.exists():
+        return {"tables": {}, "rows": []}
+    data = json.loads(path.read_text())
+    tables = data.get("tables") or {}
+    if "table" in data:
+        old = dict(data["table"])
+        tables = {old.pop("base"): old, **tables}
+    rows = [{**row, "table_base": row.get("table_base", TABLE_BASE if row["target"] else None)}
+            for row in data.get("rows", [])]
+    return {"tables": tables, "rows": rows}
 
 
 def choice_of(artifact: Path) -> dict:
@@ -89,22 +118,26 @@ def main() -> None:
     train = str(args.corpora / "enwiki_excerpt.train.txt")
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    table = args.work / "sensitivity.json"
-    result = {"table": {"base": TABLE_BASE, "candidates": "ladder", "measure": "fisher",
-                        "samples": "16 x 512"}, "rows": []}
-    if any(ROWS[r][1] is not None for r in names) and not table.exists():
+    result = previous_result(args.out)
+    for table_base in dict.fromkeys(ROWS[r][2] for r in names if ROWS[r][2] is not None):
+        table = table_path(args.work, table_base)
+        if table.exists():
+            continue
         started = time.perf_counter()
-        run([*mpq, "sensitivity", str(args.model), "--calib", train, "-r", TABLE_BASE,
+        run([*mpq, "sensitivity", str(args.model), "--calib", train, "-r", table_base,
              "-o", str(table), "--json"])
-        result["table"]["seconds"] = time.perf_counter() - started
+        result["tables"][table_base] = {"candidates": "ladder", "measure": "fisher",
+                                        "samples": "16 x 512",
+                                        "seconds": time.perf_counter() - started}
     for name in names:
-        base, target = ROWS[name]
+        base, target, table_base = ROWS[name]
         out = args.work / name
         command = [*mpq, "quantize", str(args.model), "-r", base, "-o", str(out),
                    "--calib", train, "--force", "--json"]
         if target is not None:
             flag, value = target
-            command += [flag, value or args.compact_size, "--sensitivity", str(table)]
+            command += [flag, value or args.compact_size, "--sensitivity",
+                        str(table_path(args.work, table_base))]
         started = time.perf_counter()
         reused = args.reuse and (out / "mpq-manifest.json").exists()
         events = ([] if reused else [json.loads(line) for line in run(command).splitlines()
@@ -124,8 +157,8 @@ def main() -> None:
                "bits_per_weight": chosen["bits_per_weight"] if chosen else None,
                "counts": chosen["counts"] if chosen else None,
                "edge_pick": (chosen["picks"].get("model.embed_tokens") if chosen else None),
-               "quantize_s": seconds}
-        result["rows"].append(row)
+               "table_base": table_base, "quantize_s": seconds}
+        result["rows"] = [r for r in result["rows"] if r["row"] != name] + [row]
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(row), flush=True)
     print(f"\n{'row':18} {'base':20} {'ppl':>8} {'KL':>7} {'MB':>7} {'bits/w':>7}  embedding")

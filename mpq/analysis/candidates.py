@@ -94,10 +94,11 @@ def load_candidates(spec: str | Sequence[str]) -> list[Candidate]:
 def on_base(candidate: LayerScheme, base: LayerScheme | None, where: str = "") -> LayerScheme:
     """The scheme a mixed recipe gives a layer for which a candidate offers ``candidate``: the
     candidate's grid (its weight args, with the scale dtype of ``base``'s when its format takes
-    one) under the base recipe's algorithm, options and input activations for that layer, so a
-    GPTQ base quantizes every chosen grid with GPTQ.  ``static_groups`` (meaningful for groups
-    only) is dropped for a per-channel grid.  RecipeError when the base's algorithm cannot
-    produce the grid (``where``: the candidate and layer, for the message)."""
+    one, and ``base``'s ``full_range`` scales when the grid is symmetric int) under the base
+    recipe's algorithm, options and input activations for that layer, so a GPTQ base quantizes
+    every chosen grid with GPTQ.  ``static_groups`` (meaningful for groups only) is dropped for
+    a per-channel grid.  RecipeError when the base's algorithm cannot produce the grid
+    (``where``: the candidate and layer, for the message)."""
     from mpq.errors import SchemeError
     from mpq.quantizers.base import QUANTIZERS
 
@@ -108,6 +109,11 @@ def on_base(candidate: LayerScheme, base: LayerScheme | None, where: str = "") -
         try:
             weights = replace(weights, scale_dtype=base.weights.scale_dtype)
         except SchemeError:  # a format with a scale dtype of its own (nf4, mx...)
+            pass
+    if base.weights.full_range and not weights.full_range:
+        try:
+            weights = replace(weights, full_range=True)
+        except SchemeError:  # not symmetric int: its scales keep their own rule
             pass
     options = dict(base.options)
     if weights.granularity != "group":

@@ -268,6 +268,21 @@ def check_table(table: SensitivityTable, layers, candidates: Sequence[str], sour
                           hint=f"it has {', '.join(table.candidates)}")
 
 
+def check_rotation(table: SensitivityTable, base_recipe: Recipe, source: str) -> None:
+    """A table must have been measured under the base's rotation (or none, for a base without):
+    rotated weights have other damages."""
+    wanted = base_recipe.rotation.to_dict() if base_recipe.rotation is not None else None
+    if table.rotation == wanted:
+        return
+    measured = (f"on the model rotated by {table.rotation}" if table.rotation is not None
+                else "on the unrotated model")
+    asked = (f"rotates ({wanted})" if wanted is not None else "does not rotate")
+    raise RecipeError(f"{source} was measured {measured}, but the base recipe "
+                      f"{base_recipe.source} {asked}",
+                      hint="re-run `mpq sensitivity MODEL -r BASE --calib ... -o FILE` with this "
+                           "base, or leave out --sensitivity to measure it here")
+
+
 @dataclass(frozen=True)
 class MixedTarget:
     """What ``mpq quantize --target-bits/--target-size`` asks for: exactly one budget (``bits``
@@ -307,10 +322,6 @@ def auto_recipe(model_path: str | Path, base: str | Recipe, target: MixedTarget,
     if (target_bits is None) == (target_size is None):
         raise RecipeError("give exactly one of --target-bits and --target-size")
     base_recipe = as_recipe(base)
-    if base_recipe.rotation is not None:
-        raise RecipeError(f"{base_recipe.source}: automatic mixed precision cannot be combined "
-                          "with rotation yet (sensitivity is measured on the unrotated model)",
-                          hint="remove rotation: from the base recipe")
     target_bytes = parse_size(target_size) if target_size is not None else None
     source_dir = check_model_dir(model_path)
     skeleton = load_skeleton(source_dir)
@@ -335,6 +346,7 @@ def auto_recipe(model_path: str | Path, base: str | Recipe, target: MixedTarget,
                  else table.measured_candidates())
         names, layers = _for_target(serving, skeleton, names, base_recipe, storage)
     check_table(table, layers, names, source)
+    check_rotation(table, base_recipe, source)
     table = table.costed_for(layers)  # this base's algorithm, scale and storage dtypes
     items = (target_items(table, [layer.name for layer in layers], names, serving,
                           getattr(skeleton.config, "model_type", None))

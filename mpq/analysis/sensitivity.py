@@ -25,13 +25,16 @@ calibration tokens, in nats.  Two measures:
   diagonal needs.  ``benchmarks/sensitivity_agreement.py`` measures its rank agreement with ``kl``.
 
 With a base recipe that quantizes the input embedding or the output head, those are measured too
-(mpq.analysis.edge_candidates).  The result, with each candidate's bits and bytes, is a
+(mpq.analysis.edge_candidates).  With a base recipe that rotates (QuaRot), the model is rotated
+first, as the base will rotate it, so the damage is that of the rotated weights.  The result,
+with each candidate's bits and bytes, is a
 :class:`mpq.analysis.sensitivity_table.SensitivityTable`.
 """
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -283,7 +286,9 @@ def sensitivity(model_path: str | Path, candidates: str | Sequence[str], calibra
     """The sensitivity table of the model folder ``model_path`` (fp32) for ``candidates``
     measured on ``calibration`` (mpq.quantize.CalibrationOptions; its source is required).
     ``base``: only the layers this recipe quantizes, and the input embedding / output head when
-    it quantizes them (mpq.analysis.edge_candidates).  ``layer_filter``: a subset of layers."""
+    it quantizes them (mpq.analysis.edge_candidates); when it rotates, the model (a given
+    ``model`` in place) is rotated first and the table records the rotation.  ``layer_filter``:
+    a subset of layers."""
     from mpq.calibration import build_calibration_set
     from mpq.models.source import check_model_dir, fingerprint, load_model, load_tokenizer
     from mpq.engine.spec import as_recipe
@@ -304,13 +309,35 @@ def sensitivity(model_path: str | Path, candidates: str | Sequence[str], calibra
     layers = target_layers(model, cands, base_recipe, storage=storage)
     if layer_filter is not None:
         layers = [layer for layer in layers if layer_filter(layer.name)]
+    rotation = base_recipe.rotation if base_recipe is not None else None
+    if rotation is not None:
+        rotate_for_measuring(model, layers, rotation, base_recipe.source)
     calib = build_calibration_set(calibration, load_tokenizer(source_dir))
     damage = measure_damage(model, layers, calib.samples, measure, seed=calibration.seed,
                             progress=progress)
-    return build_table(str(model_path), layers, damage, measure=measure,
-                       candidates=[c.name for c in cands], calibration=calib.provenance,
-                       model_sha256=fingerprint(source_dir)["sha256"],
-                       seconds=time.perf_counter() - started)
+    table = build_table(str(model_path), layers, damage, measure=measure,
+                        candidates=[c.name for c in cands], calibration=calib.provenance,
+                        model_sha256=fingerprint(source_dir)["sha256"],
+                        seconds=time.perf_counter() - started)
+    return replace(table, rotation=rotation.to_dict()) if rotation is not None else table
+
+
+def rotate_for_measuring(model: nn.Module, layers: Sequence[TargetLayer], rotation,
+                         where: str) -> None:
+    """Rotate ``model`` in place as the base recipe's ``rotation:`` will (mpq.rotation.quarot),
+    so each layer's damage is that of its rotated weight, the one the base quantizes.  The
+    input embedding / output head cannot be items then (the rotation unties them, and their
+    pairing is decided on the tied model): RecipeError."""
+    from mpq.models.layout import layout_of
+    from mpq.rotation.quarot import apply_quarot
+
+    edges = [layer.name for layer in layers if layer.block is None]
+    if edges:
+        raise RecipeError(f"{where}: sensitivity under a rotation cannot measure the input "
+                          f"embedding or output head yet ({', '.join(edges)} quantized by the "
+                          "base recipe)", hint="keep them float in the base recipe, as the "
+                                               "QuaRot presets do, or remove rotation:")
+    apply_quarot(model, layout_of(model), rotation)
 
 
 # --- agreement -------------------------------------------------------------------------------------

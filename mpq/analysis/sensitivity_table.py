@@ -131,7 +131,9 @@ class LayerRow:
 @dataclass
 class SensitivityTable:
     """Per layer and candidate: damage (mean per-token KL in nats, measured or predicted), bits
-    per weight and bytes.  ``candidates`` in the order given."""
+    per weight and bytes.  ``candidates`` in the order given.  ``rotation``: the base recipe's
+    ``rotation:`` settings (QuaRotArgs.to_dict) when the damage was measured on the rotated
+    model, None when on the model as it is."""
 
     model: str
     measure: str
@@ -140,6 +142,7 @@ class SensitivityTable:
     calibration: dict[str, Any] | None = None
     model_sha256: str | None = None
     seconds: float = 0.0
+    rotation: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def cheapest(self) -> str:
@@ -189,7 +192,7 @@ class SensitivityTable:
                 "model_sha256": self.model_sha256, "measure": self.measure,
                 "damage_unit": "mean per-token KL(p_orig || p_quant), nats",
                 "candidates": list(self.candidates), "calibration": self.calibration,
-                "seconds": round(self.seconds, 3), **self.extra,
+                "seconds": round(self.seconds, 3), "rotation": self.rotation, **self.extra,
                 "layers": [row.to_dict() for row in self.layers]}
 
     def save(self, path: str | Path) -> None:
@@ -207,12 +210,13 @@ class SensitivityTable:
                               hint="write one with `mpq sensitivity MODEL --calib ... -o FILE`")
         try:
             known = {"mpq_sensitivity", "model", "model_sha256", "measure", "damage_unit",
-                     "candidates", "calibration", "seconds", "layers"}
+                     "candidates", "calibration", "seconds", "rotation", "layers"}
             return cls(model=data["model"], measure=data["measure"],
                        candidates=list(data["candidates"]),
                        layers=[LayerRow.from_dict(row) for row in data["layers"]],
                        calibration=data.get("calibration"), model_sha256=data.get("model_sha256"),
                        seconds=float(data.get("seconds", 0.0)),
+                       rotation=dict(data["rotation"]) if data.get("rotation") else None,
                        extra={k: v for k, v in data.items() if k not in known})
         except (KeyError, TypeError, ValueError) as exc:
             raise RecipeError(f"{source}: malformed sensitivity table ({type(exc).__name__}: "

@@ -10,8 +10,9 @@ from mpq.cli.options import json_option
 
 def sensitivity_table(table, limit: int | None = None) -> Table:
     cheapest = table.cheapest()
-    out = Table(title=f"sensitivity ({table.measure}; damage = mean per-token KL, nats; "
-                      f"sorted by {cheapest})")
+    rotated = "; on the rotated model" if table.rotation is not None else ""
+    out = Table(title=f"sensitivity ({table.measure}{rotated}; damage = mean per-token KL, "
+                      f"nats; sorted by {cheapest})")
     out.add_column("layer", no_wrap=True)
     out.add_column("shape")
     for candidate in table.candidates:

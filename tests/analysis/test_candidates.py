@@ -67,3 +67,20 @@ def test_a_gptq_base_quantizes_every_chosen_grid_with_gptq_and_its_scale_dtype()
     assert edge.schemes["int3-g32"].algorithm == "rtn"  # the embedding's base rule is RTN
     assert edge.schemes["int3-g32"].weights.scale_dtype == "fp16"
     assert on_base(body.schemes["int8"], None) is body.schemes["int8"]
+
+
+def test_a_full_range_base_gives_its_scales_to_symmetric_int_grids_only():
+    from mpq.analysis.candidates import on_base
+    from mpq.config.recipe import parse_recipe
+    from mpq.engine.spec import as_recipe
+
+    tuned = as_recipe("w3a16-tuned").rules[0].scheme
+    assert tuned.weights.full_range
+    for name in ("int8", "int5-g64", "w4a16"):  # symmetric int: full-range scales, under GPTQ
+        chosen = on_base(load_candidates(name)[0].recipe.rules[0].scheme, tuned)
+        assert chosen.weights.full_range and chosen.algorithm == "gptq", name
+    rtn = parse_recipe("mpq_recipe: 1\ndefaults: {algorithm: rtn}\nrules:\n  - targets: [Linear]\n"
+                       "    weights: {bits: 3, group_size: 64, full_range: true}\n", "base")
+    for name in ("w4a16-asym", "nf4", "fp8-weights"):  # a zero point, or a format's own scales
+        candidate = load_candidates(name)[0].recipe.rules[0].scheme
+        assert not on_base(candidate, rtn.rules[0].scheme).weights.full_range, name
