@@ -354,16 +354,18 @@ def auto_recipe(model_path: str | Path, base: str | Recipe, target: MixedTarget,
     fixed = 0
     if target_bytes is not None:
         fixed = fixed_bytes(source_dir, base_recipe, layers, output_format)
-    for _ in range(SIZE_PASSES):
+    for attempt in range(SIZE_PASSES):
         choice = choose(table, target_bits=target_bits, target_bytes=target_bytes,
                         fixed_bytes=fixed, candidates=names, output_format=output_format,
                         layers=[layer.name for layer in layers], items=items)
         text, recipe = build_recipe(base_recipe, table, choice, skeleton)
-        over = (expected_bytes(source_dir, recipe, output_format) - target_bytes
-                if target_bytes is not None else 0)
+        expected = expected_bytes(source_dir, recipe, output_format) if target_bytes else 0
+        over = expected - target_bytes if target_bytes is not None else 0
         if over <= 0:
             break
-        fixed += over  # the header grew more than guessed: choose again within less
+        # the header grew more than guessed: choose again within this choice's own fixed bytes
+        # and a step that grows (each choice has a header of its own, which a step can chase)
+        fixed = max(fixed, expected - choice.layer_bytes) + (over << attempt)
     else:
         raise RecipeError(f"no choice of the candidates fits {target_bytes} bytes once the "
                           "artifact's header is counted", hint="raise --target-size a little")

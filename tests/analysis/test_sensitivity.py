@@ -267,6 +267,26 @@ def test_quantize_target_size_fits(tiny):
     assert files <= 200_000
 
 
+def test_every_size_between_the_extremes_is_met(tiny):
+    """Each --target-size from the cheapest choice to the dearest gives a recipe whose estimated
+    artifact fits: the passes that re-choose when the header outgrows its guess converge."""
+    from mpq.analysis.mixed_precision import MixedTarget, auto_recipe, expected_bytes
+
+    fits, refused = 0, 0
+    for size in range(150_000, 260_001, 5_000):
+        target = MixedTarget(size=str(size), sensitivity_table=tiny / "table.json")
+        try:
+            recipe, _, _ = auto_recipe(tiny / "src", "w4a16", target)
+        except RecipeError as err:
+            assert "below what the candidates can reach" in err.message, (size, err.message)
+            assert fits == 0  # only the sizes under the cheapest choice are refused
+            refused += 1
+            continue
+        assert expected_bytes(tiny / "src", recipe, "mpq") <= size
+        fits += 1
+    assert fits > 10 and refused > 0
+
+
 @pytest.mark.parametrize("args, code, message", [
     (["sensitivity", "{src}", "--candidates", "w4a16"], 5, "needs calibration data"),
     (["sensitivity", "{src}", "--calib", "{calib}", "--candidates", "w4a16,w9a16"], 3,
