@@ -208,6 +208,20 @@ def eval_json(*args) -> dict:
 WORDS = "the cat sat on a mat while dogs ran over green hills near old towns".split()
 
 
+def tiny_folder(root, arch: str = "llama", words: int = 4000):
+    """``root``/src: a tiny ``arch`` model folder with the byte tokenizer; ``root``/calib.txt:
+    ``words`` seeded words of WORDS.  Returns ``root``."""
+    import random
+
+    from tests.tiny_models import save_tiny_model
+
+    save_tiny_model(arch, root / "src")
+    byte_tokenizer().save_pretrained(root / "src")
+    rng = random.Random(0)
+    (root / "calib.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(words)))
+    return root
+
+
 def write_tokenizer(path):
     """Save the byte tokenizer into a model folder."""
     byte_tokenizer().save_pretrained(path)

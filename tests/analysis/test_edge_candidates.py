@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -14,8 +13,8 @@ from mpq.analysis.mixed_precision import build_recipe, choose
 from mpq.analysis.sensitivity import ExactKL, measure_damage, rtn_error, target_layers
 from mpq.analysis.sensitivity_table import SensitivityTable, build_table
 from mpq.config.recipe import parse_recipe
-from tests.helpers import WORDS, run_cli
-from tests.tiny_models import save_tiny_model, tiny_model
+from tests.helpers import run_cli, tiny_folder
+from tests.tiny_models import tiny_model
 
 EDGE_BASE = """mpq_recipe: 1
 name: edge-base
@@ -152,13 +151,7 @@ def test_the_choice_spends_bytes_on_the_edge_only_when_they_buy_the_most(budget,
 
 @pytest.fixture(scope="module")
 def tied_folder(tmp_path_factory, _one_thread):
-    from tests.helpers import byte_tokenizer
-
-    root = tmp_path_factory.mktemp("edges")
-    save_tiny_model("llama_tied", root / "src")
-    byte_tokenizer().save_pretrained(root / "src")
-    rng = random.Random(0)
-    (root / "calib.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(3000)))
+    root = tiny_folder(tmp_path_factory.mktemp("edges"), "llama_tied", words=3000)
     (root / "base.yaml").write_text(EDGE_BASE)
     return root
 

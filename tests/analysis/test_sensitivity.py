@@ -15,8 +15,8 @@ from mpq.config.recipe import load_recipe, parse_recipe
 from mpq.analysis.candidates import load_candidates
 from mpq.analysis.sensitivity import ExactKL, measure_damage, rtn_error, spearman, target_layers
 from mpq.analysis.sensitivity_table import SensitivityTable, build_table
-from tests.helpers import WORDS, run_cli
-from tests.tiny_models import save_tiny_model, tiny_model
+from tests.helpers import run_cli, tiny_folder
+from tests.tiny_models import tiny_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,13 +31,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, _one_thread):
     """A tiny Llama folder with a byte tokenizer, a text corpus and a Fisher table."""
-    from tests.helpers import byte_tokenizer
-
-    root = tmp_path_factory.mktemp("sens")
-    save_tiny_model("llama", root / "src")
-    byte_tokenizer().save_pretrained(root / "src")
-    rng = random.Random(0)
-    (root / "calib.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(4000)))
+    root = tiny_folder(tmp_path_factory.mktemp("sens"))
     result = run_cli("sensitivity", root / "src", "--calib", root / "calib.txt", "--num-samples", 4,
                     "--seq-len", 32, "--candidates", "w8a16,w4a16,w3a16", "-o",
                     root / "table.json")

@@ -3,7 +3,6 @@ the rotated weights, the table records the rotation, and a table of the other ki
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -17,8 +16,7 @@ from mpq.errors import RecipeError
 from mpq.models.layout import layout_of
 from mpq.models.source import load_model
 from mpq.rotation.quarot import apply_quarot
-from tests.helpers import WORDS, run_cli
-from tests.tiny_models import save_tiny_model
+from tests.helpers import run_cli, tiny_folder
 
 ROTATED_BASE = """mpq_recipe: 1
 rotation: {type: quarot, r1: hadamard, r2: true, r4: true, seed: 0}
@@ -33,15 +31,9 @@ CANDIDATES = "w8a16,w4a16,w3a16"
 def tiny(tmp_path_factory):
     """A tiny Llama folder with a byte tokenizer, a corpus, a rotating base recipe and the
     sensitivity tables measured with it and without."""
-    from tests.helpers import byte_tokenizer
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("sens-rot")
-    save_tiny_model("llama", root / "src")
-    byte_tokenizer().save_pretrained(root / "src")
-    rng = random.Random(0)
-    (root / "calib.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(4000)))
+    root = tiny_folder(tmp_path_factory.mktemp("sens-rot"))
     (root / "rotated.yaml").write_text(ROTATED_BASE)
     for name, base in (("rotated", ["-r", root / "rotated.yaml"]), ("plain", [])):
         result = run_cli("sensitivity", root / "src", "--calib", root / "calib.txt",

@@ -3,7 +3,6 @@ and --target-bits choosing within a target (one scheme per fused group, kernel s
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
@@ -13,8 +12,8 @@ from mpq.config.plan import Plan
 from mpq.config.recipe import parse_recipe
 from mpq.engine.spec import plan_model
 from mpq.errors import FormatError, OptionError
-from tests.helpers import run_cli
-from tests.tiny_models import save_tiny_model, tiny_model
+from tests.helpers import run_cli, tiny_folder
+from tests.tiny_models import tiny_model
 
 WORDS = "the of and to in a is that for it as was with be by on not he this are or".split()
 QKV = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
@@ -98,13 +97,7 @@ def test_plan_records_the_target_and_reads_it_back():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tests.helpers import byte_tokenizer
-
-    root = tmp_path_factory.mktemp("serving")
-    save_tiny_model("llama", root / "src")
-    byte_tokenizer().save_pretrained(root / "src")
-    rng = random.Random(0)
-    (root / "calib.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(4000)))
+    root = tiny_folder(tmp_path_factory.mktemp("serving"))
     (root / "split.yaml").write_text(f"mpq_recipe: 1\nname: split\nrules:\n{SPLIT_QKV}")
     return root
 
