@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from mpq.cli.console import emit_json, stdout_console
-from mpq.cli.options import json_option
+from mpq.cli.options import json_option, sample_options
 
 
 def no_static_scale_error(path: str, plan):
@@ -48,9 +48,7 @@ def gate_failures(report, max_clipped) -> list[dict]:
 @click.option("--data", required=True,
               help="Traffic to check: .txt, .jsonl, .parquet, a save_to_disk folder, or "
                    "hf:NAME[:CONFIG] (as mpq quantize --calib).")
-@click.option("--num-samples", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2),
-              help="Tokens of each prompt (prefill).")
+@sample_options(8, seq_len_help="Tokens of each prompt (prefill).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--decode-tokens", default=16, show_default=True, type=click.IntRange(min=0),
               help="Greedy tokens generated after each prompt with the KV cache (decode "

@@ -17,6 +17,18 @@ max_unquantized_option = click.option(
          "experts, layers no rule matched, ...).")
 
 
+def sample_options(num_samples: int, seq_len_help: str = "Tokens of each sample."):
+    """``--num-samples`` (default ``num_samples``) and ``--seq-len`` (default 512): the token
+    sequences a command draws from its data."""
+    def decorate(command):
+        command = click.option("--seq-len", default=512, show_default=True,
+                               type=click.IntRange(min=2), help=seq_len_help)(command)
+        return click.option("--num-samples", default=num_samples, show_default=True,
+                            type=click.IntRange(min=1),
+                            help="Token sequences drawn from the data.")(command)
+    return decorate
+
+
 def torch_dtype(name: str):
     import torch
 

@@ -10,7 +10,7 @@ from mpq.cli.console import (JsonEvents, ProgressEvents, emit_json, human_bytes,
 from mpq.cli.calibration_view import summary_lines
 from mpq.cli.coverage_view import coverage_line, tying_line
 from mpq.cli.experts_view import routing_lines, transform_lines
-from mpq.cli.options import (dtype_option, json_option, max_unquantized_option,
+from mpq.cli.options import (dtype_option, json_option, max_unquantized_option, sample_options,
                              serving_target_option, torch_dtype)
 
 
@@ -21,8 +21,7 @@ from mpq.cli.options import (dtype_option, json_option, max_unquantized_option,
               help="Artifact folder to create (written atomically).")
 @click.option("--calib", help="Calibration data: .txt, .jsonl, .parquet, a save_to_disk folder, "
                               "or hf:NAME[:CONFIG] for datasets.load_dataset.")
-@click.option("--num-samples", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
+@sample_options(128)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--calib-mode", type=click.Choice(["concat", "document"]), default="concat",
               show_default=True, help="Concatenate-and-chunk, or one sample per document.")

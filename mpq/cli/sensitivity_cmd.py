@@ -5,7 +5,7 @@ import click
 from rich.table import Table
 
 from mpq.cli.console import emit_json, human_bytes, stderr_console, stdout_console
-from mpq.cli.options import json_option
+from mpq.cli.options import json_option, sample_options
 
 
 def sensitivity_table(table, limit: int | None = None) -> Table:
@@ -104,8 +104,7 @@ class _Bars:
               show_default=True, help="fisher: diagonal-Fisher proxy of the KL (one backward per "
                                       "sample); kl: the exact KL (one partial forward per layer "
                                       "and candidate; slow on real models).")
-@click.option("--num-samples", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
+@sample_options(16)
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Calibration draw and the Fisher's sampled labels.")
 @click.option("--calib-mode", type=click.Choice(["concat", "document"]), default="concat",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from mpq.cli.console import emit_json, stdout_console
-from mpq.cli.options import json_option
+from mpq.cli.options import json_option, sample_options
 
 _STYLE = {"ok": "green", "warning": "yellow", "unsafe": "bold red"}
 
@@ -61,8 +61,7 @@ def print_report(report, console) -> None:
 @click.option("--calib", default=None,
               help="Calibration data to run through the model (required; same sources as "
                    "mpq quantize --calib).")
-@click.option("--num-samples", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
+@sample_options(8)
 @click.option("--recipe", default=None,
               help="Check this recipe's precision_policy (default: the artifact's recorded "
                    "policy, or the default policy for a model folder).")
