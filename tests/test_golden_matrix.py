@@ -3,8 +3,9 @@
 Each case runs ``mpq quantize SRC --recipe R --format F --calib CALIB -o OUT`` in-process through
 the ``mpq`` console script, found as pyproject.toml's ``[project.scripts]`` declares it (no mpq
 module is imported by name, so the test survives moving modules around), and compares the sha256
-of every file of OUT, by path relative to OUT, with ``tests/golden/artifacts.json``.  A case
-recorded as ``refused`` must still exit 9 (the format cannot express the recipe) and leave no
+of every file of OUT, by path relative to OUT, with ``tests/golden/artifacts-<CPU>.json`` (one
+record per torch CPU capability, e.g. AVX512 and AVX2: their float kernels give other bytes).  A
+case recorded as ``refused`` must still exit 9 (the format cannot express the recipe) and leave no
 output; any other nonzero exit fails.  (The recorded ``error`` line of a refused case is for the
 reader; it is not compared.)
 
@@ -25,13 +26,15 @@ under a lock); only the artifacts go under pytest's tmp_path, whose path is not 
 The bytes also depend on the float kernels: torch, transformers (and tokenizers and safetensors,
 which write the source model's files) versions and torch's CPU capability are recorded and the
 test skips, asking for regeneration, when they differ (``ATEN_CPU_CAPABILITY=avx2`` on an AVX512
-machine changes the GPTQ, AWQ and SmoothQuant artifacts).  torch's intra-op thread count is
-pinned to ``THREADS`` while the matrix runs: GPTQ's artifacts differ between 1 and 2 threads
-(each is reproducible on its own).
+machine changes the GPTQ, AWQ, SmoothQuant and activation-searched RTN artifacts, 19 of 96); the
+capability picks the record, so a machine of either kind checks its own.  torch's intra-op
+thread count is pinned to ``THREADS`` while the matrix runs: GPTQ's artifacts differ between 1
+and 2 threads (each is reproducible on its own).
 
 Run only this matrix with ``python -m pytest -m golden`` (the marker is registered in
-pyproject.toml).  Regenerate the golden file (after an intended change of the bytes, or for new
-versions)::
+pyproject.toml).  Regenerate the running CPU capability's golden file (after an intended change
+of the bytes, or for new versions; an intended change regenerates every capability's file, each
+on a machine of its kind, or removes the ones it cannot)::
 
     python -m tests.test_golden_matrix --regenerate
 
@@ -63,7 +66,13 @@ from tests.tiny_models import save_tiny_model
 
 pytestmark = pytest.mark.golden
 
-GOLDEN = Path(__file__).resolve().parent / "golden" / "artifacts.json"
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+
+
+def golden_path() -> Path:
+    """The golden record of the running torch CPU capability (tests/golden/artifacts-AVX2.json,
+    ...)."""
+    return GOLDEN_DIR / f"artifacts-{torch.backends.cpu.get_cpu_capability()}.json"
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 FAMILIES = ("llama", "qwen2")
 FORMATS = ("mpq", "compressed-tensors", "gptq")
@@ -263,9 +272,15 @@ def _stderr_line(output: str) -> str:
 
 @pytest.fixture(scope="session")
 def golden() -> dict:
-    if not GOLDEN.is_file():
-        pytest.fail(f"{GOLDEN} is missing: python -m tests.test_golden_matrix --regenerate")
-    data = json.loads(GOLDEN.read_text())
+    path = golden_path()
+    recorded = sorted(p.name for p in GOLDEN_DIR.glob("artifacts-*.json"))
+    if not recorded:
+        pytest.fail(f"no golden record in {GOLDEN_DIR}: python -m tests.test_golden_matrix "
+                    "--regenerate")
+    if not path.is_file():
+        pytest.skip(f"no golden record for this CPU capability ({path.name}; recorded: "
+                    f"{', '.join(recorded)}): python -m tests.test_golden_matrix --regenerate")
+    data = json.loads(path.read_text())
     recorded, running = data["environment"], environment()
     differ = {k: (recorded.get(k), v) for k, v in running.items() if recorded.get(k) != v}
     if differ:
@@ -320,7 +335,8 @@ def test_artifact_bytes(family, recipe, fmt, golden, source_root, tmp_path):
 
 # --- regeneration ---------------------------------------------------------------------------------
 
-def regenerate(root: Path, path: Path = GOLDEN) -> dict:
+def regenerate(root: Path, path: Path | None = None) -> dict:
+    path = path or golden_path()
     build_inputs(root)
     artifacts = {}
     started = time.perf_counter()
@@ -352,10 +368,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.test_golden_matrix",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--regenerate", action="store_true",
-                        help="run the matrix and rewrite tests/golden/artifacts.json")
+                        help="run the matrix and rewrite tests/golden/artifacts-<CPU>.json "
+                             "(the running torch CPU capability's)")
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "mpq-golden",
                         help="fixed absolute folder for the source models (default: %(default)s)")
-    parser.add_argument("--output", type=Path, default=GOLDEN, help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not (args.regenerate or os.environ.get("MPQ_REGENERATE_GOLDEN") == "1"):
         parser.error("nothing to do: pass --regenerate (or set MPQ_REGENERATE_GOLDEN=1)")
