@@ -359,8 +359,10 @@ def auto_recipe(model_path: str | Path, base: str | Recipe, target: MixedTarget,
                         fixed_bytes=fixed, candidates=names, output_format=output_format,
                         layers=[layer.name for layer in layers], items=items)
         text, recipe = build_recipe(base_recipe, table, choice, skeleton)
-        expected = expected_bytes(source_dir, recipe, output_format) if target_bytes else 0
-        over = expected - target_bytes if target_bytes is not None else 0
+        if target_bytes is None:
+            break
+        expected = expected_bytes(source_dir, recipe, output_format)
+        over = expected - target_bytes
         if over <= 0:
             break
         # the header grew more than guessed: choose again within this choice's own fixed bytes
