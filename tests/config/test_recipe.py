@@ -158,7 +158,7 @@ def test_preset_schemes_and_descriptions():
                       "w4a16-gptq-compact": "int4 sym g64",
                       "w4a16-gptq-g32-compact": "int4 asym g32",
                       "w5a16-gptq-compact": "int5 sym g64",
-                      "w4a16-tuned": "int4 sym g64", "w3a16-tuned": "int3 sym full-range g64",
+                      "w4a16-tuned": "int4 sym full-range g64", "w3a16-tuned": "int3 sym full-range g64",
                       "gguf-q4_0-gptq": "int4 sym g32", "gguf-q4_k_m-gptq": "q4_k",
                       "gguf-q3_k_m-gptq": "q3_k"}
     presets = list_presets()
