@@ -67,12 +67,6 @@ from tests.tiny_models import save_tiny_model
 pytestmark = pytest.mark.golden
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
-
-
-def golden_path() -> Path:
-    """The golden record of the running torch CPU capability (tests/golden/artifacts-AVX2.json,
-    ...)."""
-    return GOLDEN_DIR / f"artifacts-{torch.backends.cpu.get_cpu_capability()}.json"
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 FAMILIES = ("llama", "qwen2")
 FORMATS = ("mpq", "compressed-tensors", "gptq")
@@ -108,6 +102,12 @@ RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "w4a16-target-bits-4.5": ("w4a16", ("--target-bits", "4.5", "--sensitivity-samples", "2")),
 }
 CASES = [(family, recipe, fmt) for family in FAMILIES for recipe in RECIPES for fmt in FORMATS]
+
+
+def golden_path() -> Path:
+    """The golden record of the running torch CPU capability (tests/golden/artifacts-AVX2.json,
+    ...)."""
+    return GOLDEN_DIR / f"artifacts-{torch.backends.cpu.get_cpu_capability()}.json"
 
 
 def case_key(family: str, recipe: str, fmt: str) -> str:
